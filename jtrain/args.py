@@ -1,0 +1,168 @@
+"""`TrainingArguments`: HF's names, defaults and meaning, as frozen plain data.
+
+Only fields that jtrain honours are listed; an unknown key is an error that suggests the
+closest valid one (see `jtrain.coerce`). jtrain-only fields (mesh, buckets, non-finite policy)
+sit at the end with a `jtrain:` note in their help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from jtrain.coerce import build_dataclass, dataclass_to_dict
+from jtrain.errors import ConfigError
+
+_STRATEGIES = ("no", "steps", "epoch")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a one-line help text (shown by `--help`)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class TrainingArguments:
+    """HF `TrainingArguments` for the fields jtrain honours. Example::
+
+        args = TrainingArguments(output_dir="out", learning_rate=3e-4, max_steps=100)
+    """
+
+    output_dir: str = _f("trainer_output", "Where checkpoints, logs and the final model go.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into an output_dir that holds another run.")
+    do_train: bool = _f(True, "Run training.")
+    do_eval: bool = _f(False, "Run evaluation on the validation split.")
+    do_predict: bool = _f(False, "Run prediction on the test split.")
+    eval_strategy: str = _f("no", "When to evaluate: no | steps | epoch.")
+    prediction_loss_only: bool = _f(False, "evaluate/predict return only the loss.")
+    per_device_train_batch_size: int = _f(8, "Rows per device per micro-batch in training.")
+    per_device_eval_batch_size: int = _f(8, "Rows per device in evaluation.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated (inside the step) per update.")
+    eval_accumulation_steps: int | None = _f(None, "Eval steps between moves of predictions to the host.")
+    eval_delay: int | float = _f(0.0, "Steps (or epochs) to wait before the first evaluation.")
+    learning_rate: float = _f(5e-5, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay (not on biases and norm scales).")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.999, "Adam beta2.")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon.")
+    max_grad_norm: float = _f(1.0, "Global-norm gradient clipping; 0 disables.")
+    num_train_epochs: float = _f(3.0, "Epochs to train (may be fractional); max_steps overrides.")
+    max_steps: int = _f(-1, "Total optimizer updates; -1 means use num_train_epochs.")
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule (HF's names).")
+    lr_scheduler_kwargs: dict = _f({}, "Extra schedule options (num_cycles, min_lr, ...).")
+    warmup_steps: int | float = _f(0, "Warmup updates: an int count, or a float in [0, 1) as a ratio.")
+    warmup_ratio: float | None = _f(None, "Deprecated in HF: same as a float warmup_steps.")
+    log_level: str = _f("passive", "Logging verbosity of the main process.")
+    logging_dir: str | None = _f(None, "TensorBoard/JSONL log directory (default output_dir/runs).")
+    logging_strategy: str = _f("steps", "When to log: no | steps | epoch.")
+    logging_first_step: bool = _f(False, "Also log after the first update.")
+    logging_steps: int | float = _f(500, "Updates between logs (a float < 1 is a ratio of max_steps).")
+    logging_nan_inf_filter: bool = _f(True, "Drop non-finite losses from the logged running mean.")
+    save_strategy: str = _f("steps", "When to save: no | steps | epoch | best.")
+    save_steps: int | float = _f(500, "Updates between checkpoints (a float < 1 is a ratio).")
+    save_total_limit: int | None = _f(None, "Keep at most this many checkpoints (plus the best).")
+    save_only_model: bool = _f(False, "Checkpoints hold the params only (no optimizer state).")
+    seed: int = _f(42, "Seed for initialisation, dropout and data order.")
+    data_seed: int | None = _f(None, "Seed for data order only (default: seed).")
+    bf16: bool = _f(False, "Compute in bfloat16 with float32 master weights.")
+    fp16: bool = _f(False, "Compute in float16 with dynamic loss scaling.")
+    bf16_full_eval: bool = _f(False, "Evaluate fully in bfloat16.")
+    fp16_full_eval: bool = _f(False, "Evaluate fully in float16.")
+    tf32: bool | None = _f(None, "Allow TF32-class matmul precision on GPUs.")
+    eval_steps: int | float | None = _f(None, "Updates between evaluations (default logging_steps).")
+    dataloader_drop_last: bool = _f(False, "Drop the last incomplete training batch.")
+    dataloader_num_workers: int = _f(0, "Background threads preparing batches (0: one prefetch thread).")
+    dataloader_prefetch_factor: int | None = _f(None, "Batches prepared ahead per worker.")
+    run_name: str | None = _f(None, "Name of the run in loggers.")
+    disable_tqdm: bool = _f(False, "Hide the progress bar.")
+    remove_unused_columns: bool = _f(True, "Drop dataset columns the model does not take.")
+    label_names: list[str] | None = _f(None, "Batch keys that hold labels.")
+    load_best_model_at_end: bool = _f(False, "Reload the best checkpoint after training.")
+    metric_for_best_model: str | None = _f(None, "Metric that decides the best checkpoint.")
+    greater_is_better: bool | None = _f(None, "Whether a larger metric_for_best_model is better.")
+    optim: str = _f("adamw_torch", "Optimizer name (HF's names).")
+    optim_args: str | None = _f(None, "Optimizer options as 'k=v,k2=v2'.")
+    optim_target_modules: list[str] | None = _f(None, "Modules for galore/apollo optimizers.")
+    group_by_length: bool = _f(False, "Batch rows of similar length together.")
+    length_column_name: str = _f("length", "Column with precomputed lengths for group_by_length.")
+    train_sampling_strategy: str = _f("random", "random | sequential | group_by_length.")
+    report_to: list[str] = _f(["none"], "Loggers: none | jsonl | tensorboard | wandb | mlflow | all.")
+    resume_from_checkpoint: str | None = _f(None, "Checkpoint to resume from ('true' = latest).")
+    gradient_checkpointing: bool = _f(False, "Rematerialise activations in the backward pass.")
+    gradient_checkpointing_kwargs: dict | None = _f(None, "Remat options, e.g. {policy: dots_saveable}.")
+    include_num_input_tokens_seen: bool = _f(False, "Track num_input_tokens_seen in the state.")
+    neftune_noise_alpha: float | None = _f(None, "NEFTune embedding noise (training only).")
+    label_smoothing_factor: float = _f(0.0, "Label smoothing of the cross-entropy.")
+    eval_on_start: bool = _f(False, "Evaluate once before the first update.")
+    auto_find_batch_size: bool = _f(False, "Shrink the batch until the compiled step fits.")
+    skip_memory_metrics: bool = _f(True, "Skip peak-memory metrics.")
+    include_for_metrics: list[str] = _f([], "Extra inputs for compute_metrics: inputs | loss.")
+    # jtrain-only fields.
+    mesh_shape: dict = _f({}, "jtrain: mesh axes, e.g. {data: -1, fsdp: 2, tensor: 2}.")
+    fsdp: str = _f("", "jtrain: HF-style shortcut: full_shard | shard_grad_op | hybrid_shard.")
+    nonfinite_policy: str = _f("error", "jtrain: on a non-finite loss/grad: error | skip.")
+    length_buckets: list[int] | None = _f(None, "jtrain: padded lengths allowed (bounds recompiles).")
+    compilation_cache_dir: str | None = _f(None, "jtrain: persistent XLA compilation cache.")
+    max_device_memory_bytes: int | None = _f(None, "jtrain: memory budget per device for planning.")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ---- derived values -------------------------------------------------------------
+    @property
+    def resolved_data_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
+    def warmup_for(self, num_training_steps: int) -> int:
+        """Warmup updates for a run of `num_training_steps` (HF: ratio -> ceil)."""
+        warmup = self.warmup_steps
+        if self.warmup_ratio is not None and not warmup:
+            warmup = self.warmup_ratio
+        if isinstance(warmup, float) and 0 <= warmup < 1:
+            return math.ceil(warmup * num_training_steps)
+        return int(warmup)
+
+    def replace(self, **changes: Any) -> "TrainingArguments":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclass_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], section: str = "training") -> "TrainingArguments":
+        """Build from a loosely typed mapping; unknown keys and bad types raise ConfigError."""
+        return build_dataclass(cls, values, section)
+
+
+def _validate(a: TrainingArguments) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(a.max_steps == -1 or a.max_steps > 0, f"`max_steps` must be > 0 (or -1 to use epochs), got {a.max_steps}")
+    need(a.max_steps > 0 or a.num_train_epochs > 0, f"`num_train_epochs` must be > 0, got {a.num_train_epochs}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        need(getattr(a, name) >= 1, f"`{name}` must be >= 1, got {getattr(a, name)}")
+    for name in ("logging_steps", "save_steps"):
+        need(getattr(a, name) > 0, f"`{name}` must be > 0, got {getattr(a, name)}")
+    need(a.eval_steps is None or a.eval_steps > 0, f"`eval_steps` must be > 0, got {a.eval_steps}")
+    need(a.learning_rate >= 0, f"`learning_rate` must be >= 0, got {a.learning_rate}")
+    need(a.warmup_steps >= 0, f"`warmup_steps` must be >= 0, got {a.warmup_steps}")
+    for name, allowed in (
+        ("eval_strategy", _STRATEGIES),
+        ("logging_strategy", _STRATEGIES),
+        ("save_strategy", _STRATEGIES + ("best",)),
+        ("nonfinite_policy", ("error", "skip")),
+        ("train_sampling_strategy", ("random", "sequential", "group_by_length")),
+        ("fsdp", ("", "full_shard", "shard_grad_op", "hybrid_shard")),
+    ):
+        value = getattr(a, name)
+        need(value in allowed, f"`{name}` must be one of {list(allowed)}, got {value!r}")
+    need(not (a.bf16 and a.fp16), "`bf16` and `fp16` are both set: choose one")
+    need(a.save_strategy != "best" or a.metric_for_best_model, "save_strategy 'best' needs `metric_for_best_model`")
+    if a.load_best_model_at_end:
+        need(a.eval_strategy != "no", "`load_best_model_at_end` needs an `eval_strategy` other than 'no'")

@@ -1,0 +1,54 @@
+"""Tokenizers: load a fast `tokenizer.json`, or train a byte-level BPE on a local corpus.
+
+jtrain uses the `tokenizers` library directly (Rust, fast, no transformers needed at run time).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from jtrain.errors import ConfigError
+
+DEFAULT_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS
+) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style) trained on `texts`; special tokens get the first ids."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Load `tokenizer.json` (or a directory holding one), naming the file on failure."""
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ConfigError(f"tokenizer file {file!r} not found: point `tokenizer_name` at a tokenizer.json "
+                          "or a directory that holds one (jtrain never downloads)")
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as err:  # the Rust error says little; name the file
+        raise ConfigError(f"cannot read tokenizer {file!r}: {err}") from err
+
+
+def token_id(tok: Tokenizer, token: str) -> int:
+    ident = tok.token_to_id(token)
+    if ident is None:
+        raise ConfigError(f"the tokenizer has no {token!r} token")
+    return ident
+
+
+def encode_batch(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (callers add BOS/EOS explicitly)."""
+    return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -1,0 +1,149 @@
+"""Attention core shared by every architecture: masks, rotary embeddings, the fused/reference paths.
+
+Shape letters: B batch, L query length, S key length, N query heads, K key/value heads,
+H head dim, D model width. Masks are boolean, True = may attend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jtrain.errors import ConfigError
+
+
+def make_attention_mask(
+    attention_mask_BL: jax.Array | None,
+    segment_ids_BL: jax.Array | None,
+    *,
+    causal: bool,
+    length: int,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Boolean [B or 1, 1, L, L] mask: causal, padding, same-document and sliding-window terms.
+
+    Packed rows carry segment ids (1, 2, ... per document, 0 = padding): a token attends only
+    within its own document, so packing never leaks information across documents.
+    """
+    idx = jnp.arange(length)
+    mask = jnp.ones((1, 1, length, length), dtype=bool)
+    if causal:
+        mask = mask & (idx[None, None, :, None] >= idx[None, None, None, :])
+    if sliding_window is not None:
+        mask = mask & (idx[None, None, :, None] - idx[None, None, None, :] < sliding_window)
+    if segment_ids_BL is not None:
+        seg = segment_ids_BL
+        mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
+    if attention_mask_BL is not None:
+        mask = mask & attention_mask_BL.astype(bool)[:, None, None, :]
+    return mask
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None, *,
+                  positions_BL: jax.Array | None = None, max_position_embeddings: int = 2048) -> jax.Array:
+    """Inverse frequencies of rotary embeddings, with HF's `rope_scaling` variants.
+
+    linear divides frequencies by `factor`. dynamic NTK raises the base once the longest
+    position (max of `positions_BL` + 1, as HF computes it) passes `max_position_embeddings`,
+    the same reference length HF uses. llama3 rescales low frequencies only.
+    """
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv = 1.0 / (theta ** exponents)
+    kind = rope_type(scaling)
+    if kind == "default":
+        return inv
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor
+    if kind == "dynamic":
+        original = float(max_position_embeddings)
+        seq_len = original if positions_BL is None else jnp.max(positions_BL).astype(jnp.float32) + 1.0
+        seq_len = jnp.maximum(seq_len, original)
+        base = theta * ((factor * seq_len / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return 1.0 / (base ** exponents)
+    return _llama3_inv_freq(inv, scaling)
+
+
+def rope_type(scaling: Mapping[str, Any] | None) -> str:
+    """The rope type named by an HF `rope_scaling`/`rope_parameters` dict; errors on unsupported ones."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) or "default"
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"unsupported rope type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+    return kind
+
+
+def _llama3_inv_freq(inv: jax.Array, s: Mapping[str, Any]) -> jax.Array:
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    original = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = original / low, original / high
+    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate pairs (i, i + H/2) as HF's `rotate_half` does, computed in float32."""
+    angles = positions_BL[..., None].astype(jnp.float32) * inv_freq  # B L H/2
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    xf = x_BLNH.astype(jnp.float32)
+    half = xf.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
+    return (xf * cos + rotated * sin).astype(x_BLNH.dtype)
+
+
+def attend(
+    q_BLNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    mask: jax.Array,
+    *,
+    implementation: str = "xla",
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention with grouped-query heads.
+
+    `implementation="xla"` calls `jax.nn.dot_product_attention` ("cudnn" asks for the fused GPU
+    kernel); `"reference"` is a plain einsum used by tests as the oracle, and also the path
+    taken when attention-probability dropout is active (the fused call has no dropout).
+    `scale` defaults to 1/sqrt(H). Fully masked rows (padding queries) give zeros, not NaN.
+    """
+    scale = 1.0 / math.sqrt(q_BLNH.shape[-1]) if scale is None else scale
+    if implementation == "reference" or (dropout_rng is not None and dropout_rate > 0.0):
+        return _reference_attention(q_BLNH, k_BSKH, v_BSKH, mask, scale, dropout_rate, dropout_rng)
+    if implementation not in ("xla", "cudnn"):
+        raise ConfigError(f"unknown attention_impl {implementation!r}; valid: xla, cudnn, reference")
+    impl = None if implementation == "xla" else implementation
+    B, L = q_BLNH.shape[:2]
+    full = jnp.broadcast_to(mask, (B, 1, L, k_BSKH.shape[1]))
+    out = jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=full, scale=scale, implementation=impl)
+    any_key = jnp.any(full, axis=-1)[:, 0, :, None, None]  # B L 1 1
+    return jnp.where(any_key, out, 0.0).astype(q_BLNH.dtype)
+
+
+def _reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                         dropout_rate: float, rng: jax.Array | None) -> jax.Array:
+    B, L, N, H = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, L, K, N // K, H).astype(jnp.float32)
+    scores = jnp.einsum("blkgh,bskh->bkgls", qg, k.astype(jnp.float32)) * scale
+    m = mask[:, :, None, :, :]  # B 1 1 L S
+    scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(jnp.any(m, axis=-1, keepdims=True), probs, 0.0)
+    if rng is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bkgls,bskh->blkgh", probs.astype(v.dtype), v)
+    return out.reshape(B, L, N, H).astype(q.dtype)

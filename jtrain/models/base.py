@@ -1,0 +1,76 @@
+"""`Model`: the boundary between Flax and the rest of jtrain.
+
+Downstream code sees only plain functions of pytrees: `init(rng) -> params`,
+`apply(params, batch, *, rng, train) -> outputs`, and `logical_axes()` (a pytree of
+PartitionSpecs over logical names, shaped like params). Nothing outside `jtrain.models`
+depends on Linen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "segment_ids", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class Model:
+    """A Flax module with its config and task, exposed as pure functions.
+
+    Example::
+
+        model = create_model("llama", {"vocab_size": 256, "hidden_size": 64, ...})
+        params = model.init(jax.random.key(0))
+        logits = model.apply(params, {"input_ids": ids})["logits"]
+    """
+
+    module: nn.Module
+    config: Any
+    task: str = "causal_lm"
+    input_names: tuple[str, ...] = MODEL_INPUTS
+
+    def _dummy_inputs(self, batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
+        return {"input_ids": jnp.zeros((batch, length), jnp.int32)}
+
+    def _boxed_init(self, rng: jax.Array) -> Any:
+        return self.module.init({"params": rng}, **self._dummy_inputs())["params"]
+
+    def init(self, rng: jax.Array) -> Any:
+        """Fresh parameters (a plain nested dict of arrays)."""
+        return nn.unbox(self._boxed_init(rng))
+
+    def abstract_params(self) -> Any:
+        """Shapes and dtypes of the params, computed without allocating them."""
+        return nn.unbox(jax.eval_shape(self._boxed_init, jax.random.key(0)))
+
+    def logical_axes(self) -> Any:
+        """PartitionSpecs of logical axis names, one per parameter (same tree as params)."""
+        boxed = jax.eval_shape(self._boxed_init, jax.random.key(0))
+        return nn.get_partition_spec(boxed)
+
+    def apply(self, params: Any, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
+              train: bool = False) -> dict[str, jax.Array]:
+        """Forward pass on the model inputs found in `batch` (labels are ignored here)."""
+        inputs = {k: batch[k] for k in self.input_names if k in batch}
+        rngs = {"dropout": rng} if (rng is not None and train) else None
+        return self.module.apply({"params": params}, **inputs, train=train, rngs=rngs)
+
+    def with_options(self, **changes: Any) -> "Model":
+        """Same weights layout, different execution options (dtype, remat policy, attention impl)."""
+        cfg = dataclasses.replace(self.config, **changes)
+        return dataclasses.replace(self, module=type(self.module)(cfg), config=cfg)
+
+
+def param_count(params: Any) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def is_partition_spec(x: Any) -> bool:
+    return isinstance(x, PartitionSpec)

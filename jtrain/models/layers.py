@@ -1,0 +1,187 @@
+"""Building blocks shared by every architecture.
+
+Initialisers that carry logical axis names, LayerNorm computed like PyTorch's, HF's activation
+names, dropout that is off unless a dropout rng is given, remat policies, the layer stack
+(a Python loop or `nn.scan`) and position/pooling helpers that follow HF's conventions.
+Shape letters as in `jtrain.models.attention`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jtrain.errors import ConfigError
+
+Initializer = Callable[..., jax.Array]
+
+
+def normal_init(std: float, axes: tuple[str, ...]) -> Initializer:
+    """HF's default init (normal with `initializer_range`), tagged with logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def zeros_init(axes: tuple[str, ...]) -> Initializer:
+    return nn.with_logical_partitioning(nn.initializers.zeros, axes)
+
+
+def ones_init(axes: tuple[str, ...]) -> Initializer:
+    return nn.with_logical_partitioning(nn.initializers.ones, axes)
+
+
+class LayerNorm(nn.Module):
+    """`torch.nn.LayerNorm` semantics: two-pass variance in float32, params `scale` and `bias`.
+
+    Flax's default one-pass variance (E[x^2] - E[x]^2) loses precision; HF checkpoints were
+    trained with the two-pass form, so it is used here.
+    """
+
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", ones_init(("norm",)), (d,))
+        bias = self.param("bias", zeros_init(("norm",)), (d,))
+        xf = x.astype(jnp.float32)
+        centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def _gelu_exact(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# HF's ACT2FN names -> functions. "gelu" is the exact erf form; "gelu_new" is the tanh form.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "relu": nn.relu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"unsupported activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]
+
+
+def dropout(module: nn.Module, rate: float, x: jax.Array, train: bool) -> jax.Array:
+    """Dropout that runs only when training *and* a dropout rng was given (else identity)."""
+    if not train or rate <= 0.0 or not module.has_rng("dropout"):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def dropout_rng(module: nn.Module, rate: float, train: bool) -> jax.Array | None:
+    """An rng for attention-probability dropout, or None when dropout is off."""
+    if not train or rate <= 0.0 or not module.has_rng("dropout"):
+        return None
+    return module.make_rng("dropout")
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    "full": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def layer_class(cls: type[nn.Module], remat_policy: str | None) -> type[nn.Module]:
+    """The layer class, wrapped in `nn.remat` when a gradient-checkpointing policy is set."""
+    if remat_policy is None:
+        return cls
+    if remat_policy not in REMAT_POLICIES:
+        raise ConfigError(f"unknown remat_policy {remat_policy!r}; valid: {sorted(REMAT_POLICIES)}")
+    return nn.remat(cls, policy=REMAT_POLICIES[remat_policy])
+
+
+class _ScanStep(nn.Module):
+    """Adapter so that `nn.scan` carries the hidden state through one layer."""
+
+    layer_cls: Any
+    cfg: Any
+    train: bool
+
+    @nn.compact
+    def __call__(self, h: jax.Array, idx: jax.Array, args: tuple) -> tuple[jax.Array, None]:
+        return self.layer_cls(self.cfg, self.train, name="layer")(h, idx, *args), None
+
+
+def run_layers(layer_cls: type[nn.Module], cfg: Any, train: bool, h: jax.Array, args: tuple, *,
+               num_layers: int, name: str, scan: bool, remat_policy: str | None) -> jax.Array:
+    """Apply `num_layers` layers `layer_cls(cfg, train)(h, idx, *args)`.
+
+    Unscanned layers are named `{name}_{i}` (HF's `{name}.{i}`); scanned ones are stacked under
+    `{name}/layer` with a leading `layers` logical axis. Must be called inside a compact method.
+    """
+    cls = layer_class(layer_cls, remat_policy)
+    if scan:
+        scanned = nn.scan(
+            _ScanStep, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast), length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        h, _ = scanned(cls, cfg, train, name=name)(h, jnp.arange(num_layers), args)
+        return h
+    for i in range(num_layers):
+        h = cls(cfg, train, name=f"{name}_{i}")(h, i, *args)
+    return h
+
+
+def positions_within_segments(segment_ids_BL: jax.Array) -> jax.Array:
+    """0, 1, 2, ... restarting at every new document of a packed row."""
+    L = segment_ids_BL.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(L), segment_ids_BL.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BL[:, :1], bool), segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1
+    )
+    first_BL = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - first_BL
+
+
+def default_positions(input_ids_BL: jax.Array, segment_ids_BL: jax.Array | None) -> jax.Array:
+    """HF's default positions (0..L-1), restarted per document when rows are packed."""
+    if segment_ids_BL is not None:
+        return positions_within_segments(segment_ids_BL)
+    return jnp.broadcast_to(jnp.arange(input_ids_BL.shape[1]), input_ids_BL.shape)
+
+
+def last_token_index(input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None,
+                     pad_token_id: int | None) -> jax.Array:
+    """Index [B] of the token that HF's decoder classifiers pool.
+
+    HF takes the rightmost token that is not `pad_token_id` (0 if a row is all padding). With no
+    pad token HF refuses batches > 1; jtrain then uses the rightmost position where
+    `attention_mask` is 1, or the last position when there is no mask either.
+    """
+    L = input_ids_BL.shape[1]
+    idx = jnp.arange(L, dtype=jnp.int32)
+    if pad_token_id is not None:
+        keep = input_ids_BL != pad_token_id
+    elif attention_mask_BL is not None:
+        keep = attention_mask_BL.astype(bool)
+    else:
+        return jnp.full(input_ids_BL.shape[:1], L - 1, jnp.int32)
+    return jnp.argmax(idx * keep.astype(jnp.int32), axis=-1)
+
+
+def take_rows(h_BLD: jax.Array, index_B: jax.Array) -> jax.Array:
+    """h_BLD[b, index_B[b]] for every row b."""
+    return jnp.take_along_axis(h_BLD, index_B[:, None, None], axis=1)[:, 0]

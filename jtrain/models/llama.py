@@ -1,0 +1,256 @@
+"""Llama-family decoders (Llama, Mistral, Qwen2) in Flax Linen, with HF's parameter names.
+
+The three differ only in config: Qwen2 has biases on q/k/v (not o), Mistral a sliding window
+on every layer, Qwen2 optionally on the layers from `max_window_layers` on. Every weight carries
+logical axis names (see `jtrain.sharding`). Shape letters as in `jtrain.models.attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jtrain.models.attention import apply_rope, attend, make_attention_mask, rope_inv_freq, rope_type
+from jtrain.models.hfconfig import HFConfig
+from jtrain.models.layers import (activation, default_positions, dropout_rng, last_token_index, normal_init,
+                                  ones_init, run_layers, take_rows, zeros_init)
+
+_WINDOW_FIELDS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
+
+
+@dataclass(frozen=True)
+class LlamaConfig(HFConfig):
+    """HF `LlamaConfig`/`MistralConfig`/`Qwen2Config` fields (config.json names) plus jtrain options."""
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    use_sliding_window: bool = False
+    max_window_layers: int = 28
+    layer_types: tuple | None = None
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: Any = 2
+
+    HF_OMIT: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "llama": ("rope_scaling",) + _WINDOW_FIELDS,
+        "mistral": ("rope_scaling", "attention_bias", "mlp_bias", "use_sliding_window", "max_window_layers",
+                    "layer_types"),
+        "qwen2": ("rope_scaling", "attention_bias", "mlp_bias"),
+    }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "LlamaConfig":
+        """Accepts both rope formats: v5 `rope_parameters` and v4 `rope_theta` + `rope_scaling`."""
+        values = dict(values)
+        rope = dict(values.pop("rope_parameters", None) or values.get("rope_scaling") or {})
+        values["rope_theta"] = float(rope.pop("rope_theta", values.get("rope_theta", 10000.0)))
+        kind = rope_type(rope)
+        values["rope_scaling"] = {**rope, "rope_type": kind} if kind != "default" else None
+        if values.get("layer_types") is not None:
+            values["layer_types"] = tuple(values["layer_types"])
+        if values.get("model_type") == "qwen2" and not values.get("use_sliding_window", False):
+            values["sliding_window"] = None
+        return super().from_dict(values)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = super().to_hf_dict()
+        out["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})}
+        return out
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type != "qwen2" and self.attention_bias
+
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether it uses the sliding window (HF's `layer_types`)."""
+        n = self.num_hidden_layers
+        if self.sliding_window is None:
+            return (False,) * n
+        if self.layer_types is not None:
+            return tuple(t == "sliding_attention" for t in self.layer_types)
+        if self.model_type == "qwen2":
+            return tuple(i >= self.max_window_layers for i in range(n))
+        return (True,) * n
+
+
+def llama_config_from_dict(values: Mapping[str, Any]) -> LlamaConfig:
+    return LlamaConfig.from_dict(values)
+
+
+class RMSNorm(nn.Module):
+    """HF's LlamaRMSNorm: normalise in float32, scale, cast back."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", ones_init(("norm",)), (x.shape[-1],))
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(jnp.float32) * y).astype(self.dtype)
+
+
+def _layer_mask(cfg: LlamaConfig, idx: Any, mask: jax.Array, window_mask: jax.Array | None) -> jax.Array:
+    flags = cfg.sliding_layers()
+    if not any(flags):
+        return mask
+    if all(flags):
+        return window_mask
+    return jnp.where(jnp.asarray(flags)[idx], window_mask, mask)
+
+
+class LlamaAttention(nn.Module):
+    cfg: LlamaConfig
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, h_BLD: jax.Array, positions_BL: jax.Array, inv_freq: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        N, K, H = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
+
+        def proj(name: str, heads: int, axis: str) -> jax.Array:
+            return nn.DenseGeneral(
+                (heads, H), use_bias=cfg.qkv_bias, dtype=dtype, name=name,
+                kernel_init=normal_init(cfg.initializer_range, ("embed", axis, "head_dim")),
+                bias_init=zeros_init((axis, "head_dim")),
+            )(h_BLD)
+
+        q, k, v = proj("q_proj", N, "heads"), proj("k_proj", K, "kv_heads"), proj("v_proj", K, "kv_heads")
+        q, k = apply_rope(q, positions_BL, inv_freq), apply_rope(k, positions_BL, inv_freq)
+        rng = dropout_rng(self, cfg.attention_dropout, self.train)
+        out_BLNH = attend(q, k, v, mask, implementation=cfg.attention_impl,
+                          dropout_rate=cfg.attention_dropout, dropout_rng=rng)
+        return nn.DenseGeneral(
+            cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dtype, name="o_proj",
+            kernel_init=normal_init(cfg.initializer_range, ("heads", "head_dim", "embed")),
+            bias_init=zeros_init(("embed",)),
+        )(out_BLNH)
+
+
+class LlamaMLP(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, h_BLD: jax.Array) -> jax.Array:
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+
+        def dense(name: str, features: int, axes: tuple[str, str], x: jax.Array) -> jax.Array:
+            return nn.Dense(
+                features, use_bias=cfg.mlp_bias, dtype=dtype, name=name,
+                kernel_init=normal_init(cfg.initializer_range, axes), bias_init=zeros_init(axes[1:]),
+            )(x)
+
+        gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"), h_BLD)
+        up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"), h_BLD)
+        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"), activation(cfg.hidden_act)(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    cfg: LlamaConfig
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, h_BLD: jax.Array, idx: Any, positions_BL: jax.Array, inv_freq: jax.Array,
+                 mask: jax.Array, window_mask: jax.Array | None) -> jax.Array:
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        layer_mask = _layer_mask(cfg, idx, mask, window_mask)
+        x = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(h_BLD)
+        h_BLD = h_BLD + LlamaAttention(cfg, self.train, name="self_attn")(x, positions_BL, inv_freq, layer_mask)
+        x = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(h_BLD)
+        return h_BLD + LlamaMLP(cfg, name="mlp")(x)
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers and the final norm; returns (hidden states, embedding module)."""
+
+    cfg: LlamaConfig
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None,
+                 position_ids_BL: jax.Array | None = None, segment_ids_BL: jax.Array | None = None):
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, name="embed_tokens",
+                         embedding_init=normal_init(cfg.initializer_range, ("vocab", "embed")))
+        h_BLD = embed(input_ids_BL)
+        L = input_ids_BL.shape[1]
+        if position_ids_BL is None:
+            position_ids_BL = default_positions(input_ids_BL, segment_ids_BL)
+        inv_freq = rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling, positions_BL=position_ids_BL,
+                                 max_position_embeddings=cfg.max_position_embeddings)
+        mask = make_attention_mask(attention_mask_BL, segment_ids_BL, causal=True, length=L)
+        window_mask = None
+        if any(cfg.sliding_layers()):
+            window_mask = make_attention_mask(attention_mask_BL, segment_ids_BL, causal=True, length=L,
+                                              sliding_window=cfg.sliding_window)
+        h_BLD = run_layers(LlamaDecoderLayer, cfg, self.train, h_BLD, (position_ids_BL, inv_freq, mask, window_mask),
+                           num_layers=cfg.num_hidden_layers, name="layers", scan=cfg.scan_layers,
+                           remat_policy=cfg.remat_policy)
+        return RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(h_BLD), embed
+
+
+class LlamaForCausalLM(nn.Module):
+    """Returns float32 logits [B, L, V]; the loss (shifted, -100 ignored) lives in `jtrain.losses`."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, train=False):
+        h_BLD, embed = LlamaModel(self.cfg, train, name="model")(input_ids, attention_mask, position_ids, segment_ids)
+        if self.cfg.tie_word_embeddings:
+            logits = embed.attend(h_BLD)
+        else:
+            logits = nn.Dense(
+                self.cfg.vocab_size, use_bias=False, dtype=jnp.dtype(self.cfg.dtype), name="lm_head",
+                kernel_init=normal_init(self.cfg.initializer_range, ("embed", "vocab")),
+            )(h_BLD)
+        return {"logits": logits.astype(jnp.float32)}
+
+
+class LlamaForSequenceClassification(nn.Module):
+    """Scores the last non-padding token, as HF's `LlamaForSequenceClassification`: logits [B, labels]."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, train=False):
+        h_BLD, _ = LlamaModel(self.cfg, train, name="model")(input_ids, attention_mask, position_ids, segment_ids)
+        pooled_BD = take_rows(h_BLD, last_token_index(input_ids, attention_mask, self.cfg.pad_token_id))
+        logits = nn.Dense(
+            self.cfg.num_labels, use_bias=False, dtype=jnp.dtype(self.cfg.dtype), name="score",
+            kernel_init=normal_init(self.cfg.initializer_range, ("embed", "labels")),
+        )(pooled_BD)
+        return {"logits": logits.astype(jnp.float32)}

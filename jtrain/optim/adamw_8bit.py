@@ -1,0 +1,118 @@
+"""Adam and Lion with moments stored block-wise in 8 bits (see `quantize.py`).
+
+Per step the stored moments are dequantised to float32, updated, used for the update in
+float32, and re-quantised for storage — the scheme of bitsandbytes / torchao 8-bit Adam,
+so only the stored state is low precision, never the arithmetic.
+
+Adam's second moment is stored as sqrt(v): the update divides by sqrt(v), so quantising
+sqrt(v) makes the codebook's relative error land on the denominator once (not halved and
+then squared), and it halves the dynamic range that must fit in the codebook, so small
+entries next to a large one are not rounded to zero (which would turn m / sqrt(v) into
+m / eps and blow the step up).
+
+Tensors smaller than `min_8bit_size` stay float32, as in bitsandbytes (default 4096):
+their state is negligible and they are often sensitive (norm scales, biases).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jtrain.optim.quantize import QuantizedArray, dequantize, quantize, zeros_quantized
+
+
+class Adam8bitState(NamedTuple):
+    """Step count, first moments and sqrt-second-moments (arrays or QuantizedArray)."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+class Lion8bitState(NamedTuple):
+    """Lion's single momentum (array or QuantizedArray)."""
+
+    mu: Any
+
+
+def _zeros(p: jax.Array, block_size: int, min_8bit_size: int) -> Any:
+    if p.size >= min_8bit_size:
+        return zeros_quantized(p.shape, block_size)
+    return jnp.zeros(p.shape, jnp.float32)
+
+
+def _load(stored: Any, shape: tuple[int, ...], signed: bool) -> jax.Array:
+    if isinstance(stored, QuantizedArray):
+        return dequantize(stored, shape, signed)
+    return stored
+
+
+def _store(x: jax.Array, like: Any, block_size: int, signed: bool) -> Any:
+    if isinstance(like, QuantizedArray):
+        return quantize(x, block_size, signed)
+    return x
+
+
+def _split(updates: Any, *states: Any) -> tuple[Any, list[jax.Array], list[list[Any]]]:
+    """Flatten updates and align each state tree's (possibly quantised) leaves with them."""
+    leaves, treedef = jax.tree.flatten(updates)
+    return treedef, leaves, [treedef.flatten_up_to(s) for s in states]
+
+
+def scale_by_adam_8bit(
+    b1: float, b2: float, eps: float, block_size: int = 256, min_8bit_size: int = 4096
+) -> optax.GradientTransformation:
+    """Bias-corrected Adam direction m_hat / (sqrt(v_hat) + eps) with 8-bit moment storage."""
+
+    def init(params):
+        zeros = jax.tree.map(lambda p: _zeros(p, block_size, min_8bit_size), params)
+        return Adam8bitState(jnp.zeros([], jnp.int32), zeros, zeros)
+
+    def leaf(g, mu_s, nu_s, t):
+        g = g.astype(jnp.float32)
+        m = b1 * _load(mu_s, g.shape, True) + (1 - b1) * g
+        root_v = _load(nu_s, g.shape, False)
+        v = b2 * root_v * root_v + (1 - b2) * g * g
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        u = m_hat / (jnp.sqrt(v_hat) + eps)
+        return u, _store(m, mu_s, block_size, True), _store(jnp.sqrt(v), nu_s, block_size, False)
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        treedef, grads, (mus, nus) = _split(updates, state.mu, state.nu)
+        outs = [leaf(g, m, v, t) for g, m, v in zip(grads, mus, nus)]
+        new_u = [o[0].astype(g.dtype) for o, g in zip(outs, grads)]
+        unflat = lambda i: treedef.unflatten([o[i] for o in outs])  # noqa: E731
+        return treedef.unflatten(new_u), Adam8bitState(count, unflat(1), unflat(2))
+
+    return optax.GradientTransformation(init, update)
+
+
+def scale_by_lion_8bit(
+    b1: float, b2: float, block_size: int = 256, min_8bit_size: int = 4096
+) -> optax.GradientTransformation:
+    """Lion direction sign(b1*m + (1-b1)*g), momentum m stored in 8 bits."""
+
+    def init(params):
+        return Lion8bitState(jax.tree.map(lambda p: _zeros(p, block_size, min_8bit_size), params))
+
+    def leaf(g, mu_s):
+        g = g.astype(jnp.float32)
+        m = _load(mu_s, g.shape, True)
+        u = jnp.sign(b1 * m + (1 - b1) * g)
+        return u, _store(b2 * m + (1 - b2) * g, mu_s, block_size, True)
+
+    def update(updates, state, params=None):
+        del params
+        treedef, grads, (mus,) = _split(updates, state.mu)
+        outs = [leaf(g, m) for g, m in zip(grads, mus)]
+        new_u = treedef.unflatten([o[0].astype(g.dtype) for o, g in zip(outs, grads)])
+        return new_u, Lion8bitState(treedef.unflatten([o[1] for o in outs]))
+
+    return optax.GradientTransformation(init, update)

@@ -1,0 +1,226 @@
+"""One builder per optimizer family: OptimizerConfig -> optax transformation (no clipping).
+
+Each `*_ARGS` dict is the optim_args spec of that family: key -> (default, converter).
+Defaults follow what HF's Trainer passes for the same `optim` name.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax.numpy as jnp
+import optax
+
+from jtrain.optim.adafactor import hf_adafactor
+from jtrain.optim.adamw_8bit import scale_by_adam_8bit, scale_by_lion_8bit
+from jtrain.optim.apollo import scale_by_apollo
+from jtrain.optim.args import optional_float, parse_bool
+from jtrain.optim.decay_mask import decay_mask
+from jtrain.optim.galore import scale_by_galore
+from jtrain.optim.low_precision import scale_by_adam_low_precision
+from jtrain.optim.muon import muon_adamw
+from jtrain.optim.schedule_free import schedule_free_adamw
+from jtrain.optim.targets import FULL, LOW_RANK, low_rank_labels
+from jtrain.optim.transforms import scale_by_torch_rmsprop, scale_by_torch_sgd
+
+if TYPE_CHECKING:
+    from jtrain.optim.factory import OptimizerConfig
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(str(name).replace("torch.", ""))
+
+
+def _decoupled_tail(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Masked decoupled decay then -lr(t): update = -lr * (direction + wd * p)."""
+    return optax.chain(
+        optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+        optax.scale_by_learning_rate(cfg.learning_rate),
+    )
+
+
+def adamw(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """torch.optim.AdamW: bias-corrected, eps outside the sqrt, decoupled decay lr*wd*p."""
+    return optax.chain(optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps), _decoupled_tail(cfg))
+
+
+LOW_PRECISION_BF16_ARGS = {
+    "momentum_dtype": ("bfloat16", _dtype),
+    "variance_dtype": ("bfloat16", _dtype),
+    "stochastic_rounding": (True, parse_bool),
+    "seed": (0, int),
+}
+# HF's adamw_anyprecision keys and defaults (float32 moments unless told otherwise).
+ANYPRECISION_ARGS = {
+    **LOW_PRECISION_BF16_ARGS,
+    "momentum_dtype": ("float32", _dtype),
+    "variance_dtype": ("float32", _dtype),
+    "use_kahan_summation": (False, parse_bool),
+    "compensation_buffer_dtype": ("bfloat16", _dtype),
+}
+
+
+def adamw_low_precision(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """AdamW with moments stored in low-precision dtypes (bf16 + stochastic rounding)."""
+    x = cfg.extra
+    if x.get("use_kahan_summation"):
+        raise ValueError(
+            "use_kahan_summation=True is not supported: jtrain keeps float32 master params; "
+            "store only the moments in bfloat16 (momentum_dtype/variance_dtype)"
+        )
+    direction = scale_by_adam_low_precision(
+        cfg.b1, cfg.b2, cfg.eps, _dtype(x["momentum_dtype"]), _dtype(x["variance_dtype"]),
+        x["stochastic_rounding"], x["seed"],
+    )
+    return optax.chain(direction, _decoupled_tail(cfg))
+
+
+EIGHT_BIT_ARGS = {"block_size": (256, int), "min_8bit_size": (4096, int)}
+
+
+def adamw_8bit(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """AdamW with block-wise 8-bit moments."""
+    x = cfg.extra
+    direction = scale_by_adam_8bit(cfg.b1, cfg.b2, cfg.eps, x["block_size"], x["min_8bit_size"])
+    return optax.chain(direction, _decoupled_tail(cfg))
+
+
+def lion(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Lion; betas are adam_beta1/adam_beta2, as HF passes them to bitsandbytes' Lion."""
+    return optax.chain(optax.scale_by_lion(cfg.b1, cfg.b2), _decoupled_tail(cfg))
+
+
+def lion_8bit(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Lion with its momentum stored block-wise in 8 bits."""
+    x = cfg.extra
+    direction = scale_by_lion_8bit(cfg.b1, cfg.b2, x["block_size"], x["min_8bit_size"])
+    return optax.chain(direction, _decoupled_tail(cfg))
+
+
+ADAFACTOR_ARGS = {
+    "scale_parameter": (False, parse_bool),
+    "relative_step": (False, parse_bool),
+    "warmup_init": (False, parse_bool),
+    "clip_threshold": (1.0, float),
+    "decay_rate": (-0.8, float),
+    "beta1": (None, optional_float),
+    "eps1": (1e-30, float),
+    "eps2": (1e-3, float),
+}
+
+
+def adafactor(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """transformers' Adafactor with the Trainer's defaults (no relative step, no param scale)."""
+    x = dict(cfg.extra)
+    eps = (x.pop("eps1"), x.pop("eps2"))
+    return hf_adafactor(cfg.learning_rate, weight_decay=cfg.weight_decay, mask=decay_mask, eps=eps, **x)
+
+
+SGD_ARGS = {"momentum": (0.0, float), "dampening": (0.0, float), "nesterov": (False, parse_bool)}
+
+
+def _coupled(cfg: OptimizerConfig, direction: optax.GradientTransformation) -> optax.GradientTransformation:
+    """torch-style L2: wd * p is added to the gradient before the optimizer sees it."""
+    return optax.chain(
+        optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+        direction,
+        optax.scale_by_learning_rate(cfg.learning_rate),
+    )
+
+
+def sgd(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """torch.optim.SGD (momentum, dampening, nesterov from optim_args; coupled L2 decay)."""
+    x = cfg.extra
+    return _coupled(cfg, scale_by_torch_sgd(x["momentum"], x["dampening"], x["nesterov"]))
+
+
+RMSPROP_ARGS = {
+    "momentum": (0.0, float),
+    "alpha": (0.99, float),
+    "eps": (1e-8, float),
+    "centered": (False, parse_bool),
+}
+
+
+def rmsprop(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """torch.optim.RMSprop with torch's defaults (HF passes no adam args to it)."""
+    x = cfg.extra
+    return _coupled(cfg, scale_by_torch_rmsprop(x["alpha"], x["eps"], x["centered"], x["momentum"]))
+
+
+SCHEDULE_FREE_ARGS = {"warmup_steps": (0, int), "weight_lr_power": (2.0, float)}
+
+
+def schedule_free(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Schedule-free AdamW; evaluate with `schedule_free_eval_params`."""
+    x = cfg.extra
+    return schedule_free_adamw(
+        cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mask=decay_mask, warmup_steps=x["warmup_steps"], weight_lr_power=x["weight_lr_power"],
+    )
+
+
+MUON_ARGS = {
+    "beta": (0.95, float),
+    "ns_steps": (5, int),
+    "nesterov": (True, parse_bool),
+    "consistent_rms": (0.2, optional_float),
+}
+
+
+def muon(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Muon for hidden 2-D kernels, AdamW for embeddings, heads, biases and norms."""
+    x = cfg.extra
+    return muon_adamw(
+        cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        beta=x["beta"], ns_steps=x["ns_steps"], nesterov=x["nesterov"], consistent_rms=x["consistent_rms"],
+    )
+
+
+GALORE_ARGS = {
+    "rank": (128, int),
+    "update_proj_gap": (200, int),
+    "scale": (0.25, float),
+    "proj_type": ("std", str),
+}
+
+
+def _low_rank(cfg: OptimizerConfig, direction: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`direction` on targeted kernels, Adam elsewhere, then shared decoupled decay and lr."""
+
+    def labels(params):
+        return low_rank_labels(params, cfg.target_modules, cfg.name)
+
+    split = optax.partition({LOW_RANK: direction, FULL: optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps)}, labels)
+    return optax.chain(split, _decoupled_tail(cfg))
+
+
+def galore(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """GaLore-AdamW on `optim_target_modules` kernels, AdamW on the rest."""
+    x = cfg.extra
+    direction = scale_by_galore(
+        x["rank"], x["update_proj_gap"], x["scale"], x["proj_type"], cfg.b1, cfg.b2, cfg.eps
+    )
+    return _low_rank(cfg, direction)
+
+
+APOLLO_ARGS = {
+    "rank": (128, int),
+    "update_proj_gap": (200, int),
+    "scale": (1.0, float),
+    "scale_type": ("channel", str),
+    "proj": ("random", str),
+    "proj_type": ("std", str),
+    "seed": (0, int),
+}
+
+
+def apollo(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """APOLLO-AdamW on `optim_target_modules` kernels, AdamW on the rest."""
+    x = cfg.extra
+    if x["proj"] != "random":
+        raise ValueError(f"apollo_adamw supports proj='random' only (got {x['proj']!r}); use galore_adamw for SVD")
+    direction = scale_by_apollo(
+        x["rank"], x["update_proj_gap"], x["scale"], x["scale_type"], x["proj_type"],
+        cfg.b1, cfg.b2, cfg.eps, x["seed"],
+    )
+    return _low_rank(cfg, direction)

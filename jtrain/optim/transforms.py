@@ -1,0 +1,148 @@
+"""Small optax transformations that reproduce PyTorch/HF semantics exactly.
+
+optax ships close relatives of these, but each differs from torch in a detail that breaks
+step-for-step parity with HF's Trainer (clip denominator, SGD dampening on the first step,
+where RMSprop's momentum sees the learning rate). Parity is what lets users move a recipe
+from HF to jtrain without re-tuning, so the torch versions live here.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); copied so clipped steps match.
+_TORCH_CLIP_EPS = 1e-6
+
+
+def global_norm_f32(tree: Any) -> jax.Array:
+    """L2 norm over all leaves, accumulated in float32 even for bf16 grads."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+    """Global-norm clipping as `torch.nn.utils.clip_grad_norm_`: g * min(1, c / (|g| + 1e-6))."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm_f32(updates)
+        coef = jnp.minimum(max_norm / (norm + _TORCH_CLIP_EPS), 1.0)
+        return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def learning_rate_at(learning_rate: float | optax.Schedule, count: jax.Array) -> jax.Array:
+    """The learning rate for the step numbered `count` (0 for the first update)."""
+    if callable(learning_rate):
+        return jnp.asarray(learning_rate(count), jnp.float32)
+    return jnp.asarray(learning_rate, jnp.float32)
+
+
+class CountState(NamedTuple):
+    """Just a step counter (int32, 0 before the first update)."""
+
+    count: jax.Array
+
+
+def decoupled_weight_decay(
+    learning_rate: float | optax.Schedule, weight_decay: float, mask: Any
+) -> optax.GradientTransformation:
+    """Adds -lr(t) * wd * p to already lr-scaled updates (torch's p -= lr*wd*p).
+
+    Used after optimizers that apply the learning rate internally (optax's muon), where
+    `add_decayed_weights` can no longer be slotted in before the lr scaling.
+    """
+
+    def init(params):
+        del params
+        return CountState(jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("decoupled_weight_decay needs params")
+        step = learning_rate_at(learning_rate, state.count) * weight_decay
+        masks = mask(params) if callable(mask) else mask
+
+        def apply(u, p, m):
+            return (u - step * p * m).astype(u.dtype) if m else u
+
+        out = jax.tree.map(apply, updates, params, masks)
+        return out, CountState(optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+class TorchSgdState(NamedTuple):
+    """Momentum buffer and step count (torch seeds the buffer with the first gradient)."""
+
+    count: jax.Array
+    momentum: Any
+
+
+def scale_by_torch_sgd(momentum: float, dampening: float, nesterov: bool) -> optax.GradientTransformation:
+    """Direction of torch.optim.SGD (before -lr); L2 decay must be added to grads before this."""
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov SGD requires momentum > 0 and dampening = 0 (as in torch)")
+
+    def init(params):
+        bufs = jax.tree.map(jnp.zeros_like, params) if momentum else ()
+        return TorchSgdState(jnp.zeros([], jnp.int32), bufs)
+
+    def update(updates, state, params=None):
+        del params
+        if momentum == 0:
+            return updates, state._replace(count=optax.safe_increment(state.count))
+        first = state.count == 0
+
+        def buf_fn(g, b):
+            return jnp.where(first, g, momentum * b + (1.0 - dampening) * g).astype(b.dtype)
+
+        bufs = jax.tree.map(buf_fn, updates, state.momentum)
+        if nesterov:
+            out = jax.tree.map(lambda g, b: g + momentum * b, updates, bufs)
+        else:
+            out = bufs
+        return out, TorchSgdState(optax.safe_increment(state.count), bufs)
+
+    return optax.GradientTransformation(init, update)
+
+
+class TorchRmspropState(NamedTuple):
+    """torch.optim.RMSprop buffers: square_avg, grad_avg (centered) and momentum_buffer."""
+
+    square_avg: Any
+    grad_avg: Any
+    momentum: Any
+
+
+def scale_by_torch_rmsprop(
+    alpha: float, eps: float, centered: bool, momentum: float
+) -> optax.GradientTransformation:
+    """Direction of torch.optim.RMSprop (eps outside the sqrt; momentum before the lr)."""
+
+    def init(params):
+        # Buffers torch would not allocate are empty tuples, so state bytes match torch's.
+        zeros = lambda use: jax.tree.map(jnp.zeros_like, params) if use else ()  # noqa: E731
+        return TorchRmspropState(zeros(True), zeros(centered), zeros(momentum > 0))
+
+    def update(updates, state, params=None):
+        del params
+        sq = jax.tree.map(lambda s, g: alpha * s + (1 - alpha) * g * g, state.square_avg, updates)
+        ga = state.grad_avg
+        if centered:
+            ga = jax.tree.map(lambda a, g: alpha * a + (1 - alpha) * g, ga, updates)
+            denom = jax.tree.map(lambda s, a: jnp.sqrt(s - a * a) + eps, sq, ga)
+        else:
+            denom = jax.tree.map(lambda s: jnp.sqrt(s) + eps, sq)
+        out = jax.tree.map(lambda g, d: g / d, updates, denom)
+        buf = state.momentum
+        if momentum > 0:
+            buf = jax.tree.map(lambda b, u: momentum * b + u, buf, out)
+            out = buf
+        return out, TorchRmspropState(sq, ga, buf)
+
+    return optax.GradientTransformation(init, update)

@@ -1,0 +1,263 @@
+"""The host loop: dispatch update N, then read update N-1's metrics, then run callbacks.
+
+Logging, evaluation and saving are decided by `on_step_end` right after dispatch (they depend
+only on the step count). A log due at step N is emitted once N's metrics arrive, which is
+after N+1 has been dispatched, so logging never makes the device wait; evaluation and saving
+need step N's state, so they first drain the pending metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jtrain.accounting import StepPlan
+from jtrain.callbacks import ExportableState, _export_callbacks as export_callbacks
+from jtrain.checkpoint import CheckpointWriter
+from jtrain.data.loader import HostLoader, LoaderPosition
+from jtrain.version import __version__
+
+
+@dataclass
+class _Window:
+    """Host-side running sums between two logs (and over the whole run)."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    tokens: float = 0.0
+    total_loss: float = 0.0
+    total_steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    data_wait: float = 0.0
+
+    def add(self, m: dict) -> None:
+        if math.isfinite(m["loss"]):
+            self.loss_sum += m["loss"]
+            self.total_loss += m["loss"]
+        self.steps += 1
+        self.total_steps += 1
+        self.tokens += m["num_tokens"]
+
+    def flush(self, m: dict) -> dict:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        logs = {
+            "loss": round(self.loss_sum / max(self.steps, 1), 6),
+            "grad_norm": float(m["grad_norm"]),
+            "learning_rate": float(m["learning_rate"]),
+            "tokens_per_second": round(self.tokens / elapsed, 1),
+            "data_wait_fraction": round(self.data_wait / elapsed, 4),
+        }
+        if m.get("skipped"):
+            logs["skipped_updates"] = int(m["skipped"])
+        self.loss_sum, self.steps, self.tokens, self.data_wait = 0.0, 0, 0.0, 0.0
+        self.started = time.perf_counter()
+        return logs
+
+
+class _Run:
+    """One call of `Trainer.train()`: the loop state that is not in TrainerState."""
+
+    def __init__(self, trainer: Any, loader: HostLoader, plan: StepPlan, position: LoaderPosition):
+        self.t, self.loader, self.plan, self.position = trainer, loader, plan, position
+        self.window = _Window()
+        self.pending: tuple[int, dict, bool] | None = None  # (step, device metrics, log due)
+        self.writer = CheckpointWriter(trainer.args.output_dir, trainer.args.save_total_limit)
+        self.accum = trainer.args.gradient_accumulation_steps
+        self.tokens_seen = 0
+
+    # -- metrics ----------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Fetch the pending step's metrics (one transfer) and fire the in-step events for it."""
+        if self.pending is None:
+            return
+        step, device_metrics, log_due = self.pending
+        self.pending = None
+        m = {k: v.item() for k, v in jax.device_get(device_metrics).items()}
+        m["skipped"] = int(jax.device_get(self.t.train_state.skipped)) if m["nonfinite"] else 0
+        self.t._check_finite(m, step)
+        self.window.add(m)
+        self.tokens_seen += int(m["num_tokens"])
+        t, h = self.t, self.t.callback_handler
+        for _ in range(self.accum - 1):
+            t.control = h.on_substep_end(t.args, t.state, t.control, metrics=m, step=step)
+        t.control = h.on_pre_optimizer_step(t.args, t.state, t.control, metrics=m, step=step)
+        t.control = h.on_optimizer_step(t.args, t.state, t.control, metrics=m, step=step)
+        if t.args.include_num_input_tokens_seen:
+            t.state.num_input_tokens_seen = self.tokens_seen
+        if log_due:
+            self.log(m, step)
+        self.last_metrics = m
+
+    def log(self, m: dict, step: int) -> None:
+        logs = self.window.flush(m)
+        saved, self.t.state.global_step = self.t.state.global_step, step
+        self.t.log(logs)
+        self.t.state.global_step = saved
+
+    # -- one update -------------------------------------------------------------------------
+    def update(self, batch: Any) -> None:
+        t = self.t
+        t.control = t.callback_handler.on_step_begin(t.args, t.state, t.control)
+        t.train_state, metrics = t.steps.train_step(t.train_state, batch)
+        t.state.global_step += 1
+        t.state.epoch = self.position.epoch + (self.position.batch_index + 1) / self.plan.updates_per_epoch
+        self.position = LoaderPosition(self.position.epoch, self.position.batch_index + 1)
+        self.drain()
+        t.control = t.callback_handler.on_step_end(t.args, t.state, t.control)
+        self.pending = (t.state.global_step, metrics, t.control.should_log)
+        t.control.should_log = False
+        self.maybe_evaluate_and_save()
+
+    def maybe_evaluate_and_save(self) -> None:
+        t = self.t
+        if not (t.control.should_evaluate or t.control.should_save):
+            return
+        self.drain()
+        metrics = None
+        if t.control.should_evaluate:
+            t.control.should_evaluate = False
+            metrics = self.evaluate()
+        if t.args.save_strategy == "best" and metrics is not None and self.is_new_best(metrics):
+            t.control.should_save = True
+        if t.control.should_save:
+            t.control.should_save = False
+            self.save()
+
+    def evaluate(self) -> dict:
+        t = self.t
+        metrics = t.evaluate()
+        if t.lr_controller is not None and t.args.metric_for_best_model:
+            factor = t.lr_controller.step(metrics[_metric_key(t.args.metric_for_best_model)])
+            t.train_state = t.train_state.replace(lr_factor=jnp.asarray(factor, jnp.float32))
+        self.update_best(metrics)
+        return metrics
+
+    # -- best model and checkpoints ---------------------------------------------------------
+    def is_new_best(self, metrics: dict) -> bool:
+        return getattr(self, "_new_best", False)
+
+    def update_best(self, metrics: dict) -> None:
+        t, name = self.t, self.t.args.metric_for_best_model
+        self._new_best = False
+        if not name:
+            return
+        key = _metric_key(name)
+        if key not in metrics:
+            return
+        value = float(metrics[key])
+        better = (lambda a, b: a > b) if _greater_is_better(t.args) else (lambda a, b: a < b)
+        if t.state.best_metric is None or better(value, t.state.best_metric):
+            t.state.best_metric, t.state.best_global_step, self._new_best = value, t.state.global_step, True
+            t.state.best_model_checkpoint = os.path.join(t.args.output_dir, f"checkpoint-{t.state.global_step}")
+
+    def save(self) -> None:
+        t = self.t
+        self.drain()
+        sidecars = {
+            "training_args.json": t.args.to_dict(),
+            "loader_state.json": {**self.position.to_dict(), **self.controller_state()},
+            "jtrain_meta.json": {"jtrain_version": __version__, "model_type": getattr(t.model.config, "model_type", None),
+                                 "model_config": _config_dict(t.model.config), "task": t.model.task,
+                                 "params_only": t.args.save_only_model},
+        }
+        stateful = [cb for cb in t.callback_handler.callbacks if isinstance(cb, ExportableState)]
+        t.state.stateful_callbacks = {**export_callbacks(stateful), "TrainerControl": t.control.state()}
+        snapshot = t.trainer_state_snapshot()
+        best = t.state.best_model_checkpoint
+        self.writer.save(t.train_state, t.state.global_step, sidecars, snapshot.save_to_json, best,
+                         params_only=t.args.save_only_model)
+        t.control = t.callback_handler.on_save(t.args, t.state, t.control)
+
+    def controller_state(self) -> dict:
+        c = self.t.lr_controller
+        return {"lr_controller": c.state_dict()} if c is not None else {}
+
+
+def _metric_key(name: str) -> str:
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def _greater_is_better(args: Any) -> bool:
+    if args.greater_is_better is not None:
+        return bool(args.greater_is_better)
+    return not (args.metric_for_best_model or "loss").endswith("loss")
+
+
+def _config_dict(config: Any) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+def run_training(trainer: Any, loader: HostLoader, plan: StepPlan, position: LoaderPosition) -> Any:
+    """Run the epochs from `position` until `plan.max_steps` or a stop; return a TrainOutput."""
+    from jtrain.trainer import TrainOutput
+
+    t, args = trainer, trainer.args
+    run = _Run(t, loader, plan, position)
+    t.state.train_batch_size = plan.global_batch_size
+    t.state.compute_steps(args, plan.max_steps)
+    t.state.init_training_references(t, plan.max_steps, plan.num_train_epochs)
+    start, start_step = time.perf_counter(), t.state.global_step
+    t.control = t.callback_handler.on_train_begin(args, t.state, t.control)
+    if args.eval_on_start and t.eval_dataset is not None:
+        run.evaluate()
+    while t.state.global_step < plan.max_steps and not t.control.should_training_stop:
+        run_epoch(run)
+    run.drain()
+    if t.control.should_save:
+        run.save()
+    run.writer.wait()
+    steps_done = t.state.global_step - start_step
+    metrics = _speed_metrics(start, steps_done, plan, run)
+    t.control = t.callback_handler.on_train_end(args, t.state, t.control)
+    if args.load_best_model_at_end and t.state.best_model_checkpoint:
+        _load_best(t)
+    train_loss = run.window.total_loss / max(run.window.total_steps, 1)
+    metrics["train_loss"] = train_loss
+    t.log(metrics)
+    return TrainOutput(t.state.global_step, train_loss, metrics)
+
+
+def run_epoch(run: _Run) -> None:
+    t, args = run.t, run.t.args
+    if run.position.batch_index >= run.plan.updates_per_epoch:
+        run.position = LoaderPosition(run.position.epoch + 1, 0)
+    t.control = t.callback_handler.on_epoch_begin(args, t.state, t.control)
+    waited = time.perf_counter()
+    for batch in run.loader.iterate(run.position.epoch, run.position.batch_index):
+        run.window.data_wait += time.perf_counter() - waited
+        run.update(batch)
+        if t.control.should_epoch_stop or t.control.should_training_stop or t.state.global_step >= run.plan.max_steps:
+            break
+        waited = time.perf_counter()
+    run.drain()
+    if run.position.batch_index >= run.plan.updates_per_epoch:
+        t.control = t.callback_handler.on_epoch_end(args, t.state, t.control)
+        if t.control.should_log and hasattr(run, "last_metrics"):
+            t.control.should_log = False
+            run.log(run.last_metrics, t.state.global_step)
+        run.maybe_evaluate_and_save()
+
+
+def _speed_metrics(start: float, steps: int, plan: StepPlan, run: _Run) -> dict:
+    runtime = max(time.perf_counter() - start, 1e-9)
+    return {
+        "train_runtime": round(runtime, 4),
+        "train_samples_per_second": round(steps * plan.global_batch_size / runtime, 3),
+        "train_steps_per_second": round(steps / runtime, 3),
+        "train_tokens_per_second": round(run.tokens_seen / runtime, 1),
+        "total_flos": 0.0,
+    }
+
+
+def _load_best(trainer: Any) -> None:
+    from jtrain.checkpoint import restore_state
+
+    trainer.train_state = restore_state(trainer.state.best_model_checkpoint, trainer.train_state, params_only=True)

@@ -1,0 +1,276 @@
+"""`Trainer`: HF's Trainer API over one compiled, sharded train step.
+
+The host loop dispatches update N, then reads update N-1's metrics (one transfer), so the
+device never waits on Python for logging. Callbacks run on the host between compiled steps.
+Events HF fires inside a step (`on_substep_end`, `on_pre_optimizer_step`,
+`on_optimizer_step`) fire on the host one update late, with that update's reported metrics
+(`metrics=` and `step=` in kwargs); `on_step_end` fires right after dispatch and decides
+logging, evaluation and saving, which depend only on the step count.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtrain.accounting import StepPlan, plan_steps
+from jtrain.args import TrainingArguments
+from jtrain.callbacks import CallbackHandler, DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState
+from jtrain.checkpoint import CheckpointWriter, latest_checkpoint, read_json, restore_state
+from jtrain.compiled import CompiledSteps, build_compiled_steps
+from jtrain.data.loader import ArrayDataset, HostLoader, LoaderPosition
+from jtrain.errors import CheckpointError, ConfigError, NonFiniteError
+from jtrain.evaluation import EvalLoopOutput, evaluation_loop
+from jtrain.losses import LOSSES_BY_TASK, LossOutput
+from jtrain.models.base import Model
+from jtrain.optim.factory import make_optimizer
+from jtrain.reporting import PrinterCallback, ProgressCallback, callbacks_for_report_to
+from jtrain.schedules import make_lr_controller, make_schedule
+from jtrain.sharding import data_parallel_size, make_mesh, resolve_mesh_shape
+from jtrain.version import __version__
+
+
+class TrainOutput(NamedTuple):
+    global_step: int
+    training_loss: float
+    metrics: dict
+
+
+class PredictionOutput(NamedTuple):
+    predictions: Any
+    label_ids: Any
+    metrics: dict
+
+
+class Trainer:
+    """HF-compatible trainer. Example::
+
+        trainer = Trainer(model, TrainingArguments(output_dir="out", max_steps=100),
+                          train_dataset=train_rows, eval_dataset=eval_rows)
+        trainer.train()
+        print(trainer.evaluate()["eval_loss"])
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        args: TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        preprocess_logits_for_metrics: Callable | None = None,
+        compute_loss_func: Callable | None = None,
+        *,
+        params: Any = None,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        self.args = args or TrainingArguments()
+        self.model, self.data_collator, self.processing_class = model, data_collator, processing_class
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, preprocess_logits_for_metrics
+        self.compute_loss_func = compute_loss_func
+        self.optimizer, self.lr_scheduler = optimizers
+        self.mesh = mesh or make_mesh(resolve_mesh_shape(self.args.mesh_shape, self.args.fsdp, jax.device_count()))
+        self._initial_params = params
+        self.train_state: Any = None  # jtrain.state.TrainState once set up
+        self.steps: CompiledSteps | None = None
+        self.lr_controller = None
+        default = [DefaultFlowCallback, PrinterCallback if self.args.disable_tqdm else ProgressCallback]
+        logging_dir = self.args.logging_dir or os.path.join(self.args.output_dir, "runs")
+        reporters = callbacks_for_report_to(self.args.report_to, logging_dir) if self.is_world_process_zero() else []
+        self.callback_handler = CallbackHandler(default + reporters + list(callbacks or []), model,
+                                                processing_class, None, None)
+        self.state = TrainerState(is_local_process_zero=self.is_local_process_zero(),
+                                  is_world_process_zero=self.is_world_process_zero())
+        self.control = TrainerControl()
+        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    # ---- HF override points -----------------------------------------------------------
+    def compute_loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> LossOutput:
+        """Summed loss and its weight for one micro-batch; traced into the compiled step."""
+        if self.compute_loss_func is not None:
+            return self.compute_loss_func(outputs, batch)
+        loss = LOSSES_BY_TASK[self.model.task]
+        return loss(outputs, batch, label_smoothing=self.args.label_smoothing_factor)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Callable:
+        if self.lr_scheduler is None:
+            a = self.args
+            self.lr_scheduler = make_schedule(
+                a.lr_scheduler_type, learning_rate=a.learning_rate, num_training_steps=num_training_steps,
+                num_warmup_steps=a.warmup_for(num_training_steps), scheduler_kwargs=a.lr_scheduler_kwargs)
+            self.lr_controller = make_lr_controller(a.lr_scheduler_type, learning_rate=a.learning_rate,
+                                                    scheduler_kwargs=a.lr_scheduler_kwargs)
+        return self.lr_scheduler
+
+    def create_optimizer(self) -> Any:
+        if self.optimizer is None:
+            a = self.args
+            self.optimizer = make_optimizer(
+                a.optim, self.lr_scheduler, weight_decay=a.weight_decay, adam_beta1=a.adam_beta1,
+                adam_beta2=a.adam_beta2, adam_epsilon=a.adam_epsilon, max_grad_norm=a.max_grad_norm,
+                optim_args=a.optim_args, optim_target_modules=a.optim_target_modules)
+        return self.optimizer
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        self.create_scheduler(num_training_steps)
+        self.create_optimizer()
+
+    # ---- process roles ------------------------------------------------------------------
+    def is_world_process_zero(self) -> bool:
+        return jax.process_index() == 0
+
+    def is_local_process_zero(self) -> bool:
+        return jax.process_index() == 0
+
+    def add_callback(self, callback: Any) -> None:
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback: Any) -> Any:
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback: Any) -> None:
+        self.callback_handler.remove_callback(callback)
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _collate(self) -> Callable | None:
+        if self.data_collator is not None:
+            return self.data_collator
+        from jtrain.data.collators import DefaultDataCollator
+        return DefaultDataCollator()
+
+    def _loader(self, dataset: Any, *, train: bool, accum: int | None, batch_rows: int) -> HostLoader:
+        a = self.args
+        return HostLoader(
+            dataset, global_batch_size=batch_rows, collate_fn=None if isinstance(dataset, ArrayDataset) else self._collate(),
+            accum_steps=accum, shuffle=train and a.train_sampling_strategy != "sequential", seed=a.resolved_data_seed,
+            drop_last=train and a.dataloader_drop_last, place=None, prefetch=max(1, a.dataloader_prefetch_factor or 2))
+
+    def _setup(self, num_training_steps: int) -> None:
+        """Optimizer, schedule, sharded state and compiled steps (once per Trainer)."""
+        if self.steps is not None:
+            return
+        self.create_optimizer_and_scheduler(num_training_steps)
+        self.steps = build_compiled_steps(self.model, self.mesh, self.optimizer, self.lr_scheduler,
+                                          self.compute_loss, seed=self.args.seed,
+                                          preprocess_logits=self.preprocess_logits_for_metrics)
+        self.train_state = self.steps.init_state(self._initial_params)
+        self._initial_params = None
+
+    def _plan(self) -> tuple[HostLoader, StepPlan]:
+        if self.train_dataset is None:
+            raise ConfigError("Trainer.train() needs a `train_dataset`")
+        a = self.args
+        plan = plan_steps(per_device_batch=a.per_device_train_batch_size, data_parallel=data_parallel_size(self.mesh),
+                          accum=a.gradient_accumulation_steps, num_rows=len(self.train_dataset),
+                          max_steps=a.max_steps, num_train_epochs=a.num_train_epochs, drop_last=a.dataloader_drop_last)
+        loader = self._loader(self.train_dataset, train=True, accum=a.gradient_accumulation_steps,
+                              batch_rows=plan.global_batch_size)
+        return loader, plan
+
+    # ---- training -------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
+        """Train for `max_steps` (or epochs); resume from a checkpoint path or, with True, the latest."""
+        from jtrain.train_loop import run_training
+
+        loader, plan = self._plan()
+        self._setup(plan.max_steps)
+        loader.place = self.steps.place_train_batch
+        position = LoaderPosition()
+        if resume_from_checkpoint is None and self.args.resume_from_checkpoint:
+            resume_from_checkpoint = self.args.resume_from_checkpoint
+        if resume_from_checkpoint:
+            position = self._resume(resume_from_checkpoint)
+        return run_training(self, loader, plan, position)
+
+    def _resume(self, checkpoint: str | bool) -> LoaderPosition:
+        path = checkpoint
+        if checkpoint is True or (isinstance(checkpoint, str) and checkpoint.lower() == "true"):
+            path = latest_checkpoint(self.args.output_dir)
+            if path is None:
+                raise CheckpointError(f"no complete checkpoint in {self.args.output_dir!r} to resume from")
+        start = time.perf_counter()
+        self.train_state = restore_state(path, self.train_state)
+        self.state = TrainerState.load_from_json(os.path.join(path, "trainer_state.json"))
+        loader_state = read_json(os.path.join(path, "loader_state.json"))
+        if self.lr_controller is not None and "lr_controller" in loader_state:
+            self.lr_controller.load_state_dict(loader_state["lr_controller"])
+        self._resume_seconds = time.perf_counter() - start
+        return LoaderPosition(loader_state["epoch"], loader_state["batch_index"])
+
+    # ---- evaluation and prediction ----------------------------------------------------------
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
+        """Loss (and accuracy, perplexity for LMs) reduced on the device; HF's speed keys."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if dataset is None:
+            raise ConfigError("evaluate() needs an `eval_dataset`")
+        if isinstance(dataset, Mapping) and not isinstance(dataset, ArrayDataset):
+            metrics = {}
+            for name, ds in dataset.items():
+                metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        output = self._evaluation_loop(dataset, metric_key_prefix, want_predictions=self.compute_metrics is not None)
+        self.log(output.metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=output.metrics)
+        return output.metrics
+
+    def predict(self, test_dataset: Any, ignore_keys: Any = None, metric_key_prefix: str = "test") -> PredictionOutput:
+        output = self._evaluation_loop(test_dataset, metric_key_prefix, want_predictions=True)
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
+        return PredictionOutput(output.predictions, output.label_ids, output.metrics)
+
+    def _evaluation_loop(self, dataset: Any, prefix: str, want_predictions: bool) -> EvalLoopOutput:
+        if self.steps is None:
+            self._setup(max(1, self.args.max_steps))
+        rows = self.args.per_device_eval_batch_size * data_parallel_size(self.mesh)
+        loader = self._loader(dataset, train=False, accum=None, batch_rows=rows)
+        loader.place = self.steps.place_eval_batch
+        return evaluation_loop(self, loader, prefix, want_predictions and not self.args.prediction_loss_only)
+
+    # ---- logging and saving -------------------------------------------------------------------
+    def log(self, logs: dict[str, float]) -> None:
+        """Add epoch and step, append to `log_history`, fire `on_log` (as HF's `Trainer.log`)."""
+        logs = dict(logs)
+        if self.state.epoch is not None:
+            logs["epoch"] = round(float(self.state.epoch), 4)
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs=logs)
+
+    def save_model(self, output_dir: str | None = None) -> str:
+        """Write the model in HF format (config.json + safetensors) that `transformers` loads."""
+        from jtrain.models import save_pretrained
+
+        output_dir = output_dir or self.args.output_dir
+        if self.train_state is None:
+            raise ConfigError("save_model() before the model has parameters: call train() first")
+        if self.is_world_process_zero():
+            save_pretrained(self.model, self.train_state.params, output_dir)
+            if self.processing_class is not None and hasattr(self.processing_class, "save"):
+                self.processing_class.save(os.path.join(output_dir, "tokenizer.json"))
+        return output_dir
+
+    @property
+    def params(self) -> Any:
+        return None if self.train_state is None else self.train_state.params
+
+    def _check_finite(self, metrics: Mapping[str, Any], step: int) -> None:
+        if metrics.get("nonfinite", 0) and self.args.nonfinite_policy == "error":
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {step} (loss={metrics.get('loss')}, "
+                f"grad_norm={metrics.get('grad_norm')}); the update was not applied and the last checkpoint "
+                "is intact. Lower the learning rate, check the data, or set nonfinite_policy=skip")
+
+    def trainer_state_snapshot(self) -> TrainerState:
+        """A copy for the checkpoint finaliser thread, which writes it after the loop moved on."""
+        return copy.deepcopy(self.state)

@@ -1,0 +1,133 @@
+"""SGD, RMSprop and Adafactor against their torch/transformers implementations; Lion against
+a float64 numpy transcription of the paper's update (there is no torch Lion installed).
+
+Every run goes through HF's loop (param groups, clip_grad_norm_, step, scheduler.step).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_optim_problems import (
+    TorchMLP,
+    hf_param_groups,
+    jax_params_from_torch,
+    linear_warmup_decay,
+    make_batches,
+    max_abs_diff,
+    run_jax,
+    run_torch,
+)
+from transformers import get_linear_schedule_with_warmup
+from transformers.optimization import Adafactor
+
+from jtrain.optim import decay_mask, make_optimizer
+
+STEPS, WARMUP, WD, CLIP = 10, 2, 0.05, 0.45
+# 1e-5 absolute on O(1) params, float32 on both sides: the formulas are the same and only
+# summation order differs (~1e-7 relative per op), over 10 steps. Measured slack is >10x.
+TOL = 1e-5
+
+
+def _compare(make_torch_opt, name: str, peak_lr: float, optim_args: str | None, schedule: bool = True) -> float:
+    """Max |jtrain - torch| after STEPS; also checks the run moved params far beyond TOL."""
+    batches = make_batches(STEPS, seed=1)
+    torch.manual_seed(1)
+    model = TorchMLP()
+    params0 = jax_params_from_torch(model)
+    opt = make_torch_opt(hf_param_groups(model, WD), peak_lr)
+    sched = get_linear_schedule_with_warmup(opt, WARMUP, STEPS) if schedule else None
+    run_torch(model, opt, batches, CLIP, sched)
+    lr = linear_warmup_decay(peak_lr, WARMUP, STEPS) if schedule else peak_lr
+    ours = make_optimizer(name, lr, weight_decay=WD, max_grad_norm=CLIP, optim_args=optim_args)
+    params = run_jax(params0, ours, batches)
+    moved = max_abs_diff(params0, model)
+    assert moved > 100 * TOL, f"too little movement ({moved:.2g}) for the comparison to mean anything"
+    return max_abs_diff(params, model)
+
+
+@pytest.mark.parametrize(
+    "optim_args, torch_kwargs",
+    [
+        ("momentum=0.9,nesterov=True", dict(momentum=0.9, nesterov=True)),
+        ("momentum=0.8,dampening=0.3", dict(momentum=0.8, dampening=0.3)),
+        (None, {}),
+    ],
+)
+def test_sgd_matches_torch(optim_args, torch_kwargs) -> None:
+    diff = _compare(lambda g, lr: torch.optim.SGD(g, lr=lr, **torch_kwargs), "sgd", 0.1, optim_args)
+    assert diff <= TOL, diff
+
+
+@pytest.mark.parametrize(
+    "optim_args, torch_kwargs",
+    [
+        (None, {}),
+        ("alpha=0.9,centered=true,momentum=0.5,eps=1e-6", dict(alpha=0.9, centered=True, momentum=0.5, eps=1e-6)),
+    ],
+)
+def test_rmsprop_matches_torch(optim_args, torch_kwargs) -> None:
+    diff = _compare(lambda g, lr: torch.optim.RMSprop(g, lr=lr, **torch_kwargs), "rmsprop", 1e-3, optim_args)
+    assert diff <= TOL, diff
+
+
+def test_adafactor_matches_transformers_with_trainer_defaults() -> None:
+    """HF's Trainer: Adafactor(lr=..., scale_parameter=False, relative_step=False) + scheduler."""
+
+    def make(groups, lr):
+        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False)
+
+    assert _compare(make, "adafactor", 1e-2, None) <= TOL
+
+
+def test_adafactor_matches_transformers_relative_step_and_momentum() -> None:
+    """Adafactor's own defaults (relative step, parameter scale) plus a first moment."""
+
+    def make(groups, lr):
+        del lr
+        return Adafactor(groups, lr=None, scale_parameter=True, relative_step=True, beta1=0.9)
+
+    args = "scale_parameter=True,relative_step=True,beta1=0.9"
+    assert _compare(make, "adafactor", 1.0, args, schedule=False) <= TOL
+
+
+def _lion_numpy(params, batches, lr, b1, b2, wd):
+    """Lion (Chen et al. 2023) in float64 with torch-style clipping and decoupled decay."""
+    import jax
+
+    from test_optim_problems import jax_loss
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    m = jax.tree.map(np.zeros_like, p)
+    mask = decay_mask(params)
+    grad_fn = jax.grad(jax_loss)
+    for x, y in batches:
+        g = jax.tree.map(lambda a: np.asarray(a, np.float64), grad_fn(jax.tree.map(np.float32, p), x, y))
+        norm = np.sqrt(sum(np.sum(a * a) for a in jax.tree.leaves(g)))
+        coef = min(1.0, CLIP / (norm + 1e-6))
+        g = jax.tree.map(lambda a: a * coef, g)
+        u = jax.tree.map(lambda mi, gi: np.sign(b1 * mi + (1 - b1) * gi), m, g)
+        p = jax.tree.map(lambda pi, ui, di: pi - lr * (ui + (wd * pi if di else 0.0)), p, u, mask)
+        m = jax.tree.map(lambda mi, gi: b2 * mi + (1 - b2) * gi, m, g)
+    return p
+
+
+def test_lion_matches_float64_reference() -> None:
+    """HF passes (adam_beta1, adam_beta2) as Lion's betas; so does jtrain."""
+    batches = make_batches(STEPS, seed=2)
+    torch.manual_seed(2)
+    params0 = jax_params_from_torch(TorchMLP())
+    ref = _lion_numpy(params0, batches, 1e-3, 0.9, 0.999, WD)
+    for name in ("lion", "lion_32bit"):
+        opt = make_optimizer(name, 1e-3, weight_decay=WD, max_grad_norm=CLIP)
+        got = run_jax(params0, opt, batches)
+        # Each Lion step moves every weight by exactly +-lr (plus decay), so float32 vs
+        # float64 differ only by rounding of p (~1e-7); a flipped sign would cost 2e-3.
+        diff = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(_leaves(got), _leaves(ref)))
+        assert diff <= TOL, (name, diff)
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)

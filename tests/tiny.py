@@ -1,0 +1,33 @@
+"""Tiny models and batches shared by tests (not a test module)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jtrain.models import create_model
+
+TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_llama(**options):
+    return create_model("llama", TINY_LLAMA, **options)
+
+
+def padded_lm_batch(rows: int, length: int, seed: int = 0, vocab: int = 64, min_len: int = 3) -> dict:
+    """Random token rows with unequal right padding; labels are -100 on padding."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(rows, length)).astype(np.int32)
+    lengths = rng.integers(min_len, length + 1, size=rows)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, ids, 0).astype(np.int32)
+    labels = np.where(mask == 1, ids, -100).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lm_rows(num_rows: int, length: int, seed: int = 0, vocab: int = 64) -> dict:
+    """Learnable rows (a repeating pattern with noise) so that loss falls quickly."""
+    rng = np.random.default_rng(seed)
+    start = rng.integers(1, vocab, size=(num_rows, 1))
+    ids = ((start + np.arange(length)[None, :] * 3) % (vocab - 1) + 1).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
