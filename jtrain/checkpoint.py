@@ -74,7 +74,8 @@ class CheckpointWriter:
     """
 
     def __init__(self, output_dir: str, save_total_limit: int | None = None):
-        self.output_dir, self.save_total_limit = output_dir, save_total_limit
+        # orbax requires absolute paths
+        self.output_dir, self.save_total_limit = os.path.abspath(output_dir), save_total_limit
         self._ckptr = ocp.StandardCheckpointer()
         self._finaliser: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -136,7 +137,7 @@ def restore_state(path: str, target: TrainState, params_only: bool = False) -> T
     `target` is abstract (jax.ShapeDtypeStruct leaves with shardings) or concrete. With
     `params_only`, only the parameters are replaced (loading the best model at the end).
     """
-    state_dir = os.path.join(path, STATE_DIR)
+    state_dir = os.path.abspath(os.path.join(path, STATE_DIR))
     if not os.path.isdir(state_dir):
         raise CheckpointError(f"{path!r} is not a jtrain checkpoint: {STATE_DIR}/ is missing")
     meta_path = os.path.join(path, "jtrain_meta.json")

@@ -134,7 +134,9 @@ class _Run:
         metrics = t.evaluate()
         if t.lr_controller is not None and t.args.metric_for_best_model:
             factor = t.lr_controller.step(metrics[_metric_key(t.args.metric_for_best_model)])
-            t.train_state = t.train_state.replace(lr_factor=jnp.asarray(factor, jnp.float32))
+            # Same sharding as the state's own scalar, or the step would recompile for a new input layout.
+            lr_factor = jax.device_put(jnp.asarray(factor, jnp.float32), t.steps.state_sharding.lr_factor)
+            t.train_state = t.train_state.replace(lr_factor=lr_factor)
         self.update_best(metrics)
         return metrics
 

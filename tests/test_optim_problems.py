@@ -143,3 +143,55 @@ def test_forward_parity() -> None:
     got = float(jax_loss(jax_params_from_torch(model), x, y))
     # float32 on both sides; matmul summation order differs -> a few ulps of a O(1) loss.
     assert abs(got - ref) <= 1e-6 * max(1.0, abs(ref))
+
+
+def regression_params(key: jax.Array, d_in: int = 16, hidden: int = 64, d_out: int = 4) -> dict:
+    """Student/teacher MLP params: kernels, biases and a norm-like scale."""
+    k = jax.random.split(key, 3)
+    dense = lambda kk, a, b: {"kernel": jax.random.normal(kk, (a, b)) / np.sqrt(a), "bias": jnp.zeros(b)}  # noqa: E731
+    return {
+        "dense_0": dense(k[0], d_in, hidden),
+        "norm": {"scale": jnp.ones(hidden)},
+        "dense_1": dense(k[1], hidden, hidden),
+        "head": dense(k[2], hidden, d_out),
+    }
+
+
+def regression_apply(params: dict, x: jax.Array) -> jax.Array:
+    h = jnp.tanh(x @ params["dense_0"]["kernel"] + params["dense_0"]["bias"]) * params["norm"]["scale"]
+    h = jnp.tanh(h @ params["dense_1"]["kernel"] + params["dense_1"]["bias"])
+    return h @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def _regression_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(256, 16)).astype(np.float32)
+    with jax.ensure_compile_time_eval():
+        y = regression_apply(regression_params(jax.random.key(2), hidden=32), jnp.asarray(x))
+    return x, np.asarray(y)
+
+
+_X, _Y = _regression_data()
+
+
+def regression_loss(params: dict) -> jax.Array:
+    """Full-batch MSE against a smaller random teacher MLP (fixed data, deterministic)."""
+    return jnp.mean(jnp.square(regression_apply(params, _X) - _Y))
+
+
+def train_regression(opt: optax.GradientTransformation, steps: int = 100) -> tuple[dict, np.ndarray, object]:
+    """Jitted full-batch training; returns final params, per-step losses (before each update), state."""
+    params = regression_params(jax.random.key(0))
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        loss, grads = jax.value_and_grad(regression_loss)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    losses = []
+    for _ in range(steps):
+        params, state, loss = step(params, state)
+        losses.append(loss)
+    return params, np.asarray(jax.device_get(losses)), state

@@ -43,8 +43,13 @@ class Model:
         return self.module.init({"params": rng}, **self._dummy_inputs())["params"]
 
     def init(self, rng: jax.Array) -> Any:
-        """Fresh parameters (a plain nested dict of arrays)."""
-        return nn.unbox(self._boxed_init(rng))
+        """Fresh parameters (a plain nested dict of arrays), built by one compiled init.
+
+        Compiled rather than eager: op-by-op init dispatches (and compiles) every initializer
+        separately, which is far slower even for tiny models. Call it inside `jax.jit` with
+        `out_shardings` to create params already sharded.
+        """
+        return jax.jit(lambda r: nn.unbox(self._boxed_init(r)))(rng)
 
     def abstract_params(self) -> Any:
         """Shapes and dtypes of the params, computed without allocating them."""

@@ -1,6 +1,6 @@
 """jtrain params <-> HF state-dict tensors: names and layouts, no I/O.
 
-Naming rule: path components are joined with '.', a numbered layer `name_3` becomes `name.3`,
+Naming rule: path components are joined with '.', a numbered layer `layers_3` becomes `layers.3`,
 and the leaf `kernel`/`scale`/`embedding` becomes `weight` (`bias` stays). Flax modules are
 named after HF's, so the rule needs no per-model table.
 
@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 from flax import traverse_util
 
-_NUMBERED = re.compile(r"^(.*)_(\d+)$")
+# Layer containers made by `layers.run_layers` ("layers_3" -> "layers.3"); GPT-2's `ln_1` is not one.
+_NUMBERED = re.compile(r"^(layers|layer|h)_(\d+)$")
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 # HF keys that are buffers or tied aliases, never weights of their own: dropped without a warning.
 IGNORED_HF_KEYS = (

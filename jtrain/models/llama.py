@@ -74,6 +74,7 @@ class LlamaConfig(HFConfig):
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = super().to_hf_dict()
+        out["head_dim"], out["num_key_value_heads"] = self.dim_per_head, self.kv_heads  # HF Qwen2 needs them set
         out["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})}
         return out
 

@@ -103,7 +103,10 @@ def create_model(model_type: str, config: Mapping[str, Any], task: str = "causal
     if task not in arch.heads:
         raise ConfigError(f"task {task!r} is not available for {model_type!r}; available: {', '.join(arch.heads)}")
     _check_options(arch.config_cls, options)
-    cfg = arch.config_cls.from_dict({**dict(config), **options, "model_type": model_type})
+    config = dict(config)
+    if "num_labels" in options and len(config.get("id2label") or {}) not in (0, options["num_labels"]):
+        config.pop("id2label"), config.pop("label2id", None)  # an explicit num_labels wins, as in HF
+    cfg = arch.config_cls.from_dict({**config, **options, "model_type": model_type})
     return Model(module=arch.heads[task](cfg), config=cfg, task=task, input_names=arch.input_names)
 
 

@@ -4,11 +4,11 @@ Per step the stored moments are dequantised to float32, updated, used for the up
 float32, and re-quantised for storage — the scheme of bitsandbytes / torchao 8-bit Adam,
 so only the stored state is low precision, never the arithmetic.
 
-Adam's second moment is stored as sqrt(v): the update divides by sqrt(v), so quantising
-sqrt(v) makes the codebook's relative error land on the denominator once (not halved and
-then squared), and it halves the dynamic range that must fit in the codebook, so small
-entries next to a large one are not rounded to zero (which would turn m / sqrt(v) into
-m / eps and blow the step up).
+Adam's second moment is stored as sqrt(v): the update divides by sqrt(v), and sqrt halves
+the dynamic range (in decades) that must fit in the codebook, so small entries next to a
+large one are neither rounded to zero (which would turn m / sqrt(v) into m / eps) nor
+pushed into the coarse low decades. On the test problem, with every tensor quantised, the
+deviation from float32 AdamW is 9% of the distance travelled with sqrt(v) and 14% with v.
 
 Tensors smaller than `min_8bit_size` stay float32, as in bitsandbytes (default 4096):
 their state is negligible and they are often sensitive (norm scales, biases).

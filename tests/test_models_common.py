@@ -1,0 +1,189 @@
+"""Shared model-test helpers (tiny random HF models, padded batches) and tests of the attention core.
+
+References are `transformers` in PyTorch on CPU, float32. Tolerances:
+- 1e-4 abs on logits/losses: both sides compute in float32; reordered sums differ by ~1e-6
+  relative per op and the tiny 2-layer models amplify that to ~1e-5 at most, while any real bug
+  (a wrong mask, bias, position or layout) moves logits by >1e-2.
+- 1e-5 abs between two jtrain paths that do the same math in a different order (fused vs
+  einsum attention): only float32 reassociation separates them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jtrain.models.attention import attend, make_attention_mask, rope_inv_freq
+from jtrain.models.bert import roberta_positions
+from jtrain.models.layers import positions_within_segments
+
+LOGITS_ATOL = 1e-4  # float32 vs float32 across frameworks, see module docstring
+SAME_MATH_ATOL = 1e-5  # two jtrain paths, float32 reassociation only
+
+VOCAB = 64
+TINY = {
+    "llama": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0),
+    "mistral": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, sliding_window=3, pad_token_id=0),
+    "qwen2": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=3,
+                  max_window_layers=1, pad_token_id=0),
+    "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, pad_token_id=0,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "bert": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "roberta": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0),
+}
+PAD = {"llama": 0, "mistral": 0, "qwen2": 0, "gpt2": 0, "bert": 0, "roberta": 1}
+HF_AUTO = {
+    "causal_lm": transformers.AutoModelForCausalLM,
+    "sequence_classification": transformers.AutoModelForSequenceClassification,
+    "masked_lm": transformers.AutoModelForMaskedLM,
+    "token_classification": transformers.AutoModelForTokenClassification,
+}
+
+
+def hf_model(model_type: str, task: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny HF model whose every weight (norm scales and biases included) is random.
+
+    Default inits leave biases at 0 and norm scales at 1, which would hide a mis-mapped bias
+    or scale, so noise is added to every parameter.
+    """
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY[model_type], **overrides})
+    torch.manual_seed(seed)
+    model = HF_AUTO[task].from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def padded_batch(model_type: str, rows: int = 3, length: int = 10, seed: int = 0, left: bool = False,
+                 token_types: bool = False) -> dict[str, np.ndarray]:
+    """Random ids with unequal padding (row 0 full); padding uses the model type's pad id."""
+    rng = np.random.default_rng(seed)
+    pad = PAD[model_type]
+    ids = rng.integers(2, VOCAB, size=(rows, length))
+    lengths = np.concatenate([[length], rng.integers(3, length, size=rows - 1)])
+    mask = np.arange(length)[None, :] < lengths[:, None]
+    if left:
+        mask = mask[:, ::-1]
+    batch = {"input_ids": np.where(mask, ids, pad).astype(np.int32), "attention_mask": mask.astype(np.int32)}
+    if token_types:
+        batch["token_type_ids"] = (rng.random((rows, length)) < 0.5).astype(np.int32) * mask
+    return batch
+
+
+def with_labels(batch: dict, task: str, num_labels: int = 2, seed: int = 1) -> dict:
+    """Labels as HF expects them: -100 on padding (and unmasked MLM positions); floats for regression."""
+    rng = np.random.default_rng(seed)
+    mask = batch["attention_mask"].astype(bool)
+    if task == "sequence_classification":
+        rows = mask.shape[0]
+        labels = rng.normal(size=rows).astype(np.float32) if num_labels == 1 else \
+            rng.integers(0, num_labels, size=rows).astype(np.int32)
+    elif task == "causal_lm":
+        labels = np.where(mask, batch["input_ids"], -100).astype(np.int32)
+    elif task == "masked_lm":
+        chosen = mask & (rng.random(mask.shape) < 0.5)
+        labels = np.where(chosen, rng.integers(0, VOCAB, size=mask.shape), -100).astype(np.int32)
+    else:
+        labels = np.where(mask, rng.integers(0, num_labels, size=mask.shape), -100).astype(np.int32)
+    return {**batch, "labels": labels}
+
+
+def hf_forward(model: torch.nn.Module, batch: dict) -> tuple[np.ndarray, float | None]:
+    """HF logits (float32 numpy) and loss when `labels` is in the batch."""
+    kwargs = {k: torch.as_tensor(np.asarray(v)) for k, v in batch.items()}
+    kwargs = {k: v.float() if v.is_floating_point() else v.long() for k, v in kwargs.items()}
+    with torch.no_grad():
+        out = model(**kwargs)
+    loss = None if out.loss is None else float(out.loss)
+    return out.logits.float().numpy(), loss
+
+
+def real_positions(batch: dict, task: str) -> np.ndarray:
+    """Where HF and jtrain must agree: every row for pooled heads, non-padding tokens otherwise."""
+    if task == "sequence_classification":
+        return np.ones(batch["input_ids"].shape[0], bool)
+    return batch["attention_mask"].astype(bool)
+
+
+# ---------------------------------------------------------------- attention core tests
+
+
+def _hf_inv_freq(rope: dict, max_pos: int, seq_len: int | None = None) -> np.ndarray:
+    cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=max_pos,
+                                   rope_parameters=rope)
+    fn = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS[rope["rope_type"]]
+    return fn(cfg, "cpu", seq_len=seq_len)[0].numpy()
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+])
+def test_rope_scaling_matches_transformers(rope):
+    ours = rope_inv_freq(16, rope["rope_theta"], rope, max_position_embeddings=64)
+    np.testing.assert_allclose(ours, _hf_inv_freq(rope, 64), rtol=1e-6)  # same float32 formula
+
+
+@pytest.mark.parametrize("longest", [20, 100])
+def test_dynamic_rope_matches_transformers(longest):
+    """Below max_position_embeddings dynamic NTK is the default rope; beyond it the base grows."""
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    positions = jnp.arange(longest)[None, :]
+    ours = rope_inv_freq(16, 10000.0, rope, positions_BL=positions, max_position_embeddings=32)
+    np.testing.assert_allclose(ours, _hf_inv_freq(rope, 32, seq_len=longest), rtol=1e-5)  # float32 pow
+
+
+_attend = jax.jit(attend, static_argnames=("implementation", "scale", "dropout_rate"))
+
+
+def _random_qkv(seed: int, B=2, L=7, N=4, K=2, H=8):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(ks[0], (B, L, N, H)), jax.random.normal(ks[1], (B, L, K, H)),
+            jax.random.normal(ks[2], (B, L, K, H)))
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 3), (False, None)])
+def test_reference_attention_equals_xla(causal, window):
+    q, k, v = _random_qkv(0)
+    attn = jnp.array([[1] * 7, [1] * 4 + [0] * 3])
+    seg = jnp.array([[1, 1, 1, 2, 2, 2, 2], [1, 1, 2, 2, 0, 0, 0]])
+    for segments in (None, seg):
+        mask = make_attention_mask(attn, segments, causal=causal, length=7, sliding_window=window)
+        ref = _attend(q, k, v, mask, implementation="reference")
+        xla = _attend(q, k, v, mask, implementation="xla")
+        np.testing.assert_allclose(ref, xla, atol=SAME_MATH_ATOL)
+
+
+def test_attention_scale_and_dropout_paths():
+    q, k, v = _random_qkv(1)
+    mask = make_attention_mask(None, None, causal=True, length=7)
+    scaled = _attend(q * 2.0, k, v, mask, scale=1.0 / (2 * math.sqrt(8)))
+    np.testing.assert_allclose(scaled, _attend(q, k, v, mask), atol=SAME_MATH_ATOL)
+    dropped = _attend(q, k, v, mask, dropout_rate=0.5, dropout_rng=jax.random.key(0))
+    assert not np.allclose(dropped, _attend(q, k, v, mask))
+
+
+def test_positions_within_segments():
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
+    np.testing.assert_array_equal(positions_within_segments(seg), [[0, 1, 2, 0, 1, 0, 0, 1]])
+
+
+def test_roberta_positions_match_transformers():
+    ids = np.array([[0, 5, 6, 7, 2, 1, 1], [1, 1, 0, 9, 2, 1, 1]])
+    hf = transformers.models.roberta.modeling_roberta.RobertaEmbeddings.create_position_ids_from_input_ids(
+        torch.as_tensor(ids), padding_idx=1)
+    np.testing.assert_array_equal(roberta_positions(jnp.asarray(ids), None, 1), hf.numpy())

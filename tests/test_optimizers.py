@@ -1,0 +1,170 @@
+"""make_optimizer's contract: names, optim_args, clipping, masked lr-scaled decay, errors."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jtrain.optim import OPTIMIZER_NAMES, decay_mask, make_optimizer, schedule_free_eval_params
+from jtrain.optim.muon import muon_dimension_numbers
+
+PARAMS = {
+    "model": {
+        "embed_tokens": {"embedding": jnp.ones((32, 8))},
+        "layers_0": {"mlp": {"up_proj": {"kernel": jnp.ones((8, 16)), "bias": jnp.ones(16)}}, "norm": {"scale": jnp.ones(8)}},
+    },
+    "lm_head": {"kernel": jnp.ones((8, 32))},
+}
+LOW_RANK_KW = dict(optim_target_modules="all-linear", optim_args={"rank": 4})
+
+
+def _kwargs(name: str) -> dict:
+    return LOW_RANK_KW if name in ("galore_adamw", "apollo_adamw") else {}
+
+
+def test_required_names_present() -> None:
+    required = {
+        "adamw_torch", "adamw_torch_fused", "adamw", "adamw_bf16", "adamw_anyprecision", "adafactor",
+        "lion", "lion_32bit", "lion_8bit", "sgd", "rmsprop", "schedule_free_adamw", "muon", "adamw_8bit",
+        "galore_adamw", "apollo_adamw",
+    }
+    assert required <= set(OPTIMIZER_NAMES)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_abstract_init_and_jitted_update(name: str) -> None:
+    """Abstract first: state shapes come from eval_shape; the update lowers under jit."""
+    opt = make_optimizer(name, 1e-3, weight_decay=0.1, **_kwargs(name))
+    abstract = jax.eval_shape(opt.init, PARAMS)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
+    jax.jit(opt.update, donate_argnums=1).lower(PARAMS, abstract, PARAMS)
+
+
+def test_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="adamw_torch.*galore_adamw"):
+        make_optimizer("adamw_typo", 1e-3)
+
+
+@pytest.mark.parametrize("optim_args", ["momentum=0.9,nesterovv=True", {"momentum": 0.9, "nesterovv": True}])
+def test_unknown_optim_args_key_is_named(optim_args) -> None:
+    with pytest.raises(ValueError, match="'nesterovv'.*did you mean 'nesterov'"):
+        make_optimizer("sgd", 1e-3, optim_args=optim_args)
+
+
+def test_optim_args_errors() -> None:
+    with pytest.raises(ValueError, match="key=value"):
+        make_optimizer("sgd", 1e-3, optim_args="momentum")
+    with pytest.raises(ValueError):
+        make_optimizer("sgd", 1e-3, optim_args="momentum=fast")
+    with pytest.raises(ValueError, match="boolean"):
+        make_optimizer("sgd", 1e-3, optim_args="momentum=0.9,nesterov=maybe")
+    with pytest.raises(ValueError, match="unknown optim_args key 'rank'"):
+        make_optimizer("adamw_torch", 1e-3, optim_args="rank=4")  # AdamW takes no optim_args
+
+
+def test_hf_string_and_dict_optim_args_agree() -> None:
+    grads = jax.tree.map(lambda p: 0.1 * p, PARAMS)
+    outs = []
+    for args in ("momentum = 0.9, nesterov = true", {"momentum": 0.9, "nesterov": True}):
+        opt = make_optimizer("sgd", 0.1, optim_args=args)
+        state = opt.init(PARAMS)
+        for _ in range(2):
+            updates, state = opt.update(grads, state, PARAMS)
+        outs.append(updates)
+    jax.tree.map(np.testing.assert_array_equal, *outs)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.0, -1.0])
+def test_clipping_disabled(max_grad_norm) -> None:
+    grads = jax.tree.map(lambda p: 10.0 * p, PARAMS)
+    opt = make_optimizer("sgd", 1.0, max_grad_norm=max_grad_norm)
+    updates, _ = opt.update(grads, opt.init(PARAMS), PARAMS)
+    jax.tree.map(lambda u, g: np.testing.assert_array_equal(u, -g), updates, grads)
+
+
+def test_clipping_uses_torch_formula() -> None:
+    grads = jax.tree.map(lambda p: 10.0 * p, PARAMS)
+    norm = float(optax.global_norm(grads))
+    opt = make_optimizer("sgd", 1.0, max_grad_norm=1.0)
+    updates, _ = opt.update(grads, opt.init(PARAMS), PARAMS)
+    # torch: g * max_norm / (norm + 1e-6); float32 products -> 1 ulp of relative error.
+    jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -g / (norm + 1e-6), rtol=2e-7), updates, grads)
+
+
+def test_decay_is_masked_and_follows_the_schedule() -> None:
+    """torch semantics p -= lr(t) * wd * p: with zero grads the AdamW update is exactly that."""
+    schedule = optax.linear_schedule(1.0, 0.25, transition_steps=3)
+    opt = make_optimizer("adamw_torch", schedule, weight_decay=0.1)
+    zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+    mask = decay_mask(PARAMS)
+    state = opt.init(PARAMS)
+    for step in range(3):
+        updates, state = opt.update(zeros, state, PARAMS)
+        lr = float(schedule(step))
+        expected = jax.tree.map(lambda p, m: -lr * 0.1 * p if m else jnp.zeros_like(p), PARAMS, mask)
+        # exact up to float32 rounding of lr * wd * p with p = 1
+        jax.tree.map(lambda u, e: np.testing.assert_allclose(u, e, rtol=1e-6, atol=0), updates, expected)
+
+
+def test_low_rank_optimizers_need_targets() -> None:
+    for name in ("galore_adamw", "apollo_adamw"):
+        with pytest.raises(ValueError, match="optim_target_modules"):
+            make_optimizer(name, 1e-3).init(PARAMS)
+        with pytest.raises(ValueError, match="No target modules"):
+            make_optimizer(name, 1e-3, optim_target_modules=["v_proj"]).init(PARAMS)
+    with pytest.raises(ValueError, match="proj='random'"):
+        make_optimizer("apollo_adamw", 1e-3, optim_target_modules="all-linear", optim_args="proj=svd")
+
+
+def test_target_matching_follows_hf() -> None:
+    from jtrain.optim.targets import LOW_RANK, low_rank_labels
+
+    by_regex = low_rank_labels(PARAMS, r".*mlp\.up_proj", "galore_adamw")
+    by_list = low_rank_labels(PARAMS, ["up_proj"], "galore_adamw")
+    assert by_regex == by_list
+    assert by_list["model"]["layers_0"]["mlp"]["up_proj"] == {"kernel": LOW_RANK, "bias": "full"}
+    every = low_rank_labels(PARAMS, "all_linear", "galore_adamw")
+    assert every["lm_head"]["kernel"] == LOW_RANK and every["model"]["embed_tokens"]["embedding"] == "full"
+
+
+def test_adafactor_option_validation() -> None:
+    with pytest.raises(ValueError, match="warmup_init"):
+        make_optimizer("adafactor", 1e-3, optim_args="warmup_init=True")
+
+
+def test_anyprecision_rejects_kahan() -> None:
+    with pytest.raises(ValueError, match="use_kahan_summation"):
+        make_optimizer("adamw_anyprecision", 1e-3, optim_args="use_kahan_summation=True")
+
+
+def test_muon_groups() -> None:
+    dims = muon_dimension_numbers(PARAMS)
+    assert dims["model"]["layers_0"]["mlp"]["up_proj"]["kernel"] is not None  # hidden matrix
+    assert dims["model"]["embed_tokens"]["embedding"] is None  # AdamW
+    assert dims["lm_head"]["kernel"] is None  # AdamW
+    assert dims["model"]["layers_0"]["norm"]["scale"] is None  # 1-D -> AdamW
+
+
+def test_schedule_free_eval_params() -> None:
+    grads = jax.tree.map(lambda p: 0.1 * p, PARAMS)
+    plain = make_optimizer("adamw_torch", 1e-2)
+    assert schedule_free_eval_params(plain.init(PARAMS), PARAMS) is PARAMS
+    opt = make_optimizer("schedule_free_adamw", 1e-2, optim_args="warmup_steps=2")
+    state, params = opt.init(PARAMS), PARAMS
+    for _ in range(3):
+        updates, state = jax.jit(opt.update)(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    x = schedule_free_eval_params(state, params)
+    assert jax.tree.structure(x) == jax.tree.structure(params)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), x, params)
+    assert max(jax.tree.leaves(moved)) > 0  # x differs from the training point y
+
+
+def test_bfloat16_params_keep_their_dtype() -> None:
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
+    for name in ("adamw_torch", "adamw_8bit", "adafactor", "galore_adamw"):
+        opt = make_optimizer(name, 1e-3, weight_decay=0.1, **_kwargs(name))
+        updates, _ = opt.update(params, opt.init(params), params)
+        assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates)), name
