@@ -11,6 +11,7 @@ logging, evaluation and saving, which depend only on the step count.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
@@ -22,19 +23,22 @@ import numpy as np
 
 from jtrain.accounting import StepPlan, plan_steps
 from jtrain.args import TrainingArguments
-from jtrain.callbacks import CallbackHandler, DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState
-from jtrain.checkpoint import CheckpointWriter, latest_checkpoint, read_json, restore_state
+from jtrain.callbacks import (CallbackHandler, DefaultFlowCallback, ExportableState, TrainerCallback, TrainerControl,
+                              TrainerState)
+from jtrain.checkpoint import checkpoints_to_try, read_json, restore_state
 from jtrain.compiled import CompiledSteps, build_compiled_steps
 from jtrain.data.loader import ArrayDataset, HostLoader, LoaderPosition
 from jtrain.errors import CheckpointError, ConfigError, NonFiniteError
 from jtrain.evaluation import EvalLoopOutput, evaluation_loop
 from jtrain.losses import LOSSES_BY_TASK, LossOutput
 from jtrain.models.base import Model
-from jtrain.optim.factory import make_optimizer
+from jtrain.optim import make_optimizer
 from jtrain.reporting import PrinterCallback, ProgressCallback, callbacks_for_report_to
 from jtrain.schedules import make_lr_controller, make_schedule
 from jtrain.sharding import data_parallel_size, make_mesh, resolve_mesh_shape
 from jtrain.version import __version__
+
+logger = logging.getLogger(__name__)
 
 
 class TrainOutput(NamedTuple):
@@ -195,19 +199,50 @@ class Trainer:
         return run_training(self, loader, plan, position)
 
     def _resume(self, checkpoint: str | bool) -> LoaderPosition:
-        path = checkpoint
-        if checkpoint is True or (isinstance(checkpoint, str) and checkpoint.lower() == "true"):
-            path = latest_checkpoint(self.args.output_dir)
-            if path is None:
-                raise CheckpointError(f"no complete checkpoint in {self.args.output_dir!r} to resume from")
+        """Restore state, TrainerState, loader position and callback state; time it.
+
+        With True (the latest checkpoint) a checkpoint that fails to restore is reported and
+        the previous complete one is used (`checkpoints_to_try`). `_resume_seconds` and
+        `_resumed_from` go into the train metrics (`resume_seconds`).
+        """
+        candidates = checkpoints_to_try(checkpoint, self.args.output_dir)
         start = time.perf_counter()
-        self.train_state = restore_state(path, self.train_state)
-        self.state = TrainerState.load_from_json(os.path.join(path, "trainer_state.json"))
+        for i, path in enumerate(candidates):
+            try:
+                position = self._restore_from(path)
+                break
+            except CheckpointError as err:
+                if i + 1 == len(candidates):
+                    raise
+                logger.warning("checkpoint %s cannot be restored, resuming from %s instead: %s",
+                               path, candidates[i + 1], err)
+        self._resume_seconds, self._resumed_from = time.perf_counter() - start, path
+        logger.info("resumed from %s (step %d, epoch %d, batch %d) in %.2fs", path, self.state.global_step,
+                    position.epoch, position.batch_index, self._resume_seconds)
+        return position
+
+    def _restore_from(self, path: str) -> LoaderPosition:
+        """Everything a checkpoint holds; assigns nothing until every part was read."""
+        train_state = restore_state(path, self.train_state)
+        try:
+            state = TrainerState.load_from_json(os.path.join(path, "trainer_state.json"))
+        except (OSError, ValueError, TypeError) as err:
+            raise CheckpointError(f"cannot read {path}/trainer_state.json: {err}") from err
         loader_state = read_json(os.path.join(path, "loader_state.json"))
+        self.train_state, self.state = train_state, state
         if self.lr_controller is not None and "lr_controller" in loader_state:
             self.lr_controller.load_state_dict(loader_state["lr_controller"])
-        self._resume_seconds = time.perf_counter() - start
-        return LoaderPosition(loader_state["epoch"], loader_state["batch_index"])
+        self._load_callback_state()
+        return LoaderPosition(int(loader_state["epoch"]), int(loader_state["batch_index"]))
+
+    def _load_callback_state(self) -> None:
+        """As HF: stateful callbacks (early-stopping patience, ...) continue where they were."""
+        saved = self.state.stateful_callbacks or {}
+        for callback in self.callback_handler.callbacks:
+            entry = saved.get(type(callback).__name__) if isinstance(callback, ExportableState) else None
+            if isinstance(entry, dict):  # repeated classes (a list) are ambiguous; HF skips them too
+                for key, value in entry.get("attributes", {}).items():
+                    setattr(callback, key, value)
 
     # ---- evaluation and prediction ----------------------------------------------------------
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
@@ -247,17 +282,21 @@ class Trainer:
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs=logs)
 
-    def save_model(self, output_dir: str | None = None) -> str:
-        """Write the model in HF format (config.json + safetensors) that `transformers` loads."""
+    def save_model(self, output_dir: str | None = None, *, max_shard_size: int | str = "5GB") -> str:
+        """Write the model in HF format (config.json + safetensors) that `transformers` loads.
+
+        Above `max_shard_size` the weights are split into `model-0000i-of-0000n.safetensors`
+        with an index, as HF does. Every process calls this: with several hosts, each sharded
+        parameter is gathered collectively, one at a time, and only process 0 writes.
+        """
         from jtrain.models import save_pretrained
 
         output_dir = output_dir or self.args.output_dir
         if self.train_state is None:
             raise ConfigError("save_model() before the model has parameters: call train() first")
-        if self.is_world_process_zero():
-            save_pretrained(self.model, self.train_state.params, output_dir)
-            if self.processing_class is not None and hasattr(self.processing_class, "save"):
-                self.processing_class.save(os.path.join(output_dir, "tokenizer.json"))
+        save_pretrained(self.model, self.train_state.params, output_dir, max_shard_size=max_shard_size)
+        if self.is_world_process_zero() and self.processing_class is not None and hasattr(self.processing_class, "save"):
+            self.processing_class.save(os.path.join(output_dir, "tokenizer.json"))
         return output_dir
 
     @property

@@ -124,7 +124,8 @@ def test_low_rank_loss_falls_like_adamw(name: str, adamw_run) -> None:
 def test_galore_projector_refreshes_every_gap_steps_under_jit() -> None:
     gap = 3
     params = {"layer": {"kernel": jnp.zeros((8, 12))}}
-    opt = make_optimizer("galore_adamw", 1e-2, optim_args=f"rank=2,update_proj_gap={gap}", optim_target_modules="all-linear")
+    args = f"rank=2,update_proj_gap={gap}"
+    opt = make_optimizer("galore_adamw", 1e-2, optim_args=args, optim_target_modules="all-linear")
     state = opt.init(params)
     update = jax.jit(opt.update)
     rng = np.random.default_rng(0)
@@ -132,7 +133,8 @@ def test_galore_projector_refreshes_every_gap_steps_under_jit() -> None:
     for _ in range(2 * gap + 1):
         grads = {"layer": {"kernel": jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)}}
         _, state = update(grads, state, params)
-        found = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, GaloreState)) if isinstance(s, GaloreState)]
+        is_galore = lambda s: isinstance(s, GaloreState)  # noqa: E731
+        found = [s for s in jax.tree.leaves(state, is_leaf=is_galore) if is_galore(s)]
         projectors.append(np.asarray(found[0].proj["layer"]["kernel"]))
     changed = [not np.array_equal(projectors[i], projectors[i - 1]) for i in range(1, len(projectors))]
     # steps are 0-based: a fresh SVD on steps 0, gap, 2*gap only

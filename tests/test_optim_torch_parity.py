@@ -100,7 +100,7 @@ def _lion_numpy(params, batches, lr, b1, b2, wd):
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     m = jax.tree.map(np.zeros_like, p)
     mask = decay_mask(params)
-    grad_fn = jax.grad(jax_loss)
+    grad_fn = jax.jit(jax.grad(jax_loss))
     for x, y in batches:
         g = jax.tree.map(lambda a: np.asarray(a, np.float64), grad_fn(jax.tree.map(np.float32, p), x, y))
         norm = np.sqrt(sum(np.sum(a * a) for a in jax.tree.leaves(g)))

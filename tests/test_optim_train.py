@@ -1,12 +1,11 @@
 """Every optimizer trains the small regression problem (jitted, with decay and clipping).
 
-Aliases (HF names that map to the same builder) are checked for identical updates instead
+Aliases (HF names that map to the same builder) are checked to share the builder instead
 of being trained again, which keeps this file fast on a shared 2-core machine.
 """
 from __future__ import annotations
 
 import jax
-import numpy as np
 import pytest
 from test_optim_problems import regression_loss, regression_params, train_regression
 
@@ -19,12 +18,12 @@ ALIASES = {
     "adamw_torch_8bit": "adamw_8bit",
     "lion_32bit": "lion",
 }
-TRAINED = tuple(n for n in OPTIMIZER_NAMES if n not in ALIASES)
+# Trained (with stricter, AdamW-relative criteria) in test_optim_memory.py instead.
+COVERED_ELSEWHERE = ("adamw_8bit", "adamw_bf16", "galore_adamw", "apollo_adamw")
+TRAINED = tuple(n for n in OPTIMIZER_NAMES if n not in ALIASES and n not in COVERED_ELSEWHERE)
 # Per-family learning rates of the usual magnitude for each method on this problem.
 _LR = {"sgd": 0.3, "rmsprop": 1e-3, "lion": 1e-3, "lion_8bit": 1e-3}
 _KWARGS = {
-    "galore_adamw": dict(optim_target_modules="all-linear", optim_args="rank=8,update_proj_gap=20"),
-    "apollo_adamw": dict(optim_target_modules=["dense_1", "head"], optim_args="rank=8,update_proj_gap=20"),
     "sgd": dict(optim_args="momentum=0.9,nesterov=True"),
     "adamw_anyprecision": dict(optim_args="momentum_dtype=bfloat16,variance_dtype=float32"),
 }
@@ -45,16 +44,11 @@ def test_optimizer_trains(name: str) -> None:
 
 
 @pytest.mark.parametrize("alias", sorted(ALIASES))
-def test_alias_gives_identical_updates(alias: str) -> None:
-    params = regression_params(jax.random.key(0))
-    grads = jax.grad(regression_loss)(params)
-    results = []
-    for name in (alias, ALIASES[alias]):
-        opt = _make(name)
-        updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
-        results.append(jax.tree.leaves(updates))
-    for a, b in zip(*results):
-        np.testing.assert_array_equal(a, b)  # same builder, same inputs: bit-identical
+def test_alias_uses_the_same_builder(alias: str) -> None:
+    """An alias is the same optimizer under HF's other name: same builder, same optim_args."""
+    from jtrain.optim.factory import _REGISTRY
+
+    assert _REGISTRY[alias] == _REGISTRY[ALIASES[alias]]
 
 
 def test_initial_loss_is_not_trivial() -> None:

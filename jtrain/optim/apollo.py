@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jtrain.optim.galore import low_rank_shapes, projects_left
+from jtrain.optim.galore import check_proj_type, low_rank_shapes, projects_left
 
 SCALE_TYPES = ("channel", "tensor")
 _TINY = 1e-8  # the reference implementation's guard against dividing by a zero norm
@@ -39,7 +39,7 @@ class ApolloState(NamedTuple):
 
 
 def random_projector(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
-    """(kept_dim_reduced, r) Gaussian matrix with variance 1/r."""
+    """Gaussian (reduced_dim, r) matrix with entry variance 1/r (norm-preserving on average)."""
     return jax.random.normal(key, shape, jnp.float32) / math.sqrt(shape[1])
 
 
@@ -73,6 +73,7 @@ def scale_by_apollo(
     """APOLLO direction for 2-D leaves (use inside `optax.partition` on targeted leaves)."""
     if scale_type not in SCALE_TYPES:
         raise ValueError(f"apollo scale_type must be one of {SCALE_TYPES}, got {scale_type!r}")
+    check_proj_type(proj_type)
 
     def init(params):
         def low(p):

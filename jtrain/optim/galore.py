@@ -30,6 +30,12 @@ class GaloreState(NamedTuple):
     nu: Any
 
 
+def check_proj_type(proj_type: str) -> None:
+    """Fail when the optimizer is built, not at its first update."""
+    if proj_type not in PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+
+
 def projects_left(shape: tuple[int, ...], proj_type: str) -> bool:
     """True when the first axis is reduced (low-rank grad = P^T G), as GaLore picks it."""
     a, b = shape
@@ -37,9 +43,8 @@ def projects_left(shape: tuple[int, ...], proj_type: str) -> bool:
         return a < b
     if proj_type == "reverse_std":
         return a >= b
-    if proj_type in ("left", "right"):
-        return proj_type == "left"
-    raise ValueError(f"galore proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+    check_proj_type(proj_type)
+    return proj_type == "left"
 
 
 def low_rank_shapes(shape: tuple[int, ...], rank: int, left: bool) -> tuple[tuple, tuple]:
@@ -67,6 +72,7 @@ def scale_by_galore(
     rank: int, update_proj_gap: int, scale: float, proj_type: str, b1: float, b2: float, eps: float
 ) -> optax.GradientTransformation:
     """GaLore-Adam direction for 2-D leaves (use inside `optax.partition` on targeted leaves)."""
+    check_proj_type(proj_type)
 
     def init(params):
         def shapes(p):

@@ -67,8 +67,8 @@ def decoupled_weight_decay(
         step = learning_rate_at(learning_rate, state.count) * weight_decay
         masks = mask(params) if callable(mask) else mask
 
-        def apply(u, p, m):
-            return (u - step * p * m).astype(u.dtype) if m else u
+        def apply(u, p, m):  # m is a static Python bool from the mask
+            return (u - step * p).astype(u.dtype) if m else u
 
         out = jax.tree.map(apply, updates, params, masks)
         return out, CountState(optax.safe_increment(state.count))
