@@ -3,13 +3,17 @@
 Inside: `state/` (orbax: params, optimizer state, step, RNG, written asynchronously while the
 loop goes on), then the JSON sidecars (`training_args.json`, `loader_state.json`,
 `jtrain_meta.json`) and last `trainer_state.json`. A checkpoint counts as complete only when
-`trainer_state.json` exists, so one that was being written when the process died is never
-chosen for resume.
+`trainer_state.json` exists (it is written atomically, after everything else), so one that was
+being written when the process died is never chosen for resume. A complete checkpoint that was
+damaged afterwards (a truncated file) is caught by a cheap check of its small files, or else by
+the restore itself; resuming from the *latest* checkpoint then warns and falls back to the
+previous complete one (see `resume_candidates`). The layout is documented in docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +30,19 @@ PREFIX = "checkpoint"
 STATE_DIR = "state"
 COMPLETE_MARKER = "trainer_state.json"
 _STEP_RE = re.compile(rf"^{PREFIX}-(\d+)$")
+# Small files whose absence or damage marks a checkpoint unusable without reading any array.
+_JSON_FILES = (COMPLETE_MARKER, "loader_state.json", "jtrain_meta.json")
+_ORBAX_METADATA = "_METADATA"
+
+logger = logging.getLogger(__name__)
+
+
+class LatestCheckpoint(str):
+    """A checkpoint path chosen as the newest complete one of an output_dir (not named by the user).
+
+    Resuming from it may fall back to an older checkpoint when it turns out to be damaged, which
+    an explicitly named checkpoint never does.
+    """
 
 
 def checkpoint_dirs(output_dir: str, complete_only: bool = True) -> list[str]:
@@ -42,12 +59,78 @@ def checkpoint_dirs(output_dir: str, complete_only: bool = True) -> list[str]:
 
 
 def is_complete(path: str) -> bool:
+    """The completion marker exists (written last, atomically) and so does `state/`."""
     return os.path.isfile(os.path.join(path, COMPLETE_MARKER)) and os.path.isdir(os.path.join(path, STATE_DIR))
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    dirs = checkpoint_dirs(output_dir)
-    return dirs[-1] if dirs else None
+def checkpoint_problem(path: str) -> str | None:
+    """Why a checkpoint cannot be used, from its small files only (no array is read), or None.
+
+    Catches an incomplete write and damaged JSON; a damaged array file is only found by the
+    restore itself.
+    """
+    if not is_complete(path):
+        return f"it is incomplete (no {COMPLETE_MARKER} or no {STATE_DIR}/): it was being written when the run stopped"
+    if not os.path.isfile(os.path.join(path, STATE_DIR, _ORBAX_METADATA)):
+        return f"{STATE_DIR}/{_ORBAX_METADATA} is missing"
+    for name in _JSON_FILES:
+        try:
+            with open(os.path.join(path, name)) as fh:
+                json.load(fh)
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except (OSError, ValueError) as err:
+            return f"{name} is damaged ({err})"
+    return None
+
+
+def resume_candidates(output_dir: str) -> list[str]:
+    """Complete checkpoints that pass `checkpoint_problem`, newest first; warns about the others."""
+    usable = []
+    for path in reversed(checkpoint_dirs(output_dir, complete_only=False)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            usable.append(path)
+        elif is_complete(path):
+            logger.warning("skipping damaged checkpoint %s: %s", path, problem)
+        else:
+            logger.info("ignoring checkpoint %s: %s", path, problem)
+    return usable
+
+
+def latest_checkpoint(output_dir: str) -> LatestCheckpoint | None:
+    """The newest usable checkpoint of `output_dir` (HF's `get_last_checkpoint`), or None."""
+    candidates = resume_candidates(output_dir)
+    return LatestCheckpoint(candidates[0]) if candidates else None
+
+
+def checkpoints_to_try(checkpoint: str | bool, output_dir: str) -> list[str]:
+    """What `train(resume_from_checkpoint=...)` tries, in order.
+
+    True (or "true") and a `LatestCheckpoint`: the newest usable checkpoint, then the older ones,
+    so a damaged latest checkpoint falls back to the previous complete one. A path the user
+    named is tried alone: silently training from another step than the one asked for is worse
+    than an error.
+    """
+    if checkpoint is True or (isinstance(checkpoint, str) and checkpoint.lower() == "true"):
+        candidates = resume_candidates(output_dir)
+        if not candidates:
+            raise CheckpointError(f"no complete checkpoint in {output_dir!r} to resume from")
+        return candidates
+    if not isinstance(checkpoint, str) or not os.path.isdir(checkpoint):
+        raise CheckpointError(f"checkpoint {checkpoint!r} to resume from does not exist")
+    if isinstance(checkpoint, LatestCheckpoint):
+        step = checkpoint_step(checkpoint)
+        older = [p for p in resume_candidates(os.path.dirname(os.path.abspath(checkpoint)))
+                 if checkpoint_step(p) < step]
+        return [str(checkpoint)] + older
+    return [checkpoint]
+
+
+def checkpoint_step(path: str) -> int:
+    """The step in a `checkpoint-<step>` directory name (-1 for any other name)."""
+    match = _STEP_RE.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else -1
 
 
 def _state_tree(state: TrainState) -> dict:
@@ -59,10 +142,22 @@ def _state_tree(state: TrainState) -> dict:
 
 
 def _write_json(path: str, value: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
+    _atomic_write(path, lambda tmp: _dump_json(tmp, value))
+
+
+def _dump_json(path: str, value: Any) -> None:
+    with open(path, "w") as fh:
         json.dump(value, fh, indent=2, sort_keys=True, default=str)
         fh.write("\n")
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Write through a temporary file, flush it to disk, then rename: a reader (or a resume after
+    a crash, even of the machine) sees the old file or the whole new one, never a prefix."""
+    tmp = path + ".tmp"
+    write(tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -86,10 +181,15 @@ class CheckpointWriter:
         """Start writing checkpoint-`step`; `trainer_state(path)` writes the completion marker."""
         self.wait()
         path = os.path.join(self.output_dir, f"{PREFIX}-{step}")
-        if os.path.exists(path):
-            shutil.rmtree(path)  # a stale, incomplete directory from a run that died
+        if os.path.exists(path) and jax.process_index() == 0:
+            # A stale directory from a run that died (or one resumed from an earlier step): removed
+            # whole, marker included, before anything new is written. Only process 0 removes it:
+            # on a shared file system another process could delete process 0's orbax tmp dir.
+            shutil.rmtree(path)
         tree = {"params": state.params} if params_only else _state_tree(state)
-        self._ckptr.save(os.path.join(path, STATE_DIR), tree)
+        # force=True: the other processes skip orbax's "already exists" check (they could see the
+        # directory before process 0 removed it) and wait for process 0 in orbax's barrier.
+        self._ckptr.save(os.path.join(path, STATE_DIR), tree, force=True)
 
         def finalise() -> None:
             try:
@@ -97,7 +197,8 @@ class CheckpointWriter:
                 if jax.process_index() == 0:
                     for name, value in sidecars.items():
                         _write_json(os.path.join(path, name), value)
-                    trainer_state(os.path.join(path, COMPLETE_MARKER))
+                    _atomic_write(os.path.join(path, COMPLETE_MARKER), trainer_state)  # the marker: last
+                    _fsync_dir(path)
                     self.rotate(best_checkpoint)
             except BaseException as err:  # surfaced by the next wait()
                 self._error = err
@@ -106,13 +207,20 @@ class CheckpointWriter:
         self._finaliser.start()
         return path
 
-    def wait(self) -> None:
-        """Block until the checkpoint in flight is complete; re-raise its error if it failed."""
+    def wait(self, raise_errors: bool = True) -> None:
+        """Block until the checkpoint in flight is complete; re-raise its error if it failed.
+
+        `raise_errors=False` (used while another error propagates) logs the failure instead, so
+        that it does not hide the error that stopped training.
+        """
         if self._finaliser is not None:
             self._finaliser.join()
             self._finaliser = None
         if self._error is not None:
             err, self._error = self._error, None
+            if not raise_errors:
+                logger.error("writing a checkpoint in %s failed: %s", self.output_dir, err)
+                return
             raise CheckpointError(f"writing a checkpoint in {self.output_dir!r} failed: {err}") from err
 
     def rotate(self, best_checkpoint: str | None) -> None:
@@ -131,6 +239,20 @@ class CheckpointWriter:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _fsync_dir(path: str) -> None:
+    """Make the renames inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def restore_state(path: str, target: TrainState, params_only: bool = False) -> TrainState:
     """Restore checkpoint `path` into `target`'s shapes and shardings (the mesh may differ).
 
@@ -146,9 +268,10 @@ def restore_state(path: str, target: TrainState, params_only: bool = False) -> T
         raise CheckpointError(f"{path!r} holds the model only (save_only_model=True): it cannot resume training")
     tree = _state_tree_abstract(target, saved_params_only)
     try:
-        restored = ocp.StandardCheckpointer().restore(state_dir, tree)
+        with ocp.StandardCheckpointer() as checkpointer:  # closed after use: no threads left behind
+            restored = checkpointer.restore(state_dir, tree)
     except Exception as err:
-        raise CheckpointError(f"cannot restore checkpoint {path!r}: {type(err).__name__}: {err}") from err
+        raise CheckpointError(f"cannot restore checkpoint {path!r}: {type(err).__name__}: {_one_line(err)}") from err
     if params_only:
         return target.replace(params=restored["params"])
     return target.replace(
@@ -156,6 +279,12 @@ def restore_state(path: str, target: TrainState, params_only: bool = False) -> T
         rng=jax.random.wrap_key_data(restored["rng"]), lr_factor=restored["lr_factor"],
         skipped=restored["skipped"],
     )
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an error, shortened: tensorstore errors carry a whole JSON spec."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _state_tree_abstract(target: TrainState, params_only: bool) -> dict:

@@ -8,6 +8,7 @@ need step N's state, so they first drain the pending metrics.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -21,7 +22,11 @@ from jtrain.accounting import StepPlan
 from jtrain.callbacks import ExportableState, _export_callbacks as export_callbacks
 from jtrain.checkpoint import CheckpointWriter
 from jtrain.data.loader import HostLoader, LoaderPosition
+from jtrain.errors import ConfigError
+from jtrain.signals import StopOnSignal
 from jtrain.version import __version__
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,8 +68,11 @@ class _Window:
 class _Run:
     """One call of `Trainer.train()`: the loop state that is not in TrainerState."""
 
-    def __init__(self, trainer: Any, loader: HostLoader, plan: StepPlan, position: LoaderPosition):
+    def __init__(self, trainer: Any, loader: HostLoader, plan: StepPlan, position: LoaderPosition,
+                 stop: StopOnSignal | None = None):
         self.t, self.loader, self.plan, self.position = trainer, loader, plan, position
+        self.stop = stop or StopOnSignal(signals=())
+        self.last_saved: tuple[int, str] | None = None  # (step, path) of the newest checkpoint written
         self.window = _Window()
         self.pending: tuple[int, dict, bool] | None = None  # (step, device metrics, log due)
         self.writer = CheckpointWriter(trainer.args.output_dir, trainer.args.save_total_limit)
@@ -110,6 +118,8 @@ class _Run:
         self.position = LoaderPosition(self.position.epoch, self.position.batch_index + 1)
         self.drain()
         t.control = t.callback_handler.on_step_end(t.args, t.state, t.control)
+        if self.stop.requested:  # SIGTERM: this update is the last; checkpoint it (jtrain.signals)
+            t.control.should_save = t.control.should_training_stop = True
         self.pending = (t.state.global_step, metrics, t.control.should_log)
         t.control.should_log = False
         self.maybe_evaluate_and_save()
@@ -156,7 +166,6 @@ class _Run:
         better = (lambda a, b: a > b) if _greater_is_better(t.args) else (lambda a, b: a < b)
         if t.state.best_metric is None or better(value, t.state.best_metric):
             t.state.best_metric, t.state.best_global_step, self._new_best = value, t.state.global_step, True
-            t.state.best_model_checkpoint = os.path.join(t.args.output_dir, f"checkpoint-{t.state.global_step}")
 
     def save(self) -> None:
         t = self.t
@@ -170,10 +179,14 @@ class _Run:
         }
         stateful = [cb for cb in t.callback_handler.callbacks if isinstance(cb, ExportableState)]
         t.state.stateful_callbacks = {**export_callbacks(stateful), "TrainerControl": t.control.state()}
+        path = os.path.join(t.args.output_dir, f"checkpoint-{t.state.global_step}")
+        if t.state.best_global_step == t.state.global_step:
+            t.state.best_model_checkpoint = path  # as HF: only a checkpoint that exists can be the best
         snapshot = t.trainer_state_snapshot()
         best = t.state.best_model_checkpoint
         self.writer.save(t.train_state, t.state.global_step, sidecars, snapshot.save_to_json, best,
                          params_only=t.args.save_only_model)
+        self.last_saved = (t.state.global_step, path)
         t.control = t.callback_handler.on_save(t.args, t.state, t.control)
 
     def controller_state(self) -> dict:
@@ -198,33 +211,67 @@ def _config_dict(config: Any) -> dict:
 
 
 def run_training(trainer: Any, loader: HostLoader, plan: StepPlan, position: LoaderPosition) -> Any:
-    """Run the epochs from `position` until `plan.max_steps` or a stop; return a TrainOutput."""
+    """Run the epochs from `position` until `plan.max_steps` or a stop; return a TrainOutput.
+
+    On SIGTERM the update in flight finishes, a checkpoint is written and completed, and
+    `TrainingPreempted` (exit code 143) is raised after `on_train_end` (see jtrain.signals).
+    On an error (a non-finite loss) the checkpoint in flight is completed before the error
+    propagates, so the last good checkpoint is never left half-written.
+    """
     from jtrain.trainer import TrainOutput
 
     t, args = trainer, trainer.args
-    run = _Run(t, loader, plan, position)
     t.state.train_batch_size = plan.global_batch_size
     t.state.compute_steps(args, plan.max_steps)
     t.state.init_training_references(t, plan.max_steps, plan.num_train_epochs)
+    _check_best_model_args(args, t.state)
     start, start_step = time.perf_counter(), t.state.global_step
-    t.control = t.callback_handler.on_train_begin(args, t.state, t.control)
-    if args.eval_on_start and t.eval_dataset is not None:
-        run.evaluate()
-    while t.state.global_step < plan.max_steps and not t.control.should_training_stop:
-        run_epoch(run)
-    run.drain()
-    if t.control.should_save:
-        run.save()
-    run.writer.wait()
-    steps_done = t.state.global_step - start_step
-    metrics = _speed_metrics(start, steps_done, plan, run)
-    t.control = t.callback_handler.on_train_end(args, t.state, t.control)
+    with StopOnSignal() as stop:
+        run = _Run(t, loader, plan, position, stop)
+        try:
+            _loop(run)
+        except BaseException:
+            run.writer.wait(raise_errors=False)
+            raise
+        metrics = _speed_metrics(start, t.state.global_step - start_step, plan, run)
+        t.control = t.callback_handler.on_train_end(args, t.state, t.control)
+        stop.raise_if_requested(t.state.global_step, run.last_saved[1] if run.last_saved else None)
     if args.load_best_model_at_end and t.state.best_model_checkpoint:
         _load_best(t)
     train_loss = run.window.total_loss / max(run.window.total_steps, 1)
     metrics["train_loss"] = train_loss
+    if getattr(t, "_resume_seconds", None) is not None:
+        metrics["resume_seconds"] = round(t._resume_seconds, 4)
     t.log(metrics)
     return TrainOutput(t.state.global_step, train_loss, metrics)
+
+
+def _loop(run: _Run) -> None:
+    """The epochs, then the final save (also the one a stop signal asks for), completed on disk."""
+    t, args = run.t, run.t.args
+    t.control = t.callback_handler.on_train_begin(args, t.state, t.control)
+    if args.eval_on_start and t.eval_dataset is not None:
+        run.evaluate()
+    while t.state.global_step < run.plan.max_steps and not t.control.should_training_stop:
+        run_epoch(run)
+    run.drain()
+    saved_now = run.last_saved is not None and run.last_saved[0] == t.state.global_step
+    if t.control.should_save or (run.stop.requested and not saved_now):
+        t.control.should_save = False
+        run.save()
+    run.writer.wait()
+
+
+def _check_best_model_args(args: Any, state: Any) -> None:
+    """As HF: the best model can only be reloaded if every evaluation is followed by a save."""
+    if not args.load_best_model_at_end or args.save_strategy == "best":
+        return
+    if args.save_strategy != args.eval_strategy:
+        raise ConfigError(f"load_best_model_at_end needs save_strategy == eval_strategy (or 'best'), got "
+                          f"{args.save_strategy!r} and {args.eval_strategy!r}")
+    if args.save_strategy == "steps" and state.save_steps % state.eval_steps:
+        raise ConfigError(f"load_best_model_at_end needs save_steps ({state.save_steps}) to be a multiple of "
+                          f"eval_steps ({state.eval_steps})")
 
 
 def run_epoch(run: _Run) -> None:
@@ -260,6 +307,10 @@ def _speed_metrics(start: float, steps: int, plan: StepPlan, run: _Run) -> dict:
 
 
 def _load_best(trainer: Any) -> None:
+    """HF's `load_best_model_at_end`: only the params come back; the step and optimizer stay."""
     from jtrain.checkpoint import restore_state
 
-    trainer.train_state = restore_state(trainer.state.best_model_checkpoint, trainer.train_state, params_only=True)
+    path, state = trainer.state.best_model_checkpoint, trainer.state
+    logger.info("loading the best model from %s (%s = %s at step %s)", path, trainer.args.metric_for_best_model,
+                state.best_metric, state.best_global_step)
+    trainer.train_state = restore_state(path, trainer.train_state, params_only=True)

@@ -295,8 +295,9 @@ class Trainer:
         if self.train_state is None:
             raise ConfigError("save_model() before the model has parameters: call train() first")
         save_pretrained(self.model, self.train_state.params, output_dir, max_shard_size=max_shard_size)
-        if self.is_world_process_zero() and self.processing_class is not None and hasattr(self.processing_class, "save"):
-            self.processing_class.save(os.path.join(output_dir, "tokenizer.json"))
+        tokenizer = self.processing_class
+        if self.is_world_process_zero() and tokenizer is not None and hasattr(tokenizer, "save"):
+            tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
         return output_dir
 
     @property

@@ -10,3 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# Many tests build the same tiny models: a persistent compilation cache shared by the whole run
+# skips recompiling identical programs (tracing, and so every compile counter, is unaffected).
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
