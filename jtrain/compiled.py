@@ -2,7 +2,9 @@
 
 Abstract first: shapes come from `jax.eval_shape`, shardings are derived from them, the state
 is created already sharded by a jitted init (no full copy on one host), and every compilation
-is counted with the shapes that caused it.
+is counted with the shapes that caused it. Which axes are split comes from a rule preset
+(`jtrain.sharding.ShardingRules`); every layout check (indivisible dimensions, batch rows, the
+per-process share of rows) runs here, before anything is compiled.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jtrain.models.base import Model
-from jtrain.sharding import (batch_sharding, host_local_array_to_global, opt_state_shardings, param_shardings,
-                             replicated)
+from jtrain.sharding import (ActivationSharding, ShardingRules, batch_sharding, check_batch_rows,
+                             check_process_layout, host_local_array_to_global, opt_state_shardings,
+                             param_shardings, replicated)
 from jtrain.state import TrainState
 from jtrain.step import make_eval_step, make_train_step
 
@@ -56,22 +59,63 @@ class CompiledSteps:
     compile_log: CompileLog
 
     def place_train_batch(self, batch: dict[str, np.ndarray]) -> dict:
-        return host_local_array_to_global(batch, batch_sharding(self.mesh, leading_micro_axis=True))
+        """This process's rows [k, b_local, ...] -> a global [k, b, ...] array, rows over data x fsdp."""
+        rows = _rows(batch, axis=1) * jax.process_count()
+        check_batch_rows(rows, self.mesh, what="training micro-batch")
+        return host_local_array_to_global(batch, batch_sharding(self.mesh, leading_micro_axis=True), row_axis=1)
 
     def place_eval_batch(self, batch: dict[str, np.ndarray]) -> dict:
-        return host_local_array_to_global(batch, batch_sharding(self.mesh, leading_micro_axis=False))
+        rows = _rows(batch, axis=0) * jax.process_count()
+        check_batch_rows(rows, self.mesh, what="evaluation batch")
+        return host_local_array_to_global(batch, batch_sharding(self.mesh, leading_micro_axis=False), row_axis=0)
+
+
+def _rows(batch: dict[str, np.ndarray], axis: int) -> int:
+    return int(np.shape(next(iter(batch.values())))[axis])
+
+
+def constrain_gradients(tx: optax.GradientTransformation, shardings: Any) -> optax.GradientTransformation:
+    """`tx` whose incoming gradients are first pinned to `shardings` (the optimizer state's layout).
+
+    ZeRO-2 keeps params replicated but the optimizer state sharded; pinning the gradients to the
+    state's layout lets XLA reduce-scatter them instead of all-reducing full copies. The state
+    and its tree are `tx`'s own, so `optax.tree_map_params` still sees through this wrapper.
+    """
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        return tx.update(jax.lax.with_sharding_constraint(updates, shardings), state, params)
+
+    return optax.GradientTransformation(tx.init, update)
+
+
+def with_activation_sharding(model: Model, mesh: Mesh, rules: ShardingRules) -> Model:
+    """The model with activation constraints, if its config has the option (else GSPMD propagates)."""
+    if mesh.size == 1 or not hasattr(model.config, "activation_sharding"):
+        return model
+    return model.with_options(activation_sharding=ActivationSharding(mesh, rules.activations))
 
 
 def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformation, schedule: Any,
-                         loss_fn: Callable, *, seed: int,
-                         preprocess_logits: Callable | None = None) -> CompiledSteps:
-    """Derive every sharding from abstract shapes and jit the steps with donated state."""
+                         loss_fn: Callable, *, seed: int, preprocess_logits: Callable | None = None,
+                         rules: ShardingRules | None = None) -> CompiledSteps:
+    """Derive every sharding from abstract shapes and jit the steps with donated state.
+
+    `rules` is the preset (`jtrain.sharding.sharding_rules(args.fsdp)`); the default table
+    shards weights over fsdp and heads/MLP/vocab over tensor, so the mesh alone decides.
+    """
+    rules = rules or ShardingRules()
+    check_process_layout(mesh)
     abstract_params = model.abstract_params()
-    p_sh = param_shardings(model.logical_axes(), abstract_params, mesh)
+    logical = model.logical_axes()
+    p_sh = param_shardings(logical, abstract_params, mesh, rules.params)
+    zero_sh = p_sh if rules.opt_state == rules.params else param_shardings(logical, abstract_params, mesh,
+                                                                           rules.opt_state)
+    if zero_sh is not p_sh:
+        tx = constrain_gradients(tx, zero_sh)
     rep = replicated(mesh)
     rng = jax.random.key(seed)
     abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx, rng), abstract_params)
-    o_sh = opt_state_shardings(tx, abstract_state.opt_state, p_sh, abstract_params, mesh)
+    o_sh = opt_state_shardings(tx, abstract_state.opt_state, zero_sh, abstract_params, mesh)
     s_sh = TrainState(step=rep, params=p_sh, opt_state=o_sh, rng=rep, lr_factor=rep, skipped=rep)
 
     def init_state(params: Any = None) -> TrainState:
@@ -84,11 +128,12 @@ def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformat
         return create(params)
 
     log = CompileLog()
-    train = make_train_step(model.apply, loss_fn, tx, lr_schedule=schedule)
-    evaluate = make_eval_step(model.apply, loss_fn)
+    run_model = with_activation_sharding(model, mesh, rules)
+    train = make_train_step(run_model.apply, loss_fn, tx, lr_schedule=schedule)
+    evaluate = make_eval_step(run_model.apply, loss_fn)
 
     def predict(params: Any, batch: dict) -> dict:
-        logits = model.apply(params, batch, rng=None, train=False)["logits"]
+        logits = run_model.apply(params, batch, rng=None, train=False)["logits"]
         if preprocess_logits is not None:
             logits = preprocess_logits(logits, batch.get("labels"))
         return {"predictions": logits, **evaluate(params, batch)}

@@ -14,6 +14,15 @@ from typing import Any, Sequence
 from jtrain.errors import ConfigError, JtrainError
 
 EXIT_USAGE = 2
+# Flags that join a multi-process job (jtrain.distributed); they are not part of the run config.
+DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id")
+DISTRIBUTED_HELP = """
+multi-process (one process per host; see docs/parallelism.md):
+  --coordinator_address HOST:PORT  process 0's address (or `auto`: let JAX detect the cluster)
+  --num_processes N                processes in the job
+  --process_id I                   this process, 0 <= I < N
+  (defaults: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; SLURM and Open MPI are detected)
+"""
 
 
 @dataclass
@@ -22,6 +31,7 @@ class CommandLine:
     print_config: bool = False
     help: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
+    distributed: dict[str, str] = field(default_factory=dict)
 
 
 def parse_argv(argv: Sequence[str]) -> CommandLine:
@@ -45,6 +55,8 @@ def parse_argv(argv: Sequence[str]) -> CommandLine:
             cmd.config = value
         elif key == "print_config":
             cmd.print_config = value.lower() in ("1", "true", "yes")
+        elif key in DISTRIBUTED_FLAGS:
+            cmd.distributed[key] = value
         else:
             cmd.overrides[key] = value
     return cmd
@@ -66,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cmd = parse_argv(argv)
         if cmd.help:
-            print(help_text())
+            print(help_text() + DISTRIBUTED_HELP)
             return 0
         if cmd.config is None and not cmd.overrides:
             raise ConfigError("no configuration: pass --config FILE (see --help)")
@@ -76,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
+        from jtrain.distributed import maybe_initialize
+
+        maybe_initialize(**cmd.distributed)  # before the first JAX computation
         configure_environment(cfg.training.compilation_cache_dir)
         from jtrain.pipeline import run_job
 

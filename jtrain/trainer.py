@@ -35,7 +35,7 @@ from jtrain.models.base import Model
 from jtrain.optim import make_optimizer
 from jtrain.reporting import PrinterCallback, ProgressCallback, callbacks_for_report_to
 from jtrain.schedules import make_lr_controller, make_schedule
-from jtrain.sharding import data_parallel_size, make_mesh, resolve_mesh_shape
+from jtrain.sharding import data_parallel_size, make_mesh, resolve_mesh_shape, sharding_rules
 from jtrain.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,8 @@ class Trainer:
         self.create_optimizer_and_scheduler(num_training_steps)
         self.steps = build_compiled_steps(self.model, self.mesh, self.optimizer, self.lr_scheduler,
                                           self.compute_loss, seed=self.args.seed,
-                                          preprocess_logits=self.preprocess_logits_for_metrics)
+                                          preprocess_logits=self.preprocess_logits_for_metrics,
+                                          rules=sharding_rules(self.args.fsdp))
         self.train_state = self.steps.init_state(self._initial_params)
         self._initial_params = None
 

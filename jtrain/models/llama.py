@@ -50,6 +50,9 @@ class LlamaConfig(HFConfig):
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
     eos_token_id: Any = 2
+    # jtrain execution option (never in config.json): a `jtrain.sharding.ActivationSharding` that
+    # pins activations at layer boundaries to the mesh; None leaves layouts to GSPMD propagation.
+    activation_sharding: Any = None
 
     HF_OMIT: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "llama": ("rope_scaling",) + _WINDOW_FIELDS,
@@ -74,6 +77,7 @@ class LlamaConfig(HFConfig):
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = super().to_hf_dict()
+        out.pop("activation_sharding", None)
         out["head_dim"], out["num_key_value_heads"] = self.dim_per_head, self.kv_heads  # HF Qwen2 needs them set
         out["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})}
         return out
@@ -124,6 +128,21 @@ class RMSNorm(nn.Module):
         return (scale.astype(jnp.float32) * y).astype(self.dtype)
 
 
+def _constrain(cfg: LlamaConfig, x: jax.Array, *logical: str | None) -> jax.Array:
+    """Pin `x` to the mesh layout of its logical axes when the config carries activation shardings."""
+    return x if cfg.activation_sharding is None else cfg.activation_sharding(x, logical)
+
+
+def _embed(cfg: LlamaConfig, embed: nn.Embed, input_ids_BL: jax.Array) -> jax.Array:
+    """Token embeddings; with activation shardings the table is first gathered over fsdp (see
+    `ActivationSharding.gathered`), so the rows come out split over the batch axes only."""
+    if cfg.activation_sharding is None:
+        return embed(input_ids_BL)
+    table_VD = cfg.activation_sharding.gathered(embed.embedding, ("vocab", "embed"))
+    h_BLD = jnp.take(table_VD, input_ids_BL, axis=0).astype(jnp.dtype(cfg.dtype))
+    return _constrain(cfg, h_BLD, "batch", "length", "embed")
+
+
 def _layer_mask(cfg: LlamaConfig, idx: Any, mask: jax.Array, window_mask: jax.Array | None) -> jax.Array:
     flags = cfg.sliding_layers()
     if not any(flags):
@@ -150,10 +169,14 @@ class LlamaAttention(nn.Module):
             )(h_BLD)
 
         q, k, v = proj("q_proj", N, "heads"), proj("k_proj", K, "kv_heads"), proj("v_proj", K, "kv_heads")
+        q = _constrain(cfg, q, "batch", "length", "heads", "head_dim")
+        k = _constrain(cfg, k, "batch", "length", "kv_heads", "head_dim")
+        v = _constrain(cfg, v, "batch", "length", "kv_heads", "head_dim")
         q, k = apply_rope(q, positions_BL, inv_freq), apply_rope(k, positions_BL, inv_freq)
         rng = dropout_rng(self, cfg.attention_dropout, self.train)
         out_BLNH = attend(q, k, v, mask, implementation=cfg.attention_impl,
                           dropout_rate=cfg.attention_dropout, dropout_rng=rng)
+        out_BLNH = _constrain(cfg, out_BLNH, "batch", "length", "heads", "head_dim")
         return nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dtype, name="o_proj",
             kernel_init=normal_init(cfg.initializer_range, ("heads", "head_dim", "embed")),
@@ -176,7 +199,8 @@ class LlamaMLP(nn.Module):
 
         gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"), h_BLD)
         up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"), h_BLD)
-        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"), activation(cfg.hidden_act)(gate) * up)
+        hidden_BLF = _constrain(cfg, activation(cfg.hidden_act)(gate) * up, "batch", "length", "mlp")
+        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"), hidden_BLF)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -191,7 +215,7 @@ class LlamaDecoderLayer(nn.Module):
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(h_BLD)
         h_BLD = h_BLD + LlamaAttention(cfg, self.train, name="self_attn")(x, positions_BL, inv_freq, layer_mask)
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(h_BLD)
-        return h_BLD + LlamaMLP(cfg, name="mlp")(x)
+        return _constrain(cfg, h_BLD + LlamaMLP(cfg, name="mlp")(x), "batch", "length", "embed")
 
 
 class LlamaModel(nn.Module):
@@ -206,7 +230,7 @@ class LlamaModel(nn.Module):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, name="embed_tokens",
                          embedding_init=normal_init(cfg.initializer_range, ("vocab", "embed")))
-        h_BLD = embed(input_ids_BL)
+        h_BLD = _embed(cfg, embed, input_ids_BL)
         L = input_ids_BL.shape[1]
         if position_ids_BL is None:
             position_ids_BL = default_positions(input_ids_BL, segment_ids_BL)
@@ -238,7 +262,7 @@ class LlamaForCausalLM(nn.Module):
                 self.cfg.vocab_size, use_bias=False, dtype=jnp.dtype(self.cfg.dtype), name="lm_head",
                 kernel_init=normal_init(self.cfg.initializer_range, ("embed", "vocab")),
             )(h_BLD)
-        return {"logits": logits.astype(jnp.float32)}
+        return {"logits": _constrain(self.cfg, logits, "batch", "length", "vocab").astype(jnp.float32)}
 
 
 class LlamaForSequenceClassification(nn.Module):
