@@ -11,12 +11,12 @@ from jtrain.models.base import Model, param_count
 from jtrain.models.bert import BertConfig
 from jtrain.models.gpt2 import GPT2Config
 from jtrain.models.hub import (config_to_hf_dict, find_tokenizer_file, from_pretrained, read_config,
-                               save_pretrained)
+                               save_pretrained, to_hf_state_dict)
 from jtrain.models.llama import LlamaConfig
 from jtrain.models.registry import SUPPORTED_MODEL_TYPES, TASKS, architecture, create_model, task_from_architectures
 
 __all__ = [
     "Model", "LlamaConfig", "GPT2Config", "BertConfig", "create_model", "from_pretrained", "save_pretrained",
-    "find_tokenizer_file", "config_to_hf_dict", "read_config", "param_count", "architecture",
+    "find_tokenizer_file", "config_to_hf_dict", "to_hf_state_dict", "read_config", "param_count", "architecture",
     "task_from_architectures", "SUPPORTED_MODEL_TYPES", "TASKS",
 ]

@@ -68,7 +68,11 @@ class Model:
         return self.module.apply({"params": params}, **inputs, train=train, rngs=rngs)
 
     def with_options(self, **changes: Any) -> "Model":
-        """Same weights layout, different execution options (dtype, remat policy, attention impl)."""
+        """Same weights, different execution options (compute dtype, remat policy, attention impl).
+
+        `scan_layers` also changes the params layout (layers stacked on a leading axis): load
+        with `from_pretrained(..., scan_layers=True)` rather than reusing unscanned params.
+        """
         cfg = dataclasses.replace(self.config, **changes)
         return dataclasses.replace(self, module=type(self.module)(cfg), config=cfg)
 

@@ -98,9 +98,8 @@ def _is_head(path: tuple[str, ...], base: str) -> bool:
 
 def _plan(model: Model, infos: Mapping[str, Any], ckpt_task: str | None):
     """Match model leaves to checkpoint tensors; raise on anything that cannot load."""
-    arch = architecture(model.config.model_type)
-    base = arch.base_prefix(model.config)
-    maps = convert.leaf_maps(model.abstract_params(), model.logical_axes(), arch.conv1d_pattern)
+    base = architecture(model.config.model_type).base_prefix(model.config)
+    maps = model_leaf_maps(model)
     stored = convert.canonical_keys(list(infos), base)
     missing, mismatched, fresh = [], [], []
     for m in maps:
@@ -131,18 +130,38 @@ def _place(host: np.ndarray, sharding: Any) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
+def _check_shardings(mesh_shardings: Any, maps: list) -> dict | None:
+    """Flattened shardings, refused before any tensor moves when they do not cover the params."""
+    if mesh_shardings is None:
+        return None
+    flat = convert.flatten(mesh_shardings)
+    differ = sorted("/".join(p) for p in set(flat) ^ {m.path for m in maps})
+    if differ:
+        raise ConfigError(f"mesh_shardings does not match the model's params at: {', '.join(differ[:6])}")
+    return flat
+
+
 def _fresh_init(model: Model, maps: list, shardings: Mapping | None, dtype: str | None, seed: int) -> dict:
-    """Initialise only the listed (head) params; jit drops the rest of the init as dead code."""
-    paths = [m.path for m in maps]
-    names = ["/".join(p) for p in paths]
+    """Initialise the listed (head) params on the host, as the modules' own initialisers do.
 
-    def init_subset(rng: jax.Array) -> dict[str, jax.Array]:
-        flat = convert.flatten(model.init(rng))
-        return {n: flat[p].astype(_target_dtype(dtype, flat[p].dtype)) for n, p in zip(names, paths)}
-
-    out = {n: shardings[p] for n, p in zip(names, paths)} if shardings else None
-    values = jax.jit(init_subset, out_shardings=out)(jax.random.key(seed))
-    return {p: values[n] for n, p in zip(names, paths)}
+    Every jtrain layer initialises kernels and embeddings with normal(initializer_range), biases
+    with zeros and norm scales with ones (HF's `_init_weights` rule), so the head is drawn here
+    directly instead of compiling the whole model's init to keep a few leaves.
+    """
+    rng = np.random.default_rng(seed)
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    out = {}
+    for m in maps:
+        kind = m.path[-1]
+        if kind == "scale":
+            host = np.ones(m.shape, np.float32)
+        elif kind == "bias":
+            host = np.zeros(m.shape, np.float32)
+        else:
+            host = (std * rng.standard_normal(m.shape)).astype(np.float32)
+        host = host.astype(_target_dtype(dtype, host.dtype), copy=False)
+        out[m.path] = _place(host, shardings[m.path] if shardings else None)
+    return out
 
 
 def from_pretrained(path: str | os.PathLike, task: str | None = None, *, dtype: str | None = "float32",
@@ -172,7 +191,7 @@ def from_pretrained(path: str | os.PathLike, task: str | None = None, *, dtype: 
     if unexpected:
         warnings.warn(f"{directory}: checkpoint tensors not used by {model.task} model: {', '.join(unexpected)}",
                       stacklevel=2)
-    shardings = convert.flatten(mesh_shardings) if mesh_shardings is not None else None
+    shardings = _check_shardings(mesh_shardings, maps)
     flat = {}
     for m in maps:
         if m in fresh:
@@ -197,6 +216,23 @@ def config_to_hf_dict(model: Model, dtype: str | None = None) -> dict[str, Any]:
     name = jnp.dtype(dtype or "float32").name
     out["dtype"] = out["torch_dtype"] = name  # `dtype` for transformers 5, `torch_dtype` for 4.x
     return dict(sorted(out.items()))
+
+
+def model_leaf_maps(model: Model) -> list[convert.LeafMap]:
+    """How each of the model's params corresponds to HF checkpoint tensors."""
+    arch = architecture(model.config.model_type)
+    return convert.leaf_maps(model.abstract_params(), model.logical_axes(), arch.conv1d_pattern)
+
+
+def to_hf_state_dict(model: Model, tree: Any) -> dict[str, np.ndarray]:
+    """A params-shaped tree (params, grads, ...) as HF-named, HF-laid-out host arrays.
+
+    Example::
+
+        state = to_hf_state_dict(model, params)  # {"model.embed_tokens.weight": array, ...}
+    """
+    leaves = convert.flatten(tree)
+    return {name: t for m in model_leaf_maps(model) for name, t in convert.from_leaf(m, _to_host(leaves[m.path]))}
 
 
 def parse_size(size: int | str) -> int:
@@ -251,6 +287,35 @@ def _clear_weights(directory: str) -> None:
             os.remove(f)
 
 
+def _write_shards(directory: str, maps: list, leaves: Mapping, dtype: str | None,
+                  shards: list[list[str]], files: list[str], writer: bool) -> int:
+    """Fetch leaves one by one and write each file as soon as all its tensors are ready; total bytes."""
+    file_of = {name: files[i] for i, names in enumerate(shards) for name in names}
+    expected = {f: len(names) for f, names in zip(files, shards)}
+    pending: dict[str, dict[str, np.ndarray]] = {f: {} for f in files}
+    total = 0
+    for m in maps:
+        host = _to_host(leaves[m.path])
+        host = host.astype(np.dtype(jnp.dtype(dtype)), copy=False) if dtype else host
+        for name, tensor in convert.from_leaf(m, host):
+            file = file_of[name]
+            pending[file][name] = tensor
+            total += tensor.nbytes
+            if len(pending[file]) == expected[file]:
+                if writer:
+                    safetensors_io.write_file(os.path.join(directory, file), pending[file])
+                pending[file] = {}
+    return total
+
+
+def _dominant_dtype(leaves: Mapping) -> str:
+    """The dtype holding most parameters: what config.json's `dtype` should announce."""
+    counts: dict[str, int] = {}
+    for x in leaves.values():
+        counts[np.dtype(x.dtype).name] = counts.get(np.dtype(x.dtype).name, 0) + int(np.size(x))
+    return max(counts, key=counts.get) if counts else "float32"
+
+
 def save_pretrained(model: Model, params: Any, directory: str | os.PathLike, *,
                     max_shard_size: int | str = "5GB", dtype: str | None = None) -> list[str]:
     """Write config.json and safetensors weights that `transformers.AutoModelFor*` loads.
@@ -265,38 +330,24 @@ def save_pretrained(model: Model, params: Any, directory: str | os.PathLike, *,
         save_pretrained(model, params, "out/checkpoint-final", max_shard_size="2GB")
     """
     directory = os.fspath(directory)
-    arch = architecture(model.config.model_type)
-    maps = convert.leaf_maps(model.abstract_params(), model.logical_axes(), arch.conv1d_pattern)
+    maps = model_leaf_maps(model)
     leaves = convert.flatten(params)
     _check_tree(maps, leaves)
     shards = _shard_plan(maps, leaves, dtype, parse_size(max_shard_size))
     files = [WEIGHTS_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    file_of = {name: files[i] for i, names in enumerate(shards) for name in names}
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(directory, exist_ok=True)
         _clear_weights(directory)
-    pending: dict[str, dict[str, np.ndarray]] = {f: {} for f in files}
-    total = 0
-    leaf_dtypes = set()
-    for m in maps:
-        host = _to_host(leaves[m.path])
-        host = host.astype(np.dtype(jnp.dtype(dtype)), copy=False) if dtype else host
-        leaf_dtypes.add(host.dtype.name)
-        for name, tensor in convert.from_leaf(m, host):
-            file = file_of[name]
-            pending[file][name] = tensor
-            total += tensor.nbytes
-            if len(pending[file]) == len(shards[files.index(file)]):
-                if writer:
-                    safetensors_io.write_file(os.path.join(directory, file), pending[file])
-                pending[file] = {}
+    total = _write_shards(directory, maps, leaves, dtype, shards, files, writer)
+    written = [CONFIG_FILE, *files]
+    if writer and len(files) > 1:
+        weight_map = {name: files[i] for i, names in enumerate(shards) for name in names}
+        with open(os.path.join(directory, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        written.append(INDEX_FILE)
     if writer:
-        if len(files) > 1:
-            with open(os.path.join(directory, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": file_of}, f, indent=2)
-        saved = dtype or ("float32" if "float32" in leaf_dtypes or not leaf_dtypes else sorted(leaf_dtypes)[0])
         with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump(config_to_hf_dict(model, saved), f, indent=2)
-    return [os.path.join(directory, f) for f in [CONFIG_FILE, *files] + ([INDEX_FILE] if len(files) > 1 else [])]
+            json.dump(config_to_hf_dict(model, dtype or _dominant_dtype(leaves)), f, indent=2)
+    return [os.path.join(directory, f) for f in written]
