@@ -105,3 +105,26 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with open(os.path.join(ckpt, "loader_state.json")) as fh:
         assert json.load(fh) == {"epoch": 0, "batch_index": 4}
+
+
+def test_predict_and_compute_metrics_see_real_rows_only(tmp_path):
+    seen = {}
+
+    def compute_metrics(pred):
+        seen["shape"] = pred.predictions.shape
+        argmax = pred.predictions[:, :-1].argmax(-1)
+        labels = pred.label_ids[:, 1:]
+        return {"my_accuracy": float((argmax == labels).mean())}
+
+    eval_data = _data(10, seed=4)  # 10 rows with eval batch 4: the last batch is padded with filler rows
+    trainer = Trainer(tiny_llama(), _args(tmp_path, max_steps=3), train_dataset=_data(), eval_dataset=eval_data,
+                      compute_metrics=compute_metrics)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert seen["shape"] == (10, 16, 64)
+    # Rows are fully real here, so the host metric equals the device-reduced accuracy (same tokens).
+    np.testing.assert_allclose(metrics["eval_my_accuracy"], metrics["eval_accuracy"], rtol=1e-6)
+    out = trainer.predict(eval_data)
+    assert out.predictions.shape == (10, 16, 64) and out.label_ids.shape == (10, 16)
+    assert "test_loss" in out.metrics
+    np.testing.assert_allclose(out.metrics["test_loss"], metrics["eval_loss"], rtol=1e-6)
