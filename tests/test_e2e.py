@@ -22,14 +22,14 @@ training:
   output_dir: OUT
   do_eval: true
   eval_on_start: true
-  max_steps: 40
-  per_device_train_batch_size: 8
-  learning_rate: 3.0e-3
+  max_steps: 100
+  per_device_train_batch_size: 16
+  learning_rate: 1.0e-2
   warmup_steps: 0.1
   logging_steps: 10
   eval_strategy: steps
-  eval_steps: 20
-  save_steps: 20
+  eval_steps: 50
+  save_steps: 50
   report_to: [jsonl]
   disable_tqdm: true
   mesh_shape: {data: 1}
@@ -54,7 +54,7 @@ def test_quickstart_trains_evaluates_and_saves(tmp_path):
     assert len(evals) >= 3 and evals[-1] < evals[0] - 0.5, evals  # the model learned something real
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_loss"] < results["eval_unigram_baseline_loss"]
-    for step in (20, 40):
+    for step in (50, 100):
         ckpt = out / f"checkpoint-{step}"
         assert sorted(os.listdir(ckpt)) == ["jtrain_meta.json", "loader_state.json", "state",
                                             "trainer_state.json", "training_args.json"]
