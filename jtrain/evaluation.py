@@ -2,7 +2,11 @@
 
 Sums stay on the device across batches and are fetched once at the end, so evaluation costs no
 per-batch host sync unless `compute_metrics` needs predictions; then each batch's
-(preprocessed) logits are fetched, filler rows dropped, and concatenated on the host.
+(preprocessed) logits are fetched, filler rows dropped, and concatenated on the host. Because
+predictions leave the device after every batch, device memory is bounded whatever
+`eval_accumulation_steps` says (HF's option bounds device memory the same way).
+`include_for_metrics` adds `inputs` (input ids) and `losses` (per-batch mean loss) to the
+`EvalPrediction`, as HF does.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predicti
     """Run the eval (or predict) step over `loader`; return HF-keyed metrics."""
     start = time.perf_counter()
     steps, params, n_rows = trainer.steps, trainer.train_state.params, len(loader.dataset)
-    total, preds, labels = None, [], []
+    total, preds, labels, inputs, losses = None, [], [], [], []
+    include = set(trainer.args.include_for_metrics or ())
     step_fn = steps.predict_step if want_predictions else steps.eval_step
     for i, batch in enumerate(loader.iterate(epoch=0)):
         out = step_fn(params, batch)
@@ -58,6 +63,10 @@ def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predicti
             preds.append(np.asarray(jax.device_get(out["predictions"]))[:real])
             if "labels" in batch:
                 labels.append(np.asarray(jax.device_get(batch["labels"]))[:real])
+            if "inputs" in include:
+                inputs.append(np.asarray(jax.device_get(batch["input_ids"]))[:real])
+            if "loss" in include:
+                losses.append(float(out["loss_sum"]) / max(float(out["weight"]), 1.0))
         trainer.control = trainer.callback_handler.on_prediction_step(trainer.args, trainer.state, trainer.control)
     sums = {k: float(v) for k, v in jax.device_get(total).items()}
     weight = max(sums.pop("weight", 0.0), 1.0)
@@ -69,7 +78,9 @@ def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predicti
     predictions = np.concatenate(preds) if preds else None
     label_ids = np.concatenate(labels) if labels else None
     if trainer.compute_metrics is not None and predictions is not None:
-        extra = trainer.compute_metrics(EvalPrediction(predictions, label_ids))
+        extra = trainer.compute_metrics(EvalPrediction(
+            predictions, label_ids, inputs=np.concatenate(inputs) if inputs else None,
+            losses=np.asarray(losses) if losses else None))
         metrics.update({(k if k.startswith(f"{prefix}_") else f"{prefix}_{k}"): v for k, v in extra.items()})
     runtime = time.perf_counter() - start
     metrics.update({

@@ -128,3 +128,21 @@ def test_predict_and_compute_metrics_see_real_rows_only(tmp_path):
     assert out.predictions.shape == (10, 16, 64) and out.label_ids.shape == (10, 16)
     assert "test_loss" in out.metrics
     np.testing.assert_allclose(out.metrics["test_loss"], metrics["eval_loss"], rtol=1e-6)
+
+
+def test_include_for_metrics_passes_inputs_and_losses(tmp_path):
+    seen = {}
+
+    def compute_metrics(pred):
+        seen["inputs"], seen["losses"] = pred.inputs, pred.losses
+        return {}
+
+    eval_data = _data(8, seed=5)
+    trainer = Trainer(tiny_llama(), _args(tmp_path, max_steps=1, include_for_metrics=["inputs", "loss"]),
+                      train_dataset=_data(), eval_dataset=eval_data, compute_metrics=compute_metrics)
+    trainer.train()
+    metrics = trainer.evaluate()
+    np.testing.assert_array_equal(seen["inputs"], eval_data.columns["input_ids"])
+    assert seen["losses"].shape == (2,)  # two eval batches of 4 rows
+    # Equal-weight batches: the mean of batch means is the eval loss (float32 sums: rtol 1e-6).
+    np.testing.assert_allclose(seen["losses"].mean(), metrics["eval_loss"], rtol=1e-6)
