@@ -25,32 +25,98 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+TASKS = ("clm", "classification", "mlm", "sft")
+SOURCES = ("stdlib", "files")
+TOKENIZER_TYPES = ("auto", "bpe", "wordpiece")
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
 @dataclass(frozen=True)
 class ModelSection:
-    model_name_or_path: str | None = _f(None, "Local HF checkpoint directory (config.json + safetensors).")
-    model_type: str = _f("llama", "Architecture when training from scratch: llama, mistral, qwen2, ...")
-    config: dict = _f({}, "HF config.json fields for a from-scratch model (vocab_size is set from the tokenizer).")
+    model_name_or_path: str | None = _f(None, "Local HF checkpoint directory (config.json + safetensors) to start "
+                                              "from; jtrain never downloads.")
+    config_name: str | None = _f(None, "config.json (or a directory holding one) of a fresh model (HF's "
+                                       "--config_name); its weights are initialised, not loaded.")
+    model_type: str = _f("llama", "Architecture when training from scratch: llama, mistral, qwen2, gpt2, bert, "
+                                  "roberta.")
+    config: dict = _f({}, "HF config.json fields for a from-scratch model, or overrides of config_name's (vocab_size, "
+                          "special ids and labels are set from the tokenizer and data).")
     scan_layers: bool = _f(False, "Scan over layers (flat compile time as depth grows).")
     attention_impl: str = _f("xla", "Attention kernel: xla | cudnn | reference.")
+
+    def __post_init__(self) -> None:
+        _need(not (self.model_name_or_path and (self.config or self.config_name)),
+              "`model.model_name_or_path` loads a checkpoint with its own config.json: remove `model.config` / "
+              "`model.config_name`, which describe a from-scratch model")
 
 
 @dataclass(frozen=True)
 class TokenizerSection:
-    tokenizer_name: str | None = _f(None, "tokenizer.json or a directory holding one (default: the model's).")
-    vocab_size: int = _f(4096, "Vocabulary of the byte-level BPE trained on the training text when no tokenizer is given.")
+    tokenizer_name: str | None = _f(None, "tokenizer.json or a directory holding one (default: the model "
+                                          "directory's, else one trained on the training text).")
+    vocab_size: int = _f(4096, "Vocabulary of the tokenizer trained on the training text when none is given.")
+    tokenizer_type: str = _f("auto", "Tokenizer trained when none is given: auto (wordpiece for bert, byte-level "
+                                     "BPE otherwise) | bpe | wordpiece.")
+    lowercase: bool = _f(False, "wordpiece: lowercase the text (an uncased model).")
+
+    def __post_init__(self) -> None:
+        _need(self.tokenizer_type in TOKENIZER_TYPES, f"`tokenizer.tokenizer_type` must be one of "
+                                                      f"{list(TOKENIZER_TYPES)}, got {self.tokenizer_type!r}")
+        _need(self.vocab_size >= 64, f"`tokenizer.vocab_size` must be >= 64, got {self.vocab_size}")
 
 
 @dataclass(frozen=True)
 class DataSection:
-    task: str = _f("clm", "clm (causal LM, block packing).")
-    source: str = _f("stdlib", "stdlib (Python's own source files, no download) | files.")
+    task: str = _f("clm", "clm (causal LM, block packing) | classification (text -> label) | mlm (masked LM) | "
+                          "sft (causal LM on prompt/completion pairs, loss on the completion only).")
+    source: str = _f("stdlib", "stdlib (no download: Python's own source for clm, docstrings labelled by package "
+                               "for classification, docstrings for mlm, docstring -> signature for sft) | files.")
     train_file: str | None = _f(None, "Training file (.txt, .json, .jsonl, .csv, .parquet) when source=files.")
     validation_file: str | None = _f(None, "Validation file when source=files.")
+    test_file: str | None = _f(None, "Test file for do_predict when source=files.")
     text_column: str = _f("text", "Column that holds the text.")
-    block_size: int = _f(128, "Tokens per packed training row.")
+    text_columns: list[str] | None = _f(None, "classification: one or two text columns (a pair); default "
+                                              "[text_column].")
+    label_column: str = _f("label", "classification: column that holds the label (any values; mapped to ids).")
+    prompt_column: str = _f("prompt", "sft: column that holds the prompt.")
+    completion_column: str = _f("completion", "sft: column that holds the completion (the only tokens trained).")
+    block_size: int = _f(128, "clm: tokens per packed training row.")
+    max_seq_length: int = _f(128, "classification/mlm/sft: tokens per example (longer ones are truncated).")
+    mlm_probability: float = _f(0.15, "mlm: fraction of tokens masked (BERT's 80/10/10 rule).")
     max_files: int | None = _f(None, "stdlib source: use at most this many files.")
+    stdlib_packages: list[str] | None = _f(None, "stdlib source: only these top-level packages/modules (for "
+                                                 "classification they are the classes).")
     validation_percent: float = _f(5.0, "stdlib source: percent of files held out for evaluation.")
-    max_eval_rows: int | None = _f(None, "Evaluate on at most this many packed rows.")
+    max_train_samples: int | None = _f(None, "Train on at most this many examples (rows for clm/mlm).")
+    max_eval_samples: int | None = _f(None, "Evaluate on at most this many examples (rows for clm/mlm).")
+    max_eval_rows: int | None = _f(None, "Older name of max_eval_samples.")
+
+    def __post_init__(self) -> None:
+        _need(self.task in TASKS, f"`data.task` must be one of {list(TASKS)}, got {self.task!r}")
+        _need(self.source in SOURCES, f"`data.source` must be one of {list(SOURCES)}, got {self.source!r}")
+        for name in ("block_size", "max_seq_length"):
+            _need(getattr(self, name) >= 4, f"`data.{name}` must be >= 4, got {getattr(self, name)}")
+        _need(0.0 < self.mlm_probability < 1.0,
+              f"`data.mlm_probability` must lie in (0, 1), got {self.mlm_probability}")
+        _need(0.0 < self.validation_percent < 100.0,
+              f"`data.validation_percent` must lie in (0, 100), got {self.validation_percent}")
+        for name in ("max_files", "max_train_samples", "max_eval_samples", "max_eval_rows"):
+            value = getattr(self, name)
+            _need(value is None or value >= 1, f"`data.{name}` must be >= 1, got {value}")
+        _need(self.text_columns is None or 1 <= len(self.text_columns) <= 2,
+              f"`data.text_columns` takes one or two columns, got {self.text_columns}")
+
+    @property
+    def eval_limit(self) -> int | None:
+        return self.max_eval_samples if self.max_eval_samples is not None else self.max_eval_rows
+
+    @property
+    def classification_columns(self) -> list[str]:
+        return list(self.text_columns or [self.text_column])
 
 
 @dataclass(frozen=True)
@@ -130,9 +196,33 @@ def build_config(values: Mapping[str, Any]) -> RunConfig:
     return RunConfig(peft=values.get("peft"), **built)
 
 
+def check_run_config(cfg: RunConfig) -> None:
+    """Options that cannot work together, refused before anything is read or written."""
+    d, a = cfg.data, cfg.training
+    _need(a.do_train or a.do_eval or a.do_predict, "nothing to do: set do_train, do_eval or do_predict")
+    if d.source == "files":
+        _need(not a.do_train or d.train_file, "do_train needs `data.train_file` when data.source is 'files' "
+                                              "(or set do_train false)")
+        _need(not a.do_eval or d.validation_file, "do_eval needs `data.validation_file` when data.source is "
+                                                  "'files' (or set do_eval false)")
+    else:
+        given = [n for n in ("train_file", "validation_file", "test_file") if getattr(d, n)]
+        _need(not given, f"`data.{given[0] if given else ''}` is set but data.source is 'stdlib': set "
+                         "data.source: files to read it")
+    _need(not a.do_predict or d.test_file, "do_predict needs `data.test_file` (with data.source: files)")
+    _need(a.do_train or cfg.model.model_name_or_path,
+          "evaluating without training needs `model.model_name_or_path` (a trained model to evaluate)")
+
+
 def load_config(path: str | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read the file, apply overrides, type every value and check the combination."""
     values = read_config_file(path) if path else {}
-    return build_config(apply_overrides(values, overrides or {}))
+    cfg = build_config(apply_overrides(values, overrides or {}))
+    check_run_config(cfg)
+    return cfg
+
+
+_RESERVED = ("config", "print_config", "help")
 
 
 def help_text(sections: Sequence[str] = ("model", "tokenizer", "data", "training")) -> str:
@@ -142,6 +232,9 @@ def help_text(sections: Sequence[str] = ("model", "tokenizer", "data", "training
         lines.append(f"{section}:")
         for f in dataclasses.fields(SECTIONS[section]):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  --{f.name} (default: {default!r})  {f.metadata.get('help', '')}")
+            name = f"{section}.{f.name}" if f.name in _RESERVED else f.name  # `--config` is the config file
+            lines.append(f"  --{name} (default: {default!r})  {f.metadata.get('help', '')}")
         lines.append("")
+    lines += ["peft:", "  a mapping handed to jtrain.peft (LoRA: r, lora_alpha, lora_dropout, target_modules); "
+              "needs the jtrain.peft module", ""]
     return "\n".join(lines)

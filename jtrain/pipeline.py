@@ -1,6 +1,10 @@
-"""The main job behind `python -m jtrain.run`: config -> data -> model -> Trainer -> files.
+"""The main job behind `python -m jtrain.run` (and the HF-style scripts): config -> data -> model ->
+Trainer -> files.
 
-Everything that can be checked is checked before the first file is written.
+One code path for every task (clm, classification, mlm, sft); a task only chooses its data
+builder and its model head. Everything that can be checked (model directory, tokenizer, columns,
+labels, lengths) is checked before the first file is written. Each evaluated split is printed
+beside the baseline its task defines, so a result says whether the model learned anything.
 """
 
 from __future__ import annotations
@@ -11,15 +15,21 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from jtrain.config import RunConfig
-from jtrain.data.text_lm import (LMData, build_lm_data, file_splits, load_tokenizer_or_none, perplexity,
-                                 stdlib_splits)
-from jtrain.data.tokenizer import token_id
+from jtrain.data import classification, mlm, sft, text_lm
+from jtrain.data.local_tokenizers import ENCODER_TYPES, model_token_ids, resolve_tokenizer, train_tokenizer_for
+from jtrain.data.task_data import TaskData, TokenizerFactory
 from jtrain.errors import ConfigError
-from jtrain.models import create_model, param_count
+from jtrain.models import SUPPORTED_MODEL_TYPES, architecture, create_model, from_pretrained, param_count, read_config
+from jtrain.models.hub import checkpoint_dir
 from jtrain.output_dir import clear_previous_run, resume_point
 from jtrain.trainer import Trainer
+
+TOKENIZER_FILE = "tokenizer.json"
+MODEL_TASK = {"clm": "causal_lm", "sft": "causal_lm", "classification": "sequence_classification",
+              "mlm": "masked_lm"}
 
 
 def _say(message: str) -> None:
@@ -27,33 +37,143 @@ def _say(message: str) -> None:
         print(f"[jtrain] {message}", flush=True)
 
 
-def prepare_data(cfg: RunConfig) -> LMData:
-    d = cfg.data
-    if d.task != "clm":
-        raise ConfigError(f"data.task {d.task!r} is not supported by this job; supported: clm")
-    if d.source == "stdlib":
-        splits = stdlib_splits(d.max_files, d.validation_percent)
-    elif d.source == "files":
-        splits = file_splits(d.train_file, d.validation_file, d.text_column)
-    else:
-        raise ConfigError(f"data.source must be 'stdlib' or 'files', got {d.source!r}")
-    return build_lm_data(splits, tokenizer=load_tokenizer_or_none(cfg.tokenizer.tokenizer_name),
-                         vocab_size=cfg.tokenizer.vocab_size, block_size=d.block_size,
-                         max_eval_rows=d.max_eval_rows)
+# ---- model source --------------------------------------------------------------------------
+def model_spec(cfg: RunConfig) -> tuple[str, dict]:
+    """(model_type, config.json fields) of the model to build or load; checks the directories first."""
+    m = cfg.model
+    if m.model_name_or_path:
+        return _typed(read_config(checkpoint_dir(m.model_name_or_path)))
+    if m.config_name:
+        directory = m.config_name if os.path.isdir(m.config_name) else os.path.dirname(m.config_name) or "."
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            raise ConfigError(f"`model.config_name` {m.config_name!r}: no config.json there (jtrain never downloads; "
+                              "point it at a local config.json or the directory holding one)")
+        model_type, config = _typed(read_config(directory))
+        return model_type, {**config, **m.config}
+    return m.model_type, dict(m.config)
 
 
-def build_model(cfg: RunConfig, data: LMData) -> Any:
+def _typed(config: dict) -> tuple[str, dict]:
+    return config["model_type"], config
+
+
+def check_head(task: str, model_type: str) -> None:
+    """The data task needs a head the architecture has (checked before any data is read)."""
+    head = MODEL_TASK[task]
+    if head not in architecture(model_type).heads:
+        able = [t for t in SUPPORTED_MODEL_TYPES if head in architecture(t).heads]
+        raise ConfigError(f"data.task {task!r} needs a {head} model, which {model_type!r} has not; use one of "
+                          f"{', '.join(able)}")
+
+
+def known_labels(config: dict) -> list[str] | None:
+    """A pretrained classifier's own label names (None when they are HF's LABEL_i defaults)."""
+    id2label = config.get("id2label") or {}
+    names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    return None if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
+
+
+# ---- data ------------------------------------------------------------------------------------
+def tokenizer_factory(cfg: RunConfig, model_type: str, resuming: bool = False) -> TokenizerFactory:
+    """The configured tokenizer (or the model directory's), else one trained on the training texts.
+
+    A resumed run reuses the tokenizer its first run saved in output_dir: retraining could give
+    other ids (WordPiece training in `tokenizers` is not deterministic, huggingface/tokenizers#1794).
+    """
+    fixed = resolve_tokenizer(cfg.tokenizer.tokenizer_name, cfg.model.model_name_or_path)
+    saved = os.path.join(cfg.training.output_dir, TOKENIZER_FILE)
+    if fixed is None and resuming and os.path.isfile(saved):
+        fixed = resolve_tokenizer(saved, None)
+    t = cfg.tokenizer
+
+    def get(texts: Any) -> Any:
+        if fixed is not None:
+            return fixed
+        return train_tokenizer_for(model_type, texts, vocab_size=t.vocab_size, tokenizer_type=t.tokenizer_type,
+                                   lowercase=t.lowercase)
+
+    return get
+
+
+def wanted_splits(cfg: RunConfig) -> list[str]:
+    a = cfg.training
+    return [s for s, on in (("train", a.do_train), ("eval", a.do_eval), ("test", a.do_predict)) if on]
+
+
+def _examples(cfg: RunConfig) -> dict:
+    """Raw examples of each needed split: from the standard library, or from the configured files."""
+    d, wanted = cfg.data, wanted_splits(cfg)
+    readers = {"clm": (text_lm.stdlib_texts, text_lm.file_texts), "mlm": (mlm.stdlib_texts, text_lm.file_texts),
+               "classification": (classification.stdlib_examples, classification.file_examples),
+               "sft": (sft.stdlib_pairs, sft.file_pairs)}
+    from_stdlib, from_files = readers[d.task]
+    found = from_stdlib(d) if d.source == "stdlib" else from_files(d, wanted)
+    return {split: rows for split, rows in found.items() if split in wanted}
+
+
+def prepare_data(cfg: RunConfig, model_type: str, model_config: dict, resuming: bool = False) -> TaskData:
+    d, a = cfg.data, cfg.training
+    examples, get_tokenizer = _examples(cfg), tokenizer_factory(cfg, model_type, resuming)
+    if d.task == "clm":
+        return text_lm.build_clm_data(examples, get_tokenizer, d)
+    if d.task == "mlm":
+        return mlm.build_mlm_data(examples, get_tokenizer, d, a.resolved_data_seed)
+    if d.task == "sft":
+        return sft.build_sft_data(examples, get_tokenizer, d, length_buckets=a.length_buckets)
+    labels = known_labels(model_config) if cfg.model.model_name_or_path else None
+    return classification.build_classification_data(examples, get_tokenizer, d, length_buckets=a.length_buckets,
+                                                    known_labels=labels)
+
+
+# ---- model -----------------------------------------------------------------------------------
+def build_model(cfg: RunConfig, data: TaskData, model_type: str, config: dict) -> tuple[Any, Any]:
+    """(Model, params or None): loaded from `model_name_or_path`, else fresh from the config."""
+    task = MODEL_TASK[cfg.data.task]
+    options = {"scan_layers": cfg.model.scan_layers, "attention_impl": cfg.model.attention_impl}
+    if task == "sequence_classification":
+        options.update(data.model_config)
+    vocab = data.tokenizer.get_vocab_size()
     if cfg.model.model_name_or_path:
-        raise ConfigError("loading `model.model_name_or_path` needs the HF checkpoint loader; "
-                          "train from scratch with `model.config` instead")
-    tok = data.tokenizer
-    ids = {"vocab_size": tok.get_vocab_size(), "pad_token_id": token_id(tok, "<pad>"),
-           "bos_token_id": token_id(tok, "<s>"), "eos_token_id": token_id(tok, "</s>")}
-    return create_model(cfg.model.model_type, {**cfg.model.config, **ids},
-                        scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.attention_impl)
+        model, params = from_pretrained(cfg.model.model_name_or_path, task, seed=cfg.training.seed, **options)
+        if vocab > model.config.vocab_size:
+            raise ConfigError(f"the tokenizer has {vocab} tokens but the model's vocabulary has "
+                              f"{model.config.vocab_size}: use the tokenizer the model was trained with")
+    else:
+        fields = {**config, **model_token_ids(data.tokenizer, model_type)}
+        model, params = create_model(model_type, fields, task, **options), None
+    _check_length(cfg, model)
+    return model, params
 
 
-def _write_results(output_dir: str, name: str, metrics: dict) -> str:
+def _check_length(cfg: RunConfig, model: Any) -> None:
+    """Encoders (and GPT-2) have learned positions: a longer row would index past the table."""
+    if model.config.model_type not in ENCODER_TYPES + ("gpt2",):
+        return
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if model.config.model_type == "roberta" and limit is not None:
+        limit -= (model.config.pad_token_id or 0) + 1  # RoBERTa's positions start after the pad id
+    length = cfg.data.block_size if cfg.data.task == "clm" else cfg.data.max_seq_length
+    if limit is not None and length > limit:
+        raise ConfigError(f"rows of {length} tokens exceed the model's {limit} positions: lower "
+                          f"{'block_size' if cfg.data.task == 'clm' else 'max_seq_length'} or raise "
+                          "max_position_embeddings")
+
+
+def check_peft(cfg: RunConfig) -> None:
+    """The `peft` section needs the LoRA transform (jtrain.peft) wired into this job."""
+    if not cfg.peft:
+        return
+    try:
+        import jtrain.peft  # noqa: F401
+        state = "is not wired into `python -m jtrain.run` yet"
+    except ImportError:
+        state = "needs the jtrain.peft module (LoRA), which this build does not have yet"
+    raise ConfigError(f"the `peft` section {state}; remove it to fine-tune every weight")
+
+
+# ---- results ---------------------------------------------------------------------------------
+def write_results(output_dir: str, name: str, metrics: dict) -> str:
+    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, name)
     with open(path, "w") as fh:
         json.dump(metrics, fh, indent=4, sort_keys=True)
@@ -61,44 +181,80 @@ def _write_results(output_dir: str, name: str, metrics: dict) -> str:
     return path
 
 
+def evaluate_split(trainer: Trainer, data: TaskData, split: str) -> dict:
+    """Metrics of one split with its baseline beside them (and printed beside them)."""
+    dataset = data.splits[split]
+    if split == "test" and data.label_names:
+        out = trainer.predict(dataset, metric_key_prefix="test")
+        metrics = dict(out.metrics)
+        write_predictions(trainer.args.output_dir, out.predictions, data.label_names)
+    else:
+        metrics = trainer.evaluate(dataset, metric_key_prefix=split)
+    if not (dataset.columns["labels"] != -100).any():  # unlabelled (a test file without labels): no loss
+        metrics = {k: v for k, v in metrics.items() if not k.endswith(("_loss", "_accuracy", "_perplexity"))}
+    metrics[f"{split}_samples"] = len(dataset)
+    baseline = data.baselines.get(split)
+    if baseline is not None:
+        metrics.update(baseline.metrics(split))
+        _say(baseline.describe(metrics, split))
+    return metrics
+
+
+def write_predictions(output_dir: str, logits: Any, names: list[str]) -> str:
+    """HF's predict_results.txt: one `index<TAB>label` line per test row."""
+    predicted = np.asarray(logits).argmax(-1)
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "predict_results.txt")
+    with open(path, "w") as fh:
+        fh.write("index\tprediction\n")
+        fh.writelines(f"{i}\t{names[int(p)]}\n" for i, p in enumerate(predicted))
+    return path
+
+
 def run_job(cfg: RunConfig) -> dict:
-    """Train and/or evaluate as configured; returns all results (also written to all_results.json)."""
+    """Train, evaluate and predict as configured; returns all results (also in all_results.json)."""
     args = cfg.training
+    check_peft(cfg)
     resume = resume_point(args)
     started = time.perf_counter()
-    data = prepare_data(cfg)
-    model = build_model(cfg, data)
-    trainer = Trainer(model, args, train_dataset=data.train, eval_dataset=data.validation,
-                      processing_class=data.tokenizer)
-    _say(f"data: {len(data.train)} train rows x {cfg.data.block_size} tokens ({data.train_tokens} tokens), "
-         f"{len(data.validation) if data.validation else 0} eval rows; vocab {data.tokenizer.get_vocab_size()}; "
-         f"prepared in {time.perf_counter() - started:.1f}s")
-    _say(f"model: {cfg.model.model_type}, {param_count(model.abstract_params()) / 1e6:.2f}M parameters; "
+    model_type, config = model_spec(cfg)
+    check_head(cfg.data.task, model_type)
+    data = prepare_data(cfg, model_type, config, resuming=resume is not None)
+    model, params = build_model(cfg, data, model_type, config)
+    trainer = Trainer(model, args, data_collator=data.collator, train_dataset=data.train,
+                      eval_dataset=data.validation, processing_class=data.tokenizer, params=params)
+    _say(f"data: {data.summary}; prepared in {time.perf_counter() - started:.1f}s")
+    source = cfg.model.model_name_or_path or "scratch"
+    _say(f"model: {model.config.model_type} {model.task} ({source}), "
+         f"{param_count(model.abstract_params()) / 1e6:.2f}M parameters; "
          f"mesh {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
     if resume:
         _say(f"resuming from {resume}")
     results: dict = {}
     if args.do_train:
-        if resume is None:
-            clear_previous_run(args)
-        os.makedirs(args.output_dir, exist_ok=True)
-        out = trainer.train(resume_from_checkpoint=resume)
-        results.update(out.metrics)
-        trainer.save_model(args.output_dir)
-        trainer.state.save_to_json(os.path.join(args.output_dir, "trainer_state.json"))
-        _write_results(args.output_dir, "train_results.json", out.metrics)
-    if args.do_eval and data.validation is not None:
-        metrics = trainer.evaluate()
-        if data.unigram_baseline is not None:
-            metrics["eval_unigram_baseline_loss"] = data.unigram_baseline
-            metrics["eval_unigram_baseline_perplexity"] = perplexity(data.unigram_baseline)
-        results.update(metrics)
-        os.makedirs(args.output_dir, exist_ok=True)
-        _write_results(args.output_dir, "eval_results.json", metrics)
-        _say(f"eval loss {metrics['eval_loss']:.4f} (perplexity {metrics['eval_perplexity']:.2f}) vs unigram "
-             f"baseline {data.unigram_baseline:.4f} (perplexity {perplexity(data.unigram_baseline):.2f})")
+        results.update(_train(trainer, data, resume))
+    for split in ("eval", "test"):
+        if split in data.splits:
+            metrics = evaluate_split(trainer, data, split)
+            results.update(metrics)
+            write_results(args.output_dir, f"{split}_results.json", metrics)
     if results:
-        _write_results(args.output_dir, "all_results.json", results)
-        _say(f"wrote checkpoints, model (config.json, model.safetensors, tokenizer.json), results and "
-             f"trainer_state.json to {os.path.abspath(args.output_dir)}")
+        write_results(args.output_dir, "all_results.json", results)
+        _say(f"wrote {'checkpoints, model (config.json, model.safetensors, tokenizer.json), ' if args.do_train else ''}"
+             f"results{' and trainer_state.json' if args.do_train else ''} to {os.path.abspath(args.output_dir)}")
     return results
+
+
+def _train(trainer: Trainer, data: TaskData, resume: Any) -> dict:
+    args = trainer.args
+    if resume is None:
+        clear_previous_run(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if jax.process_index() == 0:  # now, so that a resumed run tokenizes exactly as this one
+        data.tokenizer.save(os.path.join(args.output_dir, TOKENIZER_FILE))
+    out = trainer.train(resume_from_checkpoint=resume)
+    metrics = {**out.metrics, "train_samples": len(data.train)}
+    trainer.save_model(args.output_dir)
+    trainer.state.save_to_json(os.path.join(args.output_dir, "trainer_state.json"))
+    write_results(args.output_dir, "train_results.json", metrics)
+    return metrics

@@ -2,110 +2,77 @@
 
 Documents come from the standard library's own source (no download) or from local files read
 with `datasets.load_dataset`. Each document ends with EOS and is packed with segment ids, so no
-token attends to or predicts across a document boundary.
+token attends to or predicts across a document boundary. The baseline is an add-one unigram
+model fit on the training tokens, scored on exactly the tokens the evaluation loss scores.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass
-
 import numpy as np
-from tokenizers import Tokenizer
 
+from jtrain.config import DataSection
 from jtrain.data.corpus import stdlib_corpus
 from jtrain.data.loader import ArrayDataset
+from jtrain.data.local_tokenizers import role_id
 from jtrain.data.packing import pack_documents
-from jtrain.data.tokenizer import encode_batch, load_tokenizer, token_id, train_bpe_tokenizer
-from jtrain.errors import DataError
+from jtrain.data.stdlib_text import stdlib_source_splits
+from jtrain.data.task_data import Baseline, TaskData, TokenizerFactory, predicted_label_mask, read_table, unigram_loss
+from jtrain.data.tokenizer import encode_batch
+from jtrain.errors import ConfigError, DataError
 
 
-@dataclass(frozen=True)
-class TextSplits:
-    train: list[str]
-    validation: list[str]
+def stdlib_texts(d: DataSection) -> dict[str, list[str]]:
+    """Whole source files of the standard library (only `stdlib_packages`, when given), split by file."""
+    if d.stdlib_packages:
+        train, validation = stdlib_source_splits(d.stdlib_packages, d.max_files, d.validation_percent)
+    else:
+        corpus = stdlib_corpus(d.max_files, d.validation_percent)
+        train, validation = corpus.train, corpus.validation
+    return {"train": train, "eval": validation}
 
 
-@dataclass
-class LMData:
-    tokenizer: Tokenizer
-    train: ArrayDataset
-    validation: ArrayDataset | None
-    unigram_baseline: float | None  # cross-entropy (nats/token) of a train-set unigram model on validation
-    train_tokens: int
+def file_texts(d: DataSection, wanted: list[str]) -> dict[str, list[str]]:
+    """Non-empty texts of `data.text_column` in the files of the `wanted` splits."""
+    paths = {"train": d.train_file, "eval": d.validation_file, "test": d.test_file}
+    out = {}
+    for split in wanted:
+        column = read_table(paths[split], [d.text_column])[d.text_column]
+        out[split] = [t for t in column if isinstance(t, str) and t.strip()]
+        if not out[split]:
+            raise DataError(f"{paths[split]!r} holds no non-empty text in column {d.text_column!r}")
+    return out
 
 
-_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+def _pack(tok_docs: list[list[int]], block_size: int, pad: int, limit: int | None) -> dict[str, np.ndarray]:
+    packed = pack_documents(tok_docs, block_size, pad)
+    return {k: v[:limit] for k, v in packed.items()} if limit else packed
 
 
-def read_text_file(path: str, column: str) -> list[str]:
-    """Documents of one local file through `datasets.load_dataset`; errors name the file/column."""
-    if not os.path.isfile(path):
-        raise DataError(f"data file {path!r} not found")
-    fmt = _FORMATS.get(os.path.splitext(path)[1].lower())
-    if fmt is None:
-        raise DataError(f"data file {path!r}: unknown extension; use one of {sorted(_FORMATS)}")
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(fmt, data_files=path, split="train")
-    except Exception as err:  # datasets wraps parse errors deeply; name the file
-        raise DataError(f"cannot read {path!r} as {fmt}: {str(err).splitlines()[0]}") from err
-    if column not in ds.column_names:
-        raise DataError(f"{path!r} has no column {column!r}; columns: {ds.column_names}")
-    texts = [t for t in ds[column] if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise DataError(f"{path!r} holds no non-empty text in column {column!r}")
-    return texts
-
-
-def unigram_cross_entropy(train_docs: list[list[int]], eval_docs: list[list[int]], vocab_size: int) -> float:
-    """Nats per token of an add-one-smoothed unigram model fit on train, scored on eval."""
-    counts = np.ones(vocab_size, np.float64)
-    for doc in train_docs:
-        np.add.at(counts, np.asarray(doc, np.int64), 1.0)
-    logp = np.log(counts / counts.sum())
-    total = sum(len(d) for d in eval_docs)
-    return float(-sum(logp[np.asarray(d, np.int64)].sum() for d in eval_docs) / max(total, 1))
-
-
-def build_lm_data(splits: TextSplits, *, tokenizer: Tokenizer | None, vocab_size: int, block_size: int,
-                  max_eval_rows: int | None = None) -> LMData:
-    if not splits.train:
-        raise DataError("the training split is empty")
-    tok = tokenizer or train_bpe_tokenizer(splits.train, vocab_size)
-    eos, pad = token_id(tok, "</s>"), token_id(tok, "<pad>")
-    train_docs = [ids + [eos] for ids in encode_batch(tok, splits.train)]
-    eval_docs = [ids + [eos] for ids in encode_batch(tok, splits.validation)] if splits.validation else []
-    train = pack_documents(train_docs, block_size, pad)
-    validation = None
-    if eval_docs:
-        packed = pack_documents(eval_docs, block_size, pad)
-        if max_eval_rows:
-            packed = {k: v[:max_eval_rows] for k, v in packed.items()}
-            eval_docs = [packed["input_ids"][i][packed["attention_mask"][i] == 1].tolist()
-                         for i in range(len(packed["input_ids"]))]
-        validation = ArrayDataset(packed)
-    baseline = unigram_cross_entropy(train_docs, eval_docs, tok.get_vocab_size()) if eval_docs else None
-    return LMData(tok, ArrayDataset(train), validation, baseline, sum(map(len, train_docs)))
-
-
-def stdlib_splits(max_files: int | None, validation_percent: float) -> TextSplits:
-    corpus = stdlib_corpus(max_files, validation_percent)
-    return TextSplits(corpus.train, corpus.validation)
-
-
-def file_splits(train_file: str | None, validation_file: str | None, column: str) -> TextSplits:
-    if train_file is None:
-        raise DataError("data.source is 'files' but `data.train_file` is not set")
-    val = read_text_file(validation_file, column) if validation_file else []
-    return TextSplits(read_text_file(train_file, column), val)
-
-
-def load_tokenizer_or_none(path: str | None) -> Tokenizer | None:
-    return load_tokenizer(path) if path else None
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))
+def build_clm_data(texts: dict[str, list[str]], get_tokenizer: TokenizerFactory, d: DataSection) -> TaskData:
+    """Tokenize, append EOS, pack into `block_size` rows; baselines for each evaluated split."""
+    tok = get_tokenizer(texts.get("train", []))
+    eos = role_id(tok, "eos")
+    if eos is None:
+        raise ConfigError("the tokenizer has no end-of-sequence token (</s> or <|endoftext|>) to end documents with")
+    pad = role_id(tok, "pad")
+    pad = eos if pad is None else pad
+    data = TaskData(tok, None, None)
+    train_ids = np.zeros(0, np.int64)
+    if texts.get("train"):
+        packed = _pack([ids + [eos] for ids in encode_batch(tok, texts["train"])], d.block_size, pad,
+                       d.max_train_samples)
+        data.train = ArrayDataset(packed)
+        train_ids = packed["input_ids"][packed["attention_mask"] == 1]
+    for split in ("eval", "test"):
+        if texts.get(split):
+            packed = _pack([ids + [eos] for ids in encode_batch(tok, texts[split])], d.block_size, pad, d.eval_limit)
+            data.splits[split] = ArrayDataset(packed)
+            scored = packed["labels"][predicted_label_mask(packed["labels"], shifted=True)]
+            if len(train_ids):
+                data.baselines[split] = Baseline("unigram", "loss", unigram_loss(train_ids, scored,
+                                                                                 tok.get_vocab_size()))
+    rows = len(data.train) if data.train is not None else 0
+    eval_rows = len(data.validation) if data.validation is not None else 0
+    data.summary = (f"clm: {rows} train rows x {d.block_size} tokens ({len(train_ids)} tokens), {eval_rows} eval "
+                    f"rows; vocab {tok.get_vocab_size()}")
+    return data

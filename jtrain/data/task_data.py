@@ -1,0 +1,144 @@
+"""What every task's data builder hands the pipeline, and the pieces they share.
+
+A builder (clm, classification, mlm, sft) returns a `TaskData`: the tokenizer, the training rows
+with their collator, evaluation splits already collated into fixed arrays (one compiled eval
+shape, and masks or padding that never change between evaluations), the config.json fields the
+data decides (vocab size, special ids, labels) and the baseline each split's result is judged
+against.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from jtrain.data.collators import default_length_buckets
+from jtrain.data.loader import ArrayDataset
+from jtrain.errors import ConfigError, DataError
+
+FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A trivial predictor's score on a split: what a trained model must beat to have learned."""
+
+    name: str  # "unigram", "majority_class", "most_frequent_token"
+    metric: str  # "loss" (lower is better) or "accuracy"
+    value: float
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        key = f"{prefix}_{self.name}_baseline"
+        out = {f"{key}_{self.metric}": self.value}
+        if self.metric == "loss":
+            out[f"{key}_perplexity"] = math.exp(min(self.value, 700.0))
+        return out
+
+    def describe(self, metrics: dict, prefix: str) -> str:
+        """One line: the result beside the baseline."""
+        label = self.name.replace("_", "-")
+        if self.metric == "loss":
+            loss = metrics[f"{prefix}_loss"]
+            return (f"{prefix} loss {loss:.4f} (perplexity {math.exp(min(loss, 700.0)):.2f}) vs {label} baseline "
+                    f"{self.value:.4f} (perplexity {math.exp(min(self.value, 700.0)):.2f})")
+        return (f"{prefix} accuracy {metrics[f'{prefix}_accuracy']:.4f} (loss {metrics[f'{prefix}_loss']:.4f}) vs "
+                f"{label} baseline accuracy {self.value:.4f}")
+
+
+@dataclass
+class TaskData:
+    tokenizer: Tokenizer
+    train: Any  # ArrayDataset (fixed rows) or a sequence of feature dicts for `collator`; None without training
+    collator: Callable | None
+    splits: dict[str, ArrayDataset] = field(default_factory=dict)  # "eval", "test": already collated
+    baselines: dict[str, Baseline] = field(default_factory=dict)  # per split prefix
+    model_config: dict = field(default_factory=dict)  # vocab_size, special ids, num_labels, id2label
+    summary: str = ""
+    label_names: list[str] | None = None
+
+    @property
+    def validation(self) -> ArrayDataset | None:
+        return self.splits.get("eval")
+
+
+TokenizerFactory = Callable[[Sequence[str]], Tokenizer]
+"""Given the training texts, the tokenizer to use: the configured one, or one trained on them."""
+
+
+def read_table(path: str, columns: Sequence[str], what: str = "data file",
+               optional: Sequence[str] = ()) -> dict[str, list]:
+    """The named columns (and those of `optional` that exist) of one local file, via `datasets`.
+
+    Errors name the file, the missing column and the columns the file has.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{what} {path!r} not found")
+    fmt = FORMATS.get(os.path.splitext(path)[1].lower())
+    if fmt is None:
+        raise DataError(f"{what} {path!r}: unknown extension; use one of {sorted(FORMATS)}")
+    ds = _load_quietly(fmt, path)
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{path!r} has no column {missing[0]!r} (needed by this task); its columns are "
+                        f"{ds.column_names}: set the matching *_column option")
+    if len(ds) == 0:
+        raise DataError(f"{path!r} holds no rows")
+    return {c: ds[c] for c in list(columns) + [c for c in optional if c in ds.column_names]}
+
+
+def _load_quietly(fmt: str, path: str) -> Any:
+    """`datasets.load_dataset` without its progress bars: bad input must leave one line on stderr."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    bars = ds_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(fmt, data_files=path, split="train")
+    except Exception as err:  # datasets wraps parse errors deeply; name the file
+        raise DataError(f"cannot read {path!r} as {fmt}: {str(err).splitlines()[0]}") from err
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def first(rows: list, limit: int | None) -> list:
+    return rows if limit is None else rows[:limit]
+
+
+def resolve_buckets(buckets: Sequence[int] | None, max_length: int) -> tuple[int, ...]:
+    """Padded lengths a run may compile for: the user's, or geometric ones up to `max_length`."""
+    if buckets:
+        buckets = tuple(sorted(int(b) for b in buckets))
+        if buckets[-1] < max_length:
+            raise ConfigError(f"the largest length bucket {buckets[-1]} is below max_seq_length {max_length}: "
+                              "add a bucket of max_seq_length")
+        return buckets
+    return default_length_buckets(max_length, multiple=min(32, max_length))
+
+
+def collate_all(features: list[dict], collator: Callable) -> ArrayDataset:
+    """One fixed array dataset of every row (evaluation: one shape, one compilation)."""
+    if not features:
+        raise DataError("an evaluation split is empty")
+    return ArrayDataset(collator(features))
+
+
+def predicted_label_mask(labels_BL: np.ndarray, shifted: bool) -> np.ndarray:
+    """Positions whose label is scored (causal losses score labels[:, 1:])."""
+    scored = labels_BL != -100
+    if shifted:
+        scored[:, 0] = False
+    return scored
+
+
+def unigram_loss(train_ids: np.ndarray, eval_ids: np.ndarray, vocab_size: int) -> float:
+    """Nats per token of an add-one unigram model fit on `train_ids`, scored on `eval_ids`."""
+    counts = np.bincount(np.asarray(train_ids, np.int64), minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(eval_ids, np.int64)].mean()) if len(eval_ids) else float("nan")

@@ -1,0 +1,114 @@
+"""HF example-script arguments map onto `python -m jtrain.run`'s configuration (no second pipeline).
+
+The translation is checked by resolving both command lines to a `RunConfig` and comparing; the
+scripts themselves are run end to end in tests/test_tasks.py (classification) and here (--help).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jtrain.config import load_config
+from jtrain.errors import ConfigError
+from jtrain.run import parse_argv
+from jtrain.tasks.hf_args import main as script_main
+from jtrain.tasks.hf_args import parse_config_overrides, translate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolved(argv: list[str]):
+    cmd = parse_argv(argv)
+    return load_config(cmd.config, cmd.overrides)
+
+
+def test_run_clm_arguments_resolve_like_jtrain_run(tmp_path):
+    (tmp_path / "t.txt").write_text("hello\n")
+    hf = ["--model_name_or_path", str(tmp_path), "--train_file", str(tmp_path / "t.txt"), "--validation_file",
+          str(tmp_path / "t.txt"), "--text_column_name", "body", "--block_size", "64", "--do_train", "--do_eval",
+          "--output_dir", "out", "--learning_rate", "3e-4", "--per_device_train_batch_size", "4", "--num_train_epochs",
+          "2", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1", "--save_total_limit", "1", "--bf16",
+          "--cache_dir", "x", "--preprocessing_num_workers", "4", "--ddp_timeout", "60"]
+    translated, notes = translate("clm", hf)
+    ours = resolved(translated)
+    direct = resolved(["--data.task", "clm", "--source", "files", "--model_name_or_path", str(tmp_path),
+                       "--train_file", str(tmp_path / "t.txt"), "--validation_file", str(tmp_path / "t.txt"),
+                       "--text_column", "body", "--block_size", "64", "--do_train", "--do_eval", "--do_predict",
+                       "false", "--output_dir", "out", "--learning_rate", "3e-4", "--per_device_train_batch_size", "4",
+                       "--num_train_epochs", "2", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1",
+                       "--save_total_limit", "1", "--bf16"])
+    assert ours == direct
+    assert [n.split()[0] for n in notes] == ["--cache_dir", "--preprocessing_num_workers", "--ddp_timeout"]
+
+
+def test_run_classification_arguments(tmp_path):
+    translated, _ = translate("classification", [
+        "--train_file", "a.csv", "--validation_file", "b.csv", "--text_column_names", "premise,hypothesis",
+        "--label_column_name", "gold", "--max_seq_length", "96", "--do_eval", "--do_train", "--max_train_samples", "50",
+        "--config_overrides", "hidden_size=32,num_hidden_layers=1"])
+    cfg = resolved(translated)
+    assert cfg.data.task == "classification" and cfg.data.source == "files"
+    assert cfg.data.text_columns == ["premise", "hypothesis"] and cfg.data.label_column == "gold"
+    assert cfg.data.max_seq_length == 96 and cfg.data.max_train_samples == 50
+    assert cfg.model.model_type == "bert" and cfg.model.config == {"hidden_size": 32, "num_hidden_layers": 1}
+    assert (cfg.training.do_train, cfg.training.do_eval, cfg.training.do_predict) == (True, True, False)
+
+
+def test_run_mlm_arguments_and_stdlib_default():
+    cfg = resolved(translate("mlm", ["--do_train", "--mlm_probability", "0.2", "--max_seq_length", "64",
+                                     "--validation_split_percentage", "10", "--tokenizer.vocab_size", "512"])[0])
+    assert (cfg.data.task, cfg.data.source, cfg.model.model_type) == ("mlm", "stdlib", "bert")
+    assert cfg.data.mlm_probability == 0.2 and cfg.data.validation_percent == 10.0
+    assert cfg.tokenizer.vocab_size == 512
+
+
+def test_a_jtrain_config_is_a_base_for_script_arguments(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("data: {source: stdlib, max_files: 7}\ntraining: {do_eval: true, learning_rate: 1.0e-3}\n")
+    cfg = resolved(translate("clm", ["--config", str(base), "--learning_rate", "2e-3"])[0])
+    assert cfg.data.max_files == 7 and cfg.training.learning_rate == 2e-3
+    assert cfg.training.do_train and cfg.training.do_eval  # the file's (and jtrain's) defaults, not HF's
+
+
+def test_json_arguments_file(tmp_path):
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"do_train": True, "output_dir": "o", "block_size": 32, "cache_dir": "c"}))
+    cfg = resolved(translate("clm", [str(args)])[0])
+    assert cfg.training.do_train and cfg.training.output_dir == "o" and cfg.data.block_size == 32
+
+
+def test_config_overrides_parsing():
+    assert parse_config_overrides("n_embd=10, resid_pdrop=0.2,scale_attn_weights=false") == {
+        "n_embd": 10, "resid_pdrop": 0.2, "scale_attn_weights": False}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_config_overrides("n_embd")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset_name", "wikitext", "--do_train"], "never downloads"),
+    (["--push_to_hub", "--do_train"], "never uploads"),
+    (["--train_file", "x.txt"], "nothing to do"),
+    (["--do_train", "--model_name_or_path", "gpt2", "--output_dir", "OUT"], "never downloads"),
+    (["--do_eval", "--train_file", "x.txt", "--output_dir", "OUT"], "validation_file"),
+])
+def test_script_refusals_are_one_line(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    argv = [a.replace("OUT", str(out)) for a in argv]
+    assert script_main("clm", "clm", argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jtrain: error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_script_help_lists_mapping_and_options():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_mlm.py"), "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--text_column_name" in proc.stdout and "data.text_column" in proc.stdout
+    assert "--learning_rate (default: 5e-05)" in proc.stdout and "--mlm_probability" in proc.stdout

@@ -1,0 +1,203 @@
+"""Every task end to end on tiny configs (in-process `jtrain.run`): the metric beats its baseline.
+
+The data are small learnable files written here (nothing is downloaded); the shipped configs run
+the same code on standard-library text. Classification runs through `scripts/run_classification.py`'s
+HF arguments, so the script translation is tested end to end as well.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jtrain.run import main
+from jtrain.tasks.hf_args import main as script_main
+
+TINY_BERT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "max_position_embeddings": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "tie_word_embeddings": True}
+# Tiny models: compiling dominates, so 120 steps cost little more than 40.
+TRAINING = ["--max_steps", "120", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+            "--learning_rate", "1e-2", "--logging_steps", "40", "--save_steps", "120", "--disable_tqdm",
+            "--mesh_shape", "{data: 1}"]
+WORDS = {"fruit": "apple banana cherry grape mango", "tool": "hammer wrench saw drill pliers",
+         "animal": "tiger horse zebra otter eagle"}
+FILLER = "the a of and with very big small".split()
+CYCLE = "one two three four five six seven eight nine ten".split()
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def labelled_rows(n: int, seed: int) -> list[dict]:
+    """Three classes told apart by their words among shared filler."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        label = str(rng.choice(list(WORDS)))
+        words = list(rng.choice(WORDS[label].split(), 2)) + list(rng.choice(FILLER, 4))
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words), "category": label})
+    return rows
+
+
+def cyclic_lines(n: int, seed: int) -> str:
+    """Lines of consecutive words of a 10-word cycle: each word is predictable from its neighbours."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        start = int(rng.integers(len(CYCLE)))
+        lines.append(" ".join(CYCLE[(start + i) % len(CYCLE)] for i in range(12)))
+    return "\n".join(lines) + "\n"
+
+
+def results(out) -> dict:
+    return json.loads((out / "all_results.json").read_text())
+
+
+def test_classification_via_hf_script_beats_majority(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_rows(300, 0))
+    dev = write_jsonl(tmp_path / "dev.jsonl", labelled_rows(64, 1))
+    test = write_jsonl(tmp_path / "test.jsonl", [{"sentence": r["sentence"]} for r in labelled_rows(10, 2)])
+    out = tmp_path / "out"
+    code = script_main("classification", "classification", [
+        "--model_type", "bert", "--config_overrides", ",".join(f"{k}={v}" for k, v in TINY_BERT.items()),
+        "--tokenizer.vocab_size", "128", "--train_file", train, "--validation_file", dev, "--test_file", test,
+        "--text_column_names", "sentence", "--label_column_name", "category", "--max_seq_length", "16",
+        "--do_train", "--do_eval", "--do_predict", "--output_dir", str(out), "--cache_dir", "ignored", *TRAINING])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    r = results(out)
+    assert r["eval_accuracy"] > r["eval_majority_class_baseline_accuracy"] + 0.3, r
+    assert "vs majority-class baseline" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert sorted(config["label2id"]) == ["animal", "fruit", "tool"]
+    predictions = (out / "predict_results.txt").read_text().splitlines()
+    assert predictions[0] == "index\tprediction" and len(predictions) == 11
+    assert {line.split("\t")[1] for line in predictions[1:]} <= set(WORDS)
+    for name in ("train_results.json", "eval_results.json", "test_results.json", "trainer_state.json",
+                 "tokenizer.json", "model.safetensors"):
+        assert (out / name).is_file(), name
+
+
+def topic_lines(n: int, seed: int) -> str:
+    """Lines of 30 words from one of six 3-word topics: a masked word is one of its line's topic words.
+
+    With [CLS] and [SEP] a line is exactly one 32-token row, so every row holds one topic.
+    """
+    topics = [t.split() for t in ("red green blue", "cat dog cow", "oak elm ash", "tea gin rum", "sun moon star",
+                                  "car bus van")]
+    rng = np.random.default_rng(seed)
+    return "".join(" ".join(rng.choice(topics[int(rng.integers(6))], 30)) + "\n" for _ in range(n))
+
+
+def test_mlm_beats_most_frequent_token(tmp_path, capsys):
+    (tmp_path / "train.txt").write_text(topic_lines(300, 0))
+    (tmp_path / "dev.txt").write_text(topic_lines(40, 1))
+    out = tmp_path / "out"
+    code = main(["--data.task", "mlm", "--source", "files", "--train_file", str(tmp_path / "train.txt"),
+                 "--validation_file", str(tmp_path / "dev.txt"), "--max_seq_length", "32", "--model_type", "bert",
+                 "--model.config", json.dumps(TINY_BERT), "--tokenizer.vocab_size", "96",
+                 "--output_dir", str(out), "--do_eval", *TRAINING, "--max_steps", "200"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    r = results(out)
+    # Knowing the topic gives about 1/3 (0.27 after 120 steps); the most frequent word alone about 1/10.
+    assert r["eval_accuracy"] > r["eval_most_frequent_token_baseline_accuracy"] + 0.1, r
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+
+
+def test_sft_completion_only_beats_unigram(tmp_path, capsys):
+    colors = {"apple": "red", "banana": "yellow", "grape": "purple", "lime": "green", "plum": "violet"}
+    rows = [{"prompt": f"{q} colour of the {fruit}?", "completion": f" It is {colour}."}
+            for fruit, colour in colors.items() for q in ("What is the", "Tell me the", "Say the", "Name the")]
+    train = write_jsonl(tmp_path / "train.jsonl", rows * 4)
+    dev = write_jsonl(tmp_path / "dev.jsonl", rows[::3])
+    out = tmp_path / "out"
+    code = main(["--data.task", "sft", "--source", "files", "--train_file", train, "--validation_file", dev,
+                 "--max_seq_length", "32", "--model.config", json.dumps(TINY_LLAMA), "--tokenizer.vocab_size", "300",
+                 "--output_dir", str(out), "--do_eval", *TRAINING])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    r = results(out)
+    assert r["eval_loss"] < r["eval_unigram_baseline_loss"] - 1.0, r
+
+
+def test_clm_from_files_then_reload_evaluates_identically(tmp_path, capsys):
+    """Train from scratch, then `model_name_or_path` on the saved directory: same eval loss."""
+    (tmp_path / "train.txt").write_text(cyclic_lines(300, 0))
+    (tmp_path / "dev.txt").write_text(cyclic_lines(40, 1))
+    files = ["--data.task", "clm", "--source", "files", "--train_file", str(tmp_path / "train.txt"),
+             "--validation_file", str(tmp_path / "dev.txt"), "--block_size", "32", "--do_eval"]
+    first = tmp_path / "first"
+    code = main([*files, "--model.config", json.dumps(TINY_LLAMA), "--tokenizer.vocab_size", "128",
+                 "--output_dir", str(first), *TRAINING])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    trained = results(first)
+    assert trained["eval_loss"] < trained["eval_unigram_baseline_loss"] - 0.5, trained
+    again = tmp_path / "again"
+    code = main([*files, "--do_train", "false", "--model_name_or_path", str(first), "--output_dir", str(again),
+                 "--disable_tqdm", "--mesh_shape", "{data: 1}", "--per_device_eval_batch_size", "32"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    # Same weights, same tokens, same eval rows: float32 sums in the same order agree to rounding.
+    assert abs(results(again)["eval_loss"] - trained["eval_loss"]) < 1e-5
+    assert not (again / "trainer_state.json").exists() and (again / "eval_results.json").is_file()
+
+
+@pytest.mark.parametrize("task", ["classification", "sft", "mlm"])
+def test_stdlib_sources_are_held_out_by_file(task):
+    """The no-download data of each task: held-out texts never occur in training."""
+    from jtrain.config import DataSection
+    from jtrain.data import classification, mlm, sft
+
+    d = DataSection(task=task, stdlib_packages=["json", "email", "logging", "unittest"], validation_percent=20)
+    found = {"classification": classification.stdlib_examples, "sft": sft.stdlib_pairs,
+             "mlm": mlm.stdlib_texts}[task](d)
+    assert found["train"] and found["eval"]
+    assert not set(map(str, found["train"])) & set(map(str, found["eval"]))
+    if task == "classification":
+        assert {e.label for e in found["eval"]} == {"json", "email", "logging", "unittest"}
+
+
+def test_stdlib_classification_splits_whole_files():
+    from jtrain.data.stdlib_text import DEFAULT_CLASSES, split_by_file, stdlib_docstrings
+
+    splits = split_by_file(stdlib_docstrings(DEFAULT_CLASSES[:4]), 20, per_package=True)
+    assert not {d.file for d in splits.train} & {d.file for d in splits.validation}
+    for package in DEFAULT_CLASSES[:4]:
+        n_train = sum(d.package == package for d in splits.train)
+        n_val = sum(d.package == package for d in splits.validation)
+        assert n_train > n_val > 0, (package, n_train, n_val)
+
+
+def test_sentence_pairs_get_token_types(tmp_path):
+    from jtrain.config import DataSection
+    from jtrain.data.classification import build_classification_data, file_examples
+    from jtrain.data.local_tokenizers import train_tokenizer_for
+
+    rows = [{"a": r["sentence"], "b": r["sentence"][::-1], "label": i % 2} for i, r in enumerate(labelled_rows(8, 0))]
+    d = DataSection(task="classification", source="files", train_file=write_jsonl(tmp_path / "t.jsonl", rows),
+                    text_columns=["a", "b"], max_seq_length=64)
+    data = build_classification_data(file_examples(d, ["train"]), lambda texts: train_tokenizer_for(
+        "bert", texts, vocab_size=100), d)
+    row = data.train[0]
+    assert set(row["token_type_ids"]) == {0, 1} and len(row["token_type_ids"]) == len(row["input_ids"])
+    assert data.model_config == {"num_labels": 2, "id2label": {0: "0", 1: "1"}}
+    assert data.collator(data.train[:4])["input_ids"].shape[1] in (32, 64)
+
+
+def test_resumed_run_reuses_the_saved_tokenizer(tmp_path):
+    """Retraining could change ids (WordPiece training is not deterministic), so a resume loads output_dir's."""
+    from jtrain.config import load_config
+    from jtrain.data.local_tokenizers import train_tokenizer_for
+    from jtrain.pipeline import tokenizer_factory
+
+    saved = train_tokenizer_for("bert", ["alpha beta gamma"] * 5, vocab_size=80)
+    saved.save(str(tmp_path / "tokenizer.json"))
+    cfg = load_config(None, {"output_dir": str(tmp_path), "model_type": "bert"})
+    other_text = ["completely different words here"] * 5
+    assert tokenizer_factory(cfg, "bert", resuming=True)(other_text).get_vocab() == saved.get_vocab()
+    assert tokenizer_factory(cfg, "bert", resuming=False)(other_text).get_vocab() != saved.get_vocab()
