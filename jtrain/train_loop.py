@@ -234,15 +234,15 @@ def run_training(trainer: Any, loader: HostLoader, plan: StepPlan, position: Loa
             run.writer.wait(raise_errors=False)
             raise
         metrics = _speed_metrics(start, t.state.global_step - start_step, plan, run)
+        if args.load_best_model_at_end and t.state.best_model_checkpoint and not stop.requested:
+            _load_best(t)
+        train_loss = run.window.total_loss / max(run.window.total_steps, 1)
+        metrics["train_loss"] = train_loss
+        if getattr(t, "_resume_seconds", None) is not None:
+            metrics["resume_seconds"] = round(t._resume_seconds, 4)
+        t.log(metrics)  # before on_train_end, as HF does, so loggers still hold their files open
         t.control = t.callback_handler.on_train_end(args, t.state, t.control)
         stop.raise_if_requested(t.state.global_step, run.last_saved[1] if run.last_saved else None)
-    if args.load_best_model_at_end and t.state.best_model_checkpoint:
-        _load_best(t)
-    train_loss = run.window.total_loss / max(run.window.total_steps, 1)
-    metrics["train_loss"] = train_loss
-    if getattr(t, "_resume_seconds", None) is not None:
-        metrics["resume_seconds"] = round(t._resume_seconds, 4)
-    t.log(metrics)
     return TrainOutput(t.state.global_step, train_loss, metrics)
 
 
