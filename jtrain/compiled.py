@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jtrain.models.base import Model
 from jtrain.sharding import (ActivationSharding, ShardingRules, batch_sharding, check_batch_rows,

@@ -6,7 +6,6 @@ Bad input ends with one line on stderr and exit code 2, before anything is writt
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence

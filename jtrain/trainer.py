@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from jtrain.accounting import StepPlan, plan_steps
 from jtrain.args import TrainingArguments
@@ -36,7 +33,6 @@ from jtrain.optim import make_optimizer
 from jtrain.reporting import PrinterCallback, ProgressCallback, callbacks_for_report_to
 from jtrain.schedules import make_lr_controller, make_schedule
 from jtrain.sharding import data_parallel_size, make_mesh, resolve_mesh_shape, sharding_rules
-from jtrain.version import __version__
 
 logger = logging.getLogger(__name__)
 

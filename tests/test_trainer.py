@@ -7,7 +7,6 @@ import os
 
 import jax
 import numpy as np
-import pytest
 
 from jtrain import Trainer, TrainerCallback, TrainingArguments
 from jtrain.data.loader import ArrayDataset

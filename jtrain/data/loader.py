@@ -167,4 +167,11 @@ def _prefetched(makers: Iterator[Callable[[], Any]], depth: int) -> Iterator[Any
                 raise item
             yield item
     finally:
+        # Unblock a worker waiting on a full queue so that it sees `stop` and exits (no leaked thread
+        # when the consumer stops early, e.g. at max_steps or should_training_stop).
         stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
