@@ -134,11 +134,15 @@ def checkpoint_step(path: str) -> int:
 
 
 def _state_tree(state: TrainState) -> dict:
-    """Orbax stores plain arrays; the typed PRNG key travels as its raw key data."""
-    return {
+    """Orbax stores plain arrays; the typed PRNG key travels as its raw key data. Frozen params
+    (a LoRA base) are saved too, so a checkpoint resumes without its base model at hand."""
+    tree = {
         "step": state.step, "params": state.params, "opt_state": state.opt_state,
         "rng": jax.random.key_data(state.rng), "lr_factor": state.lr_factor, "skipped": state.skipped,
     }
+    if state.frozen:
+        tree["frozen"] = state.frozen
+    return tree
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -277,7 +281,7 @@ def restore_state(path: str, target: TrainState, params_only: bool = False) -> T
     return target.replace(
         step=restored["step"], params=restored["params"], opt_state=restored["opt_state"],
         rng=jax.random.wrap_key_data(restored["rng"]), lr_factor=restored["lr_factor"],
-        skipped=restored["skipped"],
+        skipped=restored["skipped"], frozen=restored.get("frozen", target.frozen),
     )
 
 
@@ -295,11 +299,14 @@ def _state_tree_abstract(target: TrainState, params_only: bool) -> dict:
     rng_data = jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype, sharding=getattr(target.rng, "sharding", None))
     if params_only:
         return {"params": jax.tree.map(abstract, target.params)}
-    return {
+    tree = {
         "step": abstract(target.step), "params": jax.tree.map(abstract, target.params),
         "opt_state": jax.tree.map(abstract, target.opt_state), "rng": rng_data,
         "lr_factor": abstract(target.lr_factor), "skipped": abstract(target.skipped),
     }
+    if target.frozen:
+        tree["frozen"] = jax.tree.map(abstract, target.frozen)
+    return tree
 
 
 def read_json(path: str) -> Any:

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from jtrain.models.base import Model
+from jtrain.param_split import split_params
 from jtrain.sharding import (ActivationSharding, ShardingRules, batch_sharding, check_batch_rows,
                              check_process_layout, host_local_array_to_global, opt_state_shardings,
                              param_shardings, replicated)
@@ -87,6 +88,12 @@ def constrain_gradients(tx: optax.GradientTransformation, shardings: Any) -> opt
     return optax.GradientTransformation(tx.init, update)
 
 
+def _split(tree: Any, trainable: Callable[[tuple[str, ...]], bool]) -> tuple[Any, Any]:
+    """(trainable, frozen) parts; frozen is None when nothing is frozen (the common case)."""
+    train_part, frozen_part = split_params(tree, trainable)
+    return train_part, (frozen_part or None)
+
+
 def with_activation_sharding(model: Model, mesh: Mesh, rules: ShardingRules) -> Model:
     """The model with activation constraints, if its config has the option (else GSPMD propagates)."""
     if mesh.size == 1 or not hasattr(model.config, "activation_sharding"):
@@ -109,22 +116,30 @@ def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformat
     p_sh = param_shardings(logical, abstract_params, mesh, rules.params)
     zero_sh = p_sh if rules.opt_state == rules.params else param_shardings(logical, abstract_params, mesh,
                                                                            rules.opt_state)
-    if zero_sh is not p_sh:
-        tx = constrain_gradients(tx, zero_sh)
     rep = replicated(mesh)
     rng = jax.random.key(seed)
-    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx, rng), abstract_params)
-    o_sh = opt_state_shardings(tx, abstract_state.opt_state, zero_sh, abstract_params, mesh)
-    s_sh = TrainState(step=rep, params=p_sh, opt_state=o_sh, rng=rep, lr_factor=rep, skipped=rep)
+    trainable = getattr(model, "is_trainable", None)
+    split = (lambda tree: (tree, None)) if trainable is None else (lambda tree: _split(tree, trainable))
+    train_params, _ = split(abstract_params)
+    train_sh, frozen_sh = split(p_sh)
+    train_zero_sh, _ = split(zero_sh)
+    if zero_sh is not p_sh:
+        tx = constrain_gradients(tx, train_zero_sh)
+    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx, rng), train_params)
+    o_sh = opt_state_shardings(tx, abstract_state.opt_state, train_zero_sh, train_params, mesh)
+    s_sh = TrainState(step=rep, params=train_sh, opt_state=o_sh, rng=rep, lr_factor=rep, skipped=rep,
+                      frozen=frozen_sh)
 
     def init_state(params: Any = None) -> TrainState:
+        """Fresh state from `params` (the full tree) or a seeded init, created already sharded."""
         init_rng, state_rng = jax.random.split(rng)
         if params is None:
             params = jax.jit(model.init, out_shardings=p_sh)(init_rng)
         else:
             params = jax.device_put(params, p_sh)
-        create = jax.jit(lambda p: TrainState.create(p, tx, state_rng), out_shardings=s_sh)
-        return create(params)
+        train_part, frozen_part = split(params)
+        create = jax.jit(lambda p, f: TrainState.create(p, tx, state_rng, frozen=f), out_shardings=s_sh)
+        return create(train_part, frozen_part)
 
     log = CompileLog()
     run_model = with_activation_sharding(model, mesh, rules)

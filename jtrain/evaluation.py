@@ -51,7 +51,7 @@ def _sum_metrics(total: dict | None, step_out: dict) -> dict:
 def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predictions: bool) -> EvalLoopOutput:
     """Run the eval (or predict) step over `loader`; return HF-keyed metrics."""
     start = time.perf_counter()
-    steps, params, n_rows = trainer.steps, trainer.train_state.params, len(loader.dataset)
+    steps, params, n_rows = trainer.steps, trainer.train_state.full_params(), len(loader.dataset)
     total, preds, labels, inputs, losses = None, [], [], [], []
     include = set(trainer.args.include_for_metrics or ())
     step_fn = steps.predict_step if want_predictions else steps.eval_step

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jtrain.losses import LossOutput
+from jtrain.param_split import combine
 from jtrain.state import TrainState
 
 ApplyFn = Callable[..., Mapping[str, jax.Array]]
@@ -29,26 +30,31 @@ LossFn = Callable[[Mapping[str, jax.Array], Mapping[str, jax.Array]], LossOutput
 Batch = Mapping[str, jax.Array]
 
 
-def _loss_and_grads(apply_fn: ApplyFn, loss_fn: LossFn, params: Any, batch: Batch, rng: jax.Array):
+def _loss_and_grads(apply_fn: ApplyFn, loss_fn: LossFn, params: Any, batch: Batch, rng: jax.Array,
+                    frozen: Any = None):
     def summed(p: Any) -> tuple[jax.Array, LossOutput]:
-        out = loss_fn(apply_fn(p, batch, rng=rng, train=True), batch)
+        out = loss_fn(apply_fn(combine(p, frozen), batch, rng=rng, train=True), batch)
         return out.loss_sum, out
 
     (_, out), grads = jax.value_and_grad(summed, has_aux=True)(params)
     return out, grads
 
 
-def accumulate_gradients(apply_fn: ApplyFn, loss_fn: LossFn, params: Any, batch: Batch, rng: jax.Array):
-    """Sum loss, weight, stats and gradients over the leading micro-batch axis with `lax.scan`."""
+def accumulate_gradients(apply_fn: ApplyFn, loss_fn: LossFn, params: Any, batch: Batch, rng: jax.Array,
+                         frozen: Any = None):
+    """Sum loss, weight, stats and gradients over the leading micro-batch axis with `lax.scan`.
+
+    Gradients are taken with respect to `params` only; `frozen` (see `jtrain.param_split`) is
+    combined with them for the forward pass and gets no gradient."""
     k = jax.tree.leaves(batch)[0].shape[0]
 
     def body(carry, xs):
         i, micro = xs
-        out, grads = _loss_and_grads(apply_fn, loss_fn, params, micro, jax.random.fold_in(rng, i))
+        out, grads = _loss_and_grads(apply_fn, loss_fn, params, micro, jax.random.fold_in(rng, i), frozen)
         return jax.tree.map(jnp.add, carry, (out, grads)), None
 
     first_out, first_grads = jax.eval_shape(
-        lambda: _loss_and_grads(apply_fn, loss_fn, params, jax.tree.map(lambda x: x[0], batch), rng)
+        lambda: _loss_and_grads(apply_fn, loss_fn, params, jax.tree.map(lambda x: x[0], batch), rng, frozen)
     )
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (first_out, first_grads))
     (out, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), batch))
@@ -68,7 +74,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
-        out, grad_sums = accumulate_gradients(apply_fn, loss_fn, state.params, batch, step_rng)
+        out, grad_sums = accumulate_gradients(apply_fn, loss_fn, state.params, batch, step_rng, state.frozen)
         denom = jnp.maximum(out.weight, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sums)
         loss = out.loss_sum / denom
@@ -112,7 +118,7 @@ def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn) -> Callable[[Any, Batch],
     Reductions happen on the device, so evaluation never gathers full logits for its metrics.
     """
 
-    def eval_step(params: Any, batch: Batch) -> dict:
+    def eval_step(params: Any, batch: Batch) -> dict:  # params: the full tree (`TrainState.full_params()`)
         out = loss_fn(apply_fn(params, batch, rng=None, train=False), batch)
         return {"loss_sum": out.loss_sum, "weight": out.weight, **out.stats}
 

@@ -291,7 +291,7 @@ class Trainer:
         output_dir = output_dir or self.args.output_dir
         if self.train_state is None:
             raise ConfigError("save_model() before the model has parameters: call train() first")
-        save_pretrained(self.model, self.train_state.params, output_dir, max_shard_size=max_shard_size)
+        save_pretrained(self.model, self.train_state.full_params(), output_dir, max_shard_size=max_shard_size)
         tokenizer = self.processing_class
         if self.is_world_process_zero() and tokenizer is not None and hasattr(tokenizer, "save"):
             tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
@@ -299,7 +299,7 @@ class Trainer:
 
     @property
     def params(self) -> Any:
-        return None if self.train_state is None else self.train_state.params
+        return None if self.train_state is None else self.train_state.full_params()
 
     def _check_finite(self, metrics: Mapping[str, Any], step: int) -> None:
         if metrics.get("nonfinite", 0) and self.args.nonfinite_policy == "error":

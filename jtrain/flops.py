@@ -1,0 +1,121 @@
+"""FLOP counts and device peaks, so that speed is reported as model FLOPs utilisation (MFU).
+
+The FLOP count of a step is the compiler's own (`compiled.cost_analysis()`), not a formula, so
+it counts what actually runs (remat recomputation included; XLA's count is per device for an
+SPMD program). Peaks come from a table of known accelerators; a CPU has no published peak, so
+one is measured once by a large matmul in the requested precision and cached on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+# Dense (non-sparse) peak FLOP/s per device, from the vendors' datasheets.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "NVIDIA H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "NVIDIA H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "NVIDIA A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "NVIDIA L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
+}
+
+CACHE_ENV = "JTRAIN_PEAK_CACHE"
+
+
+def cost_analysis(compiled: Any) -> dict[str, float]:
+    """The compiler's cost analysis of a compiled executable as one dict ({} if unavailable)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def compiled_flops(compiled: Any) -> float | None:
+    """FLOPs of one call of a compiled executable (per device), or None if the backend cannot say."""
+    flops = cost_analysis(compiled).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def step_flops(jitted: Callable, *args: Any) -> float | None:
+    """FLOPs of `jitted(*args)` from its compiled form; args may be abstract (ShapeDtypeStruct)."""
+    return compiled_flops(jitted.lower(*args).compile())
+
+
+def _matmul_seconds(n: int, dtype: Any, repeats: int) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` n x n matmuls on the default device in `dtype`."""
+    return 2.0 * n ** 3 / _matmul_seconds(n, jnp.dtype(dtype), repeats)
+
+
+def _cache_path() -> str:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "jtrain")
+    return os.path.join(root, "peak_flops.json")
+
+
+def device_peak_flops(dtype: str = "float32", device: Any = None, *, measure: bool = True) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device in `dtype`, where the number came from).
+
+    Known accelerators use the table; anything else (a CPU) is measured once by a matmul and
+    cached per device kind and dtype. With `measure=False` an unknown device gives (None, ...).
+    """
+    device = device or jax.devices()[0]
+    kind, dtype = str(device.device_kind), str(jnp.dtype(dtype))
+    for name, peaks in PEAK_FLOPS.items():
+        if kind.startswith(name) and dtype in peaks:
+            return peaks[dtype], f"datasheet ({name})"
+    key = f"{device.platform}:{kind}:{dtype}:{os.cpu_count()}"
+    path = _cache_path()
+    try:
+        with open(path) as fh:
+            cached = json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        cached = {}
+    if key in cached:
+        return float(cached[key]), f"measured matmul (cached in {path})"
+    if not measure:
+        return None, "unknown device"
+    peak = measure_matmul_peak(dtype)
+    cached[key] = peak
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(cached, fh, indent=2)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return peak, "measured matmul"
+
+
+def mfu(flops_per_step: float | None, seconds_per_step: float, peak_per_device: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved per-device FLOP/s over the per-device peak.
+
+    `flops_per_step` is per device, as XLA counts an SPMD program; None in, None out.
+    """
+    if not flops_per_step or not peak_per_device or seconds_per_step <= 0:
+        return None
+    return flops_per_step / seconds_per_step / peak_per_device
