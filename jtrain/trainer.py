@@ -162,19 +162,32 @@ class Trainer:
         if self.steps is not None:
             return
         self.create_optimizer_and_scheduler(num_training_steps)
-        self.steps = build_compiled_steps(self.model, self.mesh, self.optimizer, self.lr_scheduler,
+        self.steps = build_compiled_steps(self._training_model(), self.mesh, self.optimizer, self.lr_scheduler,
                                           self.compute_loss, seed=self.args.seed,
                                           preprocess_logits=self.preprocess_logits_for_metrics,
                                           rules=sharding_rules(self.args.fsdp))
         self.train_state = self.steps.init_state(self._initial_params)
         self._initial_params = None
 
+    def _training_model(self) -> Model:
+        """The model the compiled steps run: `self.model` plus training-only transforms."""
+        return self.model
+
+    def _train_rows(self) -> int | None:
+        """Rows in the training set (None for a stream of unknown length)."""
+        return len(self.train_dataset)
+
+    def _per_device_train_batch_size(self) -> int:
+        """Rows per device per micro-batch."""
+        return self.args.per_device_train_batch_size
+
     def _plan(self) -> tuple[HostLoader, StepPlan]:
         if self.train_dataset is None:
             raise ConfigError("Trainer.train() needs a `train_dataset`")
         a = self.args
-        plan = plan_steps(per_device_batch=a.per_device_train_batch_size, data_parallel=data_parallel_size(self.mesh),
-                          accum=a.gradient_accumulation_steps, num_rows=len(self.train_dataset),
+        plan = plan_steps(per_device_batch=self._per_device_train_batch_size(),
+                          data_parallel=data_parallel_size(self.mesh),
+                          accum=a.gradient_accumulation_steps, num_rows=self._train_rows(),
                           max_steps=a.max_steps, num_train_epochs=a.num_train_epochs, drop_last=a.dataloader_drop_last)
         loader = self._loader(self.train_dataset, train=True, accum=a.gradient_accumulation_steps,
                               batch_rows=plan.global_batch_size)
