@@ -1,7 +1,7 @@
 """Mesh and logical-axis rules: shardings are derived here, never written at call sites.
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, ...). A rules table maps
-each logical name to mesh axes (`data`, `fsdp`, `tensor`). Data parallelism, FSDP
+each logical name to mesh axes (`data`, `stage`, `fsdp`, `expert`, `sequence`, `tensor`). Data parallelism, FSDP
 (ZeRO-3-like), ZeRO-2 (`shard_grad_op`) and tensor parallelism are presets of that table, not
 code paths: a preset (`ShardingRules`) holds one table for parameters, one for the optimizer
 state (and the gradients that feed it) and one for activations. The mesh shape decides what is
@@ -20,8 +20,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jtrain.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+# Outermost first: the axes that talk least (data: once per update; stage: one activation
+# hand-off per micro-batch) go outermost, where a multi-host mesh puts the slower network.
+MESH_AXES = ("data", "stage", "fsdp", "expert", "sequence", "tensor")
+# Batch rows split over these: expert parallelism reuses the data-parallel group for every
+# non-expert layer (each expert-parallel device also holds its own rows), as is usual.
+BATCH_AXES = ("data", "fsdp", "expert")
+# Axes that split the rows the host loader reads, in the order processes are laid out on them.
+PROCESS_AXES = ("data", "fsdp")
 Rules = tuple[tuple[str, Any], ...]
 
 # logical name -> mesh axis (or None = replicated). Axes of size 1 make a rule a no-op, so one
@@ -30,7 +36,7 @@ Rules = tuple[tuple[str, Any], ...]
 # already taken by the batch) while the `embed` dimension of a weight is split over fsdp.
 DEFAULT_RULES: Rules = (
     ("batch", BATCH_AXES),
-    ("length", None),
+    ("length", "sequence"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -38,7 +44,13 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
-    ("layers", None),
+    # Scanned layer stacks [layers, ...] split into consecutive blocks over the pipeline stages
+    # (stage s holds layers s*L/S .. (s+1)*L/S - 1); `stage` names the stage dimension of the
+    # pipeline's own buffers ([stages, micro-batch rows, ...], `jtrain.pipeline_parallel`).
+    ("layers", "stage"),
+    ("stage", "stage"),
+    # Mixture-of-experts weights [experts, ...] put whole experts on different devices.
+    ("expert", "expert"),
     ("labels", None),
 )
 
@@ -97,11 +109,11 @@ def resolve_mesh_shape(mesh_shape: Mapping[str, int], fsdp: str, n_devices: int,
     if not mesh_shape:
         if fsdp == "hybrid_shard":
             local = jax.local_device_count() if local_devices is None else local_devices
-            shape = {"data": -1, "fsdp": local, "tensor": 1}
+            shape.update(data=-1, fsdp=local)
         elif fsdp:
-            shape = {"data": 1, "fsdp": -1, "tensor": 1}
+            shape.update(fsdp=-1)
         else:
-            shape = {"data": -1, "fsdp": 1, "tensor": 1}
+            shape.update(data=-1)
     bad = {a: n for a, n in shape.items() if n == 0 or n < -1}
     if bad:
         raise ConfigError(f"`mesh_shape` axis sizes must be >= 1 (or one -1), got {bad}")
@@ -121,14 +133,14 @@ def resolve_mesh_shape(mesh_shape: Mapping[str, int], fsdp: str, n_devices: int,
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over (data, fsdp, tensor) with automatic (GSPMD) axis types.
+    """A mesh over `MESH_AXES` (every axis, size 1 where unused) with automatic (GSPMD) axis types.
 
     One process: a mesh smaller than the visible devices uses the first ones (e.g. `{data: 1}`
     for one device). Several processes: the mesh must use every device, and processes are laid
     out outermost on the batch axes (data, then fsdp), so each process holds one contiguous
     block of batch rows, which is exactly the share `HostLoader` reads.
     """
-    dims = tuple(shape[a] for a in MESH_AXES)
+    dims = tuple(shape.get(a, 1) for a in MESH_AXES)
     types = (AxisType.Auto,) * len(MESH_AXES)
     devices = list(devices if devices is not None else jax.devices())
     n_proc = len({d.process_index for d in devices})
@@ -145,19 +157,22 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     return Mesh(grid, MESH_AXES, axis_types=types)
 
 
-def _process_grid(shape: Mapping[str, int], n_proc: int) -> tuple[int, int, int]:
-    """How the processes split each mesh axis: data first, then fsdp; never tensor."""
-    on_data = math.gcd(shape["data"], n_proc)
+def _process_grid(shape: Mapping[str, int], n_proc: int) -> tuple[int, ...]:
+    """How the processes split each mesh axis (in `MESH_AXES` order): data first, then fsdp; no other."""
+    on_data = math.gcd(shape.get("data", 1), n_proc)
     rest = n_proc // on_data
+    grid = dict.fromkeys(MESH_AXES, 1)
+    grid["data"] = on_data
     if rest == 1:
-        return (on_data, 1, 1)
-    if on_data == shape["data"] and shape["fsdp"] % rest == 0:
-        return (on_data, rest, 1)
+        return tuple(grid.values())
+    if on_data == shape.get("data", 1) and shape.get("fsdp", 1) % rest == 0:
+        grid["fsdp"] = rest
+        return tuple(grid.values())
     raise ConfigError(
         f"`mesh_shape` {dict(shape)} cannot be split over {n_proc} processes: each process loads its own "
         f"rows, so the batch axes ('data', 'fsdp') must split over processes (make `data` a multiple of "
-        f"{n_proc}, or data a divisor of it and fsdp a multiple of the rest); mesh axis 'tensor' stays "
-        "within a process")
+        f"{n_proc}, or data a divisor of it and fsdp a multiple of the rest); mesh axes 'stage', 'expert', "
+        "'sequence' and 'tensor' stay within a process")
 
 
 def logical_to_mesh_spec(logical: P, rules: Rules = DEFAULT_RULES) -> P:
@@ -182,13 +197,20 @@ def param_shardings(logical_specs: Any, abstract_params: Any, mesh: Mesh, rules:
     problems: list[str] = []
 
     def one(path: Any, spec: P, shape_dtype: Any) -> NamedSharding:
-        mesh_spec = logical_to_mesh_spec(spec, rules)
+        mesh_spec = on_mesh(logical_to_mesh_spec(spec, rules), mesh)
         for dim, axes, logical in zip(shape_dtype.shape, mesh_spec, spec):
             size = _axis_size(mesh, axes)
             if dim % size:
                 name = jax.tree_util.keystr(path, simple=True, separator="/")
-                problems.append(f"parameter `{name}` dimension `{logical}`={dim} does not divide over mesh "
-                                f"axis {axes!r} of size {size}")
+                if logical == "layers":  # one message per layer stack, not one per weight in it
+                    stack = name.rsplit("/layer/", 1)[0]
+                    problem = (f"{dim} layers of `{stack}` do not split evenly into {size} pipeline stages "
+                               f"(mesh axis {axes!r} of size {size}); use a layer count that is a multiple of {size}")
+                else:
+                    problem = (f"parameter `{name}` dimension `{logical}`={dim} does not divide over mesh "
+                               f"axis {axes!r} of size {size}")
+                if problem not in problems:
+                    problems.append(problem)
         return NamedSharding(mesh, mesh_spec)
 
     out = jax.tree_util.tree_map_with_path(one, logical_specs, abstract_params, is_leaf=lambda x: isinstance(x, P))
@@ -198,17 +220,46 @@ def param_shardings(logical_specs: Any, abstract_params: Any, mesh: Mesh, rules:
     return out
 
 
+def bytes_per_device(shardings: Any, abstract: Any) -> dict[jax.Device, int]:
+    """Bytes of `abstract` (shapes and dtypes) each device holds under `shardings`, from shapes alone."""
+    held: dict[jax.Device, int] = {}
+    for sharding, leaf in zip(jax.tree.leaves(shardings), jax.tree.leaves(abstract)):
+        itemsize = np.dtype(leaf.dtype).itemsize
+        for device, index in sharding.devices_indices_map(tuple(leaf.shape)).items():
+            count = math.prod(len(range(*s.indices(n))) for s, n in zip(index, leaf.shape))
+            held[device] = held.get(device, 0) + count * itemsize
+    return held
+
+
+def describe_param_bytes(shardings: Any, abstract: Any, mesh: Mesh) -> str:
+    """One line: parameter bytes per device against the whole model, for the run log."""
+    held = bytes_per_device(shardings, abstract)
+    total = sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(abstract))
+    used = {a: n for a, n in mesh.shape.items() if n > 1} or {"data": 1}
+    return (f"parameters: {max(held.values())} bytes per device (min {min(held.values())}) of {total} in all, "
+            f"on mesh {used}")
+
+
+def on_mesh(spec: P, mesh: Mesh) -> P:
+    """`spec` without the axes `mesh` lacks (a hand-built mesh of fewer axes treats them as size 1)."""
+    out = []
+    for axes in spec:
+        kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.shape)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return P(*out)
+
+
 def _axis_size(mesh: Mesh, axes: Any) -> int:
     if axes is None:
         return 1
     names = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in names)
+    return math.prod(dict(mesh.shape).get(a, 1) for a in names)
 
 
 def batch_sharding(mesh: Mesh, leading_micro_axis: bool) -> NamedSharding:
     """Rows over data and fsdp; the micro-batch axis of accumulation stays whole."""
     spec = P(None, BATCH_AXES) if leading_micro_axis else P(BATCH_AXES)
-    return NamedSharding(mesh, spec)
+    return NamedSharding(mesh, on_mesh(spec, mesh))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -263,7 +314,21 @@ class ActivationSharding:
         """
         return self._pin(weight, logical_to_mesh_spec(P(*logical), without_axis(self.rules, "fsdp")))
 
+    def check_sequence_length(self, length: int) -> None:
+        """Refuse (at trace time, before XLA compiles) a length the `sequence` axis does not split.
+
+        Every other constraint silently falls back to a free layout; here that would quietly turn
+        sequence parallelism off (each device holding the whole sequence), so it is an error.
+        """
+        axes = logical_to_mesh_spec(P("length"), self.rules)[0]
+        size = _axis_size(self.mesh, axes)
+        if length % size:
+            raise ConfigError(f"sequence length {length} does not divide over mesh axis {axes!r} of size {size} "
+                              f"(sequence parallelism); pad or bucket the rows to a multiple of {size} "
+                              "(e.g. `data.block_size`, `pad_to_multiple_of`) or change `mesh_shape`")
+
     def _pin(self, x: jax.Array, spec: P) -> jax.Array:
+        spec = on_mesh(spec, self.mesh)
         fitted = [axes if dim % _axis_size(self.mesh, axes) == 0 else None for dim, axes in zip(x.shape, spec)]
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*fitted)))
 
@@ -274,7 +339,7 @@ def check_batch_rows(rows: int, mesh: Mesh, *, what: str) -> None:
     if rows % dp:
         raise ConfigError(
             f"{what}: a batch of {rows} rows does not divide over mesh axes {BATCH_AXES} of size {dp} "
-            f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); make the global micro-batch "
+            f"({' x '.join(f'{a}={_axis_size(mesh, a)}' for a in BATCH_AXES)}); make the global micro-batch "
             f"(per_device batch size x {dp}) a multiple of {dp}")
 
 

@@ -17,7 +17,7 @@ from jtrain import ConfigError, Trainer, TrainerCallback, TrainingArguments
 from jtrain.compiled import build_compiled_steps
 from jtrain.data.loader import ArrayDataset, HostLoader
 from jtrain.models import create_model
-from jtrain.sharding import make_mesh, resolve_mesh_shape, sharding_rules
+from jtrain.sharding import MESH_AXES, make_mesh, resolve_mesh_shape, sharding_rules
 from tiny import TINY_LLAMA, lm_rows, tiny_llama
 
 STEPS, ACCUM, GLOBAL_MICRO = 5, 2, 8
@@ -87,7 +87,7 @@ def run_mesh(tmp_path_factory, start_params, dataset):
 def test_mesh_trains_like_one_device(run_mesh, name):
     _, reference = run_mesh("single")
     trainer, losses = run_mesh(name)
-    assert dict(trainer.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1, **MESHES[name]}
+    assert dict(trainer.mesh.shape) == {**dict.fromkeys(MESH_AXES, 1), **MESHES[name]}
     rel = np.abs(np.array(losses) - reference) / np.abs(reference)
     print(f"{name}: losses {np.round(losses, 6).tolist()}, max relative delta vs one device {rel.max():.2e}")
     assert len(losses) == STEPS and losses[-1] < losses[0]
@@ -133,7 +133,7 @@ def test_indivisible_batch_rows_are_refused_before_compiling():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 1})
     steps = build_compiled_steps(tiny_llama(), mesh, _sgd(), 1e-2, _no_loss, seed=0)
     rows = {"input_ids": np.zeros((1, 6, 8), np.int32)}
-    with pytest.raises(ConfigError, match=r"6 rows does not divide over mesh axes \('data', 'fsdp'\) of size 4"):
+    with pytest.raises(ConfigError, match=r"6 rows does not divide over mesh axes \('data', 'fsdp', 'expert'\) of size 4"):
         steps.place_train_batch(rows)
     assert steps.compile_log.counts == {}
 
@@ -149,10 +149,11 @@ def _no_loss(outputs, batch):  # never traced: the batch is refused first
 
 
 def test_hybrid_shard_puts_hosts_on_data_and_a_host_on_fsdp():
-    assert resolve_mesh_shape({}, "hybrid_shard", 8, local_devices=8) == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert resolve_mesh_shape({}, "hybrid_shard", 16, local_devices=4) == {"data": 4, "fsdp": 4, "tensor": 1}
-    assert resolve_mesh_shape({}, "full_shard", 8) == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert resolve_mesh_shape({}, "", 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    ones = dict.fromkeys(MESH_AXES, 1)  # every axis is in the shape; unused ones have size 1
+    assert resolve_mesh_shape({}, "hybrid_shard", 8, local_devices=8) == {**ones, "data": 1, "fsdp": 8}
+    assert resolve_mesh_shape({}, "hybrid_shard", 16, local_devices=4) == {**ones, "data": 4, "fsdp": 4}
+    assert resolve_mesh_shape({}, "full_shard", 8) == {**ones, "data": 1, "fsdp": 8}
+    assert resolve_mesh_shape({}, "", 8) == {**ones, "data": 8}
     with pytest.raises(ConfigError, match="mesh axis 'data' cannot be filled"):
         resolve_mesh_shape({"data": -1, "tensor": 3}, "", 8)
 
@@ -198,8 +199,11 @@ def test_activation_constraints_keep_activations_batch_split(run_mesh, dataset):
 def test_processes_split_the_batch_axes_never_tensor():
     from jtrain.sharding import _process_grid
 
-    assert _process_grid({"data": 2, "fsdp": 4, "tensor": 1}, 2) == (2, 1, 1)  # hybrid: hosts on data
-    assert _process_grid({"data": 1, "fsdp": 8, "tensor": 1}, 2) == (1, 2, 1)  # full_shard across hosts
-    assert _process_grid({"data": 2, "fsdp": 2, "tensor": 2}, 4) == (2, 2, 1)
-    with pytest.raises(ConfigError, match="mesh axis 'tensor' stays within a process"):
+    def grid(**split):  # processes per mesh axis, in MESH_AXES order
+        return tuple(split.get(a, 1) for a in MESH_AXES)
+
+    assert _process_grid({"data": 2, "fsdp": 4, "tensor": 1}, 2) == grid(data=2)  # hybrid: hosts on data
+    assert _process_grid({"data": 1, "fsdp": 8, "tensor": 1}, 2) == grid(fsdp=2)  # full_shard across hosts
+    assert _process_grid({"data": 2, "fsdp": 2, "tensor": 2}, 4) == grid(data=2, fsdp=2)
+    with pytest.raises(ConfigError, match="'tensor' stay within a process"):
         _process_grid({"data": 1, "fsdp": 1, "tensor": 8}, 2)

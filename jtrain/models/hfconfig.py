@@ -14,7 +14,8 @@ from typing import Any, ClassVar, Mapping, TypeVar
 
 from jtrain.errors import ConfigError
 
-JTRAIN_OPTIONS = ("dtype", "attention_impl", "remat_policy", "scan_layers")
+JTRAIN_OPTIONS = ("dtype", "attention_impl", "remat_policy", "scan_layers", "pipeline_stages",
+                  "pipeline_microbatches")
 # Keys that save_pretrained writes itself, or that describe a checkpoint rather than a model.
 _WRITTEN_BY_SAVE = ("architectures", "dtype", "torch_dtype", "transformers_version", "model_type",
                     "num_labels", "id2label", "label2id", "_name_or_path")
@@ -36,6 +37,12 @@ class HFConfig:
     attention_impl: str = "xla"
     remat_policy: str | None = None
     scan_layers: bool = False
+    # Pipeline parallelism (`jtrain.pipeline_parallel`): set from the mesh's `stage` axis by
+    # `jtrain.compiled`, never by hand; 1 = the plain layer stack. Needs `scan_layers`.
+    pipeline_stages: int = 1
+    # Micro-batches per pipelined forward (GPipe's M); None = 2 x stages. The bubble (idle share
+    # of each stage) is (S - 1) / (M + S - 1); M must divide the rows of each step's micro-batch.
+    pipeline_microbatches: int | None = None
     extra: dict = field(default_factory=dict)
 
     # Fields a given model_type does not have in HF (so they are not written for it).

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jtrain.errors import ConfigError
+from jtrain.pipeline_parallel import check_stages, gpipe, microbatch_count, split_stages
 
 Initializer = Callable[..., jax.Array]
 
@@ -130,19 +131,64 @@ def run_layers(layer_cls: type[nn.Module], cfg: Any, train: bool, h: jax.Array, 
     """Apply `num_layers` layers `layer_cls(cfg, train)(h, idx, *args)`.
 
     Unscanned layers are named `{name}_{i}` (HF's `{name}.{i}`); scanned ones are stacked under
-    `{name}/layer` with a leading `layers` logical axis. Must be called inside a compact method.
+    `{name}/layer` with a leading `layers` logical axis. With `cfg.pipeline_stages` > 1 (set from
+    the mesh's `stage` axis) the same stacked params run as a GPipe pipeline; init always takes
+    the plain scan, so the params layout never depends on the mesh. Must be called inside a
+    compact method.
     """
     cls = layer_class(layer_cls, remat_policy)
+    stages = getattr(cfg, "pipeline_stages", 1)
+    if stages > 1 and not scan:
+        raise ConfigError(f"pipeline_stages={stages} needs stacked layers: set `scan_layers=True`")
     if scan:
         scanned = nn.scan(
             _ScanStep, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast), length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        h, _ = scanned(cls, cfg, train, name=name)(h, jnp.arange(num_layers), args)
+        )(cls, cfg, train, name=name)
+        if stages > 1 and not scanned.is_initializing():
+            return _run_pipelined(scanned, cls, cfg, train, h, args, num_layers=num_layers, stages=stages)
+        h, _ = scanned(h, jnp.arange(num_layers), args)
         return h
     for i in range(num_layers):
         h = cls(cfg, train, name=f"{name}_{i}")(h, i, *args)
     return h
+
+
+def _run_pipelined(scanned: nn.Module, cls: type[nn.Module], cfg: Any, train: bool, h: jax.Array, args: tuple,
+                   *, num_layers: int, stages: int) -> jax.Array:
+    """The scanned stack run as a GPipe pipeline over `stages` (see `jtrain.pipeline_parallel`).
+
+    Reads the same stacked params [layers, ...] the plain scan creates (so checkpoints do not
+    care whether a run was pipelined) and applies one layer at a time as a pure function. Per-row
+    arguments (arrays of rank >= 2 whose leading dimension is the batch: masks, positions) are
+    split into micro-batches with the hidden states; the rest (rotary frequencies) is shared.
+    """
+    B = h.shape[0]
+    micro = microbatch_count(stages, getattr(cfg, "pipeline_microbatches", None))
+    check_stages(num_layers, stages, B, micro)
+    per_stage = num_layers // stages
+    per_row = tuple(a is not None and a.ndim >= 2 and a.shape[0] == B for a in args)
+    row_args = tuple(a for a, r in zip(args, per_row) if r)
+    base_rng = scanned.make_rng("dropout") if train and scanned.has_rng("dropout") else None
+    layer = cls(cfg, train, parent=None)  # unbound: applied as a pure function of one layer's params
+
+    def stage_fn(params: Any, h_stage: jax.Array, rows: tuple, stage: jax.Array, micro_idx: jax.Array) -> jax.Array:
+        it = iter(rows)
+        layer_args = tuple(next(it) if r else a for a, r in zip(args, per_row))
+
+        def one(h_in: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
+            layer_params, j = xs
+            idx = stage * per_stage + j
+            rngs = None if base_rng is None else {"dropout": jax.random.fold_in(jax.random.fold_in(base_rng, idx),
+                                                                                micro_idx)}
+            return layer.apply({"params": layer_params}, h_in, idx, *layer_args, rngs=rngs), None
+
+        return jax.lax.scan(one, h_stage, (params, jnp.arange(per_stage)))[0]
+
+    sharding = getattr(cfg, "activation_sharding", None)
+    stacked = scanned.variables["params"]["layer"]
+    return gpipe(stage_fn, split_stages(stacked, stages), h, row_args, stages=stages, microbatches=micro,
+                 constrain=sharding)
 
 
 def positions_within_segments(segment_ids_BL: jax.Array) -> jax.Array:

@@ -1,0 +1,109 @@
+"""Pipeline parallelism: a GPipe schedule over the `stage` axis inside the one compiled step.
+
+The tiny Llama (4 scanned layers, 2 per stage) trains 4 updates on `stage: 2 x data: 2 x
+tensor: 2` (8 fake devices) and must report the single-device losses; each stage's devices
+hold only their own layers, and the stages hand activations on by collective-permute.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from jtrain import ConfigError, Trainer, TrainerCallback, TrainingArguments
+from jtrain.data.loader import ArrayDataset, HostLoader
+from jtrain.models import create_model
+from jtrain.pipeline_parallel import bubble_fraction, from_microbatches, to_microbatches
+from tiny import TINY_LLAMA, lm_rows
+
+STEPS, ACCUM, GLOBAL_MICRO = 4, 2, 8
+PP_MESH = {"stage": 2, "data": 2, "tensor": 2}
+LAYERS = 4
+# Same float32 math in a different order: tensor-split matmuls and the row-split gradient sum
+# partial products across devices (a few ulp each; eps 1.2e-7); the pipeline itself only moves
+# activations and adds no arithmetic. Four Adam updates at lr 1e-2 carry those differences into
+# later losses; rtol 2e-6 (~16 ulp, as tests/test_parallel.py) bounds that. A schedule bug (a
+# micro-batch skipped or run through the wrong stage's layers) moves the loss by 1e-2 or more.
+LOSS_RTOL = 2e-6
+
+
+class _Losses(TrainerCallback):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_optimizer_step(self, args, state, control, metrics=None, **kwargs):
+        self.losses.append(float(metrics["loss"]))
+
+
+def _model(layers: int = LAYERS):
+    return create_model("llama", {**TINY_LLAMA, "num_hidden_layers": layers}, scan_layers=True)
+
+
+def _args(tmp_path, mesh_shape):
+    dp = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+    return TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=GLOBAL_MICRO // dp,
+        gradient_accumulation_steps=ACCUM, learning_rate=1e-2, logging_steps=STEPS, save_strategy="no",
+        disable_tqdm=True, mesh_shape=mesh_shape)
+
+
+def _train(tmp_path, mesh_shape, params):
+    record = _Losses()
+    trainer = Trainer(_model(), _args(tmp_path, mesh_shape), train_dataset=ArrayDataset(lm_rows(64, 16, seed=0)),
+                      callbacks=[record], params=params)
+    trainer.train()
+    return trainer, record.losses
+
+
+def test_stage2_data2_tensor2_trains_like_one_device(tmp_path):
+    params = jax.device_get(_model().init(jax.random.key(0)))
+    _, reference = _train(tmp_path / "single", {"data": 1}, params)
+    trainer, losses = _train(tmp_path / "pp", PP_MESH, params)
+    rel = np.abs(np.array(losses) - reference) / np.abs(reference)
+    print(f"stage 2 x data 2 x tensor 2: losses {np.round(losses, 6).tolist()}, max relative delta {rel.max():.2e}")
+    assert len(losses) == STEPS and losses[-1] < losses[0]
+    np.testing.assert_allclose(losses, reference, rtol=LOSS_RTOL)
+    assert trainer.steps.compile_log.counts["train"] == 1
+
+    # Each device holds half the layer stack (its stage's 2 layers), split again over tensor.
+    q = trainer.train_state.params["model"]["layers"]["layer"]["self_attn"]["q_proj"]["kernel"]  # [4, 32, 4, 8]
+    shard_shapes = {tuple(s.data.shape) for s in q.addressable_shards}
+    assert shard_shapes == {(LAYERS // 2, 32, 2, 8)}
+    stage_of = {s.device: s.index[0].start for s in q.addressable_shards}
+    assert sorted(set(stage_of.values())) == [0, 2]  # layers 0-1 on one stage's devices, 2-3 on the other's
+
+    # Stages hand activations on (collective-permute) and never gather each other's layers: the
+    # only all-gathers are the loss's per-token statistics over the tensor-split vocabulary
+    # ([rows, length - 1 = 15, tensor = 2]: the max and argmax of each vocabulary shard), no weight.
+    loader = HostLoader(ArrayDataset(lm_rows(64, 16, seed=0)), global_batch_size=GLOBAL_MICRO * ACCUM,
+                        accum_steps=ACCUM)
+    batch = trainer.steps.place_train_batch(loader.host_batch(0, 0))
+    hlo = trainer.steps.train_step.lower(trainer.train_state, batch).compile().as_text()  # a compile-cache hit
+    assert "collective-permute" in hlo
+    gathered = re.findall(r"= (\w+)\[([\d,]*)\]\S* all-gather\(", hlo)
+    assert all(dims.split(",")[1:] == ["15", "2"] for _, dims in gathered), gathered
+
+
+def test_microbatches_keep_rows_on_their_devices_and_round_trip():
+    x = np.arange(8 * 3).reshape(8, 3)
+    micro = to_microbatches(x, 4)
+    assert micro.shape == (4, 2, 3) and micro[1, :, 0].tolist() == [3, 15]  # rows 1 and 5: one per half
+    np.testing.assert_array_equal(from_microbatches(micro), x)
+    assert bubble_fraction(2, 4) == pytest.approx(1 / 5)
+
+
+def test_layer_count_not_splitting_into_stages_is_refused(tmp_path):
+    trainer = Trainer(_model(layers=3), _args(tmp_path, PP_MESH), train_dataset=ArrayDataset(lm_rows(16, 8)))
+    with pytest.raises(ConfigError, match=r"3 layers of `model/layers` do not split evenly into 2 pipeline stages"):
+        trainer.train()
+    assert trainer.steps is None  # refused from abstract shapes, before anything was compiled
+
+
+def test_pipeline_needs_scanned_layers(tmp_path):
+    model = create_model("llama", TINY_LLAMA)
+    trainer = Trainer(model, _args(tmp_path, PP_MESH), train_dataset=ArrayDataset(lm_rows(16, 8)))
+    with pytest.raises(ConfigError, match=r"needs stacked layers: set `model.scan_layers: true`"):
+        trainer.train()
