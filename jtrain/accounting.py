@@ -19,11 +19,20 @@ class StepPlan:
     num_train_epochs: int
 
 
-def plan_steps(*, per_device_batch: int, data_parallel: int, accum: int, num_rows: int,
+def plan_steps(*, per_device_batch: int, data_parallel: int, accum: int, num_rows: int | None,
                max_steps: int, num_train_epochs: float, drop_last: bool) -> StepPlan:
-    """`max_steps` > 0 wins; otherwise ceil(epochs x updates per epoch), as HF's Trainer does."""
+    """`max_steps` > 0 wins; otherwise ceil(epochs x updates per epoch), as HF's Trainer does.
+
+    A stream (`num_rows` None) has no epochs of known size: as HF, it needs `max_steps`, and the
+    run is one epoch of `max_steps` updates (the stream restarts when it ends).
+    """
     micro = per_device_batch * data_parallel
     global_batch = micro * accum
+    if num_rows is None:
+        if max_steps <= 0:
+            raise ConfigError("the training dataset has no length (a streaming IterableDataset or an iterable of "
+                              "rows), so the number of updates is unknown: set `max_steps` (as HF's Trainer requires)")
+        return StepPlan(global_batch, micro, max_steps, max_steps, 1)
     per_epoch = num_rows // global_batch if drop_last else math.ceil(num_rows / global_batch)
     if per_epoch == 0:
         raise ConfigError(f"the training set has {num_rows} rows, fewer than one batch of {global_batch} "

@@ -68,11 +68,11 @@ class TrainingArguments:
     save_only_model: bool = _f(False, "Checkpoints hold the params only (no optimizer state).")
     seed: int = _f(42, "Seed for initialisation, dropout and data order.")
     data_seed: int | None = _f(None, "Seed for data order only (default: seed).")
-    bf16: bool = _f(False, "Compute in bfloat16 with float32 master weights.")
-    fp16: bool = _f(False, "Compute in float16 with dynamic loss scaling.")
-    bf16_full_eval: bool = _f(False, "Evaluate fully in bfloat16.")
-    fp16_full_eval: bool = _f(False, "Evaluate fully in float16.")
-    tf32: bool | None = _f(None, "Allow TF32-class matmul precision on GPUs.")
+    bf16: bool = _f(False, "Compute in bfloat16; float32 master weights, optimizer state, logits and loss.")
+    fp16: bool = _f(False, "Compute in float16 with dynamic loss scaling (init 2**16, GradScaler's rules).")
+    bf16_full_eval: bool = _f(False, "Evaluate with the params cast to bfloat16.")
+    fp16_full_eval: bool = _f(False, "Evaluate with the params cast to float16.")
+    tf32: bool | None = _f(None, "Matmul precision: true = tensorfloat32, false = highest, unset = JAX's default.")
     eval_steps: int | float | None = _f(None, "Updates between evaluations (default logging_steps).")
     dataloader_drop_last: bool = _f(False, "Drop the last incomplete training batch.")
     dataloader_num_workers: int = _f(0, "Background threads preparing batches (0: one prefetch thread).")
@@ -92,22 +92,24 @@ class TrainingArguments:
     train_sampling_strategy: str = _f("random", "random | sequential | group_by_length.")
     report_to: list[str] = _f(["none"], "Loggers: none | jsonl | tensorboard | wandb | mlflow | all.")
     resume_from_checkpoint: str | None = _f(None, "Checkpoint to resume from ('true' = latest).")
-    gradient_checkpointing: bool = _f(False, "Rematerialise activations in the backward pass.")
-    gradient_checkpointing_kwargs: dict | None = _f(None, "Remat options, e.g. {policy: dots_saveable}.")
+    gradient_checkpointing: bool = _f(False, "Rematerialise each layer's activations in the backward pass.")
+    gradient_checkpointing_kwargs: dict | None = _f(None, "Remat policy: {policy: full | dots_saveable | "
+                                                    "nothing_saveable | ...} (default full).")
     include_num_input_tokens_seen: bool = _f(False, "Track num_input_tokens_seen in the state.")
     neftune_noise_alpha: float | None = _f(None, "NEFTune embedding noise (training only).")
     label_smoothing_factor: float = _f(0.0, "Label smoothing of the cross-entropy.")
     eval_on_start: bool = _f(False, "Evaluate once before the first update.")
-    auto_find_batch_size: bool = _f(False, "Shrink the batch until the compiled step fits.")
-    skip_memory_metrics: bool = _f(True, "Skip peak-memory metrics.")
+    auto_find_batch_size: bool = _f(False, "Shrink the per-device batch to the largest whose compiled step fits.")
+    skip_memory_metrics: bool = _f(True, "Skip the per-phase memory metrics (init/train/eval_mem_*).")
     include_for_metrics: list[str] = _f([], "Extra inputs for compute_metrics: inputs | loss.")
     # jtrain-only fields.
     mesh_shape: dict = _f({}, "jtrain: mesh axes, e.g. {data: -1, fsdp: 2, tensor: 2}.")
     fsdp: str = _f("", "jtrain: HF-style shortcut: full_shard | shard_grad_op | hybrid_shard.")
     nonfinite_policy: str = _f("error", "jtrain: on a non-finite loss/grad: error | skip.")
     length_buckets: list[int] | None = _f(None, "jtrain: padded lengths allowed (bounds recompiles).")
-    compilation_cache_dir: str | None = _f(None, "jtrain: persistent XLA compilation cache.")
-    max_device_memory_bytes: int | None = _f(None, "jtrain: memory budget per device for planning.")
+    compilation_cache_dir: str | None = _f(None, "jtrain: persistent XLA compilation cache directory.")
+    max_device_memory_bytes: int | None = _f(None, "jtrain: memory budget per device for planning (and for "
+                                             "auto_find_batch_size); the device's own limit applies too.")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -163,6 +165,13 @@ def _validate(a: TrainingArguments) -> None:
         value = getattr(a, name)
         need(value in allowed, f"`{name}` must be one of {list(allowed)}, got {value!r}")
     need(not (a.bf16 and a.fp16), "`bf16` and `fp16` are both set: choose one")
+    need(not (a.bf16_full_eval and a.fp16_full_eval), "`bf16_full_eval` and `fp16_full_eval` are both set: choose one")
+    need(a.max_device_memory_bytes is None or a.max_device_memory_bytes > 0,
+         f"`max_device_memory_bytes` must be > 0 (or unset), got {a.max_device_memory_bytes}")
+    if a.gradient_checkpointing_kwargs is not None:
+        from jtrain.memory import remat_policy_from_args
+
+        remat_policy_from_args(True, a.gradient_checkpointing_kwargs)  # raises ConfigError naming the bad key
     need(a.save_strategy != "best" or a.metric_for_best_model, "save_strategy 'best' needs `metric_for_best_model`")
     if a.load_best_model_at_end:
         need(a.eval_strategy != "no", "`load_best_model_at_end` needs an `eval_strategy` other than 'no'")

@@ -142,7 +142,13 @@ def _state_tree(state: TrainState) -> dict:
     }
     if state.frozen:
         tree["frozen"] = state.frozen
+    if state.loss_scale is not None:  # fp16's dynamic loss scale resumes where it was
+        tree["loss_scale"] = _loss_scale_tree(state.loss_scale)
     return tree
+
+
+def _loss_scale_tree(loss_scale: Any) -> dict:
+    return {"scale": loss_scale.scale, "good_steps": loss_scale.good_steps, "overflows": loss_scale.overflows}
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -278,10 +284,13 @@ def restore_state(path: str, target: TrainState, params_only: bool = False) -> T
         raise CheckpointError(f"cannot restore checkpoint {path!r}: {type(err).__name__}: {_one_line(err)}") from err
     if params_only:
         return target.replace(params=restored["params"])
+    loss_scale = target.loss_scale
+    if "loss_scale" in restored:
+        loss_scale = loss_scale.replace(**restored["loss_scale"])
     return target.replace(
         step=restored["step"], params=restored["params"], opt_state=restored["opt_state"],
         rng=jax.random.wrap_key_data(restored["rng"]), lr_factor=restored["lr_factor"],
-        skipped=restored["skipped"], frozen=restored.get("frozen", target.frozen),
+        skipped=restored["skipped"], frozen=restored.get("frozen", target.frozen), loss_scale=loss_scale,
     )
 
 
@@ -306,6 +315,8 @@ def _state_tree_abstract(target: TrainState, params_only: bool) -> dict:
     }
     if target.frozen:
         tree["frozen"] = jax.tree.map(abstract, target.frozen)
+    if target.loss_scale is not None:
+        tree["loss_scale"] = jax.tree.map(abstract, _loss_scale_tree(target.loss_scale))
     return tree
 
 

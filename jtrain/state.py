@@ -4,6 +4,7 @@ It is the only argument (with the batch) of the compiled step and is donated to 
 host callback may change at run time (the learning-rate factor of plateau schedules) live here
 as arrays, so changing them never recompiles the step. Params that are not trained (a LoRA
 base, frozen layers) live in `frozen`: passed to the step, never differentiated or optimised.
+Under fp16, `loss_scale` holds the dynamic loss scale (`jtrain.precision.LossScale`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class TrainState(flax.struct.PyTreeNode):
     lr_factor: jax.Array  # float32 scalar multiplying every update (1.0 unless a plateau lowers it)
     skipped: jax.Array  # int32 scalar: updates skipped because of non-finite values
     frozen: Any = None  # params outside the optimizer (see jtrain.param_split); None when all train
+    loss_scale: Any = None  # jtrain.precision.LossScale under fp16 (dynamic loss scaling); None otherwise
 
     def full_params(self) -> Any:
         """The whole params tree the model applies (trainable and frozen parts combined)."""
@@ -33,10 +35,11 @@ class TrainState(flax.struct.PyTreeNode):
 
     @classmethod
     def create(cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array,
-               frozen: Any = None) -> "TrainState":
+               frozen: Any = None, loss_scale: Any = None) -> TrainState:
         """Fresh state; call under `jax.jit` with out_shardings to create it already sharded.
 
-        `params` are the trainable params only; `frozen` the rest of the tree, if any."""
+        `params` are the trainable params only; `frozen` the rest of the tree, if any;
+        `loss_scale` a `jtrain.precision.LossScale` to train with dynamic loss scaling (fp16)."""
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -45,4 +48,5 @@ class TrainState(flax.struct.PyTreeNode):
             lr_factor=jnp.ones((), jnp.float32),
             skipped=jnp.zeros((), jnp.int32),
             frozen=frozen,
+            loss_scale=loss_scale,
         )

@@ -15,6 +15,7 @@ Example (a research loop without the Trainer)::
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -23,6 +24,7 @@ import optax
 
 from jtrain.losses import LossOutput
 from jtrain.param_split import combine
+from jtrain.precision import cast_floating
 from jtrain.state import TrainState
 
 ApplyFn = Callable[..., Mapping[str, jax.Array]]
@@ -31,34 +33,42 @@ Batch = Mapping[str, jax.Array]
 
 
 def _loss_and_grads(apply_fn: ApplyFn, loss_fn: LossFn, params: Any, batch: Batch, rng: jax.Array,
-                    frozen: Any = None):
+                    frozen: Any = None, scale: jax.Array | None = None):
+    """(loss output, gradients of the summed loss); with `scale`, of the summed loss x scale."""
+
     def summed(p: Any) -> tuple[jax.Array, LossOutput]:
         out = loss_fn(apply_fn(combine(p, frozen), batch, rng=rng, train=True), batch)
-        return out.loss_sum, out
+        return (out.loss_sum if scale is None else out.loss_sum * scale), out
 
     (_, out), grads = jax.value_and_grad(summed, has_aux=True)(params)
     return out, grads
 
 
 def accumulate_gradients(apply_fn: ApplyFn, loss_fn: LossFn, params: Any, batch: Batch, rng: jax.Array,
-                         frozen: Any = None):
+                         frozen: Any = None, scale: jax.Array | None = None):
     """Sum loss, weight, stats and gradients over the leading micro-batch axis with `lax.scan`.
 
     Gradients are taken with respect to `params` only; `frozen` (see `jtrain.param_split`) is
-    combined with them for the forward pass and gets no gradient."""
+    combined with them for the forward pass and gets no gradient. With a loss `scale` (fp16
+    loss scaling) the gradients are those of the scaled loss; the returned loss is unscaled."""
     k = jax.tree.leaves(batch)[0].shape[0]
 
     def body(carry, xs):
         i, micro = xs
-        out, grads = _loss_and_grads(apply_fn, loss_fn, params, micro, jax.random.fold_in(rng, i), frozen)
+        out, grads = _loss_and_grads(apply_fn, loss_fn, params, micro, jax.random.fold_in(rng, i), frozen, scale)
         return jax.tree.map(jnp.add, carry, (out, grads)), None
 
     first_out, first_grads = jax.eval_shape(
-        lambda: _loss_and_grads(apply_fn, loss_fn, params, jax.tree.map(lambda x: x[0], batch), rng, frozen)
+        lambda: _loss_and_grads(apply_fn, loss_fn, params, jax.tree.map(lambda x: x[0], batch), rng, frozen, scale)
     )
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (first_out, first_grads))
     (out, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), batch))
     return out, grads
+
+
+def matmul_precision_scope(precision: str | None) -> contextlib.AbstractContextManager:
+    """JAX's default matmul precision while tracing a step (HF's `tf32`); a no-op for None."""
+    return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
 
 
 def make_train_step(
@@ -67,36 +77,61 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     lr_schedule: Callable[[jax.Array], jax.Array] | float | None = None,
+    matmul_precision: str | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build the pure train step. Non-finite updates are never applied: the step keeps the old
     params and optimizer state, counts the skip, and reports `nonfinite`; the host decides
-    whether that stops training (the default) or is only counted."""
+    whether that stops training (the default) or is only counted.
+
+    A state with a `loss_scale` (`jtrain.precision.LossScale`, fp16) trains with dynamic loss
+    scaling: an overflow of the scaled gradients skips the update, halves the scale and is
+    reported as `overflow`, not `nonfinite` (see `jtrain.precision` for when it still is).
+    `matmul_precision` is JAX's default matmul precision inside the step (HF's `tf32`)."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        with matmul_precision_scope(matmul_precision):
+            return _train_step(state, batch)
+
+    def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
-        out, grad_sums = accumulate_gradients(apply_fn, loss_fn, state.params, batch, step_rng, state.frozen)
+        scaler = state.loss_scale
+        scale = None if scaler is None else scaler.scale
+        out, grad_sums = accumulate_gradients(apply_fn, loss_fn, state.params, batch, step_rng, state.frozen, scale)
         denom = jnp.maximum(out.weight, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grad_sums)
+        grad_denom = denom if scale is None else denom * scale
+        grads = jax.tree.map(lambda g: g / grad_denom, grad_sums)
         loss = out.loss_sum / denom
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         updates = jax.tree.map(lambda u: u * state.lr_factor.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        extra: dict = {}
+        nonfinite = ~finite
+        new_scaler = None
+        if scaler is not None:
+            overflow = jnp.isfinite(loss) & ~jnp.isfinite(grad_norm)
+            # An overflow is expected under fp16; only a non-finite loss, or an overflow at the
+            # floor of the scale, means the run diverged (see jtrain.precision).
+            nonfinite = ~jnp.isfinite(loss) | (overflow & (scale <= scaler.min_scale))
+            new_scaler = scaler.update(~overflow)
+            extra = {"loss_scale": scale, "overflow": overflow.astype(jnp.int32)}
         new_state = state.replace(
             step=state.step + 1,
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
             rng=rng,
             skipped=state.skipped + (~finite).astype(jnp.int32),
+            loss_scale=new_scaler,
         )
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
             "learning_rate": _learning_rate(lr_schedule, state.step) * state.lr_factor,
             "num_tokens": out.weight,
-            "nonfinite": (~finite).astype(jnp.int32),
+            "nonfinite": nonfinite.astype(jnp.int32),
+            **extra,
             **{k: v for k, v in out.stats.items()},
         }
         return new_state, metrics
@@ -112,14 +147,19 @@ def _learning_rate(schedule: Callable | float | None, step: jax.Array) -> jax.Ar
     return jnp.float32(schedule)
 
 
-def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn) -> Callable[[Any, Batch], dict]:
+def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn, *, param_dtype: str | None = None,
+                   matmul_precision: str | None = None) -> Callable[[Any, Batch], dict]:
     """Build the pure eval step: `eval_step(params, batch) -> summed loss, weight and stats`.
 
     Reductions happen on the device, so evaluation never gathers full logits for its metrics.
+    `param_dtype` casts the floating params first (HF's `bf16_full_eval` / `fp16_full_eval`).
     """
 
     def eval_step(params: Any, batch: Batch) -> dict:  # params: the full tree (`TrainState.full_params()`)
-        out = loss_fn(apply_fn(params, batch, rng=None, train=False), batch)
+        with matmul_precision_scope(matmul_precision):
+            if param_dtype is not None:
+                params = cast_floating(params, param_dtype)
+            out = loss_fn(apply_fn(params, batch, rng=None, train=False), batch)
         return {"loss_sum": out.loss_sum, "weight": out.weight, **out.stats}
 
     return eval_step

@@ -19,10 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from jtrain.accounting import StepPlan
-from jtrain.callbacks import ExportableState, _export_callbacks as export_callbacks
+from jtrain.callbacks import ExportableState
+from jtrain.callbacks import _export_callbacks as export_callbacks
 from jtrain.checkpoint import CheckpointWriter
 from jtrain.data.loader import HostLoader, LoaderPosition
 from jtrain.errors import ConfigError
+from jtrain.flops import compiled_flops, device_peak_flops, mfu
+from jtrain.memory import tracker_for
 from jtrain.signals import StopOnSignal
 from jtrain.version import __version__
 
@@ -40,8 +43,14 @@ class _Window:
     total_steps: int = 0
     started: float = field(default_factory=time.perf_counter)
     data_wait: float = 0.0
+    # Whole-run seconds by where the host spent them (see `_step_time_metrics`).
+    total_data_wait: float = 0.0
+    total_device: float = 0.0
+    total_outside_steps: float = 0.0  # evaluation and checkpointing, excluded from step time
+    overflows: int = 0  # fp16 updates skipped by loss scaling since the last log
 
     def add(self, m: dict) -> None:
+        self.overflows += int(m.get("overflow", 0))
         if math.isfinite(m["loss"]):
             self.loss_sum += m["loss"]
             self.total_loss += m["loss"]
@@ -60,6 +69,10 @@ class _Window:
         }
         if m.get("skipped"):
             logs["skipped_updates"] = int(m["skipped"])
+        if "loss_scale" in m:  # fp16: the scale in use and the overflow skips since the last log
+            logs["loss_scale"] = float(m["loss_scale"])
+            logs["loss_scale_overflows"] = self.overflows
+            self.overflows = 0
         self.loss_sum, self.steps, self.tokens, self.data_wait = 0.0, 0, 0.0, 0.0
         self.started = time.perf_counter()
         return logs
@@ -86,7 +99,9 @@ class _Run:
             return
         step, device_metrics, log_due = self.pending
         self.pending = None
-        m = {k: v.item() for k, v in jax.device_get(device_metrics).items()}
+        waited = time.perf_counter()
+        m = {k: v.item() for k, v in jax.device_get(device_metrics).items()}  # blocks until the step is done
+        self.window.total_device += time.perf_counter() - waited
         m["skipped"] = int(jax.device_get(self.t.train_state.skipped)) if m["nonfinite"] else 0
         self.t._check_finite(m, step)
         self.window.add(m)
@@ -112,7 +127,9 @@ class _Run:
     def update(self, batch: Any) -> None:
         t = self.t
         t.control = t.callback_handler.on_step_begin(t.args, t.state, t.control)
+        dispatched = time.perf_counter()
         t.train_state, metrics = t.steps.train_step(t.train_state, batch)
+        self.window.total_device += time.perf_counter() - dispatched
         t.state.global_step += 1
         t.state.epoch = self.position.epoch + (self.position.batch_index + 1) / self.plan.updates_per_epoch
         self.position = LoaderPosition(self.position.epoch, self.position.batch_index + 1)
@@ -129,6 +146,14 @@ class _Run:
         if not (t.control.should_evaluate or t.control.should_save):
             return
         self.drain()
+        started = time.perf_counter()
+        try:
+            self._evaluate_and_save()
+        finally:
+            self.window.total_outside_steps += time.perf_counter() - started
+
+    def _evaluate_and_save(self) -> None:
+        t = self.t
         metrics = None
         if t.control.should_evaluate:
             t.control.should_evaluate = False
@@ -234,6 +259,10 @@ def run_training(trainer: Any, loader: HostLoader, plan: StepPlan, position: Loa
             run.writer.wait(raise_errors=False)
             raise
         metrics = _speed_metrics(start, t.state.global_step - start_step, plan, run)
+        metrics.update(_step_time_metrics(t, run, t.state.global_step - start_step, metrics["train_runtime"]))
+        metrics.update(_compile_metrics(t))
+        metrics.update(getattr(t, "_init_memory_metrics", None) or {})
+        metrics.update(tracker_for(t).stop("train"))
         if args.load_best_model_at_end and t.state.best_model_checkpoint and not stop.requested:
             _load_best(t)
         train_loss = run.window.total_loss / max(run.window.total_steps, 1)
@@ -250,16 +279,20 @@ def _loop(run: _Run) -> None:
     """The epochs, then the final save (also the one a stop signal asks for), completed on disk."""
     t, args = run.t, run.t.args
     t.control = t.callback_handler.on_train_begin(args, t.state, t.control)
+    started = time.perf_counter()
     if args.eval_on_start and t.eval_dataset is not None:
         run.evaluate()
+    run.window.total_outside_steps += time.perf_counter() - started
     while t.state.global_step < run.plan.max_steps and not t.control.should_training_stop:
         run_epoch(run)
     run.drain()
+    started = time.perf_counter()
     saved_now = run.last_saved is not None and run.last_saved[0] == t.state.global_step
     if t.control.should_save or (run.stop.requested and not saved_now):
         t.control.should_save = False
         run.save()
     run.writer.wait()
+    run.window.total_outside_steps += time.perf_counter() - started
 
 
 def _check_best_model_args(args: Any, state: Any) -> None:
@@ -282,6 +315,7 @@ def run_epoch(run: _Run) -> None:
     waited = time.perf_counter()
     for batch in run.loader.iterate(run.position.epoch, run.position.batch_index):
         run.window.data_wait += time.perf_counter() - waited
+        run.window.total_data_wait += time.perf_counter() - waited
         run.update(batch)
         if t.control.should_epoch_stop or t.control.should_training_stop or t.state.global_step >= run.plan.max_steps:
             break
@@ -304,6 +338,43 @@ def _speed_metrics(start: float, steps: int, plan: StepPlan, run: _Run) -> dict:
         "train_tokens_per_second": round(run.tokens_seen / runtime, 1),
         "total_flos": 0.0,
     }
+
+
+def _step_time_metrics(t: Any, run: _Run, steps: int, runtime: float) -> dict:
+    """Where a training step's time goes, and MFU (definitions in docs/performance.md).
+
+    Step time is the run's wall time minus evaluation and checkpointing, per update. It splits
+    into data wait (the host waiting for the loader), device (dispatching the step and waiting
+    for its results: the device was busy) and host (callbacks, logging, bookkeeping: the rest).
+    MFU is the compiled step's own FLOP count (XLA cost analysis, per device) over the step
+    time and the device's peak in the compute dtype (jtrain.flops.device_peak_flops).
+    """
+    if steps <= 0:
+        return {}
+    w = run.window
+    busy = max(runtime - w.total_outside_steps, 1e-9)
+    step_seconds = busy / steps
+    data, device = min(w.total_data_wait / busy, 1.0), min(w.total_device / busy, 1.0)
+    out = {"train_step_seconds": round(step_seconds, 6), "train_data_wait_fraction": round(data, 4),
+           "train_device_fraction": round(device, 4), "train_host_fraction": round(max(0.0, 1.0 - data - device), 4)}
+    plan = getattr(t, "_step_plan", None)
+    flops = compiled_flops(plan.compiled) if plan is not None and plan.compiled is not None else None
+    if flops:
+        peak, source = device_peak_flops(t.steps.precision.compute_dtype)
+        out["train_flops_per_step"] = flops
+        out["total_flos"] = float(flops * jax.device_count() * steps)
+        value = mfu(flops, step_seconds, peak)
+        if value is not None:
+            out["train_mfu"] = round(value, 6)
+            logger.info("MFU %.4f: %.3g FLOPs per step per device, %.4fs per step, peak %.3g FLOP/s (%s)",
+                        value, flops, step_seconds, peak, source)
+    return out
+
+
+def _compile_metrics(t: Any) -> dict:
+    """How often the compiled steps were traced (each trace is one compilation)."""
+    counts = t.steps.compile_log.counts
+    return {f"{name}_compilations": counts[name] for name in ("train", "eval", "predict") if name in counts}
 
 
 def _load_best(trainer: Any) -> None:

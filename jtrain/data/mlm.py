@@ -10,6 +10,7 @@ frequent maskable training token; it is scored on the evaluation split's masked 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +23,8 @@ from jtrain.data.loader import ArrayDataset
 from jtrain.data.stdlib_text import split_by_file, stdlib_docstrings
 from jtrain.data.task_data import Baseline, TaskData, TokenizerFactory
 from jtrain.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 EVAL_MASK_STREAM = 2**31 - 1  # seeds the one-off evaluation masks apart from every training batch
 
@@ -39,6 +42,9 @@ def group_rows(tok: Tokenizer, texts: Sequence[str], length: int, limit: int | N
     rows = len(stream) // length
     if rows == 0:
         raise DataError(f"the texts hold {len(stream)} tokens, less than one row of max_seq_length={length}")
+    if len(stream) > rows * length:  # nothing is dropped silently
+        logger.info("mlm: dropped the last %d of %d tokens (less than one row of %d)", len(stream) - rows * length,
+                    len(stream), length)
     out = stream[:rows * length].reshape(rows, length)
     return out[:limit] if limit else out
 

@@ -18,10 +18,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from jtrain.data.collators import default_length_buckets
+from jtrain.data.files import FORMATS
 from jtrain.data.loader import ArrayDataset
 from jtrain.errors import ConfigError, DataError
-
-FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -92,19 +91,10 @@ def read_table(path: str, columns: Sequence[str], what: str = "data file",
 
 
 def _load_quietly(fmt: str, path: str) -> Any:
-    """`datasets.load_dataset` without its progress bars: bad input must leave one line on stderr."""
-    import datasets
-    from datasets.utils import logging as ds_logging
+    """`datasets.load_dataset` without its progress bars; a broken file is named with its line."""
+    from jtrain.data.files import load_local_dataset
 
-    bars = ds_logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        return datasets.load_dataset(fmt, data_files=path, split="train")
-    except Exception as err:  # datasets wraps parse errors deeply; name the file
-        raise DataError(f"cannot read {path!r} as {fmt}: {str(err).splitlines()[0]}") from err
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
+    return load_local_dataset(path, fmt)
 
 
 def first(rows: list, limit: int | None) -> list:

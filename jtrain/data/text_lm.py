@@ -8,6 +8,8 @@ model fit on the training tokens, scored on exactly the tokens the evaluation lo
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from jtrain.config import DataSection
@@ -19,6 +21,8 @@ from jtrain.data.stdlib_text import stdlib_source_splits
 from jtrain.data.task_data import Baseline, TaskData, TokenizerFactory, predicted_label_mask, read_table, unigram_loss
 from jtrain.data.tokenizer import encode_batch
 from jtrain.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 
 def stdlib_texts(d: DataSection) -> dict[str, list[str]]:
@@ -40,6 +44,9 @@ def file_texts(d: DataSection, wanted: list[str]) -> dict[str, list[str]]:
         out[split] = [t for t in column if isinstance(t, str) and t.strip()]
         if not out[split]:
             raise DataError(f"{paths[split]!r} holds no non-empty text in column {d.text_column!r}")
+        if len(out[split]) < len(column):  # nothing is dropped silently
+            logger.warning("%s: filtered out %d of %d rows whose %r is empty or not text", paths[split],
+                           len(column) - len(out[split]), len(column), d.text_column)
     return out
 
 

@@ -1,0 +1,94 @@
+"""Bad input in the data pipeline: each error names the problem, where it is and the fix (issue #7)."""
+
+import logging
+
+import datasets
+import pytest
+from tiny import tiny_llama
+
+from jtrain import Trainer, TrainingArguments
+from jtrain.data.collators import DataCollatorWithPadding
+from jtrain.data.files import load_local_dataset
+from jtrain.data.task_data import read_table
+from jtrain.errors import DataError
+from jtrain.models import create_model
+
+datasets.disable_progress_bars()
+BERT = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 32, "num_labels": 3}
+
+
+def _args(tmp_path, **kw):
+    return TrainingArguments(output_dir=str(tmp_path / "out"), save_strategy="no", report_to=["none"],
+                             disable_tqdm=True, per_device_train_batch_size=1, **kw)
+
+
+def _classifier():
+    return create_model("bert", BERT, "sequence_classification")
+
+
+def _labelled(labels):
+    return [{"input_ids": [2, 3, 4], "label": y} for y in labels]
+
+
+@pytest.mark.parametrize("as_hf", [False, True])
+def test_label_outside_num_labels_names_the_row(tmp_path, as_hf):
+    rows = _labelled([0, 2, 1, -100, 3, 0])
+    data = datasets.Dataset.from_list(rows) if as_hf else rows
+    with pytest.raises(DataError, match=r"`train_dataset` row 4 has label 3, outside \[0, 3\)"):
+        Trainer(_classifier(), _args(tmp_path), train_dataset=data)
+    with pytest.raises(DataError, match=r"`eval_dataset\['b'\]` row 0 has label -1"):
+        Trainer(_classifier(), _args(tmp_path), eval_dataset={"a": _labelled([0]), "b": _labelled([-1])})
+    Trainer(_classifier(), _args(tmp_path), train_dataset=_labelled([0, 1, 2, -100]))  # in range: accepted
+
+
+def test_empty_dataset_or_split_says_which(tmp_path):
+    with pytest.raises(DataError, match="`train_dataset` is empty"):
+        Trainer(tiny_llama(), _args(tmp_path), train_dataset=[])
+    empty = datasets.Dataset.from_dict({"input_ids": []}, split="validation")
+    with pytest.raises(DataError, match=r"`eval_dataset` \(split 'validation'\) is empty"):
+        Trainer(tiny_llama(), _args(tmp_path), eval_dataset=empty)
+
+
+def test_no_usable_column_names_the_columns(tmp_path):
+    ds = datasets.Dataset.from_dict({"sentence": ["a b"], "target": [1]})
+    trainer = Trainer(tiny_llama(), _args(tmp_path))
+    with pytest.raises(DataError, match=r"it has \['sentence', 'target'\].*remove_unused_columns=False"):
+        trainer._loader(ds, train=True, accum=None, batch_rows=8)
+
+
+def test_sequence_longer_than_max_length_names_row_and_length(tmp_path):
+    rows = [{"input_ids": [1] * 5, "labels": [1] * 5} for _ in range(16)]
+    rows[13] = {"input_ids": [1] * 20, "labels": [1] * 20}
+    collate = DataCollatorWithPadding(pad_token_id=0, padding="longest", max_length=16)
+    trainer = Trainer(tiny_llama(), _args(tmp_path, train_sampling_strategy="sequential"), data_collator=collate)
+    loader = trainer._loader(rows, train=True, accum=None, batch_rows=8)
+    with pytest.raises(DataError, match="train_dataset row 13 has length 20, longer than max_length \\(16\\)"):
+        list(loader.iterate(0))
+
+
+@pytest.mark.parametrize("name,content,where", [
+    ("bad.txt", b"hello\nok\nwor\xffld\n", "bad.txt line 3: not valid UTF-8"),
+    ("bad.csv", b"text,label\na,1\n\xe9t\xe9,0\n", "bad.csv line 3: not valid UTF-8"),
+    ("bad.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c",}\n', "bad.jsonl line 3: not valid JSON"),
+    ("bad.json", b'[\n {"text": "a"},\n {"text": }\n]\n', "bad.json line 3: not valid JSON"),
+])
+def test_broken_file_names_the_file_and_line(tmp_path, name, content, where):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=where):
+        load_local_dataset(str(path), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=where):  # the run pipeline reads its files the same way
+        read_table(str(path), ["text"])
+
+
+def test_filtered_rows_are_counted_in_the_log(tmp_path, caplog):
+    from jtrain.config import DataSection
+    from jtrain.data.text_lm import file_texts
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "kept"}\n{"text": ""}\n{"text": "  "}\n{"text": "also kept"}\n')
+    with caplog.at_level(logging.WARNING, logger="jtrain.data.text_lm"):
+        texts = file_texts(DataSection(source="files", train_file=str(path)), ["train"])
+    assert texts["train"] == ["kept", "also kept"]
+    assert "filtered out 2 of 4 rows" in caplog.text
