@@ -120,11 +120,50 @@ class DataSection:
 
 
 @dataclass(frozen=True)
+class PeftSection:
+    """LoRA options with PEFT's `LoraConfig` names and defaults; present only when the file has `peft:`."""
+
+    peft_type: str = _f("LORA", "PEFT method; jtrain implements LORA.")
+    r: int = _f(8, "LoRA rank.")
+    lora_alpha: float = _f(8, "LoRA scale numerator: the update is (lora_alpha / r) * B A.")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input, in training only.")
+    target_modules: Any = _f(None, "Modules to adapt: a list of names (a name matches the last components of "
+                                   "the dotted module path, e.g. q_proj) or a regex string matched against the "
+                                   "whole path; default: PEFT's per-architecture list (llama: q_proj, v_proj).")
+    bias: str = _f("none", "Biases that train: none | all | lora_only (those of the adapted modules).")
+    modules_to_save: list[str] | None = _f(None, "Modules trained in full beside the adapters (e.g. a new head).")
+    use_rslora: bool = _f(False, "rsLoRA: scale by lora_alpha / sqrt(r) instead of lora_alpha / r.")
+    init_lora_weights: bool = _f(True, "PEFT's init (B = 0, so training starts at the base model); false "
+                                       "makes B random too.")
+    save_merged: bool = _f(False, "Also write the base with the adapters merged in, as a full HF model, to "
+                                  "output_dir/merged (save_model writes only the adapters otherwise).")
+
+    def __post_init__(self) -> None:
+        targets = self.target_modules
+        if isinstance(targets, str) and targets.lstrip().startswith("["):  # a list given on the command line
+            targets = yaml.safe_load(targets)
+        if isinstance(targets, (list, tuple)):
+            targets = [str(t) for t in targets]
+        elif targets is not None and not isinstance(targets, str):
+            raise ConfigError(f"`peft.target_modules` must be a list of module names or a regex string, "
+                              f"got {targets!r}")
+        object.__setattr__(self, "target_modules", targets)
+        self.lora_config()  # checks every value now, before anything is read or written
+
+    def lora_config(self) -> Any:
+        """The `jtrain.peft.LoraConfig` these options describe."""
+        from jtrain.peft.config import LoraConfig
+
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "save_merged"}
+        return LoraConfig.from_dict(values)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
-    peft: dict | None = None
+    peft: PeftSection | None = None  # None: every weight trains
     training: TrainingArguments = field(default_factory=TrainingArguments)
 
     def to_dict(self) -> dict:
@@ -134,6 +173,8 @@ class RunConfig:
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "tokenizer": TokenizerSection, "data": DataSection,
                              "training": TrainingArguments}
+# `peft` is optional: built only when the file (or an override) has it, so its absence means no LoRA.
+OPTIONAL_SECTIONS: dict[str, type] = {"peft": PeftSection}
 
 
 def read_config_file(path: str) -> dict:
@@ -158,17 +199,18 @@ def _section_of(key: str) -> tuple[str, str]:
     """Resolve an override key to (section, field): dotted, a TrainingArguments field, or unique elsewhere."""
     if "." in key:
         section, name = key.split(".", 1)
-        if section not in SECTIONS and section != "peft":
+        if section not in SECTIONS and section not in OPTIONAL_SECTIONS:
             raise ConfigError(f"unknown section `{section}` in `--{key}`{closest_key_hint(section, SECTIONS)}")
         return section, name
-    owners = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+    every_section = {**SECTIONS, **OPTIONAL_SECTIONS}
+    owners = [s for s, cls in every_section.items() if key in {f.name for f in dataclasses.fields(cls)}]
     if "training" in owners:
         return "training", key
     if len(owners) == 1:
         return owners[0], key
     if len(owners) > 1:
         raise ConfigError(f"`--{key}` is ambiguous: write --{owners[0]}.{key} or --{owners[1]}.{key}")
-    every = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    every = [f.name for cls in every_section.values() for f in dataclasses.fields(cls)]
     raise ConfigError(f"unknown option `--{key}`{closest_key_hint(key, every)}")
 
 
@@ -185,7 +227,7 @@ def apply_overrides(values: dict, overrides: Mapping[str, Any]) -> dict:
 
 def build_config(values: Mapping[str, Any]) -> RunConfig:
     """Typed RunConfig from a loosely typed mapping; unknown sections and keys are errors."""
-    valid = list(SECTIONS) + ["peft"]
+    valid = list(SECTIONS) + list(OPTIONAL_SECTIONS)
     for section, body in values.items():
         if section not in valid:
             raise ConfigError(f"unknown section `{section}`{closest_key_hint(section, valid)}; "
@@ -193,7 +235,8 @@ def build_config(values: Mapping[str, Any]) -> RunConfig:
         if body is not None and not isinstance(body, Mapping):
             raise ConfigError(f"section `{section}` must be a mapping, got {body!r}")
     built = {name: build_dataclass(cls, values.get(name) or {}, name) for name, cls in SECTIONS.items()}
-    return RunConfig(peft=values.get("peft"), **built)
+    peft = build_dataclass(PeftSection, values["peft"] or {}, "peft") if "peft" in values else None
+    return RunConfig(peft=peft, **built)
 
 
 def check_run_config(cfg: RunConfig) -> None:
@@ -225,16 +268,15 @@ def load_config(path: str | None, overrides: Mapping[str, Any] | None = None) ->
 _RESERVED = ("config", "print_config", "help")
 
 
-def help_text(sections: Sequence[str] = ("model", "tokenizer", "data", "training")) -> str:
+def help_text(sections: Sequence[str] = ("model", "tokenizer", "data", "peft", "training")) -> str:
     """Every option with its default and one line of help, grouped by section."""
     lines = ["usage: python -m jtrain.run --config FILE [--print_config] [--KEY VALUE ...]", ""]
     for section in sections:
-        lines.append(f"{section}:")
-        for f in dataclasses.fields(SECTIONS[section]):
+        lines.append(f"{section}:" if section in SECTIONS else
+                     f"{section}: (only when the file has a `{section}:` section or an option of it is given)")
+        for f in dataclasses.fields({**SECTIONS, **OPTIONAL_SECTIONS}[section]):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             name = f"{section}.{f.name}" if f.name in _RESERVED else f.name  # `--config` is the config file
             lines.append(f"  --{name} (default: {default!r})  {f.metadata.get('help', '')}")
         lines.append("")
-    lines += ["peft:", "  a mapping handed to jtrain.peft (LoRA: r, lora_alpha, lora_dropout, target_modules); "
-              "needs the jtrain.peft module", ""]
     return "\n".join(lines)

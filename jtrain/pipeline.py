@@ -9,6 +9,7 @@ beside the baseline its task defines, so a result says whether the model learned
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -142,7 +143,20 @@ def build_model(cfg: RunConfig, data: TaskData, model_type: str, config: dict) -
         fields = {**config, **model_token_ids(data.tokenizer, model_type)}
         model, params = create_model(model_type, fields, task, **options), None
     _check_length(cfg, model)
+    if cfg.peft is not None:
+        model, params = _with_lora(cfg, model, params)
     return model, params
+
+
+def _with_lora(cfg: RunConfig, model: Any, params: Any) -> tuple[Any, Any]:
+    """LoRA on the loaded (or fresh) model: the base params stay as loaded, adapters start at PEFT's init."""
+    from jtrain.peft import apply_lora
+
+    lora = apply_lora(model, cfg.peft.lora_config())
+    source = cfg.model.model_name_or_path
+    lora = dataclasses.replace(lora, base_model_name_or_path=os.path.abspath(source) if source else None)
+    rng = jax.random.fold_in(jax.random.key(cfg.training.seed), 0x10A)
+    return lora, (None if params is None else lora.init_from_base(params, rng))
 
 
 def _check_length(cfg: RunConfig, model: Any) -> None:
@@ -160,15 +174,30 @@ def _check_length(cfg: RunConfig, model: Any) -> None:
 
 
 def check_peft(cfg: RunConfig) -> None:
-    """The `peft` section needs the LoRA transform (jtrain.peft) wired into this job."""
-    if not cfg.peft:
+    """Options the LoRA transform cannot combine with, refused before any data is read."""
+    if cfg.peft is None:
         return
-    try:
-        import jtrain.peft  # noqa: F401
-        state = "is not wired into `python -m jtrain.run` yet"
-    except ImportError:
-        state = "needs the jtrain.peft module (LoRA), which this build does not have yet"
-    raise ConfigError(f"the `peft` section {state}; remove it to fine-tune every weight")
+    if cfg.model.scan_layers:
+        raise ConfigError("the `peft` section (LoRA) does not support `model.scan_layers: true` yet; set it false")
+    if not cfg.model.model_name_or_path:
+        _say("note: LoRA on a freshly initialised model (no model.model_name_or_path): only the adapters train")
+
+
+def _lora_summary(model: Any) -> str:
+    from jtrain.peft import LoraModel
+
+    if not isinstance(model, LoraModel):
+        return ""
+    trained = sum(int(np.prod(x.shape)) for p, x in _flat(model.abstract_params()) if model.is_trainable(p))
+    total = param_count(model.base.abstract_params())
+    return (f"; LoRA r={model.lora_config.r} on {len(model.targets)} modules: trains {trained / 1e6:.3f}M "
+            f"({100 * trained / total:.2f}% of the base)")
+
+
+def _flat(tree: Any) -> list:
+    from flax import traverse_util
+
+    return list(traverse_util.flatten_dict(tree).items())
 
 
 # ---- results ---------------------------------------------------------------------------------
@@ -223,16 +252,21 @@ def run_job(cfg: RunConfig) -> dict:
     model, params = build_model(cfg, data, model_type, config)
     trainer = Trainer(model, args, data_collator=data.collator, train_dataset=data.train,
                       eval_dataset=data.validation, processing_class=data.tokenizer, params=params)
+    if cfg.peft is not None:  # adapter files in every checkpoint, as HF's PEFT checkpoints have
+        from jtrain.peft.checkpoints import PeftCheckpointCallback
+
+        trainer.add_callback(PeftCheckpointCallback(trainer))
     _say(f"data: {data.summary}; prepared in {time.perf_counter() - started:.1f}s")
     source = cfg.model.model_name_or_path or "scratch"
+    base_model = getattr(model, "base", model)
     _say(f"model: {model.config.model_type} {model.task} ({source}), "
-         f"{param_count(model.abstract_params()) / 1e6:.2f}M parameters; "
+         f"{param_count(base_model.abstract_params()) / 1e6:.2f}M parameters{_lora_summary(model)}; "
          f"mesh {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
     if resume:
         _say(f"resuming from {resume}")
     results: dict = {}
     if args.do_train:
-        results.update(_train(trainer, data, resume))
+        results.update(_train(trainer, data, resume, merged_export=bool(cfg.peft and cfg.peft.save_merged)))
     for split in ("eval", "test"):
         if split in data.splits:
             metrics = evaluate_split(trainer, data, split)
@@ -240,12 +274,14 @@ def run_job(cfg: RunConfig) -> dict:
             write_results(args.output_dir, f"{split}_results.json", metrics)
     if results:
         write_results(args.output_dir, "all_results.json", results)
-        _say(f"wrote {'checkpoints, model (config.json, model.safetensors, tokenizer.json), ' if args.do_train else ''}"
+        saved = "adapters (adapter_config.json, adapter_model.safetensors), tokenizer.json" if cfg.peft is not None \
+            else "model (config.json, model.safetensors, tokenizer.json)"
+        _say(f"wrote {f'checkpoints, {saved}, ' if args.do_train else ''}"
              f"results{' and trainer_state.json' if args.do_train else ''} to {os.path.abspath(args.output_dir)}")
     return results
 
 
-def _train(trainer: Trainer, data: TaskData, resume: Any) -> dict:
+def _train(trainer: Trainer, data: TaskData, resume: Any, merged_export: bool = False) -> dict:
     args = trainer.args
     if resume is None:
         clear_previous_run(args)
@@ -254,7 +290,13 @@ def _train(trainer: Trainer, data: TaskData, resume: Any) -> dict:
         data.tokenizer.save(os.path.join(args.output_dir, TOKENIZER_FILE))
     out = trainer.train(resume_from_checkpoint=resume)
     metrics = {**out.metrics, "train_samples": len(data.train)}
-    trainer.save_model(args.output_dir)
+    trainer.save_model(args.output_dir)  # a LoRA run: the adapters only, in PEFT's layout
+    if getattr(trainer.model, "lora_config", None) is not None and merged_export:
+        merged_dir = os.path.join(args.output_dir, "merged")
+        trainer.save_model(merged_dir, merged=True)
+        if jax.process_index() == 0:
+            data.tokenizer.save(os.path.join(merged_dir, TOKENIZER_FILE))
+        _say(f"wrote the base with the adapters merged in (a full HF model) to {os.path.abspath(merged_dir)}")
     trainer.state.save_to_json(os.path.join(args.output_dir, "trainer_state.json"))
     write_results(args.output_dir, "train_results.json", metrics)
     return metrics

@@ -78,6 +78,7 @@ class Trainer:
         self.args = args or TrainingArguments()
         self.model, self.data_collator, self.processing_class = model, data_collator, processing_class
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self._check_datasets()
         self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, preprocess_logits_for_metrics
         self.compute_loss_func = compute_loss_func
         self.optimizer, self.lr_scheduler = optimizers
@@ -95,6 +96,16 @@ class Trainer:
                                   is_world_process_zero=self.is_world_process_zero())
         self.control = TrainerControl()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    def _check_datasets(self) -> None:
+        """Bad datasets fail here, before anything compiles: a DatasetDict where one split is needed
+        (the error names its splits), an empty dataset or split, a class label outside [0, num_labels)."""
+        from jtrain.data.trainer_loader import check_dataset
+
+        num_labels = getattr(self.model.config, "num_labels", None) if self.model.task == "sequence_classification" \
+            else None
+        check_dataset(self.train_dataset, "train_dataset", num_labels=num_labels)
+        check_dataset(self.eval_dataset, "eval_dataset", num_labels=num_labels, several_splits=True)
 
     # ---- HF override points -----------------------------------------------------------
     def compute_loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> LossOutput:
@@ -151,31 +162,81 @@ class Trainer:
         return DefaultDataCollator()
 
     def _loader(self, dataset: Any, *, train: bool, accum: int | None, batch_rows: int) -> HostLoader:
-        a = self.args
-        return HostLoader(
-            dataset, global_batch_size=batch_rows, collate_fn=None if isinstance(dataset, ArrayDataset) else self._collate(),
-            accum_steps=accum, shuffle=train and a.train_sampling_strategy != "sequential", seed=a.resolved_data_seed,
-            drop_last=train and a.dataloader_drop_last, place=None, prefetch=max(1, a.dataloader_prefetch_factor or 2))
+        """HF's data arguments applied to `dataset` (rows, `datasets` objects, or a training stream)."""
+        from jtrain.data.trainer_loader import make_loader
 
-    def _setup(self, num_training_steps: int) -> None:
-        """Optimizer, schedule, sharded state and compiled steps (once per Trainer)."""
+        return make_loader(dataset, self.args, collate=self._collate(), model_inputs=self.model.input_names,
+                           train=train, accum=accum, batch_rows=batch_rows,
+                           what="train_dataset" if train else "eval_dataset")
+
+    def _setup(self, num_training_steps: int, train_loader: HostLoader | None = None) -> None:
+        """Optimizer, schedule, compiled steps, memory plan and sharded state (once per Trainer).
+
+        With `train_loader`, the train step is compiled on abstract inputs before any state is
+        allocated; a step that does not fit the device is refused, or with `auto_find_batch_size`
+        the per-device batch shrinks (then `self.args` holds the batch used, as in HF, and the
+        schedule is rebuilt for the new number of updates). See jtrain.memory.
+        """
         if self.steps is not None:
             return
-        self.create_optimizer_and_scheduler(num_training_steps)
-        self.steps = build_compiled_steps(self._training_model(), self.mesh, self.optimizer, self.lr_scheduler,
-                                          self.compute_loss, seed=self.args.seed,
-                                          preprocess_logits=self.preprocess_logits_for_metrics,
-                                          rules=sharding_rules(self.args.fsdp))
-        self.train_state = self.steps.init_state(self._initial_params)
+        from jtrain.compiled import use_compilation_cache
+        from jtrain.memory import plan_train_step, remat_policy_from_args, tracker_for, with_gradient_checkpointing
+        from jtrain.precision import policy_from_args
+
+        a, tracker = self.args, tracker_for(self)
+        tracker.start("init")
+        try:
+            use_compilation_cache(a.compilation_cache_dir)
+            own_schedule, own_optimizer = self.lr_scheduler is None, self.optimizer is None
+            self.create_optimizer_and_scheduler(num_training_steps)
+            model = with_gradient_checkpointing(self._training_model(), remat_policy_from_args(
+                a.gradient_checkpointing, a.gradient_checkpointing_kwargs))
+            precision = policy_from_args(a)
+
+            def build() -> CompiledSteps:
+                return build_compiled_steps(model, self.mesh, self.optimizer, self.lr_scheduler, self.compute_loss,
+                                            seed=a.seed, preprocess_logits=self.preprocess_logits_for_metrics,
+                                            rules=sharding_rules(a.fsdp), precision=precision,
+                                            expected_train_compiles=len(a.length_buckets or ()) or 1)
+
+            self.steps, self._step_plan = build(), None
+            if train_loader is not None:
+                first = train_loader.shape_probe()
+                plan = plan_train_step(self.steps, first, a.per_device_train_batch_size, data_parallel_size(self.mesh),
+                                       budget=a.max_device_memory_bytes, auto_find=a.auto_find_batch_size)
+                if plan.per_device_batch != a.per_device_train_batch_size:
+                    self.args = a = a.replace(per_device_train_batch_size=plan.per_device_batch)
+                    if own_schedule:
+                        self.lr_scheduler = self.lr_controller = None
+                    if own_optimizer:
+                        self.optimizer = None
+                    self.create_optimizer_and_scheduler(self._plan()[1].max_steps)
+                    self.steps = build()
+                    rows = plan.per_device_batch * data_parallel_size(self.mesh)
+                    plan.compiled = self.steps.compile_train(self.steps.abstract_train_batch(first, rows=rows))
+                self._step_plan = plan
+                tracker.note_estimate("train", plan.estimate)
+            self.train_state = self.steps.init_state(self._initial_params)
+        except BaseException:
+            self.steps = None  # nothing half-built stays behind; the next call starts over
+            tracker.stop("init")
+            raise
         self._initial_params = None
+        self._init_memory_metrics = tracker.stop("init")
 
     def _training_model(self) -> Model:
-        """The model the compiled steps run: `self.model` plus training-only transforms."""
+        """The model the compiled steps run: `self.model` plus training-only transforms (NEFTune)."""
+        if self.args.neftune_noise_alpha:
+            from jtrain.neftune import NEFTuneModel
+
+            return NEFTuneModel.wrap(self.model, self.args.neftune_noise_alpha)
         return self.model
 
     def _train_rows(self) -> int | None:
         """Rows in the training set (None for a stream of unknown length)."""
-        return len(self.train_dataset)
+        from jtrain.data.sources import num_rows
+
+        return num_rows(self.train_dataset)
 
     def _per_device_train_batch_size(self) -> int:
         """Rows per device per micro-batch."""
@@ -196,11 +257,16 @@ class Trainer:
     # ---- training -------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         """Train for `max_steps` (or epochs); resume from a checkpoint path or, with True, the latest."""
+        from jtrain.memory import tracker_for
         from jtrain.train_loop import run_training
 
+        requested = self._per_device_train_batch_size()
         loader, plan = self._plan()
-        self._setup(plan.max_steps)
+        self._setup(plan.max_steps, train_loader=loader)
+        if self._per_device_train_batch_size() != requested:
+            loader, plan = self._plan()  # auto_find_batch_size chose a smaller per-device batch
         loader.place = self.steps.place_train_batch
+        tracker_for(self).start("train")
         position = LoaderPosition()
         if resume_from_checkpoint is None and self.args.resume_from_checkpoint:
             resume_from_checkpoint = self.args.resume_from_checkpoint
@@ -265,7 +331,11 @@ class Trainer:
             for name, ds in dataset.items():
                 metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
+        from jtrain.memory import eval_memory_metrics, tracker_for
+
+        tracker_for(self).start(metric_key_prefix)
         output = self._evaluation_loop(dataset, metric_key_prefix, want_predictions=self.compute_metrics is not None)
+        output.metrics.update(eval_memory_metrics(self, metric_key_prefix))
         self.log(output.metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=output.metrics)
         return output.metrics
@@ -292,19 +362,33 @@ class Trainer:
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs=logs)
 
-    def save_model(self, output_dir: str | None = None, *, max_shard_size: int | str = "5GB") -> str:
+    def save_model(self, output_dir: str | None = None, *, max_shard_size: int | str = "5GB",
+                   merged: bool = False) -> str:
         """Write the model in HF format (config.json + safetensors) that `transformers` loads.
 
         Above `max_shard_size` the weights are split into `model-0000i-of-0000n.safetensors`
         with an index, as HF does. Every process calls this: with several hosts, each sharded
         parameter is gathered collectively, one at a time, and only process 0 writes.
+
+        A LoRA model (`jtrain.peft`) writes only its adapters, in PEFT's layout
+        (adapter_config.json + adapter_model.safetensors), as HF's Trainer does for a PeftModel;
+        `merged=True` writes the base with the adapters folded in as a full HF model instead.
         """
         from jtrain.models import save_pretrained
 
         output_dir = output_dir or self.args.output_dir
         if self.train_state is None:
             raise ConfigError("save_model() before the model has parameters: call train() first")
-        save_pretrained(self.model, self.train_state.full_params(), output_dir, max_shard_size=max_shard_size)
+        params = self.train_state.full_params()
+        if hasattr(self.model, "lora_config"):  # a jtrain.peft.LoraModel (imported lazily)
+            from jtrain.peft import save_adapter, save_merged
+
+            if merged:
+                save_merged(self.model, params, output_dir, max_shard_size=max_shard_size)
+            else:
+                save_adapter(self.model, params, output_dir)
+        else:
+            save_pretrained(self.model, params, output_dir, max_shard_size=max_shard_size)
         tokenizer = self.processing_class
         if self.is_world_process_zero() and tokenizer is not None and hasattr(tokenizer, "save"):
             tokenizer.save(os.path.join(output_dir, "tokenizer.json"))

@@ -98,8 +98,14 @@ def test_rows_longer_than_the_position_table(files, capsys):
     assert "128" in err and "max_position_embeddings" in err
 
 
-def test_peft_section_without_the_lora_module(files, capsys):
+def test_peft_section_with_a_misspelt_option(files, capsys):
+    """The `peft` section runs LoRA now; a misspelt option is refused naming the closest valid one."""
     cfg = files / "lora.yaml"
-    cfg.write_text(f"peft: {{r: 8, lora_alpha: 16}}\ntraining: {{output_dir: {files / 'out'}}}\n")
+    cfg.write_text(f"peft: {{r: 8, lora_aplha: 16}}\ntraining: {{output_dir: {files / 'out'}}}\n")
     err = fails(capsys, ["--config", str(cfg)], files / "out")
-    assert "peft" in err
+    assert "peft.lora_aplha" in err and "lora_alpha" in err
+
+
+def test_peft_with_scanned_layers_is_refused(files, capsys):
+    err = fails(capsys, classification(files, "--peft.r", "4", "--model.scan_layers", "true"), files / "out")
+    assert "peft" in err and "scan_layers" in err

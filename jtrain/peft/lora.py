@@ -1,0 +1,356 @@
+"""LoRA as a params-tree transform plus a Linen method interceptor (no model rewrite).
+
+`apply_lora(model, config)` returns a `LoraModel` with the `Model` interface whose params are
+`{"base": <the base model's params>, "lora": {<module path>: {"lora_A", "lora_B"}}}`. In `apply`,
+`flax.linen.intercept_methods` catches `__call__` of every targeted `nn.Dense`/`nn.DenseGeneral`
+and adds `scale * dropout(x) A B` to its output, so any Model-like object whose forward uses those
+layers (a plain `Model`, a `QuantizedModel`) can be adapted without knowing its code.
+
+Layout: factors are stored like Flax kernels so they shard like their base weight.
+`lora_A` is `[*in_dims, r]` with the base kernel's input logical axes, `lora_B` is
+`[r, *out_dims]` with its output axes (the rank axis is replicated). PEFT's 2-D
+`lora_A.weight [r, in]` and `lora_B.weight [out, r]` are these flattened and transposed, exactly as
+`jtrain.models.convert` maps kernels to `nn.Linear.weight` (see `jtrain.peft.peft_io`).
+Shape letters: R = LoRA rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.sharding import PartitionSpec as P
+
+from jtrain.errors import ConfigError
+from jtrain.peft.config import LoraConfig, matches_target
+
+RANK_AXIS = "lora_rank"  # logical name of the rank axis; no sharding rule names it, so it is replicated
+_NUMBERED = re.compile(r"^(layers|layer|h)_(\d+)$")
+# Heads PEFT adds to modules_to_save for sequence classification (PeftModelForSequenceClassification).
+_CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def module_name(path: tuple[str, ...]) -> str:
+    """Flax module path -> HF dotted module name (`model/layers_0/mlp` -> `model.layers.0.mlp`)."""
+    return ".".join(_NUMBERED.sub(r"\1.\2", p) for p in path)
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One adapted Dense/DenseGeneral: where it is and the shapes/axes of its factors."""
+
+    path: tuple[str, ...]  # Flax module path inside the base params
+    name: str  # HF dotted module name (what target_modules and PEFT keys use)
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_axes: tuple[Any, ...]  # logical names of the base kernel's input dims (None if unknown)
+    out_axes: tuple[Any, ...]
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def fan_out(self) -> int:
+        return math.prod(self.out_shape)
+
+
+def _dummy_batch(model: Any) -> dict[str, jax.Array]:
+    make = getattr(model, "_dummy_inputs", None)
+    return make() if make is not None else {"input_ids": jnp.zeros((1, 8), jnp.int32)}
+
+
+def _input_axes(module: nn.Module, ndim: int) -> tuple[int, ...]:
+    """Positive indices of the input dims a Dense/DenseGeneral contracts."""
+    if isinstance(module, nn.DenseGeneral):
+        axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+        if module.batch_dims:
+            raise ConfigError(f"LoRA on `{module_name(module.path)}`: DenseGeneral with batch_dims is not supported")
+        return tuple(a % ndim for a in axis)
+    return (ndim - 1,)
+
+
+def _out_shape(module: nn.Module) -> tuple[int, ...]:
+    f = module.features
+    return tuple(f) if isinstance(f, (tuple, list)) else (int(f),)
+
+
+def dense_sites(model: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Every Dense/DenseGeneral the model's forward calls: path -> (input dims, output dims).
+
+    Found by tracing one abstract forward with a recording interceptor, so it works on any
+    Model-like object without knowing its modules."""
+    found: dict[tuple[str, ...], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def record(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, (nn.Dense, nn.DenseGeneral)) and args:
+            x = args[0]
+            axes = _input_axes(mod, x.ndim)
+            found[tuple(mod.path)] = (tuple(x.shape[a] for a in axes), _out_shape(mod))
+        return next_fun(*args, **kwargs)
+
+    def forward(params: Any) -> Any:
+        with nn.intercept_methods(record):
+            return model.apply(params, _dummy_batch(model), rng=None, train=False)
+
+    jax.eval_shape(forward, model.abstract_params())
+    return found
+
+
+def _kaiming_uniform(rng: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+    """torch's `kaiming_uniform_(a=sqrt(5))` (nn.Linear's and PEFT's lora_A init): U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
+
+
+def _lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """x contracted over `axes` with A [*in, R], then with B [R, *out]: the dims DenseGeneral produces."""
+    h = jax.lax.dot_general(x, a.astype(x.dtype), ((axes, tuple(range(len(axes)))), ((), ())))
+    return jnp.tensordot(h, b.astype(x.dtype), axes=1)
+
+
+@dataclass(frozen=True)
+class LoraModel:
+    """A base Model with LoRA adapters; same interface as `jtrain.models.Model`.
+
+    Example::
+
+        lora = apply_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+        params = lora.init_from_base(base_params, jax.random.key(0))
+        logits = lora.apply(params, {"input_ids": ids})["logits"]
+    """
+
+    base: Any
+    lora_config: LoraConfig
+    targets: tuple[LoraTarget, ...]
+    modules_to_save: tuple[str, ...] = ()
+    base_model_name_or_path: str | None = None  # written to adapter_config.json (PEFT loads the base from it)
+
+    # ---- the Model interface -------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self.base.config
+
+    @property
+    def task(self) -> str:
+        return self.base.task
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.base.input_names
+
+    @property
+    def module(self) -> Any:
+        return self.base.module
+
+    def _dummy_inputs(self, *args: Any, **kwargs: Any) -> dict[str, jax.Array]:
+        return _dummy_batch(self.base)
+
+    def init(self, rng: jax.Array) -> Any:
+        """Fresh base params and fresh adapters (fine-tuning usually wants `init_from_base`)."""
+        base_rng, lora_rng = jax.random.split(rng)
+        return jax.jit(lambda r1, r2: {"base": self.base.init(r1), "lora": self.init_adapters(r2)})(base_rng, lora_rng)
+
+    def init_from_base(self, base_params: Any, rng: jax.Array) -> dict:
+        """The full tree for a pretrained base: its params (not copied) and freshly initialised adapters."""
+        return {"base": base_params, "lora": jax.jit(self.init_adapters)(rng)}
+
+    def init_adapters(self, rng: jax.Array) -> dict:
+        """PEFT's init: A kaiming-uniform(a=sqrt 5) on [r, in], B zero (random too if init_lora_weights=False)."""
+        r, flat = self.lora_config.r, {}
+        for i, t in enumerate(self.targets):
+            ka, kb = jax.random.split(jax.random.fold_in(rng, i))
+            a = _kaiming_uniform(ka, (r, t.fan_in), t.fan_in).T.reshape(*t.in_shape, r)
+            if self.lora_config.init_lora_weights:
+                b = jnp.zeros((r, *t.out_shape), jnp.float32)
+            else:
+                b = _kaiming_uniform(kb, (t.fan_out, r), r).T.reshape(r, *t.out_shape)
+            flat[t.path + ("lora_A",)] = a
+            flat[t.path + ("lora_B",)] = b
+        return traverse_util.unflatten_dict(flat)
+
+    def abstract_params(self) -> Any:
+        return {"base": self.base.abstract_params(),
+                "lora": jax.eval_shape(self.init_adapters, jax.random.key(0))}
+
+    def logical_axes(self) -> Any:
+        """Base specs unchanged; A gets the base kernel's input axes + rank, B rank + output axes."""
+        flat = {}
+        for t in self.targets:
+            flat[t.path + ("lora_A",)] = P(*t.in_axes, RANK_AXIS)
+            flat[t.path + ("lora_B",)] = P(RANK_AXIS, *t.out_axes)
+        return {"base": self.base.logical_axes(), "lora": traverse_util.unflatten_dict(flat)}
+
+    def apply(self, params: Any, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
+              train: bool = False) -> dict[str, jax.Array]:
+        """The base forward with every targeted layer's output plus scale * dropout(x) A B."""
+        by_path = {t.path: t for t in self.targets}
+        lora = traverse_util.flatten_dict(params["lora"])
+        scale, rate = self.lora_config.scaling, float(self.lora_config.lora_dropout)
+        base_rng = lora_rng = None
+        if rng is not None:
+            base_rng, lora_rng = jax.random.split(rng)
+        drop = train and rate > 0.0 and lora_rng is not None
+
+        def intercept(next_fun, args, kwargs, context):
+            y = next_fun(*args, **kwargs)
+            mod = context.module
+            if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.DenseGeneral)):
+                return y
+            target = by_path.get(tuple(mod.path))
+            if target is None:
+                return y
+            x = args[0].astype(y.dtype)
+            if drop:
+                key = jax.random.fold_in(lora_rng, zlib.crc32(target.name.encode()))
+                keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+                x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+            a, b = lora[target.path + ("lora_A",)], lora[target.path + ("lora_B",)]
+            return y + (scale * _lora_delta(x, a, b, _input_axes(mod, x.ndim))).astype(y.dtype)
+
+        with nn.intercept_methods(intercept):
+            return self.base.apply(params["base"], batch, rng=base_rng, train=train)
+
+    def with_options(self, **changes: Any) -> LoraModel:
+        if changes.get("scan_layers"):
+            raise ConfigError("LoRA does not support scan_layers yet: set model.scan_layers false")
+        return dataclasses.replace(self, base=self.base.with_options(**changes))
+
+    # ---- what trains ----------------------------------------------------------------------
+    def is_trainable(self, path: tuple[str, ...]) -> bool:
+        """Adapters, `modules_to_save` and the biases `bias` selects; the rest of the base is frozen."""
+        if not path:
+            return False
+        if path[0] == "lora":
+            return True
+        inner = path[1:]
+        if self.modules_to_save and _within(inner[:-1], self.modules_to_save):
+            return True
+        if inner[-1] == "bias":
+            if self.lora_config.bias == "all":
+                return True
+            if self.lora_config.bias == "lora_only":
+                return tuple(inner[:-1]) in {t.path for t in self.targets}
+        return False
+
+    # ---- merge / unmerge ------------------------------------------------------------------
+    def delta(self, params: Any, target: LoraTarget) -> jax.Array:
+        """scale * A B in the base kernel's layout [*in, *out] (PEFT's scale * B @ A, transposed)."""
+        lora = params["lora"]
+        node = lora
+        for p in target.path:
+            node = node[p]
+        return self.lora_config.scaling * jnp.tensordot(node["lora_A"], node["lora_B"], axes=1)
+
+    def _fold(self, params: Any, base: Any, sign: float) -> Any:
+        flat = dict(traverse_util.flatten_dict(base))
+        for t in self.targets:
+            key = t.path + ("kernel",)
+            kernel = flat.get(key)
+            if kernel is None or not hasattr(kernel, "dtype") or not jnp.issubdtype(kernel.dtype, jnp.floating):
+                raise ConfigError(f"cannot merge LoRA into `{t.name}`: its base kernel is not a float array "
+                                  "(a quantised base cannot be merged; dequantise it first)")
+            flat[key] = (kernel + sign * self.delta(params, t).astype(kernel.dtype)).astype(kernel.dtype)
+        return traverse_util.unflatten_dict(flat)
+
+    def merge(self, params: Any) -> Any:
+        """Base params with W + scale * B A folded into every adapted kernel (PEFT's merge_and_unload).
+
+        The result is a plain params tree of the base model: apply it with `lora_model.base`."""
+        return self._fold(params, params["base"], 1.0)
+
+    def unmerge(self, merged_base: Any, params: Any) -> Any:
+        """The base params back from merged ones (W - scale * B A), given the adapters in `params`."""
+        return self._fold(params, merged_base, -1.0)
+
+
+def _kernel_specs(model: Any) -> list[dict]:
+    """Flat logical specs of `model` and of the models it wraps (`inner`/`base`), outermost first.
+
+    A wrapper may store a kernel in another form (a quantised tensor with its own spec node); the
+    wrapped model still has the plain kernel's PartitionSpec, which the adapters follow."""
+    out, seen = [], 0
+    while model is not None and seen < 4:
+        out.append(traverse_util.flatten_dict(model.logical_axes()))
+        model = getattr(model, "inner", None) or getattr(model, "base", None)
+        seen += 1
+    return out
+
+
+def _kernel_axes(specs: list[dict], path: tuple[str, ...], n_in: int, ndim: int):
+    found = (s.get(path + ("kernel",)) for s in specs)
+    spec = next((s for s in found if isinstance(s, P)), None)
+    if spec is None or len(tuple(spec)) != ndim:
+        return (None,) * n_in, (None,) * (ndim - n_in)
+    spec = tuple(spec)
+    return spec[:n_in], spec[n_in:]
+
+
+def apply_lora(model: Any, config: LoraConfig | Mapping[str, Any], *, strict: bool = True) -> LoraModel:
+    """Adapt `model` (a `jtrain.models.Model` or any Model-like wrapper) with LoRA.
+
+    Refuses, naming the module: targets that match no Dense layer, and a rank larger than a
+    target's input or output size. `strict=False` (reading a PEFT file) ignores
+    `modules_to_save` names the model lacks, as PEFT does (its SEQ_CLS configs list both
+    `classifier` and `score`). Example::
+
+        lora = apply_lora(model, LoraConfig(r=8, lora_alpha=16))   # PEFT's default targets
+    """
+    if isinstance(model, LoraModel):
+        raise ConfigError("the model already has LoRA adapters: merge them first or adapt the base model")
+    cfg = config if isinstance(config, LoraConfig) else LoraConfig.from_dict(config)
+    if getattr(model.config, "scan_layers", False):
+        raise ConfigError("LoRA does not support scan_layers yet: set model.scan_layers false")
+    model_type = getattr(model.config, "model_type", "")
+    wanted = cfg.targets_for(model_type)
+    sites = dense_sites(model)
+    specs = _kernel_specs(model)
+    targets = []
+    for path, (in_shape, out_shape) in sites.items():
+        name = module_name(path)
+        if not matches_target(name, wanted):
+            continue
+        if cfg.r > min(math.prod(in_shape), math.prod(out_shape)):
+            raise ConfigError(f"peft.r={cfg.r} is larger than module `{name}` allows "
+                              f"(in {math.prod(in_shape)}, out {math.prod(out_shape)} features): lower r")
+        in_axes, out_axes = _kernel_axes(specs, path, len(in_shape), len(in_shape) + len(out_shape))
+        targets.append(LoraTarget(path, name, in_shape, out_shape, in_axes, out_axes))
+    if not targets:
+        leaves = sorted({module_name(p).rsplit(".", 1)[-1] for p in sites})
+        raise ConfigError(f"peft.target_modules {wanted!r} matches no Dense layer of this {model_type or 'model'}; "
+                          f"layer names it has: {', '.join(leaves)}")
+    save = tuple(cfg.modules_to_save or ())
+    paths = [p[:-1] for p in traverse_util.flatten_dict(model.abstract_params())]
+    if getattr(model, "task", None) == "sequence_classification":
+        save += tuple(h for h in _CLASSIFIER_HEADS if h not in save and any(p[:1] == (h,) for p in paths))
+    if save:
+        missing = [m for m in save if not any(_within(p, (m,)) for p in paths)]
+        if missing and strict:
+            raise ConfigError(f"peft.modules_to_save {missing} names no module of this model")
+        save = tuple(m for m in save if m not in missing)
+    targets.sort(key=lambda t: _natural_key(t.name))
+    return LoraModel(model, cfg, tuple(targets), save)
+
+
+def _within(module_path: tuple[str, ...], names: tuple[str, ...]) -> bool:
+    """Whether a module or one of its parents matches `names` (PEFT wraps a whole module to save)."""
+    return any(matches_target(module_name(module_path[:k]), names) for k in range(1, len(module_path) + 1))
+
+
+def _natural_key(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def adapter_param_count(params: Any) -> int:
+    """Number of adapter parameters (the `lora` subtree)."""
+    return int(sum(np.size(x) for x in jax.tree.leaves(params["lora"])))
