@@ -7,7 +7,7 @@ same update as one big batch, whatever their padding). All arithmetic is in floa
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,13 +44,58 @@ def token_cross_entropy(
     return LossOutput(jnp.sum(jnp.where(valid, nll, 0.0)), weight, {"correct": correct})
 
 
+def with_router_loss(out: LossOutput, outputs: Mapping[str, Any]) -> LossOutput:
+    """Add a mixture-of-experts model's load-balancing loss and routing counts (no-op for dense models).
+
+    The aux loss is a mean over the batch's tokens, not a sum, and it is not additive (HF's
+    `load_balancing_loss_func` multiplies two batch means), so it joins the `(sum, weight)`
+    convention as `coef * aux * weight`: after the step divides by the token count once, one
+    batch gives exactly HF's `ce_mean + router_aux_loss_coef * aux_loss`, and k micro-batches
+    give `ce_mean + coef * (token-weighted mean of the micro-batches' aux losses)`, which is
+    what every micro-batching MoE trainer computes (exact agreement would need the whole
+    batch's expert counts before any micro-batch's gradient). A data- or expert-parallel batch
+    is one micro-batch: its aux loss is the global batch's, as on one device. Stats: the
+    per-expert and dropped counts of `jtrain.models.moe.router_statistics`, plus
+    `moe_aux_loss` = aux * weight (divide by `num_tokens` for the mean aux loss).
+    """
+    if "aux_loss" not in outputs:
+        return out
+    aux = outputs["aux_loss"].astype(jnp.float32)
+    coef = jnp.asarray(outputs.get("aux_loss_coef", 0.0), jnp.float32)
+    stats = {**out.stats, **outputs.get("router_stats", {}), "moe_aux_loss": aux * out.weight}
+    return LossOutput(out.loss_sum + coef * aux * out.weight, out.weight, stats)
+
+
+def routing_logs(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Host-side view of one step's summed routing stats (`with_router_loss`): per-expert and
+    dropped fractions of the top-k assignments, and the mean aux loss; {} for dense models.
+
+    Example (in a logging callback)::
+
+        logs.update(routing_logs(step_metrics))  # {"moe_expert_0_fraction": 0.26, ..., "moe_aux_loss": 2.01}
+    """
+    total = float(metrics.get("moe_assignments", 0.0))
+    if not total:
+        return {}
+    out = {f"{k}_fraction": round(float(v) / total, 6) for k, v in metrics.items()
+           if k.startswith("moe_expert_") and not k.endswith("_fraction")}
+    out["moe_dropped_fraction"] = round(float(metrics.get("moe_dropped", 0.0)) / total, 6)
+    if "moe_aux_loss" in metrics and metrics.get("num_tokens"):
+        out["moe_aux_loss"] = round(float(metrics["moe_aux_loss"]) / float(metrics["num_tokens"]), 6)
+    return out
+
+
 def causal_lm_loss(
     outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *, label_smoothing: float = 0.0
 ) -> LossOutput:
-    """Next-token loss: logits at position t predict labels at t+1 (HF shifts inside the model)."""
+    """Next-token loss: logits at position t predict labels at t+1 (HF shifts inside the model).
+
+    For mixture-of-experts models the router's load-balancing loss is added as HF's
+    `MixtralForCausalLM` does (see `with_router_loss`).
+    """
     logits = outputs["logits"][:, :-1]
     labels = batch["labels"][:, 1:]
-    return token_cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    return with_router_loss(token_cross_entropy(logits, labels, label_smoothing=label_smoothing), outputs)
 
 
 def masked_lm_loss(

@@ -252,10 +252,6 @@ def run_job(cfg: RunConfig) -> dict:
     model, params = build_model(cfg, data, model_type, config)
     trainer = Trainer(model, args, data_collator=data.collator, train_dataset=data.train,
                       eval_dataset=data.validation, processing_class=data.tokenizer, params=params)
-    if cfg.peft is not None:  # adapter files in every checkpoint, as HF's PEFT checkpoints have
-        from jtrain.peft.checkpoints import PeftCheckpointCallback
-
-        trainer.add_callback(PeftCheckpointCallback(trainer))
     _say(f"data: {data.summary}; prepared in {time.perf_counter() - started:.1f}s")
     source = cfg.model.model_name_or_path or "scratch"
     base_model = getattr(model, "base", model)

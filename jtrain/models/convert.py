@@ -8,7 +8,10 @@ Layout rule: a Flax kernel is (in..., out...) while torch's `nn.Linear.weight` i
 kernels are flattened to 2-D and transposed; GPT-2's `Conv1D` already stores (in, out), so only
 the flattening applies. Biases of multi-head projections are flattened. Input axes of a kernel
 are its first axis, or its first two when it starts with `heads` (output projections).
-A scanned leaf (leading `layers` axis) maps to one HF tensor per layer.
+A scanned leaf (leading `layers` axis) maps to one HF tensor per layer. A stacked-experts leaf
+(logical axis `expert` first, e.g. Mixtral's `block_sparse_moe/experts/w1` [E, D, F]) maps to one
+linear weight per expert, `block_sparse_moe.experts.{e}.w1.weight` [F, D], as Mixtral checkpoints
+store them (and transformers 5 still writes them).
 """
 
 from __future__ import annotations
@@ -42,10 +45,12 @@ class LeafMap:
     kind: str  # "linear" (transpose), "conv1d" (reshape only) or "plain"
     n_in: int  # number of leading kernel axes that are inputs
     stacked: bool
+    experts: int = 0  # size of a stacked-experts axis (after `layers`), 0 if none
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
-        return self.shape[1:] if self.stacked else self.shape
+        """Shape of the part of the leaf that one HF tensor holds (stacked axes removed)."""
+        return self.shape[int(self.stacked) + int(self.experts > 0):]
 
     @property
     def jtrain_name(self) -> str:
@@ -83,16 +88,20 @@ def leaf_maps(abstract_params: Any, logical_specs: Any, conv1d_pattern: str | No
         shape = tuple(leaf.shape)
         layer_shape, layer_spec = (shape[1:], spec[1:]) if stacked else (shape, spec)
         paths = _layer_paths(path, shape[0]) if stacked else [path]
+        experts = layer_shape[0] if layer_spec and layer_spec[0] == "expert" else 0
+        if experts:
+            layer_shape, layer_spec = layer_shape[1:], layer_spec[1:]
+            paths = [p[:-1] + (str(e), p[-1], "kernel") for p in paths for e in range(experts)]
         names = tuple(hf_name(p) for p in paths)
         n_in = 2 if layer_spec and layer_spec[0] == "heads" else 1
-        if path[-1] == "kernel":
+        if path[-1] == "kernel" or experts:
             kind = "conv1d" if conv1d_pattern and re.match(conv1d_pattern, names[0]) else "linear"
             fan_in, fan_out = math.prod(layer_shape[:n_in]), math.prod(layer_shape[n_in:])
             hf_shape = (fan_in, fan_out) if kind == "conv1d" else (fan_out, fan_in)
         else:
             kind = "plain"
             hf_shape = (math.prod(layer_shape),) if path[-1] == "bias" else layer_shape
-        maps.append(LeafMap(path, shape, names, hf_shape, kind, n_in, stacked))
+        maps.append(LeafMap(path, shape, names, hf_shape, kind, n_in, stacked, experts))
     return maps
 
 
@@ -103,12 +112,12 @@ def to_leaf(m: LeafMap, tensors: Sequence[np.ndarray]) -> np.ndarray:
         if m.kind == "linear":
             t = np.asarray(t).T
         layers.append(np.asarray(t).reshape(m.layer_shape))
-    return np.stack(layers) if m.stacked else layers[0]
+    return np.stack(layers).reshape(m.shape) if len(layers) > 1 or m.shape != m.layer_shape else layers[0]
 
 
 def from_leaf(m: LeafMap, leaf: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """HF (name, tensor) pairs of one jtrain leaf."""
-    slices = list(leaf) if m.stacked else [leaf]
+    slices = list(np.reshape(leaf, (-1, *m.layer_shape))) if m.shape != m.layer_shape else [leaf]
     out = []
     for name, x in zip(m.hf_names, slices):
         if m.kind == "plain":

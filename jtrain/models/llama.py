@@ -109,6 +109,10 @@ class LlamaConfig(HFConfig):
             return tuple(i >= self.max_window_layers for i in range(n))
         return (True,) * n
 
+    def feed_forward(self, train: bool) -> nn.Module:
+        """The decoder layer's feed-forward block, built inside the layer (Mixtral returns its MoE block)."""
+        return LlamaMLP(self, name="mlp")
+
 
 def llama_config_from_dict(values: Mapping[str, Any]) -> LlamaConfig:
     return LlamaConfig.from_dict(values)
@@ -133,6 +137,16 @@ def _constrain(cfg: LlamaConfig, x: jax.Array, *logical: str | None) -> jax.Arra
     return x if cfg.activation_sharding is None else cfg.activation_sharding(x, logical)
 
 
+class TokenEmbeddingOutput(nn.Module):
+    """Identity on the token embeddings of the sharded path: a method call that
+    `flax.linen.intercept_methods` sees (NEFTune adds its noise there), since that path reads the
+    table directly instead of calling `embed_tokens`. No parameters, so the param tree is unchanged."""
+
+    @nn.compact
+    def __call__(self, h_BLD: jax.Array) -> jax.Array:
+        return h_BLD
+
+
 def _embed(cfg: LlamaConfig, embed: nn.Embed, input_ids_BL: jax.Array) -> jax.Array:
     """Token embeddings; with activation shardings the table is first gathered over fsdp (see
     `ActivationSharding.gathered`), so the rows come out split over the batch axes only."""
@@ -140,6 +154,7 @@ def _embed(cfg: LlamaConfig, embed: nn.Embed, input_ids_BL: jax.Array) -> jax.Ar
         return embed(input_ids_BL)
     table_VD = cfg.activation_sharding.gathered(embed.embedding, ("vocab", "embed"))
     h_BLD = jnp.take(table_VD, input_ids_BL, axis=0).astype(jnp.dtype(cfg.dtype))
+    h_BLD = TokenEmbeddingOutput(name="embed_tokens_output")(h_BLD)
     return _constrain(cfg, h_BLD, "batch", "length", "embed")
 
 
@@ -173,6 +188,11 @@ class LlamaAttention(nn.Module):
         k = _constrain(cfg, k, "batch", "length", "kv_heads", "head_dim")
         v = _constrain(cfg, v, "batch", "length", "kv_heads", "head_dim")
         q, k = apply_rope(q, positions_BL, inv_freq), apply_rope(k, positions_BL, inv_freq)
+        # Sequence parallelism: queries stay split over `sequence` (length), keys and values are
+        # all-gathered to the whole length, so each device scores its own query rows against every
+        # key; the mask (built from global positions) is sliced the same way. No-op without it.
+        k = _constrain(cfg, k, "batch", None, "kv_heads", "head_dim")
+        v = _constrain(cfg, v, "batch", None, "kv_heads", "head_dim")
         rng = dropout_rng(self, cfg.attention_dropout, self.train)
         out_BLNH = attend(q, k, v, mask, implementation=cfg.attention_impl,
                           dropout_rate=cfg.attention_dropout, dropout_rng=rng)
@@ -215,7 +235,7 @@ class LlamaDecoderLayer(nn.Module):
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(h_BLD)
         h_BLD = h_BLD + LlamaAttention(cfg, self.train, name="self_attn")(x, positions_BL, inv_freq, layer_mask)
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(h_BLD)
-        return _constrain(cfg, h_BLD + LlamaMLP(cfg, name="mlp")(x), "batch", "length", "embed")
+        return _constrain(cfg, h_BLD + cfg.feed_forward(self.train)(x), "batch", "length", "embed")
 
 
 class LlamaModel(nn.Module):
@@ -230,8 +250,10 @@ class LlamaModel(nn.Module):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, name="embed_tokens",
                          embedding_init=normal_init(cfg.initializer_range, ("vocab", "embed")))
-        h_BLD = _embed(cfg, embed, input_ids_BL)
         L = input_ids_BL.shape[1]
+        if cfg.activation_sharding is not None:
+            cfg.activation_sharding.check_sequence_length(L)
+        h_BLD = _embed(cfg, embed, input_ids_BL)
         if position_ids_BL is None:
             position_ids_BL = default_positions(input_ids_BL, segment_ids_BL)
         inv_freq = rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling, positions_BL=position_ids_BL,

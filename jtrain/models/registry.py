@@ -14,10 +14,11 @@ from typing import Any, Mapping
 import flax.linen as nn
 
 from jtrain.errors import ConfigError
-from jtrain.models import bert, gpt2, llama
+from jtrain.models import bert, gpt2, llama, mixtral
 from jtrain.models.base import Model
 from jtrain.models.hfconfig import JTRAIN_OPTIONS, HFConfig
 from jtrain.models.layers import REMAT_POLICIES
+from jtrain.models.moe import MoEModel
 
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
 TASKS = ("causal_lm", "sequence_classification", "masked_lm", "token_classification")
@@ -42,10 +43,11 @@ class Architecture:
     input_names: tuple[str, ...]
     hf_prefix: str  # HF class-name prefix ("Llama" -> LlamaForCausalLM)
     conv1d_pattern: str | None = None  # HF weights stored (in, out) like GPT-2's Conv1D
+    model_cls: type[Model] = Model  # MoE families return router statistics too (`jtrain.models.moe.MoEModel`)
 
     def base_prefix(self, cfg: HFConfig) -> str:
         """Top-level name of the body in checkpoints (`model`, `transformer`, `bert`, `roberta`)."""
-        if self.config_cls is llama.LlamaConfig:
+        if issubclass(self.config_cls, llama.LlamaConfig):
             return "model"
         return "transformer" if self.config_cls is gpt2.GPT2Config else cfg.model_type
 
@@ -63,6 +65,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(llama.LlamaConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Llama"),
     "mistral": Architecture(llama.LlamaConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Mistral"),
     "qwen2": Architecture(llama.LlamaConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Qwen2"),
+    "mixtral": Architecture(mixtral.MixtralConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Mixtral",
+                            model_cls=MoEModel),
     "gpt2": Architecture(
         gpt2.GPT2Config,
         {"causal_lm": gpt2.GPT2LMHeadModel, "sequence_classification": gpt2.GPT2ForSequenceClassification},
@@ -107,7 +111,7 @@ def create_model(model_type: str, config: Mapping[str, Any], task: str = "causal
     if "num_labels" in options and len(config.get("id2label") or {}) not in (0, options["num_labels"]):
         config.pop("id2label"), config.pop("label2id", None)  # an explicit num_labels wins, as in HF
     cfg = arch.config_cls.from_dict({**config, **options, "model_type": model_type})
-    return Model(module=arch.heads[task](cfg), config=cfg, task=task, input_names=arch.input_names)
+    return arch.model_cls(module=arch.heads[task](cfg), config=cfg, task=task, input_names=arch.input_names)
 
 
 def _check_options(config_cls: type[HFConfig], options: Mapping[str, Any]) -> None:
