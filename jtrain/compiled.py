@@ -189,6 +189,7 @@ def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformat
     precision = precision or PrecisionPolicy()
     rules = rules or ShardingRules()
     check_process_layout(mesh)
+    getattr(model, "check_mesh", lambda mesh: None)(mesh)  # model-specific layout checks (MoE experts)
     abstract_params = model.abstract_params()
     logical = model.logical_axes()
     p_sh = param_shardings(logical, abstract_params, mesh, rules.params)

@@ -25,6 +25,7 @@ from jtrain.checkpoint import CheckpointWriter
 from jtrain.data.loader import HostLoader, LoaderPosition
 from jtrain.errors import ConfigError
 from jtrain.flops import compiled_flops, device_peak_flops, mfu
+from jtrain.losses import routing_logs
 from jtrain.memory import tracker_for
 from jtrain.signals import StopOnSignal
 from jtrain.version import __version__
@@ -69,6 +70,7 @@ class _Window:
         }
         if m.get("skipped"):
             logs["skipped_updates"] = int(m["skipped"])
+        logs.update(routing_logs(m))  # MoE: the last update's routing fractions ({} for dense models)
         if "loss_scale" in m:  # fp16: the scale in use and the overflow skips since the last log
             logs["loss_scale"] = float(m["loss_scale"])
             logs["loss_scale_overflows"] = self.overflows

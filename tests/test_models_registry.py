@@ -14,7 +14,7 @@ from test_models_common import TINY
 
 PAIRS = [(t, task) for t in SUPPORTED_MODEL_TYPES for task in architecture(t).heads]
 KNOWN_AXES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "layers", "positions",
-              "token_types", "labels", "embed_out", "qkv"}
+              "token_types", "labels", "embed_out", "qkv", "expert", "router"}
 
 
 # Every head unscanned; scanning changes only the body, so one head per type covers it.

@@ -142,7 +142,7 @@ def run_layers(layer_cls: type[nn.Module], cfg: Any, train: bool, h: jax.Array, 
         raise ConfigError(f"pipeline_stages={stages} needs stacked layers: set `scan_layers=True`")
     if scan:
         scanned = nn.scan(
-            _ScanStep, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            _ScanStep, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast), length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
         )(cls, cfg, train, name=name)
         if stages > 1 and not scanned.is_initializing():
