@@ -173,6 +173,20 @@ def _check_length(cfg: RunConfig, model: Any) -> None:
                           "max_position_embeddings")
 
 
+def _mesh_used(mesh: Any) -> dict:
+    """The mesh axes that split something (all six axes exist; most are size 1)."""
+    return {a: n for a, n in mesh.shape.items() if n > 1} or {"data": 1}
+
+
+def _param_bytes_line(model: Any, mesh: Any, fsdp: Any) -> str:
+    """Parameter bytes held per device under the run's sharding rules (what FSDP/TP/PP buy)."""
+    from jtrain.sharding import describe_param_bytes, param_shardings, sharding_rules
+
+    abstract = model.abstract_params()
+    shardings = param_shardings(model.logical_axes(), abstract, mesh, sharding_rules(fsdp).params)
+    return describe_param_bytes(shardings, abstract, mesh)
+
+
 def check_peft(cfg: RunConfig) -> None:
     """Options the LoRA transform cannot combine with, refused before any data is read."""
     if cfg.peft is None:
@@ -257,7 +271,9 @@ def run_job(cfg: RunConfig) -> dict:
     base_model = getattr(model, "base", model)
     _say(f"model: {model.config.model_type} {model.task} ({source}), "
          f"{param_count(base_model.abstract_params()) / 1e6:.2f}M parameters{_lora_summary(model)}; "
-         f"mesh {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
+         f"mesh {_mesh_used(trainer.mesh)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
+    if trainer.mesh.size > 1:
+        _say(_param_bytes_line(model, trainer.mesh, args.fsdp))
     if resume:
         _say(f"resuming from {resume}")
     results: dict = {}

@@ -30,6 +30,7 @@ def test_3d_parallel_config_trains_on_8_devices_and_reports_param_bytes(tmp_path
                      "--output_dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "'data': 2" in printed and "'stage': 2" in printed and "'tensor': 2" in printed
+    assert "bytes per device" in printed  # the run's own output says what each device holds
 
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("parameters:"))
     print(line)
