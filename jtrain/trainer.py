@@ -377,6 +377,9 @@ class Trainer:
         A LoRA model (`jtrain.peft`) writes only its adapters, in PEFT's layout
         (adapter_config.json + adapter_model.safetensors), as HF's Trainer does for a PeftModel;
         `merged=True` writes the base with the adapters folded in as a full HF model instead.
+        A quantised base (`jtrain.quant.QuantizedModel`) is written dequantised, a QAT model with
+        its float weights (HF format has no such quantisation; `jtrain.quant.save_quantized` and
+        `export_quantized` write the quantised forms).
         """
         from jtrain.models import save_pretrained
 
@@ -392,7 +395,8 @@ class Trainer:
             else:
                 save_adapter(self.model, params, output_dir)
         else:
-            save_pretrained(self.model, params, output_dir, max_shard_size=max_shard_size)
+            model, params = _hf_exportable(self.model, params)
+            save_pretrained(model, params, output_dir, max_shard_size=max_shard_size)
         tokenizer = self.processing_class
         if self.is_world_process_zero() and tokenizer is not None and hasattr(tokenizer, "save"):
             tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
@@ -412,3 +416,12 @@ class Trainer:
     def trainer_state_snapshot(self) -> TrainerState:
         """A copy for the checkpoint finaliser thread, which writes it after the loop moved on."""
         return copy.deepcopy(self.state)
+
+
+def _hf_exportable(model: Any, params: Any) -> tuple[Any, Any]:
+    """The plain model and float params behind quantisation wrappers, for an HF-format export."""
+    if hasattr(model, "dequantized_params"):  # jtrain.quant.QuantizedModel
+        return _hf_exportable(model.inner, model.dequantized_params(params))
+    if hasattr(model, "inner"):  # jtrain.quant.QATModel: same float params tree as its inner model
+        return _hf_exportable(model.inner, params)
+    return model, params
