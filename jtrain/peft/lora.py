@@ -31,6 +31,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from jtrain.errors import ConfigError
+from jtrain.models.wrapper import WrappedModel
 from jtrain.peft.config import LoraConfig, matches_target
 
 RANK_AXIS = "lora_rank"  # logical name of the rank axis; no sharding rule names it, so it is replicated
@@ -120,7 +121,7 @@ def _lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, axes: tuple[int, ...])
 
 
 @dataclass(frozen=True)
-class LoraModel:
+class LoraModel(WrappedModel):
     """A base Model with LoRA adapters; same interface as `jtrain.models.Model`.
 
     Example::
@@ -136,18 +137,10 @@ class LoraModel:
     modules_to_save: tuple[str, ...] = ()
     base_model_name_or_path: str | None = None  # written to adapter_config.json (PEFT loads the base from it)
 
-    # ---- the Model interface -------------------------------------------------------------
+    # ---- the Model interface (config, task, inputs: WrappedModel) ------------------------
     @property
-    def config(self) -> Any:
-        return self.base.config
-
-    @property
-    def task(self) -> str:
-        return self.base.task
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return self.base.input_names
+    def inner(self) -> Any:
+        return self.base
 
     @property
     def module(self) -> Any:

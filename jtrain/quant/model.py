@@ -28,6 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from jtrain.errors import ConfigError
+from jtrain.models.wrapper import WrappedModel
 from jtrain.quant.formats import (
     QuantFormat,
     QuantizedTensor,
@@ -80,7 +81,7 @@ def _map_quantized(fn: Any, tree: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class QuantizedModel:
+class QuantizedModel(WrappedModel):
     """A Model-like wrapper storing the `targets` kernels of `inner` in format `fmt`, frozen.
 
     `targets`: PEFT-style names or a full-match regex over module names (`jtrain.quant.targets`);
@@ -99,22 +100,7 @@ class QuantizedModel:
             object.__setattr__(self, "targets", tuple(self.targets))  # immutable, like the rest of the wrapper
         object.__setattr__(self, "plans", plan_kernels(self.inner, self.targets, self.fmt))
 
-    # --- the Model interface -------------------------------------------------------------
-    @property
-    def config(self) -> Any:
-        return self.inner.config
-
-    @property
-    def task(self) -> str:
-        return self.inner.task
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return self.inner.input_names
-
-    def _dummy_inputs(self, *args: Any, **kwargs: Any) -> dict[str, jax.Array]:
-        """The inner model's tracing inputs (wrappers such as LoRA trace the forward with them)."""
-        return self.inner._dummy_inputs(*args, **kwargs)
+    # --- the Model interface (config, task, inputs: WrappedModel) ------------------------
 
     def quantize_params(self, params: Any) -> Any:
         """The quantised tree from the inner model's float params (traceable; jit it for speed)."""

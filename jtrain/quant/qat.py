@@ -25,6 +25,7 @@ import jax
 from flax import traverse_util
 
 from jtrain.errors import ConfigError
+from jtrain.models.wrapper import WrappedModel
 from jtrain.quant.formats import QuantFormat, as_format, dequantize, quantize
 from jtrain.quant.model import KernelPlan, QuantizedModel, plan_kernels
 from jtrain.quant.targets import Path, Targets
@@ -44,7 +45,7 @@ def fake_quantize(w: jax.Array, fmt: QuantFormat | str = "int8", reduce_axes: tu
 
 
 @dataclass(frozen=True)
-class QATModel:
+class QATModel(WrappedModel):
     """A Model-like wrapper that fake-quantises the `targets` kernels of `inner` in `apply`.
 
     `fmt`: 'int8' or 'int4' (per-channel scales) or a QuantFormat of those with a block size.
@@ -64,21 +65,6 @@ class QATModel:
             object.__setattr__(self, "targets", tuple(self.targets))  # immutable, like the rest of the wrapper
         object.__setattr__(self, "plans", plan_kernels(self.inner, self.targets, fmt, what="QAT"))
 
-    @property
-    def config(self) -> Any:
-        return self.inner.config
-
-    @property
-    def task(self) -> str:
-        return self.inner.task
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return self.inner.input_names
-
-    def _dummy_inputs(self, *args: Any, **kwargs: Any) -> dict[str, jax.Array]:
-        """The inner model's tracing inputs (wrappers such as LoRA trace the forward with them)."""
-        return self.inner._dummy_inputs(*args, **kwargs)
 
     def init(self, rng: jax.Array) -> Any:
         return self.inner.init(rng)

@@ -1,0 +1,33 @@
+"""`WrappedModel`: what every Model-shaped wrapper (LoRA, quantised bases, QAT) delegates.
+
+A wrapper changes how params are stored or applied; the config, task and inputs stay the inner
+model's, so code downstream (losses, loaders, checkpoints) sees the model it expects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+
+class WrappedModel:
+    """Mixin: the Model attributes a wrapper takes from `self.inner` unchanged."""
+
+    inner: Any
+
+    @property
+    def config(self) -> Any:
+        return self.inner.config
+
+    @property
+    def task(self) -> str:
+        return self.inner.task
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.inner.input_names
+
+    def _dummy_inputs(self, *args: Any, **kwargs: Any) -> dict[str, jax.Array]:
+        """The inner model's tracing inputs (an outer wrapper such as LoRA traces with them)."""
+        return self.inner._dummy_inputs(*args, **kwargs)
