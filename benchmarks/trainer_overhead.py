@@ -22,12 +22,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
-import bench_common as bc  # noqa: E402
+import bench_common as bc
 
-QUICKSTART_MODEL = dict(vocab_size=2048, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-SMALL_MODEL = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+QUICKSTART_MODEL = {"vocab_size": 2048, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 4,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+SMALL_MODEL = {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
 TARGET = 0.95
 
 

@@ -28,20 +28,29 @@ def token_cross_entropy(
 ) -> LossOutput:
     """Cross-entropy summed over positions whose label is not -100 (HF's ignore index).
 
-    Label smoothing follows HF's `LabelSmoother`: (1 - eps) * nll + eps * mean over the
-    vocabulary of -log p.
+    Computed as logsumexp(logits) - logit[label], which never materialises the [B, L, V]
+    log-softmax (on a large vocabulary that pass costs as much as a layer). Label smoothing
+    follows HF's `LabelSmoother`: (1 - eps) * nll + eps * mean over the vocabulary of -log p,
+    where -mean(log p) = logsumexp - mean(logits).
     """
     logits = logits_BLV.astype(jnp.float32)
     valid = labels_BL != IGNORE_INDEX
     safe = jnp.where(valid, labels_BL, 0)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     if label_smoothing:
-        smooth = -jnp.mean(logp, axis=-1)
+        smooth = lse - jnp.mean(logits, axis=-1)
         nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
     weight = jnp.sum(valid, dtype=jnp.float32)
     correct = jnp.sum((jnp.argmax(logits, -1) == labels_BL) & valid, dtype=jnp.float32)
     return LossOutput(jnp.sum(jnp.where(valid, nll, 0.0)), weight, {"correct": correct})
+
+
+def shift_labels_left(labels_BL: jax.Array) -> jax.Array:
+    """Labels for next-token prediction aligned with the logits: position t gets label t+1 and
+    the last position -100. Shifting the labels instead of slicing the logits avoids copying the
+    [B, L-1, V] logits."""
+    return jnp.concatenate([labels_BL[:, 1:], jnp.full_like(labels_BL[:, :1], IGNORE_INDEX)], axis=1)
 
 
 def with_router_loss(out: LossOutput, outputs: Mapping[str, Any]) -> LossOutput:
@@ -93,9 +102,8 @@ def causal_lm_loss(
     For mixture-of-experts models the router's load-balancing loss is added as HF's
     `MixtralForCausalLM` does (see `with_router_loss`).
     """
-    logits = outputs["logits"][:, :-1]
-    labels = batch["labels"][:, 1:]
-    return with_router_loss(token_cross_entropy(logits, labels, label_smoothing=label_smoothing), outputs)
+    labels = shift_labels_left(batch["labels"])
+    return with_router_loss(token_cross_entropy(outputs["logits"], labels, label_smoothing=label_smoothing), outputs)
 
 
 def masked_lm_loss(

@@ -132,7 +132,8 @@ def make_train_step(
             "num_tokens": out.weight,
             "nonfinite": nonfinite.astype(jnp.int32),
             **extra,
-            **{k: v for k, v in out.stats.items()},
+            # accuracy is an evaluation metric: leaving "correct" out lets XLA drop the argmax pass
+            **{k: v for k, v in out.stats.items() if k != "correct"},
         }
         return new_state, metrics
 

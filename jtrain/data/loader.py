@@ -140,7 +140,7 @@ class HostLoader:
         if isinstance(self.dataset, ArrayDataset):
             batch = self.dataset.take(indices) if len(indices) else _empty_like(self.dataset)
         else:
-            rows = self.dataset.rows(indices) if hasattr(self.dataset, "rows") else [
+            rows = self.dataset.take_rows(indices) if hasattr(self.dataset, "take_rows") else [
                 self.dataset[int(i)] for i in indices]
             step = (epoch * len(self) + batch_index) * self.num_processes + self.process_index
             batch = collate_rows(self.collate_fn, rows, step, [int(i) for i in indices], self.what)

@@ -116,7 +116,7 @@ class HFDatasetRows(Sequence):
     def __getitem__(self, i: Any) -> dict:  # type: ignore[override]
         return self.dataset[int(i)]
 
-    def rows(self, indices: Sequence[int]) -> list[dict]:
+    def take_rows(self, indices: Sequence[int]) -> list[dict]:
         if len(indices) == 0:
             return []
         columns = self.dataset[[int(i) for i in indices]]

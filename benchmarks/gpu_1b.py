@@ -1,0 +1,108 @@
+"""A ~1B Llama in bf16 at sequence 2048 on one GPU: jtrain (cuDNN fused attention) vs HF Trainer.
+
+    python benchmarks/gpu_1b.py [--steps 20] [--out benchmarks/RESULTS_GPU.md]   # one H200: < 8 minutes
+    python benchmarks/gpu_1b.py --small                                          # CPU, seconds, for tests
+
+The model is TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, intermediate
+5632, vocab 32000), batch 8 x 2048 tokens, AdamW with clipping, bf16 compute with float32
+master weights on both sides. jtrain uses `attention_impl="cudnn"`; HF uses PyTorch SDPA (its
+flash kernel). MFU is the compiled jtrain step's FLOPs over the datasheet bf16 dense peak
+(`jtrain.flops.PEAK_FLOPS`); the HF side uses the same FLOP count (same model and tokens). The
+HF side is skipped, with the reason printed, when torch has no CUDA. `--small` runs a tiny model
+on the CPU (XLA attention, measured matmul peak) so the script is tested where no GPU exists.
+Each side runs in its own process, one after the other, so neither holds GPU memory for the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
+import bench_common as bc
+import vs_hf
+
+PRESETS = {
+    "1b": vs_hf.Preset(vocab=32000, hidden=2048, layers=22, heads=32, intermediate=5632, seq=2048, batch=8,
+                       steps=20, kv_heads=4),
+    "small": vs_hf.Preset(vocab=512, hidden=64, layers=2, heads=4, intermediate=128, seq=64, batch=2, steps=3,
+                          kv_heads=2),
+}
+TARGET_MFU = 0.45
+
+
+def worker(a: argparse.Namespace) -> dict:
+    p = PRESETS[a.preset]
+    a.bf16, a.quick, a.xla_flags = True, False, ""
+    if a.worker == "jtrain":
+        a.device, a.peak = ("cpu", "matmul") if a.preset == "small" else ("gpu", "table")
+        a.model_options = '{"attention_impl": "xla"}' if a.preset == "small" else '{"attention_impl": "cudnn"}'
+        # Rows have no padding: without an attention_mask the model sees a purely causal batch (HF's
+        # SDPA likewise drops an all-ones mask and runs its causal flash kernel).
+        a.drop_attention_mask = True
+        return vs_hf.jtrain_worker(a, p)
+    a.device = "cpu" if a.preset == "small" else "gpu"
+    return vs_hf.hf_worker(a, p)
+
+
+def summary(p: vs_hf.Preset, runs: dict[str, dict]) -> str:
+    j, h = runs["jtrain"], runs["hf"]
+    flops = j.get("step_flops")
+    head = (f"Llama with {p.param_count() / 1e6:,.1f}M parameters, bf16, sequence {p.seq}, batch {p.batch}, "
+            f"{p.batch * p.seq} tokens per step; compiled step {bc.fmt(flops, '.4g')} FLOPs "
+            f"(formula 6·N·T + attention: {p.formula_flops():.4g}).")
+    lines = [head, ""]
+    rows = []
+    for side, r in (("jtrain", j), ("hf", h)):
+        if r.get("skipped"):
+            rows.append([side, "skipped: " + r["skipped"]] + [""] * 5)
+            continue
+        mfu = flops / r["median_step_s"] / r["peak_flops"] if (flops and r.get("peak_flops")) else None
+        r["mfu"] = mfu
+        mem = r.get("peak_memory_mb", r["peak_rss_mb"])
+        rows.append([side, r.get("device", "cpu"), round(r["warmup_s"], 1), round(r["median_step_s"] * 1e3, 1),
+                     round(r["tokens_per_s"]), bc.fmt(mfu, ".1%"), round(mem)])
+    lines.append(bc.markdown_table(["side", "device", "warm-up s", "median step ms", "tokens/s", "MFU",
+                                    "peak memory MiB"], rows))
+    if not h.get("skipped"):
+        lines.append(f"\njtrain / HF tokens/s = **{j['tokens_per_s'] / h['tokens_per_s']:.3f}**")
+    if j.get("mfu") is not None:
+        verdict = "meets" if j["mfu"] >= TARGET_MFU else "below"
+        lines.append(f"\njtrain MFU {j['mfu']:.1%} ({verdict} the target {TARGET_MFU:.0%} on an H200; "
+                     "meaningless on a CPU, where the peak is a measured matmul)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--small", action="store_true", help="a tiny model on the CPU (for tests)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None, help="write the markdown summary here")
+    ap.add_argument("--worker", choices=vs_hf.SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--preset", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        a.steps = a.steps if a.steps is not None else PRESETS[a.preset].steps
+        bc.emit(worker(a))
+        return
+    name = "small" if a.small else "1b"
+    steps = a.steps if a.steps is not None else PRESETS[name].steps
+    runs = {}
+    for side in vs_hf.SIDES:
+        runs[side] = bc.run_child([os.path.abspath(__file__), "--worker", side, "--preset", name,
+                                   "--steps", str(steps), "--warmup", str(a.warmup)])
+    text = summary(PRESETS[name], runs)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as fh:
+            fh.write("# jtrain vs HF Trainer on one GPU, ~1B Llama, bf16\n\n" + bc.machine_section(bc.this_command())
+                     + "\n" + text + "\n")
+        print(f"\nwrote {a.out}")
+    bc.emit({"runs": runs, "markdown": text})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The benchmark scripts run end to end in their small modes (no wall time is asserted).
+
+They are scripts, not library code, so each is run as a subprocess the way a user runs it; the
+checks are on what they print and write: every field of the comparison, and RESULTS markdown
+at the path given. The scaling script's HLO parsing and per-device memory are checked against
+what sharding must give on the fake devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jtrain.errors import ConfigError
+from jtrain.xla_flags import apply_xla_flags, merge_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH)
+
+
+def _run(script: str, *args: str, tmp_path) -> tuple[str, dict]:
+    env = {**os.environ, "JTRAIN_PEAK_CACHE": str(tmp_path / "peak_cache")}
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True, check=False,
+                          env=env, cwd=str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    return proc.stdout, (json.loads(result[-1][len("RESULT "):]) if result else {})
+
+
+def test_vs_hf_smoke_prints_every_field_and_writes_results(tmp_path):
+    out = tmp_path / "bench" / "RESULTS.md"
+    stdout, _ = _run("vs_hf.py", "--presets", "smoke", "--steps", "2", "--warmup", "1", "--repeats", "1",
+                     "--out", str(out), tmp_path=tmp_path)
+    ratios = stdout.index("== ratios")
+    assert ratios < stdout.index("== per side")  # ratios first
+    assert "smoke fp32: jtrain / HF tokens/s = **" in stdout
+    for column in ("warm-up s", "median step ms", "tokens/s", "MFU", "matmul peak GFLOP/s", "peak RSS MiB"):
+        assert column in stdout
+    # Same model on both sides: the parameter counts agree with each other and with the formula.
+    assert "equal on both sides and to the formula: True" in stdout
+    text = out.read_text()
+    for heading in ("## Run", "## jtrain / HF Trainer, ratios first", "## Per side", "## How the comparison"):
+        assert heading in text
+    assert "vs_hf.py --presets smoke" in text and "model name" not in text and "jax " in text
+
+
+def test_gpu_1b_small_runs_on_cpu(tmp_path):
+    out = tmp_path / "gpu.md"
+    stdout, result = _run("gpu_1b.py", "--small", "--steps", "2", "--warmup", "1", "--out", str(out),
+                          tmp_path=tmp_path)
+    jtrain, hf = result["runs"]["jtrain"], result["runs"]["hf"]
+    assert jtrain["step_flops"] > 0 and jtrain["tokens_per_s"] > 0
+    assert hf.get("skipped") or hf["tokens_per_s"] > 0  # CPU torch runs the small HF side
+    assert jtrain["params"] == hf["params"]
+    assert "MFU" in stdout and "jtrain / HF tokens/s" in stdout
+    assert out.read_text().startswith("# jtrain vs HF Trainer on one GPU")
+
+
+def test_collective_parsing_counts_result_bytes():
+    import scaling
+
+    hlo = ("  %all-reduce.3 = (f32[4,8]{1,0}, bf16[16]{0}) all-reduce(f32[4,8]{1,0} %a, bf16[16]{0} %b)\n"
+           "  %ag = f32[64]{0} all-gather(f32[8]{0} %p), dimensions={0}\n"
+           "  %rs = f32[8]{0} reduce-scatter(f32[64]{0} %g), dimensions={0}\n"
+           "  %add = f32[8]{0} add(f32[8]{0} %x, f32[8]{0} %y)\n")
+    coll = scaling.collective_bytes(hlo)
+    assert coll["all-reduce"] == {"count": 1, "bytes": 4 * 8 * 4 + 16 * 2}
+    assert coll["all-gather"] == {"count": 1, "bytes": 64 * 4}
+    assert coll["reduce-scatter"] == {"count": 1, "bytes": 8 * 4}
+    # Ring all-reduce of S bytes over n devices sends 2(n-1)/n S; all-gather (n-1)/n of the result.
+    n = 8
+    assert scaling.wire_bytes(coll, n) == pytest.approx(160 * 2 * 7 / 8 + 256 * 7 / 8 + 32 * 7)
+
+
+def test_fsdp_step_shards_state_and_gathers_weights():
+    import scaling
+
+    row = scaling.compile_step("fsdp", devices=4, hidden=32, layers=1, seq=16, batch=4)
+    # Params + two AdamW moments, split 4 ways; the replicated scalars and the batch add a little.
+    state_mb = 3 * row["params"] * 4 / 2**20
+    assert state_mb / 4 <= row["arg_mb"] <= state_mb / 4 * 1.2
+    assert row["collectives"].get("all-gather", 0) > 0  # FSDP gathers weights for compute
+
+
+def test_xla_flags_merge_and_refuse_after_backend_start():
+    assert merge_flags("--a=1 --b", ["--a=2", "--c=x"]) == "--a=2 --b --c=x"
+    with pytest.raises(ConfigError, match="malformed"):
+        merge_flags("", ["xla_cpu_use_onednn=true"])
+    env = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    assert apply_xla_flags(["--xla_cpu_use_onednn=false"], env=env).endswith("--xla_cpu_use_onednn=false")
+    import jax
+
+    jax.devices()  # the test backend is running: flags can no longer take effect
+    with pytest.raises(ConfigError, match="before the JAX backend starts"):
+        apply_xla_flags(["--xla_cpu_use_onednn=false"])
