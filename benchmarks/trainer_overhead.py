@@ -84,9 +84,10 @@ def trainer_run(steps: int, warmup: int, data, config: dict, batch: int, length:
 
     with tempfile.TemporaryDirectory() as out:
         _trainer(steps + warmup, out, data, config, batch, [Window()]).train()
-    # on_step_end of update `warmup` fires after update warmup-1 finished (the loop fetches the
-    # previous update's metrics first), so the window holds `steps` updates and a little more.
-    return batch * length * steps / (marks["end"] - marks["start"])
+    # on_step_end of update `warmup` fires right after update `warmup` is dispatched and update
+    # warmup-1 has finished (the loop fetches the previous update's metrics first), so the window
+    # runs updates warmup .. warmup+steps: steps + 1 of them, plus the end-of-training bookkeeping.
+    return batch * length * (steps + 1) / (marks["end"] - marks["start"])
 
 
 def measure(steps: int, repeats: int, warmup: int, small: bool) -> dict:
