@@ -13,12 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from jtrain import ConfigError, Trainer, TrainerCallback, TrainingArguments
+from jtrain import ConfigError, Trainer, TrainingArguments
 from jtrain.compiled import build_compiled_steps
 from jtrain.data.loader import ArrayDataset, HostLoader
 from jtrain.models import create_model
 from jtrain.sharding import MESH_AXES, make_mesh, resolve_mesh_shape, sharding_rules
-from tiny import TINY_LLAMA, lm_rows, tiny_llama
+from tiny import TINY_LLAMA, LossRecorder, lm_rows, tiny_llama
 
 STEPS, ACCUM, GLOBAL_MICRO = 5, 2, 8
 MESHES = {
@@ -35,15 +35,6 @@ MESHES = {
 # the loss by 1e-2 or more.
 LOSS_RTOL = 2e-6
 
-
-class _Losses(TrainerCallback):
-    """The exact per-update loss the step reported (the logged value is rounded to 6 decimals)."""
-
-    def __init__(self):
-        self.losses: list[float] = []
-
-    def on_optimizer_step(self, args, state, control, metrics=None, **kwargs):
-        self.losses.append(float(metrics["loss"]))
 
 
 def _args(tmp_path, mesh_shape, fsdp=""):
@@ -71,7 +62,7 @@ def run_mesh(tmp_path_factory, start_params, dataset):
 
     def run(name: str):
         if name not in runs:
-            record = _Losses()
+            record = LossRecorder()
             mesh_shape = {"data": 1} if name == "single" else MESHES[name]
             trainer = Trainer(tiny_llama(), _args(tmp_path_factory.mktemp(name), mesh_shape), train_dataset=dataset,
                               callbacks=[record], params=start_params)
@@ -160,7 +151,7 @@ def test_hybrid_shard_puts_hosts_on_data_and_a_host_on_fsdp():
 
 def test_shard_grad_op_replicates_params_and_shards_optimizer_state(tmp_path, start_params, dataset, run_mesh):
     """ZeRO-2: same losses as one device; params whole on every device, Adam moments split 8 ways."""
-    record = _Losses()
+    record = LossRecorder()
     args = _args(tmp_path, {"fsdp": 8}, fsdp="shard_grad_op")
     trainer = Trainer(tiny_llama(), args, train_dataset=dataset, callbacks=[record])
     # The preset goes in through `build_compiled_steps(rules=...)`; built here the way Trainer._setup does.

@@ -13,11 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from jtrain import ConfigError, Trainer, TrainerCallback, TrainingArguments
+from jtrain import ConfigError, Trainer, TrainingArguments
 from jtrain.data.loader import ArrayDataset, HostLoader
 from jtrain.models import create_model
 from jtrain.pipeline_parallel import bubble_fraction, from_microbatches, to_microbatches
-from tiny import TINY_LLAMA, lm_rows
+from tiny import TINY_LLAMA, LossRecorder, lm_rows
 
 STEPS, ACCUM, GLOBAL_MICRO = 4, 2, 8
 PP_MESH = {"stage": 2, "data": 2, "tensor": 2}
@@ -29,13 +29,6 @@ LAYERS = 4
 # micro-batch skipped or run through the wrong stage's layers) moves the loss by 1e-2 or more.
 LOSS_RTOL = 2e-6
 
-
-class _Losses(TrainerCallback):
-    def __init__(self):
-        self.losses: list[float] = []
-
-    def on_optimizer_step(self, args, state, control, metrics=None, **kwargs):
-        self.losses.append(float(metrics["loss"]))
 
 
 def _model(layers: int = LAYERS):
@@ -51,7 +44,7 @@ def _args(tmp_path, mesh_shape):
 
 
 def _train(tmp_path, mesh_shape, params):
-    record = _Losses()
+    record = LossRecorder()
     trainer = Trainer(_model(), _args(tmp_path, mesh_shape), train_dataset=ArrayDataset(lm_rows(64, 16, seed=0)),
                       callbacks=[record], params=params)
     trainer.train()

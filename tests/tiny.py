@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jtrain.callbacks import TrainerCallback
 from jtrain.models import create_model
 
 TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -31,3 +32,13 @@ def lm_rows(num_rows: int, length: int, seed: int = 0, vocab: int = 64) -> dict:
     start = rng.integers(1, vocab, size=(num_rows, 1))
     ids = ((start + np.arange(length)[None, :] * 3) % (vocab - 1) + 1).astype(np.int32)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
+
+
+class LossRecorder(TrainerCallback):
+    """The exact per-update loss the step reported (the logged value is rounded to 6 decimals)."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_optimizer_step(self, args, state, control, metrics=None, **kwargs):
+        self.losses.append(float(metrics["loss"]))
