@@ -1,16 +1,13 @@
 """NEFTune: HF's noise on the token embeddings, in training only (issue #3)."""
 
-import ast
-import importlib.util
 import math
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import lm_rows, tiny_llama
+from tiny import hf_source_function, lm_rows, tiny_llama
 
 from jtrain import Trainer, TrainingArguments
 from jtrain.errors import ConfigError
@@ -18,21 +15,6 @@ from jtrain.models import create_model
 from jtrain.neftune import NEFTuneModel, neftune_interceptor, neftune_magnitude
 
 ALPHA = 5.0
-
-
-def _hf_hook(torch):
-    """transformers' own `neftune_post_forward_hook`, run from the installed source with only torch
-    imported (importing transformers.integrations costs ~8 s of CPU on the 2-core test machine)."""
-    spec = importlib.util.find_spec("transformers")
-    if spec is None:
-        pytest.skip("transformers is not installed")
-    path = os.path.join(spec.submodule_search_locations[0], "integrations", "neftune.py")
-    with open(path) as fh:
-        tree = ast.parse(fh.read())
-    hook = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "neftune_post_forward_hook")
-    namespace = {"torch": torch}
-    exec(compile(ast.Module([hook], type_ignores=[]), path, "exec"), namespace)  # noqa: S102 - HF's own code
-    return namespace["neftune_post_forward_hook"]
 
 
 class _Embeddings(nn.Module):
@@ -64,7 +46,7 @@ def test_noise_is_hf_uniform_on_token_embeddings_only():
     bound = ALPHA / math.sqrt(256 * 64)
     # HF's formula, read from the installed transformers: mag_norm = alpha / sqrt(L * d) for output [B, L, d].
     torch = pytest.importorskip("torch")
-    neftune_post_forward_hook = _hf_hook(torch)
+    neftune_post_forward_hook = hf_source_function(torch, "integrations/neftune.py", "neftune_post_forward_hook")
     emb = torch.nn.Embedding(50, 64)
     emb.neftune_noise_alpha = ALPHA
     emb.train()

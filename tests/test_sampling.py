@@ -1,13 +1,10 @@
 """train_sampling_strategy / group_by_length and compilations per epoch with length buckets (issue #7)."""
 
-import ast
-import importlib.util
-import os
 
 import datasets
 import numpy as np
 import pytest
-from tiny import tiny_llama
+from tiny import hf_source_function, tiny_llama
 
 from jtrain import Trainer, TrainingArguments
 from jtrain.data.collators import DataCollatorWithPadding
@@ -27,25 +24,10 @@ def _rows(n, seed=0, low=3, high=61):
     return [{"input_ids": rng.integers(1, 64, size=int(rng.integers(low, high))).tolist()} for _ in range(n)]
 
 
-def _hf_function(torch, filename, name):
-    """A function of the installed transformers, run from its source with only torch imported
-    (importing transformers.trainer_pt_utils costs ~5 s of CPU on the 2-core test machine)."""
-    spec = importlib.util.find_spec("transformers")
-    if spec is None:
-        pytest.skip("transformers is not installed")
-    path = os.path.join(spec.submodule_search_locations[0], filename)
-    with open(path) as fh:
-        tree = ast.parse(fh.read())
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    namespace = {"torch": torch}
-    exec(compile(ast.Module([node], type_ignores=[]), path, "exec"), namespace)  # noqa: S102 - HF's own code
-    return namespace[name]
-
-
 @pytest.mark.parametrize("n,batch", [(300, 4), (37, 8), (5, 2)])
 def test_matches_hf_length_grouped_indices(n, batch):
     torch = pytest.importorskip("torch")
-    get_length_grouped_indices = _hf_function(torch, "trainer_pt_utils.py", "get_length_grouped_indices")
+    get_length_grouped_indices = hf_source_function(torch, "trainer_pt_utils.py", "get_length_grouped_indices")
     lengths = np.random.default_rng(n).integers(1, 40, size=n).tolist()  # many ties: the sort must be stable
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(11)).numpy()
     expected = get_length_grouped_indices(lengths, batch, generator=torch.Generator().manual_seed(11))

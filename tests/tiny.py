@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import os
+
 import numpy as np
 
 from jtrain.callbacks import TrainerCallback
@@ -42,3 +46,19 @@ class LossRecorder(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, metrics=None, **kwargs):
         self.losses.append(float(metrics["loss"]))
+
+
+def hf_source_function(torch, relative_path: str, name: str):
+    """Function `name` of the installed transformers (e.g. "integrations/neftune.py"), run from its
+    source with only torch imported: importing the transformers module that holds it costs 5-8 s of
+    CPU on the 2-core test machine. transformers is a test dependency, so its absence is a failure."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None:
+        raise ImportError("transformers is not installed: install the test extra (pip install -e '.[test]')")
+    path = os.path.join(spec.submodule_search_locations[0], *relative_path.split("/"))
+    with open(path) as fh:
+        tree = ast.parse(fh.read())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = {"torch": torch}
+    exec(compile(ast.Module([node], type_ignores=[]), path, "exec"), namespace)  # noqa: S102 - HF's own code
+    return namespace[name]
