@@ -20,6 +20,7 @@ from jtrain.models.attention import attend, make_attention_mask
 from jtrain.models.hfconfig import HFConfig
 from jtrain.models.layers import (LayerNorm, activation, default_positions, dropout, dropout_rng,
                                   normal_init, positions_within_segments, run_layers, zeros_init)
+from jtrain.models.matmul import Dense, DenseGeneral
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class BertConfig(HFConfig):
 
 
 def _dense(cfg: BertConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=jnp.dtype(cfg.dtype), name=name,
+    return Dense(features, dtype=jnp.dtype(cfg.dtype), name=name,
                     kernel_init=normal_init(cfg.initializer_range, axes), bias_init=zeros_init(axes[1:]))
 
 
@@ -117,7 +118,7 @@ class BertSelfAttention(nn.Module):
         cfg = self.cfg
 
         def proj(name: str) -> jax.Array:
-            return nn.DenseGeneral(
+            return DenseGeneral(
                 (cfg.num_attention_heads, cfg.head_dim), dtype=jnp.dtype(cfg.dtype), name=name,
                 kernel_init=normal_init(cfg.initializer_range, ("embed", "heads", "head_dim")),
                 bias_init=zeros_init(("heads", "head_dim")),
@@ -135,7 +136,7 @@ class BertAttentionOutput(nn.Module):
     @nn.compact
     def __call__(self, out_BLNH: jax.Array, residual_BLD: jax.Array) -> jax.Array:
         cfg = self.cfg
-        x = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=jnp.dtype(cfg.dtype), name="dense",
+        x = DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=jnp.dtype(cfg.dtype), name="dense",
                             kernel_init=normal_init(cfg.initializer_range, ("heads", "head_dim", "embed")),
                             bias_init=zeros_init(("embed",)))(out_BLNH)
         x = dropout(self, cfg.hidden_dropout_prob, x, self.train)
@@ -248,7 +249,7 @@ class MLMHead(nn.Module):
         if cfg.tie_word_embeddings:
             logits = word.attend(x)
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype), name="decoder",
+            logits = Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype), name="decoder",
                               kernel_init=normal_init(cfg.initializer_range, ("embed", "vocab")))(x)
         bias = self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,))
         return logits + bias.astype(logits.dtype)

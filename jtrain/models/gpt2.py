@@ -19,6 +19,7 @@ from jtrain.models.attention import attend, make_attention_mask
 from jtrain.models.hfconfig import HFConfig
 from jtrain.models.layers import (LayerNorm, activation, default_positions, dropout, dropout_rng, last_token_index,
                                   normal_init, run_layers, take_rows, zeros_init)
+from jtrain.models.matmul import Dense, DenseGeneral
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class GPT2Attention(nn.Module):
     def __call__(self, h_BLD: jax.Array, idx: Any, mask: jax.Array) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         N, H = cfg.n_head, cfg.head_dim
-        qkv = nn.DenseGeneral(
+        qkv = DenseGeneral(
             (3, N, H), dtype=dtype, name="c_attn",
             kernel_init=normal_init(cfg.initializer_range, ("embed", "qkv", "heads", "head_dim")),
             bias_init=zeros_init(("qkv", "heads", "head_dim")),
@@ -91,7 +92,7 @@ class GPT2Attention(nn.Module):
         rng = dropout_rng(self, cfg.attn_pdrop, self.train)
         out = attend(q, k, v, mask, implementation=cfg.attention_impl, scale=scale,
                      dropout_rate=cfg.attn_pdrop, dropout_rng=rng)
-        out = nn.DenseGeneral(
+        out = DenseGeneral(
             cfg.n_embd, axis=(-2, -1), dtype=dtype, name="c_proj",
             kernel_init=normal_init(cfg.initializer_range, ("heads", "head_dim", "embed")),
             bias_init=zeros_init(("embed",)),
@@ -106,10 +107,10 @@ class GPT2MLP(nn.Module):
     @nn.compact
     def __call__(self, h_BLD: jax.Array) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        x = nn.Dense(cfg.inner_dim, dtype=dtype, name="c_fc",
+        x = Dense(cfg.inner_dim, dtype=dtype, name="c_fc",
                      kernel_init=normal_init(cfg.initializer_range, ("embed", "mlp")),
                      bias_init=zeros_init(("mlp",)))(h_BLD)
-        x = nn.Dense(cfg.n_embd, dtype=dtype, name="c_proj",
+        x = Dense(cfg.n_embd, dtype=dtype, name="c_proj",
                      kernel_init=normal_init(cfg.initializer_range, ("mlp", "embed")),
                      bias_init=zeros_init(("embed",)))(activation(cfg.activation_function)(x))
         return dropout(self, cfg.resid_pdrop, x, self.train)
@@ -172,7 +173,7 @@ class GPT2LMHeadModel(nn.Module):
         if self.cfg.tie_word_embeddings:
             logits = wte.attend(h_BLD)
         else:
-            logits = nn.Dense(self.cfg.vocab_size, use_bias=False, dtype=jnp.dtype(self.cfg.dtype), name="lm_head",
+            logits = Dense(self.cfg.vocab_size, use_bias=False, dtype=jnp.dtype(self.cfg.dtype), name="lm_head",
                               kernel_init=normal_init(self.cfg.initializer_range, ("embed", "vocab")))(h_BLD)
         return {"logits": logits.astype(jnp.float32)}
 
@@ -188,6 +189,6 @@ class GPT2ForSequenceClassification(nn.Module):
         h_BLD, _ = _transformer(self.cfg, train, input_ids, attention_mask, position_ids, segment_ids,
                                 token_type_ids)
         pooled_BD = take_rows(h_BLD, last_token_index(input_ids, attention_mask, self.cfg.pad_token_id))
-        logits = nn.Dense(self.cfg.num_labels, use_bias=False, dtype=jnp.dtype(self.cfg.dtype), name="score",
+        logits = Dense(self.cfg.num_labels, use_bias=False, dtype=jnp.dtype(self.cfg.dtype), name="score",
                           kernel_init=normal_init(self.cfg.initializer_range, ("embed", "labels")))(pooled_BD)
         return {"logits": logits.astype(jnp.float32)}

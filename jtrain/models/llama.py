@@ -18,6 +18,7 @@ from jtrain.models.attention import apply_rope, attend, make_attention_mask, rop
 from jtrain.models.hfconfig import HFConfig
 from jtrain.models.layers import (activation, default_positions, dropout_rng, last_token_index, normal_init,
                                   ones_init, run_layers, take_rows, zeros_init)
+from jtrain.models.matmul import Dense, DenseGeneral
 
 _WINDOW_FIELDS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 
@@ -177,7 +178,7 @@ class LlamaAttention(nn.Module):
         N, K, H = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
 
         def proj(name: str, heads: int, axis: str) -> jax.Array:
-            return nn.DenseGeneral(
+            return DenseGeneral(
                 (heads, H), use_bias=cfg.qkv_bias, dtype=dtype, name=name,
                 kernel_init=normal_init(cfg.initializer_range, ("embed", axis, "head_dim")),
                 bias_init=zeros_init((axis, "head_dim")),
@@ -197,7 +198,7 @@ class LlamaAttention(nn.Module):
         out_BLNH = attend(q, k, v, mask, implementation=cfg.attention_impl,
                           dropout_rate=cfg.attention_dropout, dropout_rng=rng)
         out_BLNH = _constrain(cfg, out_BLNH, "batch", "length", "heads", "head_dim")
-        return nn.DenseGeneral(
+        return DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dtype, name="o_proj",
             kernel_init=normal_init(cfg.initializer_range, ("heads", "head_dim", "embed")),
             bias_init=zeros_init(("embed",)),
@@ -212,7 +213,7 @@ class LlamaMLP(nn.Module):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
 
         def dense(name: str, features: int, axes: tuple[str, str], x: jax.Array) -> jax.Array:
-            return nn.Dense(
+            return Dense(
                 features, use_bias=cfg.mlp_bias, dtype=dtype, name=name,
                 kernel_init=normal_init(cfg.initializer_range, axes), bias_init=zeros_init(axes[1:]),
             )(x)
@@ -280,7 +281,7 @@ class LlamaForCausalLM(nn.Module):
         if self.cfg.tie_word_embeddings:
             logits = embed.attend(h_BLD)
         else:
-            logits = nn.Dense(
+            logits = Dense(
                 self.cfg.vocab_size, use_bias=False, dtype=jnp.dtype(self.cfg.dtype), name="lm_head",
                 kernel_init=normal_init(self.cfg.initializer_range, ("embed", "vocab")),
             )(h_BLD)
@@ -296,7 +297,7 @@ class LlamaForSequenceClassification(nn.Module):
     def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, train=False):
         h_BLD, _ = LlamaModel(self.cfg, train, name="model")(input_ids, attention_mask, position_ids, segment_ids)
         pooled_BD = take_rows(h_BLD, last_token_index(input_ids, attention_mask, self.cfg.pad_token_id))
-        logits = nn.Dense(
+        logits = Dense(
             self.cfg.num_labels, use_bias=False, dtype=jnp.dtype(self.cfg.dtype), name="score",
             kernel_init=normal_init(self.cfg.initializer_range, ("embed", "labels")),
         )(pooled_BD)

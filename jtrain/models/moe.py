@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from jtrain.errors import ConfigError
 from jtrain.models.base import Model
 from jtrain.models.layers import activation, normal_init
+from jtrain.models.matmul import Dense
 from jtrain.sharding import logical_to_mesh_spec
 
 DISPATCH_MODES = ("dropless", "capacity")
@@ -106,7 +107,7 @@ class MoEFeedForward(nn.Module):
             noise = jax.random.uniform(self.make_rng("dropout"), h_BLD.shape, jnp.float32,
                                        1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             h_BLD = (h_BLD * noise).astype(h_BLD.dtype)
-        logits_BLE = nn.Dense(self.num_experts, use_bias=False, dtype=self.dtype, name="gate",
+        logits_BLE = Dense(self.num_experts, use_bias=False, dtype=self.dtype, name="gate",
                               kernel_init=normal_init(self.initializer_range, ("embed", "router")))(h_BLD)
         weights_BLK, experts_BLK = route(logits_BLE, self.top_k)
         w1, w3, w2 = Experts(self.num_experts, D, self.intermediate_size, self.initializer_range, name="experts")()

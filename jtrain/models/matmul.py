@@ -1,0 +1,91 @@
+"""The `dot_general` every dense layer uses: plain forward, a backward laid out for XLA:CPU.
+
+Autodiff of `y = x @ W` gives the weight gradient `dW = x^T @ dy`. On the CPU backend XLA
+canonicalises that dot by transposing `dy`, and fuses the transpose into whatever elementwise
+op produced `dy` (the SiLU backward, the softmax of the loss): a loop that reads four inputs
+with a stride of the row length and ran at under 1 GB/s, 20 ms per MLP layer of the 7M
+benchmark model, and the lm_head gradient of a [2048, 8192] logits tensor went the same way.
+Here the backward instead materialises the much smaller `x^T` (hidden size columns, not
+intermediate or vocabulary size) behind an optimisation barrier, so `dW = (x^T) @ dy` is a
+plain row-major matmul on the `dy` XLA already has. Same arithmetic, same dtypes; the float32
+train step of the benchmark model ran 1.3x faster (benchmarks/RESULTS.md).
+
+GPU and TPU matmul libraries take transposed operands for free, so there the standard
+`lax.dot_general` (and its autodiff) is used: the choice is made when the step is traced, from
+the backend JAX computes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+def _is_dense_contraction(lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers) -> bool:
+    """True for what Dense/DenseGeneral emit: no batch dims, lhs contracts its trailing dims and
+    rhs (the kernel) its leading dims, in the same order."""
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
+    if lhs_b or rhs_b or not lhs_c:
+        return False
+    n = len(lhs_c)
+    return (tuple(lhs_c) == tuple(range(lhs.ndim - n, lhs.ndim))
+            and tuple(rhs_c) == tuple(range(n)))
+
+
+@functools.cache
+def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int):
+    """A custom-VJP matmul of x[..., *K] and w[*K, *F] for fixed static arguments."""
+
+    def forward(x: jax.Array, w: jax.Array) -> jax.Array:
+        dims = ((tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract))), ((), ()))
+        return lax.dot_general(x, w, dims, precision=precision, preferred_element_type=preferred_element_type)
+
+    @jax.custom_vjp
+    def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+        return forward(x, w)
+
+    def fwd(x: jax.Array, w: jax.Array):
+        return forward(x, w), (x, w)
+
+    def bwd(res, dy: jax.Array):
+        x, w = res
+        k = math.prod(w.shape[:n_contract])
+        f = math.prod(w.shape[n_contract:])
+        x2, w2, dy2 = x.reshape(-1, k), w.reshape(k, f), dy.reshape(-1, f).astype(x.dtype)
+        dx = lax.dot_general(dy2, w2, (((1,), (1,)), ((), ())), precision=precision)
+        # The barrier keeps XLA from folding this transpose back into the dot (which would make it
+        # transpose dy instead, the slow path this module exists to avoid).
+        x_t = lax.optimization_barrier(jnp.transpose(x2))
+        dw = lax.dot_general(x_t, dy2, (((1,), (0,)), ((), ())), precision=precision)
+        return dx.reshape(x.shape).astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+
+    matmul.defvjp(fwd, bwd)
+    return matmul
+
+
+def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers,
+                precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+    """Drop-in for `lax.dot_general` in `nn.Dense(dot_general=...)`; see the module docstring."""
+    if jax.default_backend() != "cpu" or not _is_dense_contraction(lhs, rhs, dimension_numbers):
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+    n_contract = len(dimension_numbers[0][0])
+    return _dense_vjp(precision, preferred_element_type, n_contract)(lhs, rhs)
+
+
+def Dense(*args: Any, **kwargs: Any) -> nn.Dense:
+    """`flax.linen.Dense` with this module's `dot_general` (still an `nn.Dense`, for LoRA and quant)."""
+    return nn.Dense(*args, dot_general=dot_general, **kwargs)
+
+
+def DenseGeneral(*args: Any, **kwargs: Any) -> nn.DenseGeneral:
+    """`flax.linen.DenseGeneral` with this module's `dot_general`."""
+    return nn.DenseGeneral(*args, dot_general=dot_general, **kwargs)
