@@ -327,6 +327,10 @@ class ActivationSharding:
                               f"(sequence parallelism); pad or bucket the rows to a multiple of {size} "
                               "(e.g. `data.block_size`, `pad_to_multiple_of`) or change `mesh_shape`")
 
+    def splits_length(self) -> bool:
+        """True when the `length` dimension is split over devices (sequence parallelism)."""
+        return _axis_size(self.mesh, logical_to_mesh_spec(P("length"), self.rules)[0]) > 1
+
     def _pin(self, x: jax.Array, spec: P) -> jax.Array:
         spec = on_mesh(spec, self.mesh)
         fitted = [axes if dim % _axis_size(self.mesh, axes) == 0 else None for dim, axes in zip(x.shape, spec)]

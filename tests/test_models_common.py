@@ -150,7 +150,8 @@ def test_dynamic_rope_matches_transformers(longest):
     np.testing.assert_allclose(ours, _hf_inv_freq(rope, 32, seq_len=longest), rtol=1e-5)  # float32 pow
 
 
-_attend = jax.jit(attend, static_argnames=("implementation", "scale", "dropout_rate"))
+_attend = jax.jit(attend, static_argnames=("implementation", "scale", "dropout_rate", "causal_blocks",
+                                           "sequence_parallel"))
 
 
 def _random_qkv(seed: int, B=2, L=7, N=4, K=2, H=8):
@@ -168,6 +169,40 @@ def test_reference_attention_equals_xla(causal, window):
         ref = _attend(q, k, v, mask, implementation="reference")
         xla = _attend(q, k, v, mask, implementation="xla")
         np.testing.assert_allclose(ref, xla, atol=SAME_MATH_ATOL)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_query_blocks_equal_the_reference_with_gradients(dtype):
+    """The CPU path's causal query blocks (L=512: 4 blocks of 128, later keys skipped) give the
+    reference's outputs and q/k/v gradients, with left padding, packed documents, a sliding
+    window and grouped-query heads. float32: same math to SAME_MATH_ATOL; bfloat16: inputs
+    rounded alike, scores in float32 on both sides, probabilities rounded to bf16 before the
+    value product (one bf16 ulp of outputs of size ~1: 2e-2; gradients, up to ~4 in size and
+    rounded to bf16 at several points on both paths, get two ulps relative: rtol 2^-6)."""
+    from jtrain.models.attention import _query_blocks
+
+    L = 512
+    assert [b[:2] for b in _query_blocks(L, L, True)] == [(0, 128), (128, 256), (256, 384), (384, 512)]
+    q, k, v = (x.astype(dtype) for x in _random_qkv(2, B=2, L=L, N=4, K=2, H=8))
+    attn = jnp.asarray(np.r_[[1] * L, [0] * 100 + [1] * (L - 100)].reshape(2, L))
+    seg = jnp.asarray(np.r_[[1] * 300 + [2] * (L - 300), [0] * 100 + [1] * (L - 100)].reshape(2, L))
+    mask = make_attention_mask(attn, seg, causal=True, length=L, sliding_window=200)
+    atol = SAME_MATH_ATOL if dtype == "float32" else 2e-2
+    grad_rtol = 0.0 if dtype == "float32" else 2.0 ** -6
+
+    def loss(impl, blocks):
+        return lambda q, k, v: jnp.sum(attend(q, k, v, mask, implementation=impl, causal_blocks=blocks)
+                                       .astype(jnp.float32) * v.reshape(2, L, 2, 1, 8).repeat(2, 3)
+                                       .reshape(2, L, 4, 8).astype(jnp.float32))
+
+    ref = _attend(q, k, v, mask, implementation="reference").astype(jnp.float32)
+    blocked = _attend(q, k, v, mask, implementation="xla", causal_blocks=True).astype(jnp.float32)
+    np.testing.assert_allclose(blocked, ref, atol=atol)
+    assert float(jnp.abs(blocked[1, :100]).max()) == 0.0  # padding queries: zeros, not NaN
+    ref_grads = jax.jit(jax.grad(loss("reference", False), argnums=(0, 1, 2)))(q, k, v)
+    grads = jax.jit(jax.grad(loss("xla", True), argnums=(0, 1, 2)))(q, k, v)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=atol, rtol=grad_rtol)
 
 
 def test_attention_scale():

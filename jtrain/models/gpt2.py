@@ -91,7 +91,7 @@ class GPT2Attention(nn.Module):
             q = q / (jnp.asarray(idx, jnp.float32) + 1.0).astype(q.dtype)
         rng = dropout_rng(self, cfg.attn_pdrop, self.train)
         out = attend(q, k, v, mask, implementation=cfg.attention_impl, scale=scale,
-                     dropout_rate=cfg.attn_pdrop, dropout_rng=rng)
+                     dropout_rate=cfg.attn_pdrop, dropout_rng=rng, causal_blocks=True)
         out = DenseGeneral(
             cfg.n_embd, axis=(-2, -1), dtype=dtype, name="c_proj",
             kernel_init=normal_init(cfg.initializer_range, ("heads", "head_dim", "embed")),

@@ -138,6 +138,11 @@ def _constrain(cfg: LlamaConfig, x: jax.Array, *logical: str | None) -> jax.Arra
     return x if cfg.activation_sharding is None else cfg.activation_sharding(x, logical)
 
 
+def _splits_length(cfg: LlamaConfig) -> bool:
+    """Sequence parallelism is on: query rows live on different devices."""
+    return cfg.activation_sharding is not None and cfg.activation_sharding.splits_length()
+
+
 class TokenEmbeddingOutput(nn.Module):
     """Identity on the token embeddings of the sharded path: a method call that
     `flax.linen.intercept_methods` sees (NEFTune adds its noise there), since that path reads the
@@ -196,7 +201,8 @@ class LlamaAttention(nn.Module):
         v = _constrain(cfg, v, "batch", None, "kv_heads", "head_dim")
         rng = dropout_rng(self, cfg.attention_dropout, self.train)
         out_BLNH = attend(q, k, v, mask, implementation=cfg.attention_impl,
-                          dropout_rate=cfg.attention_dropout, dropout_rng=rng)
+                          dropout_rate=cfg.attention_dropout, dropout_rng=rng,
+                          causal_blocks=True, sequence_parallel=_splits_length(cfg))
         out_BLNH = _constrain(cfg, out_BLNH, "batch", "length", "heads", "head_dim")
         return DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dtype, name="o_proj",
