@@ -23,7 +23,8 @@ from jtrain.errors import ConfigError
 
 # Measured on the project's 2-core CPU (see benchmarks/TRIED.md). Empty: no flag gained on every
 # preset and precision there; XLA's defaults stand. The best candidate (1.17-1.26x on the 58M
-# float32 step, neutral on the 7M one) is in CANDIDATE_CPU_FLAGS, for `benchmarks/ab.py` to confirm.
+# float32 step before the dense-layer backward was reworked; on the 7M one it leaves the compiled
+# HLO unchanged and measures as noise) is in CANDIDATE_CPU_FLAGS, for `benchmarks/ab.py` to confirm.
 CPU_SPEED_FLAGS: tuple[str, ...] = ()
 CANDIDATE_CPU_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT",)
 

@@ -61,6 +61,20 @@ def test_gpu_1b_small_runs_on_cpu(tmp_path):
     assert out.read_text().startswith("# jtrain vs HF Trainer on one GPU")
 
 
+def test_trainer_overhead_small_reports_paired_ratios(tmp_path):
+    """The issue #4 overhead script in its small mode: both loops run, alternating, and the ratio
+    it reports is the median of the per-pair ratios of the tokens/s it measured."""
+    import statistics
+
+    _, r = _run("trainer_overhead.py", "--small", "--steps", "3", "--warmup", "1", "--repeats", "2",
+                tmp_path=tmp_path)
+    assert len(r["bare_runs"]) == len(r["trainer_runs"]) == len(r["pair_ratios"]) == 2
+    assert min(r["bare_runs"] + r["trainer_runs"]) > 0
+    expected = [t / b for t, b in zip(r["trainer_runs"], r["bare_runs"])]
+    assert r["pair_ratios"] == pytest.approx(expected) and r["ratio"] == pytest.approx(statistics.median(expected))
+    assert "Trainer / bare loop tokens/s = **" in r["markdown"] and "| Trainer.train() |" in r["markdown"]
+
+
 def test_collective_parsing_counts_result_bytes():
     import scaling
 
