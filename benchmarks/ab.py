@@ -5,8 +5,7 @@
     python benchmarks/ab.py --variant scan='{"scan_layers": true}'
 
 A variant is `name=FLAGS` (space-separated XLA flags) or `name={json model options}`, or both
-joined by `|` (`name=--flag|{"scan_layers": true}`); `loss:lse` selects the candidate loss
-in vs_hf.py (`lse_causal_lm_loss`). Each run is a fresh process running jtrain's
+joined by `|` (`name=--flag|{"scan_layers": true}`). Each run is a fresh process running jtrain's
 `Trainer` on the vs_hf.py workload; rounds alternate the variants, so machine noise hits all of
 them alike. Reports each variant's median step time relative to the first variant.
 """
@@ -22,18 +21,16 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import bench_common as bc
 
 
-def parse_variant(text: str) -> tuple[str, str, str, str]:
+def parse_variant(text: str) -> tuple[str, str, str]:
     name, _, spec = text.partition("=")
-    flags, options, loss = "", "", "default"
+    flags, options = "", ""
     for part in (spec.split("|") if spec else []):
         part = part.strip()
-        if part.startswith("loss:"):
-            loss = part[len("loss:"):]
-        elif part.startswith("{"):
+        if part.startswith("{"):
             options = part
         elif part:
             flags = ",".join(part.split())
-    return name, flags, options, loss
+    return name, flags, options
 
 
 def main() -> None:
@@ -49,13 +46,12 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name, *_ in variants}
     cpu: dict[str, list[float]] = {name: [] for name, *_ in variants}
     for r in range(a.rounds):
-        for name, flags, options, loss in variants:
+        for name, flags, options in variants:
             argv = [os.path.join(HERE, "vs_hf.py"), "--worker", "jtrain", "--quick", "--presets", a.preset,
                     "--steps", str(a.steps), "--warmup", str(a.warmup)]
             argv += ["--bf16"] if a.precision == "bf16" else []
             argv += [f"--xla-flags={flags}"] if flags else []
             argv += ["--model-options", options] if options else []
-            argv += [f"--jtrain-loss={loss}"]
             res = bc.run_child(argv)
             times[name].append(res["median_step_s"])
             cpu[name].append(res["median_step_cpu_s"])
@@ -64,10 +60,10 @@ def main() -> None:
     base, base_cpu = bc.median(times[variants[0][0]]), bc.median(cpu[variants[0][0]])
     print(f"\n{a.preset} {a.precision}, median of {a.rounds} rounds (per step; speed relative to {variants[0][0]}; "
           "CPU time = all threads, robust when the machine is shared):")
-    for name, flags, options, loss in variants:
+    for name, flags, options in variants:
         m, c = bc.median(times[name]), bc.median(cpu[name])
         print(f"  {name:24s} wall {m * 1e3:9.1f} ms x{base / m:.3f}   CPU {c * 1e3:9.1f} ms x{base_cpu / c:.3f}"
-              f"   [{flags} {options} loss={loss}]")
+              f"   [{flags} {options}]")
 
 
 if __name__ == "__main__":

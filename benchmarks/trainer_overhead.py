@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -128,11 +127,11 @@ def measure(steps: int, repeats: int, warmup: int, small: bool) -> dict:
             rate, intervals = trainer_run(steps, warmup, data, config, batch, length)
             full.append(rate)
             full_steps += intervals
-    b, f = statistics.median(bare), statistics.median(full)
+    b, f = bc.median(bare), bc.median(full)
     pairs = [x / y for x, y in zip(full, bare)]
-    step_b, step_f = statistics.median(bare_steps), statistics.median(full_steps)
+    step_b, step_f = bc.median(bare_steps), bc.median(full_steps)
     return {"ratio": step_b / step_f, "bare_median_step_s": step_b, "trainer_median_step_s": step_f,
-            "intervals": [len(bare_steps), len(full_steps)], "window_ratio": statistics.median(pairs),
+            "intervals": [len(bare_steps), len(full_steps)], "window_ratio": bc.median(pairs),
             "pair_ratios": pairs, "ratio_of_medians": f / b, "bare_tokens_per_s": b, "trainer_tokens_per_s": f,
             "bare_runs": bare, "trainer_runs": full,
             "model": "small" if small else "quickstart", "steps": steps, "repeats": repeats}

@@ -149,12 +149,10 @@ def jtrain_worker(a: argparse.Namespace, p: Preset) -> dict[str, Any]:
             weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, bf16=a.bf16, save_strategy="no",
             report_to=["none"], disable_tqdm=True, mesh_shape={"data": 1}, seed=SEED,
             train_sampling_strategy="sequential")
-        loss = LOSS_VARIANTS[getattr(a, "jtrain_loss", "default")]
         rows = token_rows(p, total * p.batch)
         if getattr(a, "drop_attention_mask", False):  # no padding: lets a model take a causal-only attention path
             rows.pop("attention_mask")
-        trainer = Trainer(model, args, train_dataset=ArrayDataset(rows), callbacks=[StepTimes()],
-                          compute_loss_func=loss)
+        trainer = Trainer(model, args, train_dataset=ArrayDataset(rows), callbacks=[StepTimes()])
         device_peak_flops(dtype)  # the Trainer's MFU log measures a CPU peak once: cache it outside the window
         times.begin()
         result = trainer.train()
@@ -176,30 +174,6 @@ def jtrain_worker(a: argparse.Namespace, p: Preset) -> dict[str, Any]:
     if "peak_bytes_in_use" in stats:
         out["peak_memory_mb"] = stats["peak_bytes_in_use"] / 2**20
     return out
-
-
-def lse_causal_lm_loss(outputs: Any, batch: Any) -> Any:
-    """An A/B candidate for `jtrain.losses.causal_lm_loss` (same value to float32 rounding).
-
-    nll = logsumexp(logits) - logit[label] on the unsliced logits, with the labels shifted left
-    and the last position ignored: no [B, L-1, V] slice copy, no materialised log-softmax, no
-    argmax pass for the `correct` statistic. Measured in benchmarks/TRIED.md.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from jtrain.losses import IGNORE_INDEX, LossOutput
-
-    logits_BLV = outputs["logits"].astype(jnp.float32)
-    labels = batch["labels"]
-    labels_BL = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
-    valid = labels_BL != IGNORE_INDEX
-    target = jnp.take_along_axis(logits_BLV, jnp.where(valid, labels_BL, 0)[..., None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits_BLV, axis=-1) - target
-    return LossOutput(jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid, dtype=jnp.float32), {})
-
-
-LOSS_VARIANTS = {"default": None, "lse": lse_causal_lm_loss}
 
 
 # ---- HF side -------------------------------------------------------------------------------------
@@ -373,7 +347,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--scaling-args", default="", help="extra arguments for scaling.py")
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--jtrain-loss", default="default", choices=("default", "lse"), help=argparse.SUPPRESS)  # worker: no FLOPs, no peak
     a = ap.parse_args(argv)
     if a.bf16 and not a.worker:
         a.precisions = "bf16"

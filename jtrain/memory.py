@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import threading
 import time
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from jtrain.errors import ConfigError
 
@@ -69,6 +71,12 @@ class MemoryEstimate:
         return (f"{fmt_bytes(self.peak)} per device (arguments {fmt_bytes(self.arguments)}, outputs "
                 f"{fmt_bytes(self.outputs)} of which {fmt_bytes(self.aliased)} reuse donated inputs, temporaries "
                 f"{fmt_bytes(self.temporaries)})")
+
+
+def tree_nbytes(tree: Any) -> int:
+    """Bytes held by a pytree of arrays or ShapeDtypeStructs (quantised nodes count their codes
+    and scales, which are their leaves)."""
+    return sum(int(np.dtype(x.dtype).itemsize) * math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def fmt_bytes(n: float | None) -> str:

@@ -3,13 +3,14 @@
 XLA reads `XLA_FLAGS` once, when the first backend is created, and aborts the process on a flag
 it does not know. So flags are merged into the environment here, before anything touches a
 device, and a call after the backend exists is an error rather than a silent no-op. Which flags
-help on which machine is measured by `benchmarks/ab.py` and recorded in `benchmarks/RESULTS.md`;
-only flags that keep float32 results within rounding belong in `CPU_SPEED_FLAGS`.
+help on which machine is measured by `benchmarks/ab.py` and recorded in `benchmarks/TRIED.md`:
+none gained on the project's 2-core CPU, so jtrain itself sets none; the benchmark scripts use
+this module for the flags they compare (and for fake CPU devices).
 
 Example (the entry point, before the first `jax.devices()`)::
 
-    from jtrain.xla_flags import apply_xla_flags, CPU_SPEED_FLAGS
-    apply_xla_flags(CPU_SPEED_FLAGS)
+    from jtrain.xla_flags import apply_xla_flags
+    apply_xla_flags(["--xla_force_host_platform_device_count=8"])
 """
 
 from __future__ import annotations
@@ -20,13 +21,6 @@ import sys
 from collections.abc import Iterable
 
 from jtrain.errors import ConfigError
-
-# Measured on the project's 2-core CPU (see benchmarks/TRIED.md). Empty: no flag gained on every
-# preset and precision there; XLA's defaults stand. The best candidate (1.17-1.26x on the 58M
-# float32 step before the dense-layer backward was reworked; on the 7M one it leaves the compiled
-# HLO unchanged and measures as noise) is in CANDIDATE_CPU_FLAGS, for `benchmarks/ab.py` to confirm.
-CPU_SPEED_FLAGS: tuple[str, ...] = ()
-CANDIDATE_CPU_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT",)
 
 _FLAG = re.compile(r"^--[a-z][a-z0-9_]*(=.*)?$")
 

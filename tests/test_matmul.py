@@ -70,12 +70,23 @@ def test_bfloat16_gradients_keep_the_input_dtypes():
     np.testing.assert_array_equal(np.asarray(dw, np.float32), np.asarray(ref_dw, np.float32))
 
 
-def test_other_contractions_fall_back_to_lax():
-    """Batch dims or a kernel contracted on a trailing dim are not what Dense emits: plain lax."""
+def test_routing_custom_vjp_for_dense_contractions_lax_for_the_rest():
+    """Only what Dense emits takes the custom VJP on CPU; batch dims or a kernel contracted on a
+    trailing dim go to plain lax. Forward-mode autodiff tells them apart: a custom VJP has no
+    JVP rule (the limitation docs/performance.md states), lax.dot_general has one."""
+    assert jax.default_backend() == "cpu"
     x, w = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
     batched = (((2,), (1,)), ((0,), (0,)))
-    np.testing.assert_array_equal(matmul.dot_general(x, w, batched), lax.dot_general(x, w, batched))
+    assert not matmul._is_dense_contraction(x, w, batched)
     assert not matmul._is_dense_contraction(x, jnp.ones((5, 4)), (((2,), (1,)), ((), ())))
+    out, tangent = jax.jvp(lambda x: matmul.dot_general(x, w, batched), (x,), (x,))
+    np.testing.assert_array_equal(out, lax.dot_general(x, w, batched))
+    np.testing.assert_array_equal(tangent, lax.dot_general(x, w, batched))
+
+    dense = (((2,), (0,)), ((), ()))
+    assert matmul._is_dense_contraction(x, jnp.ones((4, 5)), dense)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda x: matmul.dot_general(x, jnp.ones((4, 5)), dense), (x,), (x,))
 
 
 def test_dense_factories_are_flax_dense_modules():

@@ -138,8 +138,14 @@ def attend(
     B, L = q_BLNH.shape[:2]
     full = jnp.broadcast_to(mask, (B, 1, L, k_BSKH.shape[1]))
     out = jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=full, scale=scale, implementation=impl)
-    any_key = jnp.any(full, axis=-1)[:, 0, :, None, None]  # B L 1 1
-    return jnp.where(any_key, out, 0.0).astype(q_BLNH.dtype)
+    return _zero_keyless_rows(out, mask).astype(q_BLNH.dtype)
+
+
+def _zero_keyless_rows(out_BLNH: jax.Array, mask: jax.Array) -> jax.Array:
+    """Zeros for query rows the mask gives no key at all (padding queries): the softmax over an
+    all-masked row is uniform, not the zeros HF produces."""
+    any_key = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # B|1, L, 1, 1
+    return jnp.where(any_key, out_BLNH, 0.0)
 
 
 CPU_QUERY_BLOCK = 128  # rows per query block on the CPU path; at most CPU_MAX_BLOCKS blocks
@@ -189,10 +195,8 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
         out = jnp.einsum("bkrs,bksh->bkrh", probs, vt[:, :, :keys])
         outs.append(out.reshape(B, K, G, rows, H))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-    out = out.transpose(0, 3, 1, 2, 4)  # B L K G H
-    any_key = jnp.any(mask, axis=-1)[:, 0, :, None, None, None]  # B|1, L, 1, 1, 1: rows with a key
-    out = jnp.where(any_key, out, 0.0)
-    return out.reshape(B, L, N, H).astype(q.dtype)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
+    return _zero_keyless_rows(out, mask).astype(q.dtype)
 
 
 def _reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,

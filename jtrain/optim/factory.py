@@ -12,10 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import optax
 
+from jtrain.memory import tree_nbytes
 from jtrain.optim import builders
 from jtrain.optim.args import resolve_optim_args
 from jtrain.optim.transforms import clip_by_global_norm_torch
@@ -104,5 +103,5 @@ def make_optimizer(
 
 
 def state_nbytes(opt_state: Any) -> int:
-    """Bytes held by an optimizer state (or any pytree of arrays / ShapeDtypeStructs)."""
-    return sum(int(jnp.dtype(x.dtype).itemsize) * int(x.size) for x in jax.tree.leaves(opt_state))
+    """Bytes held by an optimizer state (`jtrain.memory.tree_nbytes`)."""
+    return tree_nbytes(opt_state)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtrain.errors import ConfigError
+from jtrain.memory import tree_nbytes
 
 # The 16 NF4 levels published with QLoRA: quantiles of N(0, 1) for 8 positive and 7 negative
 # equal-probability bins (offset 0.9677), an exact zero, normalised to [-1, 1].
@@ -246,7 +247,7 @@ def dequantize(q: QuantizedTensor, dtype: Any = None) -> jax.Array:
 
 def storage_bytes(q: QuantizedTensor) -> int:
     """Bytes actually held by the quantised weight's arrays (codes, scales and their scales)."""
-    return int(sum(np.dtype(x.dtype).itemsize * math.prod(x.shape) for x in jax.tree.leaves(q)))
+    return tree_nbytes(q)
 
 
 def storage_bits_per_param(q: QuantizedTensor) -> float:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import numpy as np
 
+from jtrain.memory import tree_nbytes
 from jtrain.quant.formats import QuantFormat
 from jtrain.quant.model import QuantizedModel, QuantReport, quantization_report
 from jtrain.quant.targets import Targets
@@ -76,4 +76,4 @@ def compare_eval_loss(model: Any, params: Any, qmodel: QuantizedModel, qparams: 
 
 def tree_bytes(params: Any) -> int:
     """Bytes held by a params tree, quantised nodes counted by their codes and scales."""
-    return int(sum(np.dtype(x.dtype).itemsize * x.size for x in jax.tree.leaves(params)))
+    return tree_nbytes(params)
