@@ -4,8 +4,9 @@
         --variant base= --variant onednn='--xla_cpu_use_onednn=true'
     python benchmarks/ab.py --variant scan='{"scan_layers": true}'
 
-A variant is `name=FLAGS` (space-separated XLA flags) or `name={json model options}`, or both
-joined by `|` (`name=--flag|{"scan_layers": true}`). Each run is a fresh process running jtrain's
+A variant is `name=FLAGS` (space-separated XLA flags, and `NAME=value` environment settings such
+as `JTRAIN_HOST_MALLOC=default`) or `name={json model options}`, or both joined by `|`
+(`name=--flag|{"scan_layers": true}`). Each run is a fresh process running jtrain's
 `Trainer` on the vs_hf.py workload; rounds alternate the variants, so machine noise hits all of
 them alike. Reports each variant's median step time relative to the first variant.
 """
@@ -21,16 +22,18 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import bench_common as bc
 
 
-def parse_variant(text: str) -> tuple[str, str, str]:
+def parse_variant(text: str) -> tuple[str, str, str, dict[str, str]]:
     name, _, spec = text.partition("=")
-    flags, options = "", ""
+    flags, options, env = "", "", {}
     for part in (spec.split("|") if spec else []):
         part = part.strip()
         if part.startswith("{"):
             options = part
         elif part:
-            flags = ",".join(part.split())
-    return name, flags, options
+            words = part.split()
+            env.update(w.split("=", 1) for w in words if not w.startswith("--"))
+            flags = ",".join(w for w in words if w.startswith("--"))
+    return name, flags, options, env
 
 
 def main() -> None:
@@ -46,24 +49,25 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name, *_ in variants}
     cpu: dict[str, list[float]] = {name: [] for name, *_ in variants}
     for r in range(a.rounds):
-        for name, flags, options in variants:
+        for name, flags, options, env in variants:
             argv = [os.path.join(HERE, "vs_hf.py"), "--worker", "jtrain", "--quick", "--presets", a.preset,
                     "--steps", str(a.steps), "--warmup", str(a.warmup)]
             argv += ["--bf16"] if a.precision == "bf16" else []
             argv += [f"--xla-flags={flags}"] if flags else []
             argv += ["--model-options", options] if options else []
-            res = bc.run_child(argv)
+            res = bc.run_child(argv, env=env)
             times[name].append(res["median_step_s"])
             cpu[name].append(res["median_step_cpu_s"])
             print(f"round {r + 1} {name:24s} {res['median_step_s'] * 1e3:9.1f} ms wall "
-                  f"{res['median_step_cpu_s'] * 1e3:9.1f} ms CPU  loss {res['train_loss']:.6f}", flush=True)
+                  f"{res['median_step_cpu_s'] * 1e3:9.1f} ms CPU (kernel {res['median_step_kernel_s'] * 1e3:.0f} ms, "
+                  f"{res['median_step_page_faults']:.0f} page faults)  loss {res['train_loss']:.6f}", flush=True)
     base, base_cpu = bc.median(times[variants[0][0]]), bc.median(cpu[variants[0][0]])
     print(f"\n{a.preset} {a.precision}, median of {a.rounds} rounds (per step; speed relative to {variants[0][0]}; "
           "CPU time = all threads, robust when the machine is shared):")
-    for name, flags, options in variants:
+    for name, flags, options, env in variants:
         m, c = bc.median(times[name]), bc.median(cpu[name])
         print(f"  {name:24s} wall {m * 1e3:9.1f} ms x{base / m:.3f}   CPU {c * 1e3:9.1f} ms x{base_cpu / c:.3f}"
-              f"   [{flags} {options}]")
+              f"   [{flags} {options} {' '.join(f'{k}={v}' for k, v in env.items())}]")
 
 
 if __name__ == "__main__":

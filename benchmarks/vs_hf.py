@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -87,14 +88,23 @@ class _Times:
         self.step_ends: list[float] = []
         self.cpu_start = 0.0
         self.cpu_ends: list[float] = []  # process CPU seconds, all threads: robust to a busy machine
+        # (minor page faults, kernel CPU seconds) of the process: fresh memory touched per step
+        self.os_start: tuple[int, float] = (0, 0.0)
+        self.os_ends: list[tuple[int, float]] = []
         self.train_end = 0.0
 
+    @staticmethod
+    def _os() -> tuple[int, float]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_minflt, usage.ru_stime
+
     def begin(self) -> None:
-        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.start, self.cpu_start, self.os_start = time.perf_counter(), time.process_time(), self._os()
 
     def step_end(self) -> None:
         self.step_ends.append(time.perf_counter())
         self.cpu_ends.append(time.process_time())
+        self.os_ends.append(self._os())
 
     def summary(self, warmup: int, tokens_per_step: int) -> dict[str, Any]:
         marks = [self.start] + self.step_ends
@@ -102,9 +112,14 @@ class _Times:
         timed = steps[warmup:]
         cpu_marks = [self.cpu_start] + self.cpu_ends
         cpu = [b - a for a, b in itertools.pairwise(cpu_marks)][warmup:]
+        os_marks = [self.os_start] + self.os_ends
+        faults = [b[0] - a[0] for a, b in itertools.pairwise(os_marks)][warmup:]
+        kernel = [b[1] - a[1] for a, b in itertools.pairwise(os_marks)][warmup:]
         window = self.train_end - self.step_ends[warmup - 1] if warmup else self.train_end - self.start
         return {"warmup_s": sum(steps[:warmup]), "step_times": timed,
-                "median_step_s": bc.median(timed), "median_step_cpu_s": bc.median(cpu), "window_tokens_per_s": tokens_per_step * len(timed) / window}
+                "median_step_s": bc.median(timed), "median_step_cpu_s": bc.median(cpu),
+                "median_step_page_faults": bc.median(faults), "median_step_kernel_s": bc.median(kernel),
+                "window_tokens_per_s": tokens_per_step * len(timed) / window}
 
 
 def _common_result(p: Preset, times: _Times, warmup: int, peak: float, loss: float) -> dict[str, Any]:
@@ -283,6 +298,8 @@ def summarise(preset: str, bf16: bool, runs: dict[str, list]) -> dict[str, Any]:
             "peak_flops": peak, "mfu": (flops / step / peak) if (flops and step and peak) else None,
             "peak_rss_mb": bc.median(r["peak_rss_mb"] for r in rs), "train_loss": bc.median(r["train_loss"] for r in rs),
             "runs_tokens_per_s": [round(r["tokens_per_s"]) for r in rs],
+            "median_step_page_faults": bc.median(r.get("median_step_page_faults") for r in rs),
+            "median_step_kernel_s": bc.median(r.get("median_step_kernel_s") for r in rs),
         }
     row["ratio"] = row["jtrain"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
     row["fair"] = row["jtrain"]["params"] == row["hf"]["params"] == p.param_count()
@@ -305,7 +322,8 @@ def ratios_text(rows: list[dict]) -> str:
 
 def table_text(rows: list[dict]) -> str:
     header = ["preset", "precision", "side", "params", "warm-up s", "median step ms", "tokens/s",
-              "tokens/s (window)", "MFU", "matmul peak GFLOP/s", "peak RSS MiB", "train loss", "runs tokens/s"]
+              "tokens/s (window)", "MFU", "matmul peak GFLOP/s", "peak RSS MiB", "page faults / step",
+              "kernel ms / step", "train loss", "runs tokens/s"]
     body = []
     for r in rows:
         for side in SIDES:
@@ -313,7 +331,9 @@ def table_text(rows: list[dict]) -> str:
             body.append([r["preset"], r["precision"], side, s["params"], round(s["warmup_s"], 2),
                          round(s["median_step_s"] * 1e3, 1), round(s["tokens_per_s"]),
                          round(s["window_tokens_per_s"]), bc.fmt(s["mfu"], ".1%"), round(s["peak_flops"] / 1e9, 1),
-                         round(s["peak_rss_mb"]), round(s["train_loss"], 4), s["runs_tokens_per_s"]])
+                         round(s["peak_rss_mb"]), bc.fmt(s.get("median_step_page_faults"), ".0f"),
+                         bc.fmt(None if s.get("median_step_kernel_s") is None else s["median_step_kernel_s"] * 1e3, ".0f"),
+                         round(s["train_loss"], 4), s["runs_tokens_per_s"]])
     flops = ["", "FLOPs per step, compiled jtrain step vs 6·N·tokens + 12·layers·hidden·seq·tokens:"]
     for r in rows:
         c, f = r["step_flops"], r["formula_flops"]
