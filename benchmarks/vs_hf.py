@@ -453,6 +453,9 @@ FAIRNESS = """## How the comparison is kept fair
   window column (`tokens/s (window)`) ends at `on_train_end`, after the device is synchronised.
 - MFU: the compiled jtrain step's FLOPs (`jtrain.flops.step_flops`) over a best-of-5 2048x2048 matmul
   measured in the same child process, in the same precision and framework.
+- Memory: both processes run glibc's malloc with its defaults. The page-fault and kernel-time columns
+  (medians per step, from `getrusage`) show the fresh memory each step touches: XLA:CPU's
+  per-execution scratch buffer on the jtrain side, torch's large tensors on the HF side.
 """
 
 
