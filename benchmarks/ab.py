@@ -31,6 +31,10 @@ def parse_variant(text: str) -> tuple[str, str, str, dict[str, str]]:
             options = part
         elif part:
             words = part.split()
+            for w in words:
+                if not w.startswith("--") and "=" not in w:
+                    raise SystemExit(f"variant {name!r}: {w!r} is neither an XLA flag (--name=value) "
+                                     "nor an environment setting (NAME=value)")
             env.update(w.split("=", 1) for w in words if not w.startswith("--"))
             flags = ",".join(w for w in words if w.startswith("--"))
     return name, flags, options, env

@@ -81,44 +81,36 @@ def token_rows(p: Preset, rows: int) -> dict[str, Any]:
 
 
 class _Times:
-    """Wall times of on_step_end and on_train_end (the same code serves both frameworks)."""
+    """Per-step samples from on_step_end and the on_train_end time (one code for both frameworks).
+
+    A sample is (wall s, process CPU s over all threads, minor page faults, kernel CPU s): CPU
+    time is robust to a busy machine; faults and kernel time show the fresh memory a step touches.
+    """
 
     def __init__(self) -> None:
-        self.start = 0.0
-        self.step_ends: list[float] = []
-        self.cpu_start = 0.0
-        self.cpu_ends: list[float] = []  # process CPU seconds, all threads: robust to a busy machine
-        # (minor page faults, kernel CPU seconds) of the process: fresh memory touched per step
-        self.os_start: tuple[int, float] = (0, 0.0)
-        self.os_ends: list[tuple[int, float]] = []
+        self.marks: list[tuple[float, float, int, float]] = []  # begin(), then one per step
         self.train_end = 0.0
 
     @staticmethod
-    def _os() -> tuple[int, float]:
+    def _sample() -> tuple[float, float, int, float]:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_minflt, usage.ru_stime
+        return time.perf_counter(), time.process_time(), usage.ru_minflt, usage.ru_stime
 
     def begin(self) -> None:
-        self.start, self.cpu_start, self.os_start = time.perf_counter(), time.process_time(), self._os()
+        self.marks = [self._sample()]
 
     def step_end(self) -> None:
-        self.step_ends.append(time.perf_counter())
-        self.cpu_ends.append(time.process_time())
-        self.os_ends.append(self._os())
+        self.marks.append(self._sample())
 
     def summary(self, warmup: int, tokens_per_step: int) -> dict[str, Any]:
-        marks = [self.start] + self.step_ends
-        steps = [b - a for a, b in itertools.pairwise(marks)]
+        deltas = [tuple(b_i - a_i for a_i, b_i in zip(a, b)) for a, b in itertools.pairwise(self.marks)]
+        steps, cpu, faults, kernel = ([d[i] for d in deltas] for i in range(4))
         timed = steps[warmup:]
-        cpu_marks = [self.cpu_start] + self.cpu_ends
-        cpu = [b - a for a, b in itertools.pairwise(cpu_marks)][warmup:]
-        os_marks = [self.os_start] + self.os_ends
-        faults = [b[0] - a[0] for a, b in itertools.pairwise(os_marks)][warmup:]
-        kernel = [b[1] - a[1] for a, b in itertools.pairwise(os_marks)][warmup:]
-        window = self.train_end - self.step_ends[warmup - 1] if warmup else self.train_end - self.start
+        window = self.train_end - self.marks[warmup][0]
         return {"warmup_s": sum(steps[:warmup]), "step_times": timed,
-                "median_step_s": bc.median(timed), "median_step_cpu_s": bc.median(cpu),
-                "median_step_page_faults": bc.median(faults), "median_step_kernel_s": bc.median(kernel),
+                "median_step_s": bc.median(timed), "median_step_cpu_s": bc.median(cpu[warmup:]),
+                "median_step_page_faults": bc.median(faults[warmup:]),
+                "median_step_kernel_s": bc.median(kernel[warmup:]),
                 "window_tokens_per_s": tokens_per_step * len(timed) / window}
 
 
@@ -298,8 +290,8 @@ def summarise(preset: str, bf16: bool, runs: dict[str, list]) -> dict[str, Any]:
             "peak_flops": peak, "mfu": (flops / step / peak) if (flops and step and peak) else None,
             "peak_rss_mb": bc.median(r["peak_rss_mb"] for r in rs), "train_loss": bc.median(r["train_loss"] for r in rs),
             "runs_tokens_per_s": [round(r["tokens_per_s"]) for r in rs],
-            "median_step_page_faults": bc.median(r.get("median_step_page_faults") for r in rs),
-            "median_step_kernel_s": bc.median(r.get("median_step_kernel_s") for r in rs),
+            "median_step_page_faults": bc.median(r["median_step_page_faults"] for r in rs),
+            "median_step_kernel_s": bc.median(r["median_step_kernel_s"] for r in rs),
         }
     row["ratio"] = row["jtrain"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
     row["fair"] = row["jtrain"]["params"] == row["hf"]["params"] == p.param_count()
@@ -331,8 +323,8 @@ def table_text(rows: list[dict]) -> str:
             body.append([r["preset"], r["precision"], side, s["params"], round(s["warmup_s"], 2),
                          round(s["median_step_s"] * 1e3, 1), round(s["tokens_per_s"]),
                          round(s["window_tokens_per_s"]), bc.fmt(s["mfu"], ".1%"), round(s["peak_flops"] / 1e9, 1),
-                         round(s["peak_rss_mb"]), bc.fmt(s.get("median_step_page_faults"), ".0f"),
-                         bc.fmt(None if s.get("median_step_kernel_s") is None else s["median_step_kernel_s"] * 1e3, ".0f"),
+                         round(s["peak_rss_mb"]), round(s["median_step_page_faults"]),
+                         round(s["median_step_kernel_s"] * 1e3),
                          round(s["train_loss"], 4), s["runs_tokens_per_s"]])
     flops = ["", "FLOPs per step, compiled jtrain step vs 6·N·tokens + 12·layers·hidden·seq·tokens:"]
     for r in rows:

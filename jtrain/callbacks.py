@@ -9,6 +9,7 @@ module touches JAX, so a callback can never trigger a recompile.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import enum
 import json
@@ -55,16 +56,17 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
-class ExportableState:
-    """Protocol (a mixin, as in HF) for callbacks whose state goes into `trainer_state.json`.
+class ExportableState(abc.ABC):
+    """Abstract base (a mixin, as in HF) for callbacks whose state goes into `trainer_state.json`.
 
     Implement `state() -> {"args": {...}, "attributes": {...}}`: `args` rebuild the object through
     its constructor and `attributes` are set on it afterwards. Plain JSON, so a checkpoint never
-    needs pickle.
+    needs pickle. A subclass without `state` cannot be instantiated (HF only fails at save time).
     """
 
+    @abc.abstractmethod
     def state(self) -> dict:
-        raise NotImplementedError("You must implement a `state` function to utilize this class.")
+        """The constructor `args` and the `attributes` to restore, as plain JSON."""
 
     @classmethod
     def from_state(cls, state: dict) -> Any:

@@ -356,3 +356,24 @@ def test_report_to(tmp_path, monkeypatch):
         jr.callbacks_for_report_to("wandb", str(tmp_path))
     with pytest.raises(ImportError, match="pip install mlflow"):
         jr.callbacks_for_report_to("mlflow", str(tmp_path))
+
+
+def test_exportable_state_requires_state_at_construction():
+    """A stateful callback without `state()` is refused when it is built, not when a checkpoint is saved."""
+
+    class NoState(jc.TrainerCallback, jc.ExportableState):
+        pass
+
+    class WithState(jc.TrainerCallback, jc.ExportableState):
+        def __init__(self, patience: int = 1):
+            self.patience, self.seen = patience, 0
+
+        def state(self) -> dict:
+            return {"args": {"patience": self.patience}, "attributes": {"seen": self.seen}}
+
+    with pytest.raises(TypeError, match="abstract method state"):
+        NoState()
+    cb = WithState(3)
+    cb.seen = 2
+    back = WithState.from_state(cb.state())
+    assert (back.patience, back.seen) == (3, 2)

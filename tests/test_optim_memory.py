@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from test_optim_problems import regression_params, train_regression
 
-from jtrain.optim import make_optimizer, state_nbytes
+from jtrain.memory import tree_nbytes
+from jtrain.optim import make_optimizer
 from jtrain.optim.galore import GaloreState, project, project_back, svd_projector
 from jtrain.optim.quantize import codebook, dequantize, quantize
 
 
 def _state_bytes(name: str, params, **kwargs) -> int:
     opt = make_optimizer(name, 1e-3, weight_decay=0.01, **kwargs)
-    return state_nbytes(jax.eval_shape(opt.init, params))
+    return tree_nbytes(jax.eval_shape(opt.init, params))
 
 
 def _distance(a, b) -> float:

@@ -19,6 +19,7 @@ from tiny import TINY_LLAMA, lm_rows
 from jtrain.compiled import build_compiled_steps
 from jtrain.errors import ConfigError
 from jtrain.losses import causal_lm_loss
+from jtrain.memory import tree_nbytes
 from jtrain.models import create_model
 from jtrain.param_split import leaf_paths
 from jtrain.peft import LoraConfig, apply_lora
@@ -27,7 +28,6 @@ from jtrain.quant import (
     QuantizedModel,
     QuantizedTensor,
     quantization_report,
-    tree_bytes,
 )
 from jtrain.sharding import make_mesh
 from jtrain.state import TrainState
@@ -69,7 +69,7 @@ def test_lora_on_nf4_base_trains_and_reports_quantisation_error():
     qmodel = QuantizedModel(model, QuantFormat("nf4", 64, double_quant=True), targets=ALL_LINEAR)
     qbase = jax.jit(qmodel.quantize_params)(float_base)
     report = quantization_report(float_base, qbase)
-    print(f"QLoRA base: {report.summary()}; base bytes {tree_bytes(qbase)} vs {tree_bytes(float_base)} float")
+    print(f"QLoRA base: {report.summary()}; base bytes {tree_nbytes(qbase)} vs {tree_nbytes(float_base)} float")
     # NF4 of near-normal weights: ~9-10% relative Frobenius error (QLoRA's 4-bit grid, absmax per 64);
     # 4.127 bits + the per-tensor double-quantisation mean, which weighs more on these tiny tensors
     assert report.overall < 0.15 and 4.12 < report.bits_per_param < 4.2

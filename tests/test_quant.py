@@ -14,6 +14,7 @@ from jtrain.checkpoint import CheckpointWriter, restore_state
 from jtrain.compiled import build_compiled_steps
 from jtrain.errors import CheckpointError, ConfigError
 from jtrain.losses import causal_lm_loss
+from jtrain.memory import tree_nbytes
 from jtrain.models import create_model
 from jtrain.quant import (
     NF4_LEVELS,
@@ -31,7 +32,6 @@ from jtrain.quant import (
     quantize,
     save_quantized,
     storage_bits_per_param,
-    tree_bytes,
 )
 from jtrain.quant.formats import DOUBLE_QUANT_BLOCK
 from jtrain.sharding import logical_to_mesh_spec, make_mesh
@@ -239,8 +239,8 @@ def test_ptq_int8_close_to_float_and_int4_reported(trained, tmp_path):
         cmp = compare_eval_loss(model, params, qmodel, qparams, evals, causal_lm_loss, float_loss=float_loss)
         results[label] = cmp
         print(f"PTQ {label}: eval loss float {cmp.eval_loss_float:.4f} quantised {cmp.eval_loss_quantized:.4f} "
-              f"(delta {cmp.delta:+.4f}); {report.summary()}; bytes {tree_bytes(qparams)} vs "
-              f"{tree_bytes(params)} float")
+              f"(delta {cmp.delta:+.4f}); {report.summary()}; bytes {tree_nbytes(qparams)} vs "
+              f"{tree_nbytes(params)} float")
         assert np.isfinite(cmp.eval_loss_quantized)
     # int8 rounds each weight by at most 1/254 of its channel's max (~0.5% relative error): the
     # eval loss moves by well under 1% of its value; int4 (1/14 of the max) is reported, and a

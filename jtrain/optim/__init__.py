@@ -5,7 +5,7 @@ Example:
     >>> opt = make_optimizer("adamw_torch", 3e-4, weight_decay=0.01, max_grad_norm=1.0)
 """
 from jtrain.optim.decay_mask import decay_mask
-from jtrain.optim.factory import OPTIMIZER_NAMES, make_optimizer, state_nbytes
+from jtrain.optim.factory import OPTIMIZER_NAMES, make_optimizer
 from jtrain.optim.schedule_free import schedule_free_eval_params
 
 __all__ = [
@@ -13,5 +13,4 @@ __all__ = [
     "decay_mask",
     "make_optimizer",
     "schedule_free_eval_params",
-    "state_nbytes",
 ]

@@ -14,7 +14,6 @@ from typing import Any
 
 import optax
 
-from jtrain.memory import tree_nbytes
 from jtrain.optim import builders
 from jtrain.optim.args import resolve_optim_args
 from jtrain.optim.transforms import clip_by_global_norm_torch
@@ -101,7 +100,3 @@ def make_optimizer(
     parts.append(build(config))
     return optax.chain(*parts)
 
-
-def state_nbytes(opt_state: Any) -> int:
-    """Bytes held by an optimizer state (`jtrain.memory.tree_nbytes`)."""
-    return tree_nbytes(opt_state)

@@ -15,7 +15,6 @@ from jtrain.quant.formats import (
                                   dequantize,
                                   quantize,
                                   storage_bits_per_param,
-                                  storage_bytes,
 )
 from jtrain.quant.io import load_quantized, save_quantized
 from jtrain.quant.model import QuantizedModel, QuantReport, quantization_report
@@ -24,7 +23,6 @@ from jtrain.quant.ptq import (
                                   compare_eval_loss,
                                   evaluate_loss,
                                   post_training_quantize,
-                                  tree_bytes,
 )
 from jtrain.quant.qat import QATModel, export_quantized, fake_quantize
 
@@ -49,6 +47,4 @@ __all__ = [
                                   "quantize",
                                   "save_quantized",
                                   "storage_bits_per_param",
-                                  "storage_bytes",
-                                  "tree_bytes",
 ]

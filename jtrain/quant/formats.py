@@ -245,14 +245,9 @@ def dequantize(q: QuantizedTensor, dtype: Any = None) -> jax.Array:
     return w.astype(q.float_dtype if dtype is None else dtype)
 
 
-def storage_bytes(q: QuantizedTensor) -> int:
-    """Bytes actually held by the quantised weight's arrays (codes, scales and their scales)."""
-    return tree_nbytes(q)
-
-
 def storage_bits_per_param(q: QuantizedTensor) -> float:
     """Stored bits per weight element, scales included (NF4 block 64: 4.5; with double quant ~4.127)."""
-    return 8.0 * storage_bytes(q) / q.size
+    return 8.0 * tree_nbytes(q) / q.size
 
 
 def quantized_spec(q: QuantizedTensor, spec: Any) -> QuantizedTensor:

@@ -28,6 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from jtrain.errors import ConfigError
+from jtrain.memory import tree_nbytes
 from jtrain.models.wrapper import WrappedModel
 from jtrain.quant.formats import (
     QuantFormat,
@@ -38,7 +39,6 @@ from jtrain.quant.formats import (
     input_axes,
     quantize,
     quantized_spec,
-    storage_bytes,
 )
 from jtrain.quant.targets import Path, Targets, select_kernels
 
@@ -175,6 +175,6 @@ def quantization_report(float_params: Any, quantized_params: Any) -> QuantReport
         e2, n2 = float(np.sum((w - d) ** 2)), float(np.sum(w ** 2))
         per["/".join(path)] = math.sqrt(e2 / n2) if n2 > 0 else math.sqrt(e2)
         err2, norm2 = err2 + e2, norm2 + n2
-        nbytes, count = nbytes + storage_bytes(q), count + q.size
+        nbytes, count = nbytes + tree_nbytes(q), count + q.size
     overall = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
     return QuantReport(per, overall, 8.0 * nbytes / max(count, 1), count)

@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 
-from jtrain.memory import tree_nbytes
 from jtrain.quant.formats import QuantFormat
 from jtrain.quant.model import QuantizedModel, QuantReport, quantization_report
 from jtrain.quant.targets import Targets
@@ -73,7 +72,3 @@ def compare_eval_loss(model: Any, params: Any, qmodel: QuantizedModel, qparams: 
         float_loss = evaluate_loss(model, params, batches, loss_fn)
     return LossComparison(float_loss, evaluate_loss(qmodel, qparams, batches, loss_fn))
 
-
-def tree_bytes(params: Any) -> int:
-    """Bytes held by a params tree, quantised nodes counted by their codes and scales."""
-    return tree_nbytes(params)
