@@ -64,7 +64,8 @@ def main() -> None:
             cpu[name].append(res["median_step_cpu_s"])
             print(f"round {r + 1} {name:24s} {res['median_step_s'] * 1e3:9.1f} ms wall "
                   f"{res['median_step_cpu_s'] * 1e3:9.1f} ms CPU (kernel {res['median_step_kernel_s'] * 1e3:.0f} ms, "
-                  f"{res['median_step_page_faults']:.0f} page faults)  loss {res['train_loss']:.6f}", flush=True)
+                  f"{res['median_step_page_faults']:.0f} page faults, peak RSS {res['peak_rss_mb']:.0f} MiB)  "
+                  f"loss {res['train_loss']:.6f}", flush=True)
     base, base_cpu = bc.median(times[variants[0][0]]), bc.median(cpu[variants[0][0]])
     print(f"\n{a.preset} {a.precision}, median of {a.rounds} rounds (per step; speed relative to {variants[0][0]}; "
           "CPU time = all threads, robust when the machine is shared):")
