@@ -1,5 +1,5 @@
-"""The run configuration: one YAML/JSON file with `model`, `tokenizer`, `data`, `peft` and
-`training` sections, plus command-line overrides (`--learning_rate 3e-4`, `--data.block_size 64`).
+"""The run configuration: one YAML/JSON file with `model`, `tokenizer`, `data`, `peft`,
+`quantization` and `training` sections, plus command-line overrides (`--learning_rate 3e-4`, `--data.block_size 64`).
 
 Plain frozen data; defaults live in the dataclasses below and in `TrainingArguments`.
 """
@@ -139,15 +139,7 @@ class PeftSection:
                                   "output_dir/merged (save_model writes only the adapters otherwise).")
 
     def __post_init__(self) -> None:
-        targets = self.target_modules
-        if isinstance(targets, str) and targets.lstrip().startswith("["):  # a list given on the command line
-            targets = yaml.safe_load(targets)
-        if isinstance(targets, (list, tuple)):
-            targets = [str(t) for t in targets]
-        elif targets is not None and not isinstance(targets, str):
-            raise ConfigError(f"`peft.target_modules` must be a list of module names or a regex string, "
-                              f"got {targets!r}")
-        object.__setattr__(self, "target_modules", targets)
+        object.__setattr__(self, "target_modules", _targets(self.target_modules, "peft.target_modules"))
         self.lora_config()  # checks every value now, before anything is read or written
 
     def lora_config(self) -> Any:
@@ -158,12 +150,77 @@ class PeftSection:
         return LoraConfig.from_dict(values)
 
 
+def _targets(value: Any, key: str) -> Any:
+    """Module targets: a list of names (also a YAML list given on the command line) or a regex string."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        value = yaml.safe_load(value)
+    if isinstance(value, (list, tuple)):
+        return [str(t) for t in value]
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"`{key}` must be a list of module names or a regex string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class QuantizationSection:
+    """Frozen quantised base weights (QLoRA's base) with HF `BitsAndBytesConfig`'s names; present only
+    when the file has `quantization:`. jtrain stores and dequantises them itself (no bitsandbytes)."""
+
+    load_in_4bit: bool = _f(False, "Store the target kernels in 4 bits (bnb_4bit_quant_type).")
+    load_in_8bit: bool = _f(False, "Store the target kernels as int8 with per-output-channel scales (LLM.int8's "
+                                   "storage; computed dequantised, without its outlier split).")
+    bnb_4bit_quant_type: str = _f("nf4", "4-bit format: nf4 (QLoRA's NormalFloat) | int4 (symmetric integers); "
+                                         "bitsandbytes' fp4 is not implemented.")
+    bnb_4bit_use_double_quant: bool = _f(False, "Quantise the nf4 block scales too (QLoRA's double quantisation, "
+                                                "4.127 instead of 4.5 bits per parameter).")
+    quant_block_size: int | None = _f(None, "Weights per absmax scale along a kernel's last axis (default: 64 for nf4, "
+                                      "per output channel for int8/int4); it must divide every target kernel's "
+                                      "last dimension (e.g. head_dim for q/k/v).")
+    target_modules: Any = _f(None, "Modules whose kernels are quantised: names or a regex, as peft.target_modules "
+                                   "(default: every linear layer except the task head, as bitsandbytes skips lm_head).")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", _targets(self.target_modules, "quantization.target_modules"))
+        self.quant_format()  # checks every value now, before anything is read or written
+
+    def quant_format(self) -> Any:
+        """The `jtrain.quant.QuantFormat` these options describe."""
+        from jtrain.quant.formats import as_format
+
+        _need(self.load_in_4bit != self.load_in_8bit,
+              "the `quantization` section needs exactly one of load_in_4bit: true or load_in_8bit: true "
+              f"(got load_in_4bit={self.load_in_4bit}, load_in_8bit={self.load_in_8bit})")
+        if self.load_in_8bit:
+            _need(not self.bnb_4bit_use_double_quant,
+                  "`quantization.bnb_4bit_use_double_quant` applies to load_in_4bit with nf4 only")
+            name = "int8"
+        else:
+            _need(self.bnb_4bit_quant_type in ("nf4", "int4"),
+                  f"`quantization.bnb_4bit_quant_type` must be nf4 or int4, got {self.bnb_4bit_quant_type!r}"
+                  + (" (bitsandbytes' fp4 is not implemented; nf4 is QLoRA's choice)"
+                     if self.bnb_4bit_quant_type == "fp4" else ""))
+            name = self.bnb_4bit_quant_type
+        options: dict[str, Any] = {"double_quant": self.bnb_4bit_use_double_quant}
+        if self.quant_block_size is not None:
+            options["block_size"] = self.quant_block_size
+        try:
+            return as_format(name, **options)
+        except ConfigError as err:
+            raise ConfigError(f"the `quantization` section: {str(err).replace('`block_size`', '`quant_block_size`')}") from err
+
+    def describe(self) -> str:
+        fmt = self.quant_format()
+        scales = f"block {fmt.block_size}" if fmt.block_size else "per-channel scales"
+        return f"{fmt.name} ({scales}{', double quantisation' if fmt.double_quant else ''})"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
     peft: PeftSection | None = None  # None: every weight trains
+    quantization: QuantizationSection | None = None  # None: float base weights
     training: TrainingArguments = field(default_factory=TrainingArguments)
 
     def to_dict(self) -> dict:
@@ -173,8 +230,9 @@ class RunConfig:
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "tokenizer": TokenizerSection, "data": DataSection,
                              "training": TrainingArguments}
-# `peft` is optional: built only when the file (or an override) has it, so its absence means no LoRA.
-OPTIONAL_SECTIONS: dict[str, type] = {"peft": PeftSection}
+# `peft` and `quantization` are optional: built only when the file (or an override) has them, so their
+# absence means no LoRA and a float base.
+OPTIONAL_SECTIONS: dict[str, type] = {"peft": PeftSection, "quantization": QuantizationSection}
 
 
 def read_config_file(path: str) -> dict:
@@ -235,8 +293,9 @@ def build_config(values: Mapping[str, Any]) -> RunConfig:
         if body is not None and not isinstance(body, Mapping):
             raise ConfigError(f"section `{section}` must be a mapping, got {body!r}")
     built = {name: build_dataclass(cls, values.get(name) or {}, name) for name, cls in SECTIONS.items()}
-    peft = build_dataclass(PeftSection, values["peft"] or {}, "peft") if "peft" in values else None
-    return RunConfig(peft=peft, **built)
+    optional = {name: build_dataclass(cls, values[name] or {}, name) if name in values else None
+                for name, cls in OPTIONAL_SECTIONS.items()}
+    return RunConfig(**optional, **built)
 
 
 def check_run_config(cfg: RunConfig) -> None:
@@ -268,7 +327,7 @@ def load_config(path: str | None, overrides: Mapping[str, Any] | None = None) ->
 _RESERVED = ("config", "print_config", "help")
 
 
-def help_text(sections: Sequence[str] = ("model", "tokenizer", "data", "peft", "training")) -> str:
+def help_text(sections: Sequence[str] = ("model", "tokenizer", "data", "peft", "quantization", "training")) -> str:
     """Every option with its default and one line of help, grouped by section."""
     lines = ["usage: python -m jtrain.run --config FILE [--print_config] [--KEY VALUE ...]", ""]
     for section in sections:

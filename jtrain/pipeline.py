@@ -25,6 +25,7 @@ from jtrain.data.task_data import TaskData, TokenizerFactory
 from jtrain.errors import ConfigError
 from jtrain.models import SUPPORTED_MODEL_TYPES, architecture, create_model, from_pretrained, param_count, read_config
 from jtrain.models.hub import checkpoint_dir
+from jtrain.models.wrapper import innermost
 from jtrain.output_dir import clear_previous_run, resume_point
 from jtrain.trainer import Trainer
 
@@ -143,9 +144,25 @@ def build_model(cfg: RunConfig, data: TaskData, model_type: str, config: dict) -
         fields = {**config, **model_token_ids(data.tokenizer, model_type)}
         model, params = create_model(model_type, fields, task, **options), None
     _check_length(cfg, model)
+    if cfg.quantization is not None:
+        model, params = _quantized(cfg, model, params)
     if cfg.peft is not None:
         model, params = _with_lora(cfg, model, params)
     return model, params
+
+
+def _quantized(cfg: RunConfig, model: Any, params: Any) -> tuple[Any, Any]:
+    """The base's target kernels stored quantised and frozen (QLoRA's base): loaded weights are
+    quantised once here, a fresh model's inside its compiled init."""
+    from jtrain.quant import QuantizedModel
+
+    q = cfg.quantization
+    try:
+        qmodel = QuantizedModel(model, q.quant_format(), targets=q.target_modules)
+    except ConfigError as err:
+        raise ConfigError(f"the `quantization` section does not fit this model: {err} (in the config: "
+                          "`quantization.quant_block_size` or `quantization.target_modules`)") from err
+    return qmodel, (None if params is None else jax.jit(qmodel.quantize_params)(params))
 
 
 def _with_lora(cfg: RunConfig, model: Any, params: Any) -> tuple[Any, Any]:
@@ -197,15 +214,32 @@ def check_peft(cfg: RunConfig) -> None:
         _say("note: LoRA on a freshly initialised model (no model.model_name_or_path): only the adapters train")
 
 
-def _lora_summary(model: Any) -> str:
+def check_quantization(cfg: RunConfig) -> None:
+    """Options a quantised base cannot combine with, refused before any data is read."""
+    if cfg.quantization is None:
+        return
+    if cfg.peft is not None and cfg.peft.save_merged:
+        raise ConfigError("`peft.save_merged: true` cannot be combined with the `quantization` section: adapters "
+                          "cannot be folded into quantised kernels. Save the adapters (the default) and merge them "
+                          "onto the float base, e.g. with peft's merge_and_unload")
+    if cfg.peft is None:
+        _say("note: a quantised base without a `peft` section: the quantised kernels stay frozen; the norms, "
+             "embeddings and the head train")
+
+
+def _transform_summary(cfg: RunConfig, model: Any) -> str:
+    """What the run trains on top of the base: LoRA's share, the quantised base's format."""
     from jtrain.peft import LoraModel
 
+    text = ""
+    if cfg.quantization is not None:
+        text += f"; base kernels stored as {cfg.quantization.describe()}, frozen"
     if not isinstance(model, LoraModel):
-        return ""
+        return text
     trained = sum(int(np.prod(x.shape)) for p, x in _flat(model.abstract_params()) if model.is_trainable(p))
-    total = param_count(model.base.abstract_params())
-    return (f"; LoRA r={model.lora_config.r} on {len(model.targets)} modules: trains {trained / 1e6:.3f}M "
-            f"({100 * trained / total:.2f}% of the base)")
+    total = param_count(innermost(model).abstract_params())
+    return text + (f"; LoRA r={model.lora_config.r} on {len(model.targets)} modules: trains {trained / 1e6:.3f}M "
+                   f"({100 * trained / total:.2f}% of the base)")
 
 
 def _flat(tree: Any) -> list:
@@ -258,6 +292,7 @@ def run_job(cfg: RunConfig) -> dict:
     """Train, evaluate and predict as configured; returns all results (also in all_results.json)."""
     args = cfg.training
     check_peft(cfg)
+    check_quantization(cfg)
     resume = resume_point(args)
     started = time.perf_counter()
     model_type, config = model_spec(cfg)
@@ -268,9 +303,8 @@ def run_job(cfg: RunConfig) -> dict:
                       eval_dataset=data.validation, processing_class=data.tokenizer, params=params)
     _say(f"data: {data.summary}; prepared in {time.perf_counter() - started:.1f}s")
     source = cfg.model.model_name_or_path or "scratch"
-    base_model = getattr(model, "base", model)
     _say(f"model: {model.config.model_type} {model.task} ({source}), "
-         f"{param_count(base_model.abstract_params()) / 1e6:.2f}M parameters{_lora_summary(model)}; "
+         f"{param_count(innermost(model).abstract_params()) / 1e6:.2f}M parameters{_transform_summary(cfg, model)}; "
          f"mesh {_mesh_used(trainer.mesh)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
     if trainer.mesh.size > 1:
         _say(_param_bytes_line(model, trainer.mesh, args.fsdp))

@@ -31,3 +31,11 @@ class WrappedModel:
     def _dummy_inputs(self, *args: Any, **kwargs: Any) -> dict[str, jax.Array]:
         """The inner model's tracing inputs (an outer wrapper such as LoRA traces with them)."""
         return self.inner._dummy_inputs(*args, **kwargs)
+
+
+def innermost(model: Any) -> Any:
+    """The plain model inside any wrappers (LoRA around a quantised base around a Llama): the one
+    whose float parameters count, and whose HF tensor names the wrappers' trees keep."""
+    while hasattr(model, "inner"):
+        model = model.inner
+    return model

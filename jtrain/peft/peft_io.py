@@ -50,10 +50,12 @@ def _factors_from_peft(t: LoraTarget, a: np.ndarray, b: np.ndarray) -> tuple[np.
 
 
 def _base_leaf_maps(model: LoraModel) -> list[convert.LeafMap]:
-    """convert's map for the base params that train beside the adapters (biases, modules_to_save)."""
+    """convert's map for the base params that train beside the adapters (biases, modules_to_save).
+    A quantised base keeps the float model's paths, so the float model's maps name them."""
     from jtrain.models.hub import model_leaf_maps
+    from jtrain.models.wrapper import innermost
 
-    return [m for m in model_leaf_maps(model.base) if model.is_trainable(("base",) + m.path)]
+    return [m for m in model_leaf_maps(innermost(model.base)) if model.is_trainable(("base",) + m.path)]
 
 
 def _peft_base_name(model: LoraModel, m: convert.LeafMap, hf: str) -> str:
