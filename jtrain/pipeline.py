@@ -215,13 +215,9 @@ def check_peft(cfg: RunConfig) -> None:
 
 
 def check_quantization(cfg: RunConfig) -> None:
-    """Options a quantised base cannot combine with, refused before any data is read."""
+    """What a quantised base means for the run, said before any data is read."""
     if cfg.quantization is None:
         return
-    if cfg.peft is not None and cfg.peft.save_merged:
-        raise ConfigError("`peft.save_merged: true` cannot be combined with the `quantization` section: adapters "
-                          "cannot be folded into quantised kernels. Save the adapters (the default) and merge them "
-                          "onto the float base, e.g. with peft's merge_and_unload")
     if cfg.peft is None:
         _say("note: a quantised base without a `peft` section: the quantised kernels stay frozen; the norms, "
              "embeddings and the head train")

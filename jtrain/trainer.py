@@ -29,6 +29,7 @@ from jtrain.errors import CheckpointError, ConfigError, NonFiniteError
 from jtrain.evaluation import EvalLoopOutput, evaluation_loop
 from jtrain.losses import LOSSES_BY_TASK, LossOutput
 from jtrain.models.base import Model
+from jtrain.models.wrapper import hf_exportable
 from jtrain.optim import make_optimizer
 from jtrain.reporting import PrinterCallback, ProgressCallback, callbacks_for_report_to
 from jtrain.schedules import make_lr_controller, make_schedule
@@ -395,7 +396,7 @@ class Trainer:
             else:
                 save_adapter(self.model, params, output_dir)
         else:
-            model, params = _hf_exportable(self.model, params)
+            model, params = hf_exportable(self.model, params)
             save_pretrained(model, params, output_dir, max_shard_size=max_shard_size)
         tokenizer = self.processing_class
         if self.is_world_process_zero() and tokenizer is not None and hasattr(tokenizer, "save"):
@@ -418,10 +419,3 @@ class Trainer:
         return copy.deepcopy(self.state)
 
 
-def _hf_exportable(model: Any, params: Any) -> tuple[Any, Any]:
-    """The plain model and float params behind quantisation wrappers, for an HF-format export."""
-    if hasattr(model, "dequantized_params"):  # jtrain.quant.QuantizedModel
-        return _hf_exportable(model.inner, model.dequantized_params(params))
-    if hasattr(model, "inner"):  # jtrain.quant.QATModel: same float params tree as its inner model
-        return _hf_exportable(model.inner, params)
-    return model, params

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import optax
 import pytest
+import transformers
+from test_models_common import LOGITS_ATOL, hf_forward, padded_batch, real_positions
 from tiny import TINY_LLAMA, lm_rows
 
 from jtrain.compiled import build_compiled_steps
@@ -23,6 +25,7 @@ from jtrain.memory import tree_nbytes
 from jtrain.models import create_model
 from jtrain.param_split import leaf_paths
 from jtrain.peft import LoraConfig, apply_lora
+from jtrain.peft.peft_io import save_merged
 from jtrain.quant import (
     QuantFormat,
     QuantizedModel,
@@ -62,7 +65,7 @@ def _pretrained_base(model, steps: int = 24, lr: float = 1e-2):
     return state.params, float(metrics["loss"])
 
 
-def test_lora_on_nf4_base_trains_and_reports_quantisation_error():
+def test_lora_on_nf4_base_trains_and_reports_quantisation_error(tmp_path):
     model = create_model("llama", QLORA_LLAMA)
     float_base, pretrain_loss = _pretrained_base(model)
     assert pretrain_loss < 0.5  # the base knows its pattern
@@ -101,5 +104,15 @@ def test_lora_on_nf4_base_trains_and_reports_quantisation_error():
     assert np.isfinite(end) and end < 0.1 * start  # "well below its starting value" (seen: ~10.6 -> ~0.05)
     assert steps.compile_log.counts["train"] == 1
     # adapters cannot be folded into 4-bit codes: merging says so instead of failing inside JAX
+    params = state.full_params()
     with pytest.raises(ConfigError, match="quantised base cannot be merged"):
-        lora.merge(state.full_params())
+        lora.merge(params)
+    # the merged HF export dequantises the base and folds the adapters into the float weights:
+    # transformers' Llama gives the QLoRA model's logits (LOGITS_ATOL, float32 across frameworks)
+    save_merged(lora, params, tmp_path / "merged")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    batch = padded_batch("llama")
+    ref, _ = hf_forward(hf, batch)
+    ours = np.asarray(jax.jit(lora.apply)(params, batch)["logits"])
+    where = real_positions(batch, "causal_lm")
+    np.testing.assert_allclose(ours[where], ref[where], atol=LOGITS_ATOL)

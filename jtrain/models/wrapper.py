@@ -39,3 +39,13 @@ def innermost(model: Any) -> Any:
     while hasattr(model, "inner"):
         model = model.inner
     return model
+
+
+def hf_exportable(model: Any, params: Any) -> tuple[Any, Any]:
+    """The plain model and float params behind quantisation wrappers, for an HF-format export: a
+    quantised base (`jtrain.quant.QuantizedModel`) dequantised, a QAT model's float params as they are."""
+    if hasattr(model, "dequantized_params"):
+        return hf_exportable(model.inner, model.dequantized_params(params))
+    if hasattr(model, "inner"):
+        return hf_exportable(model.inner, params)
+    return model, params

@@ -252,7 +252,7 @@ class LoraModel(WrappedModel):
             kernel = flat.get(key)
             if kernel is None or not hasattr(kernel, "dtype") or not jnp.issubdtype(kernel.dtype, jnp.floating):
                 raise ConfigError(f"cannot merge LoRA into `{t.name}`: its base kernel is not a float array "
-                                  "(a quantised base cannot be merged; dequantise it first)")
+                                  "(a quantised base cannot be merged into its codes; `merged_export` dequantises it first)")
             flat[key] = (kernel + sign * self.delta(params, t).astype(kernel.dtype)).astype(kernel.dtype)
         return traverse_util.unflatten_dict(flat)
 
@@ -261,6 +261,15 @@ class LoraModel(WrappedModel):
 
         The result is a plain params tree of the base model: apply it with `lora_model.base`."""
         return self._fold(params, params["base"], 1.0)
+
+    def merged_export(self, params: Any) -> tuple[Any, Any]:
+        """(plain model, float params) with the adapters folded in: what an HF export of the merged
+        model holds. A quantised base (QLoRA) is dequantised first, as one merges QLoRA adapters into
+        the dequantised weights with PEFT; the codes themselves never change."""
+        from jtrain.models.wrapper import hf_exportable
+
+        model, base = hf_exportable(self.base, params["base"])
+        return model, self._fold(params, base, 1.0)
 
     def unmerge(self, merged_base: Any, params: Any) -> Any:
         """The base params back from merged ones (W - scale * B A), given the adapters in `params`."""

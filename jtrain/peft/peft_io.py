@@ -113,10 +113,11 @@ def save_adapter(model: LoraModel, params: Any, directory: str | os.PathLike, *,
 
 
 def save_merged(model: LoraModel, params: Any, directory: str | os.PathLike, **kwargs: Any) -> list[str]:
-    """An HF checkpoint of the base with the adapters folded in (`merge_and_unload` + `save_pretrained`)."""
+    """An HF checkpoint of the base with the adapters folded in (`merge_and_unload` + `save_pretrained`);
+    a quantised base is written dequantised, with the adapters folded into the float weights."""
     from jtrain.models import save_pretrained
 
-    return save_pretrained(model.base, model.merge(params), directory, **kwargs)
+    return save_pretrained(*model.merged_export(params), directory, **kwargs)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
