@@ -205,11 +205,9 @@ def _param_bytes_line(model: Any, mesh: Any, fsdp: Any) -> str:
 
 
 def check_peft(cfg: RunConfig) -> None:
-    """Options the LoRA transform cannot combine with, refused before any data is read."""
+    """What LoRA means for the run, said before any data is read."""
     if cfg.peft is None:
         return
-    if cfg.model.scan_layers:
-        raise ConfigError("the `peft` section (LoRA) does not support `model.scan_layers: true` yet; set it false")
     if not cfg.model.model_name_or_path:
         _say("note: LoRA on a freshly initialised model (no model.model_name_or_path): only the adapters train")
 
@@ -234,7 +232,7 @@ def _transform_summary(cfg: RunConfig, model: Any) -> str:
         return text
     trained = sum(int(np.prod(x.shape)) for p, x in _flat(model.abstract_params()) if model.is_trainable(p))
     total = param_count(innermost(model).abstract_params())
-    return text + (f"; LoRA r={model.lora_config.r} on {len(model.targets)} modules: trains {trained / 1e6:.3f}M "
+    return text + (f"; LoRA r={model.lora_config.r} on {model.module_count} modules: trains {trained / 1e6:.3f}M "
                    f"({100 * trained / total:.2f}% of the base)")
 
 

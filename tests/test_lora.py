@@ -200,8 +200,12 @@ def test_bad_input_names_the_problem(base):
         LoraConfig.from_dict({"r": 4, "lora_aplha": 8})
     with pytest.raises(ConfigError, match="modules_to_save"):
         apply_lora(model, LoraConfig(r=2, modules_to_save=["classifier_head"]))
-    with pytest.raises(ConfigError, match="scan_layers"):
-        apply_lora(tiny_llama(scan_layers=True), LoraConfig(r=2))
+    # one stacked kernel serves every layer of a scanned model: a target in some layers only is refused
+    with pytest.raises(ConfigError, match=r"selects `model.layers.0.self_attn.q_proj` but not "
+                                          r"`model.layers.1.self_attn.q_proj`; with scan_layers"):
+        apply_lora(tiny_llama(scan_layers=True), LoraConfig(r=2, target_modules=r"model\.layers\.0\.self_attn\.q_proj"))
+    with pytest.raises(ConfigError, match="cannot switch scan_layers on a LoRA model"):
+        apply_lora(tiny_llama(), LoraConfig(r=2)).with_options(scan_layers=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,3 +319,71 @@ def test_lora_on_a_quantised_base_trains_only_the_adapters(base):
     assert losses[-1] < losses[0] and {p[0] for p in leaf_paths(state.params)} == {"lora"}
     for x, y in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(np.asarray(x), y)
+
+
+def test_lora_on_scanned_layers_matches_the_unscanned_model(tmp_path):
+    """scan_layers stacks each target's factors [layers, ...] beside its stacked kernel. From the same
+    base and rng, the scanned LoRA model draws the same adapters (stacked), computes the same logits
+    and adapter gradients (SAME_MATH_ATOL: the scan only reorders float32 sums), merges to the same
+    kernels, and writes the same PEFT file (per-layer names), which loads back stacked."""
+    from jtrain.models import from_pretrained, save_pretrained
+    from jtrain.peft.peft_io import adapter_state_dict, load_adapter, save_adapter
+
+    base = tiny_llama()
+    save_pretrained(base, base.init(jax.random.key(0)), tmp_path / "base")
+    flat_model, flat_base = from_pretrained(tmp_path / "base")
+    scan_model, scan_base = from_pretrained(tmp_path / "base", scan_layers=True)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    flat, scan = apply_lora(flat_model, config), apply_lora(scan_model, config)
+    assert flat.module_count == scan.module_count == 6 and len(scan.targets) == 3
+    assert all(t.layers == 2 for t in scan.targets)
+    assert scan.logical_axes()["lora"]["model"]["layers"]["layer"]["mlp"]["down_proj"]["lora_A"] == \
+        P("layers", "mlp", "lora_rank")
+    p_flat, p_scan = flat.init_from_base(flat_base, jax.random.key(1)), scan.init_from_base(scan_base, jax.random.key(1))
+
+    def pair(flat_tree, scan_tree, i, *path):  # leaf `path` of unscanned layer i, and slice i of the stack
+        a, b = flat_tree["model"][f"layers_{i}"], scan_tree["model"]["layers"]["layer"]
+        for key in path:
+            a, b = a[key], b[key]
+        return a, b[i]
+
+    for i in range(2):
+        np.testing.assert_array_equal(*pair(p_flat["lora"], p_scan["lora"], i, "self_attn", "q_proj", "lora_B"))
+    batch = {k: v[:4] for k, v in lm_rows(4, 16, seed=0).items()}
+    adapted = _logits(flat, p_flat, batch)
+    assert np.abs(adapted - _logits(flat_model, flat_base, batch)).max() > 1e-2  # the adapters act
+    np.testing.assert_allclose(_logits(scan, p_scan, batch), adapted, atol=SAME_MATH_ATOL)
+
+    def grads(model, params):
+        loss = lambda lora: causal_lm_loss(model.apply({"base": params["base"], "lora": lora}, batch), batch).loss_sum
+        return jax.grad(loss)(params["lora"])
+
+    g_flat, g_scan = grads(flat, p_flat), grads(scan, p_scan)
+    m_flat, m_scan = flat.merge(p_flat), scan.merge(p_scan)
+    for i in range(2):
+        for path in (("self_attn", "v_proj", "lora_A"), ("mlp", "down_proj", "lora_B")):
+            np.testing.assert_allclose(*pair(g_flat, g_scan, i, *path), atol=SAME_MATH_ATOL)
+        np.testing.assert_allclose(*pair(m_flat, m_scan, i, "mlp", "down_proj", "kernel"), atol=SAME_MATH_ATOL)
+
+    exported = adapter_state_dict(scan, p_scan)
+    reference = adapter_state_dict(flat, p_flat)
+    assert sorted(exported) == sorted(reference) and "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight" in exported
+    for name, tensor in reference.items():
+        np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
+    save_adapter(flat, p_flat, tmp_path / "adapter")
+    loaded, p_loaded = load_adapter(scan_model, scan_base, tmp_path / "adapter")
+    for got, want in zip(jax.tree.leaves(p_loaded["lora"]), jax.tree.leaves(p_scan["lora"])):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_lora_dropout_on_scanned_layers_follows_the_rng():
+    model = apply_lora(tiny_llama(scan_layers=True), LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False))
+    params = model.init(jax.random.key(0))
+    batch = {k: v[:2] for k, v in lm_rows(2, 16, seed=0).items()}
+    apply = jax.jit(model.apply, static_argnames="train")
+    evaluation = apply(params, batch)["logits"]
+    np.testing.assert_array_equal(apply(params, batch, train=True)["logits"], evaluation)  # no rng: no dropout
+    one = apply(params, batch, rng=jax.random.key(1), train=True)["logits"]
+    np.testing.assert_array_equal(one, apply(params, batch, rng=jax.random.key(1), train=True)["logits"])
+    assert not np.allclose(one, evaluation)
+    assert not np.allclose(one, apply(params, batch, rng=jax.random.key(2), train=True)["logits"])

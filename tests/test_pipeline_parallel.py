@@ -43,10 +43,10 @@ def _args(tmp_path, mesh_shape):
         disable_tqdm=True, mesh_shape=mesh_shape)
 
 
-def _train(tmp_path, mesh_shape, params):
+def _train(tmp_path, mesh_shape, params, model=None):
     record = LossRecorder()
-    trainer = Trainer(_model(), _args(tmp_path, mesh_shape), train_dataset=ArrayDataset(lm_rows(64, 16, seed=0)),
-                      callbacks=[record], params=params)
+    trainer = Trainer(model or _model(), _args(tmp_path, mesh_shape),
+                      train_dataset=ArrayDataset(lm_rows(64, 16, seed=0)), callbacks=[record], params=params)
     trainer.train()
     return trainer, record.losses
 
@@ -78,6 +78,23 @@ def test_stage2_data2_tensor2_trains_like_one_device(tmp_path):
     assert "collective-permute" in hlo
     gathered = re.findall(r"= (\w+)\[([\d,]*)\]\S* all-gather\(", hlo)
     assert all(dims.split(",")[1:] == ["15", "2"] for _, dims in gathered), gathered
+
+
+def test_lora_adapters_train_through_the_pipeline_like_one_device(tmp_path):
+    """LoRA on the scanned stack: each layer's adapters travel with its kernel slice through the
+    stages, sharded over `stage` like it; the losses are the single-device ones (LOSS_RTOL)."""
+    from jtrain.peft import LoraConfig, apply_lora
+
+    lora = apply_lora(_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    params = jax.device_get(lora.init_from_base(_model().init(jax.random.key(0)), jax.random.key(1)))
+    _, reference = _train(tmp_path / "single", {"data": 1}, params, lora)
+    trainer, losses = _train(tmp_path / "pp", PP_MESH, params, lora)
+    print(f"LoRA, stage 2 x data 2 x tensor 2: losses {np.round(losses, 6).tolist()}")
+    assert len(losses) == STEPS and losses[-1] < losses[0]
+    np.testing.assert_allclose(losses, reference, rtol=LOSS_RTOL)
+    a = trainer.train_state.params["lora"]["model"]["layers"]["layer"]["mlp"]["down_proj"]["lora_A"]  # [4, 64, 4]
+    assert {s.index[0].start for s in a.addressable_shards} == {0, 2}  # layers 0-1 on one stage, 2-3 on the other
+    assert set(trainer.train_state.params) == {"lora"}  # the base is frozen
 
 
 def test_microbatches_keep_rows_on_their_devices_and_round_trip():

@@ -72,7 +72,7 @@ def hf_name(path: Sequence[str]) -> str:
     return ".".join(parts + [_LEAF_NAMES.get(leaf, leaf)])
 
 
-def _layer_paths(path: tuple[str, ...], num_layers: int) -> list[tuple[str, ...]]:
+def layer_paths(path: tuple[str, ...], num_layers: int) -> list[tuple[str, ...]]:
     """Unscanned paths of a scanned leaf: `.../layers/layer/...` -> `.../layers_{i}/...`."""
     j = max(i for i in range(len(path) - 1) if path[i + 1] == "layer")
     return [path[:j] + (f"{path[j]}_{i}",) + path[j + 2:] for i in range(num_layers)]
@@ -87,7 +87,7 @@ def leaf_maps(abstract_params: Any, logical_specs: Any, conv1d_pattern: str | No
         stacked = bool(spec) and spec[0] == "layers"
         shape = tuple(leaf.shape)
         layer_shape, layer_spec = (shape[1:], spec[1:]) if stacked else (shape, spec)
-        paths = _layer_paths(path, shape[0]) if stacked else [path]
+        paths = layer_paths(path, shape[0]) if stacked else [path]
         experts = layer_shape[0] if layer_spec and layer_spec[0] == "expert" else 0
         if experts:
             layer_shape, layer_spec = layer_shape[1:], layer_spec[1:]

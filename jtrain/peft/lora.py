@@ -31,6 +31,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from jtrain.errors import ConfigError
+from jtrain.models.convert import layer_paths
 from jtrain.models.wrapper import WrappedModel
 from jtrain.peft.config import LoraConfig, matches_target
 
@@ -55,6 +56,14 @@ class LoraTarget:
     out_shape: tuple[int, ...]
     in_axes: tuple[Any, ...]  # logical names of the base kernel's input dims (None if unknown)
     out_axes: tuple[Any, ...]
+    layers: int = 0  # > 0: a module of a scanned layer stack; its factors carry a leading [layers] axis
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The HF module name of every layer this target adapts (PEFT keys; one when unscanned)."""
+        if not self.layers:
+            return (self.name,)
+        return tuple(module_name(p[:-1]) for p in layer_paths(self.path + ("kernel",), self.layers))
 
     @property
     def fan_in(self) -> int:
@@ -114,6 +123,15 @@ def _kaiming_uniform(rng: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax
     return jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
 
 
+def _product(t: LoraTarget, a: jax.Array, b: jax.Array) -> jax.Array:
+    """A B in the base kernel's layout [*in, *out], per layer for a stacked target ([layers, *in, *out])."""
+    if not t.layers:
+        return jnp.tensordot(a, b, axes=1)
+    n = t.layers
+    ab = jnp.matmul(a.reshape(n, t.fan_in, -1), b.reshape(n, -1, t.fan_out))
+    return ab.reshape(n, *t.in_shape, *t.out_shape)
+
+
 def _lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """x contracted over `axes` with A [*in, R], then with B [R, *out]: the dims DenseGeneral produces."""
     h = jax.lax.dot_general(x, a.astype(x.dtype), ((axes, tuple(range(len(axes)))), ((), ())))
@@ -158,18 +176,32 @@ class LoraModel(WrappedModel):
         """The full tree for a pretrained base: its params (not copied) and freshly initialised adapters."""
         return {"base": base_params, "lora": jax.jit(self.init_adapters)(rng)}
 
+    @property
+    def module_count(self) -> int:
+        """Adapted modules counted per layer (a scanned target adapts one module in every layer)."""
+        return sum(len(t.layer_names) for t in self.targets)
+
     def init_adapters(self, rng: jax.Array) -> dict:
-        """PEFT's init: A kaiming-uniform(a=sqrt 5) on [r, in], B zero (random too if init_lora_weights=False)."""
+        """PEFT's init: A kaiming-uniform(a=sqrt 5) on [r, in], B zero (random too if init_lora_weights=False).
+
+        Each module's key comes from its HF name's rank among all adapted modules, so a scanned
+        model draws the same adapters as the unscanned one, stacked."""
         r, flat = self.lora_config.r, {}
-        for i, t in enumerate(self.targets):
-            ka, kb = jax.random.split(jax.random.fold_in(rng, i))
+        order = sorted(((name, t, i) for t in self.targets for i, name in enumerate(t.layer_names)),
+                       key=lambda item: _natural_key(item[0]))
+        factors: dict[tuple[str, ...], list] = {t.path: [None] * len(t.layer_names) for t in self.targets}
+        for k, (_, t, layer) in enumerate(order):
+            ka, kb = jax.random.split(jax.random.fold_in(rng, k))
             a = _kaiming_uniform(ka, (r, t.fan_in), t.fan_in).T.reshape(*t.in_shape, r)
             if self.lora_config.init_lora_weights:
                 b = jnp.zeros((r, *t.out_shape), jnp.float32)
             else:
                 b = _kaiming_uniform(kb, (t.fan_out, r), r).T.reshape(r, *t.out_shape)
-            flat[t.path + ("lora_A",)] = a
-            flat[t.path + ("lora_B",)] = b
+            factors[t.path][layer] = (a, b)
+        for t in self.targets:
+            a, b = zip(*factors[t.path])
+            flat[t.path + ("lora_A",)] = jnp.stack(a) if t.layers else a[0]
+            flat[t.path + ("lora_B",)] = jnp.stack(b) if t.layers else b[0]
         return traverse_util.unflatten_dict(flat)
 
     def abstract_params(self) -> Any:
@@ -180,43 +212,63 @@ class LoraModel(WrappedModel):
         """Base specs unchanged; A gets the base kernel's input axes + rank, B rank + output axes."""
         flat = {}
         for t in self.targets:
-            flat[t.path + ("lora_A",)] = P(*t.in_axes, RANK_AXIS)
-            flat[t.path + ("lora_B",)] = P(RANK_AXIS, *t.out_axes)
+            stack = ("layers",) if t.layers else ()
+            flat[t.path + ("lora_A",)] = P(*stack, *t.in_axes, RANK_AXIS)
+            flat[t.path + ("lora_B",)] = P(*stack, RANK_AXIS, *t.out_axes)
         return {"base": self.base.logical_axes(), "lora": traverse_util.unflatten_dict(flat)}
 
     def apply(self, params: Any, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
               train: bool = False) -> dict[str, jax.Array]:
-        """The base forward with every targeted layer's output plus scale * dropout(x) A B."""
-        by_path = {t.path: t for t in self.targets}
+        """The base forward with every targeted layer's output plus scale * dropout(x) A B.
+
+        A scanned target's stacked factors are put beside its stacked kernel in the base tree, so
+        the layer scan (or the pipeline's per-stage scan) hands each layer its own slice, which the
+        interceptor reads from the Dense module's variables."""
+        by_path = {t.path: t for t in self.targets if not t.layers}
         lora = traverse_util.flatten_dict(params["lora"])
         scale, rate = self.lora_config.scaling, float(self.lora_config.lora_dropout)
         base_rng = lora_rng = None
         if rng is not None:
             base_rng, lora_rng = jax.random.split(rng)
         drop = train and rate > 0.0 and lora_rng is not None
+        base = params["base"]
+        if len(by_path) < len(self.targets):
+            flat = dict(traverse_util.flatten_dict(base))
+            flat.update({k: v for k, v in lora.items() if not k[:-1] in by_path})
+            base = traverse_util.unflatten_dict(flat)
+
+        def dropped(x: jax.Array, key: jax.Array) -> jax.Array:
+            keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+            return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
         def intercept(next_fun, args, kwargs, context):
             y = next_fun(*args, **kwargs)
             mod = context.module
             if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.DenseGeneral)):
                 return y
-            target = by_path.get(tuple(mod.path))
-            if target is None:
-                return y
             x = args[0].astype(y.dtype)
-            if drop:
-                key = jax.random.fold_in(lora_rng, zlib.crc32(target.name.encode()))
-                keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-                x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-            a, b = lora[target.path + ("lora_A",)], lora[target.path + ("lora_B",)]
+            target = by_path.get(tuple(mod.path))
+            if target is not None:
+                a, b = lora[target.path + ("lora_A",)], lora[target.path + ("lora_B",)]
+                if drop:
+                    x = dropped(x, jax.random.fold_in(lora_rng, zlib.crc32(target.name.encode())))
+            elif mod.has_variable("params", "lora_A"):  # this layer's slice of a scanned target
+                a, b = mod.get_variable("params", "lora_A"), mod.get_variable("params", "lora_B")
+                if drop and mod.has_rng("dropout"):
+                    x = dropped(x, mod.make_rng("dropout"))
+            else:
+                return y
             return y + (scale * _lora_delta(x, a, b, _input_axes(mod, x.ndim))).astype(y.dtype)
 
         with nn.intercept_methods(intercept):
-            return self.base.apply(params["base"], batch, rng=base_rng, train=train)
+            return self.base.apply(base, batch, rng=base_rng, train=train)
 
     def with_options(self, **changes: Any) -> LoraModel:
-        if changes.get("scan_layers"):
-            raise ConfigError("LoRA does not support scan_layers yet: set model.scan_layers false")
+        """Same adapters around `base.with_options(**changes)`; the adapters' layout follows the base's
+        `scan_layers`, so changing that needs `apply_lora` on the re-laid-out base instead."""
+        if "scan_layers" in changes and bool(changes["scan_layers"]) != bool(getattr(self.config, "scan_layers", False)):
+            raise ConfigError("cannot switch scan_layers on a LoRA model (the adapters are laid out for the "
+                              "base's layers): set scan_layers on the base model, then apply LoRA")
         return dataclasses.replace(self, base=self.base.with_options(**changes))
 
     # ---- what trains ----------------------------------------------------------------------
@@ -243,7 +295,7 @@ class LoraModel(WrappedModel):
         node = lora
         for p in target.path:
             node = node[p]
-        return self.lora_config.scaling * jnp.tensordot(node["lora_A"], node["lora_B"], axes=1)
+        return self.lora_config.scaling * _product(target, node["lora_A"], node["lora_B"])
 
     def _fold(self, params: Any, base: Any, sign: float) -> Any:
         flat = dict(traverse_util.flatten_dict(base))
@@ -290,12 +342,27 @@ def _kernel_specs(model: Any) -> list[dict]:
 
 
 def _kernel_axes(specs: list[dict], path: tuple[str, ...], n_in: int, ndim: int):
+    """(input axes, output axes, stacked) of the base kernel at `path`, whose per-layer rank is `ndim`;
+    stacked when the spec has one more, leading `layers` axis (a scanned layer stack)."""
     found = (s.get(path + ("kernel",)) for s in specs)
     spec = next((s for s in found if isinstance(s, P)), None)
-    if spec is None or len(tuple(spec)) != ndim:
-        return (None,) * n_in, (None,) * (ndim - n_in)
-    spec = tuple(spec)
-    return spec[:n_in], spec[n_in:]
+    spec = None if spec is None else tuple(spec)
+    stacked = spec is not None and len(spec) == ndim + 1 and spec[0] == "layers"
+    if stacked:
+        spec = spec[1:]
+    if spec is None or len(spec) != ndim:
+        return (None,) * n_in, (None,) * (ndim - n_in), stacked
+    return spec[:n_in], spec[n_in:], stacked
+
+
+def _stack_size(model: Any, path: tuple[str, ...]) -> int:
+    """Leading (layers) dimension of the stacked base kernel at `path`."""
+    from jtrain.models.wrapper import innermost
+
+    node = innermost(model).abstract_params()
+    for p in path + ("kernel",):
+        node = node[p]
+    return int(node.shape[0])
 
 
 def apply_lora(model: Any, config: LoraConfig | Mapping[str, Any], *, strict: bool = True) -> LoraModel:
@@ -311,22 +378,28 @@ def apply_lora(model: Any, config: LoraConfig | Mapping[str, Any], *, strict: bo
     if isinstance(model, LoraModel):
         raise ConfigError("the model already has LoRA adapters: merge them first or adapt the base model")
     cfg = config if isinstance(config, LoraConfig) else LoraConfig.from_dict(config)
-    if getattr(model.config, "scan_layers", False):
-        raise ConfigError("LoRA does not support scan_layers yet: set model.scan_layers false")
     model_type = getattr(model.config, "model_type", "")
     wanted = cfg.targets_for(model_type)
     sites = dense_sites(model)
     specs = _kernel_specs(model)
     targets = []
     for path, (in_shape, out_shape) in sites.items():
-        name = module_name(path)
-        if not matches_target(name, wanted):
+        in_axes, out_axes, stacked = _kernel_axes(specs, path, len(in_shape), len(in_shape) + len(out_shape))
+        target = LoraTarget(path, module_name(path), in_shape, out_shape, in_axes, out_axes,
+                            _stack_size(model, path) if stacked else 0)
+        matched = [matches_target(name, wanted) for name in target.layer_names]
+        if not any(matched):
             continue
+        if not all(matched):  # one stacked kernel serves every layer: adapt all of them or none
+            raise ConfigError(f"peft.target_modules {wanted!r} selects `{target.layer_names[matched.index(True)]}` "
+                              f"but not `{target.layer_names[matched.index(False)]}`; with scan_layers the layers "
+                              "share one stacked kernel, so a target must select a module in every layer (or set "
+                              "model.scan_layers false)")
+        name = target.layer_names[0] if target.layers else target.name
         if cfg.r > min(math.prod(in_shape), math.prod(out_shape)):
             raise ConfigError(f"peft.r={cfg.r} is larger than module `{name}` allows "
                               f"(in {math.prod(in_shape)}, out {math.prod(out_shape)} features): lower r")
-        in_axes, out_axes = _kernel_axes(specs, path, len(in_shape), len(in_shape) + len(out_shape))
-        targets.append(LoraTarget(path, name, in_shape, out_shape, in_axes, out_axes))
+        targets.append(target)
     if not targets:
         leaves = sorted({module_name(p).rsplit(".", 1)[-1] for p in sites})
         raise ConfigError(f"peft.target_modules {wanted!r} matches no Dense layer of this {model_type or 'model'}; "

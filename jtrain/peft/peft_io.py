@@ -71,9 +71,11 @@ def adapter_state_dict(model: LoraModel, params: Any) -> dict[str, np.ndarray]:
     lora = traverse_util.flatten_dict(params["lora"])
     out: dict[str, np.ndarray] = {}
     for t in model.targets:
-        a, b = _factors_to_peft(t, _host(lora[t.path + ("lora_A",)]), _host(lora[t.path + ("lora_B",)]))
-        out[f"{PREFIX}{t.name}.lora_A.weight"] = a
-        out[f"{PREFIX}{t.name}.lora_B.weight"] = b
+        a_all, b_all = _host(lora[t.path + ("lora_A",)]), _host(lora[t.path + ("lora_B",)])
+        for i, name in enumerate(t.layer_names):  # a scanned target: one PEFT module per layer
+            a, b = _factors_to_peft(t, *((a_all[i], b_all[i]) if t.layers else (a_all, b_all)))
+            out[f"{PREFIX}{name}.lora_A.weight"] = a
+            out[f"{PREFIX}{name}.lora_B.weight"] = b
     base = traverse_util.flatten_dict(params["base"])
     for m in _base_leaf_maps(model):
         for hf, tensor in convert.from_leaf(m, _host(base[m.path])):
@@ -170,9 +172,11 @@ def load_adapter(base_model: Any, base_params: Any, directory: str | os.PathLike
 
     r, flat = config.r, {}
     for t in model.targets:
-        a = take(f"{PREFIX}{t.name}.lora_A.weight", (r, t.fan_in), t.name)
-        b = take(f"{PREFIX}{t.name}.lora_B.weight", (t.fan_out, r), t.name)
-        flat[t.path + ("lora_A",)], flat[t.path + ("lora_B",)] = _factors_from_peft(t, a, b)
+        pairs = [_factors_from_peft(t, take(f"{PREFIX}{name}.lora_A.weight", (r, t.fan_in), name),
+                                    take(f"{PREFIX}{name}.lora_B.weight", (t.fan_out, r), name))
+                 for name in t.layer_names]
+        a, b = (np.stack(x) for x in zip(*pairs)) if t.layers else pairs[0]
+        flat[t.path + ("lora_A",)], flat[t.path + ("lora_B",)] = a, b
     base_flat = dict(traverse_util.flatten_dict(base_params))
     for m in _base_leaf_maps(model):
         names = [_peft_base_name(model, m, hf) for hf in m.hf_names]
