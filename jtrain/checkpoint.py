@@ -24,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jtrain.errors import CheckpointError
+from jtrain.jsonfile import read_json_object
 from jtrain.state import TrainState
 
 PREFIX = "checkpoint"
@@ -320,9 +321,6 @@ def _state_tree_abstract(target: TrainState, params_only: bool) -> dict:
     return tree
 
 
-def read_json(path: str) -> Any:
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read {path!r}: {err}") from err
+def read_json(path: str) -> dict[str, Any]:
+    """A checkpoint's JSON metadata file; CheckpointError naming it when unreadable."""
+    return read_json_object(path, what="checkpoint metadata", error=CheckpointError)

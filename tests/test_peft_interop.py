@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -121,3 +122,9 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         load_adapter(model, base_params, tmp_path / "wide")
     with pytest.raises(CheckpointError, match="adapter_config.json"):
         load_adapter(model, base_params, tmp_path)
+    # a damaged adapter_config.json: named, never an AttributeError or a JSON traceback
+    for text, message in (("[1, 2]", "a PEFT adapter config must hold a JSON object, got list"),
+                          ("{r: 8", "cannot read a PEFT adapter config")):
+        (tmp_path / "wide" / ADAPTER_CONFIG).write_text(text)
+        with pytest.raises(CheckpointError, match=f"wide/adapter_config.json: {re.escape(message)}"):
+            load_adapter(model, base_params, tmp_path / "wide")

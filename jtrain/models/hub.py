@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtrain.errors import CheckpointError, ConfigError
+from jtrain.jsonfile import read_json_object
 from jtrain.models import convert, safetensors_io
 from jtrain.models.base import Model
 from jtrain.models.registry import SUPPORTED_MODEL_TYPES, architecture, create_model, task_from_architectures
@@ -49,13 +50,7 @@ def checkpoint_dir(path: str | os.PathLike) -> str:
 def read_config(directory: str) -> dict[str, Any]:
     """config.json as a dict, checked for a supported `model_type`; errors name the file."""
     file = os.path.join(directory, CONFIG_FILE)
-    try:
-        with open(file) as f:
-            values = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{file}: cannot read a JSON config ({e})") from e
-    if not isinstance(values, dict):
-        raise ConfigError(f"{file}: expected a JSON object, got {type(values).__name__}")
+    values = read_json_object(file, what="a model config")
     if values.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"{file}: unsupported model_type {values.get('model_type')!r}; "
                           f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")

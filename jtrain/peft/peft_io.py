@@ -20,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from jtrain.errors import CheckpointError, ConfigError
+from jtrain.jsonfile import read_json_object
 from jtrain.models import convert, safetensors_io
 from jtrain.peft.config import LoraConfig
 from jtrain.peft.lora import LoraModel, LoraTarget, apply_lora, module_name
@@ -126,11 +127,7 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     path = os.path.join(os.fspath(directory), ADAPTER_CONFIG)
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: no {ADAPTER_CONFIG} (not a PEFT adapter directory)")
-    try:
-        with open(path) as fh:
-            values = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    values = read_json_object(path, what="a PEFT adapter config", error=CheckpointError)
     if values.get("fan_in_fan_out") is None:
         values.pop("fan_in_fan_out", None)
     try:

@@ -17,6 +17,7 @@ import sys
 from typing import Any, Sequence
 
 from jtrain.errors import ConfigError
+from jtrain.jsonfile import read_json_object
 
 RENAMES = {
     "model_name_or_path": "model.model_name_or_path", "config_name": "model.config_name",
@@ -80,13 +81,7 @@ def parse_config_overrides(text: str) -> dict[str, Any]:
 
 def read_json_args(path: str) -> list[str]:
     """HF's `python run_x.py args.json`: one JSON object of argument -> value."""
-    try:
-        with open(path) as fh:
-            values = json.load(fh)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot read arguments from {path!r}: {err}") from err
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path!r} must hold a JSON object of arguments")
+    values = read_json_object(path, what="a JSON object of arguments")
     return [f"--{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in values.items()]
 
 
