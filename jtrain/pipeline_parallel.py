@@ -56,7 +56,8 @@ def with_pipeline_stages(model: Any, mesh: Mesh) -> Any:
 
     Refused, before compiling: a model without pipelining support, one whose layers are not
     scanned (pipelining needs the stacked [layers, ...] params that `scan_layers=True` gives;
-    the saved layout is then the same as any scanned model's).
+    the saved layout is then the same as any scanned model's), and a mixture-of-experts model
+    (its auxiliary loss reads every layer's router logits, which the GPipe schedule drops).
     """
     stages = dict(mesh.shape).get("stage", 1)
     if stages == 1:
@@ -68,6 +69,11 @@ def with_pipeline_stages(model: Any, mesh: Mesh) -> Any:
     if not cfg.scan_layers:
         raise ConfigError(f"pipeline parallelism (mesh axis 'stage' of size {stages}) needs stacked layers: set "
                           "`model.scan_layers: true` (or create_model(..., scan_layers=True))")
+    if getattr(cfg, "num_local_experts", 0):
+        raise ConfigError(f"pipeline parallelism (mesh axis 'stage' of size {stages}) does not support "
+                          f"mixture-of-experts models ({cfg.model_type}) yet: the router's load-balancing loss needs "
+                          "every layer's routing statistics, which the pipeline schedule does not carry; set `stage` "
+                          "to 1 and split the experts over `expert` (with data, fsdp and tensor) instead")
     return model.with_options(pipeline_stages=stages)
 
 

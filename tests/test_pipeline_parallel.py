@@ -7,6 +7,7 @@ hold only their own layers, and the stages hand activations on by collective-per
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -103,6 +104,16 @@ def test_microbatches_keep_rows_on_their_devices_and_round_trip():
     assert micro.shape == (4, 2, 3) and micro[1, :, 0].tolist() == [3, 15]  # rows 1 and 5: one per half
     np.testing.assert_array_equal(from_microbatches(micro), x)
     assert bubble_fraction(2, 4) == pytest.approx(1 / 5)
+
+
+def test_mixture_of_experts_is_refused_before_compiling(tmp_path):
+    """Mixtral's load-balancing loss needs every layer's router logits; the schedule does not carry them."""
+    model = create_model("mixtral", {**TINY_LLAMA, "num_hidden_layers": 2, "num_local_experts": 4,
+                                     "num_experts_per_tok": 2}, scan_layers=True)
+    trainer = Trainer(model, _args(tmp_path, PP_MESH), train_dataset=ArrayDataset(lm_rows(16, 8)))
+    with pytest.raises(ConfigError, match=r"does not support mixture-of-experts models \(mixtral\) yet.*`expert`"):
+        trainer.train()
+    assert not os.path.exists(tmp_path / "out" / "checkpoint-1")
 
 
 def test_layer_count_not_splitting_into_stages_is_refused(tmp_path):
