@@ -355,14 +355,13 @@ def _kernel_axes(specs: list[dict], path: tuple[str, ...], n_in: int, ndim: int)
     return spec[:n_in], spec[n_in:], stacked
 
 
-def _stack_size(model: Any, path: tuple[str, ...]) -> int:
-    """Leading (layers) dimension of the stacked base kernel at `path`."""
+def _float_kernel_shapes(model: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Module path -> shape of its float kernel, from the model inside any wrappers (a quantised
+    base stores its kernels in another form; the shapes that matter are the float ones)."""
     from jtrain.models.wrapper import innermost
 
-    node = innermost(model).abstract_params()
-    for p in path + ("kernel",):
-        node = node[p]
-    return int(node.shape[0])
+    flat = traverse_util.flatten_dict(innermost(model).abstract_params())
+    return {path[:-1]: tuple(leaf.shape) for path, leaf in flat.items() if path[-1] == "kernel"}
 
 
 def apply_lora(model: Any, config: LoraConfig | Mapping[str, Any], *, strict: bool = True) -> LoraModel:
@@ -382,11 +381,12 @@ def apply_lora(model: Any, config: LoraConfig | Mapping[str, Any], *, strict: bo
     wanted = cfg.targets_for(model_type)
     sites = dense_sites(model)
     specs = _kernel_specs(model)
+    kernel_shapes = _float_kernel_shapes(model)
     targets = []
     for path, (in_shape, out_shape) in sites.items():
         in_axes, out_axes, stacked = _kernel_axes(specs, path, len(in_shape), len(in_shape) + len(out_shape))
         target = LoraTarget(path, module_name(path), in_shape, out_shape, in_axes, out_axes,
-                            _stack_size(model, path) if stacked else 0)
+                            kernel_shapes[path][0] if stacked else 0)
         matched = [matches_target(name, wanted) for name in target.layer_names]
         if not any(matched):
             continue
