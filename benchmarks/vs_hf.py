@@ -199,11 +199,16 @@ def torch_matmul_peak(dtype: Any, n: int = 2048, repeats: int = 5) -> float:
 
 
 def hf_worker(a: argparse.Namespace, p: Preset) -> dict[str, Any]:
-    """One HF run; on `a.device` "gpu" it needs torch with CUDA (else it reports itself skipped)."""
-    import torch
-    import transformers
-
+    """One HF run; on `a.device` "gpu" it needs torch with CUDA and transformers (else it reports
+    itself skipped, so that a GPU machine without PyTorch still gets the jtrain numbers)."""
     gpu = getattr(a, "device", "cpu") == "gpu"
+    try:
+        import torch
+        import transformers
+    except ImportError as err:
+        if not gpu:
+            raise
+        return {"side": "hf", "skipped": f"no PyTorch HF stack here ({err})"}
     if gpu and not torch.cuda.is_available():
         return {"side": "hf", "skipped": f"torch {torch.__version__} has no CUDA device here"}
     torch.set_num_threads(bc.cores())

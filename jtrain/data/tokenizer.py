@@ -1,16 +1,19 @@
 """Tokenizers: load a fast `tokenizer.json`, or train a byte-level BPE on a local corpus.
 
 jtrain uses the `tokenizers` library directly (Rust, fast, no transformers needed at run time).
+It is imported when a tokenizer is made or loaded, not with `jtrain`: a training job on
+pre-tokenized arrays (a GPU benchmark, a research loop) needs only the JAX stack.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from jtrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 DEFAULT_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -19,6 +22,8 @@ def train_bpe_tokenizer(
     texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS
 ) -> Tokenizer:
     """A byte-level BPE (GPT-2 style) trained on `texts`; special tokens get the first ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -32,6 +37,8 @@ def train_bpe_tokenizer(
 
 def load_tokenizer(path: str) -> Tokenizer:
     """Load `tokenizer.json` (or a directory holding one), naming the file on failure."""
+    from tokenizers import Tokenizer
+
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise ConfigError(f"tokenizer file {file!r} not found: point `tokenizer_name` at a tokenizer.json "
