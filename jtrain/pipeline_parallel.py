@@ -56,8 +56,7 @@ def with_pipeline_stages(model: Any, mesh: Mesh) -> Any:
 
     Refused, before compiling: a model without pipelining support, one whose layers are not
     scanned (pipelining needs the stacked [layers, ...] params that `scan_layers=True` gives;
-    the saved layout is then the same as any scanned model's), and a mixture-of-experts model
-    (its auxiliary loss reads every layer's router logits, which the GPipe schedule drops).
+    the saved layout is then the same as any scanned model's).
     """
     stages = dict(mesh.shape).get("stage", 1)
     if stages == 1:
@@ -69,11 +68,6 @@ def with_pipeline_stages(model: Any, mesh: Mesh) -> Any:
     if not cfg.scan_layers:
         raise ConfigError(f"pipeline parallelism (mesh axis 'stage' of size {stages}) needs stacked layers: set "
                           "`model.scan_layers: true` (or create_model(..., scan_layers=True))")
-    if getattr(cfg, "num_local_experts", 0):
-        raise ConfigError(f"pipeline parallelism (mesh axis 'stage' of size {stages}) does not support "
-                          f"mixture-of-experts models ({cfg.model_type}) yet: the router's load-balancing loss needs "
-                          "every layer's routing statistics, which the pipeline schedule does not carry; set `stage` "
-                          "to 1 and split the experts over `expert` (with data, fsdp and tensor) instead")
     return model.with_options(pipeline_stages=stages)
 
 
@@ -98,13 +92,18 @@ def from_microbatches(x: jax.Array) -> jax.Array:
 
 def gpipe(stage_fn: StageFn, stage_params: Any, h: jax.Array, row_args: Any, *, stages: int,
           microbatches: int, constrain: Constrain | None = None,
-          h_logical: tuple = ("batch", "length", "embed")) -> jax.Array:
+          h_logical: tuple = ("batch", "length", "embed"), with_aux: bool = False) -> Any:
     """Run `stage_fn` as an S-stage GPipe pipeline over M micro-batches of `h` [B, ...].
 
     `stage_params` has a leading [S] dimension (see `split_stages`); `row_args` is a tree of
     per-row arrays [B, ...] (masks, positions) that travel with their micro-batch: each stage
     reads the rows of the micro-batch it holds. `constrain(x, logical)` pins the pipeline
     buffers to the mesh (stage dimension over `stage`), as the model's activation sharding does.
+
+    With `with_aux`, `stage_fn` returns `(h, aux)`, aux a tree of per-layer, per-row values
+    [L/S, b, ...] (a mixture-of-experts layer's router logits), and `gpipe` returns `(h, aux)`
+    with aux leaves [L, B, ...]: every layer's values for every row, as an unpipelined layer scan
+    would give them (bubble ticks dropped).
     """
     S, M = stages, microbatches
     pin = (lambda x, _: x) if constrain is None else constrain
@@ -120,9 +119,26 @@ def gpipe(stage_fn: StageFn, stage_params: Any, h: jax.Array, row_args: Any, *, 
         state_SbX = pin(jnp.where(is_first, x_bX[None], state_SbX), ("stage", *h_logical))
         micro_S = jnp.clip(t - stage_ids, 0, M - 1)  # bubble ticks read a valid row set, discarded later
         args_S = jax.tree.map(lambda a: a[micro_S], args_M)
-        out_SbX = pin(run_stages(stage_params, state_SbX, args_S, stage_ids, micro_S), ("stage", *h_logical))
-        return jnp.roll(out_SbX, 1, axis=0), out_SbX[S - 1]
+        out = run_stages(stage_params, state_SbX, args_S, stage_ids, micro_S)
+        out_SbX, aux_S = out if with_aux else (out, None)
+        out_SbX = pin(out_SbX, ("stage", *h_logical))
+        return jnp.roll(out_SbX, 1, axis=0), (out_SbX[S - 1], aux_S)
 
     init = jnp.zeros((S, *x_MbX.shape[1:]), x_MbX.dtype)
-    _, last_TbX = jax.lax.scan(tick, init, (feed_TbX, jnp.arange(M + S - 1)))
-    return from_microbatches(pin(last_TbX[S - 1:], (None, *h_logical)))
+    _, (last_TbX, aux_T) = jax.lax.scan(tick, init, (feed_TbX, jnp.arange(M + S - 1)))
+    h_out = from_microbatches(pin(last_TbX[S - 1:], (None, *h_logical)))
+    return (h_out, _aux_by_layer(aux_T, S, M)) if with_aux else h_out
+
+
+def _aux_by_layer(aux_T: Any, stages: int, microbatches: int) -> Any:
+    """Leaves [T, S, L/S, b, ...] collected per tick -> [L, B, ...]: stage s held micro-batch m at
+    tick m + s; its layers are s*L/S + j; the rows of micro-batch m go back to their batch order."""
+    m = jnp.arange(microbatches)[:, None]
+    s = jnp.arange(stages)[None, :]
+
+    def by_layer(a: jax.Array) -> jax.Array:
+        valid = jnp.moveaxis(a[m + s, s], 0, 2)  # [S, L/S, M, b, ...]
+        layers = valid.reshape(valid.shape[0] * valid.shape[1], *valid.shape[2:])  # [L, M, b, ...]
+        return jax.vmap(from_microbatches)(layers)
+
+    return jax.tree.map(by_layer, aux_T)

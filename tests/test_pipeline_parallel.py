@@ -7,7 +7,6 @@ hold only their own layers, and the stages hand activations on by collective-per
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
@@ -37,7 +36,7 @@ def _model(layers: int = LAYERS):
 
 
 def _args(tmp_path, mesh_shape):
-    dp = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+    dp = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1) * mesh_shape.get("expert", 1)  # the batch axes
     return TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=GLOBAL_MICRO // dp,
         gradient_accumulation_steps=ACCUM, learning_rate=1e-2, logging_steps=STEPS, save_strategy="no",
@@ -106,14 +105,27 @@ def test_microbatches_keep_rows_on_their_devices_and_round_trip():
     assert bubble_fraction(2, 4) == pytest.approx(1 / 5)
 
 
-def test_mixture_of_experts_is_refused_before_compiling(tmp_path):
-    """Mixtral's load-balancing loss needs every layer's router logits; the schedule does not carry them."""
-    model = create_model("mixtral", {**TINY_LLAMA, "num_hidden_layers": 2, "num_local_experts": 4,
-                                     "num_experts_per_tok": 2}, scan_layers=True)
-    trainer = Trainer(model, _args(tmp_path, PP_MESH), train_dataset=ArrayDataset(lm_rows(16, 8)))
-    with pytest.raises(ConfigError, match=r"does not support mixture-of-experts models \(mixtral\) yet.*`expert`"):
-        trainer.train()
-    assert not os.path.exists(tmp_path / "out" / "checkpoint-1")
+def test_mixture_of_experts_trains_through_the_pipeline_like_one_device(tmp_path):
+    """Mixtral's aux loss reads every layer's router logits: the schedule returns each stage's sown
+    logits per tick, drops the bubble ticks and restores layer and row order, so the loss (with the
+    aux loss in it) and the routing statistics are the single-device ones (LOSS_RTOL)."""
+    config = {**TINY_LLAMA, "num_hidden_layers": LAYERS, "num_local_experts": 4, "num_experts_per_tok": 2,
+              "output_router_logits": True, "router_aux_loss_coef": 0.1}
+
+    def model():
+        return create_model("mixtral", config, scan_layers=True)
+
+    params = jax.device_get(model().init(jax.random.key(0)))
+    single, reference = _train(tmp_path / "single", {"data": 1}, params, model())
+    for mesh in (PP_MESH, {"stage": 2, "expert": 2, "tensor": 2}):
+        trainer, losses = _train(tmp_path / "-".join(map(str, mesh.values())), mesh, params, model())
+        np.testing.assert_allclose(losses, reference, rtol=LOSS_RTOL, err_msg=str(mesh))
+        logs = [{k: v for k, v in e.items() if k.startswith("moe_")} for e in trainer.state.log_history if "loss" in e]
+        want = [{k: v for k, v in e.items() if k.startswith("moe_")} for e in single.state.log_history if "loss" in e]
+        assert logs and logs[0] and logs[0].keys() == want[0].keys()
+        for got, ref in zip(logs, want):
+            np.testing.assert_allclose([got[k] for k in ref], list(ref.values()), rtol=LOSS_RTOL, err_msg=str(mesh))
+    assert losses[-1] < losses[0]
 
 
 def test_layer_count_not_splitting_into_stages_is_refused(tmp_path):

@@ -172,23 +172,32 @@ def _run_pipelined(scanned: nn.Module, cls: type[nn.Module], cfg: Any, train: bo
     base_rng = scanned.make_rng("dropout") if train and scanned.has_rng("dropout") else None
     layer = cls(cfg, train, parent=None)  # unbound: applied as a pure function of one layer's params
 
-    def stage_fn(params: Any, h_stage: jax.Array, rows: tuple, stage: jax.Array, micro_idx: jax.Array) -> jax.Array:
+    def stage_fn(params: Any, h_stage: jax.Array, rows: tuple, stage: jax.Array, micro_idx: jax.Array):
         it = iter(rows)
         layer_args = tuple(next(it) if r else a for a, r in zip(args, per_row))
 
-        def one(h_in: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
+        def one(h_in: jax.Array, xs: tuple) -> tuple[jax.Array, Any]:
             layer_params, j = xs
             idx = stage * per_stage + j
             rngs = None if base_rng is None else {"dropout": jax.random.fold_in(jax.random.fold_in(base_rng, idx),
                                                                                 micro_idx)}
-            return layer.apply({"params": layer_params}, h_in, idx, *layer_args, rngs=rngs), None
+            out, state = layer.apply({"params": layer_params}, h_in, idx, *layer_args, rngs=rngs,
+                                     mutable=["intermediates"])
+            return out, state.get("intermediates", {})
 
-        return jax.lax.scan(one, h_stage, (params, jnp.arange(per_stage)))[0]
+        return jax.lax.scan(one, h_stage, (params, jnp.arange(per_stage)))
 
     sharding = getattr(cfg, "activation_sharding", None)
     stacked = scanned.variables["params"]["layer"]
-    return gpipe(stage_fn, split_stages(stacked, stages), h, row_args, stages=stages, microbatches=micro,
-                 constrain=sharding)
+    h, sown = gpipe(stage_fn, split_stages(stacked, stages), h, row_args, stages=stages, microbatches=micro,
+                    constrain=sharding, with_aux=True)
+    # What the layers sowed (a mixture-of-experts block's router logits, [layers, B, ...] now, as the
+    # plain scan stacks them) is sown again by the module that called run_layers, under the same
+    # names, so the model reads it as it does without a pipeline (a no-op unless it asked for it).
+    for path, leaf in jax.tree_util.tree_flatten_with_path(sown)[0]:
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        scanned.parent.sow("intermediates", names[-1], leaf)
+    return h
 
 
 def positions_within_segments(segment_ids_BL: jax.Array) -> jax.Array:
