@@ -75,8 +75,9 @@ class DataSection:
                           "sft (causal LM on prompt/completion pairs, loss on the completion only).")
     source: str = _f("stdlib", "stdlib (no download: Python's own source for clm, docstrings labelled by package "
                                "for classification, docstrings for mlm, docstring -> signature for sft) | files.")
-    train_file: str | None = _f(None, "Training file (.txt, .json, .jsonl, .csv, .parquet) when source=files.")
-    validation_file: str | None = _f(None, "Validation file when source=files.")
+    train_file: str | None = _f(None, "Training file (.txt, .json, .jsonl, .csv, .parquet) when source=files, or "
+                                      "a directory written by datasets' save_to_disk (a DatasetDict's: dir/train).")
+    validation_file: str | None = _f(None, "Validation file (or saved-dataset directory) when source=files.")
     test_file: str | None = _f(None, "Test file for do_predict when source=files.")
     text_column: str = _f("text", "Column that holds the text.")
     text_columns: list[str] | None = _f(None, "classification: one or two text columns (a pair); default "

@@ -114,3 +114,33 @@ def test_peft_target_in_some_scanned_layers_only_is_refused(files, capsys):
                 files / "out")
     assert "selects `bert.encoder.layer.0.attention.self.query` but not `bert.encoder.layer.1.attention.self.query`" in err
     assert "scan_layers" in err
+
+
+def _saved_dataset_dict(files):
+    import datasets
+
+    rows = [{"sentence": f"text number {i}", "category": "ab"[i % 2]} for i in range(20)]
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:16]),
+                                   "validation": datasets.Dataset.from_list(rows[16:])})
+    splits.save_to_disk(str(files / "saved"))
+    return files / "saved"
+
+
+def test_saved_dataset_splits_train_and_evaluate(files, capsys):
+    """`datasets`' save_to_disk directories are data files too: each split is `<dir>/<split>`."""
+    saved = _saved_dataset_dict(files)
+    argv = classification(files, "--train_file", str(saved / "train"), "--validation_file", str(saved / "validation"),
+                          "--do_eval", "true", "--disable_tqdm", "true", "--report_to", "[]")
+    assert main(argv) == 0
+    results = json.loads((files / "out" / "all_results.json").read_text())
+    assert results["train_samples"] == 16 and "eval_loss" in results
+
+
+def test_saved_dataset_dict_root_and_other_directories_are_refused(files, capsys):
+    saved = _saved_dataset_dict(files)
+    capsys.readouterr()  # datasets' progress bars while saving
+    err = fails(capsys, classification(files, "--train_file", str(saved)), files / "out")
+    assert "holds a saved DatasetDict with splits ['train', 'validation']" in err and f"{saved}/train" in err
+    (files / "plain").mkdir()
+    err = fails(capsys, classification(files, "--train_file", str(files / "plain")), files / "out")
+    assert "not one written by datasets' save_to_disk" in err

@@ -21,6 +21,7 @@ from jtrain.data.collators import default_length_buckets
 from jtrain.data.files import FORMATS
 from jtrain.data.loader import ArrayDataset
 from jtrain.errors import ConfigError, DataError
+from jtrain.jsonfile import read_json_object
 
 
 @dataclass(frozen=True)
@@ -71,16 +72,22 @@ TokenizerFactory = Callable[[Sequence[str]], Tokenizer]
 
 def read_table(path: str, columns: Sequence[str], what: str = "data file",
                optional: Sequence[str] = ()) -> dict[str, list]:
-    """The named columns (and those of `optional` that exist) of one local file, via `datasets`.
+    """The named columns (and those of `optional` that exist) of one local file, or of a directory
+    written by `datasets`' `Dataset.save_to_disk` (one split of a saved `DatasetDict` is its
+    `<dir>/<split>` subdirectory), via `datasets`.
 
     Errors name the file, the missing column and the columns the file has.
     """
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        ds = _load_saved(path, what)
+    elif not os.path.isfile(path):
         raise DataError(f"{what} {path!r} not found")
-    fmt = FORMATS.get(os.path.splitext(path)[1].lower())
-    if fmt is None:
-        raise DataError(f"{what} {path!r}: unknown extension; use one of {sorted(FORMATS)}")
-    ds = _load_quietly(fmt, path)
+    else:
+        fmt = FORMATS.get(os.path.splitext(path)[1].lower())
+        if fmt is None:
+            raise DataError(f"{what} {path!r}: unknown extension; use one of {sorted(FORMATS)}, or a directory "
+                            "written by datasets' save_to_disk")
+        ds = _load_quietly(fmt, path)
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise DataError(f"{path!r} has no column {missing[0]!r} (needed by this task); its columns are "
@@ -88,6 +95,24 @@ def read_table(path: str, columns: Sequence[str], what: str = "data file",
     if len(ds) == 0:
         raise DataError(f"{path!r} holds no rows")
     return {c: ds[c] for c in list(columns) + [c for c in optional if c in ds.column_names]}
+
+
+def _load_saved(path: str, what: str) -> Any:
+    """A `Dataset.save_to_disk` directory; a whole saved DatasetDict is refused naming its splits."""
+    dict_file = os.path.join(path, "dataset_dict.json")
+    if os.path.isfile(dict_file):
+        splits = read_json_object(dict_file, what="a saved DatasetDict's index", error=DataError).get("splits", [])
+        raise DataError(f"{what} {path!r} holds a saved DatasetDict with splits {list(splits)}: point the option at "
+                        f"one split's directory, e.g. {os.path.join(path, str(splits[0]) if splits else 'train')!r}")
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        raise DataError(f"{what} {path!r} is a directory but not one written by datasets' save_to_disk (no "
+                        "state.json); give a file (.txt .json .jsonl .csv .parquet) or such a directory")
+    import datasets
+
+    try:
+        return datasets.load_from_disk(path)
+    except Exception as err:  # a damaged arrow file or state.json: name the directory
+        raise DataError(f"cannot read the saved dataset {path!r}: {str(err).splitlines()[0]}") from err
 
 
 def _load_quietly(fmt: str, path: str) -> Any:
