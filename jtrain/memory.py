@@ -306,18 +306,32 @@ class StepPlanResult:
     probes: dict[int, MemoryEstimate | None] = field(default_factory=dict)  # batch -> estimate, all tried
 
 
+def longest_batch(host_batch: dict, length: int | None) -> dict | None:
+    """`host_batch` ([k, rows, L, ...] token arrays) padded to `length` tokens, for planning memory
+    at the longest padded length a run can meet; None when that is not longer than the batch's."""
+    ids = host_batch.get("input_ids")
+    if length is None or ids is None or ids.ndim < 3 or length <= ids.shape[2]:
+        return None
+    L = ids.shape[2]
+    widths = lambda v: [(0, 0)] * 2 + [(0, length - L)] + [(0, 0)] * (v.ndim - 3)
+    return {k: np.pad(v, widths(v)) if v.ndim >= 3 and v.shape[2] == L else v for k, v in host_batch.items()}
+
+
 def plan_train_step(steps: Any, host_batch: dict, per_device_batch: int, data_parallel: int, *,
-                    budget: int | None, auto_find: bool) -> StepPlanResult:
+                    budget: int | None, auto_find: bool, longest: dict | None = None) -> StepPlanResult:
     """Compile the train step on abstract inputs, log its memory estimate, refuse or shrink it.
 
     With `auto_find` (HF's `auto_find_batch_size`) a batch that does not fit is searched down
     (`largest_fitting`) from the compiler's estimates of smaller batches, compiled with an
     uncounted twin of the step (`steps.probe_train_step`); no step ever runs out of memory.
+    `longest` (see `longest_batch`): when batches are padded to several lengths, the decision is
+    made at the longest one (with the twin), so that no later, longer batch runs out of memory;
+    the first batch's shape is still compiled, for the run and its FLOP count.
     """
     limit, source = device_memory_limit(budget)
 
-    def compile_at(n: int, jitted: Any) -> tuple[Any, MemoryEstimate | None]:
-        batch = steps.abstract_train_batch(host_batch, rows=n * data_parallel)
+    def compile_at(n: int, jitted: Any, host: dict = host_batch) -> tuple[Any, MemoryEstimate | None]:
+        batch = steps.abstract_train_batch(host, rows=n * data_parallel)
         try:
             compiled = jitted.lower(steps.abstract_state, batch).compile()
         except ValueError as err:  # XLA:CPU has no float16 x float16 -> float32 matmul
@@ -326,11 +340,15 @@ def plan_train_step(steps: Any, host_batch: dict, per_device_batch: int, data_pa
             raise ConfigError(f"fp16 is not supported by this backend ({jax.default_backend()}): {err}. "
                               "Use bf16=true instead (or run fp16 on a GPU)") from err
         estimate = MemoryEstimate.from_compiled(compiled)
-        logger.info("train step at per_device_train_batch_size=%d: %s; device memory %s (%s)", n,
+        length = f", rows of {host['input_ids'].shape[2]} tokens" if "input_ids" in host and host["input_ids"].ndim >= 3 else ""
+        logger.info("train step at per_device_train_batch_size=%d%s: %s; device memory %s (%s)", n, length,
                     estimate.describe() if estimate else "no estimate from this backend", fmt_bytes(limit), source)
         return compiled, estimate
 
     compiled, estimate = compile_at(per_device_batch, steps.train_step)
+    planned = host_batch if longest is None else longest
+    if longest is not None:
+        estimate = compile_at(per_device_batch, steps.probe_train_step, longest)[1]
     if fits(estimate, limit):
         return StepPlanResult(per_device_batch, compiled, estimate, limit, source, {per_device_batch: estimate})
     if not auto_find:
@@ -339,7 +357,7 @@ def plan_train_step(steps: Any, host_batch: dict, per_device_batch: int, data_pa
 
     def fits_at(n: int) -> bool:
         if n not in estimates:
-            estimates[n] = compile_at(n, steps.probe_train_step)[1]
+            estimates[n] = compile_at(n, steps.probe_train_step, planned)[1]
         return fits(estimates[n], limit)
 
     found = largest_fitting(fits_at, per_device_batch)

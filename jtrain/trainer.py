@@ -185,7 +185,8 @@ class Trainer:
         if self.steps is not None:
             return
         from jtrain.compiled import use_compilation_cache
-        from jtrain.memory import plan_train_step, remat_policy_from_args, tracker_for, with_gradient_checkpointing
+        from jtrain.memory import (longest_batch, plan_train_step, remat_policy_from_args, tracker_for,
+                                   with_gradient_checkpointing)
         from jtrain.precision import policy_from_args
 
         a, tracker = self.args, tracker_for(self)
@@ -208,7 +209,8 @@ class Trainer:
             if train_loader is not None:
                 first = train_loader.shape_probe()
                 plan = plan_train_step(self.steps, first, a.per_device_train_batch_size, data_parallel_size(self.mesh),
-                                       budget=a.max_device_memory_bytes, auto_find=a.auto_find_batch_size)
+                                       budget=a.max_device_memory_bytes, auto_find=a.auto_find_batch_size,
+                                       longest=longest_batch(first, self._longest_padded_length()))
                 if plan.per_device_batch != a.per_device_train_batch_size:
                     self.args = a = a.replace(per_device_train_batch_size=plan.per_device_batch)
                     if own_schedule:
@@ -228,6 +230,12 @@ class Trainer:
             raise
         self._initial_params = None
         self._init_memory_metrics = tracker.stop("init")
+
+    def _longest_padded_length(self) -> int | None:
+        """The longest length training batches can be padded to, when they take several (length
+        buckets of the collator or of `args.length_buckets`); None when every batch has one shape."""
+        buckets = getattr(self.data_collator, "length_buckets", None) or self.args.length_buckets
+        return max(int(b) for b in buckets) if buckets else None
 
     def _training_model(self) -> Model:
         """The model the compiled steps run: `self.model` plus training-only transforms (NEFTune)."""

@@ -123,3 +123,40 @@ def test_memory_metrics_per_phase(tmp_path):
     eval_metrics = trainer.evaluate()
     assert 0 < eval_metrics["eval_mem_device_peak_estimate"] < metrics["train_mem_device_peak_estimate"]
     assert isinstance(eval_metrics["eval_mem_cpu_alloc_delta"], int)
+
+
+def _two_length_rows():
+    """16 short rows (8 tokens) first, then 16 long ones (40): with buckets (16, 64) the first batch
+    is padded to 16 tokens and the later ones to 64."""
+    rng = np.random.default_rng(0)
+    return [{"input_ids": rng.integers(1, 64, size=8 if i < 16 else 40).tolist()} for i in range(32)]
+
+
+def test_memory_is_planned_at_the_longest_padded_length(tmp_path):
+    """A budget that the first (short) batch fits but the longest bucket does not: refused before any
+    state exists, and auto_find_batch_size picks a batch that fits the longest rows."""
+    from jtrain.data.collators import DataCollatorForLanguageModeling
+    from jtrain.memory import MemoryEstimate
+
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, mlm=False, length_buckets=(16, 64))
+    kw = dict(train_sampling_strategy="sequential", remove_unused_columns=False)
+    probe = Trainer(tiny_llama(), _args(tmp_path / "probe", **kw), data_collator=collator,
+                    train_dataset=_two_length_rows())
+    loader, _ = probe._plan()
+    probe._setup(2, train_loader=loader)
+    assert loader.shape_probe()["input_ids"].shape[-1] == 16  # the first batch is short
+    short = MemoryEstimate.from_compiled(probe._step_plan.compiled)  # the first batch's executable
+    long = probe._step_plan.estimate  # what the plan decided on
+    assert long.peak > short.peak
+    budget = (short.peak + long.peak) // 2
+    refused = Trainer(tiny_llama(), _args(tmp_path / "refused", max_device_memory_bytes=budget, **kw),
+                      data_collator=collator, train_dataset=_two_length_rows())
+    with pytest.raises(ConfigError, match="per_device_train_batch_size"):
+        refused.train()
+    assert refused.train_state is None
+    auto = Trainer(tiny_llama(), _args(tmp_path / "auto", max_device_memory_bytes=budget, auto_find_batch_size=True,
+                                       **kw), data_collator=collator, train_dataset=_two_length_rows())
+    out = auto.train()
+    found = auto.args.per_device_train_batch_size
+    assert 1 <= found < 8 and auto._step_plan.probes[found].peak <= budget
+    assert np.isfinite(out.training_loss)
