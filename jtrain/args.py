@@ -92,6 +92,10 @@ class TrainingArguments:
     train_sampling_strategy: str = _f("random", "random | sequential | group_by_length.")
     report_to: list[str] = _f(["none"], "Loggers: none | jsonl | tensorboard | wandb | mlflow | all.")
     resume_from_checkpoint: str | None = _f(None, "Checkpoint to resume from ('true' = latest).")
+    activation_checkpointing: bool | None = _f(None, "transformers 5's name for gradient_checkpointing (either "
+                                                     "name sets both).")
+    activation_checkpointing_kwargs: dict | None = _f(None, "transformers 5's name for "
+                                                            "gradient_checkpointing_kwargs.")
     gradient_checkpointing: bool = _f(False, "Rematerialise each layer's activations in the backward pass.")
     gradient_checkpointing_kwargs: dict | None = _f(None, "Remat policy: {policy: full | dots_saveable | "
                                                     "nothing_saveable | ...} (default full).")
@@ -112,6 +116,7 @@ class TrainingArguments:
                                              "auto_find_batch_size); the device's own limit applies too.")
 
     def __post_init__(self) -> None:
+        _resolve_checkpointing_names(self)
         _validate(self)
 
     # ---- derived values -------------------------------------------------------------
@@ -129,6 +134,9 @@ class TrainingArguments:
         return int(warmup)
 
     def replace(self, **changes: Any) -> "TrainingArguments":
+        for new, old in _CHECKPOINTING_NAMES:  # one name of a pair changes both
+            if (new in changes) != (old in changes):
+                changes[new] = changes[old] = changes[new] if new in changes else changes[old]
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -138,6 +146,25 @@ class TrainingArguments:
     def from_dict(cls, values: Mapping[str, Any], section: str = "training") -> "TrainingArguments":
         """Build from a loosely typed mapping; unknown keys and bad types raise ConfigError."""
         return build_dataclass(cls, values, section)
+
+
+_CHECKPOINTING_NAMES = (("activation_checkpointing", "gradient_checkpointing"),
+                        ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"))
+
+
+def _resolve_checkpointing_names(a: TrainingArguments) -> None:
+    """transformers 5 names gradient checkpointing `activation_checkpointing(_kwargs)` and keeps
+    `gradient_checkpointing(_kwargs)` as deprecated aliases: either name sets both here, so
+    a config written for transformers 4 or 5 means the same; two different values are refused."""
+    defaults = {"gradient_checkpointing": False, "gradient_checkpointing_kwargs": None}
+    for new, old in _CHECKPOINTING_NAMES:
+        value, alias = getattr(a, new), getattr(a, old)
+        if value is None:
+            value = alias
+        elif alias != defaults[old] and alias != value:
+            raise ConfigError(f"`{new}`={value!r} and its older name `{old}`={alias!r} disagree: set only one")
+        object.__setattr__(a, new, value)
+        object.__setattr__(a, old, value)
 
 
 def _validate(a: TrainingArguments) -> None:

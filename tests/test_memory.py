@@ -54,6 +54,26 @@ def test_gradient_checkpointing_args_map_to_a_policy():
         remat_policy_from_args(True, {"preserve": True})
 
 
+def test_activation_checkpointing_is_transformers_5s_name_for_gradient_checkpointing(tmp_path):
+    """transformers 5 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs) and
+    kept the old names as aliases: either name sets both (also through `replace` and a config mapping),
+    two different values are refused."""
+    new = TrainingArguments(output_dir=str(tmp_path), activation_checkpointing=True,
+                            activation_checkpointing_kwargs={"policy": "dots_saveable"})
+    assert new.gradient_checkpointing is True and new.gradient_checkpointing_kwargs == {"policy": "dots_saveable"}
+    old = TrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=True)
+    assert old.activation_checkpointing is True
+    assert TrainingArguments(output_dir=str(tmp_path)).activation_checkpointing is False
+    assert old.replace(gradient_checkpointing=False).activation_checkpointing is False
+    assert old.replace(activation_checkpointing=False).gradient_checkpointing is False
+    assert TrainingArguments.from_dict({"output_dir": "o", "activation_checkpointing": "true"}).gradient_checkpointing
+    with pytest.raises(ConfigError, match="`activation_checkpointing`=False and its older name "
+                                          "`gradient_checkpointing`=True disagree"):
+        TrainingArguments(output_dir=str(tmp_path), activation_checkpointing=False, gradient_checkpointing=True)
+    with pytest.raises(ConfigError, match="policy 'dots' is unknown"):
+        TrainingArguments(output_dir=str(tmp_path), activation_checkpointing_kwargs={"policy": "dots"})
+
+
 def test_largest_fitting_matches_a_linear_scan():
     for start in range(1, 20):
         for limit in range(25):

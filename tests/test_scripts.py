@@ -33,7 +33,8 @@ def test_run_clm_arguments_resolve_like_jtrain_run(tmp_path):
           str(tmp_path / "t.txt"), "--text_column_name", "body", "--block_size", "64", "--do_train", "--do_eval",
           "--output_dir", "out", "--learning_rate", "3e-4", "--per_device_train_batch_size", "4", "--num_train_epochs",
           "2", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1", "--save_total_limit", "1", "--bf16",
-          "--cache_dir", "x", "--preprocessing_num_workers", "4", "--ddp_timeout", "60"]
+          "--cache_dir", "x", "--preprocessing_num_workers", "4", "--ddp_timeout", "60",
+          "--activation_checkpointing"]
     translated, notes = translate("clm", hf)
     ours = resolved(translated)
     direct = resolved(["--data.task", "clm", "--source", "files", "--model_name_or_path", str(tmp_path),
@@ -41,8 +42,8 @@ def test_run_clm_arguments_resolve_like_jtrain_run(tmp_path):
                        "--text_column", "body", "--block_size", "64", "--do_train", "--do_eval", "--do_predict",
                        "false", "--output_dir", "out", "--learning_rate", "3e-4", "--per_device_train_batch_size", "4",
                        "--num_train_epochs", "2", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1",
-                       "--save_total_limit", "1", "--bf16"])
-    assert ours == direct
+                       "--save_total_limit", "1", "--bf16", "--gradient_checkpointing", "true"])
+    assert ours == direct and ours.training.activation_checkpointing  # transformers 5's name is honoured
     assert [n.split()[0] for n in notes] == ["--cache_dir", "--preprocessing_num_workers", "--ddp_timeout"]
 
 

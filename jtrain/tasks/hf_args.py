@@ -55,7 +55,7 @@ IGNORED = {
                      "average_tokens_across_devices", "eval_do_concat_batches", "eval_use_gather_object",
                      "full_determinism", "log_level_replica", "log_on_each_node", "save_on_each_node",
                      "parallelism_config", "ignore_data_skip", "restore_callback_states_from_checkpoint",
-                     "batch_eval_metrics", "activation_checkpointing", "activation_checkpointing_kwargs"), _TORCH),
+                     "batch_eval_metrics"), _TORCH),
     **dict.fromkeys(("hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
                      "hub_revision", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id"),
                     "jtrain never uploads"),
