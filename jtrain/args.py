@@ -99,6 +99,8 @@ class TrainingArguments:
     gradient_checkpointing: bool = _f(False, "Rematerialise each layer's activations in the backward pass.")
     gradient_checkpointing_kwargs: dict | None = _f(None, "Remat policy: {policy: full | dots_saveable | "
                                                     "nothing_saveable | ...} (default full).")
+    restore_callback_states_from_checkpoint: bool = _f(False, "On resume, give stateful callbacks (early-stopping "
+                                                              "patience, ...) the state saved in the checkpoint.")
     include_num_input_tokens_seen: bool = _f(False, "Track num_input_tokens_seen in the state.")
     neftune_noise_alpha: float | None = _f(None, "NEFTune embedding noise (training only).")
     label_smoothing_factor: float = _f(0.0, "Label smoothing of the cross-entropy.")

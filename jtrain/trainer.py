@@ -325,7 +325,10 @@ class Trainer:
         return LoaderPosition(int(loader_state["epoch"]), int(loader_state["batch_index"]))
 
     def _load_callback_state(self) -> None:
-        """As HF: stateful callbacks (early-stopping patience, ...) continue where they were."""
+        """As HF: with `restore_callback_states_from_checkpoint`, stateful callbacks (early-stopping
+        patience, ...) continue where they were; without it (HF's default) they start afresh."""
+        if not self.args.restore_callback_states_from_checkpoint:
+            return
         saved = self.state.stateful_callbacks or {}
         for callback in self.callback_handler.callbacks:
             entry = saved.get(type(callback).__name__) if isinstance(callback, ExportableState) else None

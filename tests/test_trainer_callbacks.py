@@ -36,6 +36,21 @@ def test_early_stopping_with_patience_2_stops_when_metric_stalls(tmp_path):
     assert stopper.early_stopping_patience_counter == 2
 
 
+def test_callback_state_is_restored_on_resume_only_when_asked(tmp_path):
+    """HF's restore_callback_states_from_checkpoint: the checkpoint at step 4 saved a patience counter
+    of 1; resuming from it with the flag continues from 1 (and stops one evaluation earlier), without
+    it (HF's default) the counter starts at 0."""
+    kw = dict(max_steps=20, metric_for_best_model="eval_loss", load_best_model_at_end=True, save_strategy="steps",
+              save_steps=2)
+    first = EarlyStoppingCallback(early_stopping_patience=3, early_stopping_threshold=100.0)
+    _trainer(tmp_path, [first], **kw).train()  # evals at 2 (best), 4, 6, 8 (stall 3 -> stop at 8)
+    checkpoint = str(tmp_path / "out" / "checkpoint-4")
+    for restore, stops_at in ((True, 8), (False, 10)):
+        stopper = EarlyStoppingCallback(early_stopping_patience=3, early_stopping_threshold=100.0)
+        trainer = _trainer(tmp_path / str(restore), [stopper], restore_callback_states_from_checkpoint=restore, **kw)
+        assert trainer.train(resume_from_checkpoint=checkpoint).global_step == stops_at, restore
+
+
 def test_reduce_lr_on_plateau_changes_lr_without_recompiling(tmp_path):
     trainer = _trainer(tmp_path, lr_scheduler_type="reduce_lr_on_plateau", metric_for_best_model="eval_loss",
                        lr_scheduler_kwargs={"patience": 0, "factor": 0.5, "threshold": 100.0,
