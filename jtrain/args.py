@@ -101,7 +101,9 @@ class TrainingArguments:
                                                     "nothing_saveable | ...} (default full).")
     restore_callback_states_from_checkpoint: bool = _f(False, "On resume, give stateful callbacks (early-stopping "
                                                               "patience, ...) the state saved in the checkpoint.")
-    include_num_input_tokens_seen: bool = _f(False, "Track num_input_tokens_seen in the state.")
+    include_num_input_tokens_seen: str | bool = _f("no", "Count input tokens in state.num_input_tokens_seen (and the "
+                                                         "logs): no | all (padding included) | non_padding "
+                                                         "(attention-mask ones); true means all, as in HF 5.")
     neftune_noise_alpha: float | None = _f(None, "NEFTune embedding noise (training only).")
     label_smoothing_factor: float = _f(0.0, "Label smoothing of the cross-entropy.")
     eval_on_start: bool = _f(False, "Evaluate once before the first update.")
@@ -119,6 +121,7 @@ class TrainingArguments:
 
     def __post_init__(self) -> None:
         _resolve_checkpointing_names(self)
+        _resolve_token_counting(self)
         _validate(self)
 
     # ---- derived values -------------------------------------------------------------
@@ -167,6 +170,19 @@ def _resolve_checkpointing_names(a: TrainingArguments) -> None:
             raise ConfigError(f"`{new}`={value!r} and its older name `{old}`={alias!r} disagree: set only one")
         object.__setattr__(a, new, value)
         object.__setattr__(a, old, value)
+
+
+_TOKEN_COUNTING = {True: "all", False: "no", "true": "all", "false": "no", "all": "all", "no": "no",
+                   "non_padding": "non_padding"}
+
+
+def _resolve_token_counting(a: TrainingArguments) -> None:
+    """HF 5's `include_num_input_tokens_seen` is one of no | all | non_padding, with booleans meaning all/no."""
+    value = a.include_num_input_tokens_seen
+    key = value.strip().lower() if isinstance(value, str) else value
+    if key not in _TOKEN_COUNTING:
+        raise ConfigError(f"`include_num_input_tokens_seen` must be no, all, non_padding or a boolean, got {value!r}")
+    object.__setattr__(a, "include_num_input_tokens_seen", _TOKEN_COUNTING[key])
 
 
 def _validate(a: TrainingArguments) -> None:

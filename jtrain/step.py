@@ -126,6 +126,7 @@ def make_train_step(
             loss_scale=new_scaler,
         )
         metrics = {
+            **_input_token_counts(batch),
             "loss": loss,
             "grad_norm": grad_norm,
             "learning_rate": _learning_rate(lr_schedule, state.step) * state.lr_factor,
@@ -138,6 +139,18 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _input_token_counts(batch: Batch) -> dict:
+    """The step's input tokens, padding included and not (HF's `include_num_input_tokens_seen` all /
+    non_padding), counted on the global batch so every process sees the same numbers."""
+    ids = batch.get("input_ids")
+    if ids is None:
+        return {}
+    total = jnp.float32(ids.size)
+    mask = batch.get("attention_mask")
+    return {"input_tokens": total,
+            "non_padding_tokens": total if mask is None else jnp.sum(mask, dtype=jnp.float32)}
 
 
 def _learning_rate(schedule: Callable | float | None, step: jax.Array) -> jax.Array:

@@ -113,8 +113,10 @@ class _Run:
             t.control = h.on_substep_end(t.args, t.state, t.control, metrics=m, step=step)
         t.control = h.on_pre_optimizer_step(t.args, t.state, t.control, metrics=m, step=step)
         t.control = h.on_optimizer_step(t.args, t.state, t.control, metrics=m, step=step)
-        if t.args.include_num_input_tokens_seen:
-            t.state.num_input_tokens_seen = self.tokens_seen
+        counting = t.args.include_num_input_tokens_seen  # "no" | "all" | "non_padding"
+        if counting != "no":  # carried in TrainerState, so a resumed run continues the count
+            t.state.num_input_tokens_seen += int(m.get("input_tokens" if counting == "all" else "non_padding_tokens",
+                                                       m["num_tokens"]))
         if log_due:
             self.log(m, step)
         self.last_metrics = m

@@ -375,6 +375,8 @@ class Trainer:
         logs = dict(logs)
         if self.state.epoch is not None:
             logs["epoch"] = round(float(self.state.epoch), 4)
+        if self.args.include_num_input_tokens_seen != "no":
+            logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs=logs)
 

@@ -106,6 +106,32 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         assert json.load(fh) == {"epoch": 0, "batch_index": 4}
 
 
+def test_num_input_tokens_seen_counts_as_hf_and_survives_a_resume(tmp_path):
+    """HF 5's include_num_input_tokens_seen: `all` counts every input token (padding too), `non_padding`
+    the attention-mask ones; the count is logged and, kept in TrainerState, continues after a resume."""
+    rows = lm_rows(48, 16)
+    rows["attention_mask"][:, 12:] = 0  # 4 padding positions per row
+    data = ArrayDataset(rows)
+    steps, batch = 8, 4
+    for mode, per_row in (("all", 16), ("non_padding", 12), (True, 16)):
+        trainer = Trainer(tiny_llama(), _args(tmp_path / str(mode), max_steps=steps,
+                                              include_num_input_tokens_seen=mode), train_dataset=data)
+        trainer.train()
+        assert trainer.state.num_input_tokens_seen == steps * batch * per_row, mode
+        logged = [e["num_input_tokens_seen"] for e in trainer.state.log_history if "loss" in e]
+        assert logged == [2 * i * batch * per_row for i in range(1, steps // 2 + 1)], (mode, logged)
+    part = _args(tmp_path / "part", max_steps=steps, save_strategy="steps", save_steps=4,
+                 include_num_input_tokens_seen="all")
+    Trainer(tiny_llama(), part, train_dataset=data, callbacks=[_StopAt(5)]).train()
+    resumed = Trainer(tiny_llama(), part.replace(save_strategy="no"), train_dataset=data)
+    resumed.train(resume_from_checkpoint=os.path.join(part.output_dir, "checkpoint-4"))
+    assert resumed.state.num_input_tokens_seen == steps * batch * 16
+    untracked = Trainer(tiny_llama(), _args(tmp_path / "no", max_steps=2), train_dataset=data)
+    untracked.train()
+    assert untracked.state.num_input_tokens_seen == 0
+    assert all("num_input_tokens_seen" not in e for e in untracked.state.log_history)
+
+
 def test_predict_and_compute_metrics_see_real_rows_only(tmp_path):
     seen = {}
 
