@@ -99,6 +99,10 @@ class TrainingArguments:
     gradient_checkpointing: bool = _f(False, "Rematerialise each layer's activations in the backward pass.")
     gradient_checkpointing_kwargs: dict | None = _f(None, "Remat policy: {policy: full | dots_saveable | "
                                                     "nothing_saveable | ...} (default full).")
+    ignore_data_skip: bool = _f(False, "On resume, start the data from its beginning instead of the saved position "
+                                       "(step, optimizer and schedule still continue).")
+    average_tokens_across_devices: bool = _f(True, "Divide the summed loss by the token count of the whole global "
+                                                   "batch (the only mode jtrain has; false is refused).")
     restore_callback_states_from_checkpoint: bool = _f(False, "On resume, give stateful callbacks (early-stopping "
                                                               "patience, ...) the state saved in the checkpoint.")
     include_num_input_tokens_seen: str | bool = _f("no", "Count input tokens in state.num_input_tokens_seen (and the "
@@ -209,6 +213,9 @@ def _validate(a: TrainingArguments) -> None:
     ):
         value = getattr(a, name)
         need(value in allowed, f"`{name}` must be one of {list(allowed)}, got {value!r}")
+    need(a.average_tokens_across_devices, "`average_tokens_across_devices: false` (a per-device loss mean) is not "
+                                          "implemented: jtrain divides the summed loss by the global batch's token "
+                                          "count, which is HF's default (true)")
     need(not (a.bf16 and a.fp16), "`bf16` and `fp16` are both set: choose one")
     need(not (a.bf16_full_eval and a.fp16_full_eval), "`bf16_full_eval` and `fp16_full_eval` are both set: choose one")
     need(a.max_device_memory_bytes is None or a.max_device_memory_bytes > 0,

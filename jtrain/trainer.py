@@ -322,6 +322,8 @@ class Trainer:
         if self.lr_controller is not None and "lr_controller" in loader_state:
             self.lr_controller.load_state_dict(loader_state["lr_controller"])
         self._load_callback_state()
+        if self.args.ignore_data_skip:  # HF: the data starts over; step, state and schedule continue
+            return LoaderPosition()
         return LoaderPosition(int(loader_state["epoch"]), int(loader_state["batch_index"]))
 
     def _load_callback_state(self) -> None:

@@ -7,9 +7,11 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from jtrain import Trainer, TrainerCallback, TrainingArguments
 from jtrain.data.loader import ArrayDataset
+from jtrain.errors import ConfigError
 from jtrain.losses import causal_lm_loss
 from tiny import lm_rows, tiny_llama
 
@@ -130,6 +132,33 @@ def test_num_input_tokens_seen_counts_as_hf_and_survives_a_resume(tmp_path):
     untracked.train()
     assert untracked.state.num_input_tokens_seen == 0
     assert all("num_input_tokens_seen" not in e for e in untracked.state.log_history)
+
+
+def test_ignore_data_skip_restarts_the_data_but_not_the_run(tmp_path):
+    """HF's ignore_data_skip: a resumed run reads the data from its first batch again (epoch 0, batch 0)
+    while the step, optimizer and schedule continue; without it the loader resumes at the saved batch."""
+    data = _data(48)  # 12 updates per epoch at batch 4
+    part = _args(tmp_path / "part", max_steps=8, save_strategy="steps", save_steps=4)
+    Trainer(tiny_llama(), part, train_dataset=data, callbacks=[_StopAt(5)]).train()
+    checkpoint = os.path.join(part.output_dir, "checkpoint-4")
+    for skip, first_epoch in ((True, 1 / 12), (False, 5 / 12)):
+        seen = []
+
+        class Epochs(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                seen.append((state.global_step, state.epoch))
+
+        resumed = Trainer(tiny_llama(), _args(tmp_path / str(skip), max_steps=8, ignore_data_skip=skip),
+                          train_dataset=data, callbacks=[Epochs()])
+        resumed.train(resume_from_checkpoint=checkpoint)
+        assert seen[0][0] == 5 and seen[0][1] == pytest.approx(first_epoch), (skip, seen[0])
+        assert resumed.state.global_step == 8
+
+
+def test_average_tokens_across_devices_false_is_refused(tmp_path):
+    assert _args(tmp_path).average_tokens_across_devices  # HF 5's default, and what the step does
+    with pytest.raises(ConfigError, match="average_tokens_across_devices: false"):
+        _args(tmp_path, average_tokens_across_devices=False)
 
 
 def test_predict_and_compute_metrics_see_real_rows_only(tmp_path):

@@ -52,11 +52,9 @@ IGNORED = {
                      "ddp_timeout", "deepspeed", "fsdp_config", "local_rank", "torch_compile",
                      "torch_compile_backend", "torch_compile_mode", "torch_empty_cache_steps", "use_cpu",
                      "use_liger_kernel", "liger_kernel_config", "enable_jit_checkpoint", "use_cache", "debug",
-                     "average_tokens_across_devices", "eval_do_concat_batches", "eval_use_gather_object",
+                     "eval_do_concat_batches", "eval_use_gather_object",
                      "full_determinism", "log_level_replica", "log_on_each_node", "save_on_each_node",
                      "parallelism_config", "batch_eval_metrics"), _TORCH),
-    "ignore_data_skip": "jtrain's resume seeks the loader to the saved position, exactly and without reading "
-                        "the skipped batches, so there is no fast-forward to skip",
     **dict.fromkeys(("hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
                      "hub_revision", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id"),
                     "jtrain never uploads"),
