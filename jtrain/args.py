@@ -165,7 +165,7 @@ def _resolve_checkpointing_names(a: TrainingArguments) -> None:
     """transformers 5 names gradient checkpointing `activation_checkpointing(_kwargs)` and keeps
     `gradient_checkpointing(_kwargs)` as deprecated aliases: either name sets both here, so
     a config written for transformers 4 or 5 means the same; two different values are refused."""
-    defaults = {"gradient_checkpointing": False, "gradient_checkpointing_kwargs": None}
+    defaults = {f.name: f.default for f in dataclasses.fields(a)}
     for new, old in _CHECKPOINTING_NAMES:
         value, alias = getattr(a, new), getattr(a, old)
         if value is None:

@@ -206,8 +206,9 @@ class QuantizationSection:
             options["block_size"] = self.quant_block_size
         try:
             return as_format(name, **options)
-        except ConfigError as err:
-            raise ConfigError(f"the `quantization` section: {str(err).replace('`block_size`', '`quant_block_size`')}") from err
+        except ConfigError as err:  # QuantFormat names its own field; the section calls it quant_block_size
+            message = str(err).replace("`block_size`", "`quant_block_size`")
+            raise ConfigError(f"the `quantization` section: {message}") from err
 
     def describe(self) -> str:
         fmt = self.quant_format()

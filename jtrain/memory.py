@@ -330,7 +330,7 @@ def plan_train_step(steps: Any, host_batch: dict, per_device_batch: int, data_pa
     """
     limit, source = device_memory_limit(budget)
 
-    def compile_at(n: int, jitted: Any, host: dict = host_batch) -> tuple[Any, MemoryEstimate | None]:
+    def compile_at(n: int, jitted: Any, host: dict) -> tuple[Any, MemoryEstimate | None]:
         batch = steps.abstract_train_batch(host, rows=n * data_parallel)
         try:
             compiled = jitted.lower(steps.abstract_state, batch).compile()
@@ -340,15 +340,17 @@ def plan_train_step(steps: Any, host_batch: dict, per_device_batch: int, data_pa
             raise ConfigError(f"fp16 is not supported by this backend ({jax.default_backend()}): {err}. "
                               "Use bf16=true instead (or run fp16 on a GPU)") from err
         estimate = MemoryEstimate.from_compiled(compiled)
-        length = f", rows of {host['input_ids'].shape[2]} tokens" if "input_ids" in host and host["input_ids"].ndim >= 3 else ""
+        ids = host.get("input_ids")
+        length = f", rows of {ids.shape[2]} tokens" if ids is not None and ids.ndim >= 3 else ""
         logger.info("train step at per_device_train_batch_size=%d%s: %s; device memory %s (%s)", n, length,
                     estimate.describe() if estimate else "no estimate from this backend", fmt_bytes(limit), source)
         return compiled, estimate
 
-    compiled, estimate = compile_at(per_device_batch, steps.train_step)
-    planned = host_batch if longest is None else longest
+    compiled, estimate = compile_at(per_device_batch, steps.train_step, host_batch)
+    planned = host_batch  # the shape every fit decision is made at
     if longest is not None:
-        estimate = compile_at(per_device_batch, steps.probe_train_step, longest)[1]
+        planned = longest
+        estimate = compile_at(per_device_batch, steps.probe_train_step, planned)[1]
     if fits(estimate, limit):
         return StepPlanResult(per_device_batch, compiled, estimate, limit, source, {per_device_batch: estimate})
     if not auto_find:

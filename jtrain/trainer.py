@@ -432,5 +432,3 @@ class Trainer:
     def trainer_state_snapshot(self) -> TrainerState:
         """A copy for the checkpoint finaliser thread, which writes it after the loop moved on."""
         return copy.deepcopy(self.state)
-
-

@@ -339,7 +339,8 @@ def test_lora_on_scanned_layers_matches_the_unscanned_model(tmp_path):
     assert all(t.layers == 2 for t in scan.targets)
     assert scan.logical_axes()["lora"]["model"]["layers"]["layer"]["mlp"]["down_proj"]["lora_A"] == \
         P("layers", "mlp", "lora_rank")
-    p_flat, p_scan = flat.init_from_base(flat_base, jax.random.key(1)), scan.init_from_base(scan_base, jax.random.key(1))
+    p_flat = flat.init_from_base(flat_base, jax.random.key(1))
+    p_scan = scan.init_from_base(scan_base, jax.random.key(1))
 
     def pair(flat_tree, scan_tree, i, *path):  # leaf `path` of unscanned layer i, and slice i of the stack
         a, b = flat_tree["model"][f"layers_{i}"], scan_tree["model"]["layers"]["layer"]
@@ -367,7 +368,8 @@ def test_lora_on_scanned_layers_matches_the_unscanned_model(tmp_path):
 
     exported = adapter_state_dict(scan, p_scan)
     reference = adapter_state_dict(flat, p_flat)
-    assert sorted(exported) == sorted(reference) and "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight" in exported
+    assert sorted(exported) == sorted(reference)
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight" in exported
     for name, tensor in reference.items():
         np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
     save_adapter(flat, p_flat, tmp_path / "adapter")

@@ -117,7 +117,8 @@ def test_quantization_section_refuses_bad_values_naming_the_key(overrides, messa
     from jtrain.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        load_config(None, {f"quantization.{k}": v for k, v in overrides.items()} or {"quantization.target_modules": None})
+        overrides = {f"quantization.{k}": v for k, v in overrides.items()}
+        load_config(None, overrides or {"quantization.target_modules": None})
 
 
 def test_quantization_that_does_not_fit_the_model_names_the_kernel_and_the_key(base_dir, tmp_path, capsys):

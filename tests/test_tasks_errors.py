@@ -108,11 +108,12 @@ def test_peft_section_with_a_misspelt_option(files, capsys):
 
 def test_peft_target_in_some_scanned_layers_only_is_refused(files, capsys):
     """Scanned layers share one stacked kernel per module: a regex that picks layer 0 alone cannot be honoured."""
-    err = fails(capsys, classification(files, "--peft.r", "4", "--model.scan_layers", "true",
-                                       "--model.config", BERT.replace('"num_hidden_layers": 1', '"num_hidden_layers": 2'),
-                                       "--peft.target_modules", r"bert\.encoder\.layer\.0\.attention\.self\.query"),
-                files / "out")
-    assert "selects `bert.encoder.layer.0.attention.self.query` but not `bert.encoder.layer.1.attention.self.query`" in err
+    two_layers = BERT.replace('"num_hidden_layers": 1', '"num_hidden_layers": 2')
+    layer_0_query = r"bert\.encoder\.layer\.0\.attention\.self\.query"
+    err = fails(capsys, classification(files, "--peft.r", "4", "--model.scan_layers", "true", "--model.config",
+                                       two_layers, "--peft.target_modules", layer_0_query), files / "out")
+    assert ("selects `bert.encoder.layer.0.attention.self.query` but not "
+            "`bert.encoder.layer.1.attention.self.query`") in err
     assert "scan_layers" in err
 
 

@@ -99,4 +99,3 @@ def make_optimizer(
         parts.append(clip_by_global_norm_torch(float(max_grad_norm)))
     parts.append(build(config))
     return optax.chain(*parts)
-

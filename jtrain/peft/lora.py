@@ -234,7 +234,7 @@ class LoraModel(WrappedModel):
         base = params["base"]
         if len(by_path) < len(self.targets):
             flat = dict(traverse_util.flatten_dict(base))
-            flat.update({k: v for k, v in lora.items() if not k[:-1] in by_path})
+            flat.update({k: v for k, v in lora.items() if k[:-1] not in by_path})
             base = traverse_util.unflatten_dict(flat)
 
         def dropped(x: jax.Array, key: jax.Array) -> jax.Array:
@@ -266,7 +266,8 @@ class LoraModel(WrappedModel):
     def with_options(self, **changes: Any) -> LoraModel:
         """Same adapters around `base.with_options(**changes)`; the adapters' layout follows the base's
         `scan_layers`, so changing that needs `apply_lora` on the re-laid-out base instead."""
-        if "scan_layers" in changes and bool(changes["scan_layers"]) != bool(getattr(self.config, "scan_layers", False)):
+        scanned = bool(getattr(self.config, "scan_layers", False))
+        if "scan_layers" in changes and bool(changes["scan_layers"]) != scanned:
             raise ConfigError("cannot switch scan_layers on a LoRA model (the adapters are laid out for the "
                               "base's layers): set scan_layers on the base model, then apply LoRA")
         return dataclasses.replace(self, base=self.base.with_options(**changes))
@@ -304,7 +305,8 @@ class LoraModel(WrappedModel):
             kernel = flat.get(key)
             if kernel is None or not hasattr(kernel, "dtype") or not jnp.issubdtype(kernel.dtype, jnp.floating):
                 raise ConfigError(f"cannot merge LoRA into `{t.name}`: its base kernel is not a float array "
-                                  "(a quantised base cannot be merged into its codes; `merged_export` dequantises it first)")
+                                  "(a quantised base cannot be merged into its codes; `merged_export` dequantises "
+                                  "it first)")
             flat[key] = (kernel + sign * self.delta(params, t).astype(kernel.dtype)).astype(kernel.dtype)
         return traverse_util.unflatten_dict(flat)
 

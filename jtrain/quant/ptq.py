@@ -71,4 +71,3 @@ def compare_eval_loss(model: Any, params: Any, qmodel: QuantizedModel, qparams: 
     if float_loss is None:
         float_loss = evaluate_loss(model, params, batches, loss_fn)
     return LossComparison(float_loss, evaluate_loss(qmodel, qparams, batches, loss_fn))
-
