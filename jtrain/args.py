@@ -114,6 +114,14 @@ class TrainingArguments:
     auto_find_batch_size: bool = _f(False, "Shrink the per-device batch to the largest whose compiled step fits.")
     skip_memory_metrics: bool = _f(True, "Skip the per-phase memory metrics (init/train/eval_mem_*).")
     include_for_metrics: list[str] = _f([], "Extra inputs for compute_metrics: inputs | loss.")
+    batch_eval_metrics: bool = _f(False, "Call compute_metrics(eval_pred, compute_result) after every eval batch "
+                                         "(true on the last) instead of once on all predictions held in memory.")
+    eval_do_concat_batches: bool = _f(True, "Concatenate per-batch predictions, labels, inputs and losses; false "
+                                            "keeps lists with one array per batch.")
+    use_cpu: bool = _f(False, "Compute on the CPU even where an accelerator exists (JAX_PLATFORMS=cpu; set before "
+                              "JAX starts).")
+    full_determinism: bool = _f(False, "Deterministic XLA:GPU ops (--xla_gpu_deterministic_ops, set before JAX "
+                                       "starts); CPU and TPU runs are deterministic already.")
     # jtrain-only fields.
     mesh_shape: dict = _f({}, "jtrain: mesh axes, e.g. {data: -1, fsdp: 2, tensor: 2}.")
     fsdp: str = _f("", "jtrain: HF-style shortcut: full_shard | shard_grad_op | hybrid_shard.")

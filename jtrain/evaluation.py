@@ -5,8 +5,13 @@ per-batch host sync unless `compute_metrics` needs predictions; then each batch'
 (preprocessed) logits are fetched, filler rows dropped, and concatenated on the host. Because
 predictions leave the device after every batch, device memory is bounded whatever
 `eval_accumulation_steps` says (HF's option bounds device memory the same way).
-`include_for_metrics` adds `inputs` (input ids) and `losses` (per-batch mean loss) to the
-`EvalPrediction`, as HF does.
+`include_for_metrics` adds `inputs` (input ids) and `losses` (each batch's mean loss, repeated
+for each of its rows) to the `EvalPrediction`, as HF does.
+
+HF's two memory options behave as in HF: `batch_eval_metrics` calls `compute_metrics` after every
+batch with `compute_result` true only on the last one, whose return value is the metrics, and
+keeps no predictions in `evaluate` (`predict` still returns them); `eval_do_concat_batches=False`
+hands over (and returns) lists with one array per batch instead of concatenated arrays.
 """
 
 from __future__ import annotations
@@ -48,25 +53,54 @@ def _sum_metrics(total: dict | None, step_out: dict) -> dict:
     return reduced if total is None else jax.tree.map(lambda a, b: a + b, total, reduced)
 
 
-def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predictions: bool) -> EvalLoopOutput:
-    """Run the eval (or predict) step over `loader`; return HF-keyed metrics."""
+class _Collected:
+    """Per-batch host arrays of one kind (predictions, labels, ...), concatenated or kept as a list."""
+
+    def __init__(self, concat: bool):
+        self.concat, self.parts = concat, []
+
+    def add(self, part: np.ndarray | None) -> None:
+        if part is not None:
+            self.parts.append(part)
+
+    def result(self) -> Any:
+        if not self.parts:
+            return None
+        return np.concatenate(self.parts) if self.concat else list(self.parts)
+
+
+def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predictions: bool,
+                    predicting: bool = False) -> EvalLoopOutput:
+    """Run the eval (or predict) step over `loader`; return HF-keyed metrics.
+
+    `predicting` is `predict()`: with `batch_eval_metrics` it still keeps the predictions (as HF).
+    """
     start = time.perf_counter()
-    steps, params, n_rows = trainer.steps, trainer.train_state.full_params(), len(loader.dataset)
-    total, preds, labels, inputs, losses = None, [], [], [], []
-    include = set(trainer.args.include_for_metrics or ())
+    args, steps, params, n_rows = trainer.args, trainer.steps, trainer.train_state.full_params(), len(loader.dataset)
+    include = set(args.include_for_metrics or ())
+    per_batch_metrics = args.batch_eval_metrics and trainer.compute_metrics is not None
+    keep = not args.batch_eval_metrics or predicting
+    kept = {k: _Collected(args.eval_do_concat_batches) for k in ("predictions", "labels", "inputs", "losses")}
+    total, extra, n_batches = None, None, len(loader)
     step_fn = steps.predict_step if want_predictions else steps.eval_step
     for i, batch in enumerate(loader.iterate(epoch=0)):
         out = step_fn(params, batch)
         total = _sum_metrics(total, out)
         if want_predictions:
             real = min(loader.global_batch_size, n_rows - i * loader.global_batch_size)
-            preds.append(np.asarray(jax.device_get(out["predictions"]))[:real])
-            if "labels" in batch:
-                labels.append(np.asarray(jax.device_get(batch["labels"]))[:real])
-            if "inputs" in include:
-                inputs.append(np.asarray(jax.device_get(batch["input_ids"]))[:real])
-            if "loss" in include:
-                losses.append(float(out["loss_sum"]) / max(float(out["weight"]), 1.0))
+            now = {"predictions": np.asarray(jax.device_get(out["predictions"]))[:real],
+                   "labels": np.asarray(jax.device_get(batch["labels"]))[:real] if "labels" in batch else None,
+                   "inputs": (np.asarray(jax.device_get(batch["input_ids"]))[:real]
+                              if "inputs" in include else None),
+                   "losses": (np.full(real, float(out["loss_sum"]) / max(float(out["weight"]), 1.0), np.float32)
+                              if "loss" in include else None)}
+            if keep:
+                for key, part in now.items():
+                    kept[key].add(part)
+            if per_batch_metrics and now["labels"] is not None:
+                extra = trainer.compute_metrics(
+                    EvalPrediction(now["predictions"], now["labels"], inputs=now["inputs"], losses=now["losses"]),
+                    compute_result=i == n_batches - 1)
         trainer.control = trainer.callback_handler.on_prediction_step(trainer.args, trainer.state, trainer.control)
     sums = {k: float(v) for k, v in jax.device_get(total).items()}
     weight = max(sums.pop("weight", 0.0), 1.0)
@@ -75,17 +109,16 @@ def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predicti
         metrics[f"{prefix}_accuracy"] = sums.pop("correct") / weight
     if trainer.model.task in ("causal_lm", "masked_lm"):
         metrics[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_loss"], 700.0))
-    predictions = np.concatenate(preds) if preds else None
-    label_ids = np.concatenate(labels) if labels else None
-    if trainer.compute_metrics is not None and predictions is not None:
+    predictions, label_ids = kept["predictions"].result(), kept["labels"].result()
+    if trainer.compute_metrics is not None and predictions is not None and not per_batch_metrics:
         extra = trainer.compute_metrics(EvalPrediction(
-            predictions, label_ids, inputs=np.concatenate(inputs) if inputs else None,
-            losses=np.asarray(losses) if losses else None))
+            predictions, label_ids, inputs=kept["inputs"].result(), losses=kept["losses"].result()))
+    if extra:
         metrics.update({(k if k.startswith(f"{prefix}_") else f"{prefix}_{k}"): v for k, v in extra.items()})
     runtime = time.perf_counter() - start
     metrics.update({
         f"{prefix}_runtime": round(runtime, 4),
         f"{prefix}_samples_per_second": round(n_rows / runtime, 3),
-        f"{prefix}_steps_per_second": round(len(loader) / runtime, 3),
+        f"{prefix}_steps_per_second": round(n_batches / runtime, 3),
     })
     return EvalLoopOutput(predictions, label_ids, metrics, n_rows)

@@ -28,6 +28,7 @@ from jtrain.models.hub import checkpoint_dir
 from jtrain.models.wrapper import innermost
 from jtrain.output_dir import clear_previous_run, resume_point
 from jtrain.trainer import Trainer
+from jtrain.xla_flags import apply_backend_choices
 
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_TASK = {"clm": "causal_lm", "sft": "causal_lm", "classification": "sequence_classification",
@@ -285,6 +286,7 @@ def write_predictions(output_dir: str, logits: Any, names: list[str]) -> str:
 def run_job(cfg: RunConfig) -> dict:
     """Train, evaluate and predict as configured; returns all results (also in all_results.json)."""
     args = cfg.training
+    apply_backend_choices(args.use_cpu, args.full_determinism)  # before the model's params exist
     check_peft(cfg)
     check_quantization(cfg)
     resume = resume_point(args)

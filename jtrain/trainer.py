@@ -34,6 +34,7 @@ from jtrain.optim import make_optimizer
 from jtrain.reporting import PrinterCallback, ProgressCallback, callbacks_for_report_to
 from jtrain.schedules import make_lr_controller, make_schedule
 from jtrain.sharding import data_parallel_size, make_mesh, resolve_mesh_shape, sharding_rules
+from jtrain.xla_flags import apply_backend_choices
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,10 @@ class Trainer:
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self._check_datasets()
         self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, preprocess_logits_for_metrics
+        self._check_compute_metrics()
         self.compute_loss_func = compute_loss_func
         self.optimizer, self.lr_scheduler = optimizers
+        apply_backend_choices(self.args.use_cpu, self.args.full_determinism)
         self.mesh = mesh or make_mesh(resolve_mesh_shape(self.args.mesh_shape, self.args.fsdp, jax.device_count()))
         self._initial_params = params
         self.train_state: Any = None  # jtrain.state.TrainState once set up
@@ -111,6 +114,22 @@ class Trainer:
             else None
         check_dataset(self.train_dataset, "train_dataset", num_labels=num_labels)
         check_dataset(self.eval_dataset, "eval_dataset", num_labels=num_labels, several_splits=True)
+
+    def _check_compute_metrics(self) -> None:
+        """As HF: `batch_eval_metrics` calls `compute_metrics(..., compute_result=...)` per batch, so a
+        function without that argument would fail only at the first evaluation; refuse it now."""
+        if self.args.batch_eval_metrics and self.compute_metrics is not None:
+            import inspect
+
+            try:
+                parameters = inspect.signature(self.compute_metrics).parameters
+            except (TypeError, ValueError):  # a builtin or C callable: let the call itself decide
+                return
+            takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+            if "compute_result" not in parameters and not takes_kwargs:
+                raise ConfigError("`batch_eval_metrics` calls compute_metrics(eval_pred, compute_result=...) after "
+                                  "every eval batch (true on the last one, whose result is returned): add a "
+                                  "`compute_result` argument to compute_metrics, or set batch_eval_metrics false")
 
     # ---- HF override points -----------------------------------------------------------
     def compute_loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> LossOutput:
@@ -359,17 +378,19 @@ class Trainer:
         return output.metrics
 
     def predict(self, test_dataset: Any, ignore_keys: Any = None, metric_key_prefix: str = "test") -> PredictionOutput:
-        output = self._evaluation_loop(test_dataset, metric_key_prefix, want_predictions=True)
+        output = self._evaluation_loop(test_dataset, metric_key_prefix, want_predictions=True, predicting=True)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
         return PredictionOutput(output.predictions, output.label_ids, output.metrics)
 
-    def _evaluation_loop(self, dataset: Any, prefix: str, want_predictions: bool) -> EvalLoopOutput:
+    def _evaluation_loop(self, dataset: Any, prefix: str, want_predictions: bool,
+                         predicting: bool = False) -> EvalLoopOutput:
         if self.steps is None:
             self._setup(max(1, self.args.max_steps))
         rows = self.args.per_device_eval_batch_size * data_parallel_size(self.mesh)
         loader = self._loader(dataset, train=False, accum=None, batch_rows=rows)
         loader.place = self.steps.place_eval_batch
-        return evaluation_loop(self, loader, prefix, want_predictions and not self.args.prediction_loss_only)
+        return evaluation_loop(self, loader, prefix, want_predictions and not self.args.prediction_loss_only,
+                               predicting)
 
     # ---- logging and saving -------------------------------------------------------------------
     def log(self, logs: dict[str, float]) -> None:

@@ -1,11 +1,12 @@
-"""XLA flags for speed, set before the JAX backend starts.
+"""XLA flags (and the other choices JAX reads once), set before the JAX backend starts.
 
 XLA reads `XLA_FLAGS` once, when the first backend is created, and aborts the process on a flag
 it does not know. So flags are merged into the environment here, before anything touches a
 device, and a call after the backend exists is an error rather than a silent no-op. Which flags
 help on which machine is measured by `benchmarks/ab.py` and recorded in `benchmarks/TRIED.md`:
-none gained on the project's 2-core CPU, so jtrain itself sets none; the benchmark scripts use
-this module for the flags they compare (and for fake CPU devices).
+none gained on the project's 2-core CPU, so jtrain sets none for speed; the benchmark scripts use
+this module for the flags they compare (and for fake CPU devices). HF's `use_cpu` and
+`full_determinism` are backend choices too (`apply_backend_choices`).
 
 Example (the entry point, before the first `jax.devices()`)::
 
@@ -61,3 +62,32 @@ def apply_xla_flags(flags: Iterable[str], *, env: dict | None = None) -> str:
     value = merge_flags(env.get("XLA_FLAGS", ""), flags)
     env["XLA_FLAGS"] = value
     return value
+
+
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def apply_backend_choices(use_cpu: bool, full_determinism: bool) -> None:
+    """HF's `use_cpu` and `full_determinism`, which JAX can only honour before its backend starts.
+
+    `use_cpu` restricts JAX to its CPU platform; `full_determinism` asks XLA:GPU for deterministic
+    reductions and scatters (XLA:CPU and TPU are deterministic for a given program already, and
+    jtrain's randomness is all seeded PRNG keys). After the backend started, a choice that is
+    already true is accepted and one that is not is refused with the way to get it.
+    """
+    import jax
+
+    if not backend_started():
+        if use_cpu:
+            jax.config.update("jax_platforms", "cpu")
+        if full_determinism and not use_cpu:
+            apply_xla_flags([DETERMINISTIC_FLAG])
+        return
+    backend = jax.default_backend()
+    if use_cpu and backend != "cpu":
+        raise ConfigError(f"`use_cpu` is set but JAX already started on {backend}: build the TrainingArguments and "
+                          "Trainer before any JAX computation, or run with JAX_PLATFORMS=cpu")
+    if full_determinism and backend == "gpu" and DETERMINISTIC_FLAG not in os.environ.get("XLA_FLAGS", "").split():
+        raise ConfigError("`full_determinism` needs XLA_FLAGS=" + DETERMINISTIC_FLAG + " before JAX starts, and JAX "
+                          "already started on gpu: build the Trainer before any JAX computation, or set the flag in "
+                          "the environment")

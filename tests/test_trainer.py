@@ -197,6 +197,92 @@ def test_include_for_metrics_passes_inputs_and_losses(tmp_path):
     trainer.train()
     metrics = trainer.evaluate()
     np.testing.assert_array_equal(seen["inputs"], eval_data.columns["input_ids"])
-    assert seen["losses"].shape == (2,)  # two eval batches of 4 rows
+    # As HF: each batch's mean loss, repeated for each of its rows (two eval batches of 4 rows).
+    assert seen["losses"].shape == (8,)
+    np.testing.assert_array_equal(seen["losses"][:4], seen["losses"][0])
     # Equal-weight batches: the mean of batch means is the eval loss (float32 sums: rtol 1e-6).
     np.testing.assert_allclose(seen["losses"].mean(), metrics["eval_loss"], rtol=1e-6)
+
+
+def _token_hits(pred):
+    """Next-token hits and counts of one EvalPrediction (the metric both evaluation modes compute)."""
+    argmax, labels = pred.predictions[:, :-1].argmax(-1), pred.label_ids[:, 1:]
+    return int((argmax == labels).sum()), labels.size
+
+
+def test_batch_eval_metrics_accumulates_per_batch_like_one_call(tmp_path):
+    """HF's `batch_eval_metrics`: compute_metrics after every batch, `compute_result` true on the last,
+    whose result is the metric; it equals the one-call metric over all predictions (exact counts)."""
+    calls, sums = [], [0, 0]
+
+    def per_batch(pred, compute_result):
+        hits, count = _token_hits(pred)
+        sums[0], sums[1] = sums[0] + hits, sums[1] + count
+        calls.append((pred.predictions.shape[0], compute_result))
+        return {"hit_rate": sums[0] / sums[1]} if compute_result else {}
+
+    def whole(pred):
+        hits, count = _token_hits(pred)
+        return {"hit_rate": hits / count}
+
+    eval_data, train_data = _data(10, seed=4), _data()  # batches of 4, 4 and 2 real rows
+    trainer = Trainer(tiny_llama(), _args(tmp_path, max_steps=2), train_dataset=train_data, eval_dataset=eval_data,
+                      compute_metrics=whole)
+    trainer.train()
+    expected = trainer.evaluate()["eval_hit_rate"]
+    trainer.args = trainer.args.replace(batch_eval_metrics=True)
+    trainer.compute_metrics = per_batch
+    assert trainer.evaluate()["eval_hit_rate"] == expected
+    assert calls == [(4, False), (4, False), (2, True)]
+    out = trainer.predict(eval_data)  # predict() still returns every prediction, as HF
+    assert out.predictions.shape == (10, 16, 64) and out.metrics["test_hit_rate"] == expected
+
+
+def test_batch_eval_metrics_needs_compute_result(tmp_path):
+    with pytest.raises(ConfigError, match="compute_result"):
+        Trainer(tiny_llama(), _args(tmp_path, batch_eval_metrics=True), train_dataset=_data(),
+                compute_metrics=lambda pred: {})
+
+
+def test_eval_do_concat_batches_false_keeps_one_array_per_batch(tmp_path):
+    eval_data = _data(10, seed=4)
+    trainer = Trainer(tiny_llama(), _args(tmp_path, max_steps=1, include_for_metrics=["inputs", "loss"]),
+                      train_dataset=_data())
+    trainer.train()
+    joined = trainer.predict(eval_data)
+    trainer.args = trainer.args.replace(eval_do_concat_batches=False)
+    split = trainer.predict(eval_data)
+    assert [p.shape[0] for p in split.predictions] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate(split.predictions), joined.predictions)
+    np.testing.assert_array_equal(np.concatenate(split.label_ids), joined.label_ids)
+
+
+def test_use_cpu_and_full_determinism_are_set_before_jax_starts(monkeypatch):
+    """Before the backend exists: `use_cpu` selects JAX's CPU platform, `full_determinism` adds
+    XLA:GPU's determinism flag (kept beside the user's own flags)."""
+    import jtrain.xla_flags as xf
+
+    updates = []
+    monkeypatch.setattr(xf, "backend_started", lambda: False)
+    monkeypatch.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    xf.apply_backend_choices(use_cpu=True, full_determinism=True)  # on the CPU no flag is needed
+    assert updates == [("jax_platforms", "cpu")]
+    assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=3"
+    xf.apply_backend_choices(use_cpu=False, full_determinism=True)
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_backend_optimization_level=3", xf.DETERMINISTIC_FLAG]
+
+
+def test_use_cpu_and_full_determinism_after_jax_started(tmp_path, monkeypatch):
+    """Once JAX runs, a choice that already holds (the CPU here) is accepted; on a GPU backend
+    both are refused with the way to get them."""
+    from jtrain.xla_flags import apply_backend_choices
+
+    jax.devices()
+    Trainer(tiny_llama(), _args(tmp_path, use_cpu=True, full_determinism=True), train_dataset=_data())
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ConfigError, match="JAX_PLATFORMS=cpu"):
+        apply_backend_choices(use_cpu=True, full_determinism=False)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    with pytest.raises(ConfigError, match="xla_gpu_deterministic_ops"):
+        apply_backend_choices(use_cpu=False, full_determinism=True)
