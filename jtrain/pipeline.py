@@ -10,7 +10,6 @@ beside the baseline its task defines, so a result says whether the model learned
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -244,15 +243,6 @@ def _flat(tree: Any) -> list:
 
 
 # ---- results ---------------------------------------------------------------------------------
-def write_results(output_dir: str, name: str, metrics: dict) -> str:
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, name)
-    with open(path, "w") as fh:
-        json.dump(metrics, fh, indent=4, sort_keys=True)
-        fh.write("\n")
-    return path
-
-
 def evaluate_split(trainer: Trainer, data: TaskData, split: str) -> dict:
     """Metrics of one split with its baseline beside them (and printed beside them)."""
     dataset = data.splits[split]
@@ -313,9 +303,9 @@ def run_job(cfg: RunConfig) -> dict:
         if split in data.splits:
             metrics = evaluate_split(trainer, data, split)
             results.update(metrics)
-            write_results(args.output_dir, f"{split}_results.json", metrics)
+            trainer.save_metrics(split, metrics, combined=False)
     if results:
-        write_results(args.output_dir, "all_results.json", results)
+        trainer.save_metrics("all", results, combined=False)  # this run's results only: all_results.json
         saved = "adapters (adapter_config.json, adapter_model.safetensors), tokenizer.json" if cfg.peft is not None \
             else "model (config.json, model.safetensors, tokenizer.json)"
         _say(f"wrote {f'checkpoints, {saved}, ' if args.do_train else ''}"
@@ -339,6 +329,6 @@ def _train(trainer: Trainer, data: TaskData, resume: Any, merged_export: bool = 
         if jax.process_index() == 0:
             data.tokenizer.save(os.path.join(merged_dir, TOKENIZER_FILE))
         _say(f"wrote the base with the adapters merged in (a full HF model) to {os.path.abspath(merged_dir)}")
-    trainer.state.save_to_json(os.path.join(args.output_dir, "trainer_state.json"))
-    write_results(args.output_dir, "train_results.json", metrics)
+    trainer.save_state()
+    trainer.save_metrics("train", metrics, combined=False)
     return metrics

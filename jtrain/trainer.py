@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 
+from jtrain import trainer_helpers
 from jtrain.accounting import StepPlan, plan_steps
 from jtrain.args import TrainingArguments
 from jtrain.callbacks import (CallbackHandler, DefaultFlowCallback, ExportableState, TrainerCallback, TrainerControl,
@@ -59,6 +60,16 @@ class Trainer:
         trainer.train()
         print(trainer.evaluate()["eval_loss"])
     """
+
+    # HF's helper methods for scripts (jtrain.trainer_helpers), bound as HF binds its own.
+    metrics_format = staticmethod(trainer_helpers.metrics_format)
+    log_metrics = trainer_helpers.log_metrics
+    save_metrics = trainer_helpers.save_metrics
+    save_state = trainer_helpers.save_state
+    get_num_trainable_parameters = trainer_helpers.get_num_trainable_parameters
+    get_learning_rates = trainer_helpers.get_learning_rates
+    get_total_train_batch_size = trainer_helpers.get_total_train_batch_size
+    num_examples = trainer_helpers.num_examples
 
     def __init__(
         self,

@@ -1,0 +1,118 @@
+"""HF's `Trainer` helper methods that example scripts call around train/evaluate/predict.
+
+`log_metrics`, `save_metrics`, `save_state` and `metrics_format` are what every HF example
+script ends with (`trainer.log_metrics("train", metrics)`, ...): same output, same files, same
+process-zero rule, so such a script runs on jtrain unchanged. The getters answer from jtrain's
+own state (the compiled step's schedule and lr factor, the trainable part of the params).
+They are bound onto `jtrain.Trainer` as methods, as HF binds its `trainer_pt_utils` ones.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import Any
+
+from jtrain.errors import ConfigError
+from jtrain.models.base import param_count
+from jtrain.param_split import split_params
+
+
+def _seconds_text(seconds: float) -> str:
+    """h:mm:ss.cc, as HF prints runtimes."""
+    centis = int(abs(seconds - int(seconds)) * 100)
+    return f"{datetime.timedelta(seconds=int(seconds))}.{centis:02d}"
+
+
+def metrics_format(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `metrics` for reading: memory in MB, runtimes as h:mm:ss, FLOPs in GF, floats to 4 places."""
+    out = dict(metrics)
+    for key, value in out.items():
+        if "_mem_" in key and isinstance(value, (int, float)):
+            out[key] = f"{int(value) >> 20}MB"
+        elif "_runtime" in key and isinstance(value, (int, float)):
+            out[key] = _seconds_text(value)
+        elif key == "total_flos":
+            out[key] = f"{int(value) >> 30}GF"
+        elif isinstance(value, float):
+            out[key] = round(value, 4)
+    return out
+
+
+def log_metrics(self: Any, split: str, metrics: dict[str, Any]) -> None:
+    """Print `metrics` under a `***** {split} metrics *****` header, aligned (process zero only)."""
+    if not self.is_world_process_zero() or not metrics:
+        return
+    print(f"***** {split} metrics *****")
+    shown = metrics_format(metrics)
+    key_width = max(len(str(k)) for k in shown)
+    value_width = max(len(str(v)) for v in shown.values())
+    for key in sorted(shown):
+        print(f"  {key: <{key_width}} = {shown[key]:>{value_width}}")
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Write through a temporary file, so a crash mid-write never leaves half a results file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=4, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def save_metrics(self: Any, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
+    """`{output_dir}/{split}_results.json`, and (`combined`) the same keys merged into
+    `all_results.json`, as HF writes them (process zero only)."""
+    if not self.is_world_process_zero():
+        return
+    from jtrain.jsonfile import read_json_object
+
+    os.makedirs(self.args.output_dir, exist_ok=True)
+    _write_json(os.path.join(self.args.output_dir, f"{split}_results.json"), metrics)
+    if combined:
+        path = os.path.join(self.args.output_dir, "all_results.json")
+        everything = read_json_object(path, what="the combined results file") if os.path.exists(path) else {}
+        everything.update(metrics)
+        _write_json(path, everything)
+
+
+def save_state(self: Any) -> None:
+    """`{output_dir}/trainer_state.json` (process zero only); `save_model` does not write it."""
+    if not self.is_world_process_zero():
+        return
+    os.makedirs(self.args.output_dir, exist_ok=True)
+    self.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
+
+
+def get_num_trainable_parameters(self: Any) -> int:
+    """Parameters the optimizer updates (a LoRA run: the adapters only), before or after setup."""
+    if self.train_state is not None:
+        return param_count(self.train_state.params)
+    tree = self.model.abstract_params()
+    trainable = getattr(self.model, "is_trainable", None)
+    return param_count(tree if trainable is None else split_params(tree, trainable)[0])
+
+
+def get_learning_rates(self: Any) -> list[float]:
+    """The learning rate of the next update, one per parameter group (jtrain has one group)."""
+    if self.train_state is None or self.lr_scheduler is None:
+        raise ConfigError("get_learning_rates() reads the optimizer's schedule, which exists once train() has "
+                          "started (or after create_optimizer_and_scheduler and a setup)")
+    step = int(self.train_state.step)
+    schedule = self.lr_scheduler
+    lr = float(schedule(step)) if callable(schedule) else float(schedule)
+    return [lr * float(self.train_state.lr_factor)]
+
+
+def get_total_train_batch_size(self: Any, args: Any = None) -> int:
+    """Rows per optimizer update: per-device batch x accumulation x data-parallel size."""
+    from jtrain.sharding import data_parallel_size
+
+    args = args or self.args
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * data_parallel_size(self.mesh)
+
+
+def num_examples(self: Any, loader: Any) -> int:
+    """Rows in a loader's dataset (HF's `num_examples(dataloader)`)."""
+    return len(loader.dataset)
