@@ -16,5 +16,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 # Many tests build the same tiny models: a persistent compilation cache shared by the whole run
 # skips recompiling identical programs (tracing, and so every compile counter, is unaffected).
-jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), ".jax_cache"))
+# Each pytest-xdist worker has its own directory: JAX writes entries in place, so a worker could
+# otherwise read another's half-written entry (JAX would only warn and recompile, but why race).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), ".jax_cache", _WORKER))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
