@@ -247,7 +247,7 @@ class Trainer:
                         self.lr_scheduler = self.lr_controller = None
                     if own_optimizer:
                         self.optimizer = None
-                    self.create_optimizer_and_scheduler(self._plan()[1].max_steps)
+                    self.create_optimizer_and_scheduler(self._update_plan().max_steps)
                     self.steps = build()
                     rows = plan.per_device_batch * data_parallel_size(self.mesh)
                     plan.compiled = self.steps.compile_train(self.steps.abstract_train_batch(first, rows=rows))
@@ -285,17 +285,39 @@ class Trainer:
         """Rows per device per micro-batch."""
         return self.args.per_device_train_batch_size
 
-    def _plan(self) -> tuple[HostLoader, StepPlan]:
+    def _update_plan(self) -> StepPlan:
         if self.train_dataset is None:
             raise ConfigError("Trainer.train() needs a `train_dataset`")
         a = self.args
-        plan = plan_steps(per_device_batch=self._per_device_train_batch_size(),
+        return plan_steps(per_device_batch=self._per_device_train_batch_size(),
                           data_parallel=data_parallel_size(self.mesh),
                           accum=a.gradient_accumulation_steps, num_rows=self._train_rows(),
                           max_steps=a.max_steps, num_train_epochs=a.num_train_epochs, drop_last=a.dataloader_drop_last)
-        loader = self._loader(self.train_dataset, train=True, accum=a.gradient_accumulation_steps,
-                              batch_rows=plan.global_batch_size)
-        return loader, plan
+
+    def _plan(self) -> tuple[HostLoader, StepPlan]:
+        """The update plan and the train loader, through `get_train_dataloader` (a subclass may override it)."""
+        plan = self._update_plan()
+        return _checked_loader(self.get_train_dataloader(), "get_train_dataloader"), plan
+
+    # ---- HF's dataloader getters: what train/evaluate/predict iterate (override points, as in HF) ----
+    def get_train_dataloader(self) -> HostLoader:
+        """The training batches: global batches shaped [accumulation, rows, ...], host arrays when
+        iterated directly (`next(iter(trainer.get_train_dataloader()))` shows one)."""
+        a = self.args
+        return self._loader(self.train_dataset, train=True, accum=a.gradient_accumulation_steps,
+                            batch_rows=self._update_plan().global_batch_size)
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> HostLoader:
+        """The evaluation batches of `eval_dataset` (default: the Trainer's), in order, none dropped."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if dataset is None:
+            raise ConfigError("get_eval_dataloader() needs an `eval_dataset`")
+        return self._loader(dataset, train=False, accum=None,
+                            batch_rows=self.args.per_device_eval_batch_size * data_parallel_size(self.mesh))
+
+    def get_test_dataloader(self, test_dataset: Any) -> HostLoader:
+        """The prediction batches of `test_dataset` (evaluation batch size, in order)."""
+        return self.get_eval_dataloader(test_dataset)
 
     # ---- training -------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
@@ -397,8 +419,8 @@ class Trainer:
                          predicting: bool = False) -> EvalLoopOutput:
         if self.steps is None:
             self._setup(max(1, self.args.max_steps))
-        rows = self.args.per_device_eval_batch_size * data_parallel_size(self.mesh)
-        loader = self._loader(dataset, train=False, accum=None, batch_rows=rows)
+        loader = (self.get_test_dataloader(dataset) if predicting else self.get_eval_dataloader(dataset))
+        loader = _checked_loader(loader, "get_test_dataloader" if predicting else "get_eval_dataloader")
         loader.place = self.steps.place_eval_batch
         return evaluation_loop(self, loader, prefix, want_predictions and not self.args.prediction_loss_only,
                                predicting)
@@ -464,3 +486,14 @@ class Trainer:
     def trainer_state_snapshot(self) -> TrainerState:
         """A copy for the checkpoint finaliser thread, which writes it after the loop moved on."""
         return copy.deepcopy(self.state)
+
+
+def _checked_loader(loader: Any, getter: str) -> Any:
+    """A loader from an (overridable) getter must be jtrain's: the compiled steps place its batches."""
+    from jtrain.data.stream import StreamLoader
+
+    if not isinstance(loader, (HostLoader, StreamLoader)):
+        raise ConfigError(f"{getter}() returned a {type(loader).__name__}; jtrain iterates its own loaders "
+                          "(jtrain.data.loader.HostLoader, built by the Trainer's getter): change the batches "
+                          "through data_collator, the dataset or the TrainingArguments instead")
+    return loader

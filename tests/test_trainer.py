@@ -286,3 +286,30 @@ def test_use_cpu_and_full_determinism_after_jax_started(tmp_path, monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     with pytest.raises(ConfigError, match="xla_gpu_deterministic_ops"):
         apply_backend_choices(use_cpu=False, full_determinism=True)
+
+
+def test_dataloader_getters_are_what_train_and_evaluate_iterate(tmp_path):
+    """HF's get_*_dataloader: iterable batches for inspection, and override points that
+    train/evaluate/predict go through; a loader jtrain cannot place is refused by name."""
+    trainer = Trainer(tiny_llama(), _args(tmp_path, max_steps=2, gradient_accumulation_steps=2),
+                      train_dataset=_data(), eval_dataset=_data(10, seed=1))
+    first = next(iter(trainer.get_train_dataloader()))
+    assert first["input_ids"].shape == (2, 4, 16)  # [accumulation, per-device rows (4 x 1 device), length]
+    assert len(trainer.get_eval_dataloader()) == 3 and len(trainer.get_test_dataloader(_data(8))) == 2
+    other = _data(12, seed=7)
+
+    class OnOther(Trainer):
+        def get_eval_dataloader(self, eval_dataset=None):
+            return super().get_eval_dataloader(other)
+
+    trainer.train()
+    custom = OnOther(trainer.model, trainer.args, train_dataset=_data(), eval_dataset=_data(10, seed=1),
+                     params=trainer.params)
+    assert custom.evaluate()["eval_loss"] == trainer.evaluate(other)["eval_loss"]
+
+    class Wrong(Trainer):
+        def get_test_dataloader(self, test_dataset):
+            return list(super().get_test_dataloader(test_dataset))
+
+    with pytest.raises(ConfigError, match=r"get_test_dataloader\(\) returned a list"):
+        Wrong(trainer.model, trainer.args, params=trainer.params).predict(other)

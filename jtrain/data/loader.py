@@ -146,6 +146,10 @@ class HostLoader:
             batch = collate_rows(self.collate_fn, rows, step, [int(i) for i in indices], self.what)
         return shape_share(batch, per_process, self.accum_steps)
 
+    def __iter__(self) -> Iterator[Any]:
+        """The first epoch's batches, like iterating a DataLoader (host arrays until a Trainer sets `place`)."""
+        return iter(self.iterate(0))
+
     def iterate(self, epoch: int, start: int = 0) -> Iterator[Any]:
         """Placed batches of `epoch` from batch `start`, prepared ahead in the background."""
         makers = (lambda i=i: self.place(self.host_batch(epoch, i)) for i in range(start, len(self)))

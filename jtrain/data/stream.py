@@ -73,6 +73,10 @@ class StreamLoader:
         batch = collate_rows(self.collate_fn, rows, step, list(range(first, first + len(rows))), self.what)
         return shape_share(batch, per, self.accum_steps)
 
+    def __iter__(self) -> Iterator[Any]:
+        """The stream's batches from its start, like iterating a DataLoader."""
+        return iter(self.iterate(0))
+
     def iterate(self, epoch: int = 0, start: int = 0) -> Iterator[Any]:
         """Placed batches from batch `start`, endlessly (the loop stops at max_steps)."""
         makers = (lambda i=i, r=r: self.place(self.host_batch_from(i, r)) for i, r in self._shares(start))
