@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jtrain.errors import CheckpointError
-from jtrain.jsonfile import read_json_object
+from jtrain.jsonfile import atomic_write, read_json_object, write_json
 from jtrain.state import TrainState
 
 PREFIX = "checkpoint"
@@ -152,26 +152,6 @@ def _loss_scale_tree(loss_scale: Any) -> dict:
     return {"scale": loss_scale.scale, "good_steps": loss_scale.good_steps, "overflows": loss_scale.overflows}
 
 
-def _write_json(path: str, value: Any) -> None:
-    _atomic_write(path, lambda tmp: _dump_json(tmp, value))
-
-
-def _dump_json(path: str, value: Any) -> None:
-    with open(path, "w") as fh:
-        json.dump(value, fh, indent=2, sort_keys=True, default=str)
-        fh.write("\n")
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write through a temporary file, flush it to disk, then rename: a reader (or a resume after
-    a crash, even of the machine) sees the old file or the whole new one, never a prefix."""
-    tmp = path + ".tmp"
-    write(tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 class CheckpointWriter:
     """Asynchronous writer: orbax writes the arrays, a finaliser thread then writes the sidecars.
 
@@ -207,8 +187,8 @@ class CheckpointWriter:
                 self._ckptr.wait_until_finished()
                 if jax.process_index() == 0:
                     for name, value in sidecars.items():
-                        _write_json(os.path.join(path, name), value)
-                    _atomic_write(os.path.join(path, COMPLETE_MARKER), trainer_state)  # the marker: last
+                        write_json(os.path.join(path, name), value, default=str)
+                    atomic_write(os.path.join(path, COMPLETE_MARKER), trainer_state)  # the marker: last
                     _fsync_dir(path)
                     self.rotate(best_checkpoint)
             except BaseException as err:  # surfaced by the next wait()

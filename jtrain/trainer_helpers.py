@@ -10,11 +10,11 @@ They are bound onto `jtrain.Trainer` as methods, as HF binds its `trainer_pt_uti
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from typing import Any
 
 from jtrain.errors import ConfigError
+from jtrain.jsonfile import atomic_write, read_json_object, write_json
 from jtrain.models.base import param_count
 from jtrain.param_split import split_params
 
@@ -52,29 +52,18 @@ def log_metrics(self: Any, split: str, metrics: dict[str, Any]) -> None:
         print(f"  {key: <{key_width}} = {shown[key]:>{value_width}}")
 
 
-def _write_json(path: str, data: dict) -> None:
-    """Write through a temporary file, so a crash mid-write never leaves half a results file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=4, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 def save_metrics(self: Any, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
     """`{output_dir}/{split}_results.json`, and (`combined`) the same keys merged into
     `all_results.json`, as HF writes them (process zero only)."""
     if not self.is_world_process_zero():
         return
-    from jtrain.jsonfile import read_json_object
-
     os.makedirs(self.args.output_dir, exist_ok=True)
-    _write_json(os.path.join(self.args.output_dir, f"{split}_results.json"), metrics)
+    write_json(os.path.join(self.args.output_dir, f"{split}_results.json"), metrics, indent=4)
     if combined:
         path = os.path.join(self.args.output_dir, "all_results.json")
         everything = read_json_object(path, what="the combined results file") if os.path.exists(path) else {}
         everything.update(metrics)
-        _write_json(path, everything)
+        write_json(path, everything, indent=4)
 
 
 def save_state(self: Any) -> None:
@@ -82,7 +71,7 @@ def save_state(self: Any) -> None:
     if not self.is_world_process_zero():
         return
     os.makedirs(self.args.output_dir, exist_ok=True)
-    self.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
+    atomic_write(os.path.join(self.args.output_dir, "trainer_state.json"), self.state.save_to_json)
 
 
 def get_num_trainable_parameters(self: Any) -> int:
