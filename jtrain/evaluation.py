@@ -46,6 +46,9 @@ class EvalLoopOutput:
     label_ids: Any
     metrics: dict
     num_samples: int
+    # Keys jtrain adds beyond HF's evaluate (accuracy, perplexity) that compute_metrics did not set;
+    # the default hyperparameter-search objective leaves them out, so it means what HF's means.
+    derived_keys: tuple[str, ...] = ()
 
 
 def _sum_metrics(total: dict | None, step_out: dict) -> dict:
@@ -113,12 +116,15 @@ def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predicti
     if trainer.compute_metrics is not None and predictions is not None and not per_batch_metrics:
         extra = trainer.compute_metrics(EvalPrediction(
             predictions, label_ids, inputs=kept["inputs"].result(), losses=kept["losses"].result()))
+    derived = [k for k in metrics if k != f"{prefix}_loss"]  # jtrain's additions to HF's eval_loss
     if extra:
-        metrics.update({(k if k.startswith(f"{prefix}_") else f"{prefix}_{k}"): v for k, v in extra.items()})
+        extra = {(k if k.startswith(f"{prefix}_") else f"{prefix}_{k}"): v for k, v in extra.items()}
+        metrics.update(extra)
+        derived = [k for k in derived if k not in extra]
     runtime = time.perf_counter() - start
     metrics.update({
         f"{prefix}_runtime": round(runtime, 4),
         f"{prefix}_samples_per_second": round(n_rows / runtime, 3),
         f"{prefix}_steps_per_second": round(n_batches / runtime, 3),
     })
-    return EvalLoopOutput(predictions, label_ids, metrics, n_rows)
+    return EvalLoopOutput(predictions, label_ids, metrics, n_rows, tuple(derived))

@@ -306,11 +306,20 @@ def run_job(cfg: RunConfig) -> dict:
             trainer.save_metrics(split, metrics, combined=False)
     if results:
         trainer.save_metrics("all", results, combined=False)  # this run's results only: all_results.json
+    if args.do_train:  # README.md, as HF's example scripts end (the card lists the evaluations above)
+        trainer.create_model_card(finetuned_from=cfg.model.model_name_or_path, dataset=_dataset_name(cfg))
+    if results:
         saved = "adapters (adapter_config.json, adapter_model.safetensors), tokenizer.json" if cfg.peft is not None \
             else "model (config.json, model.safetensors, tokenizer.json)"
         _say(f"wrote {f'checkpoints, {saved}, ' if args.do_train else ''}"
-             f"results{' and trainer_state.json' if args.do_train else ''} to {os.path.abspath(args.output_dir)}")
+             f"results{', trainer_state.json and README.md (model card)' if args.do_train else ''} to {os.path.abspath(args.output_dir)}")
     return results
+
+
+def _dataset_name(cfg: RunConfig) -> str:
+    """What the model card says the model was trained on."""
+    d = cfg.data
+    return os.path.basename(d.train_file) if d.source == "files" and d.train_file else f"jtrain {d.source} ({d.task})"
 
 
 def _train(trainer: Trainer, data: TaskData, resume: Any, merged_export: bool = False) -> dict:

@@ -28,6 +28,7 @@ from jtrain.flops import compiled_flops, device_peak_flops, mfu
 from jtrain.losses import routing_logs
 from jtrain.memory import tracker_for
 from jtrain.signals import StopOnSignal
+from jtrain.trainer_helpers import non_embedding_parameter_count
 from jtrain.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ class _Run:
             t.control = h.on_substep_end(t.args, t.state, t.control, metrics=m, step=step)
         t.control = h.on_pre_optimizer_step(t.args, t.state, t.control, metrics=m, step=step)
         t.control = h.on_optimizer_step(t.args, t.state, t.control, metrics=m, step=step)
+        # HF's total_flos: 6 x non-embedding params x input tokens, summed in TrainerState (so a resumed run continues it)
+        t.state.total_flos += 6.0 * non_embedding_parameter_count(t) * float(m.get("input_tokens", 0.0))
         counting = t.args.include_num_input_tokens_seen  # "no" | "all" | "non_padding"
         if counting != "no":  # carried in TrainerState, so a resumed run continues the count
             t.state.num_input_tokens_seen += int(m.get("input_tokens" if counting == "all" else "non_padding_tokens",
@@ -171,6 +174,7 @@ class _Run:
     def evaluate(self) -> dict:
         t = self.t
         metrics = t.evaluate()
+        t._report_to_hp_search(metrics)
         if t.lr_controller is not None and t.args.metric_for_best_model:
             factor = t.lr_controller.step(metrics[_metric_key(t.args.metric_for_best_model)])
             # Same sharding as the state's own scalar, or the step would recompile for a new input layout.
@@ -252,7 +256,7 @@ def run_training(trainer: Any, loader: HostLoader, plan: StepPlan, position: Loa
     t, args = trainer, trainer.args
     t.state.train_batch_size = plan.global_batch_size
     t.state.compute_steps(args, plan.max_steps)
-    t.state.init_training_references(t, plan.max_steps, plan.num_train_epochs)
+    t.state.init_training_references(t, plan.max_steps, plan.num_train_epochs, getattr(t, "_trial_params", None))
     _check_best_model_args(args, t.state)
     start, start_step = time.perf_counter(), t.state.global_step
     with StopOnSignal() as stop:
@@ -340,7 +344,7 @@ def _speed_metrics(start: float, steps: int, plan: StepPlan, run: _Run) -> dict:
         "train_samples_per_second": round(steps * plan.global_batch_size / runtime, 3),
         "train_steps_per_second": round(steps / runtime, 3),
         "train_tokens_per_second": round(run.tokens_seen / runtime, 1),
-        "total_flos": 0.0,
+        "total_flos": float(run.t.state.total_flos),  # HF: the whole run's, a resumed one included
     }
 
 
@@ -366,7 +370,6 @@ def _step_time_metrics(t: Any, run: _Run, steps: int, runtime: float) -> dict:
     if flops:
         peak, source = device_peak_flops(t.steps.precision.compute_dtype)
         out["train_flops_per_step"] = flops
-        out["total_flos"] = float(flops * jax.device_count() * steps)
         value = mfu(flops, step_seconds, peak)
         if value is not None:
             out["train_mfu"] = round(value, 6)

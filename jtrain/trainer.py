@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 
-from jtrain import trainer_helpers
+from jtrain import hp_search, model_card, trainer_helpers
 from jtrain.accounting import StepPlan, plan_steps
 from jtrain.args import TrainingArguments
 from jtrain.callbacks import (CallbackHandler, DefaultFlowCallback, ExportableState, TrainerCallback, TrainerControl,
@@ -32,6 +32,7 @@ from jtrain.losses import LOSSES_BY_TASK, LossOutput
 from jtrain.models.base import Model
 from jtrain.models.wrapper import hf_exportable
 from jtrain.optim import make_optimizer
+from jtrain.optim.factory import make_optimizer_from_factory
 from jtrain.reporting import PrinterCallback, ProgressCallback, callbacks_for_report_to
 from jtrain.schedules import make_lr_controller, make_schedule
 from jtrain.sharding import data_parallel_size, make_mesh, resolve_mesh_shape, sharding_rules
@@ -67,27 +68,55 @@ class Trainer:
     save_metrics = trainer_helpers.save_metrics
     save_state = trainer_helpers.save_state
     get_num_trainable_parameters = trainer_helpers.get_num_trainable_parameters
+    floating_point_ops = trainer_helpers.floating_point_ops
+    hyperparameter_search = hp_search.hyperparameter_search
+    create_model_card = model_card.create_model_card
     get_learning_rates = trainer_helpers.get_learning_rates
     get_total_train_batch_size = trainer_helpers.get_total_train_batch_size
     num_examples = trainer_helpers.num_examples
 
     def __init__(
         self,
-        model: Model,
+        model: Model | None = None,
         args: TrainingArguments | None = None,
         data_collator: Callable | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
+        model_init: Callable[..., Any] | None = None,
+        compute_loss_func: Callable | None = None,
         compute_metrics: Callable | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
+        optimizer_cls_and_kwargs: tuple[Callable, dict] | None = None,
         preprocess_logits_for_metrics: Callable | None = None,
-        compute_loss_func: Callable | None = None,
         *,
         params: Any = None,
         mesh: jax.sharding.Mesh | None = None,
     ):
+        """HF's arguments, in HF's order, plus jtrain's keyword-only `params` (initial weights, e.g.
+        from `from_pretrained`; default: initialised from `args.seed`) and `mesh`.
+
+        `model_init()` (or `model_init(trial)` under `hyperparameter_search`) returns a Model or a
+        `(Model, params)` pair; it replaces `model`, as in HF. `optimizer_cls_and_kwargs` is an
+        optax factory and its kwargs (`(optax.lion, {"b1": 0.95})`), called with the Trainer's
+        learning-rate schedule.
+        """
+        self._init_arguments = dict(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init,
+            compute_loss_func=compute_loss_func, compute_metrics=compute_metrics, callbacks=callbacks,
+            optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics, params=params, mesh=mesh)
+        self.model_init = model_init
+        if model_init is not None:
+            if model is not None:
+                logger.warning("Trainer got both `model` and `model_init`; the model from model_init is used, as in HF")
+            model, params = self.call_model_init(None, params)
+        elif model is None:
+            raise ConfigError("Trainer needs a `model` (a jtrain Model, e.g. from jtrain.models.from_pretrained) "
+                              "or a `model_init` function that returns one")
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.args = args or TrainingArguments()
         self.model, self.data_collator, self.processing_class = model, data_collator, processing_class
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
@@ -142,6 +171,26 @@ class Trainer:
                                   "every eval batch (true on the last one, whose result is returned): add a "
                                   "`compute_result` argument to compute_metrics, or set batch_eval_metrics false")
 
+    def call_model_init(self, trial: Any = None, params: Any = None) -> tuple[Model, Any]:
+        """`model_init()` or `model_init(trial)`, as HF calls it; returns (model, initial params)."""
+        import inspect
+
+        try:  # positional parameters only: a model factory with **options still takes no trial
+            arity = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                        for p in inspect.signature(self.model_init).parameters.values())
+        except (TypeError, ValueError):
+            arity = 0
+        if arity > 1:
+            raise ConfigError("model_init takes no argument or one (the hyperparameter-search trial); "
+                              f"this one takes {arity}")
+        made = self.model_init(trial) if arity == 1 else self.model_init()
+        if isinstance(made, tuple) and len(made) == 2 and _is_model(made[0]):
+            return made
+        if not _is_model(made):
+            raise ConfigError(f"model_init returned a {type(made).__name__}; it must return a jtrain Model "
+                              "or a (Model, params) pair, e.g. jtrain.models.from_pretrained(path)")
+        return made, params
+
     # ---- HF override points -----------------------------------------------------------
     def compute_loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> LossOutput:
         """Summed loss and its weight for one micro-batch; traced into the compiled step."""
@@ -161,6 +210,14 @@ class Trainer:
         return self.lr_scheduler
 
     def create_optimizer(self) -> Any:
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is not None:
+            factory, kwargs = self.optimizer_cls_and_kwargs
+            a = self.args
+            try:
+                self.optimizer = make_optimizer_from_factory(factory, kwargs, self.lr_scheduler,
+                                                             weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
         if self.optimizer is None:
             a = self.args
             self.optimizer = make_optimizer(
@@ -405,6 +462,7 @@ class Trainer:
 
         tracker_for(self).start(metric_key_prefix)
         output = self._evaluation_loop(dataset, metric_key_prefix, want_predictions=self.compute_metrics is not None)
+        self._derived_eval_keys = getattr(self, "_derived_eval_keys", frozenset()) | set(output.derived_keys)
         output.metrics.update(eval_memory_metrics(self, metric_key_prefix))
         self.log(output.metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=output.metrics)
@@ -414,6 +472,13 @@ class Trainer:
         output = self._evaluation_loop(test_dataset, metric_key_prefix, want_predictions=True, predicting=True)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
         return PredictionOutput(output.predictions, output.label_ids, output.metrics)
+
+    def _report_to_hp_search(self, metrics: dict) -> None:
+        """Under `hyperparameter_search`, an evaluation during training reports to the trial (and
+        its pruner may stop the training here); otherwise nothing."""
+        reporter = getattr(self, "_hp_reporter", None)
+        if reporter is not None:
+            reporter(self, metrics)
 
     def _evaluation_loop(self, dataset: Any, prefix: str, want_predictions: bool,
                          predicting: bool = False) -> EvalLoopOutput:
@@ -486,6 +551,11 @@ class Trainer:
     def trainer_state_snapshot(self) -> TrainerState:
         """A copy for the checkpoint finaliser thread, which writes it after the loop moved on."""
         return copy.deepcopy(self.state)
+
+
+def _is_model(obj: Any) -> bool:
+    """A jtrain Model or a wrapper of one (LoRA, quantised): what the compiled steps can run."""
+    return all(hasattr(obj, name) for name in ("apply", "abstract_params", "logical_axes", "task"))
 
 
 def _checked_loader(loader: Any, getter: str) -> Any:

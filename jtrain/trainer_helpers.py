@@ -10,8 +10,13 @@ They are bound onto `jtrain.Trainer` as methods, as HF binds its `trainer_pt_uti
 from __future__ import annotations
 
 import datetime
+import math
 import os
+from collections.abc import Mapping
 from typing import Any
+
+import jax
+import numpy as np
 
 from jtrain.errors import ConfigError
 from jtrain.jsonfile import atomic_write, read_json_object, write_json
@@ -81,6 +86,30 @@ def get_num_trainable_parameters(self: Any) -> int:
     tree = self.model.abstract_params()
     trainable = getattr(self.model, "is_trainable", None)
     return param_count(tree if trainable is None else split_params(tree, trainable)[0])
+
+
+def non_embedding_parameter_count(self: Any) -> int:
+    """Parameters outside embedding tables (Flax `nn.Embed` leaves are named `embedding`), as HF's
+    `num_parameters(exclude_embeddings=True)` counts them; a tied output head shares its table and
+    is not counted twice. Cached: the count is fixed by the model."""
+    count = getattr(self, "_non_embedding_parameters", None)
+    if count is None:
+        leaves = jax.tree_util.tree_leaves_with_path(self.model.abstract_params())
+        embedding = lambda path: bool(path) and getattr(path[-1], "key", None) == "embedding"
+        count = int(sum(math.prod(leaf.shape) for path, leaf in leaves if not embedding(path)))
+        self._non_embedding_parameters = count
+    return count
+
+
+def floating_point_ops(self: Any, inputs: Mapping[str, Any]) -> int:
+    """HF's estimate of a batch's training FLOPs: 6 x non-embedding parameters x input tokens
+    (padding included). HF adds it to `state.total_flos` for every batch; so does jtrain (from
+    the step's token count), so `total_flos` means the same number on both sides. The compiled
+    step's exact count is `train_flops_per_step`, which MFU uses."""
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
+    if ids is None:
+        return 0
+    return 6 * non_embedding_parameter_count(self) * int(np.size(ids))
 
 
 def get_learning_rates(self: Any) -> list[float]:

@@ -58,7 +58,8 @@ def test_planned_step_is_reused_and_mfu_comes_from_its_flops(tmp_path):
     batch = trainer.steps.abstract_train_batch(loader.host_batch(0, 0))
     compiled = trainer.steps.train_step.lower(trainer.steps.abstract_state, batch).compile()  # jit's cache
     assert metrics["train_flops_per_step"] == cost_analysis(compiled)["flops"] > 0
-    assert metrics["total_flos"] == metrics["train_flops_per_step"] * jax.device_count() * 3
+    # total_flos is HF's estimate (6 x non-embedding params x input tokens) summed over the 3 updates.
+    assert metrics["total_flos"] == 3 * trainer.floating_point_ops(loader.host_batch(0, 0)) > 0
     assert 0 < metrics["train_mfu"] <= 1
     fractions = [metrics[f"train_{k}_fraction"] for k in ("data_wait", "device", "host")]
     assert all(0 <= f <= 1 for f in fractions) and sum(fractions) == pytest.approx(1, abs=1e-3)

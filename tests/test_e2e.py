@@ -60,6 +60,11 @@ def test_quickstart_trains_evaluates_and_saves(tmp_path):
                                             "trainer_state.json", "training_args.json"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "train_results.json", "all_results.json"):
         assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()  # HF's model card: the final evaluation and the training table
+    assert card.startswith("---\nlibrary_name: transformers") and f"- Loss: {results['eval_loss']:.4f}" in card
+    end = next(i for i, e in enumerate(history) if "train_runtime" in e)
+    during = [e for e in history[:end] if "eval_loss" in e]
+    assert card.count("\n| ") == 1 + len(during) >= 3  # header + one row per evaluation during training
     assert "unigram baseline" in proc.stdout and str(out) in proc.stdout
 
     # The same output_dir again resumes from its last checkpoint instead of overwriting it.

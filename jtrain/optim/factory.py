@@ -8,6 +8,7 @@ RMSprop, because that is what `torch.optim.SGD/RMSprop(weight_decay=...)` do.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import optax
 
 from jtrain.optim import builders
 from jtrain.optim.args import resolve_optim_args
+from jtrain.optim.decay_mask import decay_mask
 from jtrain.optim.transforms import clip_by_global_norm_torch
 
 
@@ -99,3 +101,45 @@ def make_optimizer(
         parts.append(clip_by_global_norm_torch(float(max_grad_norm)))
     parts.append(build(config))
     return optax.chain(*parts)
+
+
+def make_optimizer_from_factory(
+    factory: Callable[..., optax.GradientTransformation],
+    kwargs: Mapping[str, Any] | None,
+    learning_rate: float | optax.Schedule,
+    *,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+) -> optax.GradientTransformation:
+    """HF's `optimizer_cls_and_kwargs` in optax terms: `factory(learning_rate=schedule, **kwargs)`
+    behind the same clipping as `make_optimizer`.
+
+    As in HF, the Trainer's schedule drives the factory's learning rate, and the Trainer's
+    `weight_decay` (when the factory takes one and `kwargs` do not set it) applies to the
+    parameters HF decays (`decay_mask`, passed as `mask` when the factory takes one). Example::
+
+        Trainer(model, args, optimizer_cls_and_kwargs=(optax.lion, {"b1": 0.95}))
+    """
+    kwargs = dict(kwargs or {})
+    name = getattr(factory, "__name__", repr(factory))
+    if "learning_rate" in kwargs:
+        raise ValueError(f"optimizer_cls_and_kwargs: drop 'learning_rate' from {name}'s kwargs; the Trainer passes "
+                         "its schedule (TrainingArguments.learning_rate, lr_scheduler_type, warmup) as learning_rate")
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    if "learning_rate" not in accepted and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        raise ValueError(f"optimizer_cls_and_kwargs: {name} takes no `learning_rate` argument; give an optax "
+                         "optimizer factory such as optax.adamw or optax.lion")
+    if "weight_decay" in accepted and "weight_decay" not in kwargs:  # also 0.0: optax.adamw's default is 1e-4
+        kwargs["weight_decay"] = float(weight_decay)
+        if "mask" in accepted and "mask" not in kwargs:
+            kwargs["mask"] = decay_mask
+    try:
+        tx = factory(learning_rate=learning_rate, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"optimizer_cls_and_kwargs: {name}(learning_rate=..., **{sorted(kwargs)}) failed: {err}") \
+            from err
+    parts = [clip_by_global_norm_torch(float(max_grad_norm))] if max_grad_norm is not None and max_grad_norm > 0 else []
+    return optax.chain(*parts, tx)

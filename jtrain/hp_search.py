@@ -1,0 +1,192 @@
+"""`Trainer.hyperparameter_search`: HF's API and meaning, over optuna.
+
+Each trial builds a fresh Trainer of the same class from the arguments the search Trainer was
+built with: the model comes from `model_init(trial)`, the TrainingArguments get the trial's
+values, and checkpoints go to `{output_dir}/run-{trial.number}` (or `hp_name(trial)`), as in
+HF. Only fresh Trainers are used because a jtrain Trainer holds compiled steps and sharded
+state built for one set of arguments; nothing of one trial can leak into the next.
+
+As in HF, every evaluation during training reports the objective to the trial (optuna's
+pruners read it), the last one is the trial's result, and a trial that never evaluated is
+evaluated once at the end. A trial the pruner stops ends its training at that evaluation
+(callbacks see `on_train_end`) and is recorded as pruned.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import logging
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+from jtrain.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# optuna.create_study / Study.optimize keywords HF forwards (n_jobs is refused: one trial holds the devices).
+_STUDY_KWARGS = ("sampler", "pruner", "storage", "study_name", "load_if_exists")
+_OPTIMIZE_KWARGS = ("timeout", "catch", "callbacks", "gc_after_trial", "show_progress_bar")
+
+
+class BestRun(NamedTuple):
+    """HF's `BestRun`: the trial's id, its objective (a list for several directions) and values."""
+
+    run_id: str
+    objective: float | list[float]
+    hyperparameters: dict[str, Any]
+    run_summary: Any = None
+
+
+def default_hp_space_optuna(trial: Any) -> dict[str, Any]:
+    """HF's default search space for optuna."""
+    return {
+        "learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-4, log=True),
+        "num_train_epochs": trial.suggest_int("num_train_epochs", 1, 5),
+        "seed": trial.suggest_int("seed", 1, 40),
+        "per_device_train_batch_size": trial.suggest_categorical("per_device_train_batch_size", [4, 8, 16, 32, 64]),
+    }
+
+
+def default_compute_objective(metrics: dict[str, float]) -> float:
+    """HF's default: the evaluation loss, or when other metrics exist (from compute_metrics), their
+    sum; epoch and speed metrics never count."""
+    metrics = copy.deepcopy(metrics)
+    loss = metrics.pop("eval_loss", None)
+    metrics.pop("epoch", None)
+    for key in [k for k in metrics if k.endswith(("_runtime", "_per_second", "_compilation_time"))]:
+        metrics.pop(key)
+    return loss if len(metrics) == 0 else sum(metrics.values())
+
+
+def _import_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError as err:
+        raise ConfigError("hyperparameter_search uses optuna, which is not installed: "
+                          "pip install 'jtrain[hpsearch]' (or pip install optuna)") from err
+    return optuna
+
+
+def _check(trainer: Any, backend: Any, kwargs: dict) -> None:
+    name = getattr(backend, "value", backend)
+    if name not in (None, "optuna"):
+        raise ConfigError(f"hyperparameter_search backend {name!r} is not supported by jtrain; use backend='optuna' "
+                          "(or leave it unset)")
+    if trainer.model_init is None:
+        raise ConfigError("hyperparameter_search builds a fresh model for every trial: pass model_init to the "
+                          "Trainer (a function returning a jtrain Model, or (Model, params)) instead of model")
+    if trainer.eval_dataset is None:
+        raise ConfigError("hyperparameter_search ranks trials by evaluation metrics: pass an eval_dataset")
+    if jax.process_count() > 1:
+        raise ConfigError("hyperparameter_search runs in one process; with several JAX processes each would "
+                          "sample its own trials. Run the search on one host")
+    if kwargs.get("n_jobs", 1) != 1:
+        raise ConfigError("hyperparameter_search: n_jobs must be 1; one trial at a time uses all devices")
+    unknown = sorted(set(kwargs) - set(_STUDY_KWARGS) - set(_OPTIMIZE_KWARGS) - {"n_jobs"})
+    if unknown:
+        raise ConfigError(f"hyperparameter_search got unknown keyword arguments {unknown}; optuna's accepted ones "
+                          f"are {sorted(_STUDY_KWARGS + _OPTIMIZE_KWARGS)}")
+
+
+def _trial_arguments(args: Any, values: dict[str, Any], output_dir: str) -> tuple[Any, dict]:
+    """TrainingArguments with the trial's values (cast to each field's type, as HF casts them).
+
+    Keys that are not TrainingArguments fields are left to `model_init(trial)`, which reads
+    them from the trial (HF warns and skips them too)."""
+    fields = {f.name for f in dataclasses.fields(args)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            logger.info("hyperparameter %r is not a TrainingArguments field; it is left to model_init(trial)", key)
+            continue
+        old = getattr(args, key)
+        changes[key] = type(old)(value) if old is not None and not isinstance(old, (list, dict, tuple)) else value
+    try:
+        return args.replace(**changes, output_dir=output_dir), changes
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"hyperparameter_search: the trial's values {changes} are not valid TrainingArguments: "
+                          f"{err}") from err
+
+
+class _TrialReporter:
+    """Reports each evaluation's objective to the optuna trial; remembers the last one."""
+
+    def __init__(self, trial: Any, compute_objective: Callable[[dict], Any], multi: bool):
+        self.trial, self.compute_objective, self.multi = trial, compute_objective, multi
+        self.objective: Any = None
+        self.pruned = False
+
+    def __call__(self, trainer: Any, metrics: dict) -> None:
+        derived = getattr(trainer, "_derived_eval_keys", ())
+        self.objective = self.compute_objective({k: v for k, v in metrics.items() if k not in derived})
+        if self.multi:  # optuna cannot prune multi-objective trials
+            return
+        self.trial.report(float(self.objective), trainer.state.global_step)
+        if self.trial.should_prune():
+            self.pruned = True
+            trainer.control.should_training_stop = True
+
+
+def hyperparameter_search(
+    trainer: Any,
+    hp_space: Callable[[Any], dict[str, Any]] | None = None,
+    compute_objective: Callable[[dict[str, float]], Any] | None = None,
+    n_trials: int = 20,
+    direction: str | list[str] = "minimize",
+    backend: Any = None,
+    hp_name: Callable[[Any], str] | None = None,
+    **kwargs: Any,
+) -> BestRun | list[BestRun]:
+    """Search hyperparameters with optuna; returns the best run (a list of Pareto-best runs for
+    several directions). Example::
+
+        trainer = Trainer(model_init=lambda trial: create_model("llama", cfg), args=args,
+                          train_dataset=train, eval_dataset=val)
+        best = trainer.hyperparameter_search(n_trials=10, direction="minimize")
+        print(best.hyperparameters)
+    """
+    _check(trainer, backend, kwargs)
+    optuna = _import_optuna()
+    hp_space = hp_space or default_hp_space_optuna
+    compute_objective = compute_objective or default_compute_objective
+    multi = isinstance(direction, (list, tuple))
+    study_kwargs = {k: kwargs[k] for k in _STUDY_KWARGS if k in kwargs}
+    study = optuna.create_study(**({"directions": list(direction)} if multi else {"direction": direction}),
+                                **study_kwargs)
+
+    def objective(trial: Any) -> Any:
+        return _run_trial(trainer, trial, hp_space(trial), compute_objective, hp_name, multi, optuna)
+
+    study.optimize(objective, n_trials=n_trials, **{k: kwargs[k] for k in _OPTIMIZE_KWARGS if k in kwargs})
+    if multi:
+        return [BestRun(str(t.number), list(t.values), dict(t.params)) for t in study.best_trials]
+    best = study.best_trial
+    return BestRun(str(best.number), best.value, dict(best.params))
+
+
+def _run_trial(trainer: Any, trial: Any, values: dict[str, Any], compute_objective: Callable, hp_name: Callable | None,
+               multi: bool, optuna: Any) -> Any:
+    run_name = hp_name(trial) if hp_name is not None else f"run-{trial.number}"
+    args, applied = _trial_arguments(trainer.args, values, os.path.join(trainer.args.output_dir, run_name))
+    initial_params = trainer._init_arguments["params"]
+    init = dict(trainer._init_arguments, model=None, args=args,
+                model_init=lambda: trainer.call_model_init(trial, initial_params))
+    trial_trainer = type(trainer)(**init)
+    reporter = _TrialReporter(trial, compute_objective, multi)
+    trial_trainer._hp_reporter = reporter
+    trial_trainer._trial, trial_trainer.hp_name, trial_trainer._trial_params = trial, hp_name, dict(values)
+    logger.info("hyperparameter search: trial %s (%s) with %s", trial.number, run_name, applied or values)
+    try:
+        trial_trainer.train()
+        if reporter.pruned:
+            raise optuna.TrialPruned(f"pruned at step {trial_trainer.state.global_step}")
+        if reporter.objective is None:  # no evaluation during training: evaluate once, as HF does
+            reporter(trial_trainer, trial_trainer.evaluate())
+        return reporter.objective
+    finally:
+        del trial_trainer
+        gc.collect()  # free the trial's device arrays before the next trial allocates its own

@@ -1,0 +1,222 @@
+"""HF Trainer API beyond train/evaluate/predict: HF's constructor order, model_init,
+optimizer_cls_and_kwargs, floating_point_ops / total_flos, hyperparameter_search (optuna) and
+create_model_card, each against HF's own function or an invariance.
+
+Tolerances: parameters after training with the same AdamW built two ways are compared at
+1e-6 abs (float32, identical arithmetic order up to the optax chain's grouping); everything
+else is exact (integer FLOP counts, parsed files, untouched parameters).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import types
+
+import jax
+import numpy as np
+import optax
+import optuna
+import pytest
+import torch
+import transformers
+from huggingface_hub import ModelCard
+from test_models_common import hf_model, padded_batch
+from tiny import lm_rows, tiny_llama
+from transformers.modelcard import make_markdown_table, parse_log_history
+from transformers.trainer_utils import default_compute_objective as hf_default_compute_objective
+
+from jtrain import Trainer, TrainerCallback, TrainingArguments
+from jtrain.data.loader import ArrayDataset
+from jtrain.errors import ConfigError
+from jtrain.hp_search import default_compute_objective
+from jtrain.models import from_pretrained
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _args(tmp_path, **kw):
+    return TrainingArguments(**{"output_dir": str(tmp_path / "out"), "max_steps": 4, "per_device_train_batch_size": 4,
+                                "learning_rate": 1e-2, "save_strategy": "no", "disable_tqdm": True,
+                                "mesh_shape": {"data": 1}, "report_to": [], **kw})
+
+
+def _train_data():
+    return ArrayDataset(lm_rows(32, 16))
+
+
+def _eval_data():
+    return ArrayDataset(lm_rows(8, 16, seed=1))
+
+
+# ---- constructor -----------------------------------------------------------------------------
+def test_constructor_takes_hf_arguments_in_hf_order():
+    ours = list(inspect.signature(Trainer.__init__).parameters)[1:]
+    theirs = list(inspect.signature(transformers.Trainer.__init__).parameters)[1:]
+    assert ours[:len(theirs)] == theirs  # positional calls written for HF mean the same here
+    assert [p.kind for p in inspect.signature(Trainer.__init__).parameters.values()][-2:] == [
+        inspect.Parameter.KEYWORD_ONLY] * 2  # jtrain's own: params, mesh
+
+
+def test_model_init_with_and_without_trial_and_with_params(tmp_path):
+    calls = []
+
+    def init_with_trial(trial):
+        calls.append(trial)
+        return tiny_llama()
+
+    trainer = Trainer(model_init=init_with_trial, args=_args(tmp_path))
+    assert calls == [None] and trainer.model.task == "causal_lm"  # HF calls model_init(None) at construction
+    params = jax.tree.map(np.zeros_like, tiny_llama().init(jax.random.key(0)))
+    trainer = Trainer(model_init=lambda: (tiny_llama(), params), args=_args(tmp_path))
+    out = trainer.predict(_eval_data())  # the params model_init returned, not fresh ones: all-zero weights
+    np.testing.assert_array_equal(out.predictions, np.zeros_like(out.predictions))
+    with pytest.raises(ConfigError, match="model_init returned a str"):
+        Trainer(model_init=lambda: "llama", args=_args(tmp_path))
+    with pytest.raises(ConfigError, match="no argument or one"):
+        Trainer(model_init=lambda a, b: tiny_llama(), args=_args(tmp_path))
+    with pytest.raises(ConfigError, match="needs a `model`"):
+        Trainer(args=_args(tmp_path))
+
+
+def test_optimizer_cls_and_kwargs_equals_the_named_optimizer(tmp_path):
+    """(optax.adamw, kwargs) with HF's weight decay and mask must train exactly like optim=adamw_torch."""
+    common = dict(weight_decay=0.1, max_grad_norm=0.5, warmup_steps=1)
+    named = Trainer(tiny_llama(), _args(tmp_path / "a", **common), train_dataset=_train_data())
+    named.train()
+    factory = Trainer(tiny_llama(), _args(tmp_path / "b", **common), train_dataset=_train_data(),
+                      optimizer_cls_and_kwargs=(optax.adamw, {"b1": 0.9, "b2": 0.999, "eps": 1e-8}))
+    factory.train()
+    for a, b in zip(jax.tree.leaves(named.params), jax.tree.leaves(factory.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    with pytest.raises(ConfigError, match="drop 'learning_rate'"):
+        Trainer(tiny_llama(), _args(tmp_path), train_dataset=_train_data(),
+                optimizer_cls_and_kwargs=(optax.adamw, {"learning_rate": 1e-3})).train()
+    with pytest.raises(ConfigError, match="takes no `learning_rate`"):
+        Trainer(tiny_llama(), _args(tmp_path), train_dataset=_train_data(),
+                optimizer_cls_and_kwargs=(optax.clip, {"max_delta": 1.0})).train()
+
+
+# ---- FLOPs -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type,task", [("llama", "causal_lm"), ("gpt2", "causal_lm"), ("bert", "masked_lm")])
+def test_floating_point_ops_match_hf(model_type, task, tmp_path):
+    hf = hf_model(model_type, task)
+    hf.save_pretrained(tmp_path)
+    model, params = from_pretrained(tmp_path)
+    batch = padded_batch(model_type, rows=3, length=10)
+    ours = Trainer(model, _args(tmp_path), params=params).floating_point_ops(batch)
+    theirs = transformers.Trainer.floating_point_ops(types.SimpleNamespace(model=hf),  # HF's own method
+                                                     {"input_ids": torch.as_tensor(batch["input_ids"])})
+    assert ours == theirs > 0
+
+
+def test_total_flos_is_summed_in_trainer_state_and_continues_on_resume(tmp_path):
+    args = _args(tmp_path, save_strategy="steps", save_steps=2)
+    whole = Trainer(tiny_llama(), args, train_dataset=_train_data())
+    metrics = whole.train().metrics
+    per_update = whole.floating_point_ops(lm_rows(4, 16))  # HF adds this per batch of 4 rows x 16 tokens
+    assert whole.state.total_flos == metrics["total_flos"] == 4 * per_update
+    saved = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert saved["total_flos"] == 2 * per_update
+    resumed = Trainer(tiny_llama(), args.replace(save_strategy="no"), train_dataset=_train_data())
+    metrics = resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2")).metrics
+    assert metrics["total_flos"] == resumed.state.total_flos == 4 * per_update
+
+
+# ---- hyperparameter search -------------------------------------------------------------------
+def test_default_objective_is_hfs():
+    for metrics in ({"eval_loss": 1.5, "epoch": 2.0, "eval_runtime": 3.0, "eval_samples_per_second": 9.0},
+                    {"eval_loss": 1.5, "eval_f1": 0.25, "eval_accuracy": 0.5, "eval_steps_per_second": 2.0}):
+        assert default_compute_objective(metrics) == hf_default_compute_objective(metrics)
+
+
+class _Ends(TrainerCallback):
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+class _PruneLearningRate(optuna.pruners.BasePruner):
+    """Prunes the trial of one learning rate at its first report (the grid's order is random)."""
+
+    def __init__(self, learning_rate: float):
+        self.learning_rate = learning_rate
+
+    def prune(self, study, trial):
+        return trial.params["learning_rate"] == self.learning_rate
+
+
+def test_hyperparameter_search_applies_values_reports_and_prunes(tmp_path):
+    ends, seen = _Ends(), []
+
+    def model_init(trial):
+        seen.append(None if trial is None else trial.params.get("learning_rate"))
+        return tiny_llama()
+
+    args = _args(tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2)
+    trainer = Trainer(model_init=model_init, args=args, train_dataset=_train_data(), eval_dataset=_eval_data(),
+                      callbacks=[ends])
+    untrained = Trainer(tiny_llama(), args).evaluate(_eval_data())["eval_loss"]
+    grid = {"learning_rate": [0.0, 1e-2, 3e-2]}
+    best = trainer.hyperparameter_search(
+        hp_space=lambda t: {"learning_rate": t.suggest_categorical("learning_rate", grid["learning_rate"])},
+        n_trials=3, direction="minimize", sampler=optuna.samplers.GridSampler(grid, seed=0), pruner=_PruneLearningRate(3e-2))
+    learning_rates = {}
+    for number in range(3):
+        state = json.loads((tmp_path / "out" / f"run-{number}" / "checkpoint-2" / "trainer_state.json").read_text())
+        assert state["trial_params"]["learning_rate"] == seen[number + 1]  # model_init(trial) saw the same trial
+        learning_rates[state["trial_params"]["learning_rate"]] = number
+    pruned, zero = learning_rates[3e-2], learning_rates[0.0]
+    # The pruned trial's training ended at its first evaluation (step 2 of 4): on_train_end, no later checkpoint.
+    assert ends.steps == [2 if n == pruned else 4 for n in range(3)]
+    assert not (tmp_path / "out" / f"run-{pruned}" / "checkpoint-4").exists()
+
+    def last_eval_loss(number: int) -> float:
+        path = tmp_path / "out" / f"run-{number}" / "checkpoint-4" / "trainer_state.json"
+        return [e for e in json.loads(path.read_text())["log_history"] if "eval_loss" in e][-1]["eval_loss"]
+
+    assert last_eval_loss(zero) == pytest.approx(untrained, rel=1e-6)  # lr 0: the weights never moved
+    assert best.run_id == str(learning_rates[1e-2]) and best.hyperparameters == {"learning_rate": 1e-2}
+    # The objective is HF's default, eval_loss alone (jtrain's extra accuracy and perplexity left out).
+    assert best.objective == last_eval_loss(int(best.run_id)) < untrained
+
+
+def test_hyperparameter_search_refuses_what_it_cannot_do(tmp_path):
+    with_init = dict(model_init=tiny_llama, args=_args(tmp_path), train_dataset=_train_data())
+    with pytest.raises(ConfigError, match="pass model_init"):
+        Trainer(tiny_llama(), _args(tmp_path), train_dataset=_train_data(),
+                eval_dataset=_eval_data()).hyperparameter_search(n_trials=1)
+    with pytest.raises(ConfigError, match="eval_dataset"):
+        Trainer(**with_init).hyperparameter_search(n_trials=1)
+    trainer = Trainer(**with_init, eval_dataset=_eval_data())
+    with pytest.raises(ConfigError, match="'ray' is not supported"):
+        trainer.hyperparameter_search(backend="ray")
+    with pytest.raises(ConfigError, match=r"unknown keyword arguments \['n_startup'\]"):
+        trainer.hyperparameter_search(n_startup=3)
+    with pytest.raises(ConfigError, match="n_jobs must be 1"):
+        trainer.hyperparameter_search(n_jobs=2)
+
+
+# ---- model card ------------------------------------------------------------------------------
+def test_model_card_matches_hfs_layout_and_parses(tmp_path):
+    args = _args(tmp_path, eval_strategy="steps", eval_steps=2, logging_steps=1, gradient_accumulation_steps=2,
+                 per_device_train_batch_size=2)
+    trainer = Trainer(tiny_llama(), args, train_dataset=_train_data(), eval_dataset=_eval_data())
+    trainer.train()
+    final = trainer.evaluate()
+    trainer.create_model_card(license="apache-2.0", dataset_tags="wikitext", dataset="WikiText",
+                              dataset_args="wikitext-2-raw-v1", tags="tiny")
+    text = (tmp_path / "out" / "README.md").read_text()
+    _, lines, results = parse_log_history(trainer.state.log_history)
+    assert make_markdown_table(lines) in text  # the training-results table HF would write
+    assert f"- Loss: {final['eval_loss']:.4f}" in text and "- gradient_accumulation_steps: 2" in text
+    assert "- total_train_batch_size: 4" in text and "- training_steps: 4" in text
+    card = ModelCard.load(str(tmp_path / "out" / "README.md"))  # the Hub's own parser
+    assert card.data.library_name == "transformers" and card.data.license == "apache-2.0"
+    assert card.data.tags == ["tiny", "generated_from_trainer", "jtrain"]
+    (result,) = card.data.eval_results
+    assert (result.task_type, result.dataset_type, result.dataset_args) == ("text-generation", "wikitext",
+                                                                            "wikitext-2-raw-v1")
+    assert result.metric_type == "accuracy" and result.metric_value == final["eval_accuracy"] == results["Accuracy"]
