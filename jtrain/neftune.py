@@ -4,7 +4,7 @@ HF's `neftune_post_forward_hook` adds `Uniform(-m, m)` noise with `m = alpha / s
 padded sequence length, d the hidden size) to the output of the model's input embedding module
 whenever the module is in training mode. Here the same happens through
 `flax.linen.intercept_methods` around the token embedding's `__call__` (llama `embed_tokens`,
-gpt2 `wte`, bert `word_embeddings`; llama's sharded path reports through its
+gpt2 `wte`, bert `word_embeddings`; on a mesh the table is read directly and reports through
 `TokenEmbeddingOutput`): position embeddings and a tied head's `attend` are untouched. The noise
 comes from the `dropout` rng stream, so it is a pure function of the step's rng and the same
 on every mesh. Evaluation and prediction (`train=False`) see no noise.
@@ -35,7 +35,7 @@ def _is_token_embedding(module: nn.Module, method_name: str) -> bool:
         return False
     if isinstance(module, nn.Embed):
         return module.name in TOKEN_EMBEDDING_NAMES
-    from jtrain.models.llama import TokenEmbeddingOutput
+    from jtrain.models.layers import TokenEmbeddingOutput
 
     return isinstance(module, TokenEmbeddingOutput)
 

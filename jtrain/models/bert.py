@@ -18,8 +18,9 @@ import jax.numpy as jnp
 from jtrain.errors import ConfigError
 from jtrain.models.attention import attend, make_attention_mask
 from jtrain.models.hfconfig import HFConfig
-from jtrain.models.layers import (LayerNorm, activation, default_positions, dropout, dropout_rng,
-                                  normal_init, positions_within_segments, run_layers, zeros_init)
+from jtrain.models.layers import (LayerNorm, activation, check_sequence_length, constrain, default_positions, dropout,
+                                  dropout_rng, embed_tokens, normal_init, positions_within_segments, run_layers,
+                                  splits_length, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
 
 
@@ -99,14 +100,15 @@ class BertEmbeddings(nn.Module):
                 position_ids_BL = default_positions(input_ids_BL, segment_ids_BL)
         if token_type_ids_BL is None:
             token_type_ids_BL = jnp.zeros_like(input_ids_BL)
-        h_BLD = word(input_ids_BL)
+        h_BLD = embed_tokens(cfg, word, input_ids_BL)
         h_BLD = h_BLD + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=dtype, name="token_type_embeddings",
                                  embedding_init=normal_init(std, ("token_types", "embed")))(token_type_ids_BL)
         h_BLD = h_BLD + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype,
                                  name="position_embeddings",
                                  embedding_init=normal_init(std, ("positions", "embed")))(position_ids_BL)
         h_BLD = LayerNorm(cfg.layer_norm_eps, dtype, name="LayerNorm")(h_BLD)
-        return dropout(self, cfg.hidden_dropout_prob, h_BLD, self.train), word
+        h_BLD = dropout(self, cfg.hidden_dropout_prob, h_BLD, self.train)
+        return constrain(cfg, h_BLD, "batch", "length", "embed"), word
 
 
 class BertSelfAttention(nn.Module):
@@ -124,9 +126,14 @@ class BertSelfAttention(nn.Module):
                 bias_init=zeros_init(("heads", "head_dim")),
             )(h_BLD)
 
+        q = constrain(cfg, proj("query"), "batch", "length", "heads", "head_dim")
+        # Sequence parallelism: each device's query rows attend to keys and values gathered to the whole length.
+        k = constrain(cfg, proj("key"), "batch", None, "heads", "head_dim")
+        v = constrain(cfg, proj("value"), "batch", None, "heads", "head_dim")
         rng = dropout_rng(self, cfg.attention_probs_dropout_prob, self.train)
-        return attend(proj("query"), proj("key"), proj("value"), mask, implementation=cfg.attention_impl,
-                      dropout_rate=cfg.attention_probs_dropout_prob, dropout_rng=rng)
+        out = attend(q, k, v, mask, implementation=cfg.attention_impl, dropout_rate=cfg.attention_probs_dropout_prob,
+                     dropout_rng=rng, sequence_parallel=splits_length(cfg))
+        return constrain(cfg, out, "batch", "length", "heads", "head_dim")
 
 
 class BertAttentionOutput(nn.Module):
@@ -159,7 +166,7 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, h_BLD: jax.Array) -> jax.Array:
         x = _dense(self.cfg, self.cfg.intermediate_size, ("embed", "mlp"), "dense")(h_BLD)
-        return activation(self.cfg.hidden_act)(x)
+        return constrain(self.cfg, activation(self.cfg.hidden_act)(x), "batch", "length", "mlp")
 
 
 class BertOutput(nn.Module):
@@ -182,7 +189,8 @@ class BertLayer(nn.Module):
     def __call__(self, h_BLD: jax.Array, idx: Any, mask: jax.Array) -> jax.Array:
         h_BLD = BertAttention(self.cfg, self.train, name="attention")(h_BLD, mask)
         x = BertIntermediate(self.cfg, name="intermediate")(h_BLD)
-        return BertOutput(self.cfg, self.train, name="output")(x, h_BLD)
+        return constrain(self.cfg, BertOutput(self.cfg, self.train, name="output")(x, h_BLD), "batch", "length",
+                         "embed")
 
 
 class BertStack(nn.Module):
@@ -218,6 +226,7 @@ class BertEncoderModel(nn.Module):
     def __call__(self, input_ids_BL, attention_mask_BL=None, position_ids_BL=None, segment_ids_BL=None,
                  token_type_ids_BL=None):
         cfg = self.cfg
+        check_sequence_length(cfg, input_ids_BL.shape[1])
         h_BLD, word = BertEmbeddings(cfg, self.train, name="embeddings")(
             input_ids_BL, position_ids_BL, segment_ids_BL, token_type_ids_BL)
         mask = make_attention_mask(attention_mask_BL, segment_ids_BL, causal=False, length=input_ids_BL.shape[1])
@@ -252,7 +261,7 @@ class MLMHead(nn.Module):
             logits = Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype), name="decoder",
                               kernel_init=normal_init(cfg.initializer_range, ("embed", "vocab")))(x)
         bias = self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,))
-        return logits + bias.astype(logits.dtype)
+        return constrain(cfg, logits + bias.astype(logits.dtype), "batch", "length", "vocab")
 
 
 class BertPredictionTransform(nn.Module):

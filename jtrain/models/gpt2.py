@@ -17,8 +17,9 @@ import jax.numpy as jnp
 
 from jtrain.models.attention import attend, make_attention_mask
 from jtrain.models.hfconfig import HFConfig
-from jtrain.models.layers import (LayerNorm, activation, default_positions, dropout, dropout_rng, last_token_index,
-                                  normal_init, run_layers, take_rows, zeros_init)
+from jtrain.models.layers import (LayerNorm, activation, check_sequence_length, constrain, default_positions, dropout,
+                                  dropout_rng, embed_tokens, last_token_index, normal_init, run_layers, splits_length,
+                                  take_rows, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
 
 
@@ -86,12 +87,18 @@ class GPT2Attention(nn.Module):
             bias_init=zeros_init(("qkv", "heads", "head_dim")),
         )(h_BLD)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = constrain(cfg, q, "batch", "length", "heads", "head_dim")
+        # Sequence parallelism (as in Llama): queries stay split over the length, keys and values are
+        # gathered to the whole length. No-op without activation shardings.
+        k = constrain(cfg, k, "batch", None, "heads", "head_dim")
+        v = constrain(cfg, v, "batch", None, "heads", "head_dim")
         scale = H ** -0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:  # idx may be traced (scan), so scale q instead
             q = q / (jnp.asarray(idx, jnp.float32) + 1.0).astype(q.dtype)
         rng = dropout_rng(self, cfg.attn_pdrop, self.train)
-        out = attend(q, k, v, mask, implementation=cfg.attention_impl, scale=scale,
-                     dropout_rate=cfg.attn_pdrop, dropout_rng=rng, causal_blocks=True)
+        out = attend(q, k, v, mask, implementation=cfg.attention_impl, scale=scale, dropout_rate=cfg.attn_pdrop,
+                     dropout_rng=rng, causal_blocks=True, sequence_parallel=splits_length(cfg))
+        out = constrain(cfg, out, "batch", "length", "heads", "head_dim")
         out = DenseGeneral(
             cfg.n_embd, axis=(-2, -1), dtype=dtype, name="c_proj",
             kernel_init=normal_init(cfg.initializer_range, ("heads", "head_dim", "embed")),
@@ -110,6 +117,7 @@ class GPT2MLP(nn.Module):
         x = Dense(cfg.inner_dim, dtype=dtype, name="c_fc",
                      kernel_init=normal_init(cfg.initializer_range, ("embed", "mlp")),
                      bias_init=zeros_init(("mlp",)))(h_BLD)
+        x = constrain(cfg, x, "batch", "length", "mlp")
         x = Dense(cfg.n_embd, dtype=dtype, name="c_proj",
                      kernel_init=normal_init(cfg.initializer_range, ("mlp", "embed")),
                      bias_init=zeros_init(("embed",)))(activation(cfg.activation_function)(x))
@@ -126,7 +134,7 @@ class GPT2Block(nn.Module):
         x = LayerNorm(cfg.layer_norm_epsilon, dtype, name="ln_1")(h_BLD)
         h_BLD = h_BLD + GPT2Attention(cfg, self.train, name="attn")(x, idx, mask)
         x = LayerNorm(cfg.layer_norm_epsilon, dtype, name="ln_2")(h_BLD)
-        return h_BLD + GPT2MLP(cfg, self.train, name="mlp")(x)
+        return constrain(cfg, h_BLD + GPT2MLP(cfg, self.train, name="mlp")(x), "batch", "length", "embed")
 
 
 class GPT2Model(nn.Module):
@@ -143,12 +151,13 @@ class GPT2Model(nn.Module):
                        embedding_init=normal_init(cfg.initializer_range, ("vocab", "embed")))
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, name="wpe",
                        embedding_init=normal_init(cfg.initializer_range, ("positions", "embed")))
+        check_sequence_length(cfg, input_ids_BL.shape[1])
         if position_ids_BL is None:
             position_ids_BL = default_positions(input_ids_BL, segment_ids_BL)
-        h_BLD = wte(input_ids_BL) + wpe(position_ids_BL)
+        h_BLD = embed_tokens(cfg, wte, input_ids_BL) + wpe(position_ids_BL)
         if token_type_ids_BL is not None:
             h_BLD = h_BLD + wte(token_type_ids_BL)
-        h_BLD = dropout(self, cfg.embd_pdrop, h_BLD, self.train)
+        h_BLD = constrain(cfg, dropout(self, cfg.embd_pdrop, h_BLD, self.train), "batch", "length", "embed")
         mask = make_attention_mask(attention_mask_BL, segment_ids_BL, causal=True, length=input_ids_BL.shape[1])
         h_BLD = run_layers(GPT2Block, cfg, self.train, h_BLD, (mask,), num_layers=cfg.n_layer, name="h",
                            scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
@@ -175,7 +184,7 @@ class GPT2LMHeadModel(nn.Module):
         else:
             logits = Dense(self.cfg.vocab_size, use_bias=False, dtype=jnp.dtype(self.cfg.dtype), name="lm_head",
                               kernel_init=normal_init(self.cfg.initializer_range, ("embed", "vocab")))(h_BLD)
-        return {"logits": logits.astype(jnp.float32)}
+        return {"logits": constrain(self.cfg, logits, "batch", "length", "vocab").astype(jnp.float32)}
 
 
 class GPT2ForSequenceClassification(nn.Module):

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Mapping, TypeVar
 from jtrain.errors import ConfigError
 
 JTRAIN_OPTIONS = ("dtype", "attention_impl", "remat_policy", "scan_layers", "pipeline_stages",
-                  "pipeline_microbatches")
+                  "pipeline_microbatches", "activation_sharding")
 # Keys that save_pretrained writes itself, or that describe a checkpoint rather than a model.
 _WRITTEN_BY_SAVE = ("architectures", "dtype", "torch_dtype", "transformers_version", "model_type",
                     "num_labels", "id2label", "label2id", "_name_or_path")
@@ -43,6 +43,10 @@ class HFConfig:
     # Micro-batches per pipelined forward (GPipe's M); None = 2 x stages. The bubble (idle share
     # of each stage) is (S - 1) / (M + S - 1); M must divide the rows of each step's micro-batch.
     pipeline_microbatches: int | None = None
+    # A `jtrain.sharding.ActivationSharding` that pins activations (hidden states, q/k/v, MLP
+    # units, logits) to the mesh; set by `jtrain.compiled` on a multi-device mesh, never by hand.
+    # None leaves layouts to GSPMD propagation. See `jtrain.models.layers.constrain`.
+    activation_sharding: Any = None
     extra: dict = field(default_factory=dict)
 
     # Fields a given model_type does not have in HF (so they are not written for it).

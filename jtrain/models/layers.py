@@ -200,6 +200,50 @@ def _run_pipelined(scanned: nn.Module, cls: type[nn.Module], cfg: Any, train: bo
     return h
 
 
+# ---- activation layouts on a mesh (every architecture; see HFConfig.activation_sharding) ----
+def constrain(cfg: Any, x: jax.Array, *logical: str | None) -> jax.Array:
+    """Pin `x` to the mesh layout of its logical axes when the config carries activation shardings
+    (a no-op on one device): keeps GSPMD from picking a layout that reshards at the next layer."""
+    sharding = getattr(cfg, "activation_sharding", None)
+    return x if sharding is None else sharding(x, logical)
+
+
+def splits_length(cfg: Any) -> bool:
+    """Sequence parallelism is on: query rows (the `length` axis) live on different devices."""
+    sharding = getattr(cfg, "activation_sharding", None)
+    return sharding is not None and sharding.splits_length()
+
+
+def check_sequence_length(cfg: Any, length: int) -> None:
+    """Refuse, at trace time, a length the `sequence` axis does not divide (see ActivationSharding)."""
+    sharding = getattr(cfg, "activation_sharding", None)
+    if sharding is not None:
+        sharding.check_sequence_length(length)
+
+
+class TokenEmbeddingOutput(nn.Module):
+    """Identity on the token embeddings of the sharded path: a method call that
+    `flax.linen.intercept_methods` sees (NEFTune adds its noise there), since that path reads the
+    table directly instead of calling the `nn.Embed`. No parameters, so the param tree is unchanged."""
+
+    @nn.compact
+    def __call__(self, h_BLD: jax.Array) -> jax.Array:
+        return h_BLD
+
+
+def embed_tokens(cfg: Any, embed: nn.Embed, input_ids_BL: jax.Array, *, output_name: str = "embed_tokens_output"
+                 ) -> jax.Array:
+    """Token embeddings. With activation shardings the table is first gathered over fsdp (see
+    `ActivationSharding.gathered`), so the rows come out split over the batch axes (and the
+    length under sequence parallelism) only; `output_name` names the TokenEmbeddingOutput."""
+    if getattr(cfg, "activation_sharding", None) is None:
+        return embed(input_ids_BL)
+    table_VD = cfg.activation_sharding.gathered(embed.embedding, ("vocab", "embed"))
+    h_BLD = jnp.take(table_VD, input_ids_BL, axis=0).astype(jnp.dtype(cfg.dtype))
+    h_BLD = TokenEmbeddingOutput(name=output_name)(h_BLD)
+    return constrain(cfg, h_BLD, "batch", "length", "embed")
+
+
 def positions_within_segments(segment_ids_BL: jax.Array) -> jax.Array:
     """0, 1, 2, ... restarting at every new document of a packed row."""
     L = segment_ids_BL.shape[1]

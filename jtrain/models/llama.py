@@ -16,8 +16,9 @@ import jax.numpy as jnp
 
 from jtrain.models.attention import apply_rope, attend, make_attention_mask, rope_inv_freq, rope_type
 from jtrain.models.hfconfig import HFConfig
-from jtrain.models.layers import (activation, default_positions, dropout_rng, last_token_index, normal_init,
-                                  ones_init, run_layers, take_rows, zeros_init)
+from jtrain.models.layers import (activation, check_sequence_length, constrain, default_positions, dropout_rng,
+                                  embed_tokens, last_token_index, normal_init, ones_init, run_layers, splits_length,
+                                  take_rows, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
 
 _WINDOW_FIELDS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
@@ -51,9 +52,6 @@ class LlamaConfig(HFConfig):
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
     eos_token_id: Any = 2
-    # jtrain execution option (never in config.json): a `jtrain.sharding.ActivationSharding` that
-    # pins activations at layer boundaries to the mesh; None leaves layouts to GSPMD propagation.
-    activation_sharding: Any = None
 
     HF_OMIT: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "llama": ("rope_scaling",) + _WINDOW_FIELDS,
@@ -78,7 +76,6 @@ class LlamaConfig(HFConfig):
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = super().to_hf_dict()
-        out.pop("activation_sharding", None)
         out["head_dim"], out["num_key_value_heads"] = self.dim_per_head, self.kv_heads  # HF Qwen2 needs them set
         out["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})}
         return out
@@ -133,37 +130,6 @@ class RMSNorm(nn.Module):
         return (scale.astype(jnp.float32) * y).astype(self.dtype)
 
 
-def _constrain(cfg: LlamaConfig, x: jax.Array, *logical: str | None) -> jax.Array:
-    """Pin `x` to the mesh layout of its logical axes when the config carries activation shardings."""
-    return x if cfg.activation_sharding is None else cfg.activation_sharding(x, logical)
-
-
-def _splits_length(cfg: LlamaConfig) -> bool:
-    """Sequence parallelism is on: query rows live on different devices."""
-    return cfg.activation_sharding is not None and cfg.activation_sharding.splits_length()
-
-
-class TokenEmbeddingOutput(nn.Module):
-    """Identity on the token embeddings of the sharded path: a method call that
-    `flax.linen.intercept_methods` sees (NEFTune adds its noise there), since that path reads the
-    table directly instead of calling `embed_tokens`. No parameters, so the param tree is unchanged."""
-
-    @nn.compact
-    def __call__(self, h_BLD: jax.Array) -> jax.Array:
-        return h_BLD
-
-
-def _embed(cfg: LlamaConfig, embed: nn.Embed, input_ids_BL: jax.Array) -> jax.Array:
-    """Token embeddings; with activation shardings the table is first gathered over fsdp (see
-    `ActivationSharding.gathered`), so the rows come out split over the batch axes only."""
-    if cfg.activation_sharding is None:
-        return embed(input_ids_BL)
-    table_VD = cfg.activation_sharding.gathered(embed.embedding, ("vocab", "embed"))
-    h_BLD = jnp.take(table_VD, input_ids_BL, axis=0).astype(jnp.dtype(cfg.dtype))
-    h_BLD = TokenEmbeddingOutput(name="embed_tokens_output")(h_BLD)
-    return _constrain(cfg, h_BLD, "batch", "length", "embed")
-
-
 def _layer_mask(cfg: LlamaConfig, idx: Any, mask: jax.Array, window_mask: jax.Array | None) -> jax.Array:
     flags = cfg.sliding_layers()
     if not any(flags):
@@ -190,20 +156,20 @@ class LlamaAttention(nn.Module):
             )(h_BLD)
 
         q, k, v = proj("q_proj", N, "heads"), proj("k_proj", K, "kv_heads"), proj("v_proj", K, "kv_heads")
-        q = _constrain(cfg, q, "batch", "length", "heads", "head_dim")
-        k = _constrain(cfg, k, "batch", "length", "kv_heads", "head_dim")
-        v = _constrain(cfg, v, "batch", "length", "kv_heads", "head_dim")
+        q = constrain(cfg, q, "batch", "length", "heads", "head_dim")
+        k = constrain(cfg, k, "batch", "length", "kv_heads", "head_dim")
+        v = constrain(cfg, v, "batch", "length", "kv_heads", "head_dim")
         q, k = apply_rope(q, positions_BL, inv_freq), apply_rope(k, positions_BL, inv_freq)
         # Sequence parallelism: queries stay split over `sequence` (length), keys and values are
         # all-gathered to the whole length, so each device scores its own query rows against every
         # key; the mask (built from global positions) is sliced the same way. No-op without it.
-        k = _constrain(cfg, k, "batch", None, "kv_heads", "head_dim")
-        v = _constrain(cfg, v, "batch", None, "kv_heads", "head_dim")
+        k = constrain(cfg, k, "batch", None, "kv_heads", "head_dim")
+        v = constrain(cfg, v, "batch", None, "kv_heads", "head_dim")
         rng = dropout_rng(self, cfg.attention_dropout, self.train)
         out_BLNH = attend(q, k, v, mask, implementation=cfg.attention_impl,
                           dropout_rate=cfg.attention_dropout, dropout_rng=rng,
-                          causal_blocks=True, sequence_parallel=_splits_length(cfg))
-        out_BLNH = _constrain(cfg, out_BLNH, "batch", "length", "heads", "head_dim")
+                          causal_blocks=True, sequence_parallel=splits_length(cfg))
+        out_BLNH = constrain(cfg, out_BLNH, "batch", "length", "heads", "head_dim")
         return DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dtype, name="o_proj",
             kernel_init=normal_init(cfg.initializer_range, ("heads", "head_dim", "embed")),
@@ -226,7 +192,7 @@ class LlamaMLP(nn.Module):
 
         gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"), h_BLD)
         up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"), h_BLD)
-        hidden_BLF = _constrain(cfg, activation(cfg.hidden_act)(gate) * up, "batch", "length", "mlp")
+        hidden_BLF = constrain(cfg, activation(cfg.hidden_act)(gate) * up, "batch", "length", "mlp")
         return dense("down_proj", cfg.hidden_size, ("mlp", "embed"), hidden_BLF)
 
 
@@ -242,7 +208,7 @@ class LlamaDecoderLayer(nn.Module):
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(h_BLD)
         h_BLD = h_BLD + LlamaAttention(cfg, self.train, name="self_attn")(x, positions_BL, inv_freq, layer_mask)
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(h_BLD)
-        return _constrain(cfg, h_BLD + cfg.feed_forward(self.train)(x), "batch", "length", "embed")
+        return constrain(cfg, h_BLD + cfg.feed_forward(self.train)(x), "batch", "length", "embed")
 
 
 class LlamaModel(nn.Module):
@@ -258,9 +224,8 @@ class LlamaModel(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, name="embed_tokens",
                          embedding_init=normal_init(cfg.initializer_range, ("vocab", "embed")))
         L = input_ids_BL.shape[1]
-        if cfg.activation_sharding is not None:
-            cfg.activation_sharding.check_sequence_length(L)
-        h_BLD = _embed(cfg, embed, input_ids_BL)
+        check_sequence_length(cfg, L)
+        h_BLD = embed_tokens(cfg, embed, input_ids_BL)
         if position_ids_BL is None:
             position_ids_BL = default_positions(input_ids_BL, segment_ids_BL)
         inv_freq = rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling, positions_BL=position_ids_BL,
@@ -291,7 +256,7 @@ class LlamaForCausalLM(nn.Module):
                 self.cfg.vocab_size, use_bias=False, dtype=jnp.dtype(self.cfg.dtype), name="lm_head",
                 kernel_init=normal_init(self.cfg.initializer_range, ("embed", "vocab")),
             )(h_BLD)
-        return {"logits": _constrain(self.cfg, logits, "batch", "length", "vocab").astype(jnp.float32)}
+        return {"logits": constrain(self.cfg, logits, "batch", "length", "vocab").astype(jnp.float32)}
 
 
 class LlamaForSequenceClassification(nn.Module):
