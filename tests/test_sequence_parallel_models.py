@@ -1,4 +1,4 @@
-"""GPT-2 and BERT under sequence parallelism (and with tensor parallelism beside it), on 8 fake
+"""GPT-2 and BERT under sequence parallelism (and with tensor or FSDP parallelism beside it), on 8 fake
 devices, against a single-device run: the same activation layouts the Llama family uses
 (`test_sequence_parallel`), now for learned-position and bidirectional models.
 
@@ -30,8 +30,9 @@ MODELS = {
                                intermediate_size=64, max_position_embeddings=LENGTH, hidden_dropout_prob=0.0,
                                attention_probs_dropout_prob=0.0)),
 }
-MESHES = {"sequence4_data2": {"sequence": 4, "data": 2}, "tensor2_sequence2_data2": {"tensor": 2, "sequence": 2,
-                                                                                       "data": 2}}
+MESHES = {"sequence4_data2": {"sequence": 4, "data": 2},
+          "tensor2_sequence2_data2": {"tensor": 2, "sequence": 2, "data": 2},
+          "fsdp2_sequence2_data2": {"fsdp": 2, "sequence": 2, "data": 2}}  # the embedding tables gathered over fsdp
 
 
 def _model(model_type: str):
