@@ -457,6 +457,8 @@ class EarlyStoppingCallback(TrainerCallback, ExportableState):
             raise ConfigError("EarlyStoppingCallback requires metric_for_best_model to be set")
         if _strategy(args, "eval_strategy") == IntervalStrategy.NO:
             raise ConfigError("EarlyStoppingCallback requires eval_strategy 'steps' or 'epoch', not 'no'")
+        if state.global_step == 0:  # a fresh run (each hyperparameter-search trial is one) starts its patience
+            self.early_stopping_patience_counter = 0  # afresh; a resumed run keeps the count it restored
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         key = args.metric_for_best_model

@@ -179,6 +179,7 @@ def _run_trial(trainer: Any, trial: Any, values: dict[str, Any], compute_objecti
     reporter = _TrialReporter(trial, compute_objective, multi)
     trial_trainer._hp_reporter = reporter
     trial_trainer._trial, trial_trainer.hp_name, trial_trainer._trial_params = trial, hp_name, dict(values)
+    trial_trainer.state.is_hyper_param_search = True
     logger.info("hyperparameter search: trial %s (%s) with %s", trial.number, run_name, applied or values)
     try:
         trial_trainer.train()

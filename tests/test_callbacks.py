@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from jtrain import TrainingArguments
 from jtrain import callbacks as jc
 from jtrain import reporting as jr
 from jtrain.errors import ConfigError
@@ -51,6 +52,18 @@ def test_trainer_state_json_round_trip(tmp_path):
     assert loaded == state
     restored = jc.EarlyStoppingCallback.from_state(loaded.stateful_callbacks["EarlyStoppingCallback"])
     assert restored.state() == early.state()
+
+
+def test_early_stopping_patience_restarts_with_a_fresh_run_only():
+    """A new run from step 0 (e.g. the next hyperparameter-search trial sharing the callback) starts
+    its patience afresh; a resumed run keeps the count restored from its checkpoint."""
+    args = TrainingArguments(output_dir="unused", eval_strategy="steps", metric_for_best_model="loss",
+                             load_best_model_at_end=True, save_strategy="steps")
+    early = jc.EarlyStoppingCallback(3)
+    for step, expected in ((7, 2), (0, 0)):
+        early.early_stopping_patience_counter = 2
+        early.on_train_begin(args, jc.TrainerState(global_step=step), jc.TrainerControl())
+        assert early.early_stopping_patience_counter == expected
 
 
 def test_trainer_state_json_is_byte_identical_to_transformers(tmp_path):

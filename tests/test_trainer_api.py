@@ -167,6 +167,7 @@ def test_hyperparameter_search_applies_values_reports_and_prunes(tmp_path):
     for number in range(3):
         state = json.loads((tmp_path / "out" / f"run-{number}" / "checkpoint-2" / "trainer_state.json").read_text())
         assert state["trial_params"]["learning_rate"] == seen[number + 1]  # model_init(trial) saw the same trial
+        assert state["is_hyper_param_search"] is True
         learning_rates[state["trial_params"]["learning_rate"]] = number
     pruned, zero = learning_rates[3e-2], learning_rates[0.0]
     # The pruned trial's training ended at its first evaluation (step 2 of 4): on_train_end, no later checkpoint.
