@@ -136,6 +136,8 @@ class PeftSection:
     use_rslora: bool = _f(False, "rsLoRA: scale by lora_alpha / sqrt(r) instead of lora_alpha / r.")
     init_lora_weights: bool = _f(True, "PEFT's init (B = 0, so training starts at the base model); false "
                                        "makes B random too.")
+    use_dora: bool = _f(False, "DoRA: also train a magnitude per output feature of each adapted layer "
+                               "(W' = m (W + s B A) / ||W + s B A||), as PEFT's use_dora.")
     save_merged: bool = _f(False, "Also write the base with the adapters merged in, as a full HF model, to "
                                   "output_dir/merged (save_model writes only the adapters otherwise).")
 

@@ -32,7 +32,7 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
 _IGNORED_PEFT_KEYS = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "fan_in_fan_out",
     "auto_mapping", "peft_version", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
-    "megatron_config", "megatron_core", "loftq_config", "use_dora", "layer_replication", "runtime_config",
+    "megatron_config", "megatron_core", "loftq_config", "layer_replication", "runtime_config",
     "lora_bias", "exclude_modules", "eva_config", "corda_config", "trainable_token_indices",
     "target_parameters", "qalora_group_size", "use_qalora", "alora_invocation_tokens", "arrow_config",
     "ensure_weight_tying",
@@ -61,6 +61,9 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] | None = None
     use_rslora: bool = False
     init_lora_weights: bool = True
+    # DoRA (Liu et al. 2024, PEFT's `use_dora`): each adapted output feature is rescaled to a trained
+    # magnitude, W' = m * (W + s B A) / ||W + s B A|| (norm over the inputs, not differentiated).
+    use_dora: bool = False
     peft_type: str = "LORA"
 
     def __post_init__(self) -> None:
@@ -109,8 +112,6 @@ class LoraConfig:
                 known[key] = value
             elif key in _MUST_BE_EMPTY and value:
                 raise ConfigError(f"{source}: `{key}` = {value!r} is not supported by jtrain's LoRA")
-            elif key == "use_dora" and value:
-                raise ConfigError(f"{source}: DoRA (`use_dora: true`) is not supported by jtrain")
             elif key not in _IGNORED_PEFT_KEYS and strict:
                 unknown.append(key)
         if unknown:
@@ -136,7 +137,7 @@ class LoraConfig:
             "target_modules": targets if isinstance(targets, str) else sorted(targets),
             "bias": self.bias, "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
             "use_rslora": self.use_rslora, "init_lora_weights": self.init_lora_weights,
-            "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "use_dora": False,
+            "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "use_dora": self.use_dora,
             "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
         }
 

@@ -17,6 +17,7 @@ Shape letters: R = LoRA rank.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import zlib
@@ -132,6 +133,35 @@ def _product(t: LoraTarget, a: jax.Array, b: jax.Array) -> jax.Array:
     return ab.reshape(n, *t.in_shape, *t.out_shape)
 
 
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's trained magnitude per output feature (PEFT's name)
+
+
+def _weight_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """DoRA's ||W + scale * A B|| over the input dims of one layer's kernel [*in, *out] -> [*out], in
+    float32 (PEFT's `get_weight_norm`: the norm of each output feature's weights)."""
+    n_in = a.ndim - 1
+    w = kernel.astype(jnp.float32) + scale * jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+    return jnp.sqrt(jnp.sum(w * w, axis=tuple(range(n_in))))
+
+
+def _dora_output(y: jax.Array, x: jax.Array, mod: nn.Module, a: jax.Array, b: jax.Array, magnitude: jax.Array,
+                 scale: float, dropped: bool) -> jax.Array:
+    """PEFT's DoRA forward on top of the base output `y`: (m / n) (W x + scale B A x) + bias, with the
+    norm n treated as a constant (DoRA section 4.3). With dropout, x is the dropped input and W x is
+    recomputed from it, as PEFT does; otherwise W x is y without its bias."""
+    kernel = mod.get_variable("params", "kernel")
+    axes = _input_axes(mod, x.ndim)
+    norm = jax.lax.stop_gradient(_weight_norm(kernel, a, b, scale))
+    factor = (magnitude.astype(jnp.float32) / norm).astype(y.dtype)
+    if dropped:
+        base = jax.lax.dot_general(x, kernel.astype(x.dtype), ((axes, tuple(range(len(axes)))), ((), ())))
+    else:
+        bias = mod.get_variable("params", "bias") if getattr(mod, "use_bias", False) else None
+        base = y if bias is None else y - bias.astype(y.dtype)
+    lora = (scale * _lora_delta(x, a, b, axes)).astype(y.dtype)
+    return y + (factor - 1) * base.astype(y.dtype) + factor * lora
+
+
 def _lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """x contracted over `axes` with A [*in, R], then with B [R, *out]: the dims DenseGeneral produces."""
     h = jax.lax.dot_general(x, a.astype(x.dtype), ((axes, tuple(range(len(axes)))), ((), ())))
@@ -170,19 +200,26 @@ class LoraModel(WrappedModel):
     def init(self, rng: jax.Array) -> Any:
         """Fresh base params and fresh adapters (fine-tuning usually wants `init_from_base`)."""
         base_rng, lora_rng = jax.random.split(rng)
-        return jax.jit(lambda r1, r2: {"base": self.base.init(r1), "lora": self.init_adapters(r2)})(base_rng, lora_rng)
+
+        def both(r1: jax.Array, r2: jax.Array) -> dict:
+            base = self.base.init(r1)
+            return {"base": base, "lora": self.init_adapters(r2, base)}
+
+        return jax.jit(both)(base_rng, lora_rng)
 
     def init_from_base(self, base_params: Any, rng: jax.Array) -> dict:
         """The full tree for a pretrained base: its params (not copied) and freshly initialised adapters."""
-        return {"base": base_params, "lora": jax.jit(self.init_adapters)(rng)}
+        return {"base": base_params, "lora": jax.jit(self.init_adapters)(rng, base_params)}
 
     @property
     def module_count(self) -> int:
         """Adapted modules counted per layer (a scanned target adapts one module in every layer)."""
         return sum(len(t.layer_names) for t in self.targets)
 
-    def init_adapters(self, rng: jax.Array) -> dict:
-        """PEFT's init: A kaiming-uniform(a=sqrt 5) on [r, in], B zero (random too if init_lora_weights=False).
+    def init_adapters(self, rng: jax.Array, base_params: Any = None) -> dict:
+        """PEFT's init: A kaiming-uniform(a=sqrt 5) on [r, in], B zero (random too if init_lora_weights=False);
+        with DoRA, each magnitude starts at its feature's norm ||W + s A B|| (so the output starts at
+        the base's), which is why the base params are needed then.
 
         Each module's key comes from its HF name's rank among all adapted modules, so a scanned
         model draws the same adapters as the unscanned one, stacked."""
@@ -202,11 +239,19 @@ class LoraModel(WrappedModel):
             a, b = zip(*factors[t.path])
             flat[t.path + ("lora_A",)] = jnp.stack(a) if t.layers else a[0]
             flat[t.path + ("lora_B",)] = jnp.stack(b) if t.layers else b[0]
+        if self.lora_config.use_dora:
+            if base_params is None:
+                raise ConfigError("DoRA adapters start from the base weights: call init_from_base(base_params, rng)")
+            kernels = traverse_util.flatten_dict(base_params)
+            norm = functools.partial(_weight_norm, scale=self.lora_config.scaling)
+            for t in self.targets:
+                kernel, a, b = kernels[t.path + ("kernel",)], flat[t.path + ("lora_A",)], flat[t.path + ("lora_B",)]
+                flat[t.path + (MAGNITUDE,)] = jax.vmap(norm)(kernel, a, b) if t.layers else norm(kernel, a, b)
         return traverse_util.unflatten_dict(flat)
 
     def abstract_params(self) -> Any:
-        return {"base": self.base.abstract_params(),
-                "lora": jax.eval_shape(self.init_adapters, jax.random.key(0))}
+        base = self.base.abstract_params()
+        return {"base": base, "lora": jax.eval_shape(self.init_adapters, jax.random.key(0), base)}
 
     def logical_axes(self) -> Any:
         """Base specs unchanged; A gets the base kernel's input axes + rank, B rank + output axes."""
@@ -215,6 +260,8 @@ class LoraModel(WrappedModel):
             stack = ("layers",) if t.layers else ()
             flat[t.path + ("lora_A",)] = P(*stack, *t.in_axes, RANK_AXIS)
             flat[t.path + ("lora_B",)] = P(*stack, RANK_AXIS, *t.out_axes)
+            if self.lora_config.use_dora:
+                flat[t.path + (MAGNITUDE,)] = P(*stack, *t.out_axes)
         return {"base": self.base.logical_axes(), "lora": traverse_util.unflatten_dict(flat)}
 
     def apply(self, params: Any, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
@@ -241,23 +288,31 @@ class LoraModel(WrappedModel):
             keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
             return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
+        dora = self.lora_config.use_dora
+
         def intercept(next_fun, args, kwargs, context):
             y = next_fun(*args, **kwargs)
             mod = context.module
             if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.DenseGeneral)):
                 return y
             x = args[0].astype(y.dtype)
-            target = by_path.get(tuple(mod.path))
+            target, was_dropped = by_path.get(tuple(mod.path)), False
             if target is not None:
                 a, b = lora[target.path + ("lora_A",)], lora[target.path + ("lora_B",)]
+                magnitude = lora.get(target.path + (MAGNITUDE,))
                 if drop:
                     x = dropped(x, jax.random.fold_in(lora_rng, zlib.crc32(target.name.encode())))
+                    was_dropped = True
             elif mod.has_variable("params", "lora_A"):  # this layer's slice of a scanned target
                 a, b = mod.get_variable("params", "lora_A"), mod.get_variable("params", "lora_B")
+                magnitude = mod.get_variable("params", MAGNITUDE) if dora else None
                 if drop and mod.has_rng("dropout"):
                     x = dropped(x, mod.make_rng("dropout"))
+                    was_dropped = True
             else:
                 return y
+            if dora:
+                return _dora_output(y, x, mod, a, b, magnitude, scale, was_dropped)
             return y + (scale * _lora_delta(x, a, b, _input_axes(mod, x.ndim))).astype(y.dtype)
 
         with nn.intercept_methods(intercept):
@@ -307,7 +362,17 @@ class LoraModel(WrappedModel):
                 raise ConfigError(f"cannot merge LoRA into `{t.name}`: its base kernel is not a float array "
                                   "(a quantised base cannot be merged into its codes; `merged_export` dequantises "
                                   "it first)")
-            flat[key] = (kernel + sign * self.delta(params, t).astype(kernel.dtype)).astype(kernel.dtype)
+            merged = kernel.astype(jnp.float32) + sign * self.delta(params, t)
+            if self.lora_config.use_dora:  # PEFT's DoRA merge: each output feature rescaled to its magnitude
+                node = params["lora"]
+                for p in t.path:
+                    node = node[p]
+                norm = jnp.sqrt(jnp.sum(merged * merged, axis=tuple(range(bool(t.layers),
+                                                                          bool(t.layers) + len(t.in_shape)))))
+                factor = node[MAGNITUDE] / norm
+                merged = merged * factor.reshape(*factor.shape[:bool(t.layers)], *(1,) * len(t.in_shape),
+                                                 *t.out_shape)
+            flat[key] = merged.astype(kernel.dtype)
         return traverse_util.unflatten_dict(flat)
 
     def merge(self, params: Any) -> Any:
@@ -326,7 +391,13 @@ class LoraModel(WrappedModel):
         return model, self._fold(params, base, 1.0)
 
     def unmerge(self, merged_base: Any, params: Any) -> Any:
-        """The base params back from merged ones (W - scale * B A), given the adapters in `params`."""
+        """The base params back from merged ones (W - scale * B A), given the adapters in `params`.
+
+        Not for DoRA: its merge rescales by the norm of the unmerged weight, which the merged
+        weight does not determine (PEFT caches it at merge time); keep the base params instead."""
+        if self.lora_config.use_dora:
+            raise ConfigError("unmerge cannot undo a DoRA merge (the scale depends on the unmerged weight's norm); "
+                              "keep the base params and merge again instead")
         return self._fold(params, merged_base, -1.0)
 
 
@@ -402,6 +473,13 @@ def apply_lora(model: Any, config: LoraConfig | Mapping[str, Any], *, strict: bo
             raise ConfigError(f"peft.r={cfg.r} is larger than module `{name}` allows "
                               f"(in {math.prod(in_shape)}, out {math.prod(out_shape)} features): lower r")
         targets.append(target)
+    if cfg.use_dora:  # the norm is taken over the float kernel; a quantised base stores codes there
+        own = traverse_util.flatten_dict(model.abstract_params())
+        for t in targets:
+            leaf = own.get(t.path + ("kernel",))
+            if not (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)):
+                raise ConfigError(f"DoRA (use_dora) needs the float kernel of `{t.name}`, and this base stores it "
+                                  "quantised: use plain LoRA on a quantised base (QLoRA), or DoRA on a float base")
     if not targets:
         leaves = sorted({module_name(p).rsplit(".", 1)[-1] for p in sites})
         raise ConfigError(f"peft.target_modules {wanted!r} matches no Dense layer of this {model_type or 'model'}; "

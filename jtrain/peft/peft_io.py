@@ -6,7 +6,8 @@ biases as `<HF module>.bias` (`<HF module>.base_layer.bias` for an adapted layer
 `modules_to_save` weights under their HF names. jtrain's factors are Flax-kernel shaped
 (`lora_A [*in, r]`, `lora_B [r, *out]`); PEFT's are those flattened to 2-D and transposed, the same
 rule `jtrain.models.convert` applies to kernels (GPT-2's Conv1D included: PEFT's factors are
-Linear-shaped there too, only its base weight is stored [in, out]).
+Linear-shaped there too, only its base weight is stored [in, out]). DoRA's magnitudes are
+`<HF module>.lora_magnitude_vector` ([out], the output dims flattened in the kernel's order).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from jtrain.errors import CheckpointError, ConfigError
 from jtrain.jsonfile import read_json_object
 from jtrain.models import convert, safetensors_io
 from jtrain.peft.config import LoraConfig
-from jtrain.peft.lora import LoraModel, LoraTarget, apply_lora, module_name
+from jtrain.peft.lora import MAGNITUDE, LoraModel, LoraTarget, apply_lora, module_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -73,10 +74,13 @@ def adapter_state_dict(model: LoraModel, params: Any) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for t in model.targets:
         a_all, b_all = _host(lora[t.path + ("lora_A",)]), _host(lora[t.path + ("lora_B",)])
+        m_all = _host(lora[t.path + (MAGNITUDE,)]) if model.lora_config.use_dora else None
         for i, name in enumerate(t.layer_names):  # a scanned target: one PEFT module per layer
             a, b = _factors_to_peft(t, *((a_all[i], b_all[i]) if t.layers else (a_all, b_all)))
             out[f"{PREFIX}{name}.lora_A.weight"] = a
             out[f"{PREFIX}{name}.lora_B.weight"] = b
+            if m_all is not None:  # DoRA: PEFT's [out] vector, the output dims flattened like the kernel's
+                out[f"{PREFIX}{name}.{MAGNITUDE}"] = np.ascontiguousarray((m_all[i] if t.layers else m_all).reshape(-1))
     base = traverse_util.flatten_dict(params["base"])
     for m in _base_leaf_maps(model):
         for hf, tensor in convert.from_leaf(m, _host(base[m.path])):
@@ -174,6 +178,10 @@ def load_adapter(base_model: Any, base_params: Any, directory: str | os.PathLike
                  for name in t.layer_names]
         a, b = (np.stack(x) for x in zip(*pairs)) if t.layers else pairs[0]
         flat[t.path + ("lora_A",)], flat[t.path + ("lora_B",)] = a, b
+        if config.use_dora:
+            mags = [take(f"{PREFIX}{name}.{MAGNITUDE}", (t.fan_out,), name).reshape(t.out_shape)
+                    for name in t.layer_names]
+            flat[t.path + (MAGNITUDE,)] = np.stack(mags) if t.layers else mags[0]
     base_flat = dict(traverse_util.flatten_dict(base_params))
     for m in _base_leaf_maps(model):
         names = [_peft_base_name(model, m, hf) for hf in m.hf_names]
