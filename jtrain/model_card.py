@@ -194,7 +194,8 @@ def _versions() -> list[tuple[str, str]]:
 
     from jtrain.version import __version__
 
-    found = [("jtrain", __version__), ("JAX", jax.__version__), ("Flax", flax.__version__), ("Optax", optax.__version__)]
+    found = [("jtrain", __version__), ("JAX", jax.__version__), ("Flax", flax.__version__),
+             ("Optax", optax.__version__)]
     for name, module in (("Datasets", "datasets"), ("Tokenizers", "tokenizers")):
         try:
             found.append((name, __import__(module).__version__))
