@@ -34,7 +34,8 @@ class TrainingArguments:
 
     output_dir: str = _f("trainer_output", "Where checkpoints, logs and the final model go.")
     overwrite_output_dir: bool = _f(False, "Allow writing into an output_dir that holds another run.")
-    do_train: bool = _f(True, "Run training.")
+    do_train: bool = _f(False, "Run training (read by scripts and jtrain.run, not by Trainer, as in HF); HF's "
+                               "default is false, but a jtrain.run config trains unless it sets do_train: false.")
     do_eval: bool = _f(False, "Run evaluation on the validation split.")
     do_predict: bool = _f(False, "Run prediction on the test split.")
     eval_strategy: str = _f("no", "When to evaluate: no | steps | epoch.")

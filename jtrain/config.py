@@ -296,6 +296,13 @@ def build_config(values: Mapping[str, Any]) -> RunConfig:
                               f"valid sections: {', '.join(valid)}")
         if body is not None and not isinstance(body, Mapping):
             raise ConfigError(f"section `{section}` must be a mapping, got {body!r}")
+    values = dict(values)
+    training = dict(values.get("training") or {})
+    if "do_train" not in training:
+        # jtrain.run's convention: a run config trains unless it says `do_train: false`. TrainingArguments
+        # keeps HF's default (false) for Python use, and jtrain's HF-style scripts pass false for every
+        # do_* flag not given, as HF's do.
+        values["training"] = {**training, "do_train": True}
     built = {name: build_dataclass(cls, values.get(name) or {}, name) for name, cls in SECTIONS.items()}
     optional = {name: build_dataclass(cls, values[name] or {}, name) if name in values else None
                 for name, cls in OPTIONAL_SECTIONS.items()}

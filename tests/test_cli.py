@@ -97,3 +97,21 @@ def test_parse_argv_forms():
     cmd = parse_argv(["--config", "c.yaml", "--do_eval", "--learning_rate=1e-3", "--max_steps", "5"])
     assert cmd.config == "c.yaml"
     assert cmd.overrides == {"do_eval": "true", "learning_rate": "1e-3", "max_steps": "5"}
+
+
+def test_do_train_defaults_as_in_hf_and_a_run_config_trains_unless_told_not_to(tmp_path):
+    """TrainingArguments keeps HF's defaults (do_train false); a jtrain.run config trains unless it
+    sets do_train false (HF-style scripts pass false for every do_* flag not given, tested in test_scripts)."""
+    import transformers
+
+    from jtrain import TrainingArguments
+    from jtrain.config import load_config
+
+    ours, theirs = TrainingArguments(), transformers.TrainingArguments(output_dir="unused")
+    assert (ours.do_train, ours.do_eval, ours.do_predict) == (theirs.do_train, theirs.do_eval, theirs.do_predict)
+    for text, expected in (("training: {max_steps: 2}\n", (True, False)),
+                           ("training: {do_eval: true}\n", (True, True)),
+                           ("model: {model_name_or_path: trained}\ntraining: {do_train: false, do_eval: true}\n",
+                            (False, True))):
+        cfg = load_config(_write(tmp_path, text)).training
+        assert (cfg.do_train, cfg.do_eval) == expected, text

@@ -128,7 +128,7 @@ def test_output_dir_on_a_filesystem_that_refuses_files_is_refused():
 
 
 def _args(out, **kw) -> TrainingArguments:
-    return TrainingArguments(output_dir=str(out), max_steps=2, disable_tqdm=True, **kw)
+    return TrainingArguments(output_dir=str(out), max_steps=2, disable_tqdm=True, do_train=True, **kw)
 
 
 def test_resume_requests_are_checked_before_anything_is_written(tmp_path):
