@@ -232,7 +232,9 @@ def _transform_summary(cfg: RunConfig, model: Any) -> str:
         return text
     trained = sum(int(np.prod(x.shape)) for p, x in _flat(model.abstract_params()) if model.is_trainable(p))
     total = param_count(innermost(model).abstract_params())
-    return text + (f"; LoRA r={model.lora_config.r} on {model.module_count} modules: trains {trained / 1e6:.3f}M "
+    ranks = sorted({t.r for t in model.targets})
+    return text + (f"; {'DoRA' if model.lora_config.use_dora else 'LoRA'} r={'/'.join(map(str, ranks))} "
+                   f"on {model.module_count} modules: trains {trained / 1e6:.3f}M "
                    f"({100 * trained / total:.2f}% of the base)")
 
 
@@ -311,8 +313,9 @@ def run_job(cfg: RunConfig) -> dict:
     if results:
         saved = "adapters (adapter_config.json, adapter_model.safetensors), tokenizer.json" if cfg.peft is not None \
             else "model (config.json, model.safetensors, tokenizer.json)"
+        written = ", trainer_state.json and README.md (model card)" if args.do_train else ""
         _say(f"wrote {f'checkpoints, {saved}, ' if args.do_train else ''}"
-             f"results{', trainer_state.json and README.md (model card)' if args.do_train else ''} to {os.path.abspath(args.output_dir)}")
+             f"results{written} to {os.path.abspath(args.output_dir)}")
     return results
 
 

@@ -82,17 +82,21 @@ def test_stage2_data2_tensor2_trains_like_one_device(tmp_path):
 
 def test_lora_adapters_train_through_the_pipeline_like_one_device(tmp_path):
     """LoRA on the scanned stack: each layer's adapters travel with its kernel slice through the
-    stages, sharded over `stage` like it; the losses are the single-device ones (LOSS_RTOL)."""
+    stages, sharded over `stage` like it; the losses are the single-device ones (LOSS_RTOL). The
+    modules have different ranks and scales (PEFT's rank_pattern / alpha_pattern), which a stage,
+    running its layers on their own, must still tell apart."""
     from jtrain.peft import LoraConfig, apply_lora
 
-    lora = apply_lora(_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    lora = apply_lora(_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 24}))
+    assert len({t.scaling for t in lora.targets}) == 3
     params = jax.device_get(lora.init_from_base(_model().init(jax.random.key(0)), jax.random.key(1)))
     _, reference = _train(tmp_path / "single", {"data": 1}, params, lora)
     trainer, losses = _train(tmp_path / "pp", PP_MESH, params, lora)
     print(f"LoRA, stage 2 x data 2 x tensor 2: losses {np.round(losses, 6).tolist()}")
     assert len(losses) == STEPS and losses[-1] < losses[0]
     np.testing.assert_allclose(losses, reference, rtol=LOSS_RTOL)
-    a = trainer.train_state.params["lora"]["model"]["layers"]["layer"]["mlp"]["down_proj"]["lora_A"]  # [4, 64, 4]
+    a = trainer.train_state.params["lora"]["model"]["layers"]["layer"]["mlp"]["down_proj"]["lora_A"]  # [4, 64, 2]
     assert {s.index[0].start for s in a.addressable_shards} == {0, 2}  # layers 0-1 on one stage, 2-3 on the other
     assert set(trainer.train_state.params) == {"lora"}  # the base is frozen
 

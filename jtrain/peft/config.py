@@ -31,13 +31,13 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
 # adapter_config.json keys that jtrain reads, and those it accepts only at their PEFT default.
 _IGNORED_PEFT_KEYS = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "fan_in_fan_out",
-    "auto_mapping", "peft_version", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "auto_mapping", "peft_version",
     "megatron_config", "megatron_core", "loftq_config", "layer_replication", "runtime_config",
-    "lora_bias", "exclude_modules", "eva_config", "corda_config", "trainable_token_indices",
+    "lora_bias", "eva_config", "corda_config", "trainable_token_indices",
     "target_parameters", "qalora_group_size", "use_qalora", "alora_invocation_tokens", "arrow_config",
     "ensure_weight_tying",
 }
-_MUST_BE_EMPTY = ("layers_to_transform", "rank_pattern", "alpha_pattern", "exclude_modules", "target_parameters")
+_MUST_BE_EMPTY = ("target_parameters",)
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,12 @@ class LoraConfig:
     # DoRA (Liu et al. 2024, PEFT's `use_dora`): each adapted output feature is rescaled to a trained
     # magnitude, W' = m * (W + s B A) / ||W + s B A|| (norm over the inputs, not differentiated).
     use_dora: bool = False
+    # PEFT's per-module overrides and selection (same names, same matching rules; see `selects`).
+    rank_pattern: dict | None = None  # {module-name pattern: r}
+    alpha_pattern: dict | None = None  # {module-name pattern: lora_alpha}
+    layers_to_transform: Any = None  # layer index or indices whose modules are adapted (list targets only)
+    layers_pattern: Any = None  # name(s) of the numbered layer container (`layers`, `h`); None: any
+    exclude_modules: Any = None  # names (suffix match) or a full-match regex never adapted
     peft_type: str = "LORA"
 
     def __post_init__(self) -> None:
@@ -87,11 +93,63 @@ class LoraConfig:
                                   "the architecture's default)")
         if self.modules_to_save is not None:
             object.__setattr__(self, "modules_to_save", tuple(str(m) for m in self.modules_to_save))
+        for name, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+            pattern = getattr(self, name) or {}
+            if not isinstance(pattern, Mapping):
+                raise ConfigError(f"peft.{name} must map module-name patterns to values, got {pattern!r}")
+            bad = {k: v for k, v in pattern.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+                   or v <= 0 or (kind is int and int(v) != v)}
+            if bad:
+                raise ConfigError(f"peft.{name} values must be positive {'integers' if kind is int else 'numbers'}, "
+                                  f"got {bad}")
+            object.__setattr__(self, name, {str(k): kind(v) for k, v in pattern.items()} or None)
+        layers = self.layers_to_transform
+        if layers is not None and not isinstance(layers, int):
+            layers = tuple(layers)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise ConfigError(f"peft.layers_to_transform must be a layer index or a list of them, got {layers!r}")
+            object.__setattr__(self, "layers_to_transform", layers or None)
+        for name in ("layers_pattern", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(str(v) for v in value) or None)
 
     @property
     def scaling(self) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023), as PEFT computes it."""
         return float(self.lora_alpha) / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_for(self, module: str) -> int:
+        """r of `module`: its `rank_pattern` entry (PEFT's first matching key), else `r`."""
+        return int(_pattern_value(self.rank_pattern, module, self.r))
+
+    def scaling_for(self, module: str) -> float:
+        """The scale of `module`'s update: its alpha (`alpha_pattern`, else `lora_alpha`) over its r
+        (or sqrt(r) with rsLoRA), as PEFT's `update_layer` computes it."""
+        r, alpha = self.rank_for(module), float(_pattern_value(self.alpha_pattern, module, self.lora_alpha))
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
+
+    def selects(self, module: str, targets: Any) -> bool:
+        """PEFT's `check_target_module_exists`: excluded modules and `modules_to_save` never; then the
+        targets; an entry matched by suffix (not by the whole name) also needs its layer index (the
+        number after `layers_pattern`, or after the first numbered container) in `layers_to_transform`."""
+        excluded = self.exclude_modules
+        if excluded and (re.fullmatch(excluded, module) if isinstance(excluded, str)
+                         else module in excluded or any(module.endswith("." + e) for e in excluded)):
+            return False
+        if self.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in self.modules_to_save):
+            return False
+        if isinstance(targets, str):
+            return re.fullmatch(targets, module) is not None
+        if module in targets:
+            return True
+        if not any(module.endswith("." + t) for t in targets):
+            return False
+        if self.layers_to_transform is None:
+            return True
+        index = layer_index(module, self.layers_pattern)
+        wanted = self.layers_to_transform
+        return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
 
     def targets_for(self, model_type: str) -> Any:
         """The explicit targets, or PEFT's default for `model_type`."""
@@ -138,7 +196,13 @@ class LoraConfig:
             "bias": self.bias, "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
             "use_rslora": self.use_rslora, "init_lora_weights": self.init_lora_weights,
             "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "use_dora": self.use_dora,
-            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+            "layers_to_transform": (list(self.layers_to_transform) if isinstance(self.layers_to_transform, tuple)
+                                    else self.layers_to_transform),
+            "layers_pattern": (list(self.layers_pattern) if isinstance(self.layers_pattern, tuple)
+                               else self.layers_pattern),
+            "rank_pattern": dict(self.rank_pattern or {}), "alpha_pattern": dict(self.alpha_pattern or {}),
+            "exclude_modules": (sorted(self.exclude_modules) if isinstance(self.exclude_modules, tuple)
+                                else self.exclude_modules),
         }
 
 
@@ -147,3 +211,25 @@ def matches_target(module_name: str, targets: str | Sequence[str]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, module_name) is not None
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+def _pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's `get_pattern_key`: the first key `k` with `module` matching `(.*\.)?(k)$`."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def layer_index(module: str, layers_pattern: Any = None) -> int | None:
+    """The layer number in a dotted module name, as PEFT finds it: the first number after one of
+    `layers_pattern` (`model.layers.3.mlp` -> 3), or without one after the first numbered container."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        match = None
+        for pattern in ([layers_pattern] if isinstance(layers_pattern, str) else layers_pattern):
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+            if match is not None:
+                break
+    return None if match is None else int(match.group("idx"))

@@ -58,6 +58,8 @@ class LoraTarget:
     in_axes: tuple[Any, ...]  # logical names of the base kernel's input dims (None if unknown)
     out_axes: tuple[Any, ...]
     layers: int = 0  # > 0: a module of a scanned layer stack; its factors carry a leading [layers] axis
+    r: int = 0  # this module's rank (`rank_pattern`, else the config's r)
+    scaling: float = 0.0  # this module's update scale (alpha / r, per `alpha_pattern` and `rank_pattern`)
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -223,12 +225,13 @@ class LoraModel(WrappedModel):
 
         Each module's key comes from its HF name's rank among all adapted modules, so a scanned
         model draws the same adapters as the unscanned one, stacked."""
-        r, flat = self.lora_config.r, {}
+        flat = {}
         order = sorted(((name, t, i) for t in self.targets for i, name in enumerate(t.layer_names)),
                        key=lambda item: _natural_key(item[0]))
         factors: dict[tuple[str, ...], list] = {t.path: [None] * len(t.layer_names) for t in self.targets}
         for k, (_, t, layer) in enumerate(order):
             ka, kb = jax.random.split(jax.random.fold_in(rng, k))
+            r = t.r
             a = _kaiming_uniform(ka, (r, t.fan_in), t.fan_in).T.reshape(*t.in_shape, r)
             if self.lora_config.init_lora_weights:
                 b = jnp.zeros((r, *t.out_shape), jnp.float32)
@@ -243,8 +246,8 @@ class LoraModel(WrappedModel):
             if base_params is None:
                 raise ConfigError("DoRA adapters start from the base weights: call init_from_base(base_params, rng)")
             kernels = traverse_util.flatten_dict(base_params)
-            norm = functools.partial(_weight_norm, scale=self.lora_config.scaling)
             for t in self.targets:
+                norm = functools.partial(_weight_norm, scale=t.scaling)
                 kernel, a, b = kernels[t.path + ("kernel",)], flat[t.path + ("lora_A",)], flat[t.path + ("lora_B",)]
                 flat[t.path + (MAGNITUDE,)] = jax.vmap(norm)(kernel, a, b) if t.layers else norm(kernel, a, b)
         return traverse_util.unflatten_dict(flat)
@@ -273,7 +276,8 @@ class LoraModel(WrappedModel):
         interceptor reads from the Dense module's variables."""
         by_path = {t.path: t for t in self.targets if not t.layers}
         lora = traverse_util.flatten_dict(params["lora"])
-        scale, rate = self.lora_config.scaling, float(self.lora_config.lora_dropout)
+        rate = float(self.lora_config.lora_dropout)
+        stacked = [t for t in self.targets if t.layers]
         base_rng = lora_rng = None
         if rng is not None:
             base_rng, lora_rng = jax.random.split(rng)
@@ -311,6 +315,7 @@ class LoraModel(WrappedModel):
                     was_dropped = True
             else:
                 return y
+            scale = target.scaling if target is not None else _stacked_scaling(stacked, tuple(mod.path))
             if dora:
                 return _dora_output(y, x, mod, a, b, magnitude, scale, was_dropped)
             return y + (scale * _lora_delta(x, a, b, _input_axes(mod, x.ndim))).astype(y.dtype)
@@ -351,7 +356,7 @@ class LoraModel(WrappedModel):
         node = lora
         for p in target.path:
             node = node[p]
-        return self.lora_config.scaling * _product(target, node["lora_A"], node["lora_B"])
+        return target.scaling * _product(target, node["lora_A"], node["lora_B"])
 
     def _fold(self, params: Any, base: Any, sign: float) -> Any:
         flat = dict(traverse_util.flatten_dict(base))
@@ -460,7 +465,7 @@ def apply_lora(model: Any, config: LoraConfig | Mapping[str, Any], *, strict: bo
         in_axes, out_axes, stacked = _kernel_axes(specs, path, len(in_shape), len(in_shape) + len(out_shape))
         target = LoraTarget(path, module_name(path), in_shape, out_shape, in_axes, out_axes,
                             kernel_shapes[path][0] if stacked else 0)
-        matched = [matches_target(name, wanted) for name in target.layer_names]
+        matched = [cfg.selects(name, wanted) for name in target.layer_names]
         if not any(matched):
             continue
         if not all(matched):  # one stacked kernel serves every layer: adapt all of them or none
@@ -469,10 +474,16 @@ def apply_lora(model: Any, config: LoraConfig | Mapping[str, Any], *, strict: bo
                               "share one stacked kernel, so a target must select a module in every layer (or set "
                               "model.scan_layers false)")
         name = target.layer_names[0] if target.layers else target.name
-        if cfg.r > min(math.prod(in_shape), math.prod(out_shape)):
-            raise ConfigError(f"peft.r={cfg.r} is larger than module `{name}` allows "
+        ranks = {(cfg.rank_for(n), cfg.scaling_for(n)) for n in target.layer_names}
+        if len(ranks) > 1:  # one stacked factor array serves every layer: one rank and scale for all
+            raise ConfigError(f"peft.rank_pattern / alpha_pattern give the layers of `{name}` different ranks or "
+                              "scales; with scan_layers the layers share one stacked adapter, so a pattern must treat "
+                              "every layer alike (or set model.scan_layers false)")
+        (r, scaling), = ranks
+        if r > min(math.prod(in_shape), math.prod(out_shape)):
+            raise ConfigError(f"peft.r={r} is larger than module `{name}` allows "
                               f"(in {math.prod(in_shape)}, out {math.prod(out_shape)} features): lower r")
-        targets.append(target)
+        targets.append(dataclasses.replace(target, r=r, scaling=scaling))
     if cfg.use_dora:  # the norm is taken over the float kernel; a quantised base stores codes there
         own = traverse_util.flatten_dict(model.abstract_params())
         for t in targets:
@@ -495,6 +506,20 @@ def apply_lora(model: Any, config: LoraConfig | Mapping[str, Any], *, strict: bo
         save = tuple(m for m in save if m not in missing)
     targets.sort(key=lambda t: _natural_key(t.name))
     return LoraModel(model, cfg, tuple(targets), save)
+
+
+def _stacked_scaling(stacked: list[LoraTarget], path: tuple[str, ...]) -> float:
+    """The scale of the scanned target whose layer is running at module `path`. Inside the layer scan
+    the path is the target's own; a pipeline stage applies the layer on its own, so its path is a
+    suffix of the target's (the part inside the layer)."""
+    scales = {t.scaling for t in stacked}
+    if len(scales) == 1:
+        return scales.pop()
+    found = {t.scaling for t in stacked if t.path[-len(path):] == path or path[-len(t.path):] == t.path}
+    if len(found) != 1:
+        raise ConfigError(f"cannot tell which LoRA target module `{'/'.join(path)}` is, to pick its scale "
+                          "(rank_pattern / alpha_pattern): give the adapted modules one rank and alpha")
+    return found.pop()
 
 
 def _within(module_path: tuple[str, ...], names: tuple[str, ...]) -> bool:

@@ -171,10 +171,10 @@ def load_adapter(base_model: Any, base_params: Any, directory: str | os.PathLike
         used.add(key)
         return np.asarray(safetensors_io.read_tensor(infos[key]))
 
-    r, flat = config.r, {}
+    flat = {}
     for t in model.targets:
-        pairs = [_factors_from_peft(t, take(f"{PREFIX}{name}.lora_A.weight", (r, t.fan_in), name),
-                                    take(f"{PREFIX}{name}.lora_B.weight", (t.fan_out, r), name))
+        pairs = [_factors_from_peft(t, take(f"{PREFIX}{name}.lora_A.weight", (t.r, t.fan_in), name),
+                                    take(f"{PREFIX}{name}.lora_B.weight", (t.fan_out, t.r), name))
                  for name in t.layer_names]
         a, b = (np.stack(x) for x in zip(*pairs)) if t.layers else pairs[0]
         flat[t.path + ("lora_A",)], flat[t.path + ("lora_B",)] = a, b
