@@ -176,7 +176,8 @@ class LoraConfig:
             from difflib import get_close_matches
 
             hints = [f"{k} (did you mean {m[0]}?)" if (m := get_close_matches(k, fields, 1)) else k for k in unknown]
-            raise ConfigError(f"{source}: unknown LoRA option(s) {', '.join(hints)}; valid: {', '.join(sorted(fields))}")
+            raise ConfigError(f"{source}: unknown LoRA option(s) {', '.join(hints)}; "
+                              f"valid: {', '.join(sorted(fields))}")
         if known.get("modules_to_save") is None:
             known.pop("modules_to_save", None)
         if isinstance(known.get("init_lora_weights"), str):
