@@ -166,7 +166,7 @@ def test_dropout_path_recomputes_the_base_output_exactly():
     np.testing.assert_allclose(np.asarray(kept), np.asarray(recomputed), rtol=1e-5, atol=1e-6)
 
 
-def test_dora_trains_and_refuses_a_quantised_base(tmp_path):
+def test_dora_trains(tmp_path):
     base = tiny_llama()
     lora = apply_lora(base, LoraConfig(r=4, lora_alpha=8, target_modules=
                                        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -184,6 +184,22 @@ def test_dora_trains_and_refuses_a_quantised_base(tmp_path):
     assert all(not jnp.allclose(v, after[k]) for k, v in before if k[-1].key == MAGNITUDE)  # magnitudes train
     trainer.save_model(str(tmp_path / "adapter"))
     assert load_adapter(base, params["base"], tmp_path / "adapter")[0].lora_config.use_dora
+
+
+def test_dora_on_a_quantised_base_is_dora_on_its_dequantised_weights():
+    """QLoRA + DoRA (PEFT does it on bitsandbytes bases): the magnitudes start from the dequantised
+    kernels' norms, and the forward equals DoRA on a float model holding the dequantised weights
+    (1e-6: the same float32 values in the same order; only where they are dequantised differs)."""
+    base = tiny_llama()
     quantised = QuantizedModel(base, QuantFormat("nf4", 8, double_quant=False), targets=("q_proj", "v_proj"))
-    with pytest.raises(ConfigError, match="DoRA .* needs the float kernel of `model.layers.0.self_attn.q_proj`"):
-        apply_lora(quantised, LoraConfig(target_modules=["q_proj"], use_dora=True))
+    q_params = quantised.init(jax.random.key(0))
+    float_params = quantised.dequantized_params(q_params)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
+    on_codes, on_floats = apply_lora(quantised, config), apply_lora(base, config)
+    p_codes = on_codes.init_from_base(q_params, jax.random.key(1))
+    p_floats = on_floats.init_from_base(float_params, jax.random.key(1))
+    for a, b in zip(jax.tree.leaves(p_codes["lora"]), jax.tree.leaves(p_floats["lora"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    batch = padded_batch("llama", seed=7)
+    np.testing.assert_allclose(np.asarray(on_codes.apply(p_codes, batch)["logits"]),
+                               np.asarray(on_floats.apply(p_floats, batch)["logits"]), atol=1e-6)

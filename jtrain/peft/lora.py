@@ -245,7 +245,10 @@ class LoraModel(WrappedModel):
         if self.lora_config.use_dora:
             if base_params is None:
                 raise ConfigError("DoRA adapters start from the base weights: call init_from_base(base_params, rng)")
-            kernels = traverse_util.flatten_dict(base_params)
+            # A quantised base (QLoRA) starts its magnitudes from the dequantised weights, as PEFT does with
+            # bitsandbytes; its forward dequantises before the layers run, so the interceptor sees floats too.
+            dequantize = getattr(self.base, "dequantized_params", None)
+            kernels = traverse_util.flatten_dict(base_params if dequantize is None else dequantize(base_params))
             for t in self.targets:
                 norm = functools.partial(_weight_norm, scale=t.scaling)
                 kernel, a, b = kernels[t.path + ("kernel",)], flat[t.path + ("lora_A",)], flat[t.path + ("lora_B",)]
@@ -484,13 +487,14 @@ def apply_lora(model: Any, config: LoraConfig | Mapping[str, Any], *, strict: bo
             raise ConfigError(f"peft.r={r} is larger than module `{name}` allows "
                               f"(in {math.prod(in_shape)}, out {math.prod(out_shape)} features): lower r")
         targets.append(dataclasses.replace(target, r=r, scaling=scaling))
-    if cfg.use_dora:  # the norm is taken over the float kernel; a quantised base stores codes there
+    if cfg.use_dora:  # the norm is taken over the float kernel (a quantised base's, dequantised)
+        quantised = hasattr(model, "dequantized_params")
         own = traverse_util.flatten_dict(model.abstract_params())
         for t in targets:
             leaf = own.get(t.path + ("kernel",))
-            if not (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)):
-                raise ConfigError(f"DoRA (use_dora) needs the float kernel of `{t.name}`, and this base stores it "
-                                  "quantised: use plain LoRA on a quantised base (QLoRA), or DoRA on a float base")
+            if not quantised and not (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)):
+                raise ConfigError(f"DoRA (use_dora) needs the float kernel of `{t.name}`, which this base does "
+                                  "not hold: use plain LoRA here")
     if not targets:
         leaves = sorted({module_name(p).rsplit(".", 1)[-1] for p in sites})
         raise ConfigError(f"peft.target_modules {wanted!r} matches no Dense layer of this {model_type or 'model'}; "
