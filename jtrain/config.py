@@ -219,12 +219,39 @@ class QuantizationSection:
 
 
 @dataclass(frozen=True)
+class HPSearchSection:
+    """HF's `Trainer.hyperparameter_search` (optuna) from a run config; present only when the file has
+    `hp_search:`. Each trial trains a fresh model in output_dir/run-N and is ranked on the evaluation set."""
+
+    n_trials: int = _f(10, "Trials to run.")
+    direction: str = _f("minimize", "minimize | maximize the objective.")
+    metric: str | None = _f(None, "Evaluation metric to rank trials by (eval_loss, eval_accuracy, ...); default: "
+                                  "HF's objective (eval_loss, or the sum of compute_metrics' metrics).")
+    space: dict = _f({}, "TrainingArguments field -> {type: float|int, low, high, log} or {type: categorical, "
+                         "choices: [...]}.")
+    sampler: str = _f("tpe", "optuna sampler: tpe | random | grid (every combination of categorical choices).")
+    seed: int | None = _f(None, "Sampler seed (a fixed seed repeats the same trials).")
+
+    def __post_init__(self) -> None:
+        from jtrain.hp_search import check_space
+
+        _need(self.n_trials >= 1, f"hp_search.n_trials must be at least 1, got {self.n_trials}")
+        _need(self.direction in ("minimize", "maximize"),
+              f"hp_search.direction must be minimize or maximize, got {self.direction!r}")
+        _need(self.sampler in ("tpe", "random", "grid"),
+              f"hp_search.sampler must be tpe, random or grid, got {self.sampler!r}")
+        fields = {f.name for f in dataclasses.fields(TrainingArguments)} - {"output_dir"}
+        object.__setattr__(self, "space", check_space(self.space, fields))
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
     peft: PeftSection | None = None  # None: every weight trains
     quantization: QuantizationSection | None = None  # None: float base weights
+    hp_search: HPSearchSection | None = None  # None: one run (no hyperparameter search)
     training: TrainingArguments = field(default_factory=TrainingArguments)
 
     def to_dict(self) -> dict:
@@ -236,7 +263,8 @@ SECTIONS: dict[str, type] = {"model": ModelSection, "tokenizer": TokenizerSectio
                              "training": TrainingArguments}
 # `peft` and `quantization` are optional: built only when the file (or an override) has them, so their
 # absence means no LoRA and a float base.
-OPTIONAL_SECTIONS: dict[str, type] = {"peft": PeftSection, "quantization": QuantizationSection}
+OPTIONAL_SECTIONS: dict[str, type] = {"peft": PeftSection, "quantization": QuantizationSection,
+                                      "hp_search": HPSearchSection}
 
 
 def read_config_file(path: str) -> dict:
@@ -323,6 +351,11 @@ def check_run_config(cfg: RunConfig) -> None:
         _need(not given, f"`data.{given[0] if given else ''}` is set but data.source is 'stdlib': set "
                          "data.source: files to read it")
     _need(not a.do_predict or d.test_file, "do_predict needs `data.test_file` (with data.source: files)")
+    if cfg.hp_search is not None:
+        _need(a.do_train and a.do_eval, "hp_search trains every trial and ranks it on the evaluation set: set "
+                                        "training.do_train and training.do_eval true")
+        _need(not a.resume_from_checkpoint, "hp_search starts every trial afresh: remove "
+                                            "training.resume_from_checkpoint")
     _need(a.do_train or cfg.model.model_name_or_path,
           "evaluating without training needs `model.model_name_or_path` (a trained model to evaluate)")
 

@@ -191,3 +191,77 @@ def _run_trial(trainer: Any, trial: Any, values: dict[str, Any], compute_objecti
     finally:
         del trial_trainer
         gc.collect()  # free the trial's device arrays before the next trial allocates its own
+
+
+# ---- the search space of a run config (`hp_search.space`) -------------------------------------------
+_SPACE_KINDS = {"float": ("low", "high"), "int": ("low", "high"), "categorical": ("choices",)}
+
+
+def check_space(space: Any, fields: set[str]) -> dict[str, dict]:
+    """A run config's `hp_search.space` checked before anything runs: each key a TrainingArguments
+    field, each value `{type: float|int, low, high[, log, step]}` or `{type: categorical, choices}`."""
+    if not isinstance(space, dict) or not space:
+        raise ConfigError("hp_search.space must map TrainingArguments fields to ranges, e.g. "
+                          "{learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}}")
+    from jtrain.coerce import closest_key_hint
+
+    out = {}
+    for name, spec in space.items():
+        where = f"hp_search.space.{name}"
+        if name not in fields:
+            raise ConfigError(f"{where}: not a TrainingArguments field{closest_key_hint(name, sorted(fields))}")
+        if not isinstance(spec, dict) or spec.get("type") not in _SPACE_KINDS:
+            raise ConfigError(f"{where} must be a mapping with type: float, int or categorical, got {spec!r}")
+        kind = spec["type"]
+        missing = [k for k in _SPACE_KINDS[kind] if k not in spec]
+        unknown = sorted(set(spec) - {"type", *_SPACE_KINDS[kind], "log", "step"})
+        if missing or unknown:
+            raise ConfigError(f"{where} ({kind}): " + (f"missing {missing}" if missing else f"unknown keys {unknown}"))
+        if kind == "categorical":
+            if not isinstance(spec["choices"], list) or not spec["choices"]:
+                raise ConfigError(f"{where}.choices must be a non-empty list")
+        else:
+            number = float if kind == "float" else int
+            try:
+                low, high = number(spec["low"]), number(spec["high"])
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"{where}: low and high must be {kind}s ({err})") from err
+            if not low <= high or (spec.get("log") and low <= 0):
+                raise ConfigError(f"{where}: need low <= high{' and low > 0 with log: true' if spec.get('log') else ''}"
+                                  f", got low={low}, high={high}")
+        out[name] = dict(spec)
+    return out
+
+
+def space_sampler(space: dict[str, dict]) -> Callable[[Any], dict[str, Any]]:
+    """`hp_space(trial)` for optuna from a checked `hp_search.space`."""
+
+    def hp_space(trial: Any) -> dict[str, Any]:
+        values = {}
+        for name, spec in space.items():
+            kind = spec["type"]
+            if kind == "categorical":
+                values[name] = trial.suggest_categorical(name, spec["choices"])
+            elif kind == "float":
+                values[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
+                                                   log=bool(spec.get("log", False)), step=spec.get("step"))
+            else:
+                values[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]),
+                                                 log=bool(spec.get("log", False)), step=int(spec.get("step", 1)))
+        return values
+
+    return hp_space
+
+
+def make_sampler(name: str, seed: int | None, space: dict[str, dict]) -> Any:
+    """optuna's sampler by name: tpe (optuna's default), random, or grid (every categorical combination)."""
+    optuna = _import_optuna()
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    grid = {k: v["choices"] for k, v in space.items() if v["type"] == "categorical"}
+    if len(grid) != len(space):
+        raise ConfigError("hp_search.sampler grid needs every hp_search.space entry to be categorical (the grid "
+                          "is their product)")
+    return optuna.samplers.GridSampler(grid, seed=seed)

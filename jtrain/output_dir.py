@@ -86,3 +86,22 @@ def clear_previous_run(args: TrainingArguments) -> None:
     if args.overwrite_output_dir and not args.resume_from_checkpoint and jax.process_index() == 0:
         for path in checkpoint_dirs(args.output_dir, complete_only=False):
             shutil.rmtree(path)  # process 0 only: processes sharing a file system would race
+
+
+def search_output_dir(args: TrainingArguments) -> None:
+    """A search writes run-N/ per trial and best_run.json: into an empty output_dir, or (with
+    overwrite_output_dir) one whose earlier trials are removed first. Never a resume."""
+    import jax
+
+    out = args.output_dir
+    check_writable(out)
+    if not os.path.isdir(out) or not os.listdir(out):
+        return None
+    if not args.overwrite_output_dir:
+        raise ConfigError(f"output_dir {out!r} already holds files; a hyperparameter search writes run-N/ "
+                          "directories there: choose an empty output_dir or set overwrite_output_dir: true")
+    if jax.process_index() == 0:
+        for name in os.listdir(out):
+            if name.startswith("run-") and os.path.isdir(os.path.join(out, name)):
+                shutil.rmtree(os.path.join(out, name))
+    return None

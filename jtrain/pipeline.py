@@ -25,7 +25,7 @@ from jtrain.errors import ConfigError
 from jtrain.models import SUPPORTED_MODEL_TYPES, architecture, create_model, from_pretrained, param_count, read_config
 from jtrain.models.hub import checkpoint_dir
 from jtrain.models.wrapper import innermost
-from jtrain.output_dir import clear_previous_run, resume_point
+from jtrain.output_dir import clear_previous_run, resume_point, search_output_dir
 from jtrain.trainer import Trainer
 from jtrain.xla_flags import apply_backend_choices
 
@@ -281,11 +281,14 @@ def run_job(cfg: RunConfig) -> dict:
     apply_backend_choices(args.use_cpu, args.full_determinism)  # before the model's params exist
     check_peft(cfg)
     check_quantization(cfg)
-    resume = resume_point(args)
+    resume = search_output_dir(args) if cfg.hp_search is not None else resume_point(args)
     started = time.perf_counter()
     model_type, config = model_spec(cfg)
     check_head(cfg.data.task, model_type)
     data = prepare_data(cfg, model_type, config, resuming=resume is not None)
+    if cfg.hp_search is not None:
+        _say(f"data: {data.summary}; prepared in {time.perf_counter() - started:.1f}s")
+        return _search(cfg, data, lambda: build_model(cfg, data, model_type, config))
     model, params = build_model(cfg, data, model_type, config)
     trainer = Trainer(model, args, data_collator=data.collator, train_dataset=data.train,
                       eval_dataset=data.validation, processing_class=data.tokenizer, params=params)
@@ -317,6 +320,37 @@ def run_job(cfg: RunConfig) -> dict:
         _say(f"wrote {f'checkpoints, {saved}, ' if args.do_train else ''}"
              f"results{written} to {os.path.abspath(args.output_dir)}")
     return results
+
+
+def _search(cfg: RunConfig, data: TaskData, model_init: Any) -> dict:
+    """HF's hyperparameter_search over the config's space; every trial is ranked on the validation
+    split. Returns (and writes to best_run.json) the best run's id, objective and values."""
+    from jtrain.hp_search import make_sampler, space_sampler
+    from jtrain.jsonfile import write_json
+
+    args, hp = cfg.training, cfg.hp_search
+    trainer = Trainer(args=args, data_collator=data.collator, train_dataset=data.train, eval_dataset=data.validation,
+                      processing_class=data.tokenizer, model_init=model_init)
+    key = None if hp.metric is None else (hp.metric if hp.metric.startswith("eval_") else f"eval_{hp.metric}")
+
+    def objective(metrics: dict) -> float:
+        if key not in metrics:
+            raise ConfigError(f"hp_search.metric {hp.metric!r}: the evaluation reports no {key!r}; it reports "
+                              f"{', '.join(sorted(metrics))}")
+        return float(metrics[key])
+
+    best = trainer.hyperparameter_search(hp_space=space_sampler(hp.space), compute_objective=None if key is None
+                                         else objective, n_trials=hp.n_trials, direction=hp.direction,
+                                         sampler=make_sampler(hp.sampler, hp.seed, hp.space))
+    result = {"best_run_id": best.run_id, "best_objective": best.objective,
+              "best_hyperparameters": best.hyperparameters}
+    if jax.process_index() == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_json(os.path.join(args.output_dir, "best_run.json"), result, indent=2)
+    _say(f"hyperparameter search: best of {hp.n_trials} trials is run-{best.run_id} ({key or 'objective'} "
+         f"{best.objective:.4f}) with {best.hyperparameters}; wrote run-N/ and best_run.json to "
+         f"{os.path.abspath(args.output_dir)}")
+    return result
 
 
 def _dataset_name(cfg: RunConfig) -> str:

@@ -114,7 +114,7 @@ class _Run:
             t.control = h.on_substep_end(t.args, t.state, t.control, metrics=m, step=step)
         t.control = h.on_pre_optimizer_step(t.args, t.state, t.control, metrics=m, step=step)
         t.control = h.on_optimizer_step(t.args, t.state, t.control, metrics=m, step=step)
-        # HF's total_flos: 6 x non-embedding params x input tokens, summed in TrainerState (so a resumed run continues it)
+        # HF's total_flos: 6 x non-embedding params x input tokens, in TrainerState (a resumed run continues it)
         t.state.total_flos += 6.0 * non_embedding_parameter_count(t) * float(m.get("input_tokens", 0.0))
         counting = t.args.include_num_input_tokens_seen  # "no" | "all" | "non_padding"
         if counting != "no":  # carried in TrainerState, so a resumed run continues the count
