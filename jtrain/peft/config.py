@@ -215,7 +215,7 @@ def matches_target(module_name: str, targets: str | Sequence[str]) -> bool:
 
 
 def _pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any) -> Any:
-    """PEFT's `get_pattern_key`: the first key `k` with `module` matching `(.*\.)?(k)$`."""
+    r"""PEFT's `get_pattern_key`: the first key `k` with `module` matching `(.*\.)?(k)$`."""
     for key, value in (pattern or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
             return value
