@@ -240,11 +240,13 @@ def test_wraps_any_model_like_object(base):
     np.testing.assert_allclose(_logits(lora, params, batch), ref, atol=SAME_MATH_ATOL)
 
 
-def test_training_updates_only_adapters_and_shards_them_like_the_base(base):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_training_updates_only_adapters_and_shards_them_like_the_base(base, use_dora):
     """fsdp=4 x tensor=2 on 8 fake devices: adapter specs follow the base kernel's; the sharded run
-    matches a single-device run; the base is bitwise unchanged and has no optimizer state."""
+    matches a single-device run; the base is bitwise unchanged and has no optimizer state. With DoRA
+    the magnitudes shard like the kernel's outputs and its norm reduces over the fsdp-split inputs."""
     model, bp = base
-    lora = _lora(model, lora_alpha=16, target_modules=ALL_ATTN)
+    lora = _lora(model, lora_alpha=16, target_modules=ALL_ATTN, use_dora=use_dora)
     tx = optax.adamw(1e-2)
     params = lora.init_from_base(bp, jax.random.key(7))
     batches = [{k: v.reshape(1, *v.shape) for k, v in lm_rows(8, 16, seed=s).items()} for s in range(2)]
@@ -266,6 +268,9 @@ def test_training_updates_only_adapters_and_shards_them_like_the_base(base):
     assert tuple(q_kernel) == ("fsdp", "tensor", None)
     assert tuple(q["lora_A"].spec) == ("fsdp", None) and tuple(q["lora_B"].spec) == (None, "tensor", None)
     assert tuple(o["lora_A"].spec) == ("tensor", None, None) and tuple(o["lora_B"].spec) == (None, "fsdp")
+    if use_dora:
+        assert tuple(q["lora_magnitude_vector"].spec) == ("tensor", None)
+        assert tuple(o["lora_magnitude_vector"].spec) == ("fsdp",)
     assert {p[0] for p in leaf_paths(state.params)} == {"lora"}
     assert leaf_paths(state.frozen) and all(p[0] == "base" for p in leaf_paths(state.frozen))
     for x, y in zip(jax.tree.leaves(state.frozen), jax.tree.leaves({"base": bp})):
