@@ -173,7 +173,7 @@ class _Run:
 
     def evaluate(self) -> dict:
         t = self.t
-        metrics = t.evaluate()
+        metrics = t.evaluate(ignore_keys=getattr(t, "_ignore_keys_for_eval", None))
         t._report_to_hp_search(metrics)
         if t.lr_controller is not None and t.args.metric_for_best_model:
             factor = t.lr_controller.step(metrics[_metric_key(t.args.metric_for_best_model)])

@@ -377,10 +377,19 @@ class Trainer:
         return self.get_eval_dataloader(test_dataset)
 
     # ---- training -------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
-        """Train for `max_steps` (or epochs); resume from a checkpoint path or, with True, the latest."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None) -> TrainOutput:
+        """Train for `max_steps` (or epochs); resume from a checkpoint path or, with True, the latest.
+
+        As in HF, `trial` (a dict, or an optuna trial) is recorded as `state.trial_params` (the search
+        itself applies a trial's values: `hyperparameter_search`), and `ignore_keys_for_eval` is the
+        `ignore_keys` of the evaluations during training."""
         from jtrain.memory import tracker_for
         from jtrain.train_loop import run_training
+
+        if trial is not None:
+            self._trial_params = dict(trial) if isinstance(trial, Mapping) else dict(getattr(trial, "params", {}))
+        self._ignore_keys_for_eval = ignore_keys_for_eval
 
         requested = self._per_device_train_batch_size()
         loader, plan = self._plan()
@@ -448,8 +457,12 @@ class Trainer:
                     setattr(callback, key, value)
 
     # ---- evaluation and prediction ----------------------------------------------------------
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
-        """Loss (and accuracy, perplexity for LMs) reduced on the device; HF's speed keys."""
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict:
+        """Loss (and accuracy, perplexity for LMs) reduced on the device; HF's speed keys.
+
+        `ignore_keys` are model-output keys left out of the predictions, as in HF; jtrain's models
+        output only `logits`, so ignoring it leaves no predictions (and compute_metrics uncalled)."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if dataset is None:
             raise ConfigError("evaluate() needs an `eval_dataset`")
@@ -461,15 +474,20 @@ class Trainer:
         from jtrain.memory import eval_memory_metrics, tracker_for
 
         tracker_for(self).start(metric_key_prefix)
-        output = self._evaluation_loop(dataset, metric_key_prefix, want_predictions=self.compute_metrics is not None)
+        output = self._evaluation_loop(dataset, metric_key_prefix,
+                                       want_predictions=self.compute_metrics is not None and _keeps_logits(ignore_keys))
         self._derived_eval_keys = getattr(self, "_derived_eval_keys", frozenset()) | set(output.derived_keys)
         output.metrics.update(eval_memory_metrics(self, metric_key_prefix))
         self.log(output.metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=output.metrics)
         return output.metrics
 
-    def predict(self, test_dataset: Any, ignore_keys: Any = None, metric_key_prefix: str = "test") -> PredictionOutput:
-        output = self._evaluation_loop(test_dataset, metric_key_prefix, want_predictions=True, predicting=True)
+    def predict(self, test_dataset: Any, ignore_keys: list[str] | None = None,
+                metric_key_prefix: str = "test") -> PredictionOutput:
+        """Predictions (the logits, or what preprocess_logits_for_metrics makes of them; None when
+        `ignore_keys` names `logits`), label ids and metrics, in dataset order."""
+        output = self._evaluation_loop(test_dataset, metric_key_prefix, want_predictions=_keeps_logits(ignore_keys),
+                                       predicting=True)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
         return PredictionOutput(output.predictions, output.label_ids, output.metrics)
 
@@ -551,6 +569,13 @@ class Trainer:
     def trainer_state_snapshot(self) -> TrainerState:
         """A copy for the checkpoint finaliser thread, which writes it after the loop moved on."""
         return copy.deepcopy(self.state)
+
+
+def _keeps_logits(ignore_keys: Any) -> bool:
+    """Whether predictions survive `ignore_keys` (jtrain models output `logits` only)."""
+    if ignore_keys is not None and (isinstance(ignore_keys, str) or not all(isinstance(k, str) for k in ignore_keys)):
+        raise ConfigError(f"ignore_keys must be a list of model-output names, got {ignore_keys!r}")
+    return not ignore_keys or "logits" not in ignore_keys
 
 
 def _is_model(obj: Any) -> bool:

@@ -162,7 +162,8 @@ def test_hyperparameter_search_applies_values_reports_and_prunes(tmp_path):
     grid = {"learning_rate": [0.0, 1e-2, 3e-2]}
     best = trainer.hyperparameter_search(
         hp_space=lambda t: {"learning_rate": t.suggest_categorical("learning_rate", grid["learning_rate"])},
-        n_trials=3, direction="minimize", sampler=optuna.samplers.GridSampler(grid, seed=0), pruner=_PruneLearningRate(3e-2))
+        n_trials=3, direction="minimize", sampler=optuna.samplers.GridSampler(grid, seed=0),
+        pruner=_PruneLearningRate(3e-2))
     learning_rates = {}
     for number in range(3):
         state = json.loads((tmp_path / "out" / f"run-{number}" / "checkpoint-2" / "trainer_state.json").read_text())
@@ -221,3 +222,27 @@ def test_model_card_matches_hfs_layout_and_parses(tmp_path):
     assert (result.task_type, result.dataset_type, result.dataset_args) == ("text-generation", "wikitext",
                                                                             "wikitext-2-raw-v1")
     assert result.metric_type == "accuracy" and result.metric_value == final["eval_accuracy"] == results["Accuracy"]
+
+
+# ---- train / evaluate / predict arguments ----------------------------------------------------
+def test_train_evaluate_predict_take_hfs_arguments(tmp_path):
+    for name in ("train", "evaluate", "predict"):
+        ours = list(inspect.signature(getattr(Trainer, name)).parameters)
+        assert ours == list(inspect.signature(getattr(transformers.Trainer, name)).parameters), name
+    calls = []
+
+    def metrics(pred):
+        calls.append(pred.predictions.shape)
+        return {"seen": float(len(pred.predictions))}
+
+    trainer = Trainer(tiny_llama(), _args(tmp_path, eval_strategy="steps", eval_steps=2),
+                      train_dataset=_train_data(), eval_dataset=_eval_data(), compute_metrics=metrics)
+    trainer.train(trial={"learning_rate": 1e-2}, ignore_keys_for_eval=["logits"])
+    assert calls == [] and trainer.state.trial_params == {"learning_rate": 1e-2}  # no predictions, as in HF
+    assert "eval_seen" not in trainer.state.log_history[-2] and "eval_loss" in trainer.state.log_history[-2]
+    assert "eval_seen" in trainer.evaluate(ignore_keys=["past_key_values"]) and len(calls) == 1
+    kept, dropped = trainer.predict(_eval_data()), trainer.predict(_eval_data(), ignore_keys=["logits"])
+    assert kept.predictions.shape == (8, 16, 64) and dropped.predictions is None
+    assert dropped.metrics["test_loss"] == pytest.approx(kept.metrics["test_loss"])
+    with pytest.raises(ConfigError, match="ignore_keys must be a list"):
+        trainer.predict(_eval_data(), ignore_keys="logits")
