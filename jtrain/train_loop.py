@@ -259,6 +259,7 @@ def run_training(trainer: Any, loader: HostLoader, plan: StepPlan, position: Loa
     t.state.init_training_references(t, plan.max_steps, plan.num_train_epochs, getattr(t, "_trial_params", None))
     _check_best_model_args(args, t.state)
     start, start_step = time.perf_counter(), t.state.global_step
+    t._initial_num_input_tokens_seen = t.state.num_input_tokens_seen  # for log(..., start_time), as HF keeps it
     with StopOnSignal() as stop:
         run = _Run(t, loader, plan, position, stop)
         try:

@@ -509,13 +509,19 @@ class Trainer:
                                predicting)
 
     # ---- logging and saving -------------------------------------------------------------------
-    def log(self, logs: dict[str, float]) -> None:
-        """Add epoch and step, append to `log_history`, fire `on_log` (as HF's `Trainer.log`)."""
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add epoch and step, append to `log_history`, fire `on_log` (as HF's `Trainer.log`). With
+        `start_time` (a `time.time()` of this train() call's start) and token counting on, add HF's
+        `train_runtime` and `train_tokens_per_second` of this call."""
         logs = dict(logs)
         if self.state.epoch is not None:
             logs["epoch"] = round(float(self.state.epoch), 4)
         if self.args.include_num_input_tokens_seen != "no":
             logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+            if start_time is not None:
+                runtime = max(time.time() - start_time, 1e-9)
+                tokens = self.state.num_input_tokens_seen - getattr(self, "_initial_num_input_tokens_seen", 0)
+                logs.update(train_runtime=round(runtime, 4), train_tokens_per_second=round(tokens / runtime, 3))
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs=logs)
 

@@ -226,7 +226,7 @@ def test_model_card_matches_hfs_layout_and_parses(tmp_path):
 
 # ---- train / evaluate / predict arguments ----------------------------------------------------
 def test_train_evaluate_predict_take_hfs_arguments(tmp_path):
-    for name in ("train", "evaluate", "predict"):
+    for name in ("train", "evaluate", "predict", "log"):
         ours = list(inspect.signature(getattr(Trainer, name)).parameters)
         assert ours == list(inspect.signature(getattr(transformers.Trainer, name)).parameters), name
     calls = []
@@ -246,3 +246,15 @@ def test_train_evaluate_predict_take_hfs_arguments(tmp_path):
     assert dropped.metrics["test_loss"] == pytest.approx(kept.metrics["test_loss"])
     with pytest.raises(ConfigError, match="ignore_keys must be a list"):
         trainer.predict(_eval_data(), ignore_keys="logits")
+
+
+def test_log_with_start_time_adds_this_calls_token_throughput(tmp_path):
+    import time
+
+    trainer = Trainer(tiny_llama(), _args(tmp_path, include_num_input_tokens_seen="all"), train_dataset=_train_data())
+    started = time.time()
+    trainer.train()
+    trainer.log({"custom": 1.0}, start_time=started)
+    last = trainer.state.log_history[-1]
+    assert last["num_input_tokens_seen"] == 4 * 4 * 16 and last["custom"] == 1.0
+    assert last["train_tokens_per_second"] == pytest.approx(256 / last["train_runtime"], rel=1e-2)
