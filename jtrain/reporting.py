@@ -348,6 +348,10 @@ class TensorBoardCallback(TrainerCallback):
             self._ensure_writer(args).add_scalars(_numeric(rewrite_logs(logs)), state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Close the event file (a later log opens a new one); `Trainer.end()` calls it too."""
         if self.writer is not None:
             self.writer.close()
         self.writer = None
@@ -378,6 +382,10 @@ class JsonlLoggerCallback(TrainerCallback):
         self._file.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Close the file (a later log reopens it in append mode); `Trainer.end()` calls it too."""
         if self._file is not None:
             self._file.close()
         self._file = None

@@ -561,6 +561,17 @@ class Trainer:
             tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
         return output_dir
 
+    def end(self) -> None:
+        """HF's `end()`, for the very end of a script: close the loggers' files and, in a multi-process
+        job, leave it (`jax.distributed.shutdown`) so the processes exit together. train, evaluate,
+        predict and save_model communicate between processes, so nothing of them may follow."""
+        for callback in self.callback_handler.callbacks:
+            close = getattr(callback, "close", None)
+            if callable(close):
+                close()
+        if jax.process_count() > 1 and jax.distributed.is_initialized():
+            jax.distributed.shutdown()
+
     @property
     def params(self) -> Any:
         return None if self.train_state is None else self.train_state.full_params()

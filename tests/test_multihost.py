@@ -75,6 +75,8 @@ def test_two_processes_train_like_one(tmp_path):
     # Only process 0 prints the Trainer's logs and writes files.
     assert "[rank0] {'loss'" in out2 and "[rank1] {'loss'" not in out2
     assert sorted(os.listdir(two)) == ["losses.json"]
+    assert "[rank0] after end(): distributed initialised False" in out2
+    assert "[rank1] after end(): distributed initialised False" in out2
 
 
 _DIE = """
@@ -165,6 +167,8 @@ def _worker(params_file: str, out_dir: str) -> None:
         with open(os.path.join(out_dir, "losses.json"), "w") as fh:
             json.dump({"losses": record.losses, "mesh": dict(trainer.mesh.shape),
                        "processes": jax.process_count()}, fh)
+    trainer.end()  # HF's end(): every process leaves the job
+    print(f"after end(): distributed initialised {jax.distributed.is_initialized()}", flush=True)
 
 
 if __name__ == "__main__":

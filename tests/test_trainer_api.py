@@ -258,3 +258,18 @@ def test_log_with_start_time_adds_this_calls_token_throughput(tmp_path):
     last = trainer.state.log_history[-1]
     assert last["num_input_tokens_seen"] == 4 * 4 * 16 and last["custom"] == 1.0
     assert last["train_tokens_per_second"] == pytest.approx(256 / last["train_runtime"], rel=1e-2)
+
+
+def test_end_closes_the_loggers(tmp_path):
+    from jtrain.reporting import JsonlLoggerCallback
+
+    trainer = Trainer(tiny_llama(), _args(tmp_path, report_to=["jsonl"]), train_dataset=_train_data(),
+                      eval_dataset=_eval_data())
+    trainer.train()
+    trainer.evaluate()  # logs after training reopen the JSONL file
+    (jsonl,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, JsonlLoggerCallback)]
+    assert jsonl._file is not None and not jsonl._file.closed
+    handle = jsonl._file
+    trainer.end()
+    assert jsonl._file is None and handle.closed
+    assert '"eval_loss"' in (tmp_path / "out" / "runs" / "logs.jsonl").read_text().splitlines()[-1]
