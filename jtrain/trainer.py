@@ -69,6 +69,9 @@ class Trainer:
     save_state = trainer_helpers.save_state
     get_num_trainable_parameters = trainer_helpers.get_num_trainable_parameters
     floating_point_ops = trainer_helpers.floating_point_ops
+    get_decay_parameter_names = trainer_helpers.get_decay_parameter_names
+    get_tp_size, get_cp_size, get_sp_size = (trainer_helpers.get_tp_size, trainer_helpers.get_cp_size,
+                                             trainer_helpers.get_sp_size)
     hyperparameter_search = hp_search.hyperparameter_search
     create_model_card = model_card.create_model_card
     get_learning_rates = trainer_helpers.get_learning_rates

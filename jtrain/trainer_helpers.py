@@ -112,6 +112,37 @@ def floating_point_ops(self: Any, inputs: Mapping[str, Any]) -> int:
     return 6 * non_embedding_parameter_count(self) * int(np.size(ids))
 
 
+def get_decay_parameter_names(self: Any, model: Any = None) -> list[str]:
+    """Dotted jtrain names (`model.layers_0.self_attn.q_proj.kernel`) of the parameters weight decay
+    applies to: HF's rule (`jtrain.optim.decay_mask`), for `model` (default: the Trainer's)."""
+    from jtrain.optim.decay_mask import decays
+    from jtrain.optim.paths import named_leaves
+
+    model = self.model if model is None else model
+    return [name for name, _ in named_leaves(model.abstract_params()) if decays(name)]
+
+
+def _mesh_axis(self: Any, axis: str) -> int:
+    return int(dict(self.mesh.shape).get(axis, 1))
+
+
+def get_tp_size(self: Any) -> int:
+    """Tensor-parallel size: the mesh's `tensor` axis."""
+    return _mesh_axis(self, "tensor")
+
+
+def get_cp_size(self: Any) -> int:
+    """Context-parallel size: the mesh's `sequence` axis (it splits each row's positions, keys and
+    values gathered for attention)."""
+    return _mesh_axis(self, "sequence")
+
+
+def get_sp_size(self: Any) -> int:
+    """Ulysses-style sequence parallelism (an all-to-all between heads and positions) jtrain does
+    not have: 1. Its sequence axis is context parallelism (`get_cp_size`)."""
+    return 1
+
+
 def get_learning_rates(self: Any) -> list[float]:
     """The learning rate of the next update, one per parameter group (jtrain has one group)."""
     if self.train_state is None or self.lr_scheduler is None:

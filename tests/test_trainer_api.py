@@ -273,3 +273,22 @@ def test_end_closes_the_loggers(tmp_path):
     trainer.end()
     assert jsonl._file is None and handle.closed
     assert '"eval_loss"' in (tmp_path / "out" / "runs" / "logs.jsonl").read_text().splitlines()[-1]
+
+
+def test_decay_parameter_names_are_hfs_and_mesh_sizes(tmp_path):
+    """The parameters jtrain decays, named as HF names them, are the ones HF's own
+    `get_decay_parameter_names` picks on the same model."""
+    from jtrain.models.hub import model_leaf_maps
+
+    hf = hf_model("llama", "causal_lm", attention_bias=True)
+    hf.save_pretrained(tmp_path / "base")
+    model, params = from_pretrained(tmp_path / "base")
+    trainer = Trainer(model, _args(tmp_path), params=params)
+    ours = set(trainer.get_decay_parameter_names())
+    hf_names = {".".join(m.path): m.hf_names for m in model_leaf_maps(model)}
+    mapped = {name for jt, names in hf_names.items() if jt in ours for name in names}
+    theirs = set(transformers.Trainer.get_decay_parameter_names(None, hf))
+    assert mapped == theirs and any("bias" in n for n in hf_names) and not any("bias" in n for n in mapped)
+    assert (trainer.get_tp_size(), trainer.get_cp_size(), trainer.get_sp_size()) == (1, 1, 1)
+    sharded = Trainer(model, _args(tmp_path, mesh_shape={"tensor": 2, "sequence": 2, "data": 2}), params=params)
+    assert (sharded.get_tp_size(), sharded.get_cp_size(), sharded.get_sp_size()) == (2, 2, 1)
