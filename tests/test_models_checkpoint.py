@@ -25,6 +25,7 @@ SAVE_CASES = [
     ("llama", "sequence_classification", {"num_labels": 3}),
     ("qwen2", "causal_lm", {}),
     ("mistral", "causal_lm", {}),
+    ("gemma", "causal_lm", {}),
     ("gpt2", "causal_lm", {}),
     ("gpt2", "sequence_classification", {"num_labels": 3}),
     ("bert", "masked_lm", {}),
@@ -215,7 +216,7 @@ def test_unexpected_keys_are_listed_in_a_warning(tmp_path):
 
 
 def test_bad_configs_and_paths(tmp_path):
-    with pytest.raises(ConfigError, match="supported: bert, gpt2, llama, mistral, mixtral, qwen2, roberta"):
+    with pytest.raises(ConfigError, match="supported: bert, gemma, gpt2, llama, mistral, mixtral, qwen2, roberta"):
         create_model("t5", {})
     with pytest.raises(ConfigError, match="did you mean 'scan_layers'"):
         create_model("llama", TINY["llama"], scan_layer=True)

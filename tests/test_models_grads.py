@@ -72,6 +72,8 @@ GRAD_CASES = [
      {"scan_layers": True, "remat_policy": "dots_with_no_batch_dims_saveable"}, {}),
     ("qwen2-windows-scan-remat", "qwen2", "causal_lm", {}, {"scan_layers": True, "remat_policy": "nothing_saveable"},
      {}),
+    # Gemma: norm weights as offsets from 1, embeddings scaled by sqrt(hidden), GeGLU, MQA, tied head.
+    ("gemma-lm", "gemma", "causal_lm", {}, {}, {}),
     ("bert-mlm", "bert", "masked_lm", {}, {}, {"token_types": True}),
     ("bert-seqcls-scan-remat", "bert", "sequence_classification", {"num_labels": 3},
      {"scan_layers": True, "remat_policy": "full"}, {"token_types": True}),

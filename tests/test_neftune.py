@@ -139,3 +139,21 @@ def test_composes_with_lora():
     rng = jax.random.key(1)
     np.testing.assert_array_equal(_logits(noisy, params, batch, rng, False), _logits(lora, params, batch, rng, False))
     assert not np.allclose(_logits(noisy, params, batch, rng, True), _logits(lora, params, batch, rng, True))
+
+
+def test_noise_follows_gemmas_embedding_scale():
+    """Gemma's embedding scales the rows inside the embedding call (HF's scaled embedding module), so
+    NEFTune's noise is added after the scale, as HF's hook on that module adds it: noise within the
+    unscaled bound, not the bound times the scale."""
+    from jtrain.models.layers import ScaledEmbed
+
+    embed = ScaledEmbed(50, 64, scale=8.0, name="embed_tokens")
+    ids = jnp.zeros((4, 256), jnp.int32)
+    params = embed.init(jax.random.key(0), ids)
+    clean = embed.apply(params, ids)
+    with nn.intercept_methods(neftune_interceptor(ALPHA)):
+        noisy = embed.apply(params, ids, rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_allclose(np.asarray(clean[0, 0]), 8.0 * np.asarray(params["params"]["embedding"][0]), rtol=1e-6)
+    noise = np.abs(np.asarray(noisy - clean, np.float64)).max()
+    bound = neftune_magnitude(ALPHA, 256, 64)
+    assert 0.99 * bound <= noise <= bound + 1e-5  # float32 rounding of (x + noise) - x at |x| up to ~30

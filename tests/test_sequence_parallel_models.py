@@ -1,4 +1,4 @@
-"""GPT-2 and BERT under sequence parallelism (and with tensor or FSDP parallelism beside it), on 8 fake
+"""GPT-2, BERT and Gemma under sequence parallelism (and with tensor or FSDP parallelism beside it), on 8 fake
 devices, against a single-device run: the same activation layouts the Llama family uses
 (`test_sequence_parallel`), now for learned-position and bidirectional models.
 
@@ -26,6 +26,9 @@ LOSS_RTOL, GRAD_RTOL, GRAD_ATOL_SCALE = 1e-6, 1e-5, 1e-6
 MODELS = {
     "gpt2": ("causal_lm", dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=LENGTH, resid_pdrop=0.0,
                                embd_pdrop=0.0, attn_pdrop=0.0)),
+    # Gemma's scaled embedding rows are read from the gathered table on a mesh: the scale must follow them.
+    "gemma": ("causal_lm", dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=LENGTH)),
     "bert": ("masked_lm", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=64, max_position_embeddings=LENGTH, hidden_dropout_prob=0.0,
                                attention_probs_dropout_prob=0.0)),

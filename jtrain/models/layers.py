@@ -221,6 +221,28 @@ def check_sequence_length(cfg: Any, length: int) -> None:
         sharding.check_sequence_length(length)
 
 
+class ScaledEmbed(nn.Embed):
+    """`nn.Embed` whose lookup is multiplied by `scale` (Gemma's sqrt(hidden_size); None: 1) inside the
+    call, so what intercepts the embedding (NEFTune) sees the scaled rows, as HF's scaled embedding
+    module gives them. `attend` (a tied head) uses the unscaled table, as HF's tied lm_head does."""
+
+    scale: float | None = None
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        # The lookup is written out rather than `super().__call__`: interceptors see every method call,
+        # so the parent's call would be intercepted too and NEFTune would add its noise twice.
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError("Input type must be an integer or unsigned integer.")
+        table = self.embedding if self.dtype is None else self.embedding.astype(self.dtype)
+        out = jnp.take(table, inputs, axis=0)
+        return out if self.scale is None else scale_rows(out, self.scale)
+
+
+def scale_rows(h: jax.Array, scale: float) -> jax.Array:
+    """Rows times `scale`, computed in float32 and cast back (HF multiplies in the weights' dtype)."""
+    return (h.astype(jnp.float32) * jnp.float32(scale)).astype(h.dtype)
+
+
 class TokenEmbeddingOutput(nn.Module):
     """Identity on the token embeddings of the sharded path: a method call that
     `flax.linen.intercept_methods` sees (NEFTune adds its noise there), since that path reads the
@@ -240,6 +262,8 @@ def embed_tokens(cfg: Any, embed: nn.Embed, input_ids_BL: jax.Array, *, output_n
         return embed(input_ids_BL)
     table_VD = cfg.activation_sharding.gathered(embed.embedding, ("vocab", "embed"))
     h_BLD = jnp.take(table_VD, input_ids_BL, axis=0).astype(jnp.dtype(cfg.dtype))
+    if getattr(embed, "scale", None) is not None:  # ScaledEmbed: the same rows its own call returns
+        h_BLD = scale_rows(h_BLD, embed.scale)
     h_BLD = TokenEmbeddingOutput(name=output_name)(h_BLD)
     return constrain(cfg, h_BLD, "batch", "length", "embed")
 

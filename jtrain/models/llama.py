@@ -16,9 +16,9 @@ import jax.numpy as jnp
 
 from jtrain.models.attention import apply_rope, attend, make_attention_mask, rope_inv_freq, rope_type
 from jtrain.models.hfconfig import HFConfig
-from jtrain.models.layers import (activation, check_sequence_length, constrain, default_positions, dropout_rng,
-                                  embed_tokens, last_token_index, normal_init, ones_init, run_layers, splits_length,
-                                  take_rows, zeros_init)
+from jtrain.models.layers import (ScaledEmbed, activation, check_sequence_length, constrain, default_positions,
+                                  dropout_rng, embed_tokens, last_token_index, normal_init, ones_init, run_layers,
+                                  splits_length, take_rows, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
 
 _WINDOW_FIELDS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
@@ -26,7 +26,9 @@ _WINDOW_FIELDS = ("sliding_window", "use_sliding_window", "max_window_layers", "
 
 @dataclass(frozen=True)
 class LlamaConfig(HFConfig):
-    """HF `LlamaConfig`/`MistralConfig`/`Qwen2Config` fields (config.json names) plus jtrain options."""
+    """HF `LlamaConfig`/`MistralConfig`/`Qwen2Config`/`GemmaConfig` fields (config.json names) plus jtrain
+    options. Gemma is Llama with RMSNorm weights stored as offsets from 1 (`norm_offset`), token
+    embeddings scaled by sqrt(hidden_size) (`embed_scale`), GeGLU, tied embeddings and HF's defaults."""
 
     model_type: str = "llama"
     vocab_size: int = 32000
@@ -58,6 +60,13 @@ class LlamaConfig(HFConfig):
         "mistral": ("rope_scaling", "attention_bias", "mlp_bias", "use_sliding_window", "max_window_layers",
                     "layer_types"),
         "qwen2": ("rope_scaling", "attention_bias", "mlp_bias"),
+        "gemma": ("rope_scaling", "mlp_bias") + _WINDOW_FIELDS,
+    }
+    # HF GemmaConfig's defaults where they differ from Llama's (applied before config.json values).
+    TYPE_DEFAULTS: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "gemma": {"hidden_act": "gelu_pytorch_tanh", "head_dim": 256, "tie_word_embeddings": True,
+                  "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "max_position_embeddings": 8192,
+                  "vocab_size": 256000},
     }
 
     @classmethod
@@ -89,6 +98,16 @@ class LlamaConfig(HFConfig):
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
+    def norm_offset(self) -> float:
+        """Gemma stores each RMSNorm weight as w with the scale 1 + w (initialised to 0)."""
+        return 1.0 if self.model_type == "gemma" else 0.0
+
+    @property
+    def embed_scale(self) -> float | None:
+        """Gemma multiplies the token embeddings by sqrt(hidden_size); None elsewhere."""
+        return self.hidden_size ** 0.5 if self.model_type == "gemma" else None
+
+    @property
     def qkv_bias(self) -> bool:
         return self.model_type == "qwen2" or self.attention_bias
 
@@ -117,17 +136,20 @@ def llama_config_from_dict(values: Mapping[str, Any]) -> LlamaConfig:
 
 
 class RMSNorm(nn.Module):
-    """HF's LlamaRMSNorm: normalise in float32, scale, cast back."""
+    """HF's LlamaRMSNorm: normalise in float32, scale, cast back. With `offset` 1 (Gemma) the stored
+    weight w scales by 1 + w and starts at 0, as HF's GemmaRMSNorm."""
 
     eps: float = 1e-6
     dtype: Any = jnp.float32
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", ones_init(("norm",)), (x.shape[-1],))
+        init = zeros_init(("norm",)) if self.offset else ones_init(("norm",))
+        scale = self.param("scale", init, (x.shape[-1],))
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (scale.astype(jnp.float32) * y).astype(self.dtype)
+        return ((self.offset + scale.astype(jnp.float32)) * y).astype(self.dtype)
 
 
 def _layer_mask(cfg: LlamaConfig, idx: Any, mask: jax.Array, window_mask: jax.Array | None) -> jax.Array:
@@ -205,9 +227,9 @@ class LlamaDecoderLayer(nn.Module):
                  mask: jax.Array, window_mask: jax.Array | None) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         layer_mask = _layer_mask(cfg, idx, mask, window_mask)
-        x = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(h_BLD)
+        x = RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset, name="input_layernorm")(h_BLD)
         h_BLD = h_BLD + LlamaAttention(cfg, self.train, name="self_attn")(x, positions_BL, inv_freq, layer_mask)
-        x = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(h_BLD)
+        x = RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset, name="post_attention_layernorm")(h_BLD)
         return constrain(cfg, h_BLD + cfg.feed_forward(self.train)(x), "batch", "length", "embed")
 
 
@@ -221,8 +243,9 @@ class LlamaModel(nn.Module):
     def __call__(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None,
                  position_ids_BL: jax.Array | None = None, segment_ids_BL: jax.Array | None = None):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, name="embed_tokens",
-                         embedding_init=normal_init(cfg.initializer_range, ("vocab", "embed")))
+        embed = ScaledEmbed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, name="embed_tokens",
+                            embedding_init=normal_init(cfg.initializer_range, ("vocab", "embed")),
+                            scale=cfg.embed_scale)
         L = input_ids_BL.shape[1]
         check_sequence_length(cfg, L)
         h_BLD = embed_tokens(cfg, embed, input_ids_BL)
@@ -238,7 +261,7 @@ class LlamaModel(nn.Module):
         h_BLD = run_layers(LlamaDecoderLayer, cfg, self.train, h_BLD, (position_ids_BL, inv_freq, mask, window_mask),
                            num_layers=cfg.num_hidden_layers, name="layers", scan=cfg.scan_layers,
                            remat_policy=cfg.remat_policy)
-        return RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(h_BLD), embed
+        return RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset, name="norm")(h_BLD), embed
 
 
 class LlamaForCausalLM(nn.Module):
