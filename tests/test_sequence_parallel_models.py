@@ -28,7 +28,8 @@ MODELS = {
                                embd_pdrop=0.0, attn_pdrop=0.0)),
     # Gemma's scaled embedding rows are read from the gathered table on a mesh: the scale must follow them.
     "gemma": ("causal_lm", dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=LENGTH)),
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                max_position_embeddings=LENGTH)),
     "bert": ("masked_lm", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=64, max_position_embeddings=LENGTH, hidden_dropout_prob=0.0,
                                attention_probs_dropout_prob=0.0)),
