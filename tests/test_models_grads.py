@@ -74,6 +74,10 @@ GRAD_CASES = [
      {}),
     # Gemma: norm weights as offsets from 1, embeddings scaled by sqrt(hidden), GeGLU, MQA, tied head.
     ("gemma-lm", "gemma", "causal_lm", {}, {}, {}),
+    # Qwen3: per-head q/k RMSNorm before RoPE (head_dim 16 != hidden / heads), with biases and a window on layer 1.
+    ("qwen3-qknorm-window-scan", "qwen3", "causal_lm",
+     {"attention_bias": True, "use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1},
+     {"scan_layers": True}, {}),
     ("bert-mlm", "bert", "masked_lm", {}, {}, {"token_types": True}),
     ("bert-seqcls-scan-remat", "bert", "sequence_classification", {"num_labels": 3},
      {"scan_layers": True, "remat_policy": "full"}, {"token_types": True}),

@@ -26,8 +26,8 @@ _WINDOW_FIELDS = ("sliding_window", "use_sliding_window", "max_window_layers", "
 
 @dataclass(frozen=True)
 class LlamaConfig(HFConfig):
-    """HF `LlamaConfig`/`MistralConfig`/`Qwen2Config`/`GemmaConfig` fields (config.json names) plus jtrain
-    options. Gemma is Llama with RMSNorm weights stored as offsets from 1 (`norm_offset`), token
+    """HF `LlamaConfig`/`MistralConfig`/`Qwen2Config`/`Qwen3Config`/`GemmaConfig` fields (config.json names) plus
+    jtrain options. Qwen3 adds an RMSNorm over each query and key head (`qk_norm`). Gemma is Llama with RMSNorm weights stored as offsets from 1 (`norm_offset`), token
     embeddings scaled by sqrt(hidden_size) (`embed_scale`), GeGLU, tied embeddings and HF's defaults."""
 
     model_type: str = "llama"
@@ -61,12 +61,15 @@ class LlamaConfig(HFConfig):
                     "layer_types"),
         "qwen2": ("rope_scaling", "attention_bias", "mlp_bias"),
         "gemma": ("rope_scaling", "mlp_bias") + _WINDOW_FIELDS,
+        "qwen3": ("rope_scaling", "mlp_bias"),
     }
     # HF GemmaConfig's defaults where they differ from Llama's (applied before config.json values).
     TYPE_DEFAULTS: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "gemma": {"hidden_act": "gelu_pytorch_tanh", "head_dim": 256, "tie_word_embeddings": True,
                   "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "max_position_embeddings": 8192,
                   "vocab_size": 256000},
+        "qwen3": {"head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 32768, "bos_token_id": None,
+                  "eos_token_id": None},
     }
 
     @classmethod
@@ -79,7 +82,7 @@ class LlamaConfig(HFConfig):
         values["rope_scaling"] = {**rope, "rope_type": kind} if kind != "default" else None
         if values.get("layer_types") is not None:
             values["layer_types"] = tuple(values["layer_types"])
-        if values.get("model_type") == "qwen2" and not values.get("use_sliding_window", False):
+        if values.get("model_type") in ("qwen2", "qwen3") and not values.get("use_sliding_window", False):
             values["sliding_window"] = None
         return super().from_dict(values)
 
@@ -108,6 +111,11 @@ class LlamaConfig(HFConfig):
         return self.hidden_size ** 0.5 if self.model_type == "gemma" else None
 
     @property
+    def qk_norm(self) -> bool:
+        """Qwen3 RMS-normalises each head of the queries and keys (`q_norm`, `k_norm`) before RoPE."""
+        return self.model_type == "qwen3"
+
+    @property
     def qkv_bias(self) -> bool:
         return self.model_type == "qwen2" or self.attention_bias
 
@@ -122,7 +130,7 @@ class LlamaConfig(HFConfig):
             return (False,) * n
         if self.layer_types is not None:
             return tuple(t == "sliding_attention" for t in self.layer_types)
-        if self.model_type == "qwen2":
+        if self.model_type in ("qwen2", "qwen3"):
             return tuple(i >= self.max_window_layers for i in range(n))
         return (True,) * n
 
@@ -178,6 +186,9 @@ class LlamaAttention(nn.Module):
             )(h_BLD)
 
         q, k, v = proj("q_proj", N, "heads"), proj("k_proj", K, "kv_heads"), proj("v_proj", K, "kv_heads")
+        if cfg.qk_norm:  # over head_dim, one scale shared by the heads (HF's Qwen3 q_norm / k_norm)
+            q = RMSNorm(cfg.rms_norm_eps, dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, dtype, name="k_norm")(k)
         q = constrain(cfg, q, "batch", "length", "heads", "head_dim")
         k = constrain(cfg, k, "batch", "length", "kv_heads", "head_dim")
         v = constrain(cfg, v, "batch", "length", "kv_heads", "head_dim")

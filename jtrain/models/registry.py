@@ -65,6 +65,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(llama.LlamaConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Llama"),
     "mistral": Architecture(llama.LlamaConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Mistral"),
     "qwen2": Architecture(llama.LlamaConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Qwen2"),
+    "qwen3": Architecture(llama.LlamaConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Qwen3"),
     "gemma": Architecture(llama.LlamaConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Gemma"),
     "mixtral": Architecture(mixtral.MixtralConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Mixtral",
                             model_cls=MoEModel),

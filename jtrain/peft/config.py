@@ -23,6 +23,7 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
     "mistral": ("q_proj", "v_proj"),
     "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
     "gemma": ("q_proj", "v_proj"),
     "gpt2": ("c_attn",),
     "bert": ("query", "value"),
