@@ -26,9 +26,10 @@ _WINDOW_FIELDS = ("sliding_window", "use_sliding_window", "max_window_layers", "
 
 @dataclass(frozen=True)
 class LlamaConfig(HFConfig):
-    """HF `LlamaConfig`/`MistralConfig`/`Qwen2Config`/`Qwen3Config`/`GemmaConfig` fields (config.json names) plus
-    jtrain options. Qwen3 adds an RMSNorm over each query and key head (`qk_norm`). Gemma is Llama with RMSNorm weights stored as offsets from 1 (`norm_offset`), token
-    embeddings scaled by sqrt(hidden_size) (`embed_scale`), GeGLU, tied embeddings and HF's defaults."""
+    """HF `LlamaConfig`/`MistralConfig`/`Qwen2Config`/`Qwen3Config`/`GemmaConfig` fields (config.json names)
+    plus jtrain options. Qwen3 adds an RMSNorm over each query and key head (`qk_norm`). Gemma is
+    Llama with RMSNorm weights stored as offsets from 1 (`norm_offset`), token embeddings scaled by
+    sqrt(hidden_size) (`embed_scale`), GeGLU, tied embeddings and HF's defaults."""
 
     model_type: str = "llama"
     vocab_size: int = 32000
