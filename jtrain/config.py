@@ -42,7 +42,7 @@ class ModelSection:
     config_name: str | None = _f(None, "config.json (or a directory holding one) of a fresh model (HF's "
                                        "--config_name); its weights are initialised, not loaded.")
     model_type: str = _f("llama", "Architecture when training from scratch: llama, mistral, qwen2, qwen3, gemma, "
-                                  "mixtral, gpt2, bert, roberta.")
+                                  "gemma2, mixtral, gpt2, bert, roberta.")
     config: dict = _f({}, "HF config.json fields for a from-scratch model, or overrides of config_name's (vocab_size, "
                           "special ids and labels are set from the tokenizer and data).")
     scan_layers: bool = _f(False, "Scan over layers (flat compile time as depth grows).")

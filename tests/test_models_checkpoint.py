@@ -27,6 +27,7 @@ SAVE_CASES = [
     ("mistral", "causal_lm", {}),
     ("gemma", "causal_lm", {}),
     ("qwen3", "causal_lm", {}),
+    ("gemma2", "causal_lm", {}),
     ("gpt2", "causal_lm", {}),
     ("gpt2", "sequence_classification", {"num_labels": 3}),
     ("bert", "masked_lm", {}),
@@ -217,7 +218,7 @@ def test_unexpected_keys_are_listed_in_a_warning(tmp_path):
 
 
 def test_bad_configs_and_paths(tmp_path):
-    with pytest.raises(ConfigError, match="supported: bert, gemma, gpt2, llama, mistral, mixtral, qwen2, qwen3, roberta"):
+    with pytest.raises(ConfigError, match="supported: bert, gemma, gemma2, gpt2, llama, mistral, mixtral, qwen2, qwen3, roberta"):
         create_model("t5", {})
     with pytest.raises(ConfigError, match="did you mean 'scan_layers'"):
         create_model("llama", TINY["llama"], scan_layer=True)

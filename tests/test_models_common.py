@@ -47,10 +47,14 @@ TINY["qwen3"] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num
                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0)
 TINY["gemma"] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=1, head_dim=8, max_position_embeddings=64, pad_token_id=0)
+TINY["gemma2"] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, sliding_window=3,
+                      query_pre_attn_scalar=12, attn_logit_softcapping=0.5, final_logit_softcapping=2.0)
 TINY["mixtral"] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4,
                        num_experts_per_tok=2, pad_token_id=0)
-PAD = {"mixtral": 0, "llama": 0, "mistral": 0, "qwen2": 0, "qwen3": 0, "gemma": 0, "gpt2": 0, "bert": 0, "roberta": 1}
+PAD = {"mixtral": 0, "llama": 0, "mistral": 0, "qwen2": 0, "qwen3": 0, "gemma": 0, "gemma2": 0, "gpt2": 0, "bert": 0,
+       "roberta": 1}
 HF_AUTO = {
     "causal_lm": transformers.AutoModelForCausalLM,
     "sequence_classification": transformers.AutoModelForSequenceClassification,

@@ -74,6 +74,11 @@ GRAD_CASES = [
      {}),
     # Gemma: norm weights as offsets from 1, embeddings scaled by sqrt(hidden), GeGLU, MQA, tied head.
     ("gemma-lm", "gemma", "causal_lm", {}, {}, {}),
+    # Gemma 2: sandwich norms, scores and logits soft-capped (caps small enough to bite), scale from
+    # query_pre_attn_scalar, a 3-token window on layer 0; once unrolled on the CPU path, once scanned
+    # through the reference einsum.
+    ("gemma2-lm", "gemma2", "causal_lm", {}, {}, {}),
+    ("gemma2-lm-scan-reference", "gemma2", "causal_lm", {}, {"scan_layers": True, "attention_impl": "reference"}, {}),
     # Qwen3: per-head q/k RMSNorm before RoPE (head_dim 16 != hidden / heads), with biases and a window on layer 1.
     ("qwen3-qknorm-window-scan", "qwen3", "causal_lm",
      {"attention_bias": True, "use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1},

@@ -36,6 +36,7 @@ CASES = [
     ("llama-regression", "llama", "sequence_classification", {"num_labels": 1}, {}, {}),
     ("gemma-seqcls", "gemma", "sequence_classification", {"num_labels": 3}, {}, {}),
     ("qwen3-seqcls", "qwen3", "sequence_classification", {"num_labels": 3}, {}, {}),
+    ("gemma2-seqcls", "gemma2", "sequence_classification", {"num_labels": 3}, {}, {}),
     ("gpt2-lm-token-types-scan", "gpt2", "causal_lm", {}, {"token_types": True}, {"scan_layers": True}),
     ("gpt2-seqcls", "gpt2", "sequence_classification", {"num_labels": 3}, {}, {}),
     ("bert-token", "bert", "token_classification", {"num_labels": 5}, {"token_types": True}, {}),

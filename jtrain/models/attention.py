@@ -113,6 +113,7 @@ def attend(
     dropout_rng: jax.Array | None = None,
     causal_blocks: bool = False,
     sequence_parallel: bool = False,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention with grouped-query heads.
 
@@ -125,15 +126,22 @@ def attend(
     skips the keys after each query block. With `sequence_parallel` (query rows split over
     devices) the CPU path is not taken: its head-major copies would make GSPMD regather the
     length, and the fused call's layout keeps the rows split. `scale` defaults to 1/sqrt(H). Fully
-    masked rows (padding queries) give zeros, not NaN.
+    masked rows (padding queries) give zeros, not NaN. `softcap` (Gemma 2) bounds the scores to
+    (-cap, cap) with cap * tanh(score / cap) before masking; the fused call has no such option, so
+    off the CPU path it takes the reference einsum.
     """
     scale = 1.0 / math.sqrt(q_BLNH.shape[-1]) if scale is None else scale
-    if implementation == "reference" or (dropout_rng is not None and dropout_rate > 0.0):
-        return _reference_attention(q_BLNH, k_BSKH, v_BSKH, mask, scale, dropout_rate, dropout_rng)
-    if implementation not in ("xla", "cudnn"):
+    if implementation not in ("xla", "cudnn", "reference"):
         raise ConfigError(f"unknown attention_impl {implementation!r}; valid: xla, cudnn, reference")
-    if implementation == "xla" and jax.default_backend() == "cpu" and not sequence_parallel:
-        return _blocked_attention(q_BLNH, k_BSKH, v_BSKH, mask, scale, causal_blocks)
+    if implementation == "cudnn" and softcap is not None:
+        raise ConfigError("attention_impl 'cudnn' has no logit soft-capping (Gemma 2's attn_logit_softcapping): "
+                          "use attention_impl 'xla'")
+    on_cpu_path = implementation == "xla" and jax.default_backend() == "cpu" and not sequence_parallel
+    if implementation == "reference" or (dropout_rng is not None and dropout_rate > 0.0) or (
+            softcap is not None and not on_cpu_path):
+        return _reference_attention(q_BLNH, k_BSKH, v_BSKH, mask, scale, dropout_rate, dropout_rng, softcap)
+    if on_cpu_path:
+        return _blocked_attention(q_BLNH, k_BSKH, v_BSKH, mask, scale, causal_blocks, softcap)
     impl = None if implementation == "xla" else implementation
     B, L = q_BLNH.shape[:2]
     full = jnp.broadcast_to(mask, (B, 1, L, k_BSKH.shape[1]))
@@ -163,8 +171,13 @@ def _query_blocks(length: int, keys: int, causal: bool) -> list[tuple[int, int, 
     return [(start, start + block, start + block) for start in range(0, length, block)]
 
 
+def _capped(scores: jax.Array, softcap: float | None) -> jax.Array:
+    """cap * tanh(scores / cap) (HF's Gemma 2 soft-capping); scores unchanged without a cap."""
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+
+
 def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                       causal: bool) -> jax.Array:
+                       causal: bool, softcap: float | None = None) -> jax.Array:
     """Attention for XLA:CPU: head-major einsums per query block, softmax in float32.
 
     Why not `jax.nn.dot_product_attention` here: on CPU it lowers to a vmapped grouped-query
@@ -188,6 +201,7 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
         rows = end - start
         q_blk = qt[:, :, :, start:end].reshape(B, K, G * rows, H)
         scores = jnp.einsum("bkrh,bksh->bkrs", q_blk, kt[:, :, :keys], **exact).astype(jnp.float32) * scale
+        scores = _capped(scores, softcap)
         m = mask[:, :, start:end, :keys]  # B|1, 1, rows, keys
         m = jnp.broadcast_to(m[:, :, None], (m.shape[0], 1, G, rows, keys)).reshape(m.shape[0], 1, G * rows, keys)
         scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
@@ -200,11 +214,11 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
 
 
 def _reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                         dropout_rate: float, rng: jax.Array | None) -> jax.Array:
+                         dropout_rate: float, rng: jax.Array | None, softcap: float | None = None) -> jax.Array:
     B, L, N, H = q.shape
     K = k.shape[2]
     qg = q.reshape(B, L, K, N // K, H).astype(jnp.float32)
-    scores = jnp.einsum("blkgh,bskh->bkgls", qg, k.astype(jnp.float32)) * scale
+    scores = _capped(jnp.einsum("blkgh,bskh->bkgls", qg, k.astype(jnp.float32)) * scale, softcap)
     m = mask[:, :, None, :, :]  # B 1 1 L S
     scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)

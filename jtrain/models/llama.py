@@ -22,14 +22,17 @@ from jtrain.models.layers import (ScaledEmbed, activation, check_sequence_length
 from jtrain.models.matmul import Dense, DenseGeneral
 
 _WINDOW_FIELDS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
+_GEMMA2_FIELDS = ("hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 
 
 @dataclass(frozen=True)
 class LlamaConfig(HFConfig):
-    """HF `LlamaConfig`/`MistralConfig`/`Qwen2Config`/`Qwen3Config`/`GemmaConfig` fields (config.json names)
-    plus jtrain options. Qwen3 adds an RMSNorm over each query and key head (`qk_norm`). Gemma is
-    Llama with RMSNorm weights stored as offsets from 1 (`norm_offset`), token embeddings scaled by
-    sqrt(hidden_size) (`embed_scale`), GeGLU, tied embeddings and HF's defaults."""
+    """HF `LlamaConfig`/`MistralConfig`/`Qwen2Config`/`Qwen3Config`/`GemmaConfig`/`Gemma2Config` fields
+    (config.json names) plus jtrain options. Qwen3 adds an RMSNorm over each query and key head
+    (`qk_norm`). Gemma is Llama with RMSNorm weights stored as offsets from 1 (`norm_offset`), token
+    embeddings scaled by sqrt(hidden_size) (`embed_scale`), GeGLU, tied embeddings and HF's defaults;
+    Gemma 2 adds norms on the attention and MLP outputs (`sandwich_norms`), soft caps on the attention
+    scores and the logits, its own attention scale and alternating sliding-window layers."""
 
     model_type: str = "llama"
     vocab_size: int = 32000
@@ -52,23 +55,34 @@ class LlamaConfig(HFConfig):
     max_window_layers: int = 28
     layer_types: tuple | None = None
     hidden_act: str = "silu"
+    # Gemma 2's fields (HF's names): its activation field, the attention scale's denominator, and the
+    # soft caps of the attention scores and of the output logits.
+    hidden_activation: str | None = None
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
     eos_token_id: Any = 2
 
     HF_OMIT: ClassVar[Mapping[str, tuple[str, ...]]] = {
-        "llama": ("rope_scaling",) + _WINDOW_FIELDS,
+        "llama": ("rope_scaling",) + _WINDOW_FIELDS + _GEMMA2_FIELDS,
         "mistral": ("rope_scaling", "attention_bias", "mlp_bias", "use_sliding_window", "max_window_layers",
-                    "layer_types"),
-        "qwen2": ("rope_scaling", "attention_bias", "mlp_bias"),
-        "gemma": ("rope_scaling", "mlp_bias") + _WINDOW_FIELDS,
-        "qwen3": ("rope_scaling", "mlp_bias"),
+                    "layer_types") + _GEMMA2_FIELDS,
+        "qwen2": ("rope_scaling", "attention_bias", "mlp_bias") + _GEMMA2_FIELDS,
+        "gemma": ("rope_scaling", "mlp_bias") + _WINDOW_FIELDS + _GEMMA2_FIELDS,
+        "qwen3": ("rope_scaling", "mlp_bias") + _GEMMA2_FIELDS,
+        "gemma2": ("rope_scaling", "mlp_bias", "use_sliding_window", "max_window_layers", "hidden_act"),
     }
     # HF GemmaConfig's defaults where they differ from Llama's (applied before config.json values).
     TYPE_DEFAULTS: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "gemma": {"hidden_act": "gelu_pytorch_tanh", "head_dim": 256, "tie_word_embeddings": True,
                   "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "max_position_embeddings": 8192,
                   "vocab_size": 256000},
+        "gemma2": {"hidden_activation": "gelu_pytorch_tanh", "head_dim": 256, "tie_word_embeddings": True,
+                   "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "max_position_embeddings": 8192,
+                   "vocab_size": 256000, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                   "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
         "qwen3": {"head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 32768, "bos_token_id": None,
                   "eos_token_id": None},
     }
@@ -104,12 +118,27 @@ class LlamaConfig(HFConfig):
     @property
     def norm_offset(self) -> float:
         """Gemma stores each RMSNorm weight as w with the scale 1 + w (initialised to 0)."""
-        return 1.0 if self.model_type == "gemma" else 0.0
+        return 1.0 if self.model_type in ("gemma", "gemma2") else 0.0
 
     @property
     def embed_scale(self) -> float | None:
         """Gemma multiplies the token embeddings by sqrt(hidden_size); None elsewhere."""
-        return self.hidden_size ** 0.5 if self.model_type == "gemma" else None
+        return self.hidden_size ** 0.5 if self.model_type in ("gemma", "gemma2") else None
+
+    @property
+    def activation_name(self) -> str:
+        """The MLP's activation: Gemma 2 names its field `hidden_activation`, the others `hidden_act`."""
+        return self.hidden_activation or self.hidden_act
+
+    @property
+    def attention_scale(self) -> float | None:
+        """Gemma 2 scales the scores by query_pre_attn_scalar^-1/2; None: 1/sqrt(head_dim)."""
+        return None if self.query_pre_attn_scalar is None else float(self.query_pre_attn_scalar) ** -0.5
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Gemma 2 also normalises the attention and MLP outputs before each residual add."""
+        return self.model_type == "gemma2"
 
     @property
     def qk_norm(self) -> bool:
@@ -133,6 +162,8 @@ class LlamaConfig(HFConfig):
             return tuple(t == "sliding_attention" for t in self.layer_types)
         if self.model_type in ("qwen2", "qwen3"):
             return tuple(i >= self.max_window_layers for i in range(n))
+        if self.model_type == "gemma2":  # HF's default layer_types: sliding on even layers
+            return tuple(i % 2 == 0 for i in range(n))
         return (True,) * n
 
     def feed_forward(self, train: bool) -> nn.Module:
@@ -200,9 +231,9 @@ class LlamaAttention(nn.Module):
         k = constrain(cfg, k, "batch", None, "kv_heads", "head_dim")
         v = constrain(cfg, v, "batch", None, "kv_heads", "head_dim")
         rng = dropout_rng(self, cfg.attention_dropout, self.train)
-        out_BLNH = attend(q, k, v, mask, implementation=cfg.attention_impl,
-                          dropout_rate=cfg.attention_dropout, dropout_rng=rng,
-                          causal_blocks=True, sequence_parallel=splits_length(cfg))
+        out_BLNH = attend(q, k, v, mask, implementation=cfg.attention_impl, scale=cfg.attention_scale,
+                          dropout_rate=cfg.attention_dropout, dropout_rng=rng, causal_blocks=True,
+                          sequence_parallel=splits_length(cfg), softcap=cfg.attn_logit_softcapping)
         out_BLNH = constrain(cfg, out_BLNH, "batch", "length", "heads", "head_dim")
         return DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dtype, name="o_proj",
@@ -226,7 +257,7 @@ class LlamaMLP(nn.Module):
 
         gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"), h_BLD)
         up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"), h_BLD)
-        hidden_BLF = constrain(cfg, activation(cfg.hidden_act)(gate) * up, "batch", "length", "mlp")
+        hidden_BLF = constrain(cfg, activation(cfg.activation_name)(gate) * up, "batch", "length", "mlp")
         return dense("down_proj", cfg.hidden_size, ("mlp", "embed"), hidden_BLF)
 
 
@@ -239,9 +270,15 @@ class LlamaDecoderLayer(nn.Module):
                  mask: jax.Array, window_mask: jax.Array | None) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         layer_mask = _layer_mask(cfg, idx, mask, window_mask)
-        x = RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset, name="input_layernorm")(h_BLD)
-        h_BLD = h_BLD + LlamaAttention(cfg, self.train, name="self_attn")(x, positions_BL, inv_freq, layer_mask)
-        x = RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset, name="post_attention_layernorm")(h_BLD)
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset, name=name)
+        x = norm("input_layernorm")(h_BLD)
+        attn = LlamaAttention(cfg, self.train, name="self_attn")(x, positions_BL, inv_freq, layer_mask)
+        if cfg.sandwich_norms:  # Gemma 2: post_attention_layernorm on the attention output, then its own pre-MLP norm
+            h_BLD = h_BLD + norm("post_attention_layernorm")(attn)
+            mlp = cfg.feed_forward(self.train)(norm("pre_feedforward_layernorm")(h_BLD))
+            return constrain(cfg, h_BLD + norm("post_feedforward_layernorm")(mlp), "batch", "length", "embed")
+        h_BLD = h_BLD + attn
+        x = norm("post_attention_layernorm")(h_BLD)
         return constrain(cfg, h_BLD + cfg.feed_forward(self.train)(x), "batch", "length", "embed")
 
 
@@ -291,7 +328,9 @@ class LlamaForCausalLM(nn.Module):
                 self.cfg.vocab_size, use_bias=False, dtype=jnp.dtype(self.cfg.dtype), name="lm_head",
                 kernel_init=normal_init(self.cfg.initializer_range, ("embed", "vocab")),
             )(h_BLD)
-        return {"logits": constrain(self.cfg, logits, "batch", "length", "vocab").astype(jnp.float32)}
+        logits = constrain(self.cfg, logits, "batch", "length", "vocab").astype(jnp.float32)
+        cap = self.cfg.final_logit_softcapping
+        return {"logits": logits if cap is None else cap * jnp.tanh(logits / cap)}  # Gemma 2's output soft cap
 
 
 class LlamaForSequenceClassification(nn.Module):

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jtrain.errors import ConfigError
-from jtrain.models.llama import LlamaConfig
+from jtrain.models.llama import _GEMMA2_FIELDS, LlamaConfig
 from jtrain.models.moe import DISPATCH_MODES, MoEFeedForward
 
 # jtrain execution options of the MoE block (never written to config.json).
@@ -43,7 +43,7 @@ class MixtralConfig(LlamaConfig):
 
     HF_OMIT: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "mixtral": ("rope_scaling", "attention_bias", "mlp_bias", "use_sliding_window", "max_window_layers",
-                    "layer_types"),
+                    "layer_types") + _GEMMA2_FIELDS,
     }
 
     def __post_init__(self) -> None:

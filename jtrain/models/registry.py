@@ -67,6 +67,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": Architecture(llama.LlamaConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Qwen2"),
     "qwen3": Architecture(llama.LlamaConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Qwen3"),
     "gemma": Architecture(llama.LlamaConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Gemma"),
+    "gemma2": Architecture(llama.LlamaConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Gemma2"),
     "mixtral": Architecture(mixtral.MixtralConfig, _LLAMA_HEADS, "causal_lm", DECODER_INPUTS, "Mixtral",
                             model_cls=MoEModel),
     "gpt2": Architecture(

@@ -25,6 +25,7 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "qwen2": ("q_proj", "v_proj"),
     "qwen3": ("q_proj", "v_proj"),
     "gemma": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
     "gpt2": ("c_attn",),
     "bert": ("query", "value"),
     "roberta": ("query", "value"),
