@@ -48,7 +48,8 @@ TINY["qwen3"] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num
 TINY["gemma"] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=1, head_dim=8, max_position_embeddings=64, pad_token_id=0)
 TINY["gemma2"] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, sliding_window=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                      pad_token_id=0, sliding_window=3,
                       query_pre_attn_scalar=12, attn_logit_softcapping=0.5, final_logit_softcapping=2.0)
 TINY["mixtral"] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4,
