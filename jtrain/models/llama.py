@@ -189,7 +189,8 @@ class RMSNorm(nn.Module):
         scale = self.param("scale", init, (x.shape[-1],))
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return ((self.offset + scale.astype(jnp.float32)) * y).astype(self.dtype)
+        weight = scale.astype(jnp.float32) if not self.offset else self.offset + scale.astype(jnp.float32)
+        return (weight * y).astype(self.dtype)  # no `+ 0.0` in the graph of the models without an offset
 
 
 def _layer_mask(cfg: LlamaConfig, idx: Any, mask: jax.Array, window_mask: jax.Array | None) -> jax.Array:
