@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
-from jtrain.errors import ConfigError
+from jtrain.errors import ConfigError, JtrainError
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,11 @@ def hyperparameter_search(
         return _run_trial(trainer, trial, hp_space(trial), compute_objective, hp_name, multi, optuna)
 
     study.optimize(objective, n_trials=n_trials, **{k: kwargs[k] for k in _OPTIMIZE_KWARGS if k in kwargs})
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        states = sorted({t.state.name.lower() for t in study.trials})
+        raise JtrainError(f"hyperparameter_search: none of the {len(study.trials)} trials completed (they were "
+                          f"{' or '.join(states) or 'never run'}), so there is no best run; loosen the pruner, or "
+                          "read the trials' logs under output_dir/run-N")
     if multi:
         return [BestRun(str(t.number), list(t.values), dict(t.params)) for t in study.best_trials]
     best = study.best_trial

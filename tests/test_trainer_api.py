@@ -185,6 +185,21 @@ def test_hyperparameter_search_applies_values_reports_and_prunes(tmp_path):
     assert best.objective == last_eval_loss(int(best.run_id)) < untrained
 
 
+class _PruneAll(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+
+def test_a_search_whose_every_trial_is_pruned_says_so(tmp_path):
+    from jtrain.errors import JtrainError
+
+    trainer = Trainer(model_init=tiny_llama, args=_args(tmp_path, eval_strategy="steps", eval_steps=2),
+                      train_dataset=_train_data(), eval_dataset=_eval_data())
+    with pytest.raises(JtrainError, match="none of the 1 trials completed .they were pruned."):
+        trainer.hyperparameter_search(hp_space=lambda t: {"seed": t.suggest_int("seed", 1, 2)}, n_trials=1,
+                                      pruner=_PruneAll())
+
+
 def test_hyperparameter_search_refuses_what_it_cannot_do(tmp_path):
     with_init = dict(model_init=tiny_llama, args=_args(tmp_path), train_dataset=_train_data())
     with pytest.raises(ConfigError, match="pass model_init"):
