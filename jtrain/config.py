@@ -138,6 +138,12 @@ class PeftSection:
                                        "makes B random too.")
     use_dora: bool = _f(False, "DoRA: also train a magnitude per output feature of each adapted layer "
                                "(W' = m (W + s B A) / ||W + s B A||), as PEFT's use_dora.")
+    rank_pattern: dict | None = _f(None, "Per-module r: {module-name pattern: r} (PEFT's; a key matches a name "
+                                         "ending with it, as a regex).")
+    alpha_pattern: dict | None = _f(None, "Per-module lora_alpha: {module-name pattern: alpha} (PEFT's).")
+    layers_to_transform: Any = _f(None, "Layer index or indices whose modules are adapted (list targets only).")
+    layers_pattern: Any = _f(None, "Name(s) of the numbered layer container for layers_to_transform (layers, h).")
+    exclude_modules: Any = _f(None, "Modules never adapted: names (suffix match) or a full-match regex.")
     save_merged: bool = _f(False, "Also write the base with the adapters merged in, as a full HF model, to "
                                   "output_dir/merged (save_model writes only the adapters otherwise).")
 

@@ -86,16 +86,16 @@ def hyperparameters(trainer: Any) -> dict[str, Any]:
     """What HF's card lists: the batch sizes, seed, optimizer, schedule and length of training."""
     from jtrain.sharding import data_parallel_size
 
-    a, devices = trainer.args, data_parallel_size(trainer.mesh)
+    a, devices, total = trainer.args, data_parallel_size(trainer.mesh), trainer.get_total_train_batch_size()
     out: dict[str, Any] = {"learning_rate": a.learning_rate, "train_batch_size": a.per_device_train_batch_size,
                            "eval_batch_size": a.per_device_eval_batch_size, "seed": a.seed}
     if devices > 1:
         out["num_devices"] = devices
     if a.gradient_accumulation_steps > 1:
         out["gradient_accumulation_steps"] = a.gradient_accumulation_steps
-    if trainer.get_total_train_batch_size() != a.per_device_train_batch_size:
-        out["total_train_batch_size"] = trainer.get_total_train_batch_size()
-    if a.per_device_eval_batch_size * devices != a.per_device_eval_batch_size:
+    if total != a.per_device_train_batch_size:
+        out["total_train_batch_size"] = total
+    if devices > 1:
         out["total_eval_batch_size"] = a.per_device_eval_batch_size * devices
     extra = a.optim_args or "No additional optimizer arguments"
     if trainer.optimizer_cls_and_kwargs is not None:

@@ -94,6 +94,8 @@ class _Run:
         self.writer = CheckpointWriter(trainer.args.output_dir, trainer.args.save_total_limit)
         self.accum = trainer.args.gradient_accumulation_steps
         self.tokens_seen = 0
+        # Counted before the loop (it traces the model's shapes once), not at its first update.
+        self.flos_per_token = 6.0 * non_embedding_parameter_count(trainer)
 
     # -- metrics ----------------------------------------------------------------------------
     def drain(self) -> None:
@@ -115,7 +117,7 @@ class _Run:
         t.control = h.on_pre_optimizer_step(t.args, t.state, t.control, metrics=m, step=step)
         t.control = h.on_optimizer_step(t.args, t.state, t.control, metrics=m, step=step)
         # HF's total_flos: 6 x non-embedding params x input tokens, in TrainerState (a resumed run continues it)
-        t.state.total_flos += 6.0 * non_embedding_parameter_count(t) * float(m.get("input_tokens", 0.0))
+        t.state.total_flos += self.flos_per_token * float(m.get("input_tokens", 0.0))
         counting = t.args.include_num_input_tokens_seen  # "no" | "all" | "non_padding"
         if counting != "no":  # carried in TrainerState, so a resumed run continues the count
             t.state.num_input_tokens_seen += int(m.get("input_tokens" if counting == "all" else "non_padding_tokens",

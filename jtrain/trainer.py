@@ -18,15 +18,13 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 
-from jtrain import hp_search, model_card, trainer_helpers
+from jtrain import hp_search, model_card, trainer_checks, trainer_helpers, trainer_resume
 from jtrain.accounting import StepPlan, plan_steps
 from jtrain.args import TrainingArguments
-from jtrain.callbacks import (CallbackHandler, DefaultFlowCallback, ExportableState, TrainerCallback, TrainerControl,
-                              TrainerState)
-from jtrain.checkpoint import checkpoints_to_try, read_json, restore_state
+from jtrain.callbacks import CallbackHandler, DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState
 from jtrain.compiled import CompiledSteps, build_compiled_steps
 from jtrain.data.loader import ArrayDataset, HostLoader, LoaderPosition
-from jtrain.errors import CheckpointError, ConfigError, NonFiniteError
+from jtrain.errors import ConfigError
 from jtrain.evaluation import EvalLoopOutput, evaluation_loop
 from jtrain.losses import LOSSES_BY_TASK, LossOutput
 from jtrain.models.base import Model
@@ -62,21 +60,28 @@ class Trainer:
         print(trainer.evaluate()["eval_loss"])
     """
 
-    # HF's helper methods for scripts (jtrain.trainer_helpers), bound as HF binds its own.
+    # HF's helper methods (jtrain.trainer_helpers, jtrain.hp_search, jtrain.model_card), bound as HF
+    # binds its own.
     metrics_format = staticmethod(trainer_helpers.metrics_format)
     log_metrics = trainer_helpers.log_metrics
     save_metrics = trainer_helpers.save_metrics
     save_state = trainer_helpers.save_state
     get_num_trainable_parameters = trainer_helpers.get_num_trainable_parameters
+    get_learning_rates = trainer_helpers.get_learning_rates
+    get_total_train_batch_size = trainer_helpers.get_total_train_batch_size
+    num_examples = trainer_helpers.num_examples
+    call_model_init = trainer_helpers.call_model_init
     floating_point_ops = trainer_helpers.floating_point_ops
     get_decay_parameter_names = trainer_helpers.get_decay_parameter_names
     get_tp_size, get_cp_size, get_sp_size = (trainer_helpers.get_tp_size, trainer_helpers.get_cp_size,
                                              trainer_helpers.get_sp_size)
     hyperparameter_search = hp_search.hyperparameter_search
     create_model_card = model_card.create_model_card
-    get_learning_rates = trainer_helpers.get_learning_rates
-    get_total_train_batch_size = trainer_helpers.get_total_train_batch_size
-    num_examples = trainer_helpers.num_examples
+    # jtrain's own parts: resuming from a checkpoint (jtrain.trainer_resume), and the check the host
+    # loop runs on every update's metrics (jtrain.trainer_checks).
+    _resume, _restore_from = trainer_resume.resume, trainer_resume.restore_from
+    _load_callback_state = trainer_resume.load_callback_state
+    _check_finite = trainer_checks.check_finite
 
     def __init__(
         self,
@@ -105,12 +110,7 @@ class Trainer:
         optax factory and its kwargs (`(optax.lion, {"b1": 0.95})`), called with the Trainer's
         learning-rate schedule.
         """
-        self._init_arguments = dict(
-            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-            eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init,
-            compute_loss_func=compute_loss_func, compute_metrics=compute_metrics, callbacks=callbacks,
-            optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics, params=params, mesh=mesh)
+        self._init_arguments = {k: v for k, v in locals().items() if k != "self"}  # hyperparameter_search rebuilds
         self.model_init = model_init
         if model_init is not None:
             if model is not None:
@@ -123,9 +123,9 @@ class Trainer:
         self.args = args or TrainingArguments()
         self.model, self.data_collator, self.processing_class = model, data_collator, processing_class
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self._check_datasets()
+        trainer_checks.check_datasets(self)
         self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, preprocess_logits_for_metrics
-        self._check_compute_metrics()
+        trainer_checks.check_compute_metrics(self)
         self.compute_loss_func = compute_loss_func
         self.optimizer, self.lr_scheduler = optimizers
         apply_backend_choices(self.args.use_cpu, self.args.full_determinism)
@@ -147,52 +147,6 @@ class Trainer:
                                   is_world_process_zero=self.is_world_process_zero())
         self.control = TrainerControl()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
-
-    def _check_datasets(self) -> None:
-        """Bad datasets fail here, before anything compiles: a DatasetDict where one split is needed
-        (the error names its splits), an empty dataset or split, a class label outside [0, num_labels)."""
-        from jtrain.data.trainer_loader import check_dataset
-
-        num_labels = getattr(self.model.config, "num_labels", None) if self.model.task == "sequence_classification" \
-            else None
-        check_dataset(self.train_dataset, "train_dataset", num_labels=num_labels)
-        check_dataset(self.eval_dataset, "eval_dataset", num_labels=num_labels, several_splits=True)
-
-    def _check_compute_metrics(self) -> None:
-        """As HF: `batch_eval_metrics` calls `compute_metrics(..., compute_result=...)` per batch, so a
-        function without that argument would fail only at the first evaluation; refuse it now."""
-        if self.args.batch_eval_metrics and self.compute_metrics is not None:
-            import inspect
-
-            try:
-                parameters = inspect.signature(self.compute_metrics).parameters
-            except (TypeError, ValueError):  # a builtin or C callable: let the call itself decide
-                return
-            takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-            if "compute_result" not in parameters and not takes_kwargs:
-                raise ConfigError("`batch_eval_metrics` calls compute_metrics(eval_pred, compute_result=...) after "
-                                  "every eval batch (true on the last one, whose result is returned): add a "
-                                  "`compute_result` argument to compute_metrics, or set batch_eval_metrics false")
-
-    def call_model_init(self, trial: Any = None, params: Any = None) -> tuple[Model, Any]:
-        """`model_init()` or `model_init(trial)`, as HF calls it; returns (model, initial params)."""
-        import inspect
-
-        try:  # positional parameters only: a model factory with **options still takes no trial
-            arity = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                        for p in inspect.signature(self.model_init).parameters.values())
-        except (TypeError, ValueError):
-            arity = 0
-        if arity > 1:
-            raise ConfigError("model_init takes no argument or one (the hyperparameter-search trial); "
-                              f"this one takes {arity}")
-        made = self.model_init(trial) if arity == 1 else self.model_init()
-        if isinstance(made, tuple) and len(made) == 2 and _is_model(made[0]):
-            return made
-        if not _is_model(made):
-            raise ConfigError(f"model_init returned a {type(made).__name__}; it must return a jtrain Model "
-                              "or a (Model, params) pair, e.g. jtrain.models.from_pretrained(path)")
-        return made, params
 
     # ---- HF override points -----------------------------------------------------------
     def compute_loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> LossOutput:
@@ -357,7 +311,7 @@ class Trainer:
     def _plan(self) -> tuple[HostLoader, StepPlan]:
         """The update plan and the train loader, through `get_train_dataloader` (a subclass may override it)."""
         plan = self._update_plan()
-        return _checked_loader(self.get_train_dataloader(), "get_train_dataloader"), plan
+        return trainer_checks.checked_loader(self.get_train_dataloader(), "get_train_dataloader"), plan
 
     # ---- HF's dataloader getters: what train/evaluate/predict iterate (override points, as in HF) ----
     def get_train_dataloader(self) -> HostLoader:
@@ -408,57 +362,6 @@ class Trainer:
             position = self._resume(resume_from_checkpoint)
         return run_training(self, loader, plan, position)
 
-    def _resume(self, checkpoint: str | bool) -> LoaderPosition:
-        """Restore state, TrainerState, loader position and callback state; time it.
-
-        With True (the latest checkpoint) a checkpoint that fails to restore is reported and
-        the previous complete one is used (`checkpoints_to_try`). `_resume_seconds` and
-        `_resumed_from` go into the train metrics (`resume_seconds`).
-        """
-        candidates = checkpoints_to_try(checkpoint, self.args.output_dir)
-        start = time.perf_counter()
-        for i, path in enumerate(candidates):
-            try:
-                position = self._restore_from(path)
-                break
-            except CheckpointError as err:
-                if i + 1 == len(candidates):
-                    raise
-                logger.warning("checkpoint %s cannot be restored, resuming from %s instead: %s",
-                               path, candidates[i + 1], err)
-        self._resume_seconds, self._resumed_from = time.perf_counter() - start, path
-        logger.info("resumed from %s (step %d, epoch %d, batch %d) in %.2fs", path, self.state.global_step,
-                    position.epoch, position.batch_index, self._resume_seconds)
-        return position
-
-    def _restore_from(self, path: str) -> LoaderPosition:
-        """Everything a checkpoint holds; assigns nothing until every part was read."""
-        train_state = restore_state(path, self.train_state)
-        try:
-            state = TrainerState.load_from_json(os.path.join(path, "trainer_state.json"))
-        except (OSError, ValueError, TypeError) as err:
-            raise CheckpointError(f"cannot read {path}/trainer_state.json: {err}") from err
-        loader_state = read_json(os.path.join(path, "loader_state.json"))
-        self.train_state, self.state = train_state, state
-        if self.lr_controller is not None and "lr_controller" in loader_state:
-            self.lr_controller.load_state_dict(loader_state["lr_controller"])
-        self._load_callback_state()
-        if self.args.ignore_data_skip:  # HF: the data starts over; step, state and schedule continue
-            return LoaderPosition()
-        return LoaderPosition(int(loader_state["epoch"]), int(loader_state["batch_index"]))
-
-    def _load_callback_state(self) -> None:
-        """As HF: with `restore_callback_states_from_checkpoint`, stateful callbacks (early-stopping
-        patience, ...) continue where they were; without it (HF's default) they start afresh."""
-        if not self.args.restore_callback_states_from_checkpoint:
-            return
-        saved = self.state.stateful_callbacks or {}
-        for callback in self.callback_handler.callbacks:
-            entry = saved.get(type(callback).__name__) if isinstance(callback, ExportableState) else None
-            if isinstance(entry, dict):  # repeated classes (a list) are ambiguous; HF skips them too
-                for key, value in entry.get("attributes", {}).items():
-                    setattr(callback, key, value)
-
     # ---- evaluation and prediction ----------------------------------------------------------
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict:
@@ -477,8 +380,8 @@ class Trainer:
         from jtrain.memory import eval_memory_metrics, tracker_for
 
         tracker_for(self).start(metric_key_prefix)
-        output = self._evaluation_loop(dataset, metric_key_prefix,
-                                       want_predictions=self.compute_metrics is not None and _keeps_logits(ignore_keys))
+        want = self.compute_metrics is not None and trainer_checks.keeps_logits(ignore_keys)
+        output = self._evaluation_loop(dataset, metric_key_prefix, want_predictions=want)
         self._derived_eval_keys = getattr(self, "_derived_eval_keys", frozenset()) | set(output.derived_keys)
         output.metrics.update(eval_memory_metrics(self, metric_key_prefix))
         self.log(output.metrics)
@@ -489,8 +392,8 @@ class Trainer:
                 metric_key_prefix: str = "test") -> PredictionOutput:
         """Predictions (the logits, or what preprocess_logits_for_metrics makes of them; None when
         `ignore_keys` names `logits`), label ids and metrics, in dataset order."""
-        output = self._evaluation_loop(test_dataset, metric_key_prefix, want_predictions=_keeps_logits(ignore_keys),
-                                       predicting=True)
+        output = self._evaluation_loop(test_dataset, metric_key_prefix,
+                                       want_predictions=trainer_checks.keeps_logits(ignore_keys), predicting=True)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
         return PredictionOutput(output.predictions, output.label_ids, output.metrics)
 
@@ -506,7 +409,7 @@ class Trainer:
         if self.steps is None:
             self._setup(max(1, self.args.max_steps))
         loader = (self.get_test_dataloader(dataset) if predicting else self.get_eval_dataloader(dataset))
-        loader = _checked_loader(loader, "get_test_dataloader" if predicting else "get_eval_dataloader")
+        loader = trainer_checks.checked_loader(loader, "get_test_dataloader" if predicting else "get_eval_dataloader")
         loader.place = self.steps.place_eval_batch
         return evaluation_loop(self, loader, prefix, want_predictions and not self.args.prediction_loss_only,
                                predicting)
@@ -579,36 +482,6 @@ class Trainer:
     def params(self) -> Any:
         return None if self.train_state is None else self.train_state.full_params()
 
-    def _check_finite(self, metrics: Mapping[str, Any], step: int) -> None:
-        if metrics.get("nonfinite", 0) and self.args.nonfinite_policy == "error":
-            raise NonFiniteError(
-                f"non-finite loss or gradient at step {step} (loss={metrics.get('loss')}, "
-                f"grad_norm={metrics.get('grad_norm')}); the update was not applied and the last checkpoint "
-                "is intact. Lower the learning rate, check the data, or set nonfinite_policy=skip")
-
     def trainer_state_snapshot(self) -> TrainerState:
         """A copy for the checkpoint finaliser thread, which writes it after the loop moved on."""
         return copy.deepcopy(self.state)
-
-
-def _keeps_logits(ignore_keys: Any) -> bool:
-    """Whether predictions survive `ignore_keys` (jtrain models output `logits` only)."""
-    if ignore_keys is not None and (isinstance(ignore_keys, str) or not all(isinstance(k, str) for k in ignore_keys)):
-        raise ConfigError(f"ignore_keys must be a list of model-output names, got {ignore_keys!r}")
-    return not ignore_keys or "logits" not in ignore_keys
-
-
-def _is_model(obj: Any) -> bool:
-    """A jtrain Model or a wrapper of one (LoRA, quantised): what the compiled steps can run."""
-    return all(hasattr(obj, name) for name in ("apply", "abstract_params", "logical_axes", "task"))
-
-
-def _checked_loader(loader: Any, getter: str) -> Any:
-    """A loader from an (overridable) getter must be jtrain's: the compiled steps place its batches."""
-    from jtrain.data.stream import StreamLoader
-
-    if not isinstance(loader, (HostLoader, StreamLoader)):
-        raise ConfigError(f"{getter}() returned a {type(loader).__name__}; jtrain iterates its own loaders "
-                          "(jtrain.data.loader.HostLoader, built by the Trainer's getter): change the batches "
-                          "through data_collator, the dataset or the TrainingArguments instead")
-    return loader

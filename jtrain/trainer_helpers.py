@@ -10,6 +10,7 @@ They are bound onto `jtrain.Trainer` as methods, as HF binds its `trainer_pt_uti
 from __future__ import annotations
 
 import datetime
+import inspect
 import math
 import os
 from collections.abc import Mapping
@@ -77,6 +78,30 @@ def save_state(self: Any) -> None:
         return
     os.makedirs(self.args.output_dir, exist_ok=True)
     atomic_write(os.path.join(self.args.output_dir, "trainer_state.json"), self.state.save_to_json)
+
+
+def _is_model(obj: Any) -> bool:
+    """A jtrain Model or a wrapper of one (LoRA, quantised): what the compiled steps can run."""
+    return all(hasattr(obj, name) for name in ("apply", "abstract_params", "logical_axes", "task"))
+
+
+def call_model_init(self: Any, trial: Any = None, params: Any = None) -> tuple[Any, Any]:
+    """`model_init()` or `model_init(trial)`, as HF calls it; returns (model, initial params)."""
+    try:  # positional parameters only: a model factory with **options still takes no trial
+        arity = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                    for p in inspect.signature(self.model_init).parameters.values())
+    except (TypeError, ValueError):
+        arity = 0
+    if arity > 1:
+        raise ConfigError("model_init takes no argument or one (the hyperparameter-search trial); "
+                          f"this one takes {arity}")
+    made = self.model_init(trial) if arity == 1 else self.model_init()
+    if isinstance(made, tuple) and len(made) == 2 and _is_model(made[0]):
+        return made
+    if not _is_model(made):
+        raise ConfigError(f"model_init returned a {type(made).__name__}; it must return a jtrain Model "
+                          "or a (Model, params) pair, e.g. jtrain.models.from_pretrained(path)")
+    return made, params
 
 
 def get_num_trainable_parameters(self: Any) -> int:

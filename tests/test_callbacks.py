@@ -11,6 +11,7 @@ import pytest
 from jtrain import TrainingArguments
 from jtrain import callbacks as jc
 from jtrain import reporting as jr
+from jtrain import tb_events
 from jtrain.errors import ConfigError
 
 hf_cb = pytest.importorskip("transformers.trainer_callback", reason="reference needs transformers")
@@ -308,13 +309,13 @@ TB_LOGS = [(1, {"loss": 2.0, "learning_rate": 1e-3}), (2, {"loss": 1.5, "learnin
 
 
 def test_crc32c_known_vector():
-    assert jr.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert tb_events.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
 
 
 def test_tensorboard_file_with_own_reader(tmp_path):
     _log_run(jr.TensorBoardCallback(str(tmp_path)), TB_LOGS)
     (event_file,) = tmp_path.glob("events.out.tfevents.*")
-    scalars = jr.read_tensorboard_scalars(str(event_file))
+    scalars = tb_events.read_tensorboard_scalars(str(event_file))
     assert scalars == [(1, "train/loss", 2.0), (1, "train/learning_rate", pytest.approx(1e-3)),
                        (2, "train/loss", 1.5), (2, "train/learning_rate", pytest.approx(9e-4)),
                        (2, "eval/loss", 1.75), (2, "eval/runtime", 0.5)]
@@ -322,7 +323,7 @@ def test_tensorboard_file_with_own_reader(tmp_path):
     data[-6] ^= 0xFF
     event_file.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="corrupt"):
-        jr.read_tensorboard_scalars(str(event_file))
+        tb_events.read_tensorboard_scalars(str(event_file))
 
 
 def test_tensorboard_file_with_tensorboard(tmp_path):

@@ -28,7 +28,7 @@ from jtrain.errors import ConfigError
 from jtrain.losses import causal_lm_loss
 from jtrain.models import from_pretrained
 from jtrain.peft import LoraConfig, apply_lora
-from jtrain.peft.lora import MAGNITUDE, _dora_output
+from jtrain.peft.adapted_dense import MAGNITUDE, dora_output
 from jtrain.peft.peft_io import adapter_state_dict, load_adapter, save_adapter
 from jtrain.quant import QuantFormat, QuantizedModel
 
@@ -160,7 +160,7 @@ def test_dropout_path_recomputes_the_base_output_exactly():
 
     def both(mod):
         y = mod(x)
-        return [_dora_output(y, x, mod, a, b, m, 0.5, dropped) for dropped in (False, True)]
+        return [dora_output(y, x, mod, (1,), a, b, m, 0.5, dropped) for dropped in (False, True)]
 
     kept, recomputed = nn.apply(both, dense)(variables)
     np.testing.assert_allclose(np.asarray(kept), np.asarray(recomputed), rtol=1e-5, atol=1e-6)

@@ -387,7 +387,8 @@ def test_lora_on_scanned_layers_matches_the_unscanned_model(tmp_path, use_dora):
         same(exported[name], tensor, name)
     save_adapter(flat, p_flat, tmp_path / "adapter")
     loaded, p_loaded = load_adapter(scan_model, scan_base, tmp_path / "adapter")
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(p_loaded["lora"]), jax.tree.leaves(p_scan["lora"])):
+    loaded_leaves = jax.tree_util.tree_leaves_with_path(p_loaded["lora"])
+    for (path, got), want in zip(loaded_leaves, jax.tree.leaves(p_scan["lora"])):
         same(got, want, jax.tree_util.keystr(path))
 
 

@@ -218,7 +218,8 @@ def test_unexpected_keys_are_listed_in_a_warning(tmp_path):
 
 
 def test_bad_configs_and_paths(tmp_path):
-    with pytest.raises(ConfigError, match="supported: bert, gemma, gemma2, gpt2, llama, mistral, mixtral, qwen2, qwen3, roberta"):
+    supported = "supported: bert, gemma, gemma2, gpt2, llama, mistral, mixtral, qwen2, qwen3, roberta"
+    with pytest.raises(ConfigError, match=supported):
         create_model("t5", {})
     with pytest.raises(ConfigError, match="did you mean 'scan_layers'"):
         create_model("llama", TINY["llama"], scan_layer=True)

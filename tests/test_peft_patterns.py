@@ -114,3 +114,17 @@ def test_patterns_on_scanned_layers(tmp_path):
                          ({"layers_to_transform": ["1"]}, "layer index")):
         with pytest.raises(ConfigError, match=message):
             LoraConfig(**bad)
+
+
+def test_a_run_config_takes_the_per_module_options(tmp_path):
+    from jtrain.config import load_config
+
+    path = tmp_path / "lora.yaml"
+    path.write_text("peft: {target_modules: [q_proj, v_proj], rank_pattern: {q_proj: 6}, alpha_pattern: {v_proj: 24},"
+                    " layers_to_transform: [1], exclude_modules: [k_proj]}\n")
+    config = load_config(str(path)).peft.lora_config()
+    assert (config.rank_pattern, config.alpha_pattern, config.layers_to_transform, config.exclude_modules) == (
+        {"q_proj": 6}, {"v_proj": 24.0}, (1,), ("k_proj",))
+    path.write_text("peft: {rank_pattern: {q_proj: 0}}\n")
+    with pytest.raises(ConfigError, match="rank_pattern values must be positive integers"):
+        load_config(str(path))

@@ -8,7 +8,8 @@ import numpy as np
 
 from jtrain import EarlyStoppingCallback, Trainer, TrainingArguments
 from jtrain.data.loader import ArrayDataset
-from jtrain.reporting import read_jsonl, read_tensorboard_scalars
+from jtrain.reporting import read_jsonl
+from jtrain.tb_events import read_tensorboard_scalars
 from tiny import lm_rows, tiny_llama
 
 

@@ -96,11 +96,14 @@ def make_optimizer(
         target_modules=optim_target_modules,
         extra=resolve_optim_args(name, optim_args, spec),
     )
-    parts = []
-    if max_grad_norm is not None and max_grad_norm > 0:
-        parts.append(clip_by_global_norm_torch(float(max_grad_norm)))
-    parts.append(build(config))
-    return optax.chain(*parts)
+    return _clipped(build(config), max_grad_norm)
+
+
+def _clipped(tx: optax.GradientTransformation, max_grad_norm: float | None) -> optax.GradientTransformation:
+    """`tx` behind HF's global-norm clipping (torch's formula); `max_grad_norm` <= 0 or None: no clipping."""
+    if max_grad_norm is None or max_grad_norm <= 0:
+        return optax.chain(tx)
+    return optax.chain(clip_by_global_norm_torch(float(max_grad_norm)), tx)
 
 
 def make_optimizer_from_factory(
@@ -141,5 +144,4 @@ def make_optimizer_from_factory(
     except TypeError as err:
         raise ValueError(f"optimizer_cls_and_kwargs: {name}(learning_rate=..., **{sorted(kwargs)}) failed: {err}") \
             from err
-    parts = [clip_by_global_norm_torch(float(max_grad_norm))] if max_grad_norm is not None and max_grad_norm > 0 else []
-    return optax.chain(*parts, tx)
+    return _clipped(tx, max_grad_norm)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -34,17 +33,14 @@ from jax.sharding import PartitionSpec as P
 from jtrain.errors import ConfigError
 from jtrain.models.convert import layer_paths
 from jtrain.models.wrapper import WrappedModel
+from jtrain.peft.adapted_dense import MAGNITUDE, dora_output, lora_delta, weight_norm
 from jtrain.peft.config import LoraConfig, matches_target
+from jtrain.peft.sites import (dense_sites, dummy_batch, float_kernel_shapes, input_axes, kernel_axes, kernel_specs,
+                               module_name)
 
 RANK_AXIS = "lora_rank"  # logical name of the rank axis; no sharding rule names it, so it is replicated
-_NUMBERED = re.compile(r"^(layers|layer|h)_(\d+)$")
 # Heads PEFT adds to modules_to_save for sequence classification (PeftModelForSequenceClassification).
 _CLASSIFIER_HEADS = ("classifier", "score")
-
-
-def module_name(path: tuple[str, ...]) -> str:
-    """Flax module path -> HF dotted module name (`model/layers_0/mlp` -> `model.layers.0.mlp`)."""
-    return ".".join(_NUMBERED.sub(r"\1.\2", p) for p in path)
 
 
 @dataclass(frozen=True)
@@ -77,49 +73,6 @@ class LoraTarget:
         return math.prod(self.out_shape)
 
 
-def _dummy_batch(model: Any) -> dict[str, jax.Array]:
-    make = getattr(model, "_dummy_inputs", None)
-    return make() if make is not None else {"input_ids": jnp.zeros((1, 8), jnp.int32)}
-
-
-def _input_axes(module: nn.Module, ndim: int) -> tuple[int, ...]:
-    """Positive indices of the input dims a Dense/DenseGeneral contracts."""
-    if isinstance(module, nn.DenseGeneral):
-        axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-        if module.batch_dims:
-            raise ConfigError(f"LoRA on `{module_name(module.path)}`: DenseGeneral with batch_dims is not supported")
-        return tuple(a % ndim for a in axis)
-    return (ndim - 1,)
-
-
-def _out_shape(module: nn.Module) -> tuple[int, ...]:
-    f = module.features
-    return tuple(f) if isinstance(f, (tuple, list)) else (int(f),)
-
-
-def dense_sites(model: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Every Dense/DenseGeneral the model's forward calls: path -> (input dims, output dims).
-
-    Found by tracing one abstract forward with a recording interceptor, so it works on any
-    Model-like object without knowing its modules."""
-    found: dict[tuple[str, ...], tuple[tuple[int, ...], tuple[int, ...]]] = {}
-
-    def record(next_fun, args, kwargs, context):
-        mod = context.module
-        if context.method_name == "__call__" and isinstance(mod, (nn.Dense, nn.DenseGeneral)) and args:
-            x = args[0]
-            axes = _input_axes(mod, x.ndim)
-            found[tuple(mod.path)] = (tuple(x.shape[a] for a in axes), _out_shape(mod))
-        return next_fun(*args, **kwargs)
-
-    def forward(params: Any) -> Any:
-        with nn.intercept_methods(record):
-            return model.apply(params, _dummy_batch(model), rng=None, train=False)
-
-    jax.eval_shape(forward, model.abstract_params())
-    return found
-
-
 def _kaiming_uniform(rng: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
     """torch's `kaiming_uniform_(a=sqrt(5))` (nn.Linear's and PEFT's lora_A init): U(+-1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -133,41 +86,6 @@ def _product(t: LoraTarget, a: jax.Array, b: jax.Array) -> jax.Array:
     n = t.layers
     ab = jnp.matmul(a.reshape(n, t.fan_in, -1), b.reshape(n, -1, t.fan_out))
     return ab.reshape(n, *t.in_shape, *t.out_shape)
-
-
-MAGNITUDE = "lora_magnitude_vector"  # DoRA's trained magnitude per output feature (PEFT's name)
-
-
-def _weight_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """DoRA's ||W + scale * A B|| over the input dims of one layer's kernel [*in, *out] -> [*out], in
-    float32 (PEFT's `get_weight_norm`: the norm of each output feature's weights)."""
-    n_in = a.ndim - 1
-    w = kernel.astype(jnp.float32) + scale * jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
-    return jnp.sqrt(jnp.sum(w * w, axis=tuple(range(n_in))))
-
-
-def _dora_output(y: jax.Array, x: jax.Array, mod: nn.Module, a: jax.Array, b: jax.Array, magnitude: jax.Array,
-                 scale: float, dropped: bool) -> jax.Array:
-    """PEFT's DoRA forward on top of the base output `y`: (m / n) (W x + scale B A x) + bias, with the
-    norm n treated as a constant (DoRA section 4.3). With dropout, x is the dropped input and W x is
-    recomputed from it, as PEFT does; otherwise W x is y without its bias."""
-    kernel = mod.get_variable("params", "kernel")
-    axes = _input_axes(mod, x.ndim)
-    norm = jax.lax.stop_gradient(_weight_norm(kernel, a, b, scale))
-    factor = (magnitude.astype(jnp.float32) / norm).astype(y.dtype)
-    if dropped:
-        base = jax.lax.dot_general(x, kernel.astype(x.dtype), ((axes, tuple(range(len(axes)))), ((), ())))
-    else:
-        bias = mod.get_variable("params", "bias") if getattr(mod, "use_bias", False) else None
-        base = y if bias is None else y - bias.astype(y.dtype)
-    lora = (scale * _lora_delta(x, a, b, axes)).astype(y.dtype)
-    return y + (factor - 1) * base.astype(y.dtype) + factor * lora
-
-
-def _lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """x contracted over `axes` with A [*in, R], then with B [R, *out]: the dims DenseGeneral produces."""
-    h = jax.lax.dot_general(x, a.astype(x.dtype), ((axes, tuple(range(len(axes)))), ((), ())))
-    return jnp.tensordot(h, b.astype(x.dtype), axes=1)
 
 
 @dataclass(frozen=True)
@@ -197,7 +115,7 @@ class LoraModel(WrappedModel):
         return self.base.module
 
     def _dummy_inputs(self, *args: Any, **kwargs: Any) -> dict[str, jax.Array]:
-        return _dummy_batch(self.base)
+        return dummy_batch(self.base)
 
     def init(self, rng: jax.Array) -> Any:
         """Fresh base params and fresh adapters (fine-tuning usually wants `init_from_base`)."""
@@ -250,7 +168,7 @@ class LoraModel(WrappedModel):
             dequantize = getattr(self.base, "dequantized_params", None)
             kernels = traverse_util.flatten_dict(base_params if dequantize is None else dequantize(base_params))
             for t in self.targets:
-                norm = functools.partial(_weight_norm, scale=t.scaling)
+                norm = functools.partial(weight_norm, scale=t.scaling)
                 kernel, a, b = kernels[t.path + ("kernel",)], flat[t.path + ("lora_A",)], flat[t.path + ("lora_B",)]
                 flat[t.path + (MAGNITUDE,)] = jax.vmap(norm)(kernel, a, b) if t.layers else norm(kernel, a, b)
         return traverse_util.unflatten_dict(flat)
@@ -319,9 +237,10 @@ class LoraModel(WrappedModel):
             else:
                 return y
             scale = target.scaling if target is not None else _stacked_scaling(stacked, tuple(mod.path))
+            axes = input_axes(mod, x.ndim)
             if dora:
-                return _dora_output(y, x, mod, a, b, magnitude, scale, was_dropped)
-            return y + (scale * _lora_delta(x, a, b, _input_axes(mod, x.ndim))).astype(y.dtype)
+                return dora_output(y, x, mod, axes, a, b, magnitude, scale, was_dropped)
+            return y + (scale * lora_delta(x, a, b, axes)).astype(y.dtype)
 
         with nn.intercept_methods(intercept):
             return self.base.apply(base, batch, rng=base_rng, train=train)
@@ -409,42 +328,6 @@ class LoraModel(WrappedModel):
         return self._fold(params, merged_base, -1.0)
 
 
-def _kernel_specs(model: Any) -> list[dict]:
-    """Flat logical specs of `model` and of the models it wraps (`inner`/`base`), outermost first.
-
-    A wrapper may store a kernel in another form (a quantised tensor with its own spec node); the
-    wrapped model still has the plain kernel's PartitionSpec, which the adapters follow."""
-    out, seen = [], 0
-    while model is not None and seen < 4:
-        out.append(traverse_util.flatten_dict(model.logical_axes()))
-        model = getattr(model, "inner", None) or getattr(model, "base", None)
-        seen += 1
-    return out
-
-
-def _kernel_axes(specs: list[dict], path: tuple[str, ...], n_in: int, ndim: int):
-    """(input axes, output axes, stacked) of the base kernel at `path`, whose per-layer rank is `ndim`;
-    stacked when the spec has one more, leading `layers` axis (a scanned layer stack)."""
-    found = (s.get(path + ("kernel",)) for s in specs)
-    spec = next((s for s in found if isinstance(s, P)), None)
-    spec = None if spec is None else tuple(spec)
-    stacked = spec is not None and len(spec) == ndim + 1 and spec[0] == "layers"
-    if stacked:
-        spec = spec[1:]
-    if spec is None or len(spec) != ndim:
-        return (None,) * n_in, (None,) * (ndim - n_in), stacked
-    return spec[:n_in], spec[n_in:], stacked
-
-
-def _float_kernel_shapes(model: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Module path -> shape of its float kernel, from the model inside any wrappers (a quantised
-    base stores its kernels in another form; the shapes that matter are the float ones)."""
-    from jtrain.models.wrapper import innermost
-
-    flat = traverse_util.flatten_dict(innermost(model).abstract_params())
-    return {path[:-1]: tuple(leaf.shape) for path, leaf in flat.items() if path[-1] == "kernel"}
-
-
 def apply_lora(model: Any, config: LoraConfig | Mapping[str, Any], *, strict: bool = True) -> LoraModel:
     """Adapt `model` (a `jtrain.models.Model` or any Model-like wrapper) with LoRA.
 
@@ -461,11 +344,11 @@ def apply_lora(model: Any, config: LoraConfig | Mapping[str, Any], *, strict: bo
     model_type = getattr(model.config, "model_type", "")
     wanted = cfg.targets_for(model_type)
     sites = dense_sites(model)
-    specs = _kernel_specs(model)
-    kernel_shapes = _float_kernel_shapes(model)
+    specs = kernel_specs(model)
+    kernel_shapes = float_kernel_shapes(model)
     targets = []
     for path, (in_shape, out_shape) in sites.items():
-        in_axes, out_axes, stacked = _kernel_axes(specs, path, len(in_shape), len(in_shape) + len(out_shape))
+        in_axes, out_axes, stacked = kernel_axes(specs, path, len(in_shape), len(in_shape) + len(out_shape))
         target = LoraTarget(path, module_name(path), in_shape, out_shape, in_axes, out_axes,
                             kernel_shapes[path][0] if stacked else 0)
         matched = [cfg.selects(name, wanted) for name in target.layer_names]

@@ -24,7 +24,8 @@ from jtrain.errors import CheckpointError, ConfigError
 from jtrain.jsonfile import read_json_object
 from jtrain.models import convert, safetensors_io
 from jtrain.peft.config import LoraConfig
-from jtrain.peft.lora import MAGNITUDE, LoraModel, LoraTarget, apply_lora, module_name
+from jtrain.peft.adapted_dense import MAGNITUDE
+from jtrain.peft.lora import LoraModel, LoraTarget, apply_lora, module_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
