@@ -7,15 +7,18 @@ sit at the end with a `jtrain:` note in their help.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from jtrain.coerce import build_dataclass, dataclass_to_dict
 from jtrain.errors import ConfigError
 
 _STRATEGIES = ("no", "steps", "epoch")
+LOG_LEVELS = {"detail": 10, "debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+"""HF's `log_level` names and their `logging` levels ("passive" leaves the level alone)."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -57,7 +60,11 @@ class TrainingArguments:
     lr_scheduler_kwargs: dict = _f({}, "Extra schedule options (num_cycles, min_lr, ...).")
     warmup_steps: int | float = _f(0, "Warmup updates: an int count, or a float in [0, 1) as a ratio.")
     warmup_ratio: float | None = _f(None, "Deprecated in HF: same as a float warmup_steps.")
-    log_level: str = _f("passive", "Logging verbosity of the main process.")
+    log_level: str = _f("passive", "Logging verbosity of jtrain's logger on processes that log (should_log): "
+                                   "debug | info | warning | error | critical | passive (leave it as set).")
+    log_level_replica: str = _f("warning", "Logging verbosity on the other processes (same choices).")
+    log_on_each_node: bool = _f(True, "With several hosts, the first process of every host logs (should_log), not "
+                                      "only process 0.")
     logging_dir: str | None = _f(None, "TensorBoard/JSONL log directory (default output_dir/runs).")
     logging_strategy: str = _f("steps", "When to log: no | steps | epoch.")
     logging_first_step: bool = _f(False, "Also log after the first update.")
@@ -67,6 +74,8 @@ class TrainingArguments:
     save_steps: int | float = _f(500, "Updates between checkpoints (a float < 1 is a ratio).")
     save_total_limit: int | None = _f(None, "Keep at most this many checkpoints (plus the best).")
     save_only_model: bool = _f(False, "Checkpoints hold the params only (no optimizer state).")
+    save_on_each_node: bool = _f(False, "Each host writes its own copy of the output files; refused with several "
+                                        "hosts: jtrain's checkpoints are one shared directory.")
     seed: int = _f(42, "Seed for initialisation, dropout and data order.")
     data_seed: int | None = _f(None, "Seed for data order only (default: seed).")
     bf16: bool = _f(False, "Compute in bfloat16; float32 master weights, optimizer state, logits and loss.")
@@ -141,6 +150,66 @@ class TrainingArguments:
     @property
     def resolved_data_seed(self) -> int:
         return self.seed if self.data_seed is None else self.data_seed
+
+    # ---- process roles (HF's properties; read them on every process: the first read is collective) ----
+    @property
+    def process_index(self) -> int:
+        """This process's index in the job (HF's `process_index`): jax.process_index()."""
+        import jax
+
+        return jax.process_index()
+
+    @property
+    def local_process_index(self) -> int:
+        """This process's index among the job's processes on its host (0 with one process per host)."""
+        from jtrain.distributed import local_process_index
+
+        return local_process_index()
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the job (HF's `world_size`); each may drive several devices."""
+        import jax
+
+        return jax.process_count()
+
+    @property
+    def should_log(self) -> bool:
+        """Whether this process logs: each host's first process with `log_on_each_node`, else process 0."""
+        return (self.local_process_index if self.log_on_each_node else self.process_index) == 0
+
+    @property
+    def should_save(self) -> bool:
+        """Whether this process writes the output files: each host's first with `save_on_each_node`, else process 0."""
+        return (self.local_process_index if self.save_on_each_node else self.process_index) == 0
+
+    def get_process_log_level(self) -> int:
+        """The `logging` level for this process: `log_level` where `should_log`, else `log_level_replica`;
+        "passive" keeps jtrain's logger at the level it has."""
+        import logging
+
+        name = self.log_level if self.should_log else self.log_level_replica
+        return logging.getLogger("jtrain").getEffectiveLevel() if name == "passive" else LOG_LEVELS[name]
+
+    @contextlib.contextmanager
+    def main_process_first(self, local: bool = True, desc: str = "work") -> Iterator[None]:
+        """Run the block on the main process (each host's first with `local`, else process 0) before
+        the others, as HF's: e.g. a `datasets.map` that writes a cache the others then read. The other
+        processes wait at a barrier of the whole job; a single-process run just runs the block."""
+        if self.world_size == 1:
+            yield
+            return
+        from jax.experimental.multihost_utils import sync_global_devices
+
+        main = (self.local_process_index if local else self.process_index) == 0
+        barrier = f"jtrain.main_process_first:{desc}"
+        if not main:
+            sync_global_devices(barrier)
+        try:
+            yield
+        finally:
+            if main:
+                sync_global_devices(barrier)
 
     def warmup_for(self, num_training_steps: int) -> int:
         """Warmup updates for a run of `num_training_steps` (HF: ratio -> ceil)."""
@@ -219,6 +288,8 @@ def _validate(a: TrainingArguments) -> None:
         ("nonfinite_policy", ("error", "skip")),
         ("train_sampling_strategy", ("random", "sequential", "group_by_length")),
         ("fsdp", ("", "full_shard", "shard_grad_op", "hybrid_shard")),
+        ("log_level", (*LOG_LEVELS, "passive")),
+        ("log_level_replica", (*LOG_LEVELS, "passive")),
     ):
         value = getattr(a, name)
         need(value in allowed, f"`{name}` must be one of {list(allowed)}, got {value!r}")

@@ -119,3 +119,44 @@ def is_main_process() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+_HOST_RANKS: tuple[int, int] | None = None  # (this process's rank on its host, hosts in the job), once known
+
+
+def _host_ranks() -> tuple[int, int]:
+    """(local process index, number of hosts), from every process's host name, gathered once.
+
+    JAX names no host of a process, so the job compares `socket.gethostname()`s (as CRC32s).
+    The first call is a collective: every process of the job must make it (the Trainer's
+    constructor does); later calls read the cached answer. A single-process run needs no gather.
+    """
+    global _HOST_RANKS
+    if _HOST_RANKS is None:
+        import socket
+        import zlib
+
+        import jax
+        import numpy as np
+
+        if jax.process_count() == 1:
+            _HOST_RANKS = (0, 1)
+        else:
+            from jax.experimental import multihost_utils
+
+            mine = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF
+            hosts = np.asarray(multihost_utils.process_allgather(np.array([mine], np.int32))).reshape(-1)
+            me = jax.process_index()
+            _HOST_RANKS = (int(np.sum(hosts[:me] == mine)), len(set(hosts.tolist())))
+    return _HOST_RANKS
+
+
+def local_process_index() -> int:
+    """This process's rank among the job's processes on the same host (HF's `local_process_index`):
+    0 for every process of a one-process-per-host job, 0..k-1 with k processes per host."""
+    return _host_ranks()[0]
+
+
+def host_count() -> int:
+    """How many hosts the job's processes run on (HF's nodes)."""
+    return _host_ranks()[1]

@@ -90,7 +90,7 @@ class _Run:
         self.stop = stop or StopOnSignal(signals=())
         self.last_saved: tuple[int, str] | None = None  # (step, path) of the newest checkpoint written
         self.window = _Window()
-        self.pending: tuple[int, dict, bool] | None = None  # (step, device metrics, log due)
+        self.pending: tuple[int, float, dict, bool] | None = None  # (step, epoch, device metrics, log due)
         self.writer = CheckpointWriter(trainer.args.output_dir, trainer.args.save_total_limit)
         self.accum = trainer.args.gradient_accumulation_steps
         self.tokens_seen = 0
@@ -102,7 +102,7 @@ class _Run:
         """Fetch the pending step's metrics (one transfer) and fire the in-step events for it."""
         if self.pending is None:
             return
-        step, device_metrics, log_due = self.pending
+        step, epoch, device_metrics, log_due = self.pending
         self.pending = None
         waited = time.perf_counter()
         m = {k: v.item() for k, v in jax.device_get(device_metrics).items()}  # blocks until the step is done
@@ -123,14 +123,16 @@ class _Run:
             t.state.num_input_tokens_seen += int(m.get("input_tokens" if counting == "all" else "non_padding_tokens",
                                                        m["num_tokens"]))
         if log_due:
-            self.log(m, step)
+            self.log(m, step, epoch)
         self.last_metrics = m
 
-    def log(self, m: dict, step: int) -> None:
-        logs = self.window.flush(m)
-        saved, self.t.state.global_step = self.t.state.global_step, step
+    def log(self, m: dict, step: int, epoch: float) -> None:
+        """Log the update `step` (drained one update late): its own step and epoch, not the current ones."""
+        logs, state = self.window.flush(m), self.t.state
+        saved = state.global_step, state.epoch
+        state.global_step, state.epoch = step, epoch
         self.t.log(logs)
-        self.t.state.global_step = saved
+        state.global_step, state.epoch = saved
 
     # -- one update -------------------------------------------------------------------------
     def update(self, batch: Any) -> None:
@@ -146,7 +148,7 @@ class _Run:
         t.control = t.callback_handler.on_step_end(t.args, t.state, t.control)
         if self.stop.requested:  # SIGTERM: this update is the last; checkpoint it (jtrain.signals)
             t.control.should_save = t.control.should_training_stop = True
-        self.pending = (t.state.global_step, metrics, t.control.should_log)
+        self.pending = (t.state.global_step, t.state.epoch, metrics, t.control.should_log)
         t.control.should_log = False
         self.maybe_evaluate_and_save()
 
@@ -336,7 +338,7 @@ def run_epoch(run: _Run) -> None:
         t.control = t.callback_handler.on_epoch_end(args, t.state, t.control)
         if t.control.should_log and hasattr(run, "last_metrics"):
             t.control.should_log = False
-            run.log(run.last_metrics, t.state.global_step)
+            run.log(run.last_metrics, t.state.global_step, t.state.epoch)
         run.maybe_evaluate_and_save()
 
 

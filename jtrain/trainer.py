@@ -128,9 +128,13 @@ class Trainer:
         trainer_checks.check_compute_metrics(self)
         self.compute_loss_func = compute_loss_func
         self.optimizer, self.lr_scheduler = optimizers
+        trainer_checks.check_optimizer_arguments(self)
         apply_backend_choices(self.args.use_cpu, self.args.full_determinism)
         self.mesh = mesh or make_mesh(resolve_mesh_shape(self.args.mesh_shape, self.args.fsdp, jax.device_count()))
         self._initial_params = params
+        trainer_checks.check_process_roles(self)
+        if (self.args.log_level if self.args.should_log else self.args.log_level_replica) != "passive":
+            logging.getLogger("jtrain").setLevel(self.args.get_process_log_level())  # as HF sets its own logger's
         self.train_state: Any = None  # jtrain.state.TrainState once set up
         self.steps: CompiledSteps | None = None
         self.lr_controller = None
@@ -189,10 +193,12 @@ class Trainer:
 
     # ---- process roles ------------------------------------------------------------------
     def is_world_process_zero(self) -> bool:
-        return jax.process_index() == 0
+        """Process 0 of the job: the one that writes the output files and the loggers' records."""
+        return self.args.process_index == 0
 
     def is_local_process_zero(self) -> bool:
-        return jax.process_index() == 0
+        """The first process on this host (every process of a one-process-per-host job), as HF's."""
+        return self.args.local_process_index == 0
 
     def add_callback(self, callback: Any) -> None:
         self.callback_handler.add_callback(callback)
@@ -340,12 +346,17 @@ class Trainer:
 
         As in HF, `trial` (a dict, or an optuna trial) is recorded as `state.trial_params` (the search
         itself applies a trial's values: `hyperparameter_search`), and `ignore_keys_for_eval` is the
-        `ignore_keys` of the evaluations during training."""
+        `ignore_keys` of the evaluations during training. With `model_init`, every call trains a fresh
+        model from `model_init(trial)`, as HF's does (a second train() does not continue the first)."""
         from jtrain.memory import tracker_for
         from jtrain.train_loop import run_training
 
         if trial is not None:
             self._trial_params = dict(trial) if isinstance(trial, Mapping) else dict(getattr(trial, "params", {}))
+        if self.model_init is not None and (trial is not None or self.steps is not None):
+            # HF re-creates the model at every train(); the one built at construction is still unused
+            # (nothing compiled, no state) when this is the first call without a trial, so it stays.
+            trainer_helpers.reinit_from_model_init(self, trial)
         self._ignore_keys_for_eval = ignore_keys_for_eval
 
         requested = self._per_device_train_batch_size()
@@ -421,7 +432,7 @@ class Trainer:
         `train_runtime` and `train_tokens_per_second` of this call."""
         logs = dict(logs)
         if self.state.epoch is not None:
-            logs["epoch"] = round(float(self.state.epoch), 4)
+            logs["epoch"] = float(self.state.epoch)
         if self.args.include_num_input_tokens_seen != "no":
             logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
             if start_time is not None:

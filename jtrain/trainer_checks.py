@@ -1,4 +1,5 @@
-"""What a `Trainer` refuses, and where: bad datasets and a `compute_metrics` that cannot take
+"""What a `Trainer` refuses, and where: bad datasets, optimizer arguments that exclude each
+other, `save_on_each_node` across hosts and a `compute_metrics` that cannot take
 `compute_result` at construction, a loader from an overridden getter that jtrain cannot place,
 bad `ignore_keys`, and (with `nonfinite_policy: error`) a non-finite update in the loop.
 
@@ -25,6 +26,30 @@ def check_datasets(self: Any) -> None:
         else None
     check_dataset(self.train_dataset, "train_dataset", num_labels=num_labels)
     check_dataset(self.eval_dataset, "eval_dataset", num_labels=num_labels, several_splits=True)
+
+
+def check_optimizer_arguments(self: Any) -> None:
+    """HF's two refusals: `optimizers` with `optimizer_cls_and_kwargs` (two optimizers), and
+    `optimizers` with `model_init` (every train() rebuilds the model, so a prebuilt optimizer and
+    schedule would be dropped)."""
+    if self.optimizer_cls_and_kwargs is not None and self.optimizer is not None:
+        raise ConfigError("pass either `optimizers` or `optimizer_cls_and_kwargs`, not both")
+    if self.model_init is not None and (self.optimizer is not None or self.lr_scheduler is not None):
+        raise ConfigError("`model_init` rebuilds the model at every train(), so a prebuilt `optimizers` pair cannot "
+                          "follow it: pass `optimizer_cls_and_kwargs`, or subclass Trainer and override "
+                          "create_optimizer_and_scheduler")
+
+
+def check_process_roles(self: Any) -> None:
+    """`save_on_each_node` asks every host to write its own copy of the outputs (disks the hosts do
+    not share); jtrain's orbax checkpoints are written collectively into one directory, so with
+    several hosts that cannot work. One host: its first process is process 0, nothing changes."""
+    from jtrain.distributed import host_count
+
+    if self.args.save_on_each_node and host_count() > 1:
+        raise ConfigError(f"`save_on_each_node: true` with {host_count()} hosts: jtrain writes each checkpoint "
+                          "collectively into one directory every host must see; put output_dir on a shared "
+                          "filesystem and set save_on_each_node false")
 
 
 def check_compute_metrics(self: Any) -> None:

@@ -104,6 +104,24 @@ def call_model_init(self: Any, trial: Any = None, params: Any = None) -> tuple[A
     return made, params
 
 
+def reinit_from_model_init(self: Any, trial: Any = None) -> None:
+    """HF's model re-init at train(): a fresh model from `model_init(trial)`, and everything built
+    for the old one dropped (compiled steps, state, optimizer, schedule) so train() rebuilds them;
+    a fresh TrainerState too, as HF's train() starts one (a resume then loads the saved one)."""
+    from jtrain.callbacks import TrainerControl, TrainerState
+
+    model, params = self.call_model_init(trial, self._init_arguments["params"])
+    self.model, self._initial_params = model, params
+    self.callback_handler.model = model
+    self.steps = self.train_state = self._step_plan = None
+    self.optimizer = self.lr_scheduler = self.lr_controller = None
+    old = self.state
+    self.state = TrainerState(is_local_process_zero=old.is_local_process_zero,
+                              is_world_process_zero=old.is_world_process_zero,
+                              is_hyper_param_search=old.is_hyper_param_search)
+    self.control = TrainerControl()
+
+
 def get_num_trainable_parameters(self: Any) -> int:
     """Parameters the optimizer updates (a LoRA run: the adapters only), before or after setup."""
     if self.train_state is not None:

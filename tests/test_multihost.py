@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -72,9 +73,13 @@ def test_two_processes_train_like_one(tmp_path):
     # Each process read only its half of every global batch of 16 rows (2 micro-batches of 8).
     assert "[rank0] process 0/2 reads rows (2, 4, 16) of a (2, 8, 16) batch" in out2
     assert "[rank1] process 1/2 reads rows (2, 4, 16) of a (2, 8, 16) batch" in out2
-    # Only process 0 prints the Trainer's logs and writes files.
+    # Both processes run on this host: local ranks 0 and 1 (from their gathered host names), so only
+    # process 0 is a local zero, logs (HF's should_log) and prints the Trainer's logs; it alone writes files.
+    assert "[rank0] roles: local 0 of 2, should_log True, local zero True, world zero True" in out2
+    assert "[rank1] roles: local 1 of 2, should_log False, local zero False, world zero False" in out2
+    assert "[rank1] inside main_process_first: marker exists True" in out2
     assert "[rank0] {'loss'" in out2 and "[rank1] {'loss'" not in out2
-    assert sorted(os.listdir(two)) == ["losses.json"]
+    assert sorted(os.listdir(two)) == ["losses.json", "main_first.txt"]
     assert "[rank0] after end(): distributed initialised False" in out2
     assert "[rank1] after end(): distributed initialised False" in out2
 
@@ -162,6 +167,16 @@ def _worker(params_file: str, out_dir: str) -> None:
                              gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=STEPS,
                              save_strategy="no", disable_tqdm=True, fsdp="hybrid_shard")
     trainer = Trainer(model, args, train_dataset=data, callbacks=[record], params=params)
+    print(f"roles: local {args.local_process_index} of {args.world_size}, should_log {args.should_log}, "
+          f"local zero {trainer.is_local_process_zero()}, world zero {trainer.is_world_process_zero()}", flush=True)
+    marker = os.path.join(out_dir, "main_first.txt")
+    with args.main_process_first(desc="marker"):  # the others wait until the main process has written it
+        if args.local_process_index == 0:
+            time.sleep(1.0)  # a replica that did not wait would look before the file exists
+            with open(marker, "w") as fh:
+                fh.write("written first")
+        else:
+            print(f"inside main_process_first: marker exists {os.path.exists(marker)}", flush=True)
     trainer.train()
     if is_main_process():
         with open(os.path.join(out_dir, "losses.json"), "w") as fh:
