@@ -22,12 +22,12 @@ from jax.sharding import Mesh
 from jtrain.models.base import Model
 from jtrain.param_split import split_params
 from jtrain.pipeline_parallel import with_pipeline_stages
-from jtrain.precision import LossScale, PrecisionPolicy, cast_floating, with_compute_dtype
+from jtrain.precision import LossScale, PrecisionPolicy, with_compute_dtype
 from jtrain.sharding import (ActivationSharding, ShardingRules, batch_sharding, check_batch_rows, check_process_layout,
                              describe_param_bytes, host_local_array_to_global, opt_state_shardings, param_shardings,
                              replicated)
 from jtrain.state import TrainState
-from jtrain.step import make_eval_step, make_train_step, matmul_precision_scope
+from jtrain.step import make_eval_step, make_train_step
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def with_activation_sharding(model: Model, mesh: Mesh, rules: ShardingRules) -> 
 
 
 def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformation, schedule: Any,
-                         loss_fn: Callable, *, seed: int, preprocess_logits: Callable | None = None,
+                         loss_fn: Callable, *, seed: int, prediction_fn: Callable | None = None,
                          rules: ShardingRules | None = None, precision: PrecisionPolicy | None = None,
                          expected_train_compiles: int | None = None) -> CompiledSteps:
     """Derive every sharding from abstract shapes and jit the steps with donated state.
@@ -185,6 +185,7 @@ def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformat
     `precision` (`jtrain.precision.policy_from_args`) sets the compute dtypes: params and
     optimizer state stay float32, the model runs in the half type, fp16 adds a loss scale.
     `expected_train_compiles` (the number of length buckets) bounds train compiles before a warning.
+    `prediction_fn(outputs, batch)` makes the predict step's `predictions` (default: the logits).
     """
     precision = precision or PrecisionPolicy()
     rules = rules or ShardingRules()
@@ -238,13 +239,9 @@ def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformat
     evaluate = make_eval_step(eval_model.apply, loss_fn, param_dtype=eval_param_dtype,
                               matmul_precision=precision.matmul_precision)
 
-    def predict(params: Any, batch: dict) -> dict:
-        with matmul_precision_scope(precision.matmul_precision):
-            run_params = params if eval_param_dtype is None else cast_floating(params, eval_param_dtype)
-            logits = eval_model.apply(run_params, batch, rng=None, train=False)["logits"]
-            if preprocess_logits is not None:
-                logits = preprocess_logits(logits, batch.get("labels"))
-        return {"predictions": logits, **evaluate(params, batch)}
+    predict = make_eval_step(eval_model.apply, loss_fn, param_dtype=eval_param_dtype,
+                             matmul_precision=precision.matmul_precision,
+                             predictions_fn=prediction_fn or (lambda outputs, batch: outputs["logits"]))
 
     return CompiledSteps(
         mesh=mesh, state_sharding=s_sh, param_sharding=p_sh,

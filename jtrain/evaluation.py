@@ -57,7 +57,8 @@ def _sum_metrics(total: dict | None, step_out: dict) -> dict:
 
 
 class _Collected:
-    """Per-batch host arrays of one kind (predictions, labels, ...), concatenated or kept as a list."""
+    """Per-batch host arrays of one kind (predictions, labels, ...), concatenated or kept as a list.
+    A batch's part may be a pytree (a `prediction_step` returning a tuple or dict): leaves concatenate."""
 
     def __init__(self, concat: bool):
         self.concat, self.parts = concat, []
@@ -69,7 +70,7 @@ class _Collected:
     def result(self) -> Any:
         if not self.parts:
             return None
-        return np.concatenate(self.parts) if self.concat else list(self.parts)
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *self.parts) if self.concat else list(self.parts)
 
 
 def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predictions: bool,
@@ -91,7 +92,7 @@ def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predicti
         total = _sum_metrics(total, out)
         if want_predictions:
             real = min(loader.global_batch_size, n_rows - i * loader.global_batch_size)
-            now = {"predictions": np.asarray(jax.device_get(out["predictions"]))[:real],
+            now = {"predictions": jax.tree.map(lambda x: np.asarray(x)[:real], jax.device_get(out["predictions"])),
                    "labels": np.asarray(jax.device_get(batch["labels"]))[:real] if "labels" in batch else None,
                    "inputs": (np.asarray(jax.device_get(batch["input_ids"]))[:real]
                               if "inputs" in include else None),

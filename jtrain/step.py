@@ -162,18 +162,23 @@ def _learning_rate(schedule: Callable | float | None, step: jax.Array) -> jax.Ar
 
 
 def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn, *, param_dtype: str | None = None,
-                   matmul_precision: str | None = None) -> Callable[[Any, Batch], dict]:
+                   matmul_precision: str | None = None,
+                   predictions_fn: Callable[[Any, Batch], Any] | None = None) -> Callable[[Any, Batch], dict]:
     """Build the pure eval step: `eval_step(params, batch) -> summed loss, weight and stats`.
 
     Reductions happen on the device, so evaluation never gathers full logits for its metrics.
     `param_dtype` casts the floating params first (HF's `bf16_full_eval` / `fp16_full_eval`).
+    With `predictions_fn(outputs, batch)` (the Trainer's `prediction_step`) the step also returns
+    `predictions`, computed from the same forward pass as the loss.
     """
 
     def eval_step(params: Any, batch: Batch) -> dict:  # params: the full tree (`TrainState.full_params()`)
         with matmul_precision_scope(matmul_precision):
             if param_dtype is not None:
                 params = cast_floating(params, param_dtype)
-            out = loss_fn(apply_fn(params, batch, rng=None, train=False), batch)
-        return {"loss_sum": out.loss_sum, "weight": out.weight, **out.stats}
+            outputs = apply_fn(params, batch, rng=None, train=False)
+            out = loss_fn(outputs, batch)
+            extra = {} if predictions_fn is None else {"predictions": predictions_fn(outputs, batch)}
+        return {"loss_sum": out.loss_sum, "weight": out.weight, **out.stats, **extra}
 
     return eval_step

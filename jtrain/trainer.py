@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import time
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -71,6 +70,7 @@ class Trainer:
     get_total_train_batch_size = trainer_helpers.get_total_train_batch_size
     num_examples = trainer_helpers.num_examples
     call_model_init = trainer_helpers.call_model_init
+    log = trainer_helpers.log
     floating_point_ops = trainer_helpers.floating_point_ops
     get_decay_parameter_names = trainer_helpers.get_decay_parameter_names
     get_tp_size, get_cp_size, get_sp_size = (trainer_helpers.get_tp_size, trainer_helpers.get_cp_size,
@@ -159,6 +159,14 @@ class Trainer:
             return self.compute_loss_func(outputs, batch)
         loss = LOSSES_BY_TASK[self.model.task]
         return loss(outputs, batch, label_smoothing=self.args.label_smoothing_factor)
+
+    def prediction_step(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> Any:
+        """What evaluate/predict keep of one batch (the logits, through preprocess_logits_for_metrics);
+        traced into the compiled predict step: any pytree of arrays whose leading axis is the row."""
+        logits = outputs["logits"]
+        if self.preprocess_logits_for_metrics is not None:
+            return self.preprocess_logits_for_metrics(logits, batch.get("labels"))
+        return logits
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Callable:
         if self.lr_scheduler is None:
@@ -251,7 +259,7 @@ class Trainer:
 
             def build() -> CompiledSteps:
                 return build_compiled_steps(model, self.mesh, self.optimizer, self.lr_scheduler, self.compute_loss,
-                                            seed=a.seed, preprocess_logits=self.preprocess_logits_for_metrics,
+                                            seed=a.seed, prediction_fn=self.prediction_step,
                                             rules=sharding_rules(a.fsdp), precision=precision,
                                             expected_train_compiles=len(a.length_buckets or ()) or 1)
 
@@ -426,22 +434,6 @@ class Trainer:
                                predicting)
 
     # ---- logging and saving -------------------------------------------------------------------
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add epoch and step, append to `log_history`, fire `on_log` (as HF's `Trainer.log`). With
-        `start_time` (a `time.time()` of this train() call's start) and token counting on, add HF's
-        `train_runtime` and `train_tokens_per_second` of this call."""
-        logs = dict(logs)
-        if self.state.epoch is not None:
-            logs["epoch"] = float(self.state.epoch)
-        if self.args.include_num_input_tokens_seen != "no":
-            logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
-            if start_time is not None:
-                runtime = max(time.time() - start_time, 1e-9)
-                tokens = self.state.num_input_tokens_seen - getattr(self, "_initial_num_input_tokens_seen", 0)
-                logs.update(train_runtime=round(runtime, 4), train_tokens_per_second=round(tokens / runtime, 3))
-        self.state.log_history.append({**logs, "step": self.state.global_step})
-        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs=logs)
-
     def save_model(self, output_dir: str | None = None, *, max_shard_size: int | str = "5GB",
                    merged: bool = False) -> str:
         """Write the model in HF format (config.json + safetensors) that `transformers` loads.

@@ -13,6 +13,7 @@ import datetime
 import inspect
 import math
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -102,6 +103,23 @@ def call_model_init(self: Any, trial: Any = None, params: Any = None) -> tuple[A
         raise ConfigError(f"model_init returned a {type(made).__name__}; it must return a jtrain Model "
                           "or a (Model, params) pair, e.g. jtrain.models.from_pretrained(path)")
     return made, params
+
+
+def log(self: Any, logs: dict[str, float], start_time: float | None = None) -> None:
+    """Add epoch and step, append to `log_history`, fire `on_log` (as HF's `Trainer.log`). With
+    `start_time` (a `time.time()` of this train() call's start) and token counting on, add HF's
+    `train_runtime` and `train_tokens_per_second` of this call."""
+    logs = dict(logs)
+    if self.state.epoch is not None:
+        logs["epoch"] = float(self.state.epoch)
+    if self.args.include_num_input_tokens_seen != "no":
+        logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+        if start_time is not None:
+            runtime = max(time.time() - start_time, 1e-9)
+            tokens = self.state.num_input_tokens_seen - getattr(self, "_initial_num_input_tokens_seen", 0)
+            logs.update(train_runtime=round(runtime, 4), train_tokens_per_second=round(tokens / runtime, 3))
+    self.state.log_history.append({**logs, "step": self.state.global_step})
+    self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs=logs)
 
 
 def reinit_from_model_init(self: Any, trial: Any = None) -> None:

@@ -263,6 +263,29 @@ def test_train_evaluate_predict_take_hfs_arguments(tmp_path):
         trainer.predict(_eval_data(), ignore_keys="logits")
 
 
+def test_prediction_step_override_is_traced_into_the_predict_step(tmp_path):
+    """DESIGN's override point: a subclass's prediction_step(outputs, batch) decides what evaluate and
+    predict keep, compiled into the step; a tuple comes back batch-concatenated leaf by leaf."""
+    import jax.numpy as jnp
+
+    class TopToken(Trainer):
+        def prediction_step(self, outputs, batch):
+            logits = outputs["logits"]
+            return jnp.argmax(logits, -1), jnp.max(logits, -1)
+
+    seen = []
+    args = _args(tmp_path, per_device_eval_batch_size=3)  # 8 rows: 3 batches, the last with filler rows
+    plain = Trainer(tiny_llama(), args).predict(_eval_data())
+    top = TopToken(tiny_llama(), args, compute_metrics=lambda p: seen.append(p.predictions) or {}).predict(
+        _eval_data())
+    ids, best = top.predictions
+    assert ids.shape == best.shape == (8, 16)
+    np.testing.assert_array_equal(ids, plain.predictions.argmax(-1))  # same forward pass, same weights
+    np.testing.assert_allclose(best, plain.predictions.max(-1), rtol=1e-6)  # float32: one compiled graph each
+    assert top.metrics["test_loss"] == pytest.approx(plain.metrics["test_loss"], rel=1e-6)
+    assert len(seen) == 1 and isinstance(seen[0], tuple) and seen[0][0].shape == (8, 16)
+
+
 def test_log_with_start_time_adds_this_calls_token_throughput(tmp_path):
     import time
 
