@@ -140,6 +140,9 @@ class TrainingArguments:
     compilation_cache_dir: str | None = _f(None, "jtrain: persistent XLA compilation cache directory.")
     max_device_memory_bytes: int | None = _f(None, "jtrain: memory budget per device for planning (and for "
                                              "auto_find_batch_size); the device's own limit applies too.")
+    profile_start_step: int | None = _f(None, "jtrain: capture a JAX profiler trace from this update (1-based) "
+                                              "into logging_dir/plugins/profile (TensorBoard, XProf, Perfetto).")
+    profile_num_steps: int = _f(3, "jtrain: updates in the profiler trace (with profile_start_step).")
 
     def __post_init__(self) -> None:
         _resolve_checkpointing_names(self)
@@ -298,6 +301,9 @@ def _validate(a: TrainingArguments) -> None:
                                           "count, which is HF's default (true)")
     need(not (a.bf16 and a.fp16), "`bf16` and `fp16` are both set: choose one")
     need(not (a.bf16_full_eval and a.fp16_full_eval), "`bf16_full_eval` and `fp16_full_eval` are both set: choose one")
+    need(a.profile_start_step is None or a.profile_start_step >= 1,
+         f"`profile_start_step` must be >= 1 (the first update is 1), got {a.profile_start_step}")
+    need(a.profile_num_steps >= 1, f"`profile_num_steps` must be >= 1, got {a.profile_num_steps}")
     need(a.max_device_memory_bytes is None or a.max_device_memory_bytes > 0,
          f"`max_device_memory_bytes` must be > 0 (or unset), got {a.max_device_memory_bytes}")
     if a.gradient_checkpointing_kwargs is not None:

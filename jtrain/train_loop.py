@@ -27,6 +27,7 @@ from jtrain.errors import ConfigError
 from jtrain.flops import compiled_flops, device_peak_flops, mfu
 from jtrain.losses import routing_logs
 from jtrain.memory import tracker_for
+from jtrain.profiling import StepProfiler
 from jtrain.signals import StopOnSignal
 from jtrain.trainer_helpers import non_embedding_parameter_count
 from jtrain.version import __version__
@@ -96,6 +97,8 @@ class _Run:
         self.tokens_seen = 0
         # Counted before the loop (it traces the model's shapes once), not at its first update.
         self.flos_per_token = 6.0 * non_embedding_parameter_count(trainer)
+        self.profiler = StepProfiler.from_args(trainer.args)
+        self.profiler.warn_if_outside(trainer.state.global_step + 1, plan.max_steps)
 
     # -- metrics ----------------------------------------------------------------------------
     def drain(self) -> None:
@@ -138,10 +141,13 @@ class _Run:
     def update(self, batch: Any) -> None:
         t = self.t
         t.control = t.callback_handler.on_step_begin(t.args, t.state, t.control)
+        self.profiler.before_update(t.state.global_step + 1)
         dispatched = time.perf_counter()
-        t.train_state, metrics = t.steps.train_step(t.train_state, batch)
+        with self.profiler.annotate(t.state.global_step + 1):
+            t.train_state, metrics = t.steps.train_step(t.train_state, batch)
         self.window.total_device += time.perf_counter() - dispatched
         t.state.global_step += 1
+        self.profiler.after_update(t.state.global_step, t.train_state)
         t.state.epoch = self.position.epoch + (self.position.batch_index + 1) / self.plan.updates_per_epoch
         self.position = LoaderPosition(self.position.epoch, self.position.batch_index + 1)
         self.drain()
@@ -210,7 +216,8 @@ class _Run:
         sidecars = {
             "training_args.json": t.args.to_dict(),
             "loader_state.json": {**self.position.to_dict(), **self.controller_state()},
-            "jtrain_meta.json": {"jtrain_version": __version__, "model_type": getattr(t.model.config, "model_type", None),
+            "jtrain_meta.json": {"jtrain_version": __version__,
+                                 "model_type": getattr(t.model.config, "model_type", None),
                                  "model_config": _config_dict(t.model.config), "task": t.model.task,
                                  "params_only": t.args.save_only_model},
         }
@@ -271,6 +278,8 @@ def run_training(trainer: Any, loader: HostLoader, plan: StepPlan, position: Loa
         except BaseException:
             run.writer.wait(raise_errors=False)
             raise
+        finally:
+            run.profiler.close()
         metrics = _speed_metrics(start, t.state.global_step - start_step, plan, run)
         metrics.update(_step_time_metrics(t, run, t.state.global_step - start_step, metrics["train_runtime"]))
         metrics.update(_compile_metrics(t))
