@@ -47,6 +47,10 @@ class ModelSection:
                           "special ids and labels are set from the tokenizer and data).")
     scan_layers: bool = _f(False, "Scan over layers (flat compile time as depth grows).")
     attention_impl: str = _f("xla", "Attention kernel: xla | cudnn | reference.")
+    sequence_parallel_attention: str = _f("all_gather", "Attention when `mesh_shape` has a sequence axis: "
+                                                        "all_gather (keys and values gathered to the whole length "
+                                                        "on every device) | ring (their blocks passed round the "
+                                                        "devices; less memory for long rows).")
 
     def __post_init__(self) -> None:
         _need(not (self.model_name_or_path and (self.config or self.config_name)),

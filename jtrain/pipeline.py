@@ -131,7 +131,8 @@ def prepare_data(cfg: RunConfig, model_type: str, model_config: dict, resuming: 
 def build_model(cfg: RunConfig, data: TaskData, model_type: str, config: dict) -> tuple[Any, Any]:
     """(Model, params or None): loaded from `model_name_or_path`, else fresh from the config."""
     task = MODEL_TASK[cfg.data.task]
-    options = {"scan_layers": cfg.model.scan_layers, "attention_impl": cfg.model.attention_impl}
+    options = {"scan_layers": cfg.model.scan_layers, "attention_impl": cfg.model.attention_impl,
+               "sequence_parallel_attention": cfg.model.sequence_parallel_attention}
     if task == "sequence_classification":
         options.update(data.model_config)
     vocab = data.tokenizer.get_vocab_size()

@@ -22,6 +22,7 @@ from jtrain.models.layers import (LayerNorm, activation, check_sequence_length, 
                                   dropout_rng, embed_tokens, normal_init, positions_within_segments, run_layers,
                                   splits_length, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
+from jtrain.models.ring_attention import ring_attention, uses_ring
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,16 @@ class BertSelfAttention(nn.Module):
             )(h_BLD)
 
         q = constrain(cfg, proj("query"), "batch", "length", "heads", "head_dim")
+        rng = dropout_rng(self, cfg.attention_probs_dropout_prob, self.train)
+        if uses_ring(cfg, dropout_active=rng is not None, dropout_field="attention_probs_dropout_prob"):
+            # Bidirectional: every key block is visible to every row, so no block is skipped.
+            k = constrain(cfg, proj("key"), "batch", "length", "heads", "head_dim")
+            v = constrain(cfg, proj("value"), "batch", "length", "heads", "head_dim")
+            return constrain(cfg, ring_attention(q, k, v, mask, cfg.activation_sharding), "batch", "length", "heads",
+                             "head_dim")
         # Sequence parallelism: each device's query rows attend to keys and values gathered to the whole length.
         k = constrain(cfg, proj("key"), "batch", None, "heads", "head_dim")
         v = constrain(cfg, proj("value"), "batch", None, "heads", "head_dim")
-        rng = dropout_rng(self, cfg.attention_probs_dropout_prob, self.train)
         out = attend(q, k, v, mask, implementation=cfg.attention_impl, dropout_rate=cfg.attention_probs_dropout_prob,
                      dropout_rng=rng, sequence_parallel=splits_length(cfg))
         return constrain(cfg, out, "batch", "length", "heads", "head_dim")

@@ -21,6 +21,7 @@ from jtrain.models.layers import (LayerNorm, activation, check_sequence_length, 
                                   dropout_rng, embed_tokens, last_token_index, normal_init, run_layers, splits_length,
                                   take_rows, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
+from jtrain.models.ring_attention import ring_attention, uses_ring
 
 
 @dataclass(frozen=True)
@@ -88,16 +89,21 @@ class GPT2Attention(nn.Module):
         )(h_BLD)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = constrain(cfg, q, "batch", "length", "heads", "head_dim")
-        # Sequence parallelism (as in Llama): queries stay split over the length, keys and values are
-        # gathered to the whole length. No-op without activation shardings.
-        k = constrain(cfg, k, "batch", None, "heads", "head_dim")
-        v = constrain(cfg, v, "batch", None, "heads", "head_dim")
         scale = H ** -0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:  # idx may be traced (scan), so scale q instead
             q = q / (jnp.asarray(idx, jnp.float32) + 1.0).astype(q.dtype)
         rng = dropout_rng(self, cfg.attn_pdrop, self.train)
-        out = attend(q, k, v, mask, implementation=cfg.attention_impl, scale=scale, dropout_rate=cfg.attn_pdrop,
-                     dropout_rng=rng, causal_blocks=True, sequence_parallel=splits_length(cfg))
+        if uses_ring(cfg, dropout_active=rng is not None, dropout_field="attn_pdrop"):  # as in Llama
+            k = constrain(cfg, k, "batch", "length", "heads", "head_dim")
+            v = constrain(cfg, v, "batch", "length", "heads", "head_dim")
+            out = ring_attention(q, k, v, mask, cfg.activation_sharding, scale=scale, causal_blocks=True)
+        else:
+            # Sequence parallelism (as in Llama): queries stay split over the length, keys and values are
+            # gathered to the whole length. No-op without activation shardings.
+            k = constrain(cfg, k, "batch", None, "heads", "head_dim")
+            v = constrain(cfg, v, "batch", None, "heads", "head_dim")
+            out = attend(q, k, v, mask, implementation=cfg.attention_impl, scale=scale, dropout_rate=cfg.attn_pdrop,
+                         dropout_rng=rng, causal_blocks=True, sequence_parallel=splits_length(cfg))
         out = constrain(cfg, out, "batch", "length", "heads", "head_dim")
         out = DenseGeneral(
             cfg.n_embd, axis=(-2, -1), dtype=dtype, name="c_proj",

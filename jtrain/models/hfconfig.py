@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Mapping, TypeVar
 
 from jtrain.errors import ConfigError
 
-JTRAIN_OPTIONS = ("dtype", "attention_impl", "remat_policy", "scan_layers", "pipeline_stages",
-                  "pipeline_microbatches", "activation_sharding")
+JTRAIN_OPTIONS = ("dtype", "attention_impl", "sequence_parallel_attention", "remat_policy", "scan_layers",
+                  "pipeline_stages", "pipeline_microbatches", "activation_sharding")
 # Keys that save_pretrained writes itself, or that describe a checkpoint rather than a model.
 _WRITTEN_BY_SAVE = ("architectures", "dtype", "torch_dtype", "transformers_version", "model_type",
                     "num_labels", "id2label", "label2id", "_name_or_path")
@@ -35,6 +35,10 @@ class HFConfig:
     # jtrain execution options (not part of HF's config.json).
     dtype: str = "float32"
     attention_impl: str = "xla"
+    # Attention under sequence parallelism: "all_gather" gathers keys and values to the whole length on
+    # every device; "ring" passes their blocks round the devices (`jtrain.models.ring_attention`).
+    # Without sequence parallelism it changes nothing.
+    sequence_parallel_attention: str = "all_gather"
     remat_policy: str | None = None
     scan_layers: bool = False
     # Pipeline parallelism (`jtrain.pipeline_parallel`): set from the mesh's `stage` axis by

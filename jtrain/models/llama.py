@@ -20,6 +20,7 @@ from jtrain.models.layers import (ScaledEmbed, activation, check_sequence_length
                                   dropout_rng, embed_tokens, last_token_index, normal_init, ones_init, run_layers,
                                   splits_length, take_rows, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
+from jtrain.models.ring_attention import ring_attention, uses_ring
 
 _WINDOW_FIELDS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 _GEMMA2_FIELDS = ("hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
@@ -226,15 +227,20 @@ class LlamaAttention(nn.Module):
         k = constrain(cfg, k, "batch", "length", "kv_heads", "head_dim")
         v = constrain(cfg, v, "batch", "length", "kv_heads", "head_dim")
         q, k = apply_rope(q, positions_BL, inv_freq), apply_rope(k, positions_BL, inv_freq)
-        # Sequence parallelism: queries stay split over `sequence` (length), keys and values are
-        # all-gathered to the whole length, so each device scores its own query rows against every
-        # key; the mask (built from global positions) is sliced the same way. No-op without it.
-        k = constrain(cfg, k, "batch", None, "kv_heads", "head_dim")
-        v = constrain(cfg, v, "batch", None, "kv_heads", "head_dim")
         rng = dropout_rng(self, cfg.attention_dropout, self.train)
-        out_BLNH = attend(q, k, v, mask, implementation=cfg.attention_impl, scale=cfg.attention_scale,
-                          dropout_rate=cfg.attention_dropout, dropout_rng=rng, causal_blocks=True,
-                          sequence_parallel=splits_length(cfg), softcap=cfg.attn_logit_softcapping)
+        if uses_ring(cfg, dropout_active=rng is not None, dropout_field="attention_dropout"):
+            # Sequence parallelism, ring: key/value blocks travel round the `sequence` devices.
+            out_BLNH = ring_attention(q, k, v, mask, cfg.activation_sharding, scale=cfg.attention_scale,
+                                      softcap=cfg.attn_logit_softcapping, causal_blocks=True)
+        else:
+            # Sequence parallelism, all-gather: queries stay split over `sequence` (length), keys and
+            # values are gathered to the whole length, so each device scores its own query rows against
+            # every key; the mask (built from global positions) is sliced the same way. No-op without it.
+            k = constrain(cfg, k, "batch", None, "kv_heads", "head_dim")
+            v = constrain(cfg, v, "batch", None, "kv_heads", "head_dim")
+            out_BLNH = attend(q, k, v, mask, implementation=cfg.attention_impl, scale=cfg.attention_scale,
+                              dropout_rate=cfg.attention_dropout, dropout_rng=rng, causal_blocks=True,
+                              sequence_parallel=splits_length(cfg), softcap=cfg.attn_logit_softcapping)
         out_BLNH = constrain(cfg, out_BLNH, "batch", "length", "heads", "head_dim")
         return DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dtype, name="o_proj",

@@ -19,6 +19,7 @@ from jtrain.models.base import Model
 from jtrain.models.hfconfig import JTRAIN_OPTIONS, HFConfig
 from jtrain.models.layers import REMAT_POLICIES
 from jtrain.models.moe import MoEModel
+from jtrain.models.ring_attention import SEQUENCE_PARALLEL_ATTENTION
 
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
 TASKS = ("causal_lm", "sequence_classification", "masked_lm", "token_classification")
@@ -127,5 +128,8 @@ def _check_options(config_cls: type[HFConfig], options: Mapping[str, Any]) -> No
             raise ConfigError(f"unknown model option {key!r}{hint}")
     if "attention_impl" in options and options["attention_impl"] not in ATTENTION_IMPLS:
         raise ConfigError(f"attention_impl {options['attention_impl']!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    spa = options.get("sequence_parallel_attention", "all_gather")
+    if spa not in SEQUENCE_PARALLEL_ATTENTION:
+        raise ConfigError(f"sequence_parallel_attention {spa!r} is not one of {', '.join(SEQUENCE_PARALLEL_ATTENTION)}")
     if "remat_policy" in options and options["remat_policy"] not in (None, *REMAT_POLICIES):
         raise ConfigError(f"remat_policy {options['remat_policy']!r} is not one of {', '.join(REMAT_POLICIES)}")

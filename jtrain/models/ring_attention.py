@@ -1,0 +1,277 @@
+"""Ring attention: sequence-parallel attention whose key/value blocks travel instead of being gathered.
+
+Under sequence parallelism (the logical axis `length` split over the ring of P devices that the
+rules name, usually the `sequence` mesh axis) each device holds L/P query rows. The default path
+(`sequence_parallel_attention: all_gather`) gathers the whole [B, S, K, H] keys and values onto
+every device. Here each device keeps its own block and the key/value blocks go round the ring
+(`lax.ppermute`), one hop per step, merged into the device's rows by an online (flash-style)
+softmax in float32. A device then holds one or two K/V blocks instead of the whole row, and on an
+accelerator the next block's transfer overlaps the current block's compute.
+
+The backward pass is a `jax.custom_vjp`: autodiff through the loop would save every visiting block
+as a residual (as much memory as the all-gather). It saves only the device's q, k, v, output and
+log-sum-exp, sends the K/V blocks round the ring again, each with its dK/dV accumulator, and the
+accumulators arrive back at their owner after the P-th hop (the standard ring-attention backward).
+
+Shape letters as in `jtrain.models.attention`; lower case: the per-device block (b, l, s rows).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jtrain.errors import ConfigError
+from jtrain.models.layers import splits_length
+from jtrain.sharding import logical_to_mesh_spec, on_mesh
+
+SEQUENCE_PARALLEL_ATTENTION = ("all_gather", "ring")
+_F32 = jnp.float32
+
+
+def uses_ring(cfg: Any, *, dropout_active: bool, dropout_field: str) -> bool:
+    """Whether this attention layer takes the ring: `sequence_parallel_attention: ring` and the length
+    is split over devices (without sequence parallelism the option changes nothing). Refuses, at trace
+    time, what the ring cannot do rather than quietly taking the all-gather path."""
+    mode = getattr(cfg, "sequence_parallel_attention", "all_gather")
+    if mode not in SEQUENCE_PARALLEL_ATTENTION:
+        raise ConfigError(f"sequence_parallel_attention {mode!r} is not one of "
+                          f"{', '.join(SEQUENCE_PARALLEL_ATTENTION)}")
+    if mode != "ring" or not splits_length(cfg):
+        return False
+    if cfg.attention_impl != "xla":
+        raise ConfigError(f"sequence_parallel_attention 'ring' computes attention itself and cannot use "
+                          f"attention_impl {cfg.attention_impl!r}: set attention_impl 'xla', or "
+                          "sequence_parallel_attention 'all_gather' to keep that kernel")
+    if dropout_active:
+        raise ConfigError(f"sequence_parallel_attention 'ring' has no attention-probability dropout, but "
+                          f"{dropout_field}={getattr(cfg, dropout_field)} is active in training: set {dropout_field} "
+                          "to 0, or use sequence_parallel_attention 'all_gather'")
+    return True
+
+
+@dataclass(frozen=True)
+class _Ring:
+    """Static plan of one ring call (hashable: it is the custom_vjp's non-differentiable argument)."""
+
+    mesh: Mesh
+    q_spec: P  # [B, L, N, H]
+    kv_spec: P  # [B, S, K, H]
+    mask_spec: P  # [B|1, 1, L, S]: rows split like the queries, every key column on each device
+    lse_spec: P  # [B, K, G, L]
+    axes: tuple[str, ...]  # the mesh axes of the ring (those `length` maps to)
+    size: int  # P, devices on the ring
+    scale: float
+    softcap: float | None
+    causal_blocks: bool
+
+
+def _names(axes: Any) -> tuple[str, ...]:
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _axis_size(mesh: Mesh, axes: Any) -> int:
+    return math.prod(mesh.shape[a] for a in _names(axes))
+
+
+def _plan(q_BLNH: jax.Array, k_BSKH: jax.Array, mask: jax.Array, sharding: Any, scale: float,
+          softcap: float | None, causal_blocks: bool) -> _Ring:
+    """PartitionSpecs derived from the activation rules: rows over the batch axes, the length over the
+    ring, heads over what `heads`/`kv_heads` name. Heads stay whole when the query and key/value heads
+    would split differently (a query head must meet its own key/value head on the same device) and
+    batch rows stay whole when their axes do not divide them (as `ActivationSharding` leaves them free)."""
+    mesh = sharding.mesh
+    B, L, N, _ = q_BLNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    q_axes = on_mesh(logical_to_mesh_spec(P("batch", "length", "heads", "head_dim"), sharding.rules), mesh)
+    kv_axes = on_mesh(logical_to_mesh_spec(P("batch", "length", "kv_heads", "head_dim"), sharding.rules), mesh)
+    batch, length, heads = q_axes[0], q_axes[1], q_axes[2]
+    size = _axis_size(mesh, length)
+    for what, n in (("query", L), ("key", S)):
+        if n % size:
+            raise ConfigError(f"ring attention: {what} length {n} does not divide over mesh axis {length!r} of "
+                              f"size {size}; pad the rows to a multiple of {size} or change `mesh_shape`")
+    if B % _axis_size(mesh, batch):
+        batch = None
+    if heads != kv_axes[2] or N % _axis_size(mesh, heads) or K % _axis_size(mesh, heads):
+        heads = None
+    return _Ring(mesh=mesh, q_spec=P(batch, length, heads, None), kv_spec=P(batch, length, heads, None),
+                 mask_spec=P(batch if mask.shape[0] > 1 else None, None, length, None),
+                 lse_spec=P(batch, heads, None, length), axes=_names(length), size=size, scale=scale,
+                 softcap=softcap, causal_blocks=causal_blocks)
+
+
+def ring_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: jax.Array, sharding: Any, *,
+                   scale: float | None = None, softcap: float | None = None, causal_blocks: bool = False
+                   ) -> jax.Array:
+    """Attention over the whole length with queries, keys and values split over the ring's devices.
+
+    `mask` is jtrain's boolean [B|1, 1, L, S] mask from global positions (True = may attend; causal,
+    padding, packed documents and sliding windows all live in it); each device reads the column block
+    of the K/V block it holds. `sharding` is the model's `jtrain.sharding.ActivationSharding` (mesh and
+    rules). `causal_blocks=True` promises no query sees a later key (decoder masks): a device then skips
+    the blocks that lie wholly after its rows. Rows with no visible key give zeros, as `attend` does.
+    Gradients are exact (custom VJP, see the module docstring).
+
+    Example (inside a jitted function, `length` split over `sequence` by the rules)::
+
+        out_BLNH = ring_attention(q, k, v, mask, ActivationSharding(mesh), causal_blocks=True)
+    """
+    scale = 1.0 / math.sqrt(q_BLNH.shape[-1]) if scale is None else float(scale)
+    B, L, N, H = q_BLNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    if N % K:
+        raise ConfigError(f"ring attention: {N} query heads do not group over {K} key/value heads")
+    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, L, S))
+    plan = _plan(q_BLNH, k_BSKH, mask, sharding, scale, None if softcap is None else float(softcap), causal_blocks)
+    return _ring(plan, q_BLNH, k_BSKH, v_BSKH, mask)
+
+
+# ---- per-device pieces (run inside shard_map) ----
+def _shift(r: _Ring, x: jax.Array) -> jax.Array:
+    """One hop round the ring: device p sends to p + 1 (mod P)."""
+    if r.size == 1:
+        return x
+    return lax.ppermute(x, r.axes, [(p, (p + 1) % r.size) for p in range(r.size)])
+
+
+def _index(r: _Ring) -> jax.Array:
+    return lax.axis_index(r.axes) if r.axes else jnp.int32(0)
+
+
+def _scores(r: _Ring, q_blkgh: jax.Array, k_bskh: jax.Array) -> jax.Array:
+    """Scaled (and soft-capped) scores [b, K, G, l, s] in float32."""
+    s = jnp.einsum("blkgh,bskh->bkgls", q_blkgh, k_bskh, preferred_element_type=_F32) * r.scale
+    return s if r.softcap is None else r.softcap * jnp.tanh(s / r.softcap)
+
+
+def _mask_block(mask: jax.Array, j: jax.Array, s: int) -> jax.Array:
+    """Columns of key block j: [b|1, 1, 1, l, s], broadcast over the query-head groups."""
+    return lax.dynamic_slice_in_dim(mask, j * s, s, axis=3)[:, :, None]
+
+
+def _visible(r: _Ring, i: jax.Array, j: jax.Array, l: int, s: int) -> jax.Array:
+    """Whether key block j can hold a key that device i's rows see: under `causal_blocks`, not when
+    the block's first key comes after the device's last row."""
+    return j * s <= (i + 1) * l - 1
+
+
+def _maybe(r: _Ring, visible: jax.Array, step: Any, carry: Any) -> Any:
+    """`step(carry)`, skipped (lax.cond) for a block no row can see."""
+    return lax.cond(visible, step, lambda c: c, carry) if r.causal_blocks else step(carry)
+
+
+def _forward_local(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    b, l, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    qg = q.reshape(b, l, kh, n // kh, h)
+    i = _index(r)
+
+    def step(t: jax.Array, carry: tuple, k: jax.Array, v: jax.Array) -> tuple:
+        j = (i - t) % r.size  # the block held at step t started on device i - t
+
+        def update(c: tuple) -> tuple:
+            m, total, acc = c  # running max [b, K, G, l], softmax denominator, weighted values [.., l, h]
+            sc = jnp.where(_mask_block(mask, j, s), _scores(r, qg, k), -jnp.inf)
+            m_new = jnp.maximum(m, sc.max(-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # no key yet: keep exp() finite
+            p = jnp.exp(sc - m_safe[..., None])
+            fix = jnp.exp(m - m_safe)  # rescales what was accumulated under the old max
+            pv = jnp.einsum("bkgls,bskh->bkglh", p.astype(v.dtype), v, preferred_element_type=_F32)
+            return m_new, total * fix + p.sum(-1), acc * fix[..., None] + pv
+
+        return _maybe(r, _visible(r, i, j, l, s), update, carry)
+
+    def body(c: tuple, t: jax.Array) -> tuple:
+        carry, k, v = c
+        k_next, v_next = _shift(r, k), _shift(r, v)  # sent before this block's compute, so the two overlap
+        return (step(t, carry, k, v), k_next, v_next), None
+
+    stats = (jnp.full((b, kh, n // kh, l), -jnp.inf, _F32), jnp.zeros((b, kh, n // kh, l), _F32),
+             jnp.zeros((b, kh, n // kh, l, h), _F32))
+    (stats, k, v), _ = lax.scan(body, (stats, k, v), jnp.arange(r.size - 1))
+    m, total, acc = step(jnp.int32(r.size - 1), stats, k, v)
+    seen = total > 0  # rows with no visible key (padding queries) give zeros, as in `attend`
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, total, 1.0)[..., None], 0.0)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), 0.0)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h).astype(q.dtype), lse
+
+
+def _backward_local(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, out: jax.Array,
+                    lse: jax.Array, dout: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    b, l, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    qg, dog = q.reshape(b, l, kh, g, h), dout.reshape(b, l, kh, g, h)
+    delta = jnp.einsum("blkgh,blkgh->bkgl", dog.astype(_F32), out.reshape(b, l, kh, g, h).astype(_F32))
+    i = _index(r)
+
+    def step(t: jax.Array, grads: tuple, k: jax.Array, v: jax.Array) -> tuple:
+        j = (i - t) % r.size
+
+        def update(c: tuple) -> tuple:
+            dq, dk, dv = c
+            sc = _scores(r, qg, k)
+            # Probabilities recomputed from the saved log-sum-exp; masked entries exactly 0.
+            p = jnp.exp(jnp.where(_mask_block(mask, j, s), sc - lse[..., None], -jnp.inf))
+            dv = dv + jnp.einsum("bkgls,blkgh->bskh", p.astype(dout.dtype), dog, preferred_element_type=_F32)
+            dp = jnp.einsum("blkgh,bskh->bkgls", dog, v, preferred_element_type=_F32)
+            ds = p * (dp - delta[..., None])  # softmax backward
+            if r.softcap is not None:  # d(cap * tanh(x / cap))/dx = 1 - tanh^2 = 1 - (capped / cap)^2
+                ds = ds * (1.0 - jnp.square(sc / r.softcap))
+            ds = (ds * r.scale).astype(q.dtype)
+            dq = dq + jnp.einsum("bkgls,bskh->blkgh", ds, k, preferred_element_type=_F32)
+            return dq, dk + jnp.einsum("bkgls,blkgh->bskh", ds, qg, preferred_element_type=_F32), dv
+
+        return _maybe(r, _visible(r, i, j, l, s), update, grads)
+
+    def body(c: tuple, t: jax.Array) -> tuple:
+        dq, k, v, dk, dv = c
+        k_next, v_next = _shift(r, k), _shift(r, v)
+        dq, dk, dv = step(t, (dq, dk, dv), k, v)
+        return (dq, k_next, v_next, _shift(r, dk), _shift(r, dv)), None  # dK/dV travel with their block
+
+    zeros = (jnp.zeros((b, l, kh, g, h), _F32), jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
+    (dq, k, v, dk, dv), _ = lax.scan(body, (zeros[0], k, v, zeros[1], zeros[2]), jnp.arange(r.size - 1))
+    dq, dk, dv = step(jnp.int32(r.size - 1), (dq, dk, dv), k, v)
+    dk, dv = _shift(r, dk), _shift(r, dv)  # the P-th hop brings each block's gradient home
+    return dq.reshape(b, l, n, h).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+# ---- the global function: shard_map around the per-device pieces, custom VJP around both ----
+def _sharded(r: _Ring, fn: Any, in_specs: tuple, out_specs: Any) -> Any:
+    # check_vma=False: the loop carries start as constants and become device-varying after the first
+    # block. Marking them varying (lax.pcast) satisfies the check on a plain mesh, but not inside the
+    # pipeline's vmap over `stage`, which adds an axis the body cannot name; the specs are derived
+    # from the rules above and the tests compare every output with one device.
+    return jax.shard_map(functools.partial(fn, r), mesh=r.mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    return _ring_fwd(r, q, k, v, mask)[0]
+
+
+def _ring_fwd(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> tuple[jax.Array, tuple]:
+    out, lse = _sharded(r, _forward_local, (r.q_spec, r.kv_spec, r.kv_spec, r.mask_spec),
+                        (r.q_spec, r.lse_spec))(q, k, v, mask)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _ring_bwd(r: _Ring, res: tuple, dout: jax.Array) -> tuple:
+    q, k, v, mask, out, lse = res
+    specs = (r.q_spec, r.kv_spec, r.kv_spec, r.mask_spec, r.q_spec, r.lse_spec, r.q_spec)
+    dq, dk, dv = _sharded(r, _backward_local, specs, (r.q_spec, r.kv_spec, r.kv_spec))(q, k, v, mask, out, lse, dout)
+    return dq, dk, dv, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
