@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
+from jtrain.args_setters import TrainingArgumentsSetters
 from jtrain.coerce import build_dataclass, dataclass_to_dict
 from jtrain.errors import ConfigError
 
@@ -29,8 +30,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class TrainingArguments:
-    """HF `TrainingArguments` for the fields jtrain honours. Example::
+class TrainingArguments(TrainingArgumentsSetters):
+    """HF `TrainingArguments` for the fields jtrain honours (HF's setters and helpers: jtrain.args_setters). Example::
 
         args = TrainingArguments(output_dir="out", learning_rate=3e-4, max_steps=100)
     """

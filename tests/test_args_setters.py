@@ -1,0 +1,87 @@
+"""HF's `TrainingArguments` setters and helpers against HF's own: the same calls must leave every
+field both classes have with the same value (jtrain's return a new, validated instance)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import pytest
+import transformers
+
+from jtrain import TrainingArguments
+from jtrain.errors import ConfigError
+
+CALLS = [
+    ("set_training", dict(learning_rate=1e-4, batch_size=32, weight_decay=0.1, num_epochs=2, max_steps=50,
+                          gradient_accumulation_steps=4, seed=7, activation_checkpointing=True)),
+    ("set_evaluate", dict(strategy="steps", steps=100, batch_size=16, accumulation_steps=2, delay=3, loss_only=True)),
+    ("set_testing", dict(batch_size=12, loss_only=True)),
+    ("set_save", dict(strategy="epoch", steps=30, total_limit=2)),
+    ("set_logging", dict(strategy="steps", steps=7, report_to="tensorboard", level="info", first_step=True,
+                         nan_inf_filter=True, replica_level="error")),
+    ("set_optimizer", dict(name="adafactor", learning_rate=3e-3, weight_decay=0.01, beta1=0.8, beta2=0.99,
+                           epsilon=1e-6, args="scale_parameter=False")),
+    ("set_lr_scheduler", dict(name="cosine", num_epochs=5, max_steps=40, warmup_steps=0.1)),
+    ("set_dataloader", dict(train_batch_size=16, eval_batch_size=64, drop_last=True, num_workers=2,
+                            prefetch_factor=3, auto_find_batch_size=True, ignore_data_skip=True, sampler_seed=3)),
+]
+
+
+def _hf_args(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.TrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
+
+
+@pytest.mark.parametrize("name,kwargs", CALLS, ids=[c[0] for c in CALLS])
+def test_setters_leave_the_fields_hfs_leave(name, kwargs, tmp_path):
+    """Every shared field that the call changes on either side ends with the same value on both."""
+    hf_before = _hf_args(tmp_path)
+    theirs = getattr(_hf_args(tmp_path), name)(**kwargs)
+    before = TrainingArguments(str(tmp_path), report_to=["none"])
+    ours = getattr(before, name)(**kwargs)
+    shared = {f.name for f in dataclasses.fields(ours)} & {f.name for f in dataclasses.fields(theirs)}
+    compared = 0
+    for field in sorted(shared):
+        mine, hf = getattr(ours, field), _plain(getattr(theirs, field))
+        if mine == getattr(before, field) and hf == _plain(getattr(hf_before, field)):
+            continue  # untouched by the call on both sides (defaults may be spelled differently: '' vs None)
+        if field == "report_to" and isinstance(hf, str):
+            hf = [hf]  # HF's setter skips the str -> list its __post_init__ does; jtrain always holds a list
+        assert mine == hf, f"{name}: {field} is {mine!r} here, {hf!r} in HF"
+        compared += 1
+    assert compared >= 2  # the call changed fields this test compared, so it can fail
+    assert ours is not before and before == TrainingArguments(str(tmp_path), report_to=["none"])  # frozen
+
+
+def _plain(value):
+    """HF's enums (IntervalStrategy, OptimizerNames, SchedulerType) as their strings."""
+    if isinstance(value, list):
+        return [getattr(v, "value", v) for v in value]
+    return getattr(value, "value", value)
+
+
+def test_helpers_match_hfs(tmp_path):
+    ours = TrainingArguments(str(tmp_path), warmup_steps=0.1, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=2, mesh_shape={"data": 1})
+    theirs = _hf_args(tmp_path).set_lr_scheduler(warmup_steps=0.1)
+    assert ours.get_warmup_steps(95) == theirs.get_warmup_steps(95) == 10
+    assert (ours.train_batch_size, ours.eval_batch_size) == (4, 2)  # one data-parallel device on this mesh
+    assert TrainingArguments(str(tmp_path), per_device_train_batch_size=4, mesh_shape={"data": 4, "tensor": 2}
+                             ).train_batch_size == 16  # tensor-parallel devices hold no extra rows
+    assert json.loads(ours.to_json_string())["warmup_steps"] == 0.1
+    sanitized = ours.to_sanitized_dict()
+    assert sanitized["train_batch_size"] == 4 and sanitized["mesh_shape"] == "{'data': 1}"
+    assert all(type(v) in (bool, int, float, str) for v in sanitized.values())
+
+
+def test_setter_values_are_validated_and_push_to_hub_is_refused(tmp_path):
+    args = TrainingArguments(str(tmp_path))
+    with pytest.raises(ConfigError, match="eval_strategy"):
+        args.set_evaluate(strategy="sometimes")
+    with pytest.raises(ConfigError, match="positive `steps`"):
+        args.set_logging(strategy="steps", steps=0)
+    with pytest.raises(ConfigError, match="never uploads"):
+        args.set_push_to_hub("me/model")
