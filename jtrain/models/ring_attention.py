@@ -157,7 +157,7 @@ def _mask_block(mask: jax.Array, j: jax.Array, s: int) -> jax.Array:
     return lax.dynamic_slice_in_dim(mask, j * s, s, axis=3)[:, :, None]
 
 
-def _visible(r: _Ring, i: jax.Array, j: jax.Array, l: int, s: int) -> jax.Array:
+def _visible(i: jax.Array, j: jax.Array, l: int, s: int) -> jax.Array:
     """Whether key block j can hold a key that device i's rows see: under `causal_blocks`, not when
     the block's first key comes after the device's last row."""
     return j * s <= (i + 1) * l - 1
@@ -188,7 +188,7 @@ def _forward_local(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
             pv = jnp.einsum("bkgls,bskh->bkglh", p.astype(v.dtype), v, preferred_element_type=_F32)
             return m_new, total * fix + p.sum(-1), acc * fix[..., None] + pv
 
-        return _maybe(r, _visible(r, i, j, l, s), update, carry)
+        return _maybe(r, _visible(i, j, l, s), update, carry)
 
     def body(c: tuple, t: jax.Array) -> tuple:
         carry, k, v = c
@@ -231,7 +231,7 @@ def _backward_local(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: ja
             dq = dq + jnp.einsum("bkgls,bskh->blkgh", ds, k, preferred_element_type=_F32)
             return dq, dk + jnp.einsum("bkgls,blkgh->bskh", ds, qg, preferred_element_type=_F32), dv
 
-        return _maybe(r, _visible(r, i, j, l, s), update, grads)
+        return _maybe(r, _visible(i, j, l, s), update, grads)
 
     def body(c: tuple, t: jax.Array) -> tuple:
         dq, k, v, dk, dv = c
