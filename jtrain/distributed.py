@@ -160,3 +160,26 @@ def local_process_index() -> int:
 def host_count() -> int:
     """How many hosts the job's processes run on (HF's nodes)."""
     return _host_ranks()[1]
+
+
+def broadcast_object(obj: object) -> object:
+    """Process 0's `obj` on every process (pickled, then sent as bytes); `obj` itself in a
+    single-process run. A collective: every process must call it at the same point, the others
+    with any placeholder (None). The byte buffer is padded to a power of two so that a run of
+    messages compiles only a few broadcast programs."""
+    import pickle
+
+    import jax
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return obj
+    from jax.experimental import multihost_utils
+
+    data = pickle.dumps(obj) if jax.process_index() == 0 else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.array(len(data), np.int32)))
+    padded = max(256, 1 << (size - 1).bit_length())
+    buffer = np.zeros(padded, np.uint8)
+    buffer[:len(data)] = np.frombuffer(data, np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return pickle.loads(received[:size].tobytes())

@@ -10,6 +10,12 @@ As in HF, every evaluation during training reports the objective to the trial (o
 pruners read it), the last one is the trial's result, and a trial that never evaluated is
 evaluated once at the end. A trial the pruner stops ends its training at that evaluation
 (callbacks see `on_train_end`) and is recorded as pruned.
+
+In a job of several JAX processes every process calls `hyperparameter_search` (a trial's
+Trainer is collective). Process 0 holds the optuna study: it samples each trial, shares the
+values, run name and every pruning decision (`jtrain.distributed.broadcast_object`), and shares
+the best run at the end; the others train the same trials in step (HF's DDP search does the
+same with torch.distributed).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
+from jtrain.distributed import broadcast_object
 from jtrain.errors import ConfigError, JtrainError
 
 logger = logging.getLogger(__name__)
@@ -81,9 +88,6 @@ def _check(trainer: Any, backend: Any, kwargs: dict) -> None:
                           "Trainer (a function returning a jtrain Model, or (Model, params)) instead of model")
     if trainer.eval_dataset is None:
         raise ConfigError("hyperparameter_search ranks trials by evaluation metrics: pass an eval_dataset")
-    if jax.process_count() > 1:
-        raise ConfigError("hyperparameter_search runs in one process; with several JAX processes each would "
-                          "sample its own trials. Run the search on one host")
     if kwargs.get("n_jobs", 1) != 1:
         raise ConfigError("hyperparameter_search: n_jobs must be 1; one trial at a time uses all devices")
     unknown = sorted(set(kwargs) - set(_STUDY_KWARGS) - set(_OPTIMIZE_KWARGS) - {"n_jobs"})
@@ -125,8 +129,11 @@ class _TrialReporter:
         self.objective = self.compute_objective({k: v for k, v in metrics.items() if k not in derived})
         if self.multi:  # optuna cannot prune multi-objective trials
             return
-        self.trial.report(float(self.objective), trainer.state.global_step)
-        if self.trial.should_prune():
+        prune = None
+        if jax.process_index() == 0:  # the study lives on process 0; the others follow its decision
+            self.trial.report(float(self.objective), trainer.state.global_step)
+            prune = bool(self.trial.should_prune())
+        if broadcast_object(prune):
             self.pruned = True
             trainer.control.should_training_stop = True
 
@@ -154,14 +161,33 @@ def hyperparameter_search(
     hp_space = hp_space or default_hp_space_optuna
     compute_objective = compute_objective or default_compute_objective
     multi = isinstance(direction, (list, tuple))
+    if jax.process_index() != 0:
+        return _follow(trainer, compute_objective, multi, hp_name)
     study_kwargs = {k: kwargs[k] for k in _STUDY_KWARGS if k in kwargs}
     study = optuna.create_study(**({"directions": list(direction)} if multi else {"direction": direction}),
                                 **study_kwargs)
 
     def objective(trial: Any) -> Any:
-        return _run_trial(trainer, trial, hp_space(trial), compute_objective, hp_name, multi, optuna)
+        values = hp_space(trial)
+        run_name = hp_name(trial) if hp_name is not None else f"run-{trial.number}"
+        broadcast_object({"number": trial.number, "params": dict(trial.params), "values": values,
+                          "run_name": run_name})
+        result, pruned = _run_trial(trainer, trial, values, run_name, compute_objective, multi, hp_name)
+        if pruned:
+            raise optuna.TrialPruned(f"pruned at {pruned}")
+        return result
 
-    study.optimize(objective, n_trials=n_trials, **{k: kwargs[k] for k in _OPTIMIZE_KWARGS if k in kwargs})
+    try:
+        study.optimize(objective, n_trials=n_trials, **{k: kwargs[k] for k in _OPTIMIZE_KWARGS if k in kwargs})
+        best = _best_runs(study, optuna, multi)
+    except BaseException as err:
+        broadcast_object({"error": f"{type(err).__name__}: {err}"})  # the other processes stop waiting
+        raise
+    broadcast_object({"done": best})
+    return best
+
+
+def _best_runs(study: Any, optuna: Any, multi: bool) -> BestRun | list[BestRun]:
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         states = sorted({t.state.name.lower() for t in study.trials})
         raise JtrainError(f"hyperparameter_search: none of the {len(study.trials)} trials completed (they were "
@@ -173,9 +199,36 @@ def hyperparameter_search(
     return BestRun(str(best.number), best.value, dict(best.params))
 
 
-def _run_trial(trainer: Any, trial: Any, values: dict[str, Any], compute_objective: Callable, hp_name: Callable | None,
-               multi: bool, optuna: Any) -> Any:
-    run_name = hp_name(trial) if hp_name is not None else f"run-{trial.number}"
+class SharedTrial:
+    """What a process other than 0 sees of a trial: its number and sampled `params` (process 0
+    holds the optuna study, samples the values and shares them). `model_init(trial)` and
+    `hp_name(trial)` may read these; sampling (`suggest_*`) happens in `hp_space` on process 0."""
+
+    def __init__(self, number: int, params: dict[str, Any]):
+        self.number, self.params = number, dict(params)
+
+    def __getattr__(self, name: str) -> Any:
+        raise JtrainError(f"hyperparameter_search: on process {jax.process_index()} a trial is the copy process 0 "
+                          f"shared (number, params); it has no {name!r}. Sample values in hp_space and read "
+                          "them from trial.params in model_init")
+
+
+def _follow(trainer: Any, compute_objective: Callable, multi: bool, hp_name: Callable | None
+            ) -> BestRun | list[BestRun]:
+    """Processes other than 0: run each trial process 0 announces, in step with it, until it is done."""
+    while True:
+        message = broadcast_object(None)
+        if "error" in message:
+            raise JtrainError(f"hyperparameter_search stopped on process 0: {message['error']}")
+        if "done" in message:
+            return message["done"]
+        trial = SharedTrial(message["number"], message["params"])
+        _run_trial(trainer, trial, message["values"], message["run_name"], compute_objective, multi, hp_name)
+
+
+def _run_trial(trainer: Any, trial: Any, values: dict[str, Any], run_name: str, compute_objective: Callable,
+               multi: bool, hp_name: Callable | None) -> tuple[Any, str | None]:
+    """Train one trial on a fresh Trainer; (objective, None) or (None, "step N") when pruned there."""
     args, applied = _trial_arguments(trainer.args, values, os.path.join(trainer.args.output_dir, run_name))
     initial_params = trainer._init_arguments["params"]
     init = dict(trainer._init_arguments, model=None, args=args,
@@ -189,10 +242,10 @@ def _run_trial(trainer: Any, trial: Any, values: dict[str, Any], compute_objecti
     try:
         trial_trainer.train()
         if reporter.pruned:
-            raise optuna.TrialPruned(f"pruned at step {trial_trainer.state.global_step}")
+            return None, f"step {trial_trainer.state.global_step}"
         if reporter.objective is None:  # no evaluation during training: evaluate once, as HF does
             reporter(trial_trainer, trial_trainer.evaluate())
-        return reporter.objective
+        return reporter.objective, None
     finally:
         del trial_trainer
         gc.collect()  # free the trial's device arrays before the next trial allocates its own
