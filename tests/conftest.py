@@ -9,6 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests are compile-bound on 2 cores: a lower XLA backend optimisation level cuts compile time by
 # about 40% and changes no result a test compares (every comparison runs under the same flags).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# XLA:CPU aborts the whole process when the 8 fake devices of a collective do not all reach it within
+# 40 s (its default). With two test workers on 2 busy cores one device's thread can be starved that
+# long, and a full-suite run once lost a worker to that abort in an 8-device data-parallel test; a
+# real deadlock still ends, after 10 minutes.
+os.environ["XLA_FLAGS"] += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
 
 import jax  # noqa: E402
 
