@@ -19,13 +19,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jtrain import ConfigError
 from jtrain.compiled import with_activation_sharding
 from jtrain.config import build_config
-from jtrain.losses import LOSSES_BY_TASK
 from jtrain.models import create_model
 from jtrain.models.attention import attend, make_attention_mask
 from jtrain.models.ring_attention import ring_attention
 from jtrain.pipeline_parallel import with_pipeline_stages
 from jtrain.sharding import BATCH_AXES, ActivationSharding, ShardingRules, make_mesh, param_shardings
-from tiny import TINY_LLAMA, padded_lm_batch
+from test_sequence_parallel_models import GRAD_ATOL_SCALE, GRAD_RTOL, LENGTH, LOSS_RTOL, MODELS as SP_MODELS
+from test_sequence_parallel_models import _batch as sp_batch, _loss_and_grads
+from tiny import TINY_LLAMA
 
 MESHES = {"sequence4_data2": {"sequence": 4, "data": 2},
           "tensor2_sequence2_data2": {"tensor": 2, "sequence": 2, "data": 2}}
@@ -131,19 +132,11 @@ def test_causal_block_skipping_leaves_no_later_block_seen():
 
 
 # ---- the models, trained through the ring ----
-LENGTH, ROWS = 128, 4
-# As in test_sequence_parallel: same float32 math, different summation order across shards (and the
-# online softmax's order within attention): loss rtol 1e-6, gradients rtol 1e-5 plus atol 1e-6 x the
-# largest gradient. A mask or rescale bug moves the loss by 1e-3 or more.
-LOSS_RTOL, GRAD_RTOL, GRAD_ATOL_SCALE = 1e-6, 1e-5, 1e-6
-MODELS = {
-    "llama": ("causal_lm", TINY_LLAMA),
-    "gpt2": ("causal_lm", dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=LENGTH, resid_pdrop=0.0,
-                               embd_pdrop=0.0, attn_pdrop=0.0)),
-    "bert": ("masked_lm", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=64, max_position_embeddings=LENGTH, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0)),
-}
+# Shapes, tolerances (loss rtol 1e-6, gradients rtol 1e-5 plus 1e-6 x the largest gradient: the same
+# float32 math summed in another order across shards and by the online softmax; a mask or rescale bug
+# moves the loss by 1e-3 or more), batches and the loss-and-gradient function are test_sequence_parallel
+# _models' own, so ring and all-gather are held to one standard.
+MODELS = {**SP_MODELS, "llama": ("causal_lm", TINY_LLAMA)}
 
 
 def _model(model_type: str, **options):
@@ -152,26 +145,13 @@ def _model(model_type: str, **options):
 
 
 def _batch(model_type: str) -> dict:
-    """Right-padded rows; Llama's hold two packed documents (segment ids), BERT's carry MLM labels."""
-    batch = padded_lm_batch(ROWS, LENGTH, seed=3, min_len=LENGTH // 2)
+    """The sequence-parallel test's rows; Llama's also hold two packed documents (segment ids)."""
+    batch = sp_batch("bert" if model_type == "bert" else "gpt2")
     if model_type == "llama":
         boundary = np.array([20, 37, 45, 61])[:, None]
         seg = np.where(np.arange(LENGTH)[None, :] < boundary, 1, 2) * batch["attention_mask"]
         batch["segment_ids"] = seg.astype(np.int32)
-    if model_type == "bert":
-        chosen = np.random.default_rng(4).random(batch["input_ids"].shape) < 0.15
-        batch["labels"] = np.where(chosen & (batch["attention_mask"] == 1), batch["input_ids"], -100).astype(np.int32)
     return batch
-
-
-def _loss_and_grads(model):
-    loss_fn = LOSSES_BY_TASK[model.task]
-
-    def mean_loss(p, b):
-        out = loss_fn(model.apply(p, b), b)
-        return out.loss_sum / out.weight
-
-    return jax.jit(jax.value_and_grad(mean_loss))
 
 
 def _on_mesh(model, params, mesh_shape):
