@@ -219,10 +219,12 @@ class Trainer:
 
     # ---- set-up ---------------------------------------------------------------------------
     def _collate(self) -> Callable | None:
+        """The collator: `data_collator`, else HF's default (see `jtrain.data.trainer_loader.default_collator`)."""
         if self.data_collator is not None:
             return self.data_collator
-        from jtrain.data.collators import DefaultDataCollator
-        return DefaultDataCollator()
+        from jtrain.data.trainer_loader import default_collator
+
+        return default_collator(self.processing_class, self.args.length_buckets)
 
     def _loader(self, dataset: Any, *, train: bool, accum: int | None, batch_rows: int) -> HostLoader:
         """HF's data arguments applied to `dataset` (rows, `datasets` objects, or a training stream)."""

@@ -383,3 +383,44 @@ def test_doctests():
     for module in (collators_module, packing_module):
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+# ----------------------------------------------------------------------------- the Trainer's default collator
+
+
+def test_trainer_without_a_collator_pads_with_its_processing_class_as_hf(hf_tokenizer, tmp_path):
+    """HF's Trainer falls back to DataCollatorWithPadding(processing_class) when it has a tokenizer; here the
+    same (each batch padded to its longest row), or padded to `length_buckets` when they are set."""
+    from tiny import tiny_llama
+
+    from jtrain import Trainer, TrainingArguments
+    from jtrain.errors import ConfigError, DataError
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in (5, 9, 12, 7, 16, 3, 8, 11):  # ids below the tiny model's vocabulary of 64; [PAD] is 0
+        ids = rng.integers(5, 64, size=n).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * n, "labels": ids})
+
+    def trainer(processing_class, **kw):
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                 mesh_shape={"data": 1}, report_to=[], disable_tqdm=True, save_strategy="no",
+                                 train_sampling_strategy="sequential", **kw)
+        return Trainer(tiny_llama(), args, train_dataset=rows, processing_class=processing_class)
+
+    first = next(iter(trainer(hf_tokenizer).get_train_dataloader()))
+    inputs = [{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows[:4]]
+    ref = transformers.DataCollatorWithPadding(hf_tokenizer, return_tensors="np")(inputs)
+    for key in ("input_ids", "attention_mask"):
+        np.testing.assert_array_equal(first[key][0], ref[key], err_msg=key)  # [accumulation, rows, length]
+    assert first["input_ids"].shape == (1, 4, 12)
+    assert (first["labels"][0] == -100).sum() == 4 * 12 - (5 + 9 + 12 + 7)  # labels padded with -100
+    assert next(iter(trainer(hf_tokenizer, length_buckets=[16, 32]).get_train_dataloader()))["input_ids"].shape == (
+        1, 4, 16)
+    out = trainer(hf_tokenizer, length_buckets=[16, 32]).train()  # batches of longest 12 and 16: one bucket
+    assert np.isfinite(out.training_loss) and out.metrics["train_compilations"] == 1
+    with pytest.raises(DataError, match="need padding"):  # no tokenizer: rows are stacked as they are, as in HF
+        next(iter(trainer(None).get_train_dataloader()))
+    no_pad = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer.backend_tokenizer)
+    with pytest.raises(ConfigError, match="no pad token"):
+        trainer(no_pad).get_train_dataloader()

@@ -23,6 +23,7 @@ from jtrain.data.sources import (
     stream_rows,
 )
 from jtrain.data.stream import StreamLoader
+from jtrain.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def make_loader(dataset: Any, args: Any, *, collate: Callable, model_inputs: Seq
     if strategy == "group_by_length":  # read before remove_unused_columns could drop the length column
         everything = as_rows(dataset, **{**options, "remove_unused_columns": False})
         lengths = row_lengths(everything, args.length_column_name)
-    return HostLoader(rows, global_batch_size=batch_rows, collate_fn=None if isinstance(rows, ArrayDataset) else collate,
+    return HostLoader(rows, global_batch_size=batch_rows,
+                      collate_fn=None if isinstance(rows, ArrayDataset) else collate,
                       accum_steps=accum, sampling=strategy, lengths=lengths, seed=args.resolved_data_seed,
                       drop_last=train and args.dataloader_drop_last, prefetch=prefetch, num_workers=workers, what=what)
 
@@ -83,3 +85,24 @@ def check_dataset(dataset: Any, what: str, *, num_labels: int | None = None, sev
         if num_labels is not None and not is_stream(split):
             rows = as_rows(split, what=label, model_inputs=(), label_names=None, remove_unused_columns=False)
             check_labels(rows, num_labels, label)
+
+
+def default_collator(processing_class: Any, length_buckets: Sequence[int] | None = None) -> Callable:
+    """HF's default when a Trainer gets no `data_collator`: pad with the tokenizer when
+    `processing_class` is one (rows of different lengths then just work), else stack as they are.
+
+    As in HF each batch is padded to its longest row, which compiles the step once per distinct
+    length (jtrain warns when that happens); `length_buckets` (TrainingArguments) pads to the
+    smallest bucket that fits instead, so the step compiles at most once per bucket.
+    """
+    from jtrain.data.collators import DataCollatorWithPadding, DefaultDataCollator, tokenizer_info
+
+    if processing_class is not None and (hasattr(processing_class, "all_special_ids")
+                                         or hasattr(processing_class, "get_added_tokens_decoder")):
+        if tokenizer_info(processing_class).pad_token_id is None:
+            raise ConfigError("the Trainer pads rows with its processing_class (HF's default collator), but that "
+                              "tokenizer has no pad token: set one (tokenizer.pad_token = tokenizer.eos_token), or "
+                              "pass data_collator=DataCollatorWithPadding(pad_token_id=...)")
+        buckets = tuple(int(b) for b in length_buckets) if length_buckets else None
+        return DataCollatorWithPadding(processing_class, length_buckets=buckets)
+    return DefaultDataCollator()
