@@ -7,10 +7,13 @@ same update as one big batch, whatever their padding). All arithmetic is in floa
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+import inspect
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jtrain.errors import ConfigError
 
 IGNORE_INDEX = -100
 
@@ -132,3 +135,62 @@ LOSSES_BY_TASK = {
     "token_classification": masked_lm_loss,
     "sequence_classification": sequence_classification_loss,
 }
+
+
+class ModelOutputs(dict):
+    """A model's outputs dict that also reads as attributes (`outputs.logits`), as HF's ModelOutput,
+    so loss functions written against HF's outputs run on jtrain's."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as err:
+            raise AttributeError(f"the model outputs have no {name!r}; they have {sorted(self)}") from err
+
+
+def takes_hf_loss_arguments(fn: Callable) -> bool:
+    """Whether `fn` has HF's `compute_loss_func` signature `(outputs, labels, num_items_in_batch)`
+    rather than jtrain's `(outputs, batch)`."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return "num_items_in_batch" in params or len(positional) >= 3
+
+
+def compute_loss_func_adapter(fn: Callable, task: str) -> Callable[[Mapping[str, Any], Mapping[str, Any]], LossOutput]:
+    """The Trainer's `compute_loss_func` as a `(outputs, batch) -> LossOutput` loss.
+
+    jtrain's own signature, `fn(outputs, batch) -> LossOutput(sum, weight, stats)`, is used as it is
+    (its result is checked when the step is traced). HF's, `fn(outputs, labels, num_items_in_batch)
+    -> loss`, written with jax.numpy: each micro-batch passes its own item count, the labels HF
+    counts (`labels[..., 1:]` for a causal LM, whose loss shifts them; all labels otherwise, -100
+    left out), and the returned mean is turned back into a sum. HF's documented form, a sum divided
+    by `num_items_in_batch`, then trains exactly like jtrain's built-in loss; a plain mean does too
+    whenever the function averages over the items HF counts.
+    """
+    if not takes_hf_loss_arguments(fn):
+        def checked(outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> LossOutput:
+            out = fn(outputs, batch)
+            if isinstance(out, tuple) and len(out) in (2, 3):
+                return LossOutput(out[0], out[1], out[2] if len(out) == 3 else {})
+            raise ConfigError(f"compute_loss_func(outputs, batch) returned a {type(out).__name__}; it must return "
+                              "jtrain.losses.LossOutput(loss_sum, weight, stats), or take HF's arguments "
+                              "(outputs, labels, num_items_in_batch) and return the mean loss")
+        return checked
+
+    def hf_style(outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> LossOutput:
+        if "labels" not in batch:
+            raise ConfigError(f"compute_loss_func takes HF's (outputs, labels, num_items_in_batch), but the batch has "
+                              f"no 'labels' (it has {sorted(batch)})")
+        labels = batch["labels"]
+        counted = labels[..., 1:] if task == "causal_lm" else labels
+        weight = jnp.sum(counted != IGNORE_INDEX, dtype=jnp.float32)
+        loss = jnp.asarray(fn(ModelOutputs(outputs), labels, num_items_in_batch=weight), jnp.float32)
+        if loss.ndim:
+            raise ConfigError(f"compute_loss_func returned an array of shape {loss.shape}; HF's signature returns "
+                              "one scalar loss")
+        return LossOutput(loss * weight, weight, {})
+
+    return hf_style

@@ -25,7 +25,7 @@ from jtrain.compiled import CompiledSteps, build_compiled_steps
 from jtrain.data.loader import ArrayDataset, HostLoader, LoaderPosition
 from jtrain.errors import ConfigError
 from jtrain.evaluation import EvalLoopOutput, evaluation_loop
-from jtrain.losses import LOSSES_BY_TASK, LossOutput
+from jtrain.losses import LOSSES_BY_TASK, LossOutput, compute_loss_func_adapter
 from jtrain.models.base import Model
 from jtrain.models.wrapper import hf_exportable
 from jtrain.optim import make_optimizer
@@ -155,8 +155,8 @@ class Trainer:
     # ---- HF override points -----------------------------------------------------------
     def compute_loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> LossOutput:
         """Summed loss and its weight for one micro-batch; traced into the compiled step."""
-        if self.compute_loss_func is not None:
-            return self.compute_loss_func(outputs, batch)
+        if self.compute_loss_func is not None:  # jtrain's (outputs, batch) or HF's (outputs, labels, num_items)
+            return compute_loss_func_adapter(self.compute_loss_func, self.model.task)(outputs, batch)
         loss = LOSSES_BY_TASK[self.model.task]
         return loss(outputs, batch, label_smoothing=self.args.label_smoothing_factor)
 
