@@ -119,6 +119,7 @@ class Trainer:
         elif model is None:
             raise ConfigError("Trainer needs a `model` (a jtrain Model, e.g. from jtrain.models.from_pretrained) "
                               "or a `model_init` function that returns one")
+        trainer_checks.check_model(model)
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.args = args or TrainingArguments()
         self.model, self.data_collator, self.processing_class = model, data_collator, processing_class

@@ -28,6 +28,21 @@ def check_datasets(self: Any) -> None:
     check_dataset(self.eval_dataset, "eval_dataset", num_labels=num_labels, several_splits=True)
 
 
+def check_model(model: Any) -> None:
+    """A `model` that is not a jtrain Model fails here with the way to get one, not later with an
+    AttributeError from deep inside the Trainer (a PyTorch `transformers` model is the usual case)."""
+    from jtrain.trainer_helpers import _is_model
+
+    if _is_model(model):
+        return
+    kind = f"{type(model).__module__}.{type(model).__name__}"
+    if hasattr(model, "save_pretrained") and hasattr(model, "state_dict"):
+        raise ConfigError(f"Trainer got a PyTorch model ({kind}); jtrain trains JAX models: save it with "
+                          "model.save_pretrained(path) and load it with jtrain.models.from_pretrained(path)")
+    raise ConfigError(f"Trainer's `model` must be a jtrain Model, got {kind}; create one with "
+                      "jtrain.models.create_model(model_type, config) or jtrain.models.from_pretrained(path)")
+
+
 def check_optimizer_arguments(self: Any) -> None:
     """HF's two refusals: `optimizers` with `optimizer_cls_and_kwargs` (two optimizers), and
     `optimizers` with `model_init` (every train() rebuilds the model, so a prebuilt optimizer and

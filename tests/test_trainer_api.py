@@ -79,6 +79,16 @@ def test_model_init_with_and_without_trial_and_with_params(tmp_path):
         Trainer(args=_args(tmp_path))
 
 
+def test_a_model_that_is_not_a_jtrain_model_is_refused_with_the_way_to_get_one(tmp_path):
+    torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2))
+    with pytest.raises(ConfigError, match="PyTorch model .*LlamaForCausalLM.*jtrain.models.from_pretrained"):
+        Trainer(torch_model, _args(tmp_path))
+    with pytest.raises(ConfigError, match="must be a jtrain Model, got builtins.str.*create_model"):
+        Trainer("llama", _args(tmp_path))
+
+
 def test_optimizer_cls_and_kwargs_equals_the_named_optimizer(tmp_path):
     """(optax.adamw, kwargs) with HF's weight decay and mask must train exactly like optim=adamw_torch."""
     common = dict(weight_decay=0.1, max_grad_norm=0.5, warmup_steps=1)
