@@ -9,12 +9,14 @@ The methods are bound onto `jtrain.Trainer` under their underscored names.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import numpy as np
 
 from jtrain.data.loader import HostLoader
 from jtrain.data.stream import StreamLoader
-from jtrain.errors import ConfigError, NonFiniteError
+from jtrain.errors import ConfigError, DataError, NonFiniteError
 
 
 def check_datasets(self: Any) -> None:
@@ -80,6 +82,35 @@ def check_compute_metrics(self: Any) -> None:
             raise ConfigError("`batch_eval_metrics` calls compute_metrics(eval_pred, compute_result=...) after "
                               "every eval batch (true on the last one, whose result is returned): add a "
                               "`compute_result` argument to compute_metrics, or set batch_eval_metrics false")
+
+
+def check_token_ids(batch: Any, vocab_size: int | None, what: str) -> None:
+    """Float token ids, or ids outside the model's vocabulary, are a DataError naming the id and the
+    vocabulary. On the device JAX would not fail clearly: float ids stop the compile deep inside
+    the embedding, and an out-of-range lookup gives NaN (a "non-finite loss" that blames the learning
+    rate) or a clamped row. One max and min over the host batch: microseconds per step."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if ids is None:
+        return
+    arr = np.asarray(ids)
+    if arr.dtype.kind not in "iu":
+        raise DataError(f"{what}: input_ids must be integer token ids, got {arr.dtype} values; tokenize the "
+                        "text, or cast the column to int")
+    if vocab_size and arr.size:
+        low, high = int(arr.min()), int(arr.max())
+        if low < 0 or high >= vocab_size:
+            raise DataError(f"{what}: token id {high if high >= vocab_size else low} is outside the model's "
+                            f"vocabulary [0, {vocab_size}); the data was tokenized for another vocabulary, or "
+                            "the model's vocab_size is too small (resize it to the tokenizer's)")
+
+
+def checked_placement(place: Callable[[dict], Any], vocab_size: int | None, what: str) -> Callable[[dict], Any]:
+    """`place` (host batch -> device batch) behind `check_token_ids`."""
+    def place_checked(batch: dict) -> Any:
+        check_token_ids(batch, vocab_size, what)
+        return place(batch)
+
+    return place_checked
 
 
 def check_finite(self: Any, metrics: Mapping[str, Any], step: int) -> None:

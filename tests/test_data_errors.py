@@ -92,3 +92,19 @@ def test_filtered_rows_are_counted_in_the_log(tmp_path, caplog):
         texts = file_texts(DataSection(source="files", train_file=str(path)), ["train"])
     assert texts["train"] == ["kept", "also kept"]
     assert "filtered out 2 of 4 rows" in caplog.text
+
+
+def test_token_ids_outside_the_vocabulary_or_not_integers_are_named(tmp_path):
+    """On the device an out-of-range embedding lookup is NaN (a "non-finite loss") and float ids fail
+    inside the compile; the Trainer names the id and the vocabulary, or the dtype, instead."""
+    model = tiny_llama()  # vocabulary of 64
+    rows = [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}] * 3 + [{"input_ids": [1, 70, 3, 4],
+                                                                        "labels": [1, 70, 3, 4]}]
+    args = _args(tmp_path, max_steps=4, mesh_shape={"data": 1}, train_sampling_strategy="sequential")
+    with pytest.raises(DataError, match=r"train_dataset: token id 70 is outside the model's vocabulary \[0, 64\)"):
+        Trainer(model, args, train_dataset=rows).train()  # the fourth batch: found at placement, not at planning
+    with pytest.raises(DataError, match=r"eval_dataset: token id -1 is outside"):
+        Trainer(model, args, eval_dataset=[{"input_ids": [1, -1, 3], "labels": [1, 2, 3]}]).evaluate()
+    floats = [{"input_ids": [1.0, 2.0, 3.0], "labels": [1, 2, 3]}] * 2
+    with pytest.raises(DataError, match="input_ids must be integer token ids, got float"):
+        Trainer(model, args, train_dataset=floats).train()
