@@ -265,6 +265,12 @@ def run_training(trainer: Any, loader: HostLoader, plan: StepPlan, position: Loa
     from jtrain.trainer import TrainOutput
 
     t, args = trainer, trainer.args
+    if getattr(t, "_train_calls", 0) and t.state.global_step >= plan.max_steps:
+        logger.warning("train() again: this Trainer has already run its %d updates, so nothing is left to train. HF's "
+                       "Trainer would start a new run on the trained weights (a fresh TrainerState and schedule); "
+                       "jtrain keeps one TrainerState and compiled schedule per Trainer: build a new Trainer with "
+                       "params=trainer.params for a new run", t.state.global_step)
+    t._train_calls = getattr(t, "_train_calls", 0) + 1
     t.state.train_batch_size = plan.global_batch_size
     t.state.compute_steps(args, plan.max_steps)
     t.state.init_training_references(t, plan.max_steps, plan.num_train_epochs, getattr(t, "_trial_params", None))

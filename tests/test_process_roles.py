@@ -123,6 +123,16 @@ def test_model_init_gives_every_train_a_fresh_model(tmp_path):
     assert calls[-1] == {"lr": 3} and trainer.state.trial_params == {"lr": 3}
 
 
+def test_a_second_train_without_model_init_says_there_is_nothing_left(tmp_path, caplog):
+    """HF's second train() starts a new run (fresh TrainerState and schedule); jtrain keeps one per
+    Trainer, so a second call has nothing left to do, and says so with the way to start a new run."""
+    trainer = Trainer(tiny_llama(), _args(tmp_path), train_dataset=ArrayDataset(lm_rows(24, 16)))
+    trainer.train()
+    with caplog.at_level(logging.WARNING, logger="jtrain.train_loop"):
+        again = trainer.train()
+    assert again.global_step == 3 and "train() again" in caplog.text and "params=trainer.params" in caplog.text
+
+
 def test_logged_epoch_is_not_rounded(tmp_path):
     """HF 5's `log` records `state.epoch` as it is (earlier versions rounded it)."""
     trainer = Trainer(tiny_llama(), _args(tmp_path, logging_steps=1), train_dataset=ArrayDataset(lm_rows(12, 16)))
