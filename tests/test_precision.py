@@ -111,7 +111,8 @@ _BATCH = {"x": jnp.array([[[1.0, 2.0, 3.0, 4.0]]]), "t": jnp.array([[[0.5, -0.25
 
 def test_unscaled_fp16_gradients_underflow_and_loss_scaling_recovers_them():
     tx = optax.sgd(1e6)  # large lr: gradients are ~1e-9, so the update is ~1e-3, well above f32 rounding
-    grads = lambda dtype: jax.grad(lambda p: _loss(_apply(dtype)(p, {"x": _BATCH["x"][0], "tiny": _BATCH["tiny"][0]}), {"t": _BATCH["t"][0]})[0])(
+    one_row = {"x": _BATCH["x"][0], "tiny": _BATCH["tiny"][0]}
+    grads = lambda dtype: jax.grad(lambda p: _loss(_apply(dtype)(p, one_row), {"t": _BATCH["t"][0]})[0])(  # noqa: E731
         {"w": jnp.ones((4,), jnp.float32)})["w"]
     assert np.all(np.asarray(grads(jnp.float16)) == 0.0), "the constructed case must underflow in float16"
     assert np.all(np.asarray(grads(jnp.float32)) != 0.0)
