@@ -155,6 +155,13 @@ class TrainingArguments(TrainingArgumentsSetters):
     def resolved_data_seed(self) -> int:
         return self.seed if self.data_seed is None else self.data_seed
 
+    @property
+    def resolved_logging_dir(self) -> str:
+        """Where loggers and profiler traces write: `logging_dir`, by default `output_dir/runs`."""
+        import os
+
+        return self.logging_dir or os.path.join(self.output_dir, "runs")
+
     # ---- process roles (HF's properties; read them on every process: the first read is collective) ----
     @property
     def process_index(self) -> int:
@@ -187,12 +194,16 @@ class TrainingArguments(TrainingArgumentsSetters):
         """Whether this process writes the output files: each host's first with `save_on_each_node`, else process 0."""
         return (self.local_process_index if self.save_on_each_node else self.process_index) == 0
 
+    @property
+    def process_log_level_name(self) -> str:
+        """This process's `log_level` name: `log_level` where `should_log`, else `log_level_replica`."""
+        return self.log_level if self.should_log else self.log_level_replica
+
     def get_process_log_level(self) -> int:
-        """The `logging` level for this process: `log_level` where `should_log`, else `log_level_replica`;
-        "passive" keeps jtrain's logger at the level it has."""
+        """The `logging` level of `process_log_level_name`; "passive" keeps jtrain's logger's own level."""
         import logging
 
-        name = self.log_level if self.should_log else self.log_level_replica
+        name = self.process_log_level_name
         return logging.getLogger("jtrain").getEffectiveLevel() if name == "passive" else LOG_LEVELS[name]
 
     @contextlib.contextmanager

@@ -39,7 +39,7 @@ class StepProfiler:
     def from_args(cls, args: Any) -> "StepProfiler":
         """The window the TrainingArguments ask for; with several processes on one host, each traces
         into its own `process_<i>` folder (their host-named files would overwrite each other)."""
-        log_dir = args.logging_dir or os.path.join(args.output_dir, "runs")
+        log_dir = args.resolved_logging_dir
         if args.profile_start_step is not None and args.local_process_index > 0:
             log_dir = os.path.join(log_dir, f"process_{args.process_index}")
         return cls(log_dir, args.profile_start_step, args.profile_num_steps)

@@ -199,7 +199,7 @@ def param_shardings(logical_specs: Any, abstract_params: Any, mesh: Mesh, rules:
     def one(path: Any, spec: P, shape_dtype: Any) -> NamedSharding:
         mesh_spec = on_mesh(logical_to_mesh_spec(spec, rules), mesh)
         for dim, axes, logical in zip(shape_dtype.shape, mesh_spec, spec):
-            size = _axis_size(mesh, axes)
+            size = axis_size(mesh, axes)
             if dim % size:
                 name = jax.tree_util.keystr(path, simple=True, separator="/")
                 if logical == "layers":  # one message per layer stack, not one per weight in it
@@ -249,7 +249,8 @@ def on_mesh(spec: P, mesh: Mesh) -> P:
     return P(*out)
 
 
-def _axis_size(mesh: Mesh, axes: Any) -> int:
+def axis_size(mesh: Mesh, axes: Any) -> int:
+    """Devices along mesh axis `axes` (a name, a tuple of names, or None for 1); absent axes count 1."""
     if axes is None:
         return 1
     names = (axes,) if isinstance(axes, str) else axes
@@ -263,7 +264,7 @@ def batch_sharding(mesh: Mesh, leading_micro_axis: bool) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    return _axis_size(mesh, BATCH_AXES)
+    return axis_size(mesh, BATCH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -321,7 +322,7 @@ class ActivationSharding:
         sequence parallelism off (each device holding the whole sequence), so it is an error.
         """
         axes = logical_to_mesh_spec(P("length"), self.rules)[0]
-        size = _axis_size(self.mesh, axes)
+        size = axis_size(self.mesh, axes)
         if length % size:
             raise ConfigError(f"sequence length {length} does not divide over mesh axis {axes!r} of size {size} "
                               f"(sequence parallelism); pad or bucket the rows to a multiple of {size} "
@@ -329,11 +330,11 @@ class ActivationSharding:
 
     def splits_length(self) -> bool:
         """True when the `length` dimension is split over devices (sequence parallelism)."""
-        return _axis_size(self.mesh, logical_to_mesh_spec(P("length"), self.rules)[0]) > 1
+        return axis_size(self.mesh, logical_to_mesh_spec(P("length"), self.rules)[0]) > 1
 
     def _pin(self, x: jax.Array, spec: P) -> jax.Array:
         spec = on_mesh(spec, self.mesh)
-        fitted = [axes if dim % _axis_size(self.mesh, axes) == 0 else None for dim, axes in zip(x.shape, spec)]
+        fitted = [axes if dim % axis_size(self.mesh, axes) == 0 else None for dim, axes in zip(x.shape, spec)]
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*fitted)))
 
 
@@ -343,7 +344,7 @@ def check_batch_rows(rows: int, mesh: Mesh, *, what: str) -> None:
     if rows % dp:
         raise ConfigError(
             f"{what}: a batch of {rows} rows does not divide over mesh axes {BATCH_AXES} of size {dp} "
-            f"({' x '.join(f'{a}={_axis_size(mesh, a)}' for a in BATCH_AXES)}); make the global micro-batch "
+            f"({' x '.join(f'{a}={axis_size(mesh, a)}' for a in BATCH_AXES)}); make the global micro-batch "
             f"(per_device batch size x {dp}) a multiple of {dp}")
 
 

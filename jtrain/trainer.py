@@ -134,14 +134,14 @@ class Trainer:
         self.mesh = mesh or make_mesh(resolve_mesh_shape(self.args.mesh_shape, self.args.fsdp, jax.device_count()))
         self._initial_params = params
         trainer_checks.check_process_roles(self)
-        if (self.args.log_level if self.args.should_log else self.args.log_level_replica) != "passive":
+        if self.args.process_log_level_name != "passive":
             logging.getLogger("jtrain").setLevel(self.args.get_process_log_level())  # as HF sets its own logger's
         self.train_state: Any = None  # jtrain.state.TrainState once set up
         self.steps: CompiledSteps | None = None
         self.lr_controller = None
         default = [DefaultFlowCallback, PrinterCallback if self.args.disable_tqdm else ProgressCallback]
-        logging_dir = self.args.logging_dir or os.path.join(self.args.output_dir, "runs")
-        reporters = callbacks_for_report_to(self.args.report_to, logging_dir) if self.is_world_process_zero() else []
+        reporters = (callbacks_for_report_to(self.args.report_to, self.args.resolved_logging_dir)
+                     if self.is_world_process_zero() else [])
         self.callback_handler = CallbackHandler(default + reporters + list(callbacks or []), model,
                                                 processing_class, None, None)
         if hasattr(model, "lora_config"):  # a LoRA run: PEFT's adapter files in every checkpoint, as HF's

@@ -97,9 +97,12 @@ def default_collator(processing_class: Any, length_buckets: Sequence[int] | None
     """
     from jtrain.data.collators import DataCollatorWithPadding, DefaultDataCollator, tokenizer_info
 
-    if processing_class is not None and (hasattr(processing_class, "all_special_ids")
-                                         or hasattr(processing_class, "get_added_tokens_decoder")):
-        if tokenizer_info(processing_class).pad_token_id is None:
+    try:  # tokenizer_info reads both tokenizer kinds and refuses anything else (an image processor)
+        info = None if processing_class is None else tokenizer_info(processing_class)
+    except TypeError:
+        info = None
+    if info is not None:
+        if info.pad_token_id is None:
             raise ConfigError("the Trainer pads rows with its processing_class (HF's default collator), but that "
                               "tokenizer has no pad token: set one (tokenizer.pad_token = tokenizer.eos_token), or "
                               "pass data_collator=DataCollatorWithPadding(pad_token_id=...)")

@@ -171,7 +171,7 @@ def _query_blocks(length: int, keys: int, causal: bool) -> list[tuple[int, int, 
     return [(start, start + block, start + block) for start in range(0, length, block)]
 
 
-def _capped(scores: jax.Array, softcap: float | None) -> jax.Array:
+def soft_cap(scores: jax.Array, softcap: float | None) -> jax.Array:
     """cap * tanh(scores / cap) (HF's Gemma 2 soft-capping); scores unchanged without a cap."""
     return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
 
@@ -201,7 +201,7 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
         rows = end - start
         q_blk = qt[:, :, :, start:end].reshape(B, K, G * rows, H)
         scores = jnp.einsum("bkrh,bksh->bkrs", q_blk, kt[:, :, :keys], **exact).astype(jnp.float32) * scale
-        scores = _capped(scores, softcap)
+        scores = soft_cap(scores, softcap)
         m = mask[:, :, start:end, :keys]  # B|1, 1, rows, keys
         m = jnp.broadcast_to(m[:, :, None], (m.shape[0], 1, G, rows, keys)).reshape(m.shape[0], 1, G * rows, keys)
         scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
@@ -218,7 +218,7 @@ def _reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     B, L, N, H = q.shape
     K = k.shape[2]
     qg = q.reshape(B, L, K, N // K, H).astype(jnp.float32)
-    scores = _capped(jnp.einsum("blkgh,bskh->bkgls", qg, k.astype(jnp.float32)) * scale, softcap)
+    scores = soft_cap(jnp.einsum("blkgh,bskh->bkgls", qg, k.astype(jnp.float32)) * scale, softcap)
     m = mask[:, :, None, :, :]  # B 1 1 L S
     scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)

@@ -29,8 +29,9 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jtrain.errors import ConfigError
+from jtrain.models.attention import soft_cap
 from jtrain.models.layers import splits_length
-from jtrain.sharding import logical_to_mesh_spec, on_mesh
+from jtrain.sharding import axis_size, logical_to_mesh_spec, on_mesh
 
 SEQUENCE_PARALLEL_ATTENTION = ("all_gather", "ring")
 _F32 = jnp.float32
@@ -77,10 +78,6 @@ def _names(axes: Any) -> tuple[str, ...]:
     return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def _axis_size(mesh: Mesh, axes: Any) -> int:
-    return math.prod(mesh.shape[a] for a in _names(axes))
-
-
 def _plan(q_BLNH: jax.Array, k_BSKH: jax.Array, mask: jax.Array, sharding: Any, scale: float,
           softcap: float | None, causal_blocks: bool) -> _Ring:
     """PartitionSpecs derived from the activation rules: rows over the batch axes, the length over the
@@ -93,14 +90,14 @@ def _plan(q_BLNH: jax.Array, k_BSKH: jax.Array, mask: jax.Array, sharding: Any, 
     q_axes = on_mesh(logical_to_mesh_spec(P("batch", "length", "heads", "head_dim"), sharding.rules), mesh)
     kv_axes = on_mesh(logical_to_mesh_spec(P("batch", "length", "kv_heads", "head_dim"), sharding.rules), mesh)
     batch, length, heads = q_axes[0], q_axes[1], q_axes[2]
-    size = _axis_size(mesh, length)
+    size = axis_size(mesh, length)
     for what, n in (("query", L), ("key", S)):
         if n % size:
             raise ConfigError(f"ring attention: {what} length {n} does not divide over mesh axis {length!r} of "
                               f"size {size}; pad the rows to a multiple of {size} or change `mesh_shape`")
-    if B % _axis_size(mesh, batch):
+    if B % axis_size(mesh, batch):
         batch = None
-    if heads != kv_axes[2] or N % _axis_size(mesh, heads) or K % _axis_size(mesh, heads):
+    if heads != kv_axes[2] or N % axis_size(mesh, heads) or K % axis_size(mesh, heads):
         heads = None
     return _Ring(mesh=mesh, q_spec=P(batch, length, heads, None), kv_spec=P(batch, length, heads, None),
                  mask_spec=P(batch if mask.shape[0] > 1 else None, None, length, None),
@@ -148,8 +145,8 @@ def _index(r: _Ring) -> jax.Array:
 
 def _scores(r: _Ring, q_blkgh: jax.Array, k_bskh: jax.Array) -> jax.Array:
     """Scaled (and soft-capped) scores [b, K, G, l, s] in float32."""
-    s = jnp.einsum("blkgh,bskh->bkgls", q_blkgh, k_bskh, preferred_element_type=_F32) * r.scale
-    return s if r.softcap is None else r.softcap * jnp.tanh(s / r.softcap)
+    return soft_cap(jnp.einsum("blkgh,bskh->bkgls", q_blkgh, k_bskh, preferred_element_type=_F32) * r.scale,
+                    r.softcap)
 
 
 def _mask_block(mask: jax.Array, j: jax.Array, s: int) -> jax.Array:
