@@ -151,10 +151,16 @@ def jtrain_worker(a: argparse.Namespace, p: Preset) -> dict[str, Any]:
     options = {"dtype": "bfloat16" if a.bf16 else "float32", **json.loads(a.model_options or "{}")}
     model = create_model("llama", p.hf_config(), **options)
     with tempfile.TemporaryDirectory() as out:
+        # Data parallel over every JAX device the flags made (one unless a variant asks for more):
+        # the global batch stays p.batch, as HF's per-device batch times the device count.
+        n_dev = len(jax.devices())
+        if p.batch % n_dev:
+            raise SystemExit(f"batch {p.batch} does not split over {n_dev} devices")
         args = TrainingArguments(
-            output_dir=out, max_steps=total, per_device_train_batch_size=p.batch, learning_rate=LEARNING_RATE,
+            output_dir=out, max_steps=total, per_device_train_batch_size=p.batch // n_dev,
+            learning_rate=LEARNING_RATE,
             weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, bf16=a.bf16, save_strategy="no",
-            report_to=["none"], disable_tqdm=True, mesh_shape={"data": 1}, seed=SEED,
+            report_to=["none"], disable_tqdm=True, mesh_shape={"data": n_dev}, seed=SEED,
             train_sampling_strategy="sequential")
         rows = token_rows(p, total * p.batch)
         if getattr(a, "drop_attention_mask", False):  # no padding: lets a model take a causal-only attention path
