@@ -174,7 +174,7 @@ def test_reference_attention_equals_xla(causal, window):
     attn = jnp.array([[1] * 7, [1] * 4 + [0] * 3])
     seg = jnp.array([[1, 1, 1, 2, 2, 2, 2], [1, 1, 2, 2, 0, 0, 0]])
     for segments in (None, seg):
-        mask = make_attention_mask(attn, segments, causal=causal, length=7, sliding_window=window)
+        mask = make_attention_mask(attn, segments, causal=causal, sliding_window=window)
         ref = _attend(q, k, v, mask, implementation="reference")
         xla = _attend(q, k, v, mask, implementation="xla")
         np.testing.assert_allclose(ref, xla, atol=SAME_MATH_ATOL)
@@ -195,7 +195,7 @@ def test_cpu_query_blocks_equal_the_reference_with_gradients(dtype):
     q, k, v = (x.astype(dtype) for x in _random_qkv(2, B=2, L=L, N=4, K=2, H=8))
     attn = jnp.asarray(np.r_[[1] * L, [0] * 100 + [1] * (L - 100)].reshape(2, L))
     seg = jnp.asarray(np.r_[[1] * 300 + [2] * (L - 300), [0] * 100 + [1] * (L - 100)].reshape(2, L))
-    mask = make_attention_mask(attn, seg, causal=True, length=L, sliding_window=200)
+    mask = make_attention_mask(attn, seg, causal=True, sliding_window=200)
     atol = SAME_MATH_ATOL if dtype == "float32" else 2e-2
     grad_rtol = 0.0 if dtype == "float32" else 2.0 ** -6
 
@@ -217,7 +217,7 @@ def test_cpu_query_blocks_equal_the_reference_with_gradients(dtype):
 def test_attention_scale():
     """An explicit scale replaces 1/sqrt(H) (GPT-2's scale_attn_weights; dropout is tested on models)."""
     q, k, v = _random_qkv(1)
-    mask = make_attention_mask(jnp.ones((2, 7)), None, causal=True, length=7)
+    mask = make_attention_mask(jnp.ones((2, 7)), None, causal=True)
     scaled = _attend(q * 2.0, k, v, mask, scale=1.0 / (2 * math.sqrt(8)))
     np.testing.assert_allclose(scaled, _attend(q, k, v, mask), atol=SAME_MATH_ATOL)
 

@@ -48,22 +48,22 @@ def _lengths_mask(lengths: list[int], left: bool = False) -> np.ndarray:
 def _mask(case: str) -> jax.Array:
     """jtrain's boolean [B|1, 1, L, L] mask for each case (boundaries off the block edges: 16 and 32)."""
     if case in ("causal", "softcap"):
-        return make_attention_mask(None, None, causal=True, length=L)  # [1, 1, L, L]: one mask for every row
+        return make_attention_mask(None, None, causal=True)  # [1, 1, L, L]: one mask for every row
     if case == "causal_padding":  # right padding, and left padding: its first queries see no key at all
         right, left = _lengths_mask([50, 64, 23, 7]), _lengths_mask([40, 64, 64, 64], left=True)
-        return make_attention_mask(jnp.asarray(right * left), None, causal=True, length=L)
+        return make_attention_mask(jnp.asarray(right * left), None, causal=True)
     if case == "packed":  # two or three documents per row, then padding (segment 0)
         seg = np.ones((B, L), np.int32)
         for row, (a, b, end) in enumerate([(20, 37, 60), (9, 45, 64), (30, 31, 50), (5, 55, 62)]):
             seg[row, a:] = 2
             seg[row, b:] = 3
             seg[row, end:] = 0
-        return make_attention_mask(jnp.asarray((seg > 0).astype(np.int32)), jnp.asarray(seg), causal=True, length=L)
+        return make_attention_mask(jnp.asarray((seg > 0).astype(np.int32)), jnp.asarray(seg), causal=True)
     if case == "sliding_window":  # window 10 < block 16: whole blocks masked off behind the window
-        return make_attention_mask(jnp.asarray(_lengths_mask([64, 50, 64, 33])), None, causal=True, length=L,
+        return make_attention_mask(jnp.asarray(_lengths_mask([64, 50, 64, 33])), None, causal=True,
                                    sliding_window=10)
     if case == "bidirectional_padding":  # BERT's mask: every query sees every real key
-        return make_attention_mask(jnp.asarray(_lengths_mask([64, 50, 17, 40])), None, causal=False, length=L)
+        return make_attention_mask(jnp.asarray(_lengths_mask([64, 50, 17, 40])), None, causal=False)
     raise AssertionError(case)
 
 
@@ -225,7 +225,7 @@ def test_ring_needs_less_scratch_than_all_gather_at_long_length():
     length, rows, heads, kv_heads, dim = 1024, 2, 4, 2, 32
     mesh = make_mesh(MESHES["sequence4_data2"])
     sharding = ActivationSharding(mesh)
-    mask = make_attention_mask(None, None, causal=True, length=length)
+    mask = make_attention_mask(None, None, causal=True)
     q_spec = NamedSharding(mesh, P(BATCH_AXES, "sequence"))
     args = [jax.ShapeDtypeStruct((rows, length, h, dim), jnp.float32, sharding=q_spec)
             for h in (heads, kv_heads, kv_heads)]

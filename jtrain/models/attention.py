@@ -1,7 +1,8 @@
 """Attention core shared by every architecture: masks, rotary embeddings, the fused/reference paths.
 
 Shape letters: B batch, L query length, S key length, N query heads, K key/value heads,
-H head dim, D model width. Masks are boolean, True = may attend.
+H head dim, D model width. Masks are boolean, True = may attend; the models pass them as their
+parts (`jtrain.models.masks.AttentionMask`), so no path builds more of [B, 1, L, S] than it uses.
 """
 
 from __future__ import annotations
@@ -13,33 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from jtrain.errors import ConfigError
+from jtrain.models.masks import AttentionMask, DenseMask, Mask, as_mask, make_attention_mask
 
-
-def make_attention_mask(
-    attention_mask_BL: jax.Array | None,
-    segment_ids_BL: jax.Array | None,
-    *,
-    causal: bool,
-    length: int,
-    sliding_window: int | None = None,
-) -> jax.Array:
-    """Boolean [B or 1, 1, L, L] mask: causal, padding, same-document and sliding-window terms.
-
-    Packed rows carry segment ids (1, 2, ... per document, 0 = padding): a token attends only
-    within its own document, so packing never leaks information across documents.
-    """
-    idx = jnp.arange(length)
-    mask = jnp.ones((1, 1, length, length), dtype=bool)
-    if causal:
-        mask = mask & (idx[None, None, :, None] >= idx[None, None, None, :])
-    if sliding_window is not None:
-        mask = mask & (idx[None, None, :, None] - idx[None, None, None, :] < sliding_window)
-    if segment_ids_BL is not None:
-        seg = segment_ids_BL
-        mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
-    if attention_mask_BL is not None:
-        mask = mask & attention_mask_BL.astype(bool)[:, None, None, :]
-    return mask
+__all__ = ["AttentionMask", "DenseMask", "apply_rope", "attend", "make_attention_mask", "rope_inv_freq",
+           "rope_type", "soft_cap"]
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -105,7 +83,7 @@ def attend(
     q_BLNH: jax.Array,
     k_BSKH: jax.Array,
     v_BSKH: jax.Array,
-    mask: jax.Array,
+    mask: Mask | jax.Array,
     *,
     implementation: str = "xla",
     scale: float | None = None,
@@ -117,18 +95,20 @@ def attend(
 ) -> jax.Array:
     """Scaled dot-product attention with grouped-query heads.
 
+    `mask` is an `AttentionMask` (its parts), a `DenseMask`, or a boolean [B|1, 1, L, S] array.
     `implementation="xla"` calls `jax.nn.dot_product_attention` on accelerators ("cudnn" asks
-    for the fused GPU kernel); on the CPU backend it takes `_blocked_attention`, which computes
-    the same softmax in query blocks. `"reference"` is a plain einsum used by tests as the
-    oracle, and also the path taken when attention-probability dropout is active (the fused
-    call has no dropout). `causal_blocks=True` promises that `mask` never lets a query see a later
-    key (true of every decoder mask: causal, sliding window, packed documents); the CPU path then
-    skips the keys after each query block. With `sequence_parallel` (query rows split over
-    devices) the CPU path is not taken: its head-major copies would make GSPMD regather the
-    length, and the fused call's layout keeps the rows split. `scale` defaults to 1/sqrt(H). Fully
-    masked rows (padding queries) give zeros, not NaN. `softcap` (Gemma 2) bounds the scores to
-    (-cap, cap) with cap * tanh(score / cap) before masking; the fused call has no such option, so
-    off the CPU path it takes the reference einsum.
+    for the fused GPU kernel), with `is_causal` and no mask array when the mask has no per-row
+    terms; on the CPU backend it takes `_blocked_attention`, which computes the same softmax in
+    query blocks. `"reference"` is a plain einsum used by tests as the oracle, and also the path
+    taken when attention-probability dropout is active (the fused call has no dropout).
+    `causal_blocks=True` promises that `mask` never lets a query see a later key (true of every
+    decoder mask: causal, sliding window, packed documents); the CPU path then skips the keys
+    after each query block. With `sequence_parallel` (query rows split over devices) the CPU path
+    is not taken: its head-major copies would make GSPMD regather the length, and the fused call's
+    layout keeps the rows split. `scale` defaults to 1/sqrt(H). Fully masked rows (padding
+    queries) give zeros, not NaN. `softcap` (Gemma 2) bounds the scores to (-cap, cap) with
+    cap * tanh(score / cap) before masking; the fused call has no such option, so off the CPU
+    path it takes the reference einsum.
     """
     scale = 1.0 / math.sqrt(q_BLNH.shape[-1]) if scale is None else scale
     if implementation not in ("xla", "cudnn", "reference"):
@@ -136,17 +116,22 @@ def attend(
     if implementation == "cudnn" and softcap is not None:
         raise ConfigError("attention_impl 'cudnn' has no logit soft-capping (Gemma 2's attn_logit_softcapping): "
                           "use attention_impl 'xla'")
+    mask = as_mask(mask)
+    L, S = q_BLNH.shape[1], k_BSKH.shape[1]
     on_cpu_path = implementation == "xla" and jax.default_backend() == "cpu" and not sequence_parallel
     if implementation == "reference" or (dropout_rng is not None and dropout_rate > 0.0) or (
             softcap is not None and not on_cpu_path):
-        return _reference_attention(q_BLNH, k_BSKH, v_BSKH, mask, scale, dropout_rate, dropout_rng, softcap)
+        return _reference_attention(q_BLNH, k_BSKH, v_BSKH, mask.dense(L, S), scale, dropout_rate, dropout_rng,
+                                    softcap)
     if on_cpu_path:
         return _blocked_attention(q_BLNH, k_BSKH, v_BSKH, mask, scale, causal_blocks, softcap)
     impl = None if implementation == "xla" else implementation
-    B, L = q_BLNH.shape[:2]
-    full = jnp.broadcast_to(mask, (B, 1, L, k_BSKH.shape[1]))
-    out = jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=full, scale=scale, implementation=impl)
-    return _zero_keyless_rows(out, mask).astype(q_BLNH.dtype)
+    kwargs, full = mask.fused_kwargs(L, S)
+    if full is not None:
+        kwargs["mask"] = jnp.broadcast_to(full, (q_BLNH.shape[0], 1, L, S))
+    out = jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, scale=scale, implementation=impl, **kwargs)
+    # Without a mask array every row has a key (causal: itself), so only the dense case can have empty rows.
+    return (out if full is None else _zero_keyless_rows(out, full)).astype(q_BLNH.dtype)
 
 
 def _zero_keyless_rows(out_BLNH: jax.Array, mask: jax.Array) -> jax.Array:
@@ -176,7 +161,7 @@ def soft_cap(scores: jax.Array, softcap: float | None) -> jax.Array:
     return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
 
 
-def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, scale: float,
                        causal: bool, softcap: float | None = None) -> jax.Array:
     """Attention for XLA:CPU: head-major einsums per query block, softmax in float32.
 
@@ -185,7 +170,8 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     benchmark model its forward+backward took about 55 ms per layer, this path about 20 ms (as
     a 5-D grouped einsum 30 ms, without query blocks 35 ms), results equal to float32 rounding. With
     `causal` (`attend`'s `causal_blocks`), query block i only meets keys [0, end of block i):
-    the masked upper triangle is never computed, as in flash-attention kernels.
+    the masked upper triangle is never computed, as in flash-attention kernels. Each block's mask
+    is built for that block only (`mask.block`), never the whole [L, S].
     """
     B, L, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -196,13 +182,14 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     qt = q.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     exact = {} if q.dtype == jnp.float32 else {"preferred_element_type": jnp.float32}
-    outs = []
+    outs, any_key = [], []
     for start, end, keys in _query_blocks(L, S, causal):
         rows = end - start
         q_blk = qt[:, :, :, start:end].reshape(B, K, G * rows, H)
         scores = jnp.einsum("bkrh,bksh->bkrs", q_blk, kt[:, :, :keys], **exact).astype(jnp.float32) * scale
         scores = soft_cap(scores, softcap)
-        m = mask[:, :, start:end, :keys]  # B|1, 1, rows, keys
+        m = mask.block(start, rows, 0, keys)  # B|1, 1, rows, keys
+        any_key.append(jnp.any(m, axis=-1))  # under causal_blocks no later key could have been visible
         m = jnp.broadcast_to(m[:, :, None], (m.shape[0], 1, G, rows, keys)).reshape(m.shape[0], 1, G * rows, keys)
         scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -210,7 +197,8 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
         outs.append(out.reshape(B, K, G, rows, H))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     out = out.transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
-    return _zero_keyless_rows(out, mask).astype(q.dtype)
+    seen = any_key[0] if len(any_key) == 1 else jnp.concatenate(any_key, axis=-1)  # B|1, 1, L
+    return jnp.where(seen[:, 0, :, None, None], out, 0.0).astype(q.dtype)
 
 
 def _reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,

@@ -236,7 +236,7 @@ class BertEncoderModel(nn.Module):
         check_sequence_length(cfg, input_ids_BL.shape[1])
         h_BLD, word = BertEmbeddings(cfg, self.train, name="embeddings")(
             input_ids_BL, position_ids_BL, segment_ids_BL, token_type_ids_BL)
-        mask = make_attention_mask(attention_mask_BL, segment_ids_BL, causal=False, length=input_ids_BL.shape[1])
+        mask = make_attention_mask(attention_mask_BL, segment_ids_BL, causal=False)
         h_BLD = BertStack(cfg, self.train, name="encoder")(h_BLD, mask)
         pooled_BD = BertPooler(cfg, name="pooler")(h_BLD) if self.add_pooling_layer else None
         return h_BLD, pooled_BD, word

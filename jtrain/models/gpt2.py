@@ -164,7 +164,7 @@ class GPT2Model(nn.Module):
         if token_type_ids_BL is not None:
             h_BLD = h_BLD + wte(token_type_ids_BL)
         h_BLD = constrain(cfg, dropout(self, cfg.embd_pdrop, h_BLD, self.train), "batch", "length", "embed")
-        mask = make_attention_mask(attention_mask_BL, segment_ids_BL, causal=True, length=input_ids_BL.shape[1])
+        mask = make_attention_mask(attention_mask_BL, segment_ids_BL, causal=True)
         h_BLD = run_layers(GPT2Block, cfg, self.train, h_BLD, (mask,), num_layers=cfg.n_layer, name="h",
                            scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
         return LayerNorm(cfg.layer_norm_epsilon, dtype, name="ln_f")(h_BLD), wte

@@ -160,21 +160,23 @@ def _run_pipelined(scanned: nn.Module, cls: type[nn.Module], cfg: Any, train: bo
 
     Reads the same stacked params [layers, ...] the plain scan creates (so checkpoints do not
     care whether a run was pipelined) and applies one layer at a time as a pure function. Per-row
-    arguments (arrays of rank >= 2 whose leading dimension is the batch: masks, positions) are
-    split into micro-batches with the hidden states; the rest (rotary frequencies) is shared.
+    argument leaves (arrays of rank >= 2 whose leading dimension is the batch: positions, the
+    mask's padding and segment ids) are split into micro-batches with the hidden states; the rest
+    (rotary frequencies, a traced window) is shared.
     """
     B = h.shape[0]
     micro = microbatch_count(stages, getattr(cfg, "pipeline_microbatches", None))
     check_stages(num_layers, stages, B, micro)
     per_stage = num_layers // stages
-    per_row = tuple(a is not None and a.ndim >= 2 and a.shape[0] == B for a in args)
-    row_args = tuple(a for a, r in zip(args, per_row) if r)
+    leaves, treedef = jax.tree.flatten(args)
+    per_row = tuple(a.ndim >= 2 and a.shape[0] == B for a in leaves)
+    row_args = tuple(a for a, r in zip(leaves, per_row) if r)
     base_rng = scanned.make_rng("dropout") if train and scanned.has_rng("dropout") else None
     layer = cls(cfg, train, parent=None)  # unbound: applied as a pure function of one layer's params
 
     def stage_fn(params: Any, h_stage: jax.Array, rows: tuple, stage: jax.Array, micro_idx: jax.Array):
         it = iter(rows)
-        layer_args = tuple(next(it) if r else a for a, r in zip(args, per_row))
+        layer_args = jax.tree.unflatten(treedef, [next(it) if r else a for a, r in zip(leaves, per_row)])
 
         def one(h_in: jax.Array, xs: tuple) -> tuple[jax.Array, Any]:
             layer_params, j = xs

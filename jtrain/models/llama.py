@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtrain.models.attention import apply_rope, attend, make_attention_mask, rope_inv_freq, rope_type
+from jtrain.models.attention import AttentionMask, apply_rope, attend, make_attention_mask, rope_inv_freq, rope_type
 from jtrain.models.hfconfig import HFConfig
 from jtrain.models.layers import (ScaledEmbed, activation, check_sequence_length, constrain, default_positions,
                                   dropout_rng, embed_tokens, last_token_index, normal_init, ones_init, run_layers,
@@ -194,13 +194,18 @@ class RMSNorm(nn.Module):
         return (weight * y).astype(self.dtype)  # no `+ 0.0` in the graph of the models without an offset
 
 
-def _layer_mask(cfg: LlamaConfig, idx: Any, mask: jax.Array, window_mask: jax.Array | None) -> jax.Array:
+def _layer_mask(cfg: LlamaConfig, idx: Any, mask: AttentionMask) -> AttentionMask:
+    """The model's mask with this layer's sliding window (HF's `layer_types`): a static window when the
+    layer index is a Python int (unrolled layers), a traced one under `scan_layers`, where the index is."""
     flags = cfg.sliding_layers()
     if not any(flags):
         return mask
-    if all(flags):
-        return window_mask
-    return jnp.where(jnp.asarray(flags)[idx], window_mask, mask)
+    if all(flags) or (isinstance(idx, int) and flags[idx]):
+        return mask.with_window(cfg.sliding_window)
+    if isinstance(idx, int):
+        return mask
+    no_window = jnp.iinfo(jnp.int32).max  # farther than any two positions
+    return mask.with_window(jnp.where(jnp.asarray(flags)[idx], cfg.sliding_window, no_window))
 
 
 class LlamaAttention(nn.Module):
@@ -208,7 +213,8 @@ class LlamaAttention(nn.Module):
     train: bool = False
 
     @nn.compact
-    def __call__(self, h_BLD: jax.Array, positions_BL: jax.Array, inv_freq: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, h_BLD: jax.Array, positions_BL: jax.Array, inv_freq: jax.Array, mask: AttentionMask
+                 ) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         N, K, H = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
 
@@ -274,9 +280,9 @@ class LlamaDecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, h_BLD: jax.Array, idx: Any, positions_BL: jax.Array, inv_freq: jax.Array,
-                 mask: jax.Array, window_mask: jax.Array | None) -> jax.Array:
+                 mask: AttentionMask) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        layer_mask = _layer_mask(cfg, idx, mask, window_mask)
+        layer_mask = _layer_mask(cfg, idx, mask)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset, name=name)
         x = norm("input_layernorm")(h_BLD)
         attn = LlamaAttention(cfg, self.train, name="self_attn")(x, positions_BL, inv_freq, layer_mask)
@@ -309,12 +315,8 @@ class LlamaModel(nn.Module):
             position_ids_BL = default_positions(input_ids_BL, segment_ids_BL)
         inv_freq = rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling, positions_BL=position_ids_BL,
                                  max_position_embeddings=cfg.max_position_embeddings)
-        mask = make_attention_mask(attention_mask_BL, segment_ids_BL, causal=True, length=L)
-        window_mask = None
-        if any(cfg.sliding_layers()):
-            window_mask = make_attention_mask(attention_mask_BL, segment_ids_BL, causal=True, length=L,
-                                              sliding_window=cfg.sliding_window)
-        h_BLD = run_layers(LlamaDecoderLayer, cfg, self.train, h_BLD, (position_ids_BL, inv_freq, mask, window_mask),
+        mask = make_attention_mask(attention_mask_BL, segment_ids_BL, causal=True)
+        h_BLD = run_layers(LlamaDecoderLayer, cfg, self.train, h_BLD, (position_ids_BL, inv_freq, mask),
                            num_layers=cfg.num_hidden_layers, name="layers", scan=cfg.scan_layers,
                            remat_policy=cfg.remat_policy)
         return RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset, name="norm")(h_BLD), embed

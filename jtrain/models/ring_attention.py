@@ -30,6 +30,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jtrain.errors import ConfigError
 from jtrain.models.attention import soft_cap
+from jtrain.models.masks import Mask, as_mask
 from jtrain.models.layers import splits_length
 from jtrain.sharding import axis_size, logical_to_mesh_spec, on_mesh
 
@@ -65,7 +66,7 @@ class _Ring:
     mesh: Mesh
     q_spec: P  # [B, L, N, H]
     kv_spec: P  # [B, S, K, H]
-    mask_spec: P  # [B|1, 1, L, S]: rows split like the queries, every key column on each device
+    mask_spec: Any  # the mask's leaves: its parts whole on every device (a DenseMask: rows split)
     lse_spec: P  # [B, K, G, L]
     axes: tuple[str, ...]  # the mesh axes of the ring (those `length` maps to)
     size: int  # P, devices on the ring
@@ -78,7 +79,7 @@ def _names(axes: Any) -> tuple[str, ...]:
     return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def _plan(q_BLNH: jax.Array, k_BSKH: jax.Array, mask: jax.Array, sharding: Any, scale: float,
+def _plan(q_BLNH: jax.Array, k_BSKH: jax.Array, mask: Mask, sharding: Any, scale: float,
           softcap: float | None, causal_blocks: bool) -> _Ring:
     """PartitionSpecs derived from the activation rules: rows over the batch axes, the length over the
     ring, heads over what `heads`/`kv_heads` name. Heads stay whole when the query and key/value heads
@@ -100,19 +101,21 @@ def _plan(q_BLNH: jax.Array, k_BSKH: jax.Array, mask: jax.Array, sharding: Any, 
     if heads != kv_axes[2] or N % axis_size(mesh, heads) or K % axis_size(mesh, heads):
         heads = None
     return _Ring(mesh=mesh, q_spec=P(batch, length, heads, None), kv_spec=P(batch, length, heads, None),
-                 mask_spec=P(batch if mask.shape[0] > 1 else None, None, length, None),
+                 mask_spec=mask.ring_specs(batch, length),
                  lse_spec=P(batch, heads, None, length), axes=_names(length), size=size, scale=scale,
                  softcap=softcap, causal_blocks=causal_blocks)
 
 
-def ring_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: jax.Array, sharding: Any, *,
+def ring_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: Mask | jax.Array, sharding: Any,
+                   *,
                    scale: float | None = None, softcap: float | None = None, causal_blocks: bool = False
                    ) -> jax.Array:
     """Attention over the whole length with queries, keys and values split over the ring's devices.
 
-    `mask` is jtrain's boolean [B|1, 1, L, S] mask from global positions (True = may attend; causal,
-    padding, packed documents and sliding windows all live in it); each device reads the column block
-    of the K/V block it holds. `sharding` is the model's `jtrain.sharding.ActivationSharding` (mesh and
+    `mask` is jtrain's `AttentionMask` (its parts: causal, padding, packed documents, sliding window),
+    from which each device builds only the [l, s] block of its rows and the K/V block it holds, from
+    global positions; a `DenseMask` or boolean [B|1, 1, L, S] array also works (rows split like the
+    queries, so O(L^2 / P) per device). `sharding` is the model's `jtrain.sharding.ActivationSharding` (mesh and
     rules). `causal_blocks=True` promises no query sees a later key (decoder masks): a device then skips
     the blocks that lie wholly after its rows. Rows with no visible key give zeros, as `attend` does.
     Gradients are exact (custom VJP, see the module docstring).
@@ -126,7 +129,9 @@ def ring_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
     if N % K:
         raise ConfigError(f"ring attention: {N} query heads do not group over {K} key/value heads")
-    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, L, S))
+    mask = as_mask(mask)
+    if mask.batch not in (1, B):
+        raise ConfigError(f"ring attention: the mask covers {mask.batch} rows, the queries {B}")
     plan = _plan(q_BLNH, k_BSKH, mask, sharding, scale, None if softcap is None else float(softcap), causal_blocks)
     return _ring(plan, q_BLNH, k_BSKH, v_BSKH, mask)
 
@@ -149,9 +154,9 @@ def _scores(r: _Ring, q_blkgh: jax.Array, k_bskh: jax.Array) -> jax.Array:
                     r.softcap)
 
 
-def _mask_block(mask: jax.Array, j: jax.Array, s: int) -> jax.Array:
-    """Columns of key block j: [b|1, 1, 1, l, s], broadcast over the query-head groups."""
-    return lax.dynamic_slice_in_dim(mask, j * s, s, axis=3)[:, :, None]
+def _mask_block(mask: Mask, i: jax.Array, j: jax.Array, l: int, s: int) -> jax.Array:
+    """Device i's rows against key block j: [b|1, 1, 1, l, s], broadcast over the query-head groups."""
+    return mask.ring_block(i, j, l, s)[:, :, None]
 
 
 def _visible(i: jax.Array, j: jax.Array, l: int, s: int) -> jax.Array:
@@ -165,7 +170,7 @@ def _maybe(r: _Ring, visible: jax.Array, step: Any, carry: Any) -> Any:
     return lax.cond(visible, step, lambda c: c, carry) if r.causal_blocks else step(carry)
 
 
-def _forward_local(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+def _forward_local(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask
                    ) -> tuple[jax.Array, jax.Array]:
     b, l, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -177,7 +182,7 @@ def _forward_local(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
 
         def update(c: tuple) -> tuple:
             m, total, acc = c  # running max [b, K, G, l], softmax denominator, weighted values [.., l, h]
-            sc = jnp.where(_mask_block(mask, j, s), _scores(r, qg, k), -jnp.inf)
+            sc = jnp.where(_mask_block(mask, i, j, l, s), _scores(r, qg, k), -jnp.inf)
             m_new = jnp.maximum(m, sc.max(-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # no key yet: keep exp() finite
             p = jnp.exp(sc - m_safe[..., None])
@@ -202,7 +207,7 @@ def _forward_local(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
     return out.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h).astype(q.dtype), lse
 
 
-def _backward_local(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, out: jax.Array,
+def _backward_local(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, out: jax.Array,
                     lse: jax.Array, dout: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     b, l, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -218,7 +223,7 @@ def _backward_local(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: ja
             dq, dk, dv = c
             sc = _scores(r, qg, k)
             # Probabilities recomputed from the saved log-sum-exp; masked entries exactly 0.
-            p = jnp.exp(jnp.where(_mask_block(mask, j, s), sc - lse[..., None], -jnp.inf))
+            p = jnp.exp(jnp.where(_mask_block(mask, i, j, l, s), sc - lse[..., None], -jnp.inf))
             dv = dv + jnp.einsum("bkgls,blkgh->bskh", p.astype(dout.dtype), dog, preferred_element_type=_F32)
             dp = jnp.einsum("blkgh,bskh->bkgls", dog, v, preferred_element_type=_F32)
             ds = p * (dp - delta[..., None])  # softmax backward
@@ -254,11 +259,11 @@ def _sharded(r: _Ring, fn: Any, in_specs: tuple, out_specs: Any) -> Any:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def _ring(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
     return _ring_fwd(r, q, k, v, mask)[0]
 
 
-def _ring_fwd(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> tuple[jax.Array, tuple]:
+def _ring_fwd(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> tuple[jax.Array, tuple]:
     out, lse = _sharded(r, _forward_local, (r.q_spec, r.kv_spec, r.kv_spec, r.mask_spec),
                         (r.q_spec, r.lse_spec))(q, k, v, mask)
     return out, (q, k, v, mask, out, lse)

@@ -1,0 +1,175 @@
+"""Attention masks kept as their parts, and built one block of (query rows x keys) at a time.
+
+A dense boolean [B, 1, L, S] mask costs O(L^2) memory: 128 MB per device at 32k tokens even with
+the rows split over 8 devices, and it hides from a fused kernel that a batch is purely causal (so
+cuDNN's flash attention would get an additive bias and compute the masked half). `AttentionMask`
+keeps what the mask is made of instead (causal or not, a sliding window, HF's `attention_mask`
+marking real keys, packed documents' segment ids) and each attention path asks for what it needs:
+the blocked CPU path and ring attention build only the block they are about to score, from global
+positions; the fused call gets `is_causal`/`local_window_size` and no mask at all when nothing
+else constrains the batch. `DenseMask` wraps any explicit boolean array behind the same methods.
+
+Shape letters as in `jtrain.models.attention`; True = may attend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Index = Union[int, jax.Array]  # a block's first row or key: a Python int, or traced (ring attention)
+
+
+def _take(x: jax.Array, start: Index, size: int, axis: int) -> jax.Array:
+    """`size` entries of `x` from `start` along `axis` (a static slice when `start` is an int)."""
+    if isinstance(start, (int, np.integer)):
+        return lax.slice_in_dim(x, int(start), int(start) + size, axis=axis)
+    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass(frozen=True)
+class AttentionMask:
+    """Causal/window terms from positions, padding and documents from per-row arrays.
+
+    `key_valid_BS` is HF's `attention_mask` (True = a real token a query may look at);
+    `segment_ids_BL` gives packed rows' documents (a query sees keys of its own id only);
+    `window` (Mistral, Gemma 2) lets query i see keys j with i - j < window. A Python int window
+    is static (a fused kernel can take it); an array window is traced (Gemma 2's per-layer choice
+    under `scan_layers`) and travels as a pytree leaf.
+    """
+
+    causal: bool
+    key_valid_BS: jax.Array | None = None
+    segment_ids_BL: jax.Array | None = None
+    window: Any = None
+
+    def tree_flatten(self) -> tuple[tuple, tuple]:
+        static_window = self.window is None or isinstance(self.window, (int, np.integer))
+        children = (self.key_valid_BS, self.segment_ids_BL, None if static_window else self.window)
+        return children, (self.causal, self.window if static_window else None, static_window)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple, children: tuple) -> AttentionMask:
+        causal, window, static_window = aux
+        key_valid, segments, traced_window = children
+        return cls(causal, key_valid, segments, window if static_window else traced_window)
+
+    @property
+    def batch(self) -> int:
+        """Rows the mask distinguishes: B with padding or documents, else 1 (one mask for every row)."""
+        for x in (self.key_valid_BS, self.segment_ids_BL):
+            if x is not None:
+                return x.shape[0]
+        return 1
+
+    def with_window(self, window: Any) -> AttentionMask:
+        return AttentionMask(self.causal, self.key_valid_BS, self.segment_ids_BL, window)
+
+    def block(self, q0: Index, rows: int, k0: Index, keys: int) -> jax.Array:
+        """Boolean [B|1, 1, rows, keys] for query positions q0.. and key positions k0.. (global)."""
+        qi = q0 + jnp.arange(rows)[:, None]
+        kj = k0 + jnp.arange(keys)[None, :]
+        m = jnp.ones((rows, keys), bool)
+        if self.causal:
+            m = m & (qi >= kj)
+        if self.window is not None:
+            m = m & (qi - kj < self.window)
+        m = m[None, None]
+        if self.segment_ids_BL is not None:
+            q_seg = _take(self.segment_ids_BL, q0, rows, 1)
+            k_seg = _take(self.segment_ids_BL, k0, keys, 1)
+            m = m & (q_seg[:, None, :, None] == k_seg[:, None, None, :])
+        if self.key_valid_BS is not None:
+            m = m & _take(self.key_valid_BS, k0, keys, 1)[:, None, None, :]
+        return m
+
+    def dense(self, rows: int, keys: int) -> jax.Array:
+        """The whole [B|1, 1, L, S] mask: for the paths that need one (reference einsum, fallbacks)."""
+        return self.block(0, rows, 0, keys)
+
+    def fused_kwargs(self, rows: int, keys: int) -> tuple[dict[str, Any], jax.Array | None]:
+        """Arguments for `jax.nn.dot_product_attention`, and the dense mask (None when not built).
+
+        With only causal and static-window terms the kernel gets `is_causal`/`local_window_size`
+        (cuDNN's causal flash path, no [L, S] tensor); anything per-row needs the dense mask.
+        """
+        per_row = self.key_valid_BS is not None or self.segment_ids_BL is not None
+        static_window = self.window is None or isinstance(self.window, (int, np.integer))
+        if not per_row and static_window and rows == keys and (self.causal or self.window is None):
+            window = None if self.window is None else (int(self.window) - 1, 0)
+            return {"is_causal": self.causal, "local_window_size": window}, None
+        full = self.dense(rows, keys)
+        return {"mask": full}, full
+
+    def ring_specs(self, batch: Any, length: Any) -> AttentionMask:
+        """PartitionSpecs of the leaves inside ring attention's shard_map: the per-row arrays are
+        O(L) integers, so every device holds the whole length (gathered) and cuts its own blocks."""
+        spec = jax.sharding.PartitionSpec
+        return AttentionMask(self.causal, None if self.key_valid_BS is None else spec(batch, None),
+                             None if self.segment_ids_BL is None else spec(batch, None),
+                             self.window if self.window is None or isinstance(self.window, (int, np.integer))
+                             else spec())
+
+    def ring_block(self, i: jax.Array, j: jax.Array, rows: int, keys: int) -> jax.Array:
+        """Device i's rows against key block j (global block indices), inside the shard_map."""
+        return self.block(i * rows, rows, j * keys, keys)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass(frozen=True)
+class DenseMask:
+    """An explicit boolean [B|1, 1, L, S] mask behind `AttentionMask`'s methods (any pattern)."""
+
+    mask: jax.Array
+
+    def tree_flatten(self) -> tuple[tuple, None]:
+        return (self.mask,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: None, children: tuple) -> DenseMask:
+        return cls(*children)
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+    def block(self, q0: Index, rows: int, k0: Index, keys: int) -> jax.Array:
+        return _take(_take(self.mask, q0, rows, 2), k0, keys, 3)
+
+    def dense(self, rows: int, keys: int) -> jax.Array:
+        return jnp.broadcast_to(self.mask, (self.mask.shape[0], 1, rows, keys))
+
+    def fused_kwargs(self, rows: int, keys: int) -> tuple[dict[str, Any], jax.Array]:
+        full = self.dense(rows, keys)
+        return {"mask": full}, full
+
+    def ring_specs(self, batch: Any, length: Any) -> DenseMask:
+        """Rows split like the queries, every key column on each device."""
+        return DenseMask(jax.sharding.PartitionSpec(batch if self.mask.shape[0] > 1 else None, None, length, None))
+
+    def ring_block(self, i: jax.Array, j: jax.Array, rows: int, keys: int) -> jax.Array:
+        """This device's own rows (already local) against key block j."""
+        return _take(self.mask, j * keys, keys, 3)
+
+
+Mask = Union[AttentionMask, DenseMask]
+
+
+def as_mask(mask: Mask | jax.Array) -> Mask:
+    """An `AttentionMask`/`DenseMask` as given; a boolean array wrapped as a `DenseMask`."""
+    return mask if isinstance(mask, (AttentionMask, DenseMask)) else DenseMask(jnp.asarray(mask))
+
+
+def make_attention_mask(attention_mask_BL: jax.Array | None, segment_ids_BL: jax.Array | None, *, causal: bool,
+                        sliding_window: int | None = None) -> AttentionMask:
+    """The mask of a batch from HF's inputs: causal or not, padding (`attention_mask`, 1 = real
+    token), packed documents (segment ids 1, 2, ... per document, 0 = padding: a token attends
+    only within its own document, so packing never leaks across documents) and a sliding window."""
+    valid = None if attention_mask_BL is None else jnp.asarray(attention_mask_BL).astype(bool)
+    return AttentionMask(causal, valid, segment_ids_BL, sliding_window)

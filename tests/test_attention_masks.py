@@ -1,0 +1,191 @@
+"""Attention masks kept as their parts (`jtrain.models.masks`): every block equals the dense mask built
+independently in numpy, the fused call gets `is_causal` (no mask array) exactly when no per-row term
+exists, and no model path materialises an [L, L] boolean any more.
+
+Tolerances: SAME_MATH_ATOL 1e-5 where two jtrain attention paths compute the same float32 softmax in
+a different order (as in test_models_common); mask blocks are booleans and must be equal.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jtrain.models import create_model
+from jtrain.models.attention import attend
+from jtrain.models.masks import DenseMask, make_attention_mask
+
+SAME_MATH_ATOL = 1e-5
+B, L = 2, 40
+LONG = 512  # the length of the memory-structure tests: 4 CPU query blocks of 128, or 4 ring blocks
+
+
+def _numpy_mask(causal: bool, valid: np.ndarray | None, seg: np.ndarray | None, window: int | None) -> np.ndarray:
+    """The dense [B, 1, L, L] mask from its definition, one entry at a time (the oracle)."""
+    out = np.zeros((B, 1, L, L), bool)
+    for b in range(B):
+        for i in range(L):
+            for j in range(L):
+                ok = (not causal or j <= i) and (window is None or i - j < window)
+                ok = ok and (seg is None or seg[b, i] == seg[b, j]) and (valid is None or bool(valid[b, j]))
+                out[b, 0, i, j] = ok
+    return out
+
+
+def _parts(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    valid = np.ones((B, L), np.int32)
+    valid[0, 31:] = 0  # right padding
+    valid[1, :5] = 0  # left padding
+    seg = np.sort(rng.integers(1, 4, size=(B, L)), axis=1).astype(np.int32) * valid
+    return valid, seg
+
+
+@pytest.mark.parametrize("causal,window,with_valid,with_seg", [
+    (True, None, False, False), (True, 7, True, False), (True, None, True, True), (False, None, True, False),
+    (True, 5, True, True)])
+def test_blocks_equal_the_dense_mask_from_its_definition(causal, window, with_valid, with_seg):
+    valid, seg = _parts()
+    want = _numpy_mask(causal, valid if with_valid else None, seg if with_seg else None, window)
+    mask = make_attention_mask(jnp.asarray(valid) if with_valid else None, jnp.asarray(seg) if with_seg else None,
+                               causal=causal, sliding_window=window)
+    full = np.asarray(mask.dense(L, L))
+    np.testing.assert_array_equal(np.broadcast_to(full, want.shape), want)
+    traced = jax.jit(lambda m, q0, k0: m.block(q0, 8, k0, 16))  # ring attention's traced offsets
+    for q0, k0 in ((0, 0), (8, 16), (32, 24)):
+        for got in (mask.block(q0, 8, k0, 16), traced(mask, jnp.int32(q0), jnp.int32(k0))):
+            np.testing.assert_array_equal(np.broadcast_to(np.asarray(got), (B, 1, 8, 16)),
+                                          want[:, :, q0:q0 + 8, k0:k0 + 16])
+    dense = DenseMask(jnp.asarray(want))
+    np.testing.assert_array_equal(np.asarray(dense.block(8, 8, 16, 16)), want[:, :, 8:16, 16:32])
+
+
+def test_a_traced_window_equals_the_static_one():
+    """Gemma 2 under `scan_layers` picks each layer's window from the traced layer index."""
+    valid, seg = _parts(1)
+    static = make_attention_mask(jnp.asarray(valid), jnp.asarray(seg), causal=True, sliding_window=6)
+    traced = jax.jit(lambda m, w: m.with_window(w).dense(L, L))(static.with_window(None), jnp.int32(6))
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(static.dense(L, L)))
+
+
+@pytest.mark.parametrize("case", ["causal", "window", "padding", "segments", "traced_window", "bidirectional"])
+def test_the_fused_call_gets_is_causal_without_per_row_terms(case, monkeypatch):
+    """What `attend` hands `jax.nn.dot_product_attention` (recorded, not run: the cuDNN kernel needs a GPU):
+    causal and static-window masks go as `is_causal`/`local_window_size` (cuDNN's causal flash path, no
+    [B, 1, L, L] tensor); padding, documents or a traced window need the dense mask."""
+    seen = {}
+
+    def fake(q, k, v, **kw):
+        seen.update(kw)
+        return jnp.zeros_like(q)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    q = k = v = jnp.zeros((B, L, 2, 8))
+    valid, seg = _parts()
+    mask = {"causal": make_attention_mask(None, None, causal=True),
+            "window": make_attention_mask(None, None, causal=True, sliding_window=9),
+            "padding": make_attention_mask(jnp.asarray(valid), None, causal=True),
+            "segments": make_attention_mask(None, jnp.asarray(seg), causal=True),
+            "traced_window": make_attention_mask(None, None, causal=True, sliding_window=jnp.int32(9)),
+            "bidirectional": make_attention_mask(None, None, causal=False)}[case]
+    attend(q, k, v, mask, implementation="cudnn")
+    if case in ("causal", "window", "bidirectional"):
+        assert "mask" not in seen
+        assert seen["is_causal"] == (case != "bidirectional")
+        assert seen["local_window_size"] == ((8, 0) if case == "window" else None)
+    else:
+        assert seen["mask"].shape == (B, 1, L, L) and "is_causal" not in seen
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_the_is_causal_path_computes_the_reference_attention(window):
+    """The fused call's own causal/window masking (XLA's implementation of it on CPU, reached through
+    `sequence_parallel=True`) equals the reference einsum on the dense mask."""
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((B, L, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, L, 2, 8)), jnp.float32) for _ in range(2))
+    mask = make_attention_mask(None, None, causal=True, sliding_window=window)
+    fused = attend(q, k, v, mask, sequence_parallel=True)
+    ref = attend(q, k, v, mask, implementation="reference")
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), atol=SAME_MATH_ATOL)
+
+
+def _whole_length_booleans(jaxpr, rows: int, keys: int = LONG) -> list[tuple[int, ...]]:
+    """Shapes of the booleans [..., >= rows, >= keys] in a jaxpr and its sub-jaxprs (scan, cond, shard_map,
+    VJP): a mask over the whole length of keys for at least `rows` queries."""
+    found = []
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            aval = getattr(var, "aval", None)
+            shape = getattr(aval, "shape", ())
+            if getattr(aval, "dtype", None) == jnp.bool_ and len(shape) >= 2 and shape[-2] >= rows \
+                    and shape[-1] >= keys:
+                found.append(tuple(shape))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _whole_length_booleans(inner, rows, keys)
+    return found
+
+
+DECODERS = {"llama": dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=LONG),
+            "gemma2": dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=64,
+                           max_position_embeddings=LONG),
+            "gpt2": dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=LONG)}
+
+
+def _grad_jaxpr(apply, params, model_type: str):
+    ids = jnp.ones((B * 2, LONG), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": ids, "segment_ids": ids}
+    return jax.make_jaxpr(jax.grad(lambda p: jnp.sum(apply(p, batch)["logits"])))(params).jaxpr
+
+
+@pytest.mark.parametrize("model_type,options", [("llama", {}), ("gemma2", {"scan_layers": True}), ("gpt2", {})])
+def test_decoders_on_cpu_never_build_a_whole_length_mask(model_type, options):
+    """Forward and backward of a padded, packed batch at L=512 on the CPU's blocked attention: each query
+    block builds its own [128, keys] mask; the [B|1, 1, L, L] the models used to pass is gone."""
+    model = create_model(model_type, DECODERS[model_type], **options)
+    assert _whole_length_booleans(_grad_jaxpr(model.apply, model.abstract_params(), model_type), LONG) == []
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_ring_attention_never_builds_a_whole_length_mask(model_type):
+    """The same under ring attention on `sequence 4 x data 2`: each device builds the [L/4, L/4] block it
+    scores, from the padding and segment ids (O(L) integers) it holds whole: no mask of its L/4 rows against
+    every key (the [B|1, 1, L/4, L] per device, [L, L] in all, that the ring used to slice) exists."""
+    from jtrain.compiled import with_activation_sharding
+    from jtrain.sharding import ShardingRules, make_mesh
+
+    model = create_model(model_type, DECODERS[model_type], sequence_parallel_attention="ring")
+    run_model = with_activation_sharding(model, make_mesh({"sequence": 4, "data": 2}), ShardingRules())
+    jaxpr = _grad_jaxpr(run_model.apply, model.abstract_params(), model_type)
+    assert "shard_map" in str(jaxpr)  # the ring ran
+    assert _whole_length_booleans(jaxpr, LONG // 4) == []  # (rows >= 128, keys >= 512)
+
+
+def test_gemma2_scanned_layers_take_their_window_from_the_traced_index():
+    """Alternating sliding-window layers: `scan_layers` (window chosen by the traced layer index) gives the
+    unrolled model's logits (window a Python int per layer) on the CPU's blocked attention."""
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, sliding_window=5, max_position_embeddings=L)
+    unrolled, scanned = (create_model("gemma2", config, scan_layers=s) for s in (False, True))
+    params = unrolled.init(jax.random.key(0))
+    stacked = scanned.init(jax.random.key(0))
+    layers = [params["model"][f"layers_{i}"] for i in range(2)]
+    stacked["model"]["layers"]["layer"] = jax.tree.map(lambda *x: jnp.stack(x), *layers)
+    for name in ("embed_tokens", "norm"):
+        stacked["model"][name] = params["model"][name]
+    valid, seg = _parts(2)
+    batch = {"input_ids": jnp.asarray(np.random.default_rng(0).integers(1, 64, (B, L)), jnp.int32),
+             "attention_mask": jnp.asarray(valid)}
+    want = unrolled.apply(params, batch)["logits"]
+    got = scanned.apply(stacked, batch)["logits"]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=SAME_MATH_ATOL)
+    # and the window is applied: a window covering the whole row changes the logits
+    wide = create_model("gemma2", {**config, "sliding_window": L}, scan_layers=True).apply(stacked, batch)["logits"]
+    assert float(jnp.abs(wide - got).max()) > 1e-3
