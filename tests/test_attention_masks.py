@@ -70,15 +70,18 @@ def test_a_traced_window_equals_the_static_one():
     np.testing.assert_array_equal(np.asarray(traced), np.asarray(static.dense(L, L)))
 
 
-@pytest.mark.parametrize("case", ["causal", "window", "padding", "segments", "traced_window", "bidirectional"])
-def test_the_fused_call_gets_is_causal_without_per_row_terms(case, monkeypatch):
-    """What `attend` hands `jax.nn.dot_product_attention` (recorded, not run: the cuDNN kernel needs a GPU):
-    causal and static-window masks go as `is_causal`/`local_window_size` (cuDNN's causal flash path, no
-    [B, 1, L, L] tensor); padding, documents or a traced window need the dense mask."""
-    seen = {}
+@pytest.mark.parametrize("case", ["causal", "window", "bidirectional", "padding", "padding_no_branch", "segments",
+                                  "traced_window"])
+def test_what_the_fused_call_gets(case, monkeypatch):
+    """What `attend` hands `jax.nn.dot_product_attention` (recorded, not run: the cuDNN kernel needs a GPU).
+    Causal and static-window masks go as `is_causal`/`local_window_size` (cuDNN's causal flash path, no
+    [B, 1, L, L] tensor). Key padding traces two calls, one per `lax.cond` branch: sequence lengths (taken
+    for right-padded rows) and the dense mask (any other padding); `branch_on_padding=False` (the
+    pipeline's vmap) keeps only the dense one. Documents and a traced window need the dense mask."""
+    calls = []
 
     def fake(q, k, v, **kw):
-        seen.update(kw)
+        calls.append(kw)
         return jnp.zeros_like(q)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
@@ -86,30 +89,47 @@ def test_the_fused_call_gets_is_causal_without_per_row_terms(case, monkeypatch):
     valid, seg = _parts()
     mask = {"causal": make_attention_mask(None, None, causal=True),
             "window": make_attention_mask(None, None, causal=True, sliding_window=9),
+            "bidirectional": make_attention_mask(None, None, causal=False),
             "padding": make_attention_mask(jnp.asarray(valid), None, causal=True),
+            "padding_no_branch": make_attention_mask(jnp.asarray(valid), None, causal=True),
             "segments": make_attention_mask(None, jnp.asarray(seg), causal=True),
-            "traced_window": make_attention_mask(None, None, causal=True, sliding_window=jnp.int32(9)),
-            "bidirectional": make_attention_mask(None, None, causal=False)}[case]
-    attend(q, k, v, mask, implementation="cudnn")
+            "traced_window": make_attention_mask(None, None, causal=True, sliding_window=jnp.int32(9))}[case]
+    attend(q, k, v, mask, implementation="cudnn", branch_on_padding=case != "padding_no_branch")
+    dense = [c for c in calls if "mask" in c]
+    lengths = [c for c in calls if "key_value_seq_lengths" in c]
+    assert all(c["mask"].shape == (B, 1, L, L) and "is_causal" not in c for c in dense)
     if case in ("causal", "window", "bidirectional"):
-        assert "mask" not in seen
-        assert seen["is_causal"] == (case != "bidirectional")
-        assert seen["local_window_size"] == ((8, 0) if case == "window" else None)
+        assert len(calls) == 1 and not dense and not lengths
+        assert calls[0]["is_causal"] == (case != "bidirectional")
+        assert calls[0]["local_window_size"] == ((8, 0) if case == "window" else None)
+    elif case == "padding":
+        assert len(dense) == 1 and len(lengths) == 1 and lengths[0]["is_causal"]
+        np.testing.assert_array_equal(np.asarray(lengths[0]["key_value_seq_lengths"]), valid.sum(-1))
     else:
-        assert seen["mask"].shape == (B, 1, L, L) and "is_causal" not in seen
+        assert len(calls) == 1 and len(dense) == 1
 
 
-@pytest.mark.parametrize("window", [None, 9])
-def test_the_is_causal_path_computes_the_reference_attention(window):
-    """The fused call's own causal/window masking (XLA's implementation of it on CPU, reached through
-    `sequence_parallel=True`) equals the reference einsum on the dense mask."""
+@pytest.mark.parametrize("case", ["causal", "window", "right_padding", "left_padding", "bidirectional_padding"])
+def test_the_fused_paths_compute_the_reference_attention(case):
+    """Each way the fused call can be asked (its own causal/window masking, key-value sequence lengths for
+    right padding, the dense mask for left padding) gives the reference einsum on the dense mask. On CPU
+    the fused call is XLA's implementation, reached through `sequence_parallel=True`."""
     rng = np.random.default_rng(3)
     q = jnp.asarray(rng.standard_normal((B, L, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((B, L, 2, 8)), jnp.float32) for _ in range(2))
-    mask = make_attention_mask(None, None, causal=True, sliding_window=window)
-    fused = attend(q, k, v, mask, sequence_parallel=True)
+    lengths = np.array([[L], [29]])
+    right = (np.arange(L)[None, :] < lengths).astype(np.int32)
+    left = right[:, ::-1].copy()
+    mask = {"causal": make_attention_mask(None, None, causal=True),
+            "window": make_attention_mask(None, None, causal=True, sliding_window=9),
+            "right_padding": make_attention_mask(jnp.asarray(right), None, causal=True),
+            "left_padding": make_attention_mask(jnp.asarray(left), None, causal=True),
+            "bidirectional_padding": make_attention_mask(jnp.asarray(right), None, causal=False)}[case]
+    fused = jax.jit(lambda q, k, v, m: attend(q, k, v, m, sequence_parallel=True))(q, k, v, mask)
     ref = attend(q, k, v, mask, implementation="reference")
     np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), atol=SAME_MATH_ATOL)
+    if case == "left_padding":  # the first queries of the left-padded row see no key: zeros, as on every path
+        assert float(jnp.abs(fused[1, :L - 29]).max()) == 0.0
 
 
 def _whole_length_booleans(jaxpr, rows: int, keys: int = LONG) -> list[tuple[int, ...]]:

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jtrain.errors import ConfigError
 from jtrain.models.masks import AttentionMask, DenseMask, Mask, as_mask, make_attention_mask
@@ -92,14 +93,18 @@ def attend(
     causal_blocks: bool = False,
     sequence_parallel: bool = False,
     softcap: float | None = None,
+    branch_on_padding: bool = True,
 ) -> jax.Array:
     """Scaled dot-product attention with grouped-query heads.
 
     `mask` is an `AttentionMask` (its parts), a `DenseMask`, or a boolean [B|1, 1, L, S] array.
     `implementation="xla"` calls `jax.nn.dot_product_attention` on accelerators ("cudnn" asks
     for the fused GPU kernel), with `is_causal` and no mask array when the mask has no per-row
-    terms; on the CPU backend it takes `_blocked_attention`, which computes the same softmax in
-    query blocks. `"reference"` is a plain einsum used by tests as the oracle, and also the path
+    terms, and with key-value sequence lengths when its only per-row term is padding that turns
+    out to be right padding (a `lax.cond` on the batch; other padding gets the dense mask;
+    `branch_on_padding=False` skips the cond, for callers under `vmap`, where a cond with a batched
+    predicate runs both branches); on the CPU backend it takes `_blocked_attention`, which computes
+    the same softmax in query blocks. `"reference"` is a plain einsum used by tests as the oracle, and also the path
     taken when attention-probability dropout is active (the fused call has no dropout).
     `causal_blocks=True` promises that `mask` never lets a query see a later key (true of every
     decoder mask: causal, sliding window, packed documents); the CPU path then skips the keys
@@ -126,12 +131,25 @@ def attend(
     if on_cpu_path:
         return _blocked_attention(q_BLNH, k_BSKH, v_BSKH, mask, scale, causal_blocks, softcap)
     impl = None if implementation == "xla" else implementation
-    kwargs, full = mask.fused_kwargs(L, S)
-    if full is not None:
-        kwargs["mask"] = jnp.broadcast_to(full, (q_BLNH.shape[0], 1, L, S))
-    out = jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, scale=scale, implementation=impl, **kwargs)
-    # Without a mask array every row has a key (causal: itself), so only the dense case can have empty rows.
-    return (out if full is None else _zero_keyless_rows(out, full)).astype(q_BLNH.dtype)
+
+    def fused(**kwargs: Any) -> jax.Array:
+        return jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, scale=scale, implementation=impl, **kwargs)
+
+    def with_dense_mask() -> jax.Array:
+        full = mask.dense(L, S)
+        out = fused(mask=jnp.broadcast_to(full, (q_BLNH.shape[0], 1, L, S)))
+        return _zero_keyless_rows(out, full).astype(q_BLNH.dtype)
+
+    kwargs = mask.fused_kwargs(L, S)
+    if kwargs is not None:  # causal / window only: every row has a key (causal: itself)
+        return fused(**kwargs).astype(q_BLNH.dtype)
+    padded = mask.padded_kwargs(L, S) if branch_on_padding else None
+    if padded is None:
+        return with_dense_mask()
+    # Right-padded (or unpadded) rows go to the kernel as sequence lengths; any other padding (left
+    # padding) takes the dense mask. One branch runs; both are compiled.
+    right_padded, kwargs = padded
+    return lax.cond(right_padded, lambda: fused(**kwargs).astype(q_BLNH.dtype), with_dense_mask)
 
 
 def _zero_keyless_rows(out_BLNH: jax.Array, mask: jax.Array) -> jax.Array:

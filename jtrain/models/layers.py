@@ -210,6 +210,12 @@ def constrain(cfg: Any, x: jax.Array, *logical: str | None) -> jax.Array:
     return x if sharding is None else sharding(x, logical)
 
 
+def pipelined(cfg: Any) -> bool:
+    """The layers run inside the pipeline's `vmap` over stages (where a `lax.cond` on per-row data
+    turns into a select that runs both branches)."""
+    return getattr(cfg, "pipeline_stages", 1) > 1
+
+
 def splits_length(cfg: Any) -> bool:
     """Sequence parallelism is on: query rows (the `length` axis) live on different devices."""
     sharding = getattr(cfg, "activation_sharding", None)

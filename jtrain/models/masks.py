@@ -7,7 +7,8 @@ keeps what the mask is made of instead (causal or not, a sliding window, HF's `a
 marking real keys, packed documents' segment ids) and each attention path asks for what it needs:
 the blocked CPU path and ring attention build only the block they are about to score, from global
 positions; the fused call gets `is_causal`/`local_window_size` and no mask at all when nothing
-else constrains the batch. `DenseMask` wraps any explicit boolean array behind the same methods.
+else constrains the batch, and key-value sequence lengths when the only padding is on the right.
+`DenseMask` wraps any explicit boolean array behind the same methods.
 
 Shape letters as in `jtrain.models.attention`; True = may attend.
 """
@@ -93,19 +94,38 @@ class AttentionMask:
         """The whole [B|1, 1, L, S] mask: for the paths that need one (reference einsum, fallbacks)."""
         return self.block(0, rows, 0, keys)
 
-    def fused_kwargs(self, rows: int, keys: int) -> tuple[dict[str, Any], jax.Array | None]:
-        """Arguments for `jax.nn.dot_product_attention`, and the dense mask (None when not built).
+    def _static_window(self) -> bool:
+        return self.window is None or isinstance(self.window, (int, np.integer))
 
-        With only causal and static-window terms the kernel gets `is_causal`/`local_window_size`
-        (cuDNN's causal flash path, no [L, S] tensor); anything per-row needs the dense mask.
-        """
-        per_row = self.key_valid_BS is not None or self.segment_ids_BL is not None
-        static_window = self.window is None or isinstance(self.window, (int, np.integer))
-        if not per_row and static_window and rows == keys and (self.causal or self.window is None):
-            window = None if self.window is None else (int(self.window) - 1, 0)
-            return {"is_causal": self.causal, "local_window_size": window}, None
-        full = self.dense(rows, keys)
-        return {"mask": full}, full
+    def _kernel_terms(self, rows: int, keys: int) -> dict[str, Any] | None:
+        """`is_causal`/`local_window_size` for the positional terms, or None when a kernel cannot
+        express them (a traced window, a bidirectional window, queries and keys of other lengths)."""
+        if not self._static_window() or rows != keys or not (self.causal or self.window is None):
+            return None
+        return {"is_causal": self.causal, "local_window_size": None if self.window is None
+                else (int(self.window) - 1, 0)}
+
+    def fused_kwargs(self, rows: int, keys: int) -> dict[str, Any] | None:
+        """Arguments for `jax.nn.dot_product_attention` that express the whole mask without an array
+        (only causal and static-window terms: cuDNN's causal flash path), else None."""
+        if self.key_valid_BS is not None or self.segment_ids_BL is not None:
+            return None
+        return self._kernel_terms(rows, keys)
+
+    def padded_kwargs(self, rows: int, keys: int) -> tuple[jax.Array, dict[str, Any]] | None:
+        """For a mask whose only per-row term is key padding: (whether every row is right-padded with at
+        least one real key, the kernel arguments with `key_value_seq_lengths` that then express it).
+
+        Right padding (the HF collators' default) and no padding at all (an all-ones `attention_mask`)
+        are the common cases; the fused call can take them as sequence lengths instead of a dense mask.
+        None when the mask has documents or terms a kernel cannot express."""
+        terms = self._kernel_terms(rows, keys)
+        if self.key_valid_BS is None or self.segment_ids_BL is not None or terms is None:
+            return None
+        lengths = jnp.sum(self.key_valid_BS, axis=-1, dtype=jnp.int32)
+        prefix = jnp.arange(self.key_valid_BS.shape[-1])[None, :] < lengths[:, None]
+        right_padded = jnp.all(prefix == self.key_valid_BS) & jnp.all(lengths > 0)
+        return right_padded, {**terms, "key_value_seq_lengths": lengths}
 
     def ring_specs(self, batch: Any, length: Any) -> AttentionMask:
         """PartitionSpecs of the leaves inside ring attention's shard_map: the per-row arrays are
@@ -145,9 +165,11 @@ class DenseMask:
     def dense(self, rows: int, keys: int) -> jax.Array:
         return jnp.broadcast_to(self.mask, (self.mask.shape[0], 1, rows, keys))
 
-    def fused_kwargs(self, rows: int, keys: int) -> tuple[dict[str, Any], jax.Array]:
-        full = self.dense(rows, keys)
-        return {"mask": full}, full
+    def fused_kwargs(self, rows: int, keys: int) -> None:
+        return None  # any pattern: only the array itself expresses it
+
+    def padded_kwargs(self, rows: int, keys: int) -> None:
+        return None
 
     def ring_specs(self, batch: Any, length: Any) -> DenseMask:
         """Rows split like the queries, every key column on each device."""

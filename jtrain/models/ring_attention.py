@@ -125,8 +125,7 @@ def ring_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask
         out_BLNH = ring_attention(q, k, v, mask, ActivationSharding(mesh), causal_blocks=True)
     """
     scale = 1.0 / math.sqrt(q_BLNH.shape[-1]) if scale is None else float(scale)
-    B, L, N, H = q_BLNH.shape
-    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    B, N, K = q_BLNH.shape[0], q_BLNH.shape[2], k_BSKH.shape[2]
     if N % K:
         raise ConfigError(f"ring attention: {N} query heads do not group over {K} key/value heads")
     mask = as_mask(mask)
