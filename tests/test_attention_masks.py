@@ -70,14 +70,14 @@ def test_a_traced_window_equals_the_static_one():
     np.testing.assert_array_equal(np.asarray(traced), np.asarray(static.dense(L, L)))
 
 
-@pytest.mark.parametrize("case", ["causal", "window", "bidirectional", "padding", "padding_no_branch", "segments",
-                                  "traced_window"])
+@pytest.mark.parametrize("case", ["causal", "window", "bidirectional", "padding", "padding_no_branch", "padding_xla",
+                                  "segments", "traced_window"])
 def test_what_the_fused_call_gets(case, monkeypatch):
     """What `attend` hands `jax.nn.dot_product_attention` (recorded, not run: the cuDNN kernel needs a GPU).
     Causal and static-window masks go as `is_causal`/`local_window_size` (cuDNN's causal flash path, no
     [B, 1, L, L] tensor). Key padding traces two calls, one per `lax.cond` branch: sequence lengths (taken
     for right-padded rows) and the dense mask (any other padding); `branch_on_padding=False` (the
-    pipeline's vmap) keeps only the dense one. Documents and a traced window need the dense mask."""
+    pipeline's vmap) keeps only the dense one, and so does XLA's own implementation by default. Documents and a traced window need the dense mask."""
     calls = []
 
     def fake(q, k, v, **kw):
@@ -92,9 +92,11 @@ def test_what_the_fused_call_gets(case, monkeypatch):
             "bidirectional": make_attention_mask(None, None, causal=False),
             "padding": make_attention_mask(jnp.asarray(valid), None, causal=True),
             "padding_no_branch": make_attention_mask(jnp.asarray(valid), None, causal=True),
+            "padding_xla": make_attention_mask(jnp.asarray(valid), None, causal=True),
             "segments": make_attention_mask(None, jnp.asarray(seg), causal=True),
             "traced_window": make_attention_mask(None, None, causal=True, sliding_window=jnp.int32(9))}[case]
-    attend(q, k, v, mask, implementation="cudnn", branch_on_padding=case != "padding_no_branch")
+    attend(q, k, v, mask, implementation="xla" if case == "padding_xla" else "cudnn", sequence_parallel=True,
+           branch_on_padding=False if case == "padding_no_branch" else None)
     dense = [c for c in calls if "mask" in c]
     lengths = [c for c in calls if "key_value_seq_lengths" in c]
     assert all(c["mask"].shape == (B, 1, L, L) and "is_causal" not in c for c in dense)
@@ -113,7 +115,8 @@ def test_what_the_fused_call_gets(case, monkeypatch):
 def test_the_fused_paths_compute_the_reference_attention(case):
     """Each way the fused call can be asked (its own causal/window masking, key-value sequence lengths for
     right padding, the dense mask for left padding) gives the reference einsum on the dense mask. On CPU
-    the fused call is XLA's implementation, reached through `sequence_parallel=True`."""
+    the fused call is XLA's implementation, reached through `sequence_parallel=True`, with the cond on
+    padding forced (`branch_on_padding=True`; by default only cuDNN takes it)."""
     rng = np.random.default_rng(3)
     q = jnp.asarray(rng.standard_normal((B, L, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((B, L, 2, 8)), jnp.float32) for _ in range(2))
@@ -125,7 +128,8 @@ def test_the_fused_paths_compute_the_reference_attention(case):
             "right_padding": make_attention_mask(jnp.asarray(right), None, causal=True),
             "left_padding": make_attention_mask(jnp.asarray(left), None, causal=True),
             "bidirectional_padding": make_attention_mask(jnp.asarray(right), None, causal=False)}[case]
-    fused = jax.jit(lambda q, k, v, m: attend(q, k, v, m, sequence_parallel=True))(q, k, v, mask)
+    fused = jax.jit(lambda q, k, v, m: attend(q, k, v, m, sequence_parallel=True, branch_on_padding=True))(
+        q, k, v, mask)
     ref = attend(q, k, v, mask, implementation="reference")
     np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), atol=SAME_MATH_ATOL)
     if case == "left_padding":  # the first queries of the left-padded row see no key: zeros, as on every path

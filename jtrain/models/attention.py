@@ -93,17 +93,19 @@ def attend(
     causal_blocks: bool = False,
     sequence_parallel: bool = False,
     softcap: float | None = None,
-    branch_on_padding: bool = True,
+    branch_on_padding: bool | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention with grouped-query heads.
 
     `mask` is an `AttentionMask` (its parts), a `DenseMask`, or a boolean [B|1, 1, L, S] array.
     `implementation="xla"` calls `jax.nn.dot_product_attention` on accelerators ("cudnn" asks
     for the fused GPU kernel), with `is_causal` and no mask array when the mask has no per-row
-    terms, and with key-value sequence lengths when its only per-row term is padding that turns
-    out to be right padding (a `lax.cond` on the batch; other padding gets the dense mask;
-    `branch_on_padding=False` skips the cond, for callers under `vmap`, where a cond with a batched
-    predicate runs both branches); on the CPU backend it takes `_blocked_attention`, which computes
+    terms. For cuDNN a mask whose only per-row term is padding goes as key-value sequence lengths
+    when the batch turns out to be right-padded (a `lax.cond`; other padding gets the dense mask).
+    `branch_on_padding` None does that for cuDNN only (XLA's own implementation builds a dense mask
+    from the lengths anyway, so the cond would only add a branch), True for any implementation (the
+    tests' way to run both branches on CPU), False never (callers under `vmap`, where a cond with a
+    batched predicate runs both branches); on the CPU backend it takes `_blocked_attention`, which computes
     the same softmax in query blocks. `"reference"` is a plain einsum used by tests as the oracle, and also the path
     taken when attention-probability dropout is active (the fused call has no dropout).
     `causal_blocks=True` promises that `mask` never lets a query see a later key (true of every
@@ -143,6 +145,8 @@ def attend(
     kwargs = mask.fused_kwargs(L, S)
     if kwargs is not None:  # causal / window only: every row has a key (causal: itself)
         return fused(**kwargs).astype(q_BLNH.dtype)
+    if branch_on_padding is None:
+        branch_on_padding = impl == "cudnn"
     padded = mask.padded_kwargs(L, S) if branch_on_padding else None
     if padded is None:
         return with_dense_mask()

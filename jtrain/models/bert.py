@@ -139,7 +139,8 @@ class BertSelfAttention(nn.Module):
         k = constrain(cfg, proj("key"), "batch", None, "heads", "head_dim")
         v = constrain(cfg, proj("value"), "batch", None, "heads", "head_dim")
         out = attend(q, k, v, mask, implementation=cfg.attention_impl, dropout_rate=cfg.attention_probs_dropout_prob,
-                     dropout_rng=rng, sequence_parallel=splits_length(cfg), branch_on_padding=not pipelined(cfg))
+                     dropout_rng=rng, sequence_parallel=splits_length(cfg),
+                     branch_on_padding=False if pipelined(cfg) else None)
         return constrain(cfg, out, "batch", "length", "heads", "head_dim")
 
 

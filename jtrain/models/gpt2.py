@@ -104,7 +104,7 @@ class GPT2Attention(nn.Module):
             v = constrain(cfg, v, "batch", None, "heads", "head_dim")
             out = attend(q, k, v, mask, implementation=cfg.attention_impl, scale=scale, dropout_rate=cfg.attn_pdrop,
                          dropout_rng=rng, causal_blocks=True, sequence_parallel=splits_length(cfg),
-                         branch_on_padding=not pipelined(cfg))
+                         branch_on_padding=False if pipelined(cfg) else None)
         out = constrain(cfg, out, "batch", "length", "heads", "head_dim")
         out = DenseGeneral(
             cfg.n_embd, axis=(-2, -1), dtype=dtype, name="c_proj",

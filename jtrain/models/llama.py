@@ -247,7 +247,7 @@ class LlamaAttention(nn.Module):
             out_BLNH = attend(q, k, v, mask, implementation=cfg.attention_impl, scale=cfg.attention_scale,
                               dropout_rate=cfg.attention_dropout, dropout_rng=rng, causal_blocks=True,
                               sequence_parallel=splits_length(cfg), softcap=cfg.attn_logit_softcapping,
-                              branch_on_padding=not pipelined(cfg))
+                              branch_on_padding=False if pipelined(cfg) else None)
         out_BLNH = constrain(cfg, out_BLNH, "batch", "length", "heads", "head_dim")
         return DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dtype, name="o_proj",
