@@ -77,7 +77,8 @@ def test_what_the_fused_call_gets(case, monkeypatch):
     Causal and static-window masks go as `is_causal`/`local_window_size` (cuDNN's causal flash path, no
     [B, 1, L, L] tensor). Key padding traces two calls, one per `lax.cond` branch: sequence lengths (taken
     for right-padded rows) and the dense mask (any other padding); `branch_on_padding=False` (the
-    pipeline's vmap) keeps only the dense one, and so does XLA's own implementation by default. Documents and a traced window need the dense mask."""
+    pipeline's vmap) keeps only the dense one, and so does XLA's own implementation by default.
+    Documents and a traced window need the dense mask."""
     calls = []
 
     def fake(q, k, v, **kw):
