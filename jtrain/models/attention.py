@@ -98,16 +98,17 @@ def attend(
     """Scaled dot-product attention with grouped-query heads.
 
     `mask` is an `AttentionMask` (its parts), a `DenseMask`, or a boolean [B|1, 1, L, S] array.
-    `implementation="xla"` calls `jax.nn.dot_product_attention` on accelerators ("cudnn" asks
+    On the CPU backend `implementation="xla"` takes `_blocked_attention`, which computes the same
+    softmax in query blocks; on accelerators it calls `jax.nn.dot_product_attention` ("cudnn" asks
     for the fused GPU kernel), with `is_causal` and no mask array when the mask has no per-row
     terms. For cuDNN a mask whose only per-row term is padding goes as key-value sequence lengths
     when the batch turns out to be right-padded (a `lax.cond`; other padding gets the dense mask).
     `branch_on_padding` None does that for cuDNN only (XLA's own implementation builds a dense mask
     from the lengths anyway, so the cond would only add a branch), True for any implementation (the
     tests' way to run both branches on CPU), False never (callers under `vmap`, where a cond with a
-    batched predicate runs both branches); on the CPU backend it takes `_blocked_attention`, which computes
-    the same softmax in query blocks. `"reference"` is a plain einsum used by tests as the oracle, and also the path
-    taken when attention-probability dropout is active (the fused call has no dropout).
+    batched predicate runs both branches). `"reference"` is a plain einsum used by tests as the
+    oracle, and also the path taken when attention-probability dropout is active (the fused call
+    has no dropout).
     `causal_blocks=True` promises that `mask` never lets a query see a later key (true of every
     decoder mask: causal, sliding window, packed documents); the CPU path then skips the keys
     after each query block. With `sequence_parallel` (query rows split over devices) the CPU path
