@@ -169,7 +169,8 @@ def _numeric(logs: dict[str, Any]) -> dict[str, float]:
 class TensorBoardCallback(TrainerCallback):
     """Writes every numeric log as a TensorBoard scalar at `state.global_step` (process zero).
 
-    `log_dir` defaults to `args.logging_dir`. Non-numeric logs are skipped (HF writes them as
+    `log_dir` defaults to the run's logging directory (`args.logging_dir`, else `output_dir/runs`,
+    as HF's callback does when added by hand). Non-numeric logs are skipped (HF writes them as
     text summaries, which need the tensor protobuf; not worth it for log lines).
     """
 
@@ -179,8 +180,8 @@ class TensorBoardCallback(TrainerCallback):
 
     def _ensure_writer(self, args: Any) -> EventFileWriter:
         if self.writer is None:
-            log_dir = self.log_dir or getattr(args, "logging_dir", None) or "runs"
-            self.writer = EventFileWriter(log_dir)
+            log_dir = self.log_dir or getattr(args, "resolved_logging_dir", None) or getattr(args, "logging_dir", None)
+            self.writer = EventFileWriter(log_dir or "runs")
         return self.writer
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -326,6 +326,22 @@ def test_tensorboard_file_with_own_reader(tmp_path):
         tb_events.read_tensorboard_scalars(str(event_file))
 
 
+def test_tensorboard_callback_added_by_hand_writes_under_output_dir(tmp_path):
+    """Without a `log_dir`, a hand-added TensorBoardCallback writes where the Trainer's own would:
+    `args.logging_dir`, by default `output_dir/runs` (it used to fall back to ./runs in the cwd)."""
+    from jtrain import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=["none"])
+    state, control = jc.TrainerState(), jc.TrainerControl()
+    callback = jr.TensorBoardCallback()
+    callback.on_train_begin(args, state, control)
+    state.global_step = 1
+    callback.on_log(args, state, control, logs={"loss": 2.0})
+    callback.on_train_end(args, state, control)
+    (event_file,) = (tmp_path / "out" / "runs").glob("events.out.tfevents.*")
+    assert tb_events.read_tensorboard_scalars(str(event_file)) == [(1, "train/loss", 2.0)]
+
+
 def test_tensorboard_file_with_tensorboard(tmp_path):
     accumulator = pytest.importorskip(
         "tensorboard.backend.event_processing.event_accumulator",
