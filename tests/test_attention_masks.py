@@ -214,3 +214,32 @@ def test_gemma2_scanned_layers_take_their_window_from_the_traced_index():
     # and the window is applied: a window covering the whole row changes the logits
     wide = create_model("gemma2", {**config, "sliding_window": L}, scan_layers=True).apply(stacked, batch)["logits"]
     assert float(jnp.abs(wide - got).max()) > 1e-3
+
+
+def test_ring_attention_takes_a_traced_window():
+    """Gemma 2's per-layer window under `scan_layers` is a traced scalar; inside the ring's shard_map it
+    travels as a replicated leaf. Output and q/k/v gradients equal the reference einsum with the same
+    window as a Python int (padding, documents and grouped-query heads included)."""
+    from jtrain.models.ring_attention import ring_attention
+    from jtrain.sharding import ActivationSharding, make_mesh
+
+    sharding = ActivationSharding(make_mesh({"sequence": 4, "data": 2}))
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(rng.standard_normal((B, L, 4, 8)), jnp.float32)
+    k, v, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((B, L, 2, 8), (B, L, 2, 8), (B, L, 4, 8)))
+    valid, seg = _parts(5)
+    mask = make_attention_mask(jnp.asarray(valid), jnp.asarray(seg), causal=True)
+
+    def value_and_grads(attention):
+        def loss(q, k, v):
+            out = attention(q, k, v)
+            return jnp.sum(out * w), out
+
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return (out, *grads)
+
+    ring = jax.jit(lambda window: value_and_grads(
+        lambda q, k, v: ring_attention(q, k, v, mask.with_window(window), sharding, causal_blocks=True)))
+    ref = value_and_grads(lambda q, k, v: attend(q, k, v, mask.with_window(6), implementation="reference"))
+    for got, want, name in zip(ring(jnp.int32(6)), ref, ("out", "dq", "dk", "dv")):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=SAME_MATH_ATOL, err_msg=name)
