@@ -164,7 +164,7 @@ DECODERS = {"llama": dict(vocab_size=64, hidden_size=32, intermediate_size=64, n
             "gpt2": dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=LONG)}
 
 
-def _grad_jaxpr(apply, params, model_type: str):
+def _grad_jaxpr(apply, params):
     ids = jnp.ones((B * 2, LONG), jnp.int32)
     batch = {"input_ids": ids, "attention_mask": ids, "segment_ids": ids}
     return jax.make_jaxpr(jax.grad(lambda p: jnp.sum(apply(p, batch)["logits"])))(params).jaxpr
@@ -175,7 +175,7 @@ def test_decoders_on_cpu_never_build_a_whole_length_mask(model_type, options):
     """Forward and backward of a padded, packed batch at L=512 on the CPU's blocked attention: each query
     block builds its own [128, keys] mask; the [B|1, 1, L, L] the models used to pass is gone."""
     model = create_model(model_type, DECODERS[model_type], **options)
-    assert _whole_length_booleans(_grad_jaxpr(model.apply, model.abstract_params(), model_type), LONG) == []
+    assert _whole_length_booleans(_grad_jaxpr(model.apply, model.abstract_params()), LONG) == []
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -188,7 +188,7 @@ def test_ring_attention_never_builds_a_whole_length_mask(model_type):
 
     model = create_model(model_type, DECODERS[model_type], sequence_parallel_attention="ring")
     run_model = with_activation_sharding(model, make_mesh({"sequence": 4, "data": 2}), ShardingRules())
-    jaxpr = _grad_jaxpr(run_model.apply, model.abstract_params(), model_type)
+    jaxpr = _grad_jaxpr(run_model.apply, model.abstract_params())
     assert "shard_map" in str(jaxpr)  # the ring ran
     assert _whole_length_booleans(jaxpr, LONG // 4) == []  # (rows >= 128, keys >= 512)
 

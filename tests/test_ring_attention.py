@@ -46,9 +46,9 @@ def _lengths_mask(lengths: list[int], left: bool = False) -> np.ndarray:
 
 
 def _mask(case: str) -> jax.Array:
-    """jtrain's boolean [B|1, 1, L, L] mask for each case (boundaries off the block edges: 16 and 32)."""
+    """jtrain's mask (its parts, `AttentionMask`) for each case (boundaries off the block edges: 16 and 32)."""
     if case in ("causal", "softcap"):
-        return make_attention_mask(None, None, causal=True)  # [1, 1, L, L]: one mask for every row
+        return make_attention_mask(None, None, causal=True)  # no per-row term: one mask for every row
     if case == "causal_padding":  # right padding, and left padding: its first queries see no key at all
         right, left = _lengths_mask([50, 64, 23, 7]), _lengths_mask([40, 64, 64, 64], left=True)
         return make_attention_mask(jnp.asarray(right * left), None, causal=True)

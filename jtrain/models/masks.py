@@ -50,8 +50,12 @@ class AttentionMask:
     segment_ids_BL: jax.Array | None = None
     window: Any = None
 
+    def _static_window(self) -> bool:
+        """The window is absent or a Python int (aux data), not a traced array (a pytree leaf)."""
+        return self.window is None or isinstance(self.window, (int, np.integer))
+
     def tree_flatten(self) -> tuple[tuple, tuple]:
-        static_window = self.window is None or isinstance(self.window, (int, np.integer))
+        static_window = self._static_window()
         children = (self.key_valid_BS, self.segment_ids_BL, None if static_window else self.window)
         return children, (self.causal, self.window if static_window else None, static_window)
 
@@ -94,9 +98,6 @@ class AttentionMask:
         """The whole [B|1, 1, L, S] mask: for the paths that need one (reference einsum, fallbacks)."""
         return self.block(0, rows, 0, keys)
 
-    def _static_window(self) -> bool:
-        return self.window is None or isinstance(self.window, (int, np.integer))
-
     def _kernel_terms(self, rows: int, keys: int) -> dict[str, Any] | None:
         """`is_causal`/`local_window_size` for the positional terms, or None when a kernel cannot
         express them (a traced window, a bidirectional window, queries and keys of other lengths)."""
@@ -133,8 +134,7 @@ class AttentionMask:
         spec = jax.sharding.PartitionSpec
         return AttentionMask(self.causal, None if self.key_valid_BS is None else spec(batch, None),
                              None if self.segment_ids_BL is None else spec(batch, None),
-                             self.window if self.window is None or isinstance(self.window, (int, np.integer))
-                             else spec())
+                             self.window if self._static_window() else spec())
 
     def ring_block(self, i: jax.Array, j: jax.Array, rows: int, keys: int) -> jax.Array:
         """Device i's rows against key block j (global block indices), inside the shard_map."""
