@@ -1,0 +1,119 @@
+"""What the GPU kernels are given, checked without a GPU: the train step cross-lowered for CUDA.
+
+`jit(...).trace(...).lower(lowering_platforms=("cuda",))` runs JAX's CUDA lowering rules on this
+CPU machine, so the StableHLO a GPU would compile can be read here: which cuDNN attention kernel
+each layer calls and with what mask. Three things stand in for the missing GPU, each only a
+question the lowering asks the machine: JAX's cuDNN version and compute-capability checks (set to
+cuDNN 9.10 on a Hopper GPU, the H200 of `benchmarks/gpu_1b.py`), and `jax.default_backend()` (set
+to "gpu", so the model takes its accelerator paths, as it would when traced on a GPU).
+
+Nothing here runs a kernel: the numbers of the fused kernels are JAX's and NVIDIA's; the tests in
+tests/test_attention_masks.py check what jtrain passes against the reference einsum on CPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+from jtrain.args import TrainingArguments
+from jtrain.compiled import build_compiled_steps
+from jtrain.models import create_model
+from jtrain.precision import policy_from_args
+from jtrain.trainer import Trainer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import gpu_1b  # noqa: E402
+
+_CALL = re.compile(r"stablehlo\.custom_call @([\w$]+)\(")
+
+
+@pytest.fixture
+def as_if_on_a_hopper_gpu(monkeypatch):
+    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda cc: float(cc) <= 9.0)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+
+def _cuda_train_step(tmp_path, model, batch: dict[str, np.ndarray], **arg_overrides) -> str:
+    """The jtrain Trainer's train step for `batch` (one micro-batch), lowered for CUDA, as text.
+
+    Built as the Trainer builds it (its optimizer, schedule, loss and precision policy) but from
+    abstract shapes only: a 1B model's state is never allocated."""
+    args = TrainingArguments(**{**dict(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=2,
+                                       bf16=True, save_strategy="no", report_to=["none"], disable_tqdm=True,
+                                       mesh_shape={"data": 1}), **arg_overrides})
+    trainer = Trainer(model, args)
+    trainer.create_optimizer_and_scheduler(args.max_steps)
+    steps = build_compiled_steps(model, trainer.mesh, trainer.optimizer, trainer.lr_scheduler, trainer.compute_loss,
+                                 seed=args.seed, precision=policy_from_args(args))
+    abstract = steps.abstract_train_batch({k: v[None] for k, v in batch.items()})
+    return steps.train_step.trace(steps.abstract_state, abstract).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _attention_calls(hlo: str) -> collections.Counter:
+    """(kernel, cuDNN mask type, sliding window length) -> number of calls in the lowered step."""
+    calls: collections.Counter = collections.Counter()
+    for line in hlo.splitlines():
+        found = _CALL.search(line)
+        if found and found.group(1).startswith("__cudnn$fmha"):
+            mask = re.search(r'mask_type\\22: \\22(\w+)', line).group(1)
+            window = int(re.search(r'sliding_window_length\\22: (\d+)', line).group(1))
+            calls[(found.group(1), mask, window)] += 1
+    return calls
+
+
+def _rows(rows: int, length: int, lengths: list[int] | None = None) -> dict[str, np.ndarray]:
+    ids = np.ones((rows, length), np.int32)
+    batch = {"input_ids": ids, "labels": ids}
+    if lengths is not None:
+        batch["attention_mask"] = (np.arange(length)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+    return batch
+
+
+def test_gpu_benchmark_step_gives_cudnn_the_causal_flash_kernel_and_no_mask(tmp_path, as_if_on_a_hopper_gpu):
+    # benchmarks/gpu_1b.py's jtrain side exactly: TinyLlama-1.1B's shape, bf16, attention_impl cudnn,
+    # 2048-token rows without an attention_mask (the batch size does not change the kernels).
+    preset = gpu_1b.PRESETS["1b"]
+    model = create_model("llama", preset.hf_config(), dtype="bfloat16", attention_impl="cudnn")
+    hlo = _cuda_train_step(tmp_path, model, _rows(2, preset.seq))
+    # One causal flash call per layer forward and one backward, with no bias or mask operand: the
+    # kernel skips the masked half. A dense [B, 1, L, L] mask would show as fmhaScaleBiasSoftmax.
+    assert _attention_calls(hlo) == {("__cudnn$fmhaSoftmax", "CAUSAL", 0): preset.layers,
+                                     ("__cudnn$fmhaSoftmaxBackward", "CAUSAL", 0): preset.layers}
+    # The dense layers keep lax.dot_general off the CPU: the CPU-only weight-gradient VJP
+    # (jtrain.models.matmul, behind an optimization barrier) is not in the GPU step.
+    assert "optimization_barrier" not in hlo
+
+
+def test_right_padding_goes_to_cudnn_as_lengths_with_the_dense_mask_as_fallback(tmp_path, as_if_on_a_hopper_gpu):
+    model = create_model("llama", _small_llama(), dtype="bfloat16", attention_impl="cudnn")
+    hlo = _cuda_train_step(tmp_path, model, _rows(2, 256, lengths=[200, 256]))
+    # Both branches of the per-batch cond are compiled (one runs): lengths for right padding, the
+    # dense mask as a bias for any other padding. No call gets the causal-only kernel.
+    assert _attention_calls(hlo) == {("__cudnn$fmhaSoftmax", "PADDING_CAUSAL", 0): 2,
+                                     ("__cudnn$fmhaSoftmaxBackward", "PADDING_CAUSAL", 0): 2,
+                                     ("__cudnn$fmhaScaleBiasSoftmax", "NO_MASK", 0): 2,
+                                     ("__cudnn$fmhaScaleBiasSoftmaxBackward", "NO_MASK", 0): 2}
+
+
+def test_sliding_window_reaches_cudnn_as_a_window_of_the_same_size(tmp_path, as_if_on_a_hopper_gpu):
+    # Mistral's sliding_window w lets a query see itself and the w - 1 keys before it (HF's
+    # definition, and jtrain's mask); cuDNN's sliding_window_length counts the same w keys.
+    model = create_model("mistral", {**_small_llama(), "sliding_window": 64}, dtype="bfloat16",
+                         attention_impl="cudnn")
+    hlo = _cuda_train_step(tmp_path, model, _rows(2, 256))
+    assert _attention_calls(hlo) == {("__cudnn$fmhaSoftmax", "CAUSAL", 64): 2,
+                                     ("__cudnn$fmhaSoftmaxBackward", "CAUSAL", 64): 2}
+
+
+def _small_llama() -> dict:
+    return dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512)
