@@ -11,11 +11,14 @@ flash kernel). MFU is the compiled jtrain step's FLOPs over the datasheet bf16 d
 HF side is skipped, with the reason printed, when torch has no CUDA. `--small` runs a tiny model
 on the CPU (XLA attention, measured matmul peak) so the script is tested where no GPU exists.
 Each side runs in its own process, one after the other, so neither holds GPU memory for the other.
+If the cuDNN run fails (no cuDNN, a kernel the GPU lacks), jtrain runs again with XLA's attention
+and the table says why: a GPU session is rare, and it should bring back numbers either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -38,11 +41,16 @@ def worker(a: argparse.Namespace) -> dict:
     a.bf16, a.quick, a.xla_flags = True, False, ""
     if a.worker == "jtrain":
         a.device, a.peak = ("cpu", "matmul") if a.preset == "small" else ("gpu", "table")
-        a.model_options = '{"attention_impl": "xla"}' if a.preset == "small" else '{"attention_impl": "cudnn"}'
+        a.model_options = json.dumps({"attention_impl": a.attention})
         # Rows have no padding: without an attention_mask the model sees a purely causal batch (HF's
         # SDPA likewise drops an all-ones mask and runs its causal flash kernel).
         a.drop_attention_mask = True
-        return vs_hf.jtrain_worker(a, p)
+        try:
+            return {**vs_hf.jtrain_worker(a, p), "attention": a.attention}
+        except Exception as err:  # reported to the parent, which retries with XLA's attention
+            if a.attention == "xla":
+                raise
+            return {"side": "jtrain", "attention": a.attention, "failed": f"{type(err).__name__}: {err}"}
     a.device = "cpu" if a.preset == "small" else "gpu"
     return vs_hf.hf_worker(a, p)
 
@@ -55,7 +63,11 @@ def summary(p: vs_hf.Preset, runs: dict[str, dict]) -> str:
             f"(formula 6·N·T + attention: {p.formula_flops():.4g}).")
     lines = [head, ""]
     rows = []
+    if j.get("cudnn_failure"):
+        lines += [f"The cuDNN run failed ({j['cudnn_failure'][:300]}); jtrain ran again with XLA's attention.", ""]
     for side, r in (("jtrain", j), ("hf", h)):
+        if side == "jtrain":
+            side = f"jtrain ({r['attention']} attention)"
         if r.get("skipped"):
             rows.append([side, "skipped: " + r["skipped"]] + [""] * 5)
             continue
@@ -81,6 +93,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the markdown summary here")
+    ap.add_argument("--attention", choices=("cudnn", "xla"), default=None,
+                    help="jtrain's attention_impl (default: cudnn on the GPU, xla with --small)")
     ap.add_argument("--worker", choices=vs_hf.SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--preset", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -90,17 +104,22 @@ def main() -> None:
         return
     name = "small" if a.small else "1b"
     steps = a.steps if a.steps is not None else PRESETS[name].steps
+    attention = a.attention or ("xla" if a.small else "cudnn")
     runs = {}
     for side in vs_hf.SIDES:
         argv = [os.path.abspath(__file__), "--worker", side, "--preset", name, "--steps", str(steps),
                 "--warmup", str(a.warmup)]
         try:
-            runs[side] = bc.run_child(argv)
+            runs[side] = bc.run_child(argv + ["--attention", attention])
         except RuntimeError as err:
             if side == "jtrain":
                 raise
             # the jtrain numbers are what a rare GPU session is for: report them whatever the peer did
             runs[side] = {"side": side, "skipped": f"the HF run failed: {str(err).splitlines()[-1]}"}
+        if runs[side].get("failed"):
+            failure = runs[side]["failed"]
+            print(f"jtrain with {attention} attention failed: {failure}\nrunning it again with xla attention")
+            runs[side] = {**bc.run_child(argv + ["--attention", "xla"]), "cudnn_failure": failure}
     text = summary(PRESETS[name], runs)
     print(text)
     if a.out:

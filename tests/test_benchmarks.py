@@ -25,8 +25,8 @@ sys.path.insert(0, BENCH)
 
 def _run(script: str, *args: str, tmp_path) -> tuple[str, dict]:
     env = {**os.environ, "JTRAIN_PEAK_CACHE": str(tmp_path / "peak_cache")}
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True, check=False,
-                          env=env, cwd=str(tmp_path), timeout=600)
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True,
+                          check=False, env=env, cwd=str(tmp_path), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     return proc.stdout, (json.loads(result[-1][len("RESULT "):]) if result else {})
@@ -49,11 +49,16 @@ def test_vs_hf_smoke_prints_every_field_and_writes_results(tmp_path):
     assert "vs_hf.py --presets smoke" in text and "model name" not in text and "jax " in text
 
 
-def test_gpu_1b_small_runs_on_cpu(tmp_path):
+def test_gpu_1b_small_runs_on_cpu_and_falls_back_to_xla_attention_when_cudnn_fails(tmp_path):
+    # Asking for cuDNN on the CPU makes the GPU script's fallback run: the cuDNN run fails (JAX finds
+    # no cuDNN), jtrain runs again with XLA's attention, and the summary says why.
     out = tmp_path / "gpu.md"
-    stdout, result = _run("gpu_1b.py", "--small", "--steps", "2", "--warmup", "1", "--out", str(out),
-                          tmp_path=tmp_path)
+    stdout, result = _run("gpu_1b.py", "--small", "--attention", "cudnn", "--steps", "2", "--warmup", "1",
+                          "--out", str(out), tmp_path=tmp_path)
     jtrain, hf = result["runs"]["jtrain"], result["runs"]["hf"]
+    assert jtrain["attention"] == "xla" and "cuDNN is not detected" in jtrain["cudnn_failure"]
+    assert "The cuDNN run failed (RuntimeError: cuDNN is not detected.)" in stdout
+    assert "| jtrain (xla attention) |" in stdout
     assert jtrain["step_flops"] > 0 and jtrain["tokens_per_s"] > 0
     assert "skipped" not in hf and hf["tokens_per_s"] > 0  # --small runs the HF side on CPU: never skipped
     assert jtrain["params"] == hf["params"]
@@ -72,7 +77,8 @@ def test_trainer_overhead_small_reports_paired_ratios(tmp_path):
     assert len(r["bare_runs"]) == len(r["trainer_runs"]) == len(r["pair_ratios"]) == 2
     assert min(r["bare_runs"] + r["trainer_runs"]) > 0
     expected = [t / b for t, b in zip(r["trainer_runs"], r["bare_runs"])]
-    assert r["pair_ratios"] == pytest.approx(expected) and r["window_ratio"] == pytest.approx(statistics.median(expected))
+    assert r["pair_ratios"] == pytest.approx(expected)
+    assert r["window_ratio"] == pytest.approx(statistics.median(expected))
     assert r["intervals"] == [2 * 1, 2 * 2]  # bare: 3 updates -> 2 reads -> 1 interval; Trainer: steps + 1 marks
     assert r["ratio"] == pytest.approx(r["bare_median_step_s"] / r["trainer_median_step_s"])
     assert "Trainer / bare loop tokens/s = **" in r["markdown"] and "| Trainer.train() |" in r["markdown"]
