@@ -8,6 +8,7 @@ BERT) trained through it must give the single-device loss and gradients; then me
 
 from __future__ import annotations
 
+import collections
 import re
 
 import jax
@@ -21,6 +22,7 @@ from jtrain.compiled import with_activation_sharding
 from jtrain.config import build_config
 from jtrain.models import create_model
 from jtrain.models.attention import attend, make_attention_mask
+from jtrain.models import ring_attention as ra
 from jtrain.models.ring_attention import ring_attention
 from jtrain.pipeline_parallel import with_pipeline_stages
 from jtrain.sharding import BATCH_AXES, ActivationSharding, ShardingRules, make_mesh, param_shardings
@@ -129,6 +131,63 @@ def test_causal_block_skipping_leaves_no_later_block_seen():
     assert not np.allclose(f(q, k, v, every, True), f(q, k, v, every, False), atol=1e-3)
     causal = _mask("causal")
     np.testing.assert_allclose(f(q, k, v, causal, True), f(q, k, v, causal, False), rtol=RTOL, atol=1e-6)
+
+
+def test_zigzag_order_holds_an_early_and_a_late_half_block_per_device():
+    """Device d holds global half-blocks d and 2P-1-d after `_to_zigzag`; `_from_zigzag` undoes it."""
+    mesh = make_mesh({"sequence": 4, "data": 2})
+    r = ra._Ring(mesh=mesh, q_spec=P(None, "sequence"), kv_spec=P(None, "sequence"), mask_spec=None,
+                 lse_spec=P(), axes=("sequence",), size=4, scale=1.0, softcap=None, causal_blocks=True, zigzag=True)
+    x = jnp.arange(2 * L).reshape(2, L)
+    spec = P(None, "sequence")
+    to = jax.jit(jax.shard_map(lambda x: ra._to_zigzag(r, x, axis=1), mesh=mesh, in_specs=spec, out_specs=spec))
+    back = jax.jit(jax.shard_map(lambda x: ra._from_zigzag(r, x, axis=1), mesh=mesh, in_specs=spec, out_specs=spec))
+    half = L // 8
+    order = np.concatenate([np.arange(h * half, (h + 1) * half) for d in range(4) for h in (d, 7 - d)])
+    np.testing.assert_array_equal(to(x), np.asarray(x)[:, order])
+    np.testing.assert_array_equal(back(to(x)), x)
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_zigzag_gives_every_device_the_same_causal_work(balance, monkeypatch):
+    """Score entries computed per ring position, counted in the kernel itself: a debug callback in
+    `_scores` runs only for the blocks (or zigzag quadrants) that `lax.cond` computes. Contiguous
+    blocks: device p computes p + 1 blocks of l x l, so the last one waits on P blocks. Zigzag: each
+    computes 2(P-1) + 3 quadrants of (l/2) x (l/2), forward and backward alike."""
+    counts = collections.Counter()
+    scores = ra._scores
+
+    def counted(r, q, k):
+        entries = q.shape[1] * k.shape[1]
+        jax.debug.callback(lambda i: counts.update({int(i): entries}), ra._index(r))
+        return scores(r, q, k)
+
+    monkeypatch.setattr(ra, "_scores", counted)
+    q, k, v, w = _qkv(2)
+    sharding = ActivationSharding(make_mesh(MESHES["sequence4_data2"]))  # each ring position twice (data 2)
+    ring = _value_and_grads(lambda q, k, v: ring_attention(q, k, v, _mask("packed"), sharding, causal_blocks=True,
+                                                           balance=balance), w)
+    ring(q, k, v)[0].block_until_ready()
+    jax.effects_barrier()
+    per_position = [counts[p] // 2 for p in range(4)]  # forward + backward: two score passes per block
+    l = L // 4
+    if balance:
+        assert per_position == [2 * (2 * 3 + 3) * (l // 2) ** 2] * 4
+    else:
+        assert per_position == [2 * (p + 1) * l * l for p in range(4)]
+
+
+@pytest.mark.parametrize("case", ["causal_padding", "packed", "sliding_window"])
+def test_contiguous_blocks_still_match_the_reference(case):
+    """`balance=False` (contiguous blocks, the layout a `DenseMask` always takes) for jtrain's masks."""
+    q, k, v, w = _qkv(3)
+    mask = _mask(case)
+    sharding = ActivationSharding(make_mesh(MESHES["sequence4_data2"]))
+    ring = _value_and_grads(lambda q, k, v: ring_attention(q, k, v, mask, sharding, causal_blocks=True,
+                                                           balance=False), w)
+    ref = _value_and_grads(lambda q, k, v: attend(q, k, v, mask, implementation="reference"), w)
+    for got, want, name in zip(ring(q, k, v), ref(q, k, v), ("out", "dq", "dk", "dv")):
+        _assert_close(got, want, f"{case} {name}")
 
 
 # ---- the models, trained through the ring ----
