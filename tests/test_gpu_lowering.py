@@ -114,6 +114,54 @@ def test_sliding_window_reaches_cudnn_as_a_window_of_the_same_size(tmp_path, as_
                                      ("__cudnn$fmhaSoftmaxBackward", "CAUSAL", 64): 2}
 
 
+# Every family with cuDNN attention, attention dropout off (HF's GPT-2 and BERT default to 0.1; see the
+# next test). Right-padded rows: decoders get the causal padding kernel, BERT the bidirectional one.
+FAMILIES = {
+    "gpt2": ("causal_lm", dict(vocab_size=512, n_embd=256, n_layer=2, n_head=4, n_positions=256, attn_pdrop=0.0),
+             "PADDING_CAUSAL"),
+    "bert": ("sequence_classification", dict(vocab_size=512, hidden_size=256, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=512, num_labels=3,
+                                             attention_probs_dropout_prob=0.0), "PADDING"),
+    "mixtral": ("causal_lm", dict(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                  num_experts_per_tok=2, max_position_embeddings=256), "PADDING_CAUSAL"),
+}
+
+
+def _family_batch(task: str) -> dict[str, np.ndarray]:
+    batch = _rows(2, 256, lengths=[200, 256])
+    if task == "sequence_classification":
+        batch["labels"] = np.array([0, 2], np.int32)
+    return batch
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_gives_cudnn_its_padding_kernel(tmp_path, family, as_if_on_a_hopper_gpu):
+    task, config, mask_type = FAMILIES[family]
+    model = create_model(family, config, task=task, dtype="bfloat16", attention_impl="cudnn")
+    hlo = _cuda_train_step(tmp_path, model, _family_batch(task))
+    assert _attention_calls(hlo) == {("__cudnn$fmhaSoftmax", mask_type, 0): 2,
+                                     ("__cudnn$fmhaSoftmaxBackward", mask_type, 0): 2,
+                                     ("__cudnn$fmhaScaleBiasSoftmax", "NO_MASK", 0): 2,
+                                     ("__cudnn$fmhaScaleBiasSoftmaxBackward", "NO_MASK", 0): 2}
+    assert "optimization_barrier" not in hlo
+
+
+def test_attention_dropout_keeps_cudnn_out_of_training_and_says_so(tmp_path, as_if_on_a_hopper_gpu, caplog):
+    # HF's GPT-2 config trains with attn_pdrop 0.1; the fused call has no dropout, so training takes
+    # the reference einsum (full scores). Asking for cuDNN then logs why it is not used, and how to fix it.
+    from jtrain.models import attention
+
+    attention._warned.clear()
+    task, config, _ = FAMILIES["gpt2"]
+    model = create_model("gpt2", {**config, "attn_pdrop": 0.1}, task=task, dtype="bfloat16", attention_impl="cudnn")
+    with caplog.at_level("WARNING", logger="jtrain.models.attention"):
+        hlo = _cuda_train_step(tmp_path, model, _family_batch(task))
+    assert not _attention_calls(hlo)
+    warnings = [r.getMessage() for r in caplog.records if "no attention-probability dropout" in r.getMessage()]
+    assert len(warnings) == 1 and "attn_pdrop" in warnings[0] and "dropout 0.1 is active" in warnings[0]
+
+
 def _small_llama() -> dict:
     return dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512)

@@ -7,6 +7,7 @@ parts (`jtrain.models.masks.AttentionMask`), so no path builds more of [B, 1, L,
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping
 
@@ -22,6 +23,15 @@ __all__ = ["AttentionMask", "DenseMask", "apply_rope", "attend", "make_attention
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log `message` once per process (attention is traced once per layer and per compile)."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None, *,
@@ -126,6 +136,11 @@ def attend(
                           "use attention_impl 'xla'")
     mask = as_mask(mask)
     L, S = q_BLNH.shape[1], k_BSKH.shape[1]
+    if implementation == "cudnn" and dropout_rng is not None and dropout_rate > 0.0:
+        _warn_once(f"attention_impl 'cudnn' has no attention-probability dropout: while dropout {dropout_rate} is "
+                   "active in training, attention takes the reference einsum, which materialises the [B, heads, L, "
+                   "S] scores. Set the model's attention dropout (attention_dropout, attn_pdrop, "
+                   "attention_probs_dropout_prob) to 0 to train with the cuDNN kernel")
     on_cpu_path = implementation == "xla" and jax.default_backend() == "cpu" and not sequence_parallel
     if implementation == "reference" or (dropout_rng is not None and dropout_rate > 0.0) or (
             softcap is not None and not on_cpu_path):
