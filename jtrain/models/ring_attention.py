@@ -20,8 +20,9 @@ computes one, and every step waits for the slowest. With `causal_blocks` and jtr
 late), for queries, keys and values alike, reordered inside the ring by two `ppermute`s per tensor on
 the way in and two on the way out. Each (row half, key half) quadrant is computed only when some
 row can see some key, so every device does 2(P-1) + 3 quadrants (the contiguous layout's last
-device computes P whole blocks, 4P quadrants). Mask blocks come from the halves' global positions, so nothing outside the
-ring changes (the loss, the labels and the other layers keep the contiguous order).
+device computes P whole blocks, 4P quadrants). Mask blocks come from the halves' global positions,
+so nothing outside the ring changes (the loss, the labels and the other layers keep the contiguous
+order).
 
 Shape letters as in `jtrain.models.attention`; lower case: the per-device block (b, l, s rows).
 """
