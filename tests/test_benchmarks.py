@@ -66,6 +66,31 @@ def test_gpu_1b_small_runs_on_cpu_and_falls_back_to_xla_attention_when_cudnn_fai
     assert out.read_text().startswith("# jtrain vs HF Trainer on one GPU")
 
 
+def test_gpu_session_script_runs_both_checks_and_leaves_its_files_in_out(tmp_path):
+    """benchmarks/gpu_session.sh is the one command a session lent a GPU runs; here in its small CPU mode.
+    What it leaves in $OUT is what comes back from the device machine."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "GPU_SESSION_SMALL": "1", "JTRAIN_PEAK_CACHE": str(tmp_path / "peak")}
+    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_session.sh")], capture_output=True, text=True,
+                          check=False, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["RESULTS_GPU.md", "attention.log", "attention.md", "gpu_1b.log",
+                                       "versions.txt"]
+    assert "jax " in (out / "versions.txt").read_text()
+    assert "gpu_1b.py exit status 0" in (out / "gpu_1b.log").read_text()
+    assert "jtrain / HF tokens/s" in (out / "RESULTS_GPU.md").read_text()
+    rows = [line for line in (out / "attention.md").read_text().splitlines() if line.startswith("| ") and
+            not line.startswith("| case")]
+    assert len(rows) == 5 and all(row.endswith("| yes |") for row in rows)
+    assert "gpu_attention_check.py exit status 0" in (out / "attention.log").read_text()
+
+
+def test_gpu_attention_check_refuses_to_pass_for_a_gpu_check_without_a_gpu():
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_attention_check.py")], capture_output=True,
+                          text=True, check=False, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode != 0 and "pass --cpu for the CPU mode" in proc.stderr
+
+
 def test_trainer_overhead_small_reports_paired_ratios(tmp_path):
     """The issue #4 overhead script in its small mode: both loops run, alternating; the ratio it
     reports is that of the median update times it measured, and the window ratios come from the
