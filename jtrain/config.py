@@ -50,7 +50,10 @@ class ModelSection:
     sequence_parallel_attention: str = _f("all_gather", "Attention when `mesh_shape` has a sequence axis: "
                                                         "all_gather (keys and values gathered to the whole length "
                                                         "on every device) | ring (their blocks passed round the "
-                                                        "devices; less memory for long rows).")
+                                                        "devices; less memory for long rows; decoders hold "
+                                                        "their rows in zigzag order so every device does the "
+                                                        "same causal work) | ring_contiguous (the ring with "
+                                                        "contiguous blocks, to measure that balance).")
 
     def __post_init__(self) -> None:
         _need(not (self.model_name_or_path and (self.config or self.config_name)),

@@ -223,13 +223,17 @@ def _on_mesh(model, params, mesh_shape):
 RUNS = {"llama": ("llama", {}, MESHES["sequence4_data2"]), "gpt2": ("gpt2", {}, MESHES["sequence4_data2"]),
         "bert": ("bert", {}, MESHES["sequence4_data2"]),
         # Pipeline stages run the layers under a vmap over `stage`: the ring's shard_map sits inside it.
-        "llama_pipelined": ("llama", {"scan_layers": True}, {"stage": 2, "sequence": 2, "data": 2})}
+        "llama_pipelined": ("llama", {"scan_layers": True}, {"stage": 2, "sequence": 2, "data": 2}),
+        # The ring with contiguous blocks (no zigzag): the model option that keeps the old layout.
+        "llama_contiguous": ("llama", {"sequence_parallel_attention": "ring_contiguous"}, MESHES["sequence4_data2"])}
 
 
 @pytest.mark.parametrize("run", list(RUNS))
-def test_model_with_ring_matches_one_device(run):
+def test_model_with_ring_matches_one_device(run, monkeypatch):
     model_type, options, mesh_shape = RUNS[run]
-    model = _model(model_type, sequence_parallel_attention="ring", **options)
+    model = _model(model_type, **{"sequence_parallel_attention": "ring", **options})
+    plans, make_plan = [], ra._plan
+    monkeypatch.setattr(ra, "_plan", lambda *a, **k: plans.append(make_plan(*a, **k)) or plans[-1])
     params = jax.device_get(model.init(jax.random.key(0)))
     batch = _batch(model_type)
     ref_loss, ref_grads = _loss_and_grads(model)(params, batch)  # one device: the option changes nothing
@@ -238,6 +242,8 @@ def test_model_with_ring_matches_one_device(run):
     step = _loss_and_grads(run_model)
     loss, grads = step(placed, placed_batch)
     assert float(loss) == pytest.approx(float(ref_loss), rel=LOSS_RTOL)
+    # Decoders take the zigzag layout unless the option asks for contiguous blocks; BERT cannot use it.
+    assert plans and {p.zigzag for p in plans} == {model_type != "bert" and run != "llama_contiguous"}
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(ref_grads))
     for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=GRAD_RTOL, atol=GRAD_ATOL_SCALE * scale,

@@ -21,7 +21,7 @@ from jtrain.models.layers import (LayerNorm, activation, check_sequence_length, 
                                   dropout_rng, embed_tokens, last_token_index, normal_init, pipelined, run_layers,
                                   splits_length, take_rows, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
-from jtrain.models.ring_attention import ring_attention, uses_ring
+from jtrain.models.ring_attention import ring_attention, ring_balance, uses_ring
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ class GPT2Attention(nn.Module):
         if uses_ring(cfg, dropout_active=rng is not None, dropout_field="attn_pdrop"):  # as in Llama
             k = constrain(cfg, k, "batch", "length", "heads", "head_dim")
             v = constrain(cfg, v, "batch", "length", "heads", "head_dim")
-            out = ring_attention(q, k, v, mask, cfg.activation_sharding, scale=scale, causal_blocks=True)
+            out = ring_attention(q, k, v, mask, cfg.activation_sharding, scale=scale, causal_blocks=True,
+                                 balance=ring_balance(cfg))
         else:
             # Sequence parallelism (as in Llama): queries stay split over the length, keys and values are
             # gathered to the whole length. No-op without activation shardings.

@@ -20,7 +20,7 @@ from jtrain.models.layers import (ScaledEmbed, activation, check_sequence_length
                                   dropout_rng, embed_tokens, last_token_index, normal_init, ones_init, pipelined,
                                   run_layers, splits_length, take_rows, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
-from jtrain.models.ring_attention import ring_attention, uses_ring
+from jtrain.models.ring_attention import ring_attention, ring_balance, uses_ring
 
 _WINDOW_FIELDS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 _GEMMA2_FIELDS = ("hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
@@ -237,7 +237,8 @@ class LlamaAttention(nn.Module):
         if uses_ring(cfg, dropout_active=rng is not None, dropout_field="attention_dropout"):
             # Sequence parallelism, ring: key/value blocks travel round the `sequence` devices.
             out_BLNH = ring_attention(q, k, v, mask, cfg.activation_sharding, scale=cfg.attention_scale,
-                                      softcap=cfg.attn_logit_softcapping, causal_blocks=True)
+                                      softcap=cfg.attn_logit_softcapping, causal_blocks=True,
+                                      balance=ring_balance(cfg))
         else:
             # Sequence parallelism, all-gather: queries stay split over `sequence` (length), keys and
             # values are gathered to the whole length, so each device scores its own query rows against

@@ -45,7 +45,7 @@ from jtrain.models.masks import AttentionMask, Mask, as_mask
 from jtrain.models.layers import splits_length
 from jtrain.sharding import axis_size, logical_to_mesh_spec, on_mesh
 
-SEQUENCE_PARALLEL_ATTENTION = ("all_gather", "ring")
+SEQUENCE_PARALLEL_ATTENTION = ("all_gather", "ring", "ring_contiguous")
 _F32 = jnp.float32
 
 
@@ -57,14 +57,14 @@ def uses_ring(cfg: Any, *, dropout_active: bool, dropout_field: str) -> bool:
     if mode not in SEQUENCE_PARALLEL_ATTENTION:
         raise ConfigError(f"sequence_parallel_attention {mode!r} is not one of "
                           f"{', '.join(SEQUENCE_PARALLEL_ATTENTION)}")
-    if mode != "ring" or not splits_length(cfg):
+    if mode == "all_gather" or not splits_length(cfg):
         return False
     if cfg.attention_impl != "xla":
-        raise ConfigError(f"sequence_parallel_attention 'ring' computes attention itself and cannot use "
+        raise ConfigError(f"sequence_parallel_attention {mode!r} computes attention itself and cannot use "
                           f"attention_impl {cfg.attention_impl!r}: set attention_impl 'xla', or "
                           "sequence_parallel_attention 'all_gather' to keep that kernel")
     if dropout_active:
-        raise ConfigError(f"sequence_parallel_attention 'ring' has no attention-probability dropout, but "
+        raise ConfigError(f"sequence_parallel_attention {mode!r} has no attention-probability dropout, but "
                           f"{dropout_field}={getattr(cfg, dropout_field)} is active in training: set {dropout_field} "
                           "to 0, or use sequence_parallel_attention 'all_gather'")
     return True
@@ -90,6 +90,12 @@ class _Ring:
     def pieces(self) -> int:
         """Row (and key) pieces per device: the two zigzag halves, or one contiguous block."""
         return 2 if self.zigzag else 1
+
+
+def ring_balance(cfg: Any) -> bool:
+    """Whether a decoder's ring holds its rows in zigzag order: `ring` does, `ring_contiguous` keeps
+    contiguous blocks (the same results; for measuring the balance on real devices)."""
+    return getattr(cfg, "sequence_parallel_attention", "ring") != "ring_contiguous"
 
 
 def _names(axes: Any) -> tuple[str, ...]:
