@@ -162,6 +162,22 @@ def test_attention_dropout_keeps_cudnn_out_of_training_and_says_so(tmp_path, as_
     assert len(warnings) == 1 and "attn_pdrop" in warnings[0] and "dropout 0.1 is active" in warnings[0]
 
 
+@pytest.mark.parametrize("dtype,warned", [("bfloat16", True), ("float32", False)])
+def test_default_xla_attention_on_a_gpu_points_to_cudnn_in_half_precision(tmp_path, as_if_on_a_hopper_gpu, caplog,
+                                                                           dtype, warned):
+    # The default attention_impl 'xla' never reaches cuDNN (JAX's implementation=None is XLA's own
+    # attention); in bf16/fp16, where cuDNN would run, jtrain says so once. In float32 cuDNN has no kernel.
+    from jtrain.models import attention
+
+    attention._warned.clear()
+    model = create_model("llama", _small_llama(), dtype=dtype)
+    with caplog.at_level("WARNING", logger="jtrain.models.attention"):
+        hlo = _cuda_train_step(tmp_path, model, _rows(2, 256), bf16=dtype == "bfloat16")
+    assert not _attention_calls(hlo)
+    hints = [r.getMessage() for r in caplog.records if "set attention_impl 'cudnn'" in r.getMessage()]
+    assert len(hints) == (1 if warned else 0)
+
+
 def _small_llama() -> dict:
     return dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512)

@@ -141,6 +141,10 @@ def attend(
                    "active in training, attention takes the reference einsum, which materialises the [B, heads, L, "
                    "S] scores. Set the model's attention dropout (attention_dropout, attn_pdrop, "
                    "attention_probs_dropout_prob) to 0 to train with the cuDNN kernel")
+    if implementation == "xla" and jax.default_backend() == "gpu" and q_BLNH.dtype in (jnp.bfloat16, jnp.float16):
+        _warn_once("attention_impl 'xla' on a GPU runs XLA's own attention, which materialises the [B, heads, L, S] "
+                   "scores; for bf16/fp16 set attention_impl 'cudnn' (model option) to use cuDNN's fused flash "
+                   "kernel (docs/performance.md)")
     on_cpu_path = implementation == "xla" and jax.default_backend() == "cpu" and not sequence_parallel
     if implementation == "reference" or (dropout_rng is not None and dropout_rate > 0.0) or (
             softcap is not None and not on_cpu_path):
