@@ -16,6 +16,7 @@ Shape letters: S stages, M micro-batches, b rows per micro-batch, T = M + S - 1 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import jax
@@ -23,6 +24,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jtrain.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # stage_fn(stage_params, h_b..., row_args_b, stage_index, micro_index) -> h_b...
 StageFn = Callable[[Any, jax.Array, Any, jax.Array, jax.Array], jax.Array]
@@ -39,8 +42,10 @@ def microbatch_count(stages: int, microbatches: int | None) -> int:
     return 2 * stages if microbatches is None else int(microbatches)
 
 
-def check_stages(num_layers: int, stages: int, rows: int, microbatches: int) -> None:
-    """Refuse a layer stack or batch that does not split evenly, naming the numbers."""
+def check_stages(num_layers: int, stages: int, rows: int, microbatches: int, row_split: int = 1) -> None:
+    """Refuse a layer stack or batch that does not split evenly, naming the numbers; warn when a
+    micro-batch's rows do not split over the `row_split` devices the batch axes span (data parallel):
+    GSPMD then gives each of them the whole micro-batch, so they compute the same rows."""
     if num_layers % stages:
         raise ConfigError(f"{num_layers} layers do not split evenly into {stages} pipeline stages (mesh axis "
                           f"'stage' of size {stages}); use a layer count that is a multiple of {stages} or "
@@ -49,6 +54,14 @@ def check_stages(num_layers: int, stages: int, rows: int, microbatches: int) -> 
         raise ConfigError(f"a batch of {rows} rows does not split into pipeline_microbatches={microbatches} "
                           f"micro-batches; make the rows per step a multiple of {microbatches} or set the model "
                           "option `pipeline_microbatches` to a divisor of them")
+    if (rows // microbatches) % row_split:
+        fits = [m for m in range(microbatches, 0, -1) if rows % m == 0 and (rows // m) % row_split == 0]
+        fix = (f"set the model option `pipeline_microbatches` to {fits[0]}" if fits else
+               f"give each step a multiple of {row_split} rows per micro-batch")
+        logger.warning("pipeline_microbatches=%d leaves %d row(s) per micro-batch, which do not split over the %d "
+                       "data-parallel devices: each of them computes the same rows (the results are right, the "
+                       "data parallelism is lost inside the pipeline); %s", microbatches, rows // microbatches,
+                       row_split, fix)
 
 
 def with_pipeline_stages(model: Any, mesh: Mesh) -> Any:

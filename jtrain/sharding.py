@@ -328,9 +328,13 @@ class ActivationSharding:
                               f"(sequence parallelism); pad or bucket the rows to a multiple of {size} "
                               "(e.g. `data.block_size`, `pad_to_multiple_of`) or change `mesh_shape`")
 
+    def devices_along(self, logical: str) -> int:
+        """How many devices the mesh axes of logical axis `logical` span (1 when it is not split)."""
+        return axis_size(self.mesh, logical_to_mesh_spec(P(logical), self.rules)[0])
+
     def splits_length(self) -> bool:
         """True when the `length` dimension is split over devices (sequence parallelism)."""
-        return axis_size(self.mesh, logical_to_mesh_spec(P("length"), self.rules)[0]) > 1
+        return self.devices_along("length") > 1
 
     def _pin(self, x: jax.Array, spec: P) -> jax.Array:
         spec = on_mesh(spec, self.mesh)

@@ -109,6 +109,36 @@ def test_microbatches_keep_rows_on_their_devices_and_round_trip():
     assert bubble_fraction(2, 4) == pytest.approx(1 / 5)
 
 
+@pytest.mark.parametrize("microbatches,warned", [(4, True), (2, False)])
+def test_micro_batches_smaller_than_the_data_axis_are_named(microbatches, warned, caplog):
+    """4 rows on `stage 2 x data 2`: 4 micro-batches leave 1 row each, which cannot split over the 2
+    data-parallel devices, so GSPMD gives both the whole micro-batch (an all-gather of the rows in the
+    compiled step) and they compute the same rows. That is logged, with the number that avoids it;
+    2 micro-batches of 2 rows split cleanly and gather nothing."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jtrain.compiled import with_activation_sharding
+    from jtrain.pipeline_parallel import with_pipeline_stages
+    from jtrain.sharding import BATCH_AXES, ShardingRules, make_mesh
+    from test_ring_attention import _forward_float_gathers
+
+    model = create_model("llama", {**TINY_LLAMA, "num_hidden_layers": LAYERS}, scan_layers=True,
+                         pipeline_microbatches=microbatches)
+    mesh = make_mesh({"stage": 2, "data": 2})
+    run_model = with_activation_sharding(with_pipeline_stages(model, mesh), mesh, ShardingRules())
+    params = model.init(jax.random.key(0))
+    ids = jax.device_put(jnp.ones((4, 16), jnp.int32), NamedSharding(mesh, P(BATCH_AXES)))
+    loss = jax.jit(lambda p, ids: jnp.sum(run_model.apply(p, {"input_ids": ids})["logits"]))
+    with caplog.at_level("WARNING", logger="jtrain.pipeline_parallel"):
+        hlo = loss.lower(params, ids).compile().as_text()
+    logged = [r.getMessage() for r in caplog.records if "data-parallel devices" in r.getMessage()]
+    assert bool(logged) == warned and bool(_forward_float_gathers(hlo)) == warned
+    if warned:
+        assert "pipeline_microbatches=4 leaves 1 row(s)" in logged[0]
+        assert "set the model option `pipeline_microbatches` to 2" in logged[0]
+
+
 def test_mixture_of_experts_trains_through_the_pipeline_like_one_device(tmp_path):
     """Mixtral's aux loss reads every layer's router logits: the schedule returns each stage's sown
     logits per tick, drops the bubble ticks and restores layer and row order, so the loss (with the

@@ -166,7 +166,8 @@ def _run_pipelined(scanned: nn.Module, cls: type[nn.Module], cfg: Any, train: bo
     """
     B = h.shape[0]
     micro = microbatch_count(stages, getattr(cfg, "pipeline_microbatches", None))
-    check_stages(num_layers, stages, B, micro)
+    sharding = getattr(cfg, "activation_sharding", None)
+    check_stages(num_layers, stages, B, micro, row_split=1 if sharding is None else sharding.devices_along("batch"))
     per_stage = num_layers // stages
     leaves, treedef = jax.tree.flatten(args)
     per_row = tuple(a.ndim >= 2 and a.shape[0] == B for a in leaves)
@@ -189,7 +190,6 @@ def _run_pipelined(scanned: nn.Module, cls: type[nn.Module], cfg: Any, train: bo
 
         return jax.lax.scan(one, h_stage, (params, jnp.arange(per_stage)))
 
-    sharding = getattr(cfg, "activation_sharding", None)
     stacked = scanned.variables["params"]["layer"]
     h, sown = gpipe(stage_fn, split_stages(stacked, stages), h, row_args, stages=stages, microbatches=micro,
                     constrain=sharding, with_aux=True)
