@@ -129,25 +129,12 @@ def attend(
     path it takes the reference einsum.
     """
     scale = 1.0 / math.sqrt(q_BLNH.shape[-1]) if scale is None else scale
-    if implementation not in ("xla", "cudnn", "reference"):
-        raise ConfigError(f"unknown attention_impl {implementation!r}; valid: xla, cudnn, reference")
-    if implementation == "cudnn" and softcap is not None:
-        raise ConfigError("attention_impl 'cudnn' has no logit soft-capping (Gemma 2's attn_logit_softcapping): "
-                          "use attention_impl 'xla'")
+    dropout_active = dropout_rng is not None and dropout_rate > 0.0
+    _check_implementation(implementation, softcap, dropout_rate if dropout_active else None, q_BLNH.dtype)
     mask = as_mask(mask)
     L, S = q_BLNH.shape[1], k_BSKH.shape[1]
-    if implementation == "cudnn" and dropout_rng is not None and dropout_rate > 0.0:
-        _warn_once(f"attention_impl 'cudnn' has no attention-probability dropout: while dropout {dropout_rate} is "
-                   "active in training, attention takes the reference einsum, which materialises the [B, heads, L, "
-                   "S] scores. Set the model's attention dropout (attention_dropout, attn_pdrop, "
-                   "attention_probs_dropout_prob) to 0 to train with the cuDNN kernel")
-    if implementation == "xla" and jax.default_backend() == "gpu" and q_BLNH.dtype in (jnp.bfloat16, jnp.float16):
-        _warn_once("attention_impl 'xla' on a GPU runs XLA's own attention, which materialises the [B, heads, L, S] "
-                   "scores; for bf16/fp16 set attention_impl 'cudnn' (model option) to use cuDNN's fused flash "
-                   "kernel (docs/performance.md)")
     on_cpu_path = implementation == "xla" and jax.default_backend() == "cpu" and not sequence_parallel
-    if implementation == "reference" or (dropout_rng is not None and dropout_rate > 0.0) or (
-            softcap is not None and not on_cpu_path):
+    if implementation == "reference" or dropout_active or (softcap is not None and not on_cpu_path):
         return _reference_attention(q_BLNH, k_BSKH, v_BSKH, mask.dense(L, S), scale, dropout_rate, dropout_rng,
                                     softcap)
     if on_cpu_path:
@@ -174,6 +161,26 @@ def attend(
     # padding) takes the dense mask. One branch runs; both are compiled.
     right_padded, kwargs = padded
     return lax.cond(right_padded, lambda: fused(**kwargs).astype(q_BLNH.dtype), with_dense_mask)
+
+
+def _check_implementation(implementation: str, softcap: float | None, active_dropout: float | None,
+                          dtype: Any) -> None:
+    """Refuse what no attention path can do, and say once why a GPU run misses cuDNN's fused kernel
+    (active attention dropout keeps it on the reference einsum; the default `xla` never asks for it)."""
+    if implementation not in ("xla", "cudnn", "reference"):
+        raise ConfigError(f"unknown attention_impl {implementation!r}; valid: xla, cudnn, reference")
+    if implementation == "cudnn" and softcap is not None:
+        raise ConfigError("attention_impl 'cudnn' has no logit soft-capping (Gemma 2's attn_logit_softcapping): "
+                          "use attention_impl 'xla'")
+    if implementation == "cudnn" and active_dropout is not None:
+        _warn_once(f"attention_impl 'cudnn' has no attention-probability dropout: while dropout {active_dropout} is "
+                   "active in training, attention takes the reference einsum, which materialises the [B, heads, L, "
+                   "S] scores. Set the model's attention dropout (attention_dropout, attn_pdrop, "
+                   "attention_probs_dropout_prob) to 0 to train with the cuDNN kernel")
+    if implementation == "xla" and jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+        _warn_once("attention_impl 'xla' on a GPU runs XLA's own attention, which materialises the [B, heads, L, S] "
+                   "scores; for bf16/fp16 set attention_impl 'cudnn' (model option) to use cuDNN's fused flash "
+                   "kernel (docs/performance.md)")
 
 
 def _zero_keyless_rows(out_BLNH: jax.Array, mask: jax.Array) -> jax.Array:

@@ -137,8 +137,14 @@ class AttentionMask:
                              self.window if self._static_window() else spec())
 
     def ring_block(self, i: jax.Array, j: jax.Array, rows: int, keys: int) -> jax.Array:
-        """Device i's rows against key block j (global block indices), inside the shard_map."""
+        """Row block i against key block j (global indices in units of `rows` and `keys`), inside the
+        shard_map: any block of the whole length, so the ring may hold its rows in any order."""
         return self.block(i * rows, rows, j * keys, keys)
+
+    @property
+    def any_row_order(self) -> bool:
+        """`ring_block` builds a block for any global rows (from positions), not only local ones."""
+        return True
 
 
 @jax.tree_util.register_pytree_node_class
@@ -178,6 +184,11 @@ class DenseMask:
     def ring_block(self, i: jax.Array, j: jax.Array, rows: int, keys: int) -> jax.Array:
         """This device's own rows (already local) against key block j."""
         return _take(self.mask, j * keys, keys, 3)
+
+    @property
+    def any_row_order(self) -> bool:
+        """The rows arrive split contiguously with the queries: the ring must keep that order."""
+        return False
 
 
 Mask = Union[AttentionMask, DenseMask]

@@ -41,7 +41,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jtrain.errors import ConfigError
 from jtrain.models.attention import soft_cap
-from jtrain.models.masks import AttentionMask, Mask, as_mask
+from jtrain.models.masks import Mask, as_mask
 from jtrain.models.layers import splits_length
 from jtrain.sharding import axis_size, logical_to_mesh_spec, on_mesh
 
@@ -123,10 +123,9 @@ def _plan(q_BLNH: jax.Array, k_BSKH: jax.Array, mask: Mask, sharding: Any, scale
         batch = None
     if heads != kv_axes[2] or N % axis_size(mesh, heads) or K % axis_size(mesh, heads):
         heads = None
-    # Zigzag needs positions for its half-blocks (an AttentionMask; a DenseMask's rows are split
-    # contiguously), a causal promise (otherwise every block is computed anyway) and even blocks.
-    zigzag = (balance and causal_blocks and isinstance(mask, AttentionMask) and size > 1 and S == L
-              and (L // size) % 2 == 0)
+    # Zigzag needs a mask that builds blocks for any rows (not a DenseMask's local ones), a causal
+    # promise (otherwise every block is computed anyway) and blocks that halve.
+    zigzag = balance and causal_blocks and mask.any_row_order and size > 1 and S == L and (L // size) % 2 == 0
     return _Ring(mesh=mesh, q_spec=P(batch, length, heads, None), kv_spec=P(batch, length, heads, None),
                  mask_spec=mask.ring_specs(batch, length),
                  lse_spec=P(batch, heads, None, length), axes=_names(length), size=size, scale=scale,
@@ -289,15 +288,17 @@ def _forward_local(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mas
 
 def _backward_local(r: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, out: jax.Array,
                     lse: jax.Array, dout: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    if r.zigzag:
-        q, k, v, out, dout = (_to_zigzag(r, x, axis=1) for x in (q, k, v, out, dout))
-        lse = _to_zigzag(r, lse, axis=3)
     b, l, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
     pl, ps = l // r.pieces, s // r.pieces
+    # Row by row, so it is taken before the zigzag reordering: `out` itself never travels.
+    delta = jnp.einsum("blkgh,blkgh->bkgl", dout.reshape(b, l, kh, g, h).astype(_F32),
+                       out.reshape(b, l, kh, g, h).astype(_F32))
+    if r.zigzag:
+        q, k, v, dout = (_to_zigzag(r, x, axis=1) for x in (q, k, v, dout))
+        lse, delta = (_to_zigzag(r, x, axis=3) for x in (lse, delta))
     qg, dog = q.reshape(b, l, kh, g, h), dout.reshape(b, l, kh, g, h)
-    delta = jnp.einsum("blkgh,blkgh->bkgl", dog.astype(_F32), out.reshape(b, l, kh, g, h).astype(_F32))
     q_pieces, do_pieces = _pieces(r, qg, axis=1), _pieces(r, dog, axis=1)
     lse_pieces, delta_pieces = _pieces(r, lse, axis=3), _pieces(r, delta, axis=3)
     i = _index(r)
