@@ -321,8 +321,7 @@ class ActivationSharding:
         Every other constraint silently falls back to a free layout; here that would quietly turn
         sequence parallelism off (each device holding the whole sequence), so it is an error.
         """
-        axes = logical_to_mesh_spec(P("length"), self.rules)[0]
-        size = axis_size(self.mesh, axes)
+        axes, size = logical_to_mesh_spec(P("length"), self.rules)[0], self.devices_along("length")
         if length % size:
             raise ConfigError(f"sequence length {length} does not divide over mesh axis {axes!r} of size {size} "
                               f"(sequence parallelism); pad or bucket the rows to a multiple of {size} "

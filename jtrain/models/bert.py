@@ -18,9 +18,9 @@ import jax.numpy as jnp
 from jtrain.errors import ConfigError
 from jtrain.models.attention import attend, make_attention_mask
 from jtrain.models.hfconfig import HFConfig
-from jtrain.models.layers import (LayerNorm, activation, check_sequence_length, constrain, default_positions, dropout,
-                                  dropout_rng, embed_tokens, normal_init, pipelined, positions_within_segments,
-                                  run_layers, splits_length, zeros_init)
+from jtrain.models.layers import (LayerNorm, activation, attend_layout, check_sequence_length, constrain,
+                                  default_positions, dropout, dropout_rng, embed_tokens, normal_init,
+                                  positions_within_segments, run_layers, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
 from jtrain.models.ring_attention import ring_attention, uses_ring
 
@@ -139,8 +139,7 @@ class BertSelfAttention(nn.Module):
         k = constrain(cfg, proj("key"), "batch", None, "heads", "head_dim")
         v = constrain(cfg, proj("value"), "batch", None, "heads", "head_dim")
         out = attend(q, k, v, mask, implementation=cfg.attention_impl, dropout_rate=cfg.attention_probs_dropout_prob,
-                     dropout_rng=rng, sequence_parallel=splits_length(cfg),
-                     branch_on_padding=False if pipelined(cfg) else None)
+                     dropout_rng=rng, **attend_layout(cfg))
         return constrain(cfg, out, "batch", "length", "heads", "head_dim")
 
 

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 
 from jtrain.models.attention import attend, make_attention_mask
 from jtrain.models.hfconfig import HFConfig
-from jtrain.models.layers import (LayerNorm, activation, check_sequence_length, constrain, default_positions, dropout,
-                                  dropout_rng, embed_tokens, last_token_index, normal_init, pipelined, run_layers,
-                                  splits_length, take_rows, zeros_init)
+from jtrain.models.layers import (LayerNorm, activation, attend_layout, check_sequence_length, constrain,
+                                  default_positions, dropout, dropout_rng, embed_tokens, last_token_index, normal_init,
+                                  run_layers, take_rows, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
 from jtrain.models.ring_attention import ring_attention, ring_balance, uses_ring
 
@@ -104,8 +104,7 @@ class GPT2Attention(nn.Module):
             k = constrain(cfg, k, "batch", None, "heads", "head_dim")
             v = constrain(cfg, v, "batch", None, "heads", "head_dim")
             out = attend(q, k, v, mask, implementation=cfg.attention_impl, scale=scale, dropout_rate=cfg.attn_pdrop,
-                         dropout_rng=rng, causal_blocks=True, sequence_parallel=splits_length(cfg),
-                         branch_on_padding=False if pipelined(cfg) else None)
+                         dropout_rng=rng, causal_blocks=True, **attend_layout(cfg))
         out = constrain(cfg, out, "batch", "length", "heads", "head_dim")
         out = DenseGeneral(
             cfg.n_embd, axis=(-2, -1), dtype=dtype, name="c_proj",

@@ -216,6 +216,12 @@ def pipelined(cfg: Any) -> bool:
     return getattr(cfg, "pipeline_stages", 1) > 1
 
 
+def attend_layout(cfg: Any) -> dict[str, Any]:
+    """`attend`'s layout arguments for this config: query rows split over devices (sequence
+    parallelism), and no per-batch cond on padding inside the pipeline's vmap (see `pipelined`)."""
+    return {"sequence_parallel": splits_length(cfg), "branch_on_padding": False if pipelined(cfg) else None}
+
+
 def splits_length(cfg: Any) -> bool:
     """Sequence parallelism is on: query rows (the `length` axis) live on different devices."""
     sharding = getattr(cfg, "activation_sharding", None)

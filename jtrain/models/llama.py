@@ -16,9 +16,9 @@ import jax.numpy as jnp
 
 from jtrain.models.attention import AttentionMask, apply_rope, attend, make_attention_mask, rope_inv_freq, rope_type
 from jtrain.models.hfconfig import HFConfig
-from jtrain.models.layers import (ScaledEmbed, activation, check_sequence_length, constrain, default_positions,
-                                  dropout_rng, embed_tokens, last_token_index, normal_init, ones_init, pipelined,
-                                  run_layers, splits_length, take_rows, zeros_init)
+from jtrain.models.layers import (ScaledEmbed, activation, attend_layout, check_sequence_length, constrain,
+                                  default_positions, dropout_rng, embed_tokens, last_token_index, normal_init,
+                                  ones_init, run_layers, take_rows, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
 from jtrain.models.ring_attention import ring_attention, ring_balance, uses_ring
 
@@ -247,8 +247,7 @@ class LlamaAttention(nn.Module):
             v = constrain(cfg, v, "batch", None, "kv_heads", "head_dim")
             out_BLNH = attend(q, k, v, mask, implementation=cfg.attention_impl, scale=cfg.attention_scale,
                               dropout_rate=cfg.attention_dropout, dropout_rng=rng, causal_blocks=True,
-                              sequence_parallel=splits_length(cfg), softcap=cfg.attn_logit_softcapping,
-                              branch_on_padding=False if pipelined(cfg) else None)
+                              softcap=cfg.attn_logit_softcapping, **attend_layout(cfg))
         out_BLNH = constrain(cfg, out_BLNH, "batch", "length", "heads", "head_dim")
         return DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dtype, name="o_proj",
