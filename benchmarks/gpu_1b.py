@@ -38,10 +38,12 @@ TARGET_MFU = 0.45
 
 def worker(a: argparse.Namespace) -> dict:
     p = PRESETS[a.preset]
-    a.bf16, a.quick, a.xla_flags = True, False, ""
+    a.bf16, a.quick = True, False
     if a.worker == "jtrain":
         a.device, a.peak = ("cpu", "matmul") if a.preset == "small" else ("gpu", "table")
-        a.model_options = json.dumps({"attention_impl": a.attention})
+        a.model_options = json.dumps({"attention_impl": a.attention, **json.loads(a.model_options or "{}")})
+        if a.profile_dir:
+            _perfetto_traces_too()
         # Rows have no padding: without an attention_mask the model sees a purely causal batch (HF's
         # SDPA likewise drops an all-ones mask and runs its causal flash kernel).
         a.drop_attention_mask = True
@@ -53,6 +55,18 @@ def worker(a: argparse.Namespace) -> dict:
             return {"side": "jtrain", "attention": a.attention, "failed": f"{type(err).__name__}: {err}"}
     a.device = "cpu" if a.preset == "small" else "gpu"
     return vs_hf.hf_worker(a, p)
+
+
+def _perfetto_traces_too() -> None:
+    """Make the Trainer's profiler window (profile_start_step) also write perfetto_trace.json.gz,
+    which plain `json` reads (the .xplane.pb beside it needs XProf): gpu_probe.py sums its kernels."""
+    import functools
+    import inspect
+
+    import jax
+
+    if "create_perfetto_trace" in inspect.signature(jax.profiler.start_trace).parameters:
+        jax.profiler.start_trace = functools.partial(jax.profiler.start_trace, create_perfetto_trace=True)
 
 
 def summary(p: vs_hf.Preset, runs: dict[str, dict]) -> str:
@@ -95,6 +109,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the markdown summary here")
     ap.add_argument("--attention", choices=("cudnn", "xla"), default=None,
                     help="jtrain's attention_impl (default: cudnn on the GPU, xla with --small)")
+    ap.add_argument("--xla-flags", default="", help="comma-separated XLA flags for the jtrain side")
+    ap.add_argument("--model-options", default="", help="JSON model options for the jtrain side")
+    ap.add_argument("--profile-dir", default="",
+                    help="jtrain side: trace the last two updates into this folder (jax.profiler + perfetto)")
     ap.add_argument("--worker", choices=vs_hf.SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--preset", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -109,13 +127,19 @@ def main() -> None:
     for side in vs_hf.SIDES:
         argv = [os.path.abspath(__file__), "--worker", side, "--preset", name, "--steps", str(steps),
                 "--warmup", str(a.warmup)]
+        if side == "jtrain":
+            argv += [f"--xla-flags={a.xla_flags}", f"--model-options={a.model_options}",
+                     f"--profile-dir={a.profile_dir}"]
         try:
             runs[side] = bc.run_child(argv + ["--attention", attention])
         except RuntimeError as err:
-            if side == "jtrain":
+            if side == "jtrain" and attention == "xla":
                 raise
-            # the jtrain numbers are what a rare GPU session is for: report them whatever the peer did
-            runs[side] = {"side": side, "skipped": f"the HF run failed: {str(err).splitlines()[-1]}"}
+            # A jtrain child that died outright (a crash inside a cuDNN kernel) is retried below like one
+            # that reported its failure; the jtrain numbers are what a rare GPU session is for, so they
+            # are reported whatever the peer did.
+            runs[side] = ({"side": side, "failed": str(err)[-600:]} if side == "jtrain" else
+                          {"side": side, "skipped": f"the HF run failed: {str(err).splitlines()[-1]}"})
         if runs[side].get("failed"):
             failure = runs[side]["failed"]
             print(f"jtrain with {attention} attention failed: {failure}\nrunning it again with xla attention")

@@ -17,6 +17,7 @@ precision and framework (JAX matmul for jtrain, torch matmul for HF).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -123,6 +124,14 @@ def _common_result(p: Preset, times: _Times, warmup: int, peak: float, loss: flo
 
 
 # ---- jtrain side ---------------------------------------------------------------------------------
+def _profile_window(a: argparse.Namespace, total: int) -> dict[str, Any]:
+    """TrainingArguments that trace the last two updates into `a.profile_dir` (none without one):
+    two of the measured steps carry the tracer, which a median over many steps absorbs."""
+    if not getattr(a, "profile_dir", ""):
+        return {}
+    return {"logging_dir": a.profile_dir, "profile_start_step": max(1, total - 1), "profile_num_steps": 2}
+
+
 def jtrain_worker(a: argparse.Namespace, p: Preset) -> dict[str, Any]:
     """One jtrain run; `a.device` "cpu" pins JAX to the CPU, `a.peak` "matmul" measures the peak here."""
     if getattr(a, "device", "cpu") == "cpu":
@@ -161,7 +170,7 @@ def jtrain_worker(a: argparse.Namespace, p: Preset) -> dict[str, Any]:
             learning_rate=LEARNING_RATE,
             weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, bf16=a.bf16, save_strategy="no",
             report_to=["none"], disable_tqdm=True, mesh_shape={"data": n_dev}, seed=SEED,
-            train_sampling_strategy="sequential")
+            train_sampling_strategy="sequential", **_profile_window(a, total))
         rows = token_rows(p, total * p.batch)
         if getattr(a, "drop_attention_mask", False):  # no padding: lets a model take a causal-only attention path
             rows.pop("attention_mask")
@@ -239,11 +248,15 @@ def hf_worker(a: argparse.Namespace, p: Preset) -> dict[str, Any]:
     transformers.set_seed(SEED)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**p.hf_config(), attn_implementation="sdpa"))
     with tempfile.TemporaryDirectory() as out:
-        args = transformers.TrainingArguments(
+        kwargs = dict(
             output_dir=out, max_steps=total, per_device_train_batch_size=p.batch, learning_rate=LEARNING_RATE,
             weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, bf16=a.bf16, save_strategy="no",
             eval_strategy="no", report_to="none", disable_tqdm=True, use_cpu=not gpu, seed=SEED,
             train_sampling_strategy="sequential", dataloader_num_workers=0)
+        # A transformers from before the sampler unification (a GPU machine's may be older than ours)
+        # lacks train_sampling_strategy; its random order costs the same on random tokens.
+        known = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+        args = transformers.TrainingArguments(**{k: v for k, v in kwargs.items() if k in known})
         trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[StepTimes()])
         times.begin()
         result = trainer.train()

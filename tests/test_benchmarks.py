@@ -8,6 +8,7 @@ what sharding must give on the fake devices.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from jtrain.xla_flags import apply_xla_flags, merge_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
+import gpu_probe  # noqa: E402  (a script beside the benchmarks, importable once BENCH is on the path)
 
 
 def _run(script: str, *args: str, tmp_path) -> tuple[str, dict]:
@@ -74,15 +76,42 @@ def test_gpu_session_script_runs_both_checks_and_leaves_its_files_in_out(tmp_pat
     proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_session.sh")], capture_output=True, text=True,
                           check=False, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["RESULTS_GPU.md", "attention.log", "attention.md", "gpu_1b.log",
-                                       "versions.txt"]
+    # the device tool brings back at most 8 files
+    assert sorted(os.listdir(out)) == ["RESULTS_GPU.md", "attention.md", "probe.json", "probe.md", "session.log",
+                                       "trace.json.gz", "versions.txt"]
     assert "jax " in (out / "versions.txt").read_text()
-    assert "gpu_1b.py exit status 0" in (out / "gpu_1b.log").read_text()
+    log = (out / "session.log").read_text()
+    for script in ("gpu_1b.py", "gpu_attention_check.py", "gpu_probe.py"):
+        assert f"{script} exit status 0" in log
     assert "jtrain / HF tokens/s" in (out / "RESULTS_GPU.md").read_text()
     rows = [line for line in (out / "attention.md").read_text().splitlines() if line.startswith("| ") and
             not line.startswith("| case")]
     assert len(rows) == 5 and all(row.endswith("| yes |") for row in rows)
-    assert "gpu_attention_check.py exit status 0" in (out / "attention.log").read_text()
+    probe = json.loads((out / "probe.json").read_text())
+    # every variant ran (each in its own process, with its XLA flag or model option) and measured a step
+    assert [r["variant"] for r in probe["variants"]] == [v[0] for v in gpu_probe.VARIANTS]
+    assert all(not r.get("failed") and r["median_step_s"] > 0 for r in probe["variants"])
+    assert probe["trace"]["events"] > 0 and "Trace of the last two updates" in (out / "probe.md").read_text()
+
+
+def test_probe_sums_only_the_gpu_stream_lines_of_a_trace(tmp_path):
+    """A GPU process in a perfetto trace also has lines (XLA Ops, XLA Modules) that span the kernels
+    again: only its "Stream" lines count, host lines never, and overlapping kernels are busy once."""
+    meta = [("process_name", 1, None, "/device:GPU:0"), ("process_name", 2, None, "/host:CPU"),
+            ("thread_name", 1, 10, "Stream #13(Compute)"), ("thread_name", 1, 11, "XLA Ops"),
+            ("thread_name", 1, 12, "Stream #14(MemcpyD2D)")]
+    events = [{"ph": "M", "name": kind, "pid": pid, "tid": tid or 0, "args": {"name": name}}
+              for kind, pid, tid, name in meta]
+    spans = [(1, 10, 0, 5, "sm90_xmma_gemm_bf16bf16"), (1, 10, 10, 5, "cudnn_generated_fort_native_sdpa"),
+             (1, 12, 12, 6, "memcpy"), (1, 11, 0, 15, "fusion.1"), (2, 1, 0, 100, "python")]
+    events += [{"ph": "X", "pid": p, "tid": t, "ts": ts, "dur": d, "name": n} for p, t, ts, d, n in spans]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    t = gpu_probe.trace_summary(str(path))
+    assert t["events"] == 3 and t["window_us"] == 18 and t["busy_us"] == 13 and t["kernel_us"] == 16
+    assert t["by_kind_us"] == {"matmul (cuBLAS/cutlass/Triton GEMM)": 5, "attention (cuDNN/flash)": 5,
+                               "copy / memset": 6}
 
 
 def test_gpu_attention_check_refuses_to_pass_for_a_gpu_check_without_a_gpu():
