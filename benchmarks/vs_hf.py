@@ -9,8 +9,8 @@ clipping at 1.0, linear schedule), no evaluation, no checkpoints, HF's default l
 (500) and no progress bar. Each run is a fresh child process (its own peak RSS and thread pool);
 runs alternate jtrain, HF, jtrain, HF ... so that machine noise hits both. Step times come from
 `on_step_end` wall times on both sides, the first `--warmup` steps dropped (their sum is the
-warm-up time, which holds jtrain's compilation). MFU is the compiled jtrain step's FLOP count
-(the same model work on both sides) over a matmul peak measured in the same child, in the same
+warm-up time, which holds jtrain's compilation). MFU is the jtrain step's model FLOP count
+(`jtrain.flop_count`, on its jaxpr; the same model work on both sides) over a matmul peak measured in the same child, in the same
 precision and framework (JAX matmul for jtrain, torch matmul for HF).
 """
 
@@ -62,7 +62,11 @@ class Preset:
         """6 * N * tokens (N without the embedding lookup) + attention scores, fwd + bwd (PaLM's count)."""
         tokens = self.batch * self.seq
         n = self.param_count() - self.vocab * self.hidden
-        return 6.0 * n * tokens + 12.0 * self.layers * self.hidden * self.seq * tokens
+        return 6.0 * n * tokens + self.attention_flops()
+
+    def attention_flops(self) -> float:
+        """Scores and values over the full query x key grid, forward and backward."""
+        return 12.0 * self.layers * self.hidden * self.seq * self.batch * self.seq
 
 
 PRESETS = {
@@ -181,7 +185,7 @@ def jtrain_worker(a: argparse.Namespace, p: Preset) -> dict[str, Any]:
         flops = result.metrics.get("train_flops_per_step")  # the Trainer's own count, when it reports one
         if not a.quick and not flops:
             batch = trainer.steps.place_train_batch({k: v[None, :p.batch] for k, v in token_rows(p, p.batch).items()})
-            flops = step_flops(trainer.steps.train_step, trainer.train_state, batch)
+            flops = step_flops(trainer.steps.train_step, trainer.train_state, batch, devices=n_dev)
         n_params = param_count(trainer.params)
         compiles = dict(trainer.steps.compile_log.counts)
     if a.quick:
@@ -350,10 +354,10 @@ def table_text(rows: list[dict]) -> str:
                          round(s["peak_rss_mb"]), round(s["median_step_page_faults"]),
                          round(s["median_step_kernel_s"] * 1e3),
                          round(s["train_loss"], 4), s["runs_tokens_per_s"]])
-    flops = ["", "FLOPs per step, compiled jtrain step vs 6·N·tokens + 12·layers·hidden·seq·tokens:"]
+    flops = ["", "FLOPs per step, jtrain step's model FLOPs vs 6·N·tokens + 12·layers·hidden·seq·tokens:"]
     for r in rows:
         c, f = r["step_flops"], r["formula_flops"]
-        flops.append(f"- {r['preset']} {r['precision']}: compiled {bc.fmt(c, '.4g')}, formula {f:.4g}, "
+        flops.append(f"- {r['preset']} {r['precision']}: counted {bc.fmt(c, '.4g')}, formula {f:.4g}, "
                      f"ratio {bc.fmt(c / f if c else None, '.3f')}; parameter counts equal on both sides and "
                      f"to the formula: {r['fair']}")
     return bc.markdown_table(header, body) + "\n" + "\n".join(flops)
@@ -467,7 +471,7 @@ FAIRNESS = """## How the comparison is kept fair
 - Timing: `on_step_end` wall times on both sides with the first steps dropped. jtrain's loop reads step
   N-1's metrics after dispatching step N, so its step marks are one step behind but evenly spaced; the
   window column (`tokens/s (window)`) ends at `on_train_end`, after the device is synchronised.
-- MFU: the compiled jtrain step's FLOPs (`jtrain.flops.step_flops`) over a best-of-5 2048x2048 matmul
+- MFU: the jtrain step's model FLOPs (`jtrain.flops.step_flops`, counted on its jaxpr) over a best-of-5 2048x2048 matmul
   measured in the same child process, in the same precision and framework.
 - Memory: both processes run glibc's malloc with its defaults. The page-fault and kernel-time columns
   (medians per step, from `getrusage`) show the fresh memory each step touches: XLA:CPU's

@@ -1,9 +1,10 @@
-"""FLOP counts and device peaks, so that speed is reported as model FLOPs utilisation (MFU).
+"""Device peaks and MFU, so that speed is reported as model FLOPs utilisation.
 
-The FLOP count of a step is the compiler's own (`compiled.cost_analysis()`), not a formula, so
-it counts what actually runs (remat recomputation included; XLA's count is per device for an
-SPMD program). Peaks come from a table of known accelerators; a CPU has no published peak, so
-one is measured once by a large matmul in the requested precision and cached on disk.
+The FLOP count of a step is counted on its jaxpr (`jtrain.flop_count`): matrix products and
+fused attention, remat recomputation included, the same on every platform. XLA's cost analysis
+(`cost_analysis`, still used for bytes accessed) misses the work a GPU hands to cuBLAS and cuDNN.
+Peaks come from a table of known accelerators; a CPU has no published peak, so one is measured
+once by a large matmul in the requested precision and cached on disk.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from jtrain.flop_count import traced_flops
 
 # Dense (non-sparse) peak FLOP/s per device, from the vendors' datasheets.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
@@ -42,15 +45,9 @@ def cost_analysis(compiled: Any) -> dict[str, float]:
     return dict(cost or {})
 
 
-def compiled_flops(compiled: Any) -> float | None:
-    """FLOPs of one call of a compiled executable (per device), or None if the backend cannot say."""
-    flops = cost_analysis(compiled).get("flops")
-    return float(flops) if flops and flops > 0 else None
-
-
-def step_flops(jitted: Callable, *args: Any) -> float | None:
-    """FLOPs of `jitted(*args)` from its compiled form; args may be abstract (ShapeDtypeStruct)."""
-    return compiled_flops(jitted.lower(*args).compile())
+def step_flops(jitted: Callable, *args: Any, devices: int = 1) -> float:
+    """Model FLOPs per device of `jitted(*args)` on `devices` devices; args may be abstract."""
+    return traced_flops(jitted.trace(*args), devices)
 
 
 def _matmul_seconds(n: int, dtype: Any, repeats: int) -> float:
@@ -114,7 +111,7 @@ def device_peak_flops(dtype: str = "float32", device: Any = None, *, measure: bo
 def mfu(flops_per_step: float | None, seconds_per_step: float, peak_per_device: float | None) -> float | None:
     """Model FLOPs utilisation: achieved per-device FLOP/s over the per-device peak.
 
-    `flops_per_step` is per device, as XLA counts an SPMD program; None in, None out.
+    `flops_per_step` is per device (`jtrain.flop_count.traced_flops`); None in, None out.
     """
     if not flops_per_step or not peak_per_device or seconds_per_step <= 0:
         return None

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from jtrain.errors import ConfigError
+from jtrain.flop_count import traced_flops
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +305,7 @@ class StepPlanResult:
     limit: int | None
     limit_source: str
     probes: dict[int, MemoryEstimate | None] = field(default_factory=dict)  # batch -> estimate, all tried
+    flops: float | None = None  # model FLOPs per device of one update at per_device_batch (jtrain.flop_count)
 
 
 def longest_batch(host_batch: dict, length: int | None) -> dict | None:
@@ -330,8 +332,14 @@ def plan_train_step(steps: Any, host_batch: dict, per_device_batch: int, data_pa
     """
     limit, source = device_memory_limit(budget)
 
+    flops: dict[int, float] = {}
+
     def compile_at(n: int, jitted: Any, host: dict) -> tuple[Any, MemoryEstimate | None]:
         batch = steps.abstract_train_batch(host, rows=n * data_parallel)
+        if host is host_batch:  # the shape the run starts with (not a longer planning shape)
+            # jit caches the trace, so lower() below does not trace again; lower() itself must be
+            # jit's own (not Traced.lower), or the loop's first call would compile a second time
+            flops[n] = traced_flops(jitted.trace(steps.abstract_state, batch), steps.mesh.size)
         try:
             compiled = jitted.lower(steps.abstract_state, batch).compile()
         except ValueError as err:  # XLA:CPU has no float16 x float16 -> float32 matmul
@@ -352,7 +360,8 @@ def plan_train_step(steps: Any, host_batch: dict, per_device_batch: int, data_pa
         planned = longest
         estimate = compile_at(per_device_batch, steps.probe_train_step, planned)[1]
     if fits(estimate, limit):
-        return StepPlanResult(per_device_batch, compiled, estimate, limit, source, {per_device_batch: estimate})
+        return StepPlanResult(per_device_batch, compiled, estimate, limit, source, {per_device_batch: estimate},
+                              flops.get(per_device_batch))
     if not auto_find:
         refuse_if_too_big(estimate, limit, source, per_device_batch=per_device_batch)
     estimates: dict[int, MemoryEstimate | None] = {per_device_batch: estimate}
@@ -368,7 +377,10 @@ def plan_train_step(steps: Any, host_batch: dict, per_device_batch: int, data_pa
     logger.warning("auto_find_batch_size: per_device_train_batch_size %d needs %s, more than %s (%s); using %d "
                    "(%s)", per_device_batch, fmt_bytes(estimate.peak), fmt_bytes(limit), source, found,
                    fmt_bytes(estimates[found].peak))
-    return StepPlanResult(found, None, estimates[found], limit, source, estimates)
+    if found not in flops:  # planned at a longer shape: count the run's own shape (a trace, no compile)
+        batch = steps.abstract_train_batch(host_batch, rows=found * data_parallel)
+        flops[found] = traced_flops(steps.train_step.trace(steps.abstract_state, batch), steps.mesh.size)
+    return StepPlanResult(found, None, estimates[found], limit, source, estimates, flops[found])
 
 
 def eval_memory_metrics(trainer: Any, phase: str) -> dict[str, int]:

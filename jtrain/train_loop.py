@@ -24,7 +24,7 @@ from jtrain.callbacks import _export_callbacks as export_callbacks
 from jtrain.checkpoint import CheckpointWriter
 from jtrain.data.loader import HostLoader, LoaderPosition
 from jtrain.errors import ConfigError
-from jtrain.flops import compiled_flops, device_peak_flops, mfu
+from jtrain.flops import device_peak_flops, mfu
 from jtrain.losses import routing_logs
 from jtrain.memory import tracker_for
 from jtrain.profiling import StepProfiler
@@ -374,8 +374,8 @@ def _step_time_metrics(t: Any, run: _Run, steps: int, runtime: float) -> dict:
     Step time is the run's wall time minus evaluation and checkpointing, per update. It splits
     into data wait (the host waiting for the loader), device (dispatching the step and waiting
     for its results: the device was busy) and host (callbacks, logging, bookkeeping: the rest).
-    MFU is the compiled step's own FLOP count (XLA cost analysis, per device) over the step
-    time and the device's peak in the compute dtype (jtrain.flops.device_peak_flops).
+    MFU is the step's model FLOPs per device (counted on its jaxpr: jtrain.flop_count) over the
+    step time and the device's peak in the compute dtype (jtrain.flops.device_peak_flops).
     """
     if steps <= 0:
         return {}
@@ -386,7 +386,7 @@ def _step_time_metrics(t: Any, run: _Run, steps: int, runtime: float) -> dict:
     out = {"train_step_seconds": round(step_seconds, 6), "train_data_wait_fraction": round(data, 4),
            "train_device_fraction": round(device, 4), "train_host_fraction": round(max(0.0, 1.0 - data - device), 4)}
     plan = getattr(t, "_step_plan", None)
-    flops = compiled_flops(plan.compiled) if plan is not None and plan.compiled is not None else None
+    flops = plan.flops if plan is not None else None
     if flops:
         peak, source = device_peak_flops(t.steps.precision.compute_dtype)
         out["train_flops_per_step"] = flops

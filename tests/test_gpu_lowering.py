@@ -17,6 +17,7 @@ import collections
 import os
 import re
 import sys
+from typing import Any
 
 import jax
 import numpy as np
@@ -24,6 +25,7 @@ import pytest
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 
 from jtrain.args import TrainingArguments
+from jtrain.flop_count import traced_flops
 from jtrain.compiled import build_compiled_steps
 from jtrain.models import create_model
 from jtrain.precision import policy_from_args
@@ -43,7 +45,12 @@ def as_if_on_a_hopper_gpu(monkeypatch):
 
 
 def _cuda_train_step(tmp_path, model, batch: dict[str, np.ndarray], **arg_overrides) -> str:
-    """The jtrain Trainer's train step for `batch` (one micro-batch), lowered for CUDA, as text.
+    """The jtrain Trainer's train step for `batch` (one micro-batch), lowered for CUDA, as text."""
+    return _traced_train_step(tmp_path, model, batch, **arg_overrides).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _traced_train_step(tmp_path, model, batch: dict[str, np.ndarray], **arg_overrides) -> Any:
+    """The jtrain Trainer's train step for `batch` (one micro-batch), traced (`jax.stages.Traced`).
 
     Built as the Trainer builds it (its optimizer, schedule, loss and precision policy) but from
     abstract shapes only: a 1B model's state is never allocated."""
@@ -55,7 +62,7 @@ def _cuda_train_step(tmp_path, model, batch: dict[str, np.ndarray], **arg_overri
     steps = build_compiled_steps(model, trainer.mesh, trainer.optimizer, trainer.lr_scheduler, trainer.compute_loss,
                                  seed=args.seed, precision=policy_from_args(args))
     abstract = steps.abstract_train_batch({k: v[None] for k, v in batch.items()})
-    return steps.train_step.trace(steps.abstract_state, abstract).lower(lowering_platforms=("cuda",)).as_text()
+    return steps.train_step.trace(steps.abstract_state, abstract)
 
 
 def _attention_calls(hlo: str) -> collections.Counter:
@@ -91,6 +98,23 @@ def test_gpu_benchmark_step_gives_cudnn_the_causal_flash_kernel_and_no_mask(tmp_
     # The dense layers keep lax.dot_general off the CPU: the CPU-only weight-gradient VJP
     # (jtrain.models.matmul, behind an optimization barrier) is not in the GPU step.
     assert "optimization_barrier" not in hlo
+
+
+def test_mfu_counts_cudnn_attention_like_the_einsum_it_replaces(tmp_path, as_if_on_a_hopper_gpu):
+    """The 1B benchmark step's model FLOPs: cuDNN's fused calls count as the einsum products they
+    replace (full query x key grid), so MFU does not depend on the kernel; XLA's cost analysis of
+    the compiled GPU step counted 1.15e13 of these 1.2e14 on the H200 (custom calls count zero)."""
+    preset = gpu_1b.PRESETS["1b"]
+    rows = _rows(preset.batch, preset.seq)
+    counts = {impl: traced_flops(_traced_train_step(tmp_path, create_model("llama", preset.hf_config(),
+                                                                           dtype="bfloat16", attention_impl=impl),
+                                                    rows, per_device_train_batch_size=preset.batch))
+              for impl in ("cudnn", "reference")}
+    assert counts["cudnn"] == counts["reference"]
+    # the benchmark's formula, 6·N·T + attention, counts the RMSNorm weights in N too (no matmul)
+    norm_weights = 2 * preset.hidden * preset.layers + preset.hidden
+    tokens = preset.batch * preset.seq
+    assert counts["cudnn"] == pytest.approx(preset.formula_flops() - 6 * norm_weights * tokens, rel=1e-12)
 
 
 def test_right_padding_goes_to_cudnn_as_lengths_with_the_dense_mask_as_fallback(tmp_path, as_if_on_a_hopper_gpu):
