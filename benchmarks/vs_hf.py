@@ -440,7 +440,7 @@ def write_results(path: str, head: str, rows: list[dict], extra: list[tuple[str,
     overhead = [t for t in sections if t.startswith("Trainer.train()")]
     for title in overhead:
         parts += [f"## {title}\n", sections.pop(title) + "\n"]
-    for name in ("TRIED.md", "SCALING.md"):  # hand-written notes kept beside the scripts
+    for name in ("GPU.md", "TRIED.md", "SCALING.md"):  # hand-written notes kept beside the scripts
         notes = os.path.join(here, name)
         if os.path.exists(notes):
             with open(notes) as fh:
