@@ -46,7 +46,8 @@ class ModelSection:
     config: dict = _f({}, "HF config.json fields for a from-scratch model, or overrides of config_name's (vocab_size, "
                           "special ids and labels are set from the tokenizer and data).")
     scan_layers: bool = _f(False, "Scan over layers (flat compile time as depth grows).")
-    attention_impl: str = _f("xla", "Attention kernel: xla | cudnn | reference.")
+    attention_impl: str = _f("auto", "Attention kernel: auto (cuDNN's fused kernel on NVIDIA GPUs in bf16/fp16, "
+                                     "XLA's elsewhere) | xla | cudnn | reference.")
     sequence_parallel_attention: str = _f("all_gather", "Attention when `mesh_shape` has a sequence axis: "
                                                         "all_gather (keys and values gathered to the whole length "
                                                         "on every device) | ring (their blocks passed round the "

@@ -186,20 +186,49 @@ def test_attention_dropout_keeps_cudnn_out_of_training_and_says_so(tmp_path, as_
     assert len(warnings) == 1 and "attn_pdrop" in warnings[0] and "dropout 0.1 is active" in warnings[0]
 
 
-@pytest.mark.parametrize("dtype,warned", [("bfloat16", True), ("float32", False)])
-def test_default_xla_attention_on_a_gpu_points_to_cudnn_in_half_precision(tmp_path, as_if_on_a_hopper_gpu, caplog,
-                                                                           dtype, warned):
-    # The default attention_impl 'xla' never reaches cuDNN (JAX's implementation=None is XLA's own
-    # attention); in bf16/fp16, where cuDNN would run, jtrain says so once. In float32 cuDNN has no kernel.
+@pytest.mark.parametrize("dtype,impl,cudnn,hinted", [("bfloat16", None, True, False), ("float32", None, False, False),
+                                                     ("bfloat16", "xla", False, True), ("float32", "xla", False, False)])
+def test_default_attention_takes_cudnn_on_a_gpu_in_half_precision(tmp_path, as_if_on_a_hopper_gpu, caplog, dtype,
+                                                                  impl, cudnn, hinted):
+    # The default attention_impl 'auto' takes cuDNN's flash kernel on a GPU in bf16/fp16 (JAX's own
+    # implementation=None would take XLA's attention); float32 has no cuDNN kernel. An explicit 'xla'
+    # stays on XLA's attention and, in half precision, says once that cuDNN is there.
     from jtrain.models import attention
 
     attention._warned.clear()
-    model = create_model("llama", _small_llama(), dtype=dtype)
+    model = create_model("llama", _small_llama(), dtype=dtype, **({"attention_impl": impl} if impl else {}))
     with caplog.at_level("WARNING", logger="jtrain.models.attention"):
         hlo = _cuda_train_step(tmp_path, model, _rows(2, 256), bf16=dtype == "bfloat16")
+    expected = {("__cudnn$fmhaSoftmax", "CAUSAL", 0): 2, ("__cudnn$fmhaSoftmaxBackward", "CAUSAL", 0): 2}
+    assert _attention_calls(hlo) == (expected if cudnn else {})
+    hints = [r.getMessage() for r in caplog.records if "leave attention_impl at 'auto'" in r.getMessage()]
+    assert len(hints) == (1 if hinted else 0)
+
+
+@pytest.mark.parametrize("missing", ["cudnn", "head_size"])
+def test_default_attention_falls_back_to_xla_where_cudnn_cannot_run(tmp_path, as_if_on_a_hopper_gpu, monkeypatch,
+                                                                    caplog, missing):
+    """'auto' asks JAX for cuDNN, and JAX refuses while tracing what cannot run (no cuDNN, as on an
+    AMD GPU; a head size that is not a multiple of 8): the step then uses XLA's attention, says so
+    once, and still trains (it lowers). An explicit 'cudnn' keeps JAX's error."""
+    from jtrain.models import attention
+
+    config = _small_llama()
+    if missing == "cudnn":
+        def no_cudnn():
+            raise RuntimeError("cuDNN is not detected.")
+        monkeypatch.setattr(cudnn_attention, "check_cudnn_version", no_cudnn)
+    else:
+        config.update(hidden_size=48, num_attention_heads=4, num_key_value_heads=2)  # head size 12
+    attention._warned.clear()
+    with caplog.at_level("WARNING", logger="jtrain.models.attention"):
+        hlo = _cuda_train_step(tmp_path, create_model("llama", config, dtype="bfloat16"), _rows(2, 256))
     assert not _attention_calls(hlo)
-    hints = [r.getMessage() for r in caplog.records if "set attention_impl 'cudnn'" in r.getMessage()]
-    assert len(hints) == (1 if warned else 0)
+    fallbacks = [r.getMessage() for r in caplog.records if "cuDNN's fused attention is not available" in r.getMessage()]
+    assert len(fallbacks) == 1
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        _cuda_train_step(tmp_path, create_model("llama", config, dtype="bfloat16", attention_impl="cudnn"),
+                         _rows(2, 256))
 
 
 def _small_llama() -> dict:

@@ -323,7 +323,7 @@ def _trace_on_sequence_mesh(model, *, train: bool = False, rng=None):
 @pytest.mark.parametrize("impl", ["reference", "cudnn"])
 def test_ring_refuses_other_attention_kernels(impl):
     with pytest.raises(ConfigError, match=rf"sequence_parallel_attention 'ring' .* attention_impl '{impl}': set "
-                                          r"attention_impl 'xla'"):
+                                          r"attention_impl 'auto'"):
         _trace_on_sequence_mesh(_model("llama", sequence_parallel_attention="ring", attention_impl=impl))
 
 

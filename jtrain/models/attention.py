@@ -7,6 +7,7 @@ parts (`jtrain.models.masks.AttentionMask`), so no path builds more of [B, 1, L,
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Mapping
@@ -23,6 +24,9 @@ __all__ = ["AttentionMask", "DenseMask", "apply_rope", "attend", "make_attention
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# The model option `attention_impl`: "auto" (default) resolves per backend and dtype
+# (`resolve_implementation`); "reference" is the plain einsum the tests use as the oracle.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "reference")
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
 
@@ -96,7 +100,7 @@ def attend(
     v_BSKH: jax.Array,
     mask: Mask | jax.Array,
     *,
-    implementation: str = "xla",
+    implementation: str = "auto",
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
@@ -108,10 +112,11 @@ def attend(
     """Scaled dot-product attention with grouped-query heads.
 
     `mask` is an `AttentionMask` (its parts), a `DenseMask`, or a boolean [B|1, 1, L, S] array.
-    On the CPU backend `implementation="xla"` takes `_blocked_attention`, which computes the same
-    softmax in query blocks; on accelerators it calls `jax.nn.dot_product_attention` ("cudnn" asks
-    for the fused GPU kernel), with `is_causal` and no mask array when the mask has no per-row
-    terms. For cuDNN a mask whose only per-row term is padding goes as key-value sequence lengths
+    `implementation="auto"` (the default, `resolve_implementation`) is "cudnn" on an NVIDIA GPU in
+    bf16/fp16 and "xla" everywhere else. On the CPU backend "xla" takes `_blocked_attention`, which
+    computes the same softmax in query blocks; on accelerators it calls `jax.nn.dot_product_attention`
+    ("cudnn" asks for the fused GPU kernel), with `is_causal` and no mask array when the mask has no
+    per-row terms. For cuDNN a mask whose only per-row term is padding goes as key-value sequence lengths
     when the batch turns out to be right-padded (a `lax.cond`; other padding gets the dense mask).
     `branch_on_padding` None does that for cuDNN only (XLA's own implementation builds a dense mask
     from the lengths anyway, so the cond would only add a branch), True for any implementation (the
@@ -131,6 +136,8 @@ def attend(
     scale = 1.0 / math.sqrt(q_BLNH.shape[-1]) if scale is None else scale
     dropout_active = dropout_rng is not None and dropout_rate > 0.0
     _check_implementation(implementation, softcap, dropout_rate if dropout_active else None, q_BLNH.dtype)
+    chosen = implementation
+    implementation = resolve_implementation(implementation, q_BLNH.dtype, softcap, dropout_active)
     mask = as_mask(mask)
     L, S = q_BLNH.shape[1], k_BSKH.shape[1]
     on_cpu_path = implementation == "xla" and jax.default_backend() == "cpu" and not sequence_parallel
@@ -142,7 +149,15 @@ def attend(
     impl = None if implementation == "xla" else implementation
 
     def fused(**kwargs: Any) -> jax.Array:
-        return jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, scale=scale, implementation=impl, **kwargs)
+        call = functools.partial(jax.nn.dot_product_attention, q_BLNH, k_BSKH, v_BSKH, scale=scale, **kwargs)
+        if chosen != "auto":
+            return call(implementation=impl)
+        try:  # JAX refuses, while tracing, what this GPU or cuDNN cannot run (an old GPU, a head size)
+            return call(implementation=impl)
+        except (ValueError, NotImplementedError, RuntimeError) as err:
+            _warn_once(f"attention_impl 'auto': cuDNN's fused attention is not available here ({err}); using XLA's "
+                       "attention, which materialises the [B, heads, L, S] scores")
+            return call(implementation=None)
 
     def with_dense_mask() -> jax.Array:
         full = mask.dense(L, S)
@@ -163,12 +178,28 @@ def attend(
     return lax.cond(right_padded, lambda: fused(**kwargs).astype(q_BLNH.dtype), with_dense_mask)
 
 
+def resolve_implementation(implementation: str, dtype: Any, softcap: float | None = None,
+                           dropout_active: bool = False) -> str:
+    """What `attention_impl: auto` means where it is traced: cuDNN's fused flash kernel on an NVIDIA
+    GPU in bf16/fp16 (JAX's own `implementation=None` stays on XLA's attention, which materialises
+    the scores; every cuDNN call path jtrain makes was checked against the einsum on an H200, and the
+    1B benchmark trained on it), XLA's attention elsewhere: on CPU, TPU, in float32 (cuDNN has no
+    float32 flash kernel), and when soft-capping or active dropout needs the einsum anyway. Other
+    values are returned as they are."""
+    if implementation != "auto":
+        return implementation
+    half = dtype in (jnp.bfloat16, jnp.float16)
+    if jax.default_backend() == "gpu" and half and softcap is None and not dropout_active:
+        return "cudnn"
+    return "xla"
+
+
 def _check_implementation(implementation: str, softcap: float | None, active_dropout: float | None,
                           dtype: Any) -> None:
     """Refuse what no attention path can do, and say once why a GPU run misses cuDNN's fused kernel
-    (active attention dropout keeps it on the reference einsum; the default `xla` never asks for it)."""
-    if implementation not in ("xla", "cudnn", "reference"):
-        raise ConfigError(f"unknown attention_impl {implementation!r}; valid: xla, cudnn, reference")
+    (active attention dropout keeps it on the reference einsum; `xla` never asks for it)."""
+    if implementation not in ATTENTION_IMPLS:
+        raise ConfigError(f"unknown attention_impl {implementation!r}; valid: {', '.join(ATTENTION_IMPLS)}")
     if implementation == "cudnn" and softcap is not None:
         raise ConfigError("attention_impl 'cudnn' has no logit soft-capping (Gemma 2's attn_logit_softcapping): "
                           "use attention_impl 'xla'")
@@ -179,8 +210,8 @@ def _check_implementation(implementation: str, softcap: float | None, active_dro
                    "attention_probs_dropout_prob) to 0 to train with the cuDNN kernel")
     if implementation == "xla" and jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
         _warn_once("attention_impl 'xla' on a GPU runs XLA's own attention, which materialises the [B, heads, L, S] "
-                   "scores; for bf16/fp16 set attention_impl 'cudnn' (model option) to use cuDNN's fused flash "
-                   "kernel (docs/performance.md)")
+                   "scores; for bf16/fp16 leave attention_impl at 'auto' (or set 'cudnn') to use cuDNN's fused "
+                   "flash kernel (docs/performance.md)")
 
 
 def _zero_keyless_rows(out_BLNH: jax.Array, mask: jax.Array) -> jax.Array:

@@ -34,7 +34,7 @@ class HFConfig:
     pad_token_id: int | None = None
     # jtrain execution options (not part of HF's config.json).
     dtype: str = "float32"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"  # jtrain.models.attention.resolve_implementation
     # Attention under sequence parallelism: "all_gather" gathers keys and values to the whole length on
     # every device; "ring" passes their blocks round the devices (`jtrain.models.ring_attention`).
     # Without sequence parallelism it changes nothing.

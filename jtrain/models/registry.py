@@ -19,9 +19,9 @@ from jtrain.models.base import Model
 from jtrain.models.hfconfig import JTRAIN_OPTIONS, HFConfig
 from jtrain.models.layers import REMAT_POLICIES
 from jtrain.models.moe import MoEModel
+from jtrain.models.attention import ATTENTION_IMPLS
 from jtrain.models.ring_attention import SEQUENCE_PARALLEL_ATTENTION
 
-ATTENTION_IMPLS = ("xla", "cudnn", "reference")
 TASKS = ("causal_lm", "sequence_classification", "masked_lm", "token_classification")
 DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids", "segment_ids")
 ENCODER_INPUTS = DECODER_INPUTS + ("token_type_ids",)

@@ -59,9 +59,9 @@ def uses_ring(cfg: Any, *, dropout_active: bool, dropout_field: str) -> bool:
                           f"{', '.join(SEQUENCE_PARALLEL_ATTENTION)}")
     if mode == "all_gather" or not splits_length(cfg):
         return False
-    if cfg.attention_impl != "xla":
+    if cfg.attention_impl not in ("auto", "xla"):
         raise ConfigError(f"sequence_parallel_attention {mode!r} computes attention itself and cannot use "
-                          f"attention_impl {cfg.attention_impl!r}: set attention_impl 'xla', or "
+                          f"attention_impl {cfg.attention_impl!r}: set attention_impl 'auto', or "
                           "sequence_parallel_attention 'all_gather' to keep that kernel")
     if dropout_active:
         raise ConfigError(f"sequence_parallel_attention {mode!r} has no attention-probability dropout, but "
