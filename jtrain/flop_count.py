@@ -12,7 +12,9 @@ full query x key grid (4·B·N·T·S·H forward, twice that backward), which is 
 path computes and what PaLM's 6·N·T + attention formula counts. Elementwise work, reductions
 and the optimizer's update are left out, as in every MFU convention. Loops multiply their body
 (`scan` by its length; a `while` of unknown trip count is counted once), `cond` counts its most
-expensive branch, and remat's recomputation is counted, because it runs.
+expensive branch, and remat's recomputation is counted, because it runs. A loop that marks itself with
+`useful_iterations(useful, total)` counts `useful` of its `total` iterations: the pipeline's ticks,
+whose bubble ticks compute on zeros that nothing reads (work that runs, but not model FLOPs).
 
 The jaxpr of a jitted step has global shapes, so the count is for the whole step over every
 device; `per_device` divides by the devices the step runs on (model FLOPs: work duplicated
@@ -23,7 +25,10 @@ body is multiplied by the number of shards.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
+
+import jax
 
 # cuDNN fused attention as jax's `dot_product_attention(implementation="cudnn")` binds it.
 _ATTENTION_FORWARD = {"dot_product_attention_fwd", "dot_product_attention_fwd_wrapper",
@@ -31,13 +36,20 @@ _ATTENTION_FORWARD = {"dot_product_attention_fwd", "dot_product_attention_fwd_wr
 _ATTENTION_BACKWARD = {"dot_product_attention_bwd", "dot_product_attention_bwd_wrapper",
                        "dot_product_attention_fp8_bwd", "dot_product_attention_fp8_bwd_wrapper"}
 _BNTH = 1  # jax's AttentionLayout.BNTH (batch, heads, length, head_dim); BTNH (0) is the other one
+_USEFUL = re.compile(r"jtrain_useful_iterations_(\d+)_of_(\d+)")
 
 
+def useful_iterations(useful: int, total: int) -> Any:
+    """A scope for a `lax.scan` of `total` iterations of which only `useful` are model work. It is a
+    `jax.named_scope`, so the mark rides on the scan's name stack through jit, grad and transpose."""
+    return jax.named_scope(f"jtrain_useful_iterations_{int(useful)}_of_{int(total)}")
 
-def jaxpr_flops(jaxpr: Any) -> float:
-    """Matmul and attention FLOPs of a (Closed)Jaxpr, sub-jaxprs included (see the module doc)."""
+
+def jaxpr_flops(jaxpr: Any, marked: bool = False) -> float:
+    """Matmul and attention FLOPs of a (Closed)Jaxpr, sub-jaxprs included (see the module doc).
+    `marked`: inside a loop already counted by its useful iterations (its body's eqns carry the mark too)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    return float(sum(_eqn_flops(eqn) for eqn in jaxpr.eqns))
+    return float(sum(_eqn_flops(eqn, marked) for eqn in jaxpr.eqns))
 
 
 def traced_flops(traced: Any, devices: int = 1) -> float:
@@ -49,7 +61,7 @@ def _shape(var: Any) -> tuple[int, ...]:
     return tuple(getattr(var.aval, "shape", ()))
 
 
-def _eqn_flops(eqn: Any) -> float:
+def _eqn_flops(eqn: Any, marked: bool) -> float:
     name, params = eqn.primitive.name, eqn.params
     if name == "dot_general":
         return _dot_general_flops(_shape(eqn.invars[0]), _shape(eqn.invars[1]), params["dimension_numbers"])
@@ -62,7 +74,7 @@ def _eqn_flops(eqn: Any) -> float:
         return 2.0 * math.prod(out) * math.prod(rhs) / out_features
     if name in _ATTENTION_FORWARD or name in _ATTENTION_BACKWARD:
         return _attention_flops(eqn, backward=name in _ATTENTION_BACKWARD)
-    return _nested_flops(eqn)
+    return _nested_flops(eqn, marked)
 
 
 def _dot_general_flops(lhs: tuple[int, ...], rhs: tuple[int, ...], dimension_numbers: Any) -> float:
@@ -80,14 +92,17 @@ def _attention_flops(eqn: Any, backward: bool) -> float:
     return 2.0 * forward if backward else forward
 
 
-def _nested_flops(eqn: Any) -> float:
+def _nested_flops(eqn: Any, marked: bool) -> float:
     """FLOPs of the jaxprs an eqn carries (jit, scan, cond, while, remat, custom_vjp, shard_map...)."""
     name, params = eqn.primitive.name, eqn.params
     if name == "cond":
-        return max((jaxpr_flops(branch) for branch in params["branches"]), default=0.0)
+        return max((jaxpr_flops(branch, marked) for branch in params["branches"]), default=0.0)
     if name == "while":
-        return jaxpr_flops(params["body_jaxpr"]) + jaxpr_flops(params["cond_jaxpr"])
-    total = sum(jaxpr_flops(sub) for sub in _sub_jaxprs(params))
+        return jaxpr_flops(params["body_jaxpr"], marked) + jaxpr_flops(params["cond_jaxpr"], marked)
+    mark = _USEFUL.search(str(eqn.source_info.name_stack)) if name == "scan" and not marked else None
+    if mark and int(mark.group(2)) == params["length"]:
+        return int(mark.group(1)) * sum(jaxpr_flops(sub, True) for sub in _sub_jaxprs(params))
+    total = sum(jaxpr_flops(sub, marked) for sub in _sub_jaxprs(params))
     if name == "scan":
         total *= params["length"]
     elif name == "shard_map":

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jtrain.errors import ConfigError
+from jtrain.flop_count import useful_iterations
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,8 @@ def gpipe(stage_fn: StageFn, stage_params: Any, h: jax.Array, row_args: Any, *, 
         return jnp.roll(out_SbX, 1, axis=0), (out_SbX[S - 1], aux_S)
 
     init = jnp.zeros((S, *x_MbX.shape[1:]), x_MbX.dtype)
-    _, (last_TbX, aux_T) = jax.lax.scan(tick, init, (feed_TbX, jnp.arange(M + S - 1)))
+    with useful_iterations(M, M + S - 1):  # MFU counts M ticks of work: the bubble computes on zeros
+        _, (last_TbX, aux_T) = jax.lax.scan(tick, init, (feed_TbX, jnp.arange(M + S - 1)))
     h_out = from_microbatches(pin(last_TbX[S - 1:], (None, *h_logical)))
     return (h_out, _aux_by_layer(aux_T, S, M)) if with_aux else h_out
 

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jtrain.flop_count import jaxpr_flops, traced_flops
+from jtrain.flop_count import jaxpr_flops, traced_flops, useful_iterations
 from jtrain.flops import step_flops
 from tiny import TINY_LLAMA, tiny_llama
 
@@ -48,6 +48,24 @@ def test_loops_branches_gradients_and_remat():
     assert _count(jax.grad(loss), w[0]) == 2 * one  # forward, weight gradient (x's is not asked for)
     assert _count(jax.grad(lambda v: jnp.sum(jnp.tanh(v @ w[0]))), x) == 2 * one  # forward, input gradient
     assert _count(jax.grad(jax.checkpoint(loss)), w[0]) == 3 * one  # remat recomputes the forward: it runs
+
+
+def test_a_loop_marked_with_its_useful_iterations_counts_only_those_forward_and_backward():
+    """The pipeline's tick loop: 6 iterations run, 4 are model work (the rest is bubble). The mark
+    survives jit, grad and the scan's transpose; a scan inside the marked body is counted in full."""
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 8))
+    one = 2 * 4 * 8 * 8
+
+    def ticks(w, x):
+        inner = lambda c: jax.lax.scan(lambda h, _: (h @ w, None), c, None, length=3)[0]
+        with useful_iterations(4, 6):
+            out, _ = jax.lax.scan(lambda c, _: (jnp.tanh(inner(c)), None), x, None, length=6)
+        return out.sum()
+
+    assert _count(jax.jit(ticks), w, x) == 4 * 3 * one
+    assert _count(jax.jit(jax.grad(ticks)), w, x) == 3 * 4 * 3 * one  # forward, and the weight and carry grads
+    with useful_iterations(4, 5):  # a mark whose total is not the scan's length is ignored
+        assert _count(lambda x: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=6)[0], x) == 6 * one
 
 
 def test_shard_map_bodies_count_once_per_shard_and_per_device_divides_by_devices():
