@@ -9,7 +9,9 @@ touches it: the same count on every platform, and the count a reader can check b
 What counts: every matrix product (`dot_general`, `ragged_dot`, convolutions) at 2 FLOPs per
 multiply-add, and cuDNN's fused attention at the FLOPs of the two products it fuses over the
 full query x key grid (4·B·N·T·S·H forward, twice that backward), which is what the einsum
-path computes and what PaLM's 6·N·T + attention formula counts. Elementwise work, reductions
+path computes and what PaLM's 6·N·T + attention formula counts. (The CPU's blocked attention
+skips the key blocks after each causal query block, so there the count is what it computes: 0.977
+of the formula for the tiny benchmark model.) Elementwise work, reductions
 and the optimizer's update are left out, as in every MFU convention. Loops multiply their body
 (`scan` by its length; a `while` of unknown trip count is counted once), `cond` counts its most
 expensive branch, and remat's recomputation is counted, because it runs. A loop that marks itself with
