@@ -10,17 +10,18 @@ What counts: every matrix product (`dot_general`, `ragged_dot`, convolutions) at
 multiply-add, and cuDNN's fused attention at the FLOPs of the two products it fuses over the
 full query x key grid (4·B·N·T·S·H forward, twice that backward), which is what the einsum
 path computes and what PaLM's 6·N·T + attention formula counts. (The CPU's blocked attention
-skips the key blocks after each causal query block, so there the count is what it computes: 0.977
-of the formula for the tiny benchmark model.) Elementwise work, reductions
-and the optimizer's update are left out, as in every MFU convention. Loops multiply their body
-(`scan` by its length; a `while` of unknown trip count is counted once), `cond` counts its most
-expensive branch, and remat's recomputation is counted, because it runs. A loop that marks itself with
-`useful_iterations(useful, total)` counts `useful` of its `total` iterations: the pipeline's ticks,
-whose bubble ticks compute on zeros that nothing reads (work that runs, but not model FLOPs).
+skips the key blocks after each causal query block, so there the count is what it computes:
+0.977 of the formula for the tiny benchmark model.) Elementwise work, reductions and the
+optimizer's update are left out, as in every MFU convention. Loops multiply their body (`scan`
+by its length; a `while` of unknown trip count is counted once), `cond` counts its most
+expensive branch, and remat's recomputation is counted, because it runs. A loop marked with
+`useful_iterations(useful, total)` counts `useful` of its `total` iterations: the pipeline's
+ticks, whose bubble ticks compute on zeros that nothing reads (work that runs, but not model
+FLOPs).
 
 The jaxpr of a jitted step has global shapes, so the count is for the whole step over every
-device; `per_device` divides by the devices the step runs on (model FLOPs: work duplicated
-on several devices is not counted twice). Inside a `shard_map` the shapes are per shard, so its
+device; `traced_flops(..., devices)` divides by the devices the step runs on (model FLOPs:
+work duplicated on several devices is not counted twice). Inside a `shard_map` the shapes are per shard, so its
 body is multiplied by the number of shards.
 """
 
