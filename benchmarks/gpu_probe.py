@@ -150,7 +150,8 @@ def run_variant(preset: str, steps: int, name: str, flags: str, options: dict, a
 
 def markdown(ceil: dict[str, Any], rows: list[dict[str, Any]], trace: dict[str, Any] | None) -> str:
     out = [f"Device {ceil['device']}: bf16 matmul {ceil['matmul_n']}³ **{ceil['matmul_flops'] / 1e12:.0f} TFLOP/s** "
-           f"measured (median of 5 bursts of 10, random data); copy {ceil['copy_bytes'] / 2**30:.1f} GiB read+written at "
+           f"measured (median of 5 bursts of 10, random data); copy {ceil['copy_bytes'] / 2**30:.1f} GiB "
+           "read+written at "
            f"**{ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s**.", ""]
     table = []
     for r in rows:

@@ -10,8 +10,9 @@ clipping at 1.0, linear schedule), no evaluation, no checkpoints, HF's default l
 runs alternate jtrain, HF, jtrain, HF ... so that machine noise hits both. Step times come from
 `on_step_end` wall times on both sides, the first `--warmup` steps dropped (their sum is the
 warm-up time, which holds jtrain's compilation). MFU is the jtrain step's model FLOP count
-(`jtrain.flop_count`, on its jaxpr; the same model work on both sides) over a matmul peak measured in the same child, in the same
-precision and framework (JAX matmul for jtrain, torch matmul for HF).
+(`jtrain.flop_count`, on its jaxpr; the same model work on both sides) over a matmul peak
+measured in the same child, in the same precision and framework (JAX matmul for jtrain, torch
+matmul for HF).
 """
 
 from __future__ import annotations

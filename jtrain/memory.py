@@ -319,6 +319,17 @@ def longest_batch(host_batch: dict, length: int | None) -> dict | None:
     return {k: np.pad(v, widths(v)) if v.ndim >= 3 and v.shape[2] == L else v for k, v in host_batch.items()}
 
 
+def refuse_failed_fused_attention(err: Exception) -> None:
+    """A compile that fails inside cuDNN's fused attention (a GPU, driver or shape the kernel lacks,
+    found only when XLA builds it) as a ConfigError naming the option that avoids the kernel; JAX
+    refuses most such cases while tracing, where `attention_impl: auto` falls back by itself."""
+    text = str(err)
+    if "cudnn" in text.lower() or "fmha" in text.lower():
+        first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+        raise ConfigError(f"compiling the train step failed in cuDNN's fused attention ({first}). Set the model "
+                          "option attention_impl: xla (XLA's own attention) to train without that kernel") from err
+
+
 def plan_train_step(steps: Any, host_batch: dict, per_device_batch: int, data_parallel: int, *,
                     budget: int | None, auto_find: bool, longest: dict | None = None) -> StepPlanResult:
     """Compile the train step on abstract inputs, log its memory estimate, refuse or shrink it.
@@ -347,6 +358,9 @@ def plan_train_step(steps: Any, host_batch: dict, per_device_batch: int, data_pa
                 raise
             raise ConfigError(f"fp16 is not supported by this backend ({jax.default_backend()}): {err}. "
                               "Use bf16=true instead (or run fp16 on a GPU)") from err
+        except jax.errors.JaxRuntimeError as err:
+            refuse_failed_fused_attention(err)
+            raise
         estimate = MemoryEstimate.from_compiled(compiled)
         ids = host.get("input_ids")
         length = f", rows of {ids.shape[2]} tokens" if ids is not None and ids.ndim >= 3 else ""

@@ -186,8 +186,10 @@ def test_attention_dropout_keeps_cudnn_out_of_training_and_says_so(tmp_path, as_
     assert len(warnings) == 1 and "attn_pdrop" in warnings[0] and "dropout 0.1 is active" in warnings[0]
 
 
-@pytest.mark.parametrize("dtype,impl,cudnn,hinted", [("bfloat16", None, True, False), ("float32", None, False, False),
-                                                     ("bfloat16", "xla", False, True), ("float32", "xla", False, False)])
+@pytest.mark.parametrize("dtype,impl,cudnn,hinted", [("bfloat16", None, True, False),
+                                                     ("float32", None, False, False),
+                                                     ("bfloat16", "xla", False, True),
+                                                     ("float32", "xla", False, False)])
 def test_default_attention_takes_cudnn_on_a_gpu_in_half_precision(tmp_path, as_if_on_a_hopper_gpu, caplog, dtype,
                                                                   impl, cudnn, hinted):
     # The default attention_impl 'auto' takes cuDNN's flash kernel on a GPU in bf16/fp16 (JAX's own

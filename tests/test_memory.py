@@ -180,3 +180,25 @@ def test_memory_is_planned_at_the_longest_padded_length(tmp_path):
     found = auto.args.per_device_train_batch_size
     assert 1 <= found < 8 and auto._step_plan.probes[found].peak <= budget
     assert np.isfinite(out.training_loss)
+
+
+def test_a_compile_failing_inside_cudnn_attention_names_the_option_that_avoids_it(tmp_path, monkeypatch):
+    """Some GPUs or drivers lack a cuDNN attention engine that JAX's tracing-time checks allow; XLA then
+    fails while compiling the step. The planner compiles before any state exists, so that failure
+    becomes a ConfigError naming attention_impl, and other compile errors pass through unchanged."""
+    def failing_compile(message):
+        def compile(self, *args, **kwargs):
+            raise jax.errors.JaxRuntimeError(message)
+        return compile
+
+    cudnn = "INTERNAL: cuDNN error: No valid engine configs for __cudnn$fmhaSoftmax\nmore detail"
+    monkeypatch.setattr(jax.stages.Lowered, "compile", failing_compile(cudnn))
+    trainer = Trainer(tiny_llama(), _args(tmp_path), train_dataset=_dataset())
+    with pytest.raises(ConfigError, match=r"failed in cuDNN's fused attention \(INTERNAL: cuDNN error: No valid "
+                                          r"engine configs for __cudnn\$fmhaSoftmax\)\. Set the model option "
+                                          r"attention_impl: xla"):
+        trainer.train()
+    assert trainer.train_state is None
+    monkeypatch.setattr(jax.stages.Lowered, "compile", failing_compile("RESOURCE_EXHAUSTED: out of memory"))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        Trainer(tiny_llama(), _args(tmp_path / "other"), train_dataset=_dataset()).train()
