@@ -108,9 +108,10 @@ def _nested_flops(eqn: Any, marked: bool) -> float:
     total = sum(jaxpr_flops(sub, marked) for sub in _sub_jaxprs(params))
     if name == "scan":
         total *= params["length"]
-    elif name == "shard_map":
-        mesh, manual = params["mesh"], params.get("manual_axes") or params.get("newly_manual_axes") or ()
-        total *= math.prod(mesh.shape[axis] for axis in manual) if manual else mesh.size
+    elif name == "shard_map":  # the body runs once per shard of the axes it makes manual
+        mesh = params["mesh"]
+        manual = params.get("newly_manual_axes", params.get("manual_axes", tuple(mesh.shape)))
+        total *= math.prod(mesh.shape[axis] for axis in manual)
     return total
 
 

@@ -77,6 +77,13 @@ def test_shard_map_bodies_count_once_per_shard_and_per_device_divides_by_devices
     assert _count(jax.jit(local), x, w) == whole  # 8 shards of 8 rows
     assert traced_flops(jax.jit(local).trace(x, w), devices=8) == whole / 8
     assert step_flops(jax.jit(lambda a, b: a @ b), x, w, devices=8) == whole / 8  # GSPMD: global shapes
+    # manual over one axis of two: the body sees a quarter of the rows and runs once per data shard
+    mesh2 = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    x2 = jax.device_put(jnp.ones((64, 16)), NamedSharding(mesh2, P("data")))
+    w2 = jax.device_put(jnp.ones((16, 32)), NamedSharding(mesh2, P()))
+    partial = jax.shard_map(lambda a, b: a @ b, mesh=mesh2, in_specs=(P("data"), P()), out_specs=P("data"),
+                            axis_names={"data"})
+    assert _count(jax.jit(partial), x2, w2) == whole
 
 
 def test_llama_train_step_count_is_the_6nt_plus_attention_formula():
