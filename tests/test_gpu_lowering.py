@@ -236,3 +236,32 @@ def test_default_attention_falls_back_to_xla_where_cudnn_cannot_run(tmp_path, as
 def _small_llama() -> dict:
     return dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512)
+
+
+@pytest.mark.parametrize("setup", ["qlora_scan_remat", "lora_fp16"])
+def test_fine_tuning_wrappers_keep_the_default_cudnn_attention(tmp_path, as_if_on_a_hopper_gpu, setup):
+    """The wrappers a fine-tune stacks on a model (an NF4 base dequantised in the step, LoRA adapters,
+    scanned and rematerialised layers, fp16 with loss scaling) leave attention to the model: the
+    default `auto` still reaches cuDNN in every layer, forward and backward, and the step lowers for
+    CUDA (no CPU-only construct in it)."""
+    from jtrain.peft import LoraConfig, apply_lora
+    from jtrain.quant import QuantFormat, QuantizedModel
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if setup == "qlora_scan_remat":
+        base = create_model("llama", _small_llama(), dtype="bfloat16", scan_layers=True, remat_policy="full")
+        model = apply_lora(QuantizedModel(base, QuantFormat("nf4", 64, double_quant=True), targets=targets),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+        overrides = {}
+    else:
+        model = apply_lora(create_model("llama", _small_llama(), dtype="float16"),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+        overrides = {"bf16": False, "fp16": True}
+    hlo = _cuda_train_step(tmp_path, model, _rows(2, 256), **overrides)
+    calls = _attention_calls(hlo)
+    layers = _small_llama()["num_hidden_layers"]
+    if setup == "qlora_scan_remat":  # one scanned body: one call site each, run once per layer
+        assert calls == {("__cudnn$fmhaSoftmax", "CAUSAL", 0): 2, ("__cudnn$fmhaSoftmaxBackward", "CAUSAL", 0): 1}
+    else:
+        assert calls == {("__cudnn$fmhaSoftmax", "CAUSAL", 0): layers,
+                         ("__cudnn$fmhaSoftmaxBackward", "CAUSAL", 0): layers}
