@@ -19,12 +19,13 @@ import jax.numpy as jnp
 
 from jtrain.flop_count import traced_flops
 
-# Dense (non-sparse) peak FLOP/s per device, from the vendors' datasheets.
+# Dense (non-sparse) peak FLOP/s per device, from the vendors' datasheets. "tensorfloat32" is the
+# tensor-core rate float32 matmuls get at JAX's default precision on these GPUs (TF32).
 PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "NVIDIA H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
-    "NVIDIA H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
-    "NVIDIA A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
-    "NVIDIA L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30e12},
+    "NVIDIA H200": {"bfloat16": 989e12, "float16": 989e12, "tensorfloat32": 494.7e12, "float32": 67e12},
+    "NVIDIA H100": {"bfloat16": 989e12, "float16": 989e12, "tensorfloat32": 494.7e12, "float32": 67e12},
+    "NVIDIA A100": {"bfloat16": 312e12, "float16": 312e12, "tensorfloat32": 156e12, "float32": 19.5e12},
+    "NVIDIA L4": {"bfloat16": 121e12, "float16": 121e12, "tensorfloat32": 60e12, "float32": 30e12},
     "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
     "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
     "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
@@ -73,15 +74,22 @@ def _cache_path() -> str:
     return os.path.join(root, "peak_flops.json")
 
 
-def device_peak_flops(dtype: str = "float32", device: Any = None, *, measure: bool = True) -> tuple[float | None, str]:
+def device_peak_flops(dtype: str = "float32", device: Any = None, *, measure: bool = True,
+                      matmul_precision: str | None = None) -> tuple[float | None, str]:
     """(peak FLOP/s of one device in `dtype`, where the number came from).
 
     Known accelerators use the table; anything else (a CPU) is measured once by a matmul and
     cached per device kind and dtype. With `measure=False` an unknown device gives (None, ...).
+    `matmul_precision` is the steps' (HF's `tf32`: None, "tensorfloat32" or "highest"). On a GPU,
+    float32 matmuls at JAX's default or at "tensorfloat32" run on the TF32 tensor cores, so their
+    peak is the TF32 one; against the plain float32 peak MFU would read several times too high.
     """
     device = device or jax.devices()[0]
     kind, dtype = str(device.device_kind), str(jnp.dtype(dtype))
+    tf32 = dtype == "float32" and device.platform == "gpu" and matmul_precision in (None, "tensorfloat32")
     for name, peaks in PEAK_FLOPS.items():
+        if kind.startswith(name) and tf32 and "tensorfloat32" in peaks:
+            return peaks["tensorfloat32"], f"datasheet ({name}, TF32)"
         if kind.startswith(name) and dtype in peaks:
             return peaks[dtype], f"datasheet ({name})"
     key = f"{device.platform}:{kind}:{dtype}:{os.cpu_count()}"

@@ -388,7 +388,8 @@ def _step_time_metrics(t: Any, run: _Run, steps: int, runtime: float) -> dict:
     plan = getattr(t, "_step_plan", None)
     flops = plan.flops if plan is not None else None
     if flops:
-        peak, source = device_peak_flops(t.steps.precision.compute_dtype)
+        precision = t.steps.precision
+        peak, source = device_peak_flops(precision.compute_dtype, matmul_precision=precision.matmul_precision)
         out["train_flops_per_step"] = flops
         value = mfu(flops, step_seconds, peak)
         if value is not None:

@@ -1,6 +1,6 @@
 """Compilation: planning compiles the train step once (the loop reuses it), recompiles are
 counted and warned about, the persistent cache directory is wired, and MFU comes from the
-compiled step's own FLOP count."""
+step's model FLOP count."""
 
 from __future__ import annotations
 

@@ -115,3 +115,19 @@ def test_llama_train_step_count_is_the_6nt_plus_attention_formula():
     # backward: 2x the forward, except that the first projections' input gradient (into the
     # embedding lookup) is computed as well: no weight is skipped, so exactly 3x
     assert counted == pytest.approx(3 * (2 * matmul_params * tokens + attention), rel=1e-12)
+
+
+def test_float32_peak_on_a_gpu_is_the_tf32_one_unless_full_precision_is_asked_for():
+    """MFU's denominator: JAX computes float32 matmuls on recent NVIDIA GPUs with TF32 unless told
+    otherwise (HF's `tf32=False` -> "highest"), so the plain float32 peak would make MFU read ~7x high."""
+    from types import SimpleNamespace
+
+    from jtrain.flops import device_peak_flops
+
+    h100 = SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3", platform="gpu")
+    assert device_peak_flops("float32", h100) == (494.7e12, "datasheet (NVIDIA H100, TF32)")
+    assert device_peak_flops("float32", h100, matmul_precision="tensorfloat32")[0] == 494.7e12
+    assert device_peak_flops("float32", h100, matmul_precision="highest") == (67e12, "datasheet (NVIDIA H100)")
+    assert device_peak_flops("bfloat16", h100)[0] == 989e12  # half precision is not touched
+    tpu = SimpleNamespace(device_kind="TPU v4", platform="tpu")
+    assert device_peak_flops("float32", tpu)[0] == 275e12  # the table's float32 entry (bf16 passes on TPU)
