@@ -25,6 +25,7 @@ import pytest
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 
 from jtrain.args import TrainingArguments
+from jtrain.errors import ConfigError
 from jtrain.flop_count import traced_flops
 from jtrain.compiled import build_compiled_steps
 from jtrain.models import create_model
@@ -265,3 +266,21 @@ def test_fine_tuning_wrappers_keep_the_default_cudnn_attention(tmp_path, as_if_o
     else:
         assert calls == {("__cudnn$fmhaSoftmax", "CAUSAL", 0): layers,
                          ("__cudnn$fmhaSoftmaxBackward", "CAUSAL", 0): layers}
+
+
+def test_sequence_parallelism_keeps_cudnn_out_and_refuses_it_when_asked(tmp_path, as_if_on_a_hopper_gpu):
+    """JAX's cuDNN partitioner refuses query rows split along the sequence (it would fail inside XLA's
+    compile, where this lowering cannot reach): with the mesh's `sequence` axis the default `auto`
+    takes XLA's attention, and an explicit `cudnn` is refused while tracing, naming the options.
+    On a mesh of several devices the cuDNN call lowers inside JAX's custom partitioning, as a
+    `CustomSPMDPartitioning` call that XLA's partitioner expands (and where the refusal would come)."""
+    model = create_model("llama", _small_llama(), dtype="bfloat16")
+    data = _cuda_train_step(tmp_path, model, _rows(2, 256), mesh_shape={"data": 2}, per_device_train_batch_size=1)
+    assert "custom_call @CustomSPMDPartitioning" in data  # cuDNN under data parallelism
+    mesh = {"mesh_shape": {"data": 1, "sequence": 2}, "per_device_train_batch_size": 2}
+    hlo = _cuda_train_step(tmp_path, model, _rows(2, 256), **mesh)
+    assert not _attention_calls(hlo) and "CustomSPMDPartitioning" not in hlo
+    with pytest.raises(ConfigError, match=r"attention_impl 'cudnn' cannot run with the sequence split over devices.*"
+                                          r"'auto' or 'xla', or sequence_parallel_attention 'ring'"):
+        _cuda_train_step(tmp_path, create_model("llama", _small_llama(), dtype="bfloat16", attention_impl="cudnn"),
+                         _rows(2, 256), **mesh)

@@ -135,9 +135,10 @@ def attend(
     """
     scale = 1.0 / math.sqrt(q_BLNH.shape[-1]) if scale is None else scale
     dropout_active = dropout_rng is not None and dropout_rate > 0.0
-    _check_implementation(implementation, softcap, dropout_rate if dropout_active else None, q_BLNH.dtype)
+    _check_implementation(implementation, softcap, dropout_rate if dropout_active else None, q_BLNH.dtype,
+                          sequence_parallel)
     chosen = implementation
-    implementation = resolve_implementation(implementation, q_BLNH.dtype, softcap, dropout_active)
+    implementation = resolve_implementation(implementation, q_BLNH.dtype, softcap, dropout_active, sequence_parallel)
     mask = as_mask(mask)
     L, S = q_BLNH.shape[1], k_BSKH.shape[1]
     on_cpu_path = implementation == "xla" and jax.default_backend() == "cpu" and not sequence_parallel
@@ -179,23 +180,24 @@ def attend(
 
 
 def resolve_implementation(implementation: str, dtype: Any, softcap: float | None = None,
-                           dropout_active: bool = False) -> str:
+                           dropout_active: bool = False, sequence_parallel: bool = False) -> str:
     """What `attention_impl: auto` means where it is traced: cuDNN's fused flash kernel on an NVIDIA
     GPU in bf16/fp16 (JAX's own `implementation=None` stays on XLA's attention, which materialises
     the scores; every cuDNN call path jtrain makes was checked against the einsum on an H200, and the
     1B benchmark trained on it), XLA's attention elsewhere: on CPU, TPU, in float32 (cuDNN has no
-    float32 flash kernel), and when soft-capping or active dropout needs the einsum anyway. Other
+    float32 flash kernel), when soft-capping or active dropout needs the einsum anyway, and under
+    sequence parallelism (JAX's cuDNN partitioner refuses query rows split over devices). Other
     values are returned as they are."""
     if implementation != "auto":
         return implementation
     half = dtype in (jnp.bfloat16, jnp.float16)
-    if jax.default_backend() == "gpu" and half and softcap is None and not dropout_active:
+    if jax.default_backend() == "gpu" and half and softcap is None and not dropout_active and not sequence_parallel:
         return "cudnn"
     return "xla"
 
 
 def _check_implementation(implementation: str, softcap: float | None, active_dropout: float | None,
-                          dtype: Any) -> None:
+                          dtype: Any, sequence_parallel: bool = False) -> None:
     """Refuse what no attention path can do, and say once why a GPU run misses cuDNN's fused kernel
     (active attention dropout keeps it on the reference einsum; `xla` never asks for it)."""
     if implementation not in ATTENTION_IMPLS:
@@ -203,6 +205,10 @@ def _check_implementation(implementation: str, softcap: float | None, active_dro
     if implementation == "cudnn" and softcap is not None:
         raise ConfigError("attention_impl 'cudnn' has no logit soft-capping (Gemma 2's attn_logit_softcapping): "
                           "use attention_impl 'xla'")
+    if implementation == "cudnn" and sequence_parallel and jax.default_backend() == "gpu":
+        raise ConfigError("attention_impl 'cudnn' cannot run with the sequence split over devices (the mesh's "
+                          "`sequence` axis): JAX's cuDNN kernel refuses query rows sharded along the sequence. "
+                          "Use attention_impl 'auto' or 'xla', or sequence_parallel_attention 'ring'")
     if implementation == "cudnn" and active_dropout is not None:
         _warn_once(f"attention_impl 'cudnn' has no attention-probability dropout: while dropout {active_dropout} is "
                    "active in training, attention takes the reference einsum, which materialises the [B, heads, L, "
