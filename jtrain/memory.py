@@ -319,12 +319,18 @@ def longest_batch(host_batch: dict, length: int | None) -> dict | None:
     return {k: np.pad(v, widths(v)) if v.ndim >= 3 and v.shape[2] == L else v for k, v in host_batch.items()}
 
 
+# What a compile failure inside cuDNN's attention says: the kernel's own names, and the refusals of
+# JAX's cuDNN partitioner (which runs inside XLA's compile) for shardings it cannot split.
+_FUSED_ATTENTION_FAILURES = ("cudnn", "fmha", "fused_attention", "query, key and value should have same sharding",
+                             "sharding on sequence dim is not allowed", "sharding on head dim is not allowed")
+
+
 def refuse_failed_fused_attention(err: Exception) -> None:
-    """A compile that fails inside cuDNN's fused attention (a GPU, driver or shape the kernel lacks,
-    found only when XLA builds it) as a ConfigError naming the option that avoids the kernel; JAX
-    refuses most such cases while tracing, where `attention_impl: auto` falls back by itself."""
+    """A compile that fails inside cuDNN's fused attention (a GPU, driver, shape or sharding the
+    kernel lacks, found only when XLA builds it) as a ConfigError naming the option that avoids the
+    kernel; JAX refuses most such cases while tracing, where `attention_impl: auto` falls back."""
     text = str(err)
-    if "cudnn" in text.lower() or "fmha" in text.lower():
+    if any(marker in text.lower() for marker in _FUSED_ATTENTION_FAILURES):
         first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
         raise ConfigError(f"compiling the train step failed in cuDNN's fused attention ({first}). Set the model "
                           "option attention_impl: xla (XLA's own attention) to train without that kernel") from err

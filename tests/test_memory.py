@@ -199,6 +199,12 @@ def test_a_compile_failing_inside_cudnn_attention_names_the_option_that_avoids_i
                                           r"attention_impl: xla"):
         trainer.train()
     assert trainer.train_state is None
+    # JAX's cuDNN partitioner refusing a sharding (grouped-query heads that cannot split like the queries)
+    monkeypatch.setattr(jax.stages.Lowered, "compile",
+                        failing_compile("INTERNAL: ValueError: Query, key and value should have same sharding."))
+    with pytest.raises(ConfigError, match=r"Query, key and value should have same sharding\.\)\. Set the model "
+                                          r"option attention_impl: xla"):
+        Trainer(tiny_llama(), _args(tmp_path / "gqa"), train_dataset=_dataset()).train()
     monkeypatch.setattr(jax.stages.Lowered, "compile", failing_compile("RESOURCE_EXHAUSTED: out of memory"))
     with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
         Trainer(tiny_llama(), _args(tmp_path / "other"), train_dataset=_dataset()).train()
