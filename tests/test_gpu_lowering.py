@@ -280,7 +280,9 @@ def test_sequence_parallelism_keeps_cudnn_out_and_refuses_it_when_asked(tmp_path
     mesh = {"mesh_shape": {"data": 1, "sequence": 2}, "per_device_train_batch_size": 2}
     hlo = _cuda_train_step(tmp_path, model, _rows(2, 256), **mesh)
     assert not _attention_calls(hlo) and "CustomSPMDPartitioning" not in hlo
-    with pytest.raises(ConfigError, match=r"attention_impl 'cudnn' cannot run with the sequence split over devices.*"
-                                          r"'auto' or 'xla', or sequence_parallel_attention 'ring'"):
+    with pytest.raises(ConfigError, match=r"attention_impl 'cudnn' cannot run on this mesh: the sequence is split "
+                                          r"over devices.*sequence_parallel_attention 'ring' is the other option\. "
+                                          r"Use attention_impl 'auto' \(which takes XLA's attention here\) or 'xla'"):
         _cuda_train_step(tmp_path, create_model("llama", _small_llama(), dtype="bfloat16", attention_impl="cudnn"),
                          _rows(2, 256), **mesh)
+

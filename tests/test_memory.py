@@ -199,7 +199,7 @@ def test_a_compile_failing_inside_cudnn_attention_names_the_option_that_avoids_i
                                           r"attention_impl: xla"):
         trainer.train()
     assert trainer.train_state is None
-    # JAX's cuDNN partitioner refusing a sharding (grouped-query heads that cannot split like the queries)
+    # JAX's cuDNN partitioner refusing a sharding it cannot split (it runs inside XLA's compile)
     monkeypatch.setattr(jax.stages.Lowered, "compile",
                         failing_compile("INTERNAL: ValueError: Query, key and value should have same sharding."))
     with pytest.raises(ConfigError, match=r"Query, key and value should have same sharding\.\)\. Set the model "

@@ -108,6 +108,7 @@ def attend(
     sequence_parallel: bool = False,
     softcap: float | None = None,
     branch_on_padding: bool | None = None,
+    cudnn_refusal: str | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention with grouped-query heads.
 
@@ -131,14 +132,16 @@ def attend(
     layout keeps the rows split. `scale` defaults to 1/sqrt(H). Fully masked rows (padding
     queries) give zeros, not NaN. `softcap` (Gemma 2) bounds the scores to (-cap, cap) with
     cap * tanh(score / cap) before masking; the fused call has no such option, so off the CPU
-    path it takes the reference einsum.
+    path it takes the reference einsum. `cudnn_refusal` (the models pass `layers.cudnn_refusal`)
+    says why JAX's cuDNN partitioner would refuse this step's layout: `auto` then takes XLA's
+    attention and an explicit "cudnn" is refused with that reason.
     """
     scale = 1.0 / math.sqrt(q_BLNH.shape[-1]) if scale is None else scale
     dropout_active = dropout_rng is not None and dropout_rate > 0.0
     _check_implementation(implementation, softcap, dropout_rate if dropout_active else None, q_BLNH.dtype,
-                          sequence_parallel)
+                          cudnn_refusal)
     chosen = implementation
-    implementation = resolve_implementation(implementation, q_BLNH.dtype, softcap, dropout_active, sequence_parallel)
+    implementation = resolve_implementation(implementation, q_BLNH.dtype, softcap, dropout_active, cudnn_refusal)
     mask = as_mask(mask)
     L, S = q_BLNH.shape[1], k_BSKH.shape[1]
     on_cpu_path = implementation == "xla" and jax.default_backend() == "cpu" and not sequence_parallel
@@ -180,24 +183,24 @@ def attend(
 
 
 def resolve_implementation(implementation: str, dtype: Any, softcap: float | None = None,
-                           dropout_active: bool = False, sequence_parallel: bool = False) -> str:
+                           dropout_active: bool = False, cudnn_refusal: str | None = None) -> str:
     """What `attention_impl: auto` means where it is traced: cuDNN's fused flash kernel on an NVIDIA
     GPU in bf16/fp16 (JAX's own `implementation=None` stays on XLA's attention, which materialises
     the scores; every cuDNN call path jtrain makes was checked against the einsum on an H200, and the
     1B benchmark trained on it), XLA's attention elsewhere: on CPU, TPU, in float32 (cuDNN has no
-    float32 flash kernel), when soft-capping or active dropout needs the einsum anyway, and under
-    sequence parallelism (JAX's cuDNN partitioner refuses query rows split over devices). Other
-    values are returned as they are."""
+    float32 flash kernel), when soft-capping or active dropout needs the einsum anyway, and when the
+    layout is one JAX's cuDNN partitioner refuses (`cudnn_refusal`, from `layers.cudnn_refusal`).
+    Other values are returned as they are."""
     if implementation != "auto":
         return implementation
     half = dtype in (jnp.bfloat16, jnp.float16)
-    if jax.default_backend() == "gpu" and half and softcap is None and not dropout_active and not sequence_parallel:
+    if jax.default_backend() == "gpu" and half and softcap is None and not dropout_active and not cudnn_refusal:
         return "cudnn"
     return "xla"
 
 
 def _check_implementation(implementation: str, softcap: float | None, active_dropout: float | None,
-                          dtype: Any, sequence_parallel: bool = False) -> None:
+                          dtype: Any, cudnn_refusal: str | None = None) -> None:
     """Refuse what no attention path can do, and say once why a GPU run misses cuDNN's fused kernel
     (active attention dropout keeps it on the reference einsum; `xla` never asks for it)."""
     if implementation not in ATTENTION_IMPLS:
@@ -205,10 +208,9 @@ def _check_implementation(implementation: str, softcap: float | None, active_dro
     if implementation == "cudnn" and softcap is not None:
         raise ConfigError("attention_impl 'cudnn' has no logit soft-capping (Gemma 2's attn_logit_softcapping): "
                           "use attention_impl 'xla'")
-    if implementation == "cudnn" and sequence_parallel and jax.default_backend() == "gpu":
-        raise ConfigError("attention_impl 'cudnn' cannot run with the sequence split over devices (the mesh's "
-                          "`sequence` axis): JAX's cuDNN kernel refuses query rows sharded along the sequence. "
-                          "Use attention_impl 'auto' or 'xla', or sequence_parallel_attention 'ring'")
+    if implementation == "cudnn" and cudnn_refusal and jax.default_backend() == "gpu":
+        raise ConfigError(f"attention_impl 'cudnn' cannot run on this mesh: {cudnn_refusal}. Use attention_impl "
+                          "'auto' (which takes XLA's attention here) or 'xla'")
     if implementation == "cudnn" and active_dropout is not None:
         _warn_once(f"attention_impl 'cudnn' has no attention-probability dropout: while dropout {active_dropout} is "
                    "active in training, attention takes the reference einsum, which materialises the [B, heads, L, "
