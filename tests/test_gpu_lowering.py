@@ -286,3 +286,19 @@ def test_sequence_parallelism_keeps_cudnn_out_and_refuses_it_when_asked(tmp_path
         _cuda_train_step(tmp_path, create_model("llama", _small_llama(), dtype="bfloat16", attention_impl="cudnn"),
                          _rows(2, 256), **mesh)
 
+
+
+def test_pipeline_stages_keep_cudnn_attention_under_their_vmap(tmp_path, as_if_on_a_hopper_gpu):
+    """The pipeline runs every stage under `jax.vmap(..., spmd_axis_name="stage")`; cuDNN's attention
+    has a batching rule, so the default `auto` keeps the fused kernel there: on a `stage: 2` mesh the
+    step lowers for CUDA with it inside JAX's custom partitioning (see the sequence-parallel test),
+    not with XLA's score einsums."""
+    config = dict(_small_llama(), num_hidden_layers=4)
+    model = create_model("llama", config, dtype="bfloat16", scan_layers=True)
+    hlo = _cuda_train_step(tmp_path, model, _rows(4, 256), mesh_shape={"stage": 2, "data": 1},
+                           per_device_train_batch_size=4)
+    assert "custom_call @CustomSPMDPartitioning" in hlo
+    xla = _cuda_train_step(tmp_path, create_model("llama", config, dtype="bfloat16", scan_layers=True,
+                                                  attention_impl="xla"),
+                           _rows(4, 256), mesh_shape={"stage": 2, "data": 1}, per_device_train_batch_size=4)
+    assert "CustomSPMDPartitioning" not in xla  # the control: XLA's attention has no custom partitioning
