@@ -20,6 +20,7 @@ and the table says why: a GPU session is rare, and it should bring back numbers 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -62,7 +63,6 @@ def worker(a: argparse.Namespace) -> dict:
 def _perfetto_traces_too() -> None:
     """Make the Trainer's profiler window (profile_start_step) also write perfetto_trace.json.gz,
     which plain `json` reads (the .xplane.pb beside it needs XProf): gpu_probe.py sums its kernels."""
-    import functools
     import inspect
 
     import jax
@@ -105,6 +105,16 @@ def summary(p: vs_hf.Preset, runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def worker_argv(side: str, preset: str, steps: int, warmup: int, attention: str, xla_flags: str = "",
+                model_options: str = "", profile_dir: str = "") -> list[str]:
+    """The command line of one worker child of this script (gpu_probe.py runs jtrain workers too)."""
+    argv = [os.path.abspath(__file__), "--worker", side, "--preset", preset, "--steps", str(steps),
+            "--warmup", str(warmup), "--attention", attention]
+    if side == "jtrain":
+        argv += [f"--xla-flags={xla_flags}", f"--model-options={model_options}", f"--profile-dir={profile_dir}"]
+    return argv
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="a tiny model on the CPU (for tests)")
@@ -129,13 +139,10 @@ def main() -> None:
     attention = a.attention or ("xla" if a.small else "cudnn")
     runs = {}
     for side in vs_hf.SIDES:
-        argv = [os.path.abspath(__file__), "--worker", side, "--preset", name, "--steps", str(steps),
-                "--warmup", str(a.warmup)]
-        if side == "jtrain":
-            argv += [f"--xla-flags={a.xla_flags}", f"--model-options={a.model_options}",
-                     f"--profile-dir={a.profile_dir}"]
+        argv = functools.partial(worker_argv, side, name, steps, a.warmup, xla_flags=a.xla_flags,
+                                 model_options=a.model_options, profile_dir=a.profile_dir)
         try:
-            runs[side] = bc.run_child(argv + ["--attention", attention])
+            runs[side] = bc.run_child(argv(attention))
         except RuntimeError as err:
             if side == "jtrain" and attention == "xla":
                 raise
@@ -147,7 +154,7 @@ def main() -> None:
         if runs[side].get("failed"):
             failure = runs[side]["failed"]
             print(f"jtrain with {attention} attention failed: {failure}\nrunning it again with xla attention")
-            runs[side] = {**bc.run_child(argv + ["--attention", "xla"]), "cudnn_failure": failure}
+            runs[side] = {**bc.run_child(argv("xla")), "cudnn_failure": failure}
     text = summary(PRESETS[name], runs)
     print(text)
     if a.out:

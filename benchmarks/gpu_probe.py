@@ -36,6 +36,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import bench_common as bc
+import gpu_1b
 
 # (name, XLA flags, model options, attention): each a guess at where MFU is lost, best guess first.
 # Measured on an H200 on 2026-11-29 (benchmarks/TRIED.md): no Triton GEMMs 213 vs 215 ms (noise),
@@ -137,9 +138,8 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
 
 def run_variant(preset: str, steps: int, name: str, flags: str, options: dict, attention: str | None,
                 default_attention: str, profile_dir: str, timeout: float) -> dict[str, Any]:
-    argv = [os.path.join(HERE, "gpu_1b.py"), "--worker", "jtrain", "--preset", preset, "--steps", str(steps),
-            "--warmup", "3", "--attention", attention or default_attention, f"--xla-flags={flags}",
-            f"--model-options={json.dumps(options)}", f"--profile-dir={profile_dir}"]
+    argv = gpu_1b.worker_argv("jtrain", preset, steps, 3, attention or default_attention, xla_flags=flags,
+                              model_options=json.dumps(options), profile_dir=profile_dir)
     start = time.time()
     try:
         r = bc.run_child(argv, timeout=timeout)

@@ -37,6 +37,7 @@ import numpy as np
 
 from jtrain.errors import ConfigError
 from jtrain.flop_count import traced_flops
+from jtrain.models.attention import refuse_failed_fused_attention
 
 logger = logging.getLogger(__name__)
 
@@ -319,23 +320,6 @@ def longest_batch(host_batch: dict, length: int | None) -> dict | None:
     return {k: np.pad(v, widths(v)) if v.ndim >= 3 and v.shape[2] == L else v for k, v in host_batch.items()}
 
 
-# What a compile failure inside cuDNN's attention says: the kernel's own names, and the refusals of
-# JAX's cuDNN partitioner (which runs inside XLA's compile) for shardings it cannot split.
-_FUSED_ATTENTION_FAILURES = ("cudnn", "fmha", "fused_attention", "query, key and value should have same sharding",
-                             "sharding on sequence dim is not allowed", "sharding on head dim is not allowed")
-
-
-def refuse_failed_fused_attention(err: Exception) -> None:
-    """A compile that fails inside cuDNN's fused attention (a GPU, driver, shape or sharding the
-    kernel lacks, found only when XLA builds it) as a ConfigError naming the option that avoids the
-    kernel; JAX refuses most such cases while tracing, where `attention_impl: auto` falls back."""
-    text = str(err)
-    if any(marker in text.lower() for marker in _FUSED_ATTENTION_FAILURES):
-        first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
-        raise ConfigError(f"compiling the train step failed in cuDNN's fused attention ({first}). Set the model "
-                          "option attention_impl: xla (XLA's own attention) to train without that kernel") from err
-
-
 def plan_train_step(steps: Any, host_batch: dict, per_device_batch: int, data_parallel: int, *,
                     budget: int | None, auto_find: bool, longest: dict | None = None) -> StepPlanResult:
     """Compile the train step on abstract inputs, log its memory estimate, refuse or shrink it.
@@ -349,14 +333,17 @@ def plan_train_step(steps: Any, host_batch: dict, per_device_batch: int, data_pa
     """
     limit, source = device_memory_limit(budget)
 
-    flops: dict[int, float] = {}
+    flops: dict[int, float] = {}  # per-device batch -> model FLOPs per device, at the run's own shape
+
+    def count(n: int, jitted: Any, batch: dict) -> None:
+        # jit caches the trace, so a lower() after this does not trace again; that lower() must be
+        # jit's own (not Traced.lower), or the loop's first call would compile a second time
+        flops[n] = traced_flops(jitted.trace(steps.abstract_state, batch), steps.mesh.size)
 
     def compile_at(n: int, jitted: Any, host: dict) -> tuple[Any, MemoryEstimate | None]:
         batch = steps.abstract_train_batch(host, rows=n * data_parallel)
         if host is host_batch:  # the shape the run starts with (not a longer planning shape)
-            # jit caches the trace, so lower() below does not trace again; lower() itself must be
-            # jit's own (not Traced.lower), or the loop's first call would compile a second time
-            flops[n] = traced_flops(jitted.trace(steps.abstract_state, batch), steps.mesh.size)
+            count(n, jitted, batch)
         try:
             compiled = jitted.lower(steps.abstract_state, batch).compile()
         except ValueError as err:  # XLA:CPU has no float16 x float16 -> float32 matmul
@@ -398,8 +385,7 @@ def plan_train_step(steps: Any, host_batch: dict, per_device_batch: int, data_pa
                    "(%s)", per_device_batch, fmt_bytes(estimate.peak), fmt_bytes(limit), source, found,
                    fmt_bytes(estimates[found].peak))
     if found not in flops:  # planned at a longer shape: count the run's own shape (a trace, no compile)
-        batch = steps.abstract_train_batch(host_batch, rows=found * data_parallel)
-        flops[found] = traced_flops(steps.train_step.trace(steps.abstract_state, batch), steps.mesh.size)
+        count(found, steps.train_step, steps.abstract_train_batch(host_batch, rows=found * data_parallel))
     return StepPlanResult(found, None, estimates[found], limit, source, estimates, flops[found])
 
 

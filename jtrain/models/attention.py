@@ -108,7 +108,6 @@ def attend(
     sequence_parallel: bool = False,
     softcap: float | None = None,
     branch_on_padding: bool | None = None,
-    cudnn_refusal: str | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention with grouped-query heads.
 
@@ -129,19 +128,19 @@ def attend(
     decoder mask: causal, sliding window, packed documents); the CPU path then skips the keys
     after each query block. With `sequence_parallel` (query rows split over devices) the CPU path
     is not taken: its head-major copies would make GSPMD regather the length, and the fused call's
-    layout keeps the rows split. `scale` defaults to 1/sqrt(H). Fully masked rows (padding
+    layout keeps the rows split, but not cuDNN's (JAX's cuDNN partitioner refuses rows split along
+    the sequence): `auto` then takes XLA's attention and an explicit "cudnn" is refused on a GPU.
+    `scale` defaults to 1/sqrt(H). Fully masked rows (padding
     queries) give zeros, not NaN. `softcap` (Gemma 2) bounds the scores to (-cap, cap) with
     cap * tanh(score / cap) before masking; the fused call has no such option, so off the CPU
-    path it takes the reference einsum. `cudnn_refusal` (the models pass `layers.cudnn_refusal`)
-    says why JAX's cuDNN partitioner would refuse this step's layout: `auto` then takes XLA's
-    attention and an explicit "cudnn" is refused with that reason.
+    path it takes the reference einsum.
     """
     scale = 1.0 / math.sqrt(q_BLNH.shape[-1]) if scale is None else scale
     dropout_active = dropout_rng is not None and dropout_rate > 0.0
     _check_implementation(implementation, softcap, dropout_rate if dropout_active else None, q_BLNH.dtype,
-                          cudnn_refusal)
+                          sequence_parallel)
     chosen = implementation
-    implementation = resolve_implementation(implementation, q_BLNH.dtype, softcap, dropout_active, cudnn_refusal)
+    implementation = resolve_implementation(implementation, q_BLNH.dtype, softcap, dropout_active, sequence_parallel)
     mask = as_mask(mask)
     L, S = q_BLNH.shape[1], k_BSKH.shape[1]
     on_cpu_path = implementation == "xla" and jax.default_backend() == "cpu" and not sequence_parallel
@@ -151,17 +150,7 @@ def attend(
     if on_cpu_path:
         return _blocked_attention(q_BLNH, k_BSKH, v_BSKH, mask, scale, causal_blocks, softcap)
     impl = None if implementation == "xla" else implementation
-
-    def fused(**kwargs: Any) -> jax.Array:
-        call = functools.partial(jax.nn.dot_product_attention, q_BLNH, k_BSKH, v_BSKH, scale=scale, **kwargs)
-        if chosen != "auto":
-            return call(implementation=impl)
-        try:  # JAX refuses, while tracing, what this GPU or cuDNN cannot run (an old GPU, a head size)
-            return call(implementation=impl)
-        except (ValueError, NotImplementedError, RuntimeError) as err:
-            _warn_once(f"attention_impl 'auto': cuDNN's fused attention is not available here ({err}); using XLA's "
-                       "attention, which materialises the [B, heads, L, S] scores")
-            return call(implementation=None)
+    fused = functools.partial(_fused_attention, q_BLNH, k_BSKH, v_BSKH, scale, impl, chosen == "auto")
 
     def with_dense_mask() -> jax.Array:
         full = mask.dense(L, S)
@@ -182,25 +171,44 @@ def attend(
     return lax.cond(right_padded, lambda: fused(**kwargs).astype(q_BLNH.dtype), with_dense_mask)
 
 
+def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl: str | None, fall_back: bool,
+                     **kwargs: Any) -> jax.Array:
+    """`jax.nn.dot_product_attention` with `impl`; with `fall_back` (attention_impl 'auto'), what JAX
+    refuses while tracing (an old GPU, no cuDNN, a head size) runs as XLA's attention instead."""
+    call = functools.partial(jax.nn.dot_product_attention, q, k, v, scale=scale, **kwargs)
+    if not fall_back or impl is None:
+        return call(implementation=impl)
+    try:
+        return call(implementation=impl)
+    except (ValueError, NotImplementedError, RuntimeError) as err:
+        _warn_once(f"attention_impl 'auto': cuDNN's fused attention is not available here ({err}); using XLA's "
+                   "attention, which materialises the [B, heads, L, S] scores")
+        return call(implementation=None)
+
+
 def resolve_implementation(implementation: str, dtype: Any, softcap: float | None = None,
-                           dropout_active: bool = False, cudnn_refusal: str | None = None) -> str:
+                           dropout_active: bool = False, sequence_parallel: bool = False) -> str:
     """What `attention_impl: auto` means where it is traced: cuDNN's fused flash kernel on an NVIDIA
     GPU in bf16/fp16 (JAX's own `implementation=None` stays on XLA's attention, which materialises
     the scores; every cuDNN call path jtrain makes was checked against the einsum on an H200, and the
     1B benchmark trained on it), XLA's attention elsewhere: on CPU, TPU, in float32 (cuDNN has no
-    float32 flash kernel), when soft-capping or active dropout needs the einsum anyway, and when the
-    layout is one JAX's cuDNN partitioner refuses (`cudnn_refusal`, from `layers.cudnn_refusal`).
+    float32 flash kernel), when soft-capping or active dropout needs the einsum anyway, and under
+    sequence parallelism (JAX's cuDNN partitioner refuses query rows split along the sequence).
     Other values are returned as they are."""
     if implementation != "auto":
         return implementation
-    half = dtype in (jnp.bfloat16, jnp.float16)
-    if jax.default_backend() == "gpu" and half and softcap is None and not dropout_active and not cudnn_refusal:
+    if _on_gpu_in_half(dtype) and softcap is None and not dropout_active and not sequence_parallel:
         return "cudnn"
     return "xla"
 
 
+def _on_gpu_in_half(dtype: Any) -> bool:
+    """Where cuDNN's flash kernel runs: a GPU backend, bf16 or fp16 operands."""
+    return jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+
+
 def _check_implementation(implementation: str, softcap: float | None, active_dropout: float | None,
-                          dtype: Any, cudnn_refusal: str | None = None) -> None:
+                          dtype: Any, sequence_parallel: bool = False) -> None:
     """Refuse what no attention path can do, and say once why a GPU run misses cuDNN's fused kernel
     (active attention dropout keeps it on the reference einsum; `xla` never asks for it)."""
     if implementation not in ATTENTION_IMPLS:
@@ -208,18 +216,37 @@ def _check_implementation(implementation: str, softcap: float | None, active_dro
     if implementation == "cudnn" and softcap is not None:
         raise ConfigError("attention_impl 'cudnn' has no logit soft-capping (Gemma 2's attn_logit_softcapping): "
                           "use attention_impl 'xla'")
-    if implementation == "cudnn" and cudnn_refusal and jax.default_backend() == "gpu":
-        raise ConfigError(f"attention_impl 'cudnn' cannot run on this mesh: {cudnn_refusal}. Use attention_impl "
+    if implementation == "cudnn" and sequence_parallel and jax.default_backend() == "gpu":
+        raise ConfigError("attention_impl 'cudnn' cannot run on this mesh: the sequence is split over devices (the "
+                          "mesh's `sequence` axis), and JAX's cuDNN kernel refuses query rows sharded along the "
+                          "sequence; sequence_parallel_attention 'ring' is the other option. Use attention_impl "
                           "'auto' (which takes XLA's attention here) or 'xla'")
     if implementation == "cudnn" and active_dropout is not None:
         _warn_once(f"attention_impl 'cudnn' has no attention-probability dropout: while dropout {active_dropout} is "
                    "active in training, attention takes the reference einsum, which materialises the [B, heads, L, "
                    "S] scores. Set the model's attention dropout (attention_dropout, attn_pdrop, "
                    "attention_probs_dropout_prob) to 0 to train with the cuDNN kernel")
-    if implementation == "xla" and jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+    if implementation == "xla" and _on_gpu_in_half(dtype):
         _warn_once("attention_impl 'xla' on a GPU runs XLA's own attention, which materialises the [B, heads, L, S] "
                    "scores; for bf16/fp16 leave attention_impl at 'auto' (or set 'cudnn') to use cuDNN's fused "
                    "flash kernel (docs/performance.md)")
+
+
+# What a compile failure inside cuDNN's attention says: the kernel's own names, and the refusals of
+# JAX's cuDNN partitioner (which runs inside XLA's compile) for shardings it cannot split.
+_FUSED_ATTENTION_FAILURES = ("cudnn", "fmha", "fused_attention", "query, key and value should have same sharding",
+                             "sharding on sequence dim is not allowed", "sharding on head dim is not allowed")
+
+
+def refuse_failed_fused_attention(err: Exception) -> None:
+    """A compile that fails inside cuDNN's fused attention (a GPU, driver, shape or sharding the
+    kernel lacks, found only when XLA builds it) as a ConfigError naming the option that avoids the
+    kernel; JAX refuses most such cases while tracing, where `attention_impl: auto` falls back."""
+    text = str(err)
+    if any(marker in text.lower() for marker in _FUSED_ATTENTION_FAILURES):
+        first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+        raise ConfigError(f"compiling the train step failed in cuDNN's fused attention ({first}). Set the model "
+                          "option attention_impl: xla (XLA's own attention) to train without that kernel") from err
 
 
 def _zero_keyless_rows(out_BLNH: jax.Array, mask: jax.Array) -> jax.Array:

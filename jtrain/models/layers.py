@@ -218,24 +218,9 @@ def pipelined(cfg: Any) -> bool:
 
 def attend_layout(cfg: Any) -> dict[str, Any]:
     """`attend`'s layout arguments for this config: query rows split over devices (sequence
-    parallelism), no per-batch cond on padding inside the pipeline's vmap (see `pipelined`), and
-    why cuDNN's kernel cannot take this layout, if it cannot (`cudnn_refusal`)."""
-    return {"sequence_parallel": splits_length(cfg), "branch_on_padding": False if pipelined(cfg) else None,
-            "cudnn_refusal": cudnn_refusal(cfg)}
-
-
-def cudnn_refusal(cfg: Any) -> str | None:
-    """Why JAX's cuDNN attention cannot be partitioned over this config's mesh, or None. Its
-    partitioner (custom partitioning, run inside XLA's compile on the GPU) never splits the
-    sequence, and that failure would only show when the GPU compiles the step, so it is decided
-    here, at trace time. (It also needs queries, keys and values sharded alike over heads, which
-    jtrain's parameter layout already guarantees: key/value heads that do not divide over the
-    `tensor` axis are refused when the parameters are placed.)"""
-    sharding = getattr(cfg, "activation_sharding", None)
-    if sharding is not None and sharding.splits_length():
-        return ("the sequence is split over devices (the mesh's `sequence` axis), and JAX's cuDNN kernel refuses "
-                "query rows sharded along the sequence; sequence_parallel_attention 'ring' is the other option")
-    return None
+    parallelism, which also keeps cuDNN out), and no per-batch cond on padding inside the
+    pipeline's vmap (see `pipelined`)."""
+    return {"sequence_parallel": splits_length(cfg), "branch_on_padding": False if pipelined(cfg) else None}
 
 
 def splits_length(cfg: Any) -> bool:
