@@ -5,15 +5,17 @@
 
 The model is TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, intermediate
 5632, vocab 32000), batch 8 x 2048 tokens, AdamW with clipping, bf16 compute with float32
-master weights on both sides. jtrain uses `attention_impl="cudnn"`; HF uses PyTorch SDPA (its
-flash kernel). MFU is the jtrain step's model FLOPs (`jtrain.flop_count`: matmuls and attention
-over the full query x key grid, as PaLM's formula counts them) over the datasheet bf16 dense peak
+master weights on both sides. jtrain uses its default `attention_impl="auto"`, which takes cuDNN's
+fused flash kernel on an NVIDIA GPU in bf16 (any warning jtrain logs, such as a fallback to XLA's
+attention, is printed with the results); HF uses PyTorch SDPA (its flash kernel). MFU is the
+jtrain step's model FLOPs (`jtrain.flop_count`: matmuls and attention over the full query x key
+grid, as PaLM's formula counts them) over the datasheet bf16 dense peak
 (`jtrain.flops.PEAK_FLOPS`); the HF side uses the same FLOP count (same model and tokens). A
 second figure leaves out the masked half of causal attention (work no kernel needs to do). The
 HF side is skipped, with the reason printed, when torch has no CUDA. `--small` runs a tiny model
 on the CPU (XLA attention, measured matmul peak) so the script is tested where no GPU exists.
 Each side runs in its own process, one after the other, so neither holds GPU memory for the other.
-If the cuDNN run fails (no cuDNN, a kernel the GPU lacks), jtrain runs again with XLA's attention
+If the cuDNN run fails outright (no cuDNN, a kernel the GPU lacks), jtrain runs again with XLA's attention
 and the table says why: a GPU session is rare, and it should bring back numbers either way.
 """
 
@@ -50,14 +52,30 @@ def worker(a: argparse.Namespace) -> dict:
         # Rows have no padding: without an attention_mask the model sees a purely causal batch (HF's
         # SDPA likewise drops an all-ones mask and runs its causal flash kernel).
         a.drop_attention_mask = True
+        warned = _capture_jtrain_warnings()
         try:
-            return {**vs_hf.jtrain_worker(a, p), "attention": a.attention}
+            return {**vs_hf.jtrain_worker(a, p), "attention": a.attention, "warnings": warned}
         except Exception as err:  # reported to the parent, which retries with XLA's attention
             if a.attention == "xla":
                 raise
             return {"side": "jtrain", "attention": a.attention, "failed": f"{type(err).__name__}: {err}"}
     a.device = "cpu" if a.preset == "small" else "gpu"
     return vs_hf.hf_worker(a, p)
+
+
+def _capture_jtrain_warnings() -> list[str]:
+    """A list that fills with every warning jtrain logs in this process: with `attention_impl: auto`,
+    a fallback from cuDNN to XLA's attention is one of them, and the summary must say so."""
+    import logging
+
+    warned: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warned.append(record.getMessage())
+
+    logging.getLogger("jtrain").addHandler(Keep(logging.WARNING))
+    return warned
 
 
 def _perfetto_traces_too() -> None:
@@ -81,6 +99,7 @@ def summary(p: vs_hf.Preset, runs: dict[str, dict]) -> str:
     rows = []
     if j.get("cudnn_failure"):
         lines += [f"The cuDNN run failed ({j['cudnn_failure'][:300]}); jtrain ran again with XLA's attention.", ""]
+    lines += [f"jtrain warned: {w[:300]}" for w in j.get("warnings", [])] + [""] * bool(j.get("warnings"))
     for side, r in (("jtrain", j), ("hf", h)):
         if side == "jtrain":
             side = f"jtrain ({r['attention']} attention)"
@@ -121,8 +140,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the markdown summary here")
-    ap.add_argument("--attention", choices=("cudnn", "xla"), default=None,
-                    help="jtrain's attention_impl (default: cudnn on the GPU, xla with --small)")
+    ap.add_argument("--attention", choices=("auto", "cudnn", "xla"), default=None,
+                    help="jtrain's attention_impl (default: auto, jtrain's own default, which picks cuDNN on "
+                         "the GPU; xla with --small)")
     ap.add_argument("--xla-flags", default="", help="comma-separated XLA flags for the jtrain side")
     ap.add_argument("--model-options", default="", help="JSON model options for the jtrain side")
     ap.add_argument("--profile-dir", default="",
@@ -136,7 +156,7 @@ def main() -> None:
         return
     name = "small" if a.small else "1b"
     steps = a.steps if a.steps is not None else PRESETS[name].steps
-    attention = a.attention or ("xla" if a.small else "cudnn")
+    attention = a.attention or ("xla" if a.small else "auto")
     runs = {}
     for side in vs_hf.SIDES:
         argv = functools.partial(worker_argv, side, name, steps, a.warmup, xla_flags=a.xla_flags,

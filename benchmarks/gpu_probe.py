@@ -38,14 +38,14 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import bench_common as bc
 import gpu_1b
 
-# (name, XLA flags, model options, attention): each a guess at where MFU is lost, best guess first.
-# Measured on an H200 on 2026-11-29 (benchmarks/TRIED.md): no Triton GEMMs 213 vs 215 ms (noise),
-# scanned layers 256 ms. XLA's own attention is not a variant: at batch 8 x 2048 its materialised
-# scores need 148 GiB, and the memory plan refuses it before it runs.
+# (name, XLA flags, model options, attention): each a question a user of the GPU path would ask.
+# Measured on an H200 on 2026-11-29 (benchmarks/GPU.md) and since dropped from this list: no Triton
+# GEMMs 213 vs 215 ms (noise), scanned layers 256 ms. XLA's own attention is not a variant: at batch
+# 8 x 2048 its materialised scores need 148 GiB, and the memory plan refuses it before it runs.
 VARIANTS = [
     ("base, traced", "", {}, None),
-    ("cuBLAS for every GEMM (no Triton GEMM fusions)", "--xla_gpu_enable_triton_gemm=false", {}, None),
-    ("layers under nn.scan", "", {"scan_layers": True}, None),
+    ("gradient checkpointing, every layer recomputed", "", {"remat_policy": "full"}, None),
+    ("gradient checkpointing, matmul outputs kept", "", {"remat_policy": "dots_saveable"}, None),
 ]
 TRACE_LIMIT_BYTES = 15 * 2**20
 KINDS = [  # kernel name patterns, first match wins
@@ -193,7 +193,7 @@ def main() -> None:
     if a.ceilings:
         bc.emit(ceilings(a.small))
         return
-    preset, attention = ("small", "xla") if a.small else ("1b", "cudnn")
+    preset, attention = ("small", "xla") if a.small else ("1b", "auto")
     steps = a.steps or (3 if a.small else 12)
     # In a child: JAX takes most of the GPU's memory when its backend starts, and the variants after
     # this need it.

@@ -22,7 +22,8 @@ from jtrain.xla_flags import apply_xla_flags, merge_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
-import gpu_probe  # noqa: E402  (a script beside the benchmarks, importable once BENCH is on the path)
+import gpu_1b  # noqa: E402  (scripts beside the benchmarks, importable once BENCH is on the path)
+import gpu_probe  # noqa: E402
 
 
 def _run(script: str, *args: str, tmp_path) -> tuple[str, dict]:
@@ -66,6 +67,22 @@ def test_gpu_1b_small_runs_on_cpu_and_falls_back_to_xla_attention_when_cudnn_fai
     assert jtrain["params"] == hf["params"]
     assert "MFU" in stdout and "jtrain / HF tokens/s" in stdout
     assert out.read_text().startswith("# jtrain vs HF Trainer on one GPU")
+
+
+def test_gpu_1b_reports_every_warning_jtrain_logs_during_its_run():
+    """With attention_impl 'auto' a fallback from cuDNN to XLA's attention is only a logged warning: the
+    GPU summary must show it, or a slower kernel would pass for the default one."""
+    import logging
+
+    warned = gpu_1b._capture_jtrain_warnings()
+    logging.getLogger("jtrain.models.attention").warning("attention_impl 'auto': cuDNN is not available here")
+    logging.getLogger("jtrain.models.attention").info("not a warning")
+    logging.getLogger("elsewhere").warning("not jtrain's")
+    assert warned == ["attention_impl 'auto': cuDNN is not available here"]
+    run = {"median_step_s": 1.0, "tokens_per_s": 10.0, "warmup_s": 1.0, "peak_rss_mb": 1.0, "step_flops": None}
+    text = gpu_1b.summary(gpu_1b.PRESETS["small"], {"jtrain": {**run, "attention": "auto", "warnings": warned},
+                                                     "hf": {"skipped": "no CUDA"}})
+    assert "jtrain warned: attention_impl 'auto': cuDNN is not available here" in text
 
 
 def test_gpu_session_script_runs_both_checks_and_leaves_its_files_in_out(tmp_path):
