@@ -14,7 +14,11 @@ skips the key blocks after each causal query block, so there the count is what i
 0.977 of the formula for the tiny benchmark model.) Elementwise work, reductions and the
 optimizer's update are left out, as in every MFU convention. Loops multiply their body (`scan`
 by its length; a `while` of unknown trip count is counted once), `cond` counts its most
-expensive branch, and remat's recomputation is counted, because it runs. A loop marked with
+expensive branch. Gradient checkpointing's recomputation is left out (PaLM's definition: model
+FLOPs do not depend on how the step is implemented; counting it would be hardware FLOPs, and
+turning remat on would leave MFU unchanged while the step slowed down). JAX marks it: the forward
+that a `jax.checkpoint` body recomputes in the backward runs under the name scope
+"rematted_computation". A loop marked with
 `useful_iterations(useful, total)` counts `useful` of its `total` iterations: the pipeline's
 ticks, whose bubble ticks compute on zeros that nothing reads (work that runs, but not model
 FLOPs).
@@ -40,6 +44,7 @@ _ATTENTION_BACKWARD = {"dot_product_attention_bwd", "dot_product_attention_bwd_w
                        "dot_product_attention_fp8_bwd", "dot_product_attention_fp8_bwd_wrapper"}
 _BNTH = 1  # jax's AttentionLayout.BNTH (batch, heads, length, head_dim); BTNH (0) is the other one
 _USEFUL = re.compile(r"jtrain_useful_iterations_(\d+)_of_(\d+)")
+_RECOMPUTED = "rematted_computation"  # the scope JAX's remat gives the forward it recomputes
 
 
 def useful_iterations(useful: int, total: int) -> Any:
@@ -52,7 +57,13 @@ def jaxpr_flops(jaxpr: Any, marked: bool = False) -> float:
     """Matmul and attention FLOPs of a (Closed)Jaxpr, sub-jaxprs included (see the module doc).
     `marked`: inside a loop already counted by its useful iterations (its body's eqns carry the mark too)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    return float(sum(_eqn_flops(eqn, marked) for eqn in jaxpr.eqns))
+    return float(sum(_eqn_flops(eqn, marked) for eqn in jaxpr.eqns if not _recomputed(eqn)))
+
+
+def _recomputed(eqn: Any) -> bool:
+    """Whether `eqn` is remat's recomputation of the forward (a sub-jaxpr's eqns do not repeat the
+    scopes of the eqn that holds them, so an eqn under the scope is skipped with all it contains)."""
+    return _RECOMPUTED in str(eqn.source_info.name_stack).split("/")
 
 
 def traced_flops(traced: Any, devices: int = 1) -> float:
