@@ -149,6 +149,12 @@ def test_lora_config_with_scan_layers_trains_like_the_unrolled_layers(base_dir, 
         runs[scan] = ([e["loss"] for e in history if "loss" in e], _safetensors(out / "adapter_model.safetensors"))
     (flat_losses, flat_adapters), (scan_losses, scan_adapters) = runs["false"], runs["true"]
     print(f"losses unrolled {flat_losses} scanned {scan_losses}")
-    assert len(flat_losses) == 4 and flat_losses[-1] < flat_losses[0]
+    assert len(flat_losses) == 4
     np.testing.assert_allclose(scan_losses, flat_losses, rtol=1e-5)
     assert sorted(scan_adapters) == sorted(flat_adapters) and len(flat_adapters) == 28
+    # The adapters trained: PEFT starts every lora_B at zero and 4 updates move all of them. (Each
+    # logged loss is a different batch's, so the last is not below the first on every platform: on
+    # an H200 the quickstart base trained to other weights, the first loss was 5.195 instead of 5.281
+    # and the last, 5.275, the highest.)
+    b_names = [name for name in flat_adapters if "lora_B" in name]
+    assert len(b_names) == 14 and all(np.abs(flat_adapters[name]).max() > 0 for name in b_names)
