@@ -8,19 +8,19 @@
 # `attention_impl: auto` in bf16/fp16 tests, GPU buffers through Orbax save and restore, donation,
 # and XLA:GPU's numerics against the torch and float64 references. Float32 matmuls run at full
 # precision (JAX_DEFAULT_MATMUL_PRECISION=highest): the references' tolerances are float32 ones, and
-# TF32 (JAX's GPU default) would fail them by design, not by a bug. The files chosen are the ones that
-# build single-device meshes; a test that needs the 8 fake CPU devices fails here for that reason
-# alone, which the log's failure lines show. The machine has no `datasets` package: files that import
-# it are left out. On an H200 (2026-11-29, benchmarks/GPU.md) 240 passed; the 19 failures and 1 error
-# were all of that kind: meshes of 2-8 devices, CPU-only promises (test_decoders_on_cpu_*, use_cpu after
-# start, memory_stats on a CPU), `attend(cudnn, sequence_parallel=True)` unit tests, no optuna.
+# TF32 (JAX's GPU default) would fail them by design, not by a bug. Tests marked `devices(n)` (more
+# devices than one GPU) or `cpu_only(reason)` (what only the CPU backend does) are skipped with their
+# reason (tests/conftest.py); in CI, on the CPU, none is. The machine has no `datasets` package: files
+# that import it are left out, and so is test_trainer_api.py, which imports optuna (for
+# hyperparameter_search), also missing there. On an H200 (2026-11-29, benchmarks/GPU.md) 240 passed and every failure was of those kinds,
+# before the marks existed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_out}"
 mkdir -p "$out"
 export JAX_PLATFORMS="${GPU_TESTS_PLATFORMS:-cuda}" JAX_DEFAULT_MATMUL_PRECISION=highest
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
-files=(test_step test_trainer test_trainer_api test_trainer_callbacks test_checkpoint test_precision
+files=(test_step test_trainer test_trainer_callbacks test_checkpoint test_precision
        test_losses test_models_parity test_models_grads test_models_invariance test_models_common
        test_optim_adamw_parity test_optim_torch_parity test_optim_train test_optimizers test_lora_run
        test_quant test_qlora test_dora test_neftune test_faults test_attention_masks test_compile

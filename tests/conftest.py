@@ -26,3 +26,22 @@ jax.config.update("jax_num_cpu_devices", 8)
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), ".jax_cache", _WORKER))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "devices(n): needs n JAX devices (this file gives 8 on the CPU); skipped, "
+                                       "saying so, where JAX runs on fewer (scripts/gpu_tests.sh on one GPU)")
+    config.addinivalue_line("markers", "cpu_only(reason): checks what only the CPU backend does; skipped, with the "
+                                       "reason, where JAX runs on another backend")
+
+
+def pytest_runtest_setup(item):
+    """CI runs every test (8 CPU devices, the CPU backend): these skips only happen on a GPU run."""
+    import pytest
+
+    for mark in item.iter_markers("devices"):
+        if jax.device_count() < mark.args[0]:
+            pytest.skip(f"needs {mark.args[0]} JAX devices; {jax.device_count()} on {jax.default_backend()} here")
+    for mark in item.iter_markers("cpu_only"):
+        if jax.default_backend() != "cpu":
+            pytest.skip(f"CPU backend only ({jax.default_backend()} here): {mark.args[0]}")

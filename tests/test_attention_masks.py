@@ -70,6 +70,8 @@ def test_a_traced_window_equals_the_static_one():
     np.testing.assert_array_equal(np.asarray(traced), np.asarray(static.dense(L, L)))
 
 
+@pytest.mark.cpu_only("it passes sequence_parallel=True to stay off the CPU's blocked path, and a GPU "
+                      "refuses cuDNN under sequence parallelism")
 @pytest.mark.parametrize("case", ["causal", "window", "bidirectional", "padding", "padding_no_branch", "padding_xla",
                                   "segments", "traced_window"])
 def test_what_the_fused_call_gets(case, monkeypatch):
@@ -170,6 +172,7 @@ def _grad_jaxpr(apply, params):
     return jax.make_jaxpr(jax.grad(lambda p: jnp.sum(apply(p, batch)["logits"])))(params).jaxpr
 
 
+@pytest.mark.cpu_only("the blocked attention is the CPU's; XLA's attention on a GPU takes the dense mask")
 @pytest.mark.parametrize("model_type,options", [("llama", {}), ("gemma2", {"scan_layers": True}), ("gpt2", {})])
 def test_decoders_on_cpu_never_build_a_whole_length_mask(model_type, options):
     """Forward and backward of a padded, packed batch at L=512 on the CPU's blocked attention: each query
@@ -178,6 +181,7 @@ def test_decoders_on_cpu_never_build_a_whole_length_mask(model_type, options):
     assert _whole_length_booleans(_grad_jaxpr(model.apply, model.abstract_params()), LONG) == []
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_ring_attention_never_builds_a_whole_length_mask(model_type):
     """The same under ring attention on `sequence 4 x data 2`: each device builds the [L/4, L/4] block it
@@ -216,6 +220,7 @@ def test_gemma2_scanned_layers_take_their_window_from_the_traced_index():
     assert float(jnp.abs(wide - got).max()) > 1e-3
 
 
+@pytest.mark.devices(8)
 def test_ring_attention_takes_a_traced_window():
     """Gemma 2's per-layer window under `scan_layers` is a traced scalar; inside the ring's shard_map it
     travels as a replicated leaf. Output and q/k/v gradients equal the reference einsum with the same

@@ -71,6 +71,7 @@ def test_a_loop_marked_with_its_useful_iterations_counts_only_those_forward_and_
         assert _count(lambda x: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=6)[0], x) == 6 * one
 
 
+@pytest.mark.devices(8)
 def test_shard_map_bodies_count_once_per_shard_and_per_device_divides_by_devices():
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
     x = jax.device_put(jnp.ones((64, 16)), NamedSharding(mesh, P("data")))

@@ -126,6 +126,7 @@ def test_auto_find_batch_size_picks_the_largest_batch_that_fits(tmp_path):
     assert np.isfinite(out.training_loss)
 
 
+@pytest.mark.cpu_only("a CPU reports no memory statistics, so the device peak is the compiler's estimate")
 def test_memory_metrics_per_phase(tmp_path):
     trainer = Trainer(tiny_llama(), _args(tmp_path, skip_memory_metrics=False), train_dataset=_dataset(),
                       eval_dataset=ArrayDataset(lm_rows(8, 16, seed=3)))

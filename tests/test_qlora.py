@@ -65,6 +65,7 @@ def _pretrained_base(model, steps: int = 24, lr: float = 1e-2):
     return state.params, float(metrics["loss"])
 
 
+@pytest.mark.devices(4)
 def test_lora_on_nf4_base_trains_and_reports_quantisation_error(tmp_path):
     model = create_model("llama", QLORA_LLAMA)
     float_base, pretrain_loss = _pretrained_base(model)

@@ -263,6 +263,7 @@ def _write_empty_json(path: str) -> None:
         f.write("{}")
 
 
+@pytest.mark.devices(8)
 def test_quantized_nodes_shard_like_their_kernels_and_train_like_one_device(tmp_path):
     one_layer = create_model("llama", {**TINY_LLAMA, "num_hidden_layers": 1})  # compile time
     qmodel = QuantizedModel(one_layer, QuantFormat("nf4", 8, double_quant=True))

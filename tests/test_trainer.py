@@ -273,6 +273,7 @@ def test_use_cpu_and_full_determinism_are_set_before_jax_starts(monkeypatch):
     assert os.environ["XLA_FLAGS"].split() == ["--xla_backend_optimization_level=3", xf.DETERMINISTIC_FLAG]
 
 
+@pytest.mark.cpu_only("use_cpu after JAX started holds only where it started on the CPU")
 def test_use_cpu_and_full_determinism_after_jax_started(tmp_path, monkeypatch):
     """Once JAX runs, a choice that already holds (the CPU here) is accepted; on a GPU backend
     both are refused with the way to get them."""
