@@ -40,12 +40,19 @@ import gpu_1b
 
 # (name, XLA flags, model options, attention): each a question a user of the GPU path would ask.
 # Measured on an H200 on 2026-11-29 (benchmarks/GPU.md) and since dropped from this list: no Triton
-# GEMMs 213 vs 215 ms (noise), scanned layers 256 ms. XLA's own attention is not a variant: at batch
-# 8 x 2048 its materialised scores need 148 GiB, and the memory plan refuses it before it runs.
+# GEMMs 213 vs 215 ms (noise); gradient checkpointing `dots_saveable` 231 ms, `full` 268 ms. XLA's own
+# attention is not a variant: at batch 8 x 2048 its materialised scores need 148 GiB, and the memory
+# plan refuses it before it runs. Open question: `scan_layers` compiles 9x faster but ran 256 vs
+# 215 ms; do XLA:GPU's while-loop options (flag names checked against jaxlib 0.10.2's flag table)
+# win the difference back?
 VARIANTS = [
     ("base, traced", "", {}, None),
-    ("gradient checkpointing, every layer recomputed", "", {"remat_policy": "full"}, None),
-    ("gradient checkpointing, matmul outputs kept", "", {"remat_policy": "dots_saveable"}, None),
+    ("layers under nn.scan", "", {"scan_layers": True}, None),
+    ("nn.scan, while-loop double buffering", "--xla_gpu_enable_while_loop_double_buffering=true",
+     {"scan_layers": True}, None),
+    ("nn.scan, XLA's automatic while-loop unrolling",
+     "--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_AUTO_UNROLL", {"scan_layers": True}, None),
+    ("nn.scan, no CUDA-graph command buffers", "--xla_gpu_enable_command_buffer=", {"scan_layers": True}, None),
 ]
 TRACE_LIMIT_BYTES = 15 * 2**20
 KINDS = [  # kernel name patterns, first match wins
