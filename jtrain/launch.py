@@ -3,7 +3,11 @@
 Starts N copies of COMMAND on this machine as one JAX job on CPU devices, the way a cluster
 scheduler starts one process per host: each copy gets `JAX_COORDINATOR_ADDRESS` (a free port on
 localhost), `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` (read by `jtrain.distributed.maybe_initialize`)
-and K fake CPU devices. Output is streamed line by line, prefixed `[rankI]`.
+and K fake CPU devices. Output is streamed line by line, prefixed `[rankI]`: a rank's stdout to
+stdout and its stderr to stderr, each through its own pipe (as torchrun does), so tracebacks and
+library logs stay where a shell or scheduler expects them and cannot land inside a printed line.
+Gloo's "[Gloo] Rank r is connected to n peer ranks" messages are the exception: Gloo writes them
+to stdout itself, in pieces, from its own threads, so a stdout line can carry a fragment of one.
 
 Why the launcher polices its children: when one process of a JAX job dies, the others block
 forever in their next collective. So as soon as one copy exits non-zero (or by a signal) the
@@ -32,7 +36,7 @@ _PRINT_LOCK = threading.Lock()
 class Rank:
     index: int
     proc: subprocess.Popen
-    reader: threading.Thread
+    readers: tuple[threading.Thread, ...]
 
 
 def free_port() -> int:
@@ -68,11 +72,13 @@ def _stream(prefix: str, pipe: IO[str], out: IO[str]) -> None:
 
 def start_rank(command: Sequence[str], env: dict[str, str], rank: int) -> Rank:
     """Start one rank in its own process group, so that stopping it also stops its children."""
-    proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             bufsize=1, start_new_session=True)
-    reader = threading.Thread(target=_stream, args=(f"[rank{rank}]", proc.stdout, sys.stdout), daemon=True)
-    reader.start()
-    return Rank(rank, proc, reader)
+    readers = tuple(threading.Thread(target=_stream, args=(f"[rank{rank}]", pipe, out), daemon=True)
+                    for pipe, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)))
+    for reader in readers:
+        reader.start()
+    return Rank(rank, proc, readers)
 
 
 def describe_exit(code: int) -> str:
@@ -170,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     for r in ranks:
-        r.reader.join(timeout=2.0)
+        for reader in r.readers:
+            reader.join(timeout=2.0)
     return code
 
 

@@ -51,6 +51,7 @@ def test_loops_branches_gradients_and_remat():
     assert _count(jax.grad(jax.checkpoint(loss)), w[0]) == 2 * one
     for policy in (None, jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.nothing_saveable):
         assert _count(jax.grad(jax.checkpoint(loss, policy=policy)), w[0]) == 2 * one
+    assert _count(jax.checkpoint(loss), w[0]) == one  # a checkpointed forward alone (an eval step) still counts
 
 
 def test_a_loop_marked_with_its_useful_iterations_counts_only_those_forward_and_backward():

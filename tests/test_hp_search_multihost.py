@@ -76,8 +76,11 @@ def _worker(out_dir: str) -> None:
     best = trainer.hyperparameter_search(
         hp_space=lambda t: {"learning_rate": t.suggest_float("learning_rate", 1e-3, 1e-1, log=True)},
         n_trials=2, sampler=optuna.samplers.RandomSampler(seed=0), pruner=PruneTrialOne())
-    print("SEARCH " + json.dumps({"process": jax.process_index(), "best": list(best), "seen": seen,
-                                  "train_ends": ends.steps}), flush=True)
+    # One write of the whole line: print() writes the text and the newline separately, and Gloo's
+    # messages (written to the same stdout from its threads) could land between them, inside the JSON's line.
+    report = json.dumps({"process": jax.process_index(), "best": list(best), "seen": seen, "train_ends": ends.steps})
+    sys.stdout.write(f"SEARCH {report}\n")
+    sys.stdout.flush()
     trainer.end()
 
 
