@@ -2,6 +2,7 @@
 
     python benchmarks/vs_hf.py --presets tiny --precisions fp32 [--steps 20] [--repeats 3] [--out FILE]
     python benchmarks/vs_hf.py --bf16          # shorthand for --precisions bf16
+    python benchmarks/vs_hf.py --sides jtrain,hf,jax   # also a plain JAX program (benchmarks/plain_jax.py)
 
 Both sides train the same architecture (same parameter count, vocabulary, sequence length and
 batch) on the same random tokens in the same (sequential) order, with AdamW (weight decay 0.01,
@@ -281,14 +282,23 @@ def hf_worker(a: argparse.Namespace, p: Preset) -> dict[str, Any]:
 
 
 # ---- the parent: alternate, summarise, write ---------------------------------------------------------
-SIDES = ("jtrain", "hf")
+SIDES = ("jtrain", "hf")  # the comparison the targets are about
+ALL_SIDES = SIDES + ("jax",)  # "jax": the same model as a plain JAX program (plain_jax.py), on request
+
+
+def _worker_for(side: str) -> Any:
+    if side == "jax":
+        import plain_jax
+
+        return plain_jax.worker
+    return jtrain_worker if side == "jtrain" else hf_worker
 
 
 def run_pair(preset: str, bf16: bool, steps: int, warmup: int, repeats: int, xla_flags: str = "",
-             model_options: str = "") -> dict[str, list]:
-    runs: dict[str, list] = {s: [] for s in SIDES}
+             model_options: str = "", sides: tuple[str, ...] = SIDES) -> dict[str, list]:
+    runs: dict[str, list] = {s: [] for s in sides}
     for r in range(repeats):
-        for side in SIDES:
+        for side in sides:
             argv = [os.path.abspath(__file__), "--worker", side, "--presets", preset, "--steps", str(steps),
                     "--warmup", str(warmup)] + (["--bf16"] if bf16 else [])
             if side == "jtrain" and xla_flags:
@@ -308,8 +318,7 @@ def summarise(preset: str, bf16: bool, runs: dict[str, list]) -> dict[str, Any]:
     flops = bc.median(r["step_flops"] for r in runs["jtrain"])
     row: dict[str, Any] = {"preset": preset, "precision": "bf16" if bf16 else "fp32", "step_flops": flops,
                            "formula_flops": p.formula_flops()}
-    for side in SIDES:
-        rs = runs[side]
+    for side, rs in runs.items():
         step = bc.median(r["median_step_s"] for r in rs)
         peak = bc.median(r["peak_flops"] for r in rs)
         row[side] = {
@@ -317,13 +326,16 @@ def summarise(preset: str, bf16: bool, runs: dict[str, list]) -> dict[str, Any]:
             "tokens_per_s": bc.median(r["tokens_per_s"] for r in rs),
             "window_tokens_per_s": bc.median(r["window_tokens_per_s"] for r in rs),
             "peak_flops": peak, "mfu": (flops / step / peak) if (flops and step and peak) else None,
-            "peak_rss_mb": bc.median(r["peak_rss_mb"] for r in rs), "train_loss": bc.median(r["train_loss"] for r in rs),
+            "peak_rss_mb": bc.median(r["peak_rss_mb"] for r in rs),
+            "train_loss": bc.median(r["train_loss"] for r in rs),
             "runs_tokens_per_s": [round(r["tokens_per_s"]) for r in rs],
             "median_step_page_faults": bc.median(r["median_step_page_faults"] for r in rs),
             "median_step_kernel_s": bc.median(r["median_step_kernel_s"] for r in rs),
         }
     row["ratio"] = row["jtrain"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
-    row["fair"] = row["jtrain"]["params"] == row["hf"]["params"] == p.param_count()
+    row["fair"] = all(row[side]["params"] == p.param_count() for side in runs)
+    if "jax" in runs:
+        row["ratio_jax"] = row["jtrain"]["tokens_per_s"] / row["jax"]["tokens_per_s"]
     return row
 
 
@@ -338,6 +350,9 @@ def ratios_text(rows: list[dict]) -> str:
         lines.append(f"- {r['preset']} {r['precision']}: jtrain / HF tokens/s = **{r['ratio']:.3f}** "
                      f"({verdict} the target {target}); MFU jtrain {bc.fmt(r['jtrain']['mfu'], '.1%')} vs HF "
                      f"{bc.fmt(r['hf']['mfu'], '.1%')}")
+        if "ratio_jax" in r:
+            lines[-1] += (f"; jtrain / plain JAX = **{r['ratio_jax']:.3f}**, plain JAX / HF = "
+                          f"{r['jax']['tokens_per_s'] / r['hf']['tokens_per_s']:.3f}")
     return "\n".join(lines)
 
 
@@ -347,7 +362,7 @@ def table_text(rows: list[dict]) -> str:
               "kernel ms / step", "train loss", "runs tokens/s"]
     body = []
     for r in rows:
-        for side in SIDES:
+        for side in (side for side in ALL_SIDES if side in r):
             s = r[side]
             body.append([r["preset"], r["precision"], side, s["params"], round(s["warmup_s"], 2),
                          round(s["median_step_s"] * 1e3, 1), round(s["tokens_per_s"]),
@@ -359,7 +374,7 @@ def table_text(rows: list[dict]) -> str:
     for r in rows:
         c, f = r["step_flops"], r["formula_flops"]
         flops.append(f"- {r['preset']} {r['precision']}: counted {bc.fmt(c, '.4g')}, formula {f:.4g}, "
-                     f"ratio {bc.fmt(c / f if c else None, '.3f')}; parameter counts equal on both sides and "
+                     f"ratio {bc.fmt(c / f if c else None, '.3f')}; parameter counts equal on every side and "
                      f"to the formula: {r['fair']}")
     return bc.markdown_table(header, body) + "\n" + "\n".join(flops)
 
@@ -386,7 +401,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--overhead-args", default="", help="extra arguments for trainer_overhead.py")
     ap.add_argument("--scaling", action="store_true", help="also run scaling.py and include its table")
     ap.add_argument("--scaling-args", default="", help="extra arguments for scaling.py")
-    ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--sides", default=",".join(SIDES),
+                    help="comma-separated, alternating in this order: jtrain, hf (both required), jax (a plain "
+                         "JAX program of the same model, benchmarks/plain_jax.py)")
+    ap.add_argument("--worker", choices=ALL_SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.bf16 and not a.worker:
@@ -399,8 +417,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.worker:
         a.preset = a.presets
         a.steps = a.steps if a.steps is not None else PRESETS[a.preset].steps
-        bc.emit((jtrain_worker if a.worker == "jtrain" else hf_worker)(a, PRESETS[a.preset]))
+        bc.emit(_worker_for(a.worker)(a, PRESETS[a.preset]))
         return
+    sides = tuple(a.sides.split(","))
+    if not set(SIDES) <= set(sides) <= set(ALL_SIDES):
+        raise SystemExit(f"--sides {a.sides!r}: jtrain and hf are required, and only {', '.join(ALL_SIDES)} exist")
     command = bc.this_command()
     head = bc.machine_section(command)
     rows = []
@@ -411,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
             if precision not in TARGETS:
                 raise SystemExit(f"unknown precision {precision!r}; choose fp32 or bf16")
             steps = a.steps if a.steps is not None else PRESETS[preset].steps
-            runs = run_pair(preset, precision == "bf16", steps, a.warmup, a.repeats, a.xla_flags, a.model_options)
+            runs = run_pair(preset, precision == "bf16", steps, a.warmup, a.repeats, a.xla_flags, a.model_options,
+                            sides)
             rows.append(summarise(preset, precision == "bf16", runs))
     print_rows(rows)
     extra = []

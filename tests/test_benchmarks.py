@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jtrain.errors import ConfigError
@@ -38,18 +39,54 @@ def _run(script: str, *args: str, tmp_path) -> tuple[str, dict]:
 def test_vs_hf_smoke_prints_every_field_and_writes_results(tmp_path):
     out = tmp_path / "bench" / "RESULTS.md"
     stdout, _ = _run("vs_hf.py", "--presets", "smoke", "--steps", "2", "--warmup", "1", "--repeats", "1",
-                     "--out", str(out), tmp_path=tmp_path)
+                     "--sides", "jtrain,hf,jax", "--out", str(out), tmp_path=tmp_path)
     ratios = stdout.index("== ratios")
     assert ratios < stdout.index("== per side")  # ratios first
-    assert "smoke fp32: jtrain / HF tokens/s = **" in stdout
+    assert "smoke fp32: jtrain / HF tokens/s = **" in stdout and "; jtrain / plain JAX = **" in stdout
+    assert "| smoke | fp32 | jax |" in stdout  # the plain JAX side's row
     for column in ("warm-up s", "median step ms", "tokens/s", "MFU", "matmul peak GFLOP/s", "peak RSS MiB"):
         assert column in stdout
     # Same model on both sides: the parameter counts agree with each other and with the formula.
-    assert "equal on both sides and to the formula: True" in stdout
+    assert "equal on every side and to the formula: True" in stdout
     text = out.read_text()
     for heading in ("## Run", "## jtrain / HF Trainer, ratios first", "## Per side", "## How the comparison"):
         assert heading in text
     assert "vs_hf.py --presets smoke" in text and "model name" not in text and "jax " in text
+
+
+def test_plain_jax_side_is_the_same_model_as_hf_llama():
+    """benchmarks/plain_jax.py must be the model the two Trainers train, or its ratio means nothing:
+    HF's LlamaForCausalLM with the plain side's weights (Linear weights are [out, in]: transposed)
+    gives the same logits. Tolerance: float32 on both sides, summed in different orders over 2
+    layers: the logits (up to 0.36) agree to 7e-8; the rotary halves swapped moved 87% of them by
+    up to 1.3e-3, far outside atol 1e-5."""
+    import jax
+    import torch
+    import transformers
+
+    import plain_jax
+    import vs_hf
+
+    p = vs_hf.Preset(vocab=64, hidden=32, layers=2, heads=4, intermediate=48, seq=12, batch=2, steps=1, kv_heads=2)
+    params = plain_jax.init_params(p, seed=3)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**p.hf_config(), attn_implementation="eager"))
+    c = lambda w: torch.from_numpy(np.array(w))  # a writable copy of the JAX array
+    t = lambda w: torch.from_numpy(np.array(w).T.copy())
+    state = {"model.embed_tokens.weight": c(params["embed"]), "model.norm.weight": c(params["final_norm"]),
+             "lm_head.weight": t(params["lm_head"])}
+    names = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+             "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
+    for i, layer in enumerate(params["layers"]):
+        state.update({f"model.layers.{i}.{names[k]}.weight": t(w) for k, w in layer.items() if k in names})
+        state[f"model.layers.{i}.input_layernorm.weight"] = c(layer["attn_norm"])
+        state[f"model.layers.{i}.post_attention_layernorm.weight"] = c(layer["mlp_norm"])
+    assert not model.load_state_dict(state, strict=True).missing_keys
+    ids = np.random.default_rng(0).integers(0, p.vocab, size=(p.batch, p.seq)).astype(np.int32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids).long()).logits.numpy()
+    got = np.asarray(jax.jit(lambda w, x: plain_jax.forward(w, x, p))(params, ids))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert sum(int(np.prod(w.shape)) for w in jax.tree.leaves(params)) == p.param_count()
 
 
 def test_gpu_1b_small_runs_on_cpu_and_falls_back_to_xla_attention_when_cudnn_fails(tmp_path):
