@@ -35,6 +35,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU features that decide the CPU ratios: with AMX or AVX512-BF16, torch's bf16 matmul is several
+# times faster than XLA:CPU's (benchmarks/TRIED.md, 2026-11-30); without them it is slower than its float32.
+MATMUL_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_matmul_features() -> str:
+    """Which of MATMUL_FEATURES /proc/cpuinfo lists ("unknown" where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:
+        return "unknown"
+    return " ".join(f for f in MATMUL_FEATURES if f in flags) or "none of " + " ".join(MATMUL_FEATURES)
+
+
 def cores() -> int:
     """Cores this process may run on (the affinity mask, which containers narrow)."""
     try:
@@ -107,6 +124,7 @@ def machine_section(command: str) -> str:
         pass
     return (f"- date: {now}\n- machine: {cpu_model()}, {cores()} cores available "
             f"({os.cpu_count()} logical CPUs), {platform.system()} {platform.release()}\n"
+            f"- CPU matmul features: {cpu_matmul_features()}\n"
             f"- load average at the start (1, 5, 15 min): {load}\n- versions: {ver}\n"
             f"- command: `{command}`\n")
 

@@ -52,6 +52,7 @@ def test_vs_hf_smoke_prints_every_field_and_writes_results(tmp_path):
     for heading in ("## Run", "## jtrain / HF Trainer, ratios first", "## Per side", "## How the comparison"):
         assert heading in text
     assert "vs_hf.py --presets smoke" in text and "model name" not in text and "jax " in text
+    assert "- CPU matmul features: " in text  # AMX or not decides the bf16 ratio (TRIED.md)
 
 
 def test_plain_jax_side_is_the_same_model_as_hf_llama():
