@@ -23,16 +23,18 @@ RESULT_PREFIX = "RESULT "
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "transformers", "accelerate")
 
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (the platform string elsewhere)."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first `field` line of /proc/cpuinfo (None where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith(field)), None)
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (the platform string elsewhere)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 # CPU features that decide the CPU ratios: with AMX or AVX512-BF16, torch's bf16 matmul is several
@@ -42,14 +44,11 @@ MATMUL_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", 
 
 def cpu_matmul_features() -> str:
     """Which of MATMUL_FEATURES /proc/cpuinfo lists ("unknown" where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), None)
-    except OSError:
-        flags = None
+    flags = _cpuinfo("flags")
     if flags is None:
         return "unknown"
-    return " ".join(f for f in MATMUL_FEATURES if f in flags) or "none of " + " ".join(MATMUL_FEATURES)
+    present = flags.split()
+    return " ".join(f for f in MATMUL_FEATURES if f in present) or "none of " + " ".join(MATMUL_FEATURES)
 
 
 def cores() -> int:

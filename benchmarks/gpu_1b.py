@@ -15,8 +15,8 @@ second figure leaves out the masked half of causal attention (work no kernel nee
 HF side is skipped, with the reason printed, when torch has no CUDA. `--small` runs a tiny model
 on the CPU (XLA attention, measured matmul peak) so the script is tested where no GPU exists.
 Each side runs in its own process, one after the other, so neither holds GPU memory for the other.
-If the cuDNN run fails outright (no cuDNN, a kernel the GPU lacks), jtrain runs again with XLA's attention
-and the table says why: a GPU session is rare, and it should bring back numbers either way.
+If the cuDNN run fails outright (no cuDNN, a kernel the GPU lacks), jtrain runs again with XLA's
+attention and the table says why: a GPU session is rare, and it should bring back numbers either way.
 """
 
 from __future__ import annotations

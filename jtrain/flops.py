@@ -2,7 +2,8 @@
 
 The FLOP count of a step is counted on its jaxpr (`jtrain.flop_count`): matrix products and
 fused attention, without gradient checkpointing's recomputation, the same on every platform.
-XLA's cost analysis (`cost_analysis`, still used for bytes accessed) misses the work a GPU hands to cuBLAS and cuDNN.
+XLA's cost analysis (`cost_analysis`, still used for bytes accessed) misses the work a GPU hands
+to cuBLAS and cuDNN.
 Peaks come from a table of known accelerators; a CPU has no published peak, so one is measured
 once by a large matmul in the requested precision and cached on disk.
 """

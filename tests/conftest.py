@@ -41,7 +41,8 @@ def pytest_runtest_setup(item):
 
     for mark in item.iter_markers("devices"):
         if jax.device_count() < mark.args[0]:
-            pytest.skip(f"needs {mark.args[0]} JAX devices; {jax.device_count()} on {jax.default_backend()} here")
+            pytest.skip(reason=f"needs {mark.args[0]} JAX devices; {jax.device_count()} on {jax.default_backend()} "
+                               "here")
     for mark in item.iter_markers("cpu_only"):
         if jax.default_backend() != "cpu":
-            pytest.skip(f"CPU backend only ({jax.default_backend()} here): {mark.args[0]}")
+            pytest.skip(reason=f"CPU backend only ({jax.default_backend()} here): {mark.args[0]}")

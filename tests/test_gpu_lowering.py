@@ -290,7 +290,6 @@ def test_sequence_parallelism_keeps_cudnn_out_and_refuses_it_when_asked(tmp_path
                          _rows(2, 256), **mesh)
 
 
-
 def test_pipeline_stages_keep_cudnn_attention_under_their_vmap(tmp_path, as_if_on_a_hopper_gpu):
     """The pipeline runs every stage under `jax.vmap(..., spmd_axis_name="stage")`; cuDNN's attention
     has a batching rule, so the default `auto` keeps the fused kernel there: on a `stage: 2` mesh the
