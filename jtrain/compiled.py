@@ -9,6 +9,7 @@ per-process share of rows) runs here, before anything is compiled.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from jtrain.models import cpu_gemm
 from jtrain.models.base import Model
 from jtrain.param_split import split_params
 from jtrain.pipeline_parallel import with_pipeline_stages
@@ -230,6 +232,7 @@ def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformat
         return create(train_part, frozen_part)
 
     log = CompileLog(expected={"train": expected_train_compiles} if expected_train_compiles else {})
+    on_mesh = functools.partial(cpu_gemm.traced_on, mesh.devices.size == 1)  # MKL's bf16 GEMM: one device only
     run_model = with_activation_sharding(model, mesh, rules)
     train_model = with_compute_dtype(run_model, precision.compute_dtype)
     eval_model = with_compute_dtype(run_model, precision.eval_dtype)
@@ -245,9 +248,9 @@ def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformat
 
     return CompiledSteps(
         mesh=mesh, state_sharding=s_sh, param_sharding=p_sh,
-        train_step=jax.jit(log.wrap("train", train), out_shardings=(s_sh, rep), donate_argnums=0),
-        probe_train_step=jax.jit(log.wrap("train_probe", train), out_shardings=(s_sh, rep), donate_argnums=0),
-        eval_step=jax.jit(log.wrap("eval", evaluate), out_shardings=rep),
-        predict_step=jax.jit(log.wrap("predict", predict)),
+        train_step=jax.jit(log.wrap("train", on_mesh(train)), out_shardings=(s_sh, rep), donate_argnums=0),
+        probe_train_step=jax.jit(log.wrap("train_probe", on_mesh(train)), out_shardings=(s_sh, rep), donate_argnums=0),
+        eval_step=jax.jit(log.wrap("eval", on_mesh(evaluate)), out_shardings=rep),
+        predict_step=jax.jit(log.wrap("predict", on_mesh(predict))),
         init_state=init_state, compile_log=log, abstract_state=abstract_state, precision=precision,
     )

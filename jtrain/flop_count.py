@@ -6,7 +6,8 @@ calls (cuBLAS GEMMs, cuDNN attention) that the analysis counts as zero. The firs
 are 1.0e14, so MFU read 5% instead of about 55%. The jaxpr is the program before any backend
 touches it: the same count on every platform, and the count a reader can check by hand.
 
-What counts: every matrix product (`dot_general`, `ragged_dot`, convolutions) at 2 FLOPs per
+What counts: every matrix product (`dot_general`, `ragged_dot`, convolutions, the MKL bf16 GEMM of
+`jtrain.models.cpu_gemm`) at 2 FLOPs per
 multiply-add, and cuDNN's fused attention at the FLOPs of the two products it fuses over the
 full query x key grid (4·B·N·T·S·H forward, twice that backward), which is what the einsum
 path computes and what PaLM's 6·N·T + attention formula counts. (The CPU's blocked attention
@@ -37,6 +38,7 @@ from typing import Any
 
 import jax
 
+_CPU_GEMM = "jtrain_bf16_gemm"  # the FFI target of jtrain.models.cpu_gemm (a product, counted like a dot)
 # cuDNN fused attention as jax's `dot_product_attention(implementation="cudnn")` binds it.
 _ATTENTION_FORWARD = {"dot_product_attention_fwd", "dot_product_attention_fwd_wrapper",
                       "dot_product_attention_fp8_fwd", "dot_product_attention_fp8_fwd_wrapper"}
@@ -88,6 +90,10 @@ def _eqn_flops(eqn: Any, marked: bool) -> float:
         return 2.0 * math.prod(out) * math.prod(rhs) / out_features
     if name in _ATTENTION_FORWARD or name in _ATTENTION_BACKWARD:
         return _attention_flops(eqn, backward=name in _ATTENTION_BACKWARD)
+    if name == "ffi_call" and params.get("target_name") == _CPU_GEMM:  # jtrain.models.cpu_gemm: op(a) @ op(b)
+        lhs, out = _shape(eqn.invars[0]), _shape(eqn.outvars[0])
+        contracted = lhs[0] if dict(params["attributes"]).get("trans_a") else lhs[1]
+        return 2.0 * math.prod(out) * contracted
     return _nested_flops(eqn, marked)
 
 

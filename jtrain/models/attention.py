@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jtrain.errors import ConfigError
+from jtrain.models import cpu_gemm
 from jtrain.models.masks import AttentionMask, DenseMask, Mask, as_mask, make_attention_mask
 
 __all__ = ["AttentionMask", "DenseMask", "apply_rope", "attend", "make_attention_mask", "rope_inv_freq",
@@ -301,19 +302,37 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, sca
     for start, end, keys in _query_blocks(L, S, causal):
         rows = end - start
         q_blk = qt[:, :, :, start:end].reshape(B, K, G * rows, H)
-        scores = jnp.einsum("bkrh,bksh->bkrs", q_blk, kt[:, :, :keys], **exact).astype(jnp.float32) * scale
+        scores = _scores(q_blk, kt[:, :, :keys], exact) * scale
         scores = soft_cap(scores, softcap)
         m = mask.block(start, rows, 0, keys)  # B|1, 1, rows, keys
         any_key.append(jnp.any(m, axis=-1))  # under causal_blocks no later key could have been visible
         m = jnp.broadcast_to(m[:, :, None], (m.shape[0], 1, G, rows, keys)).reshape(m.shape[0], 1, G * rows, keys)
         scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkrs,bksh->bkrh", probs, vt[:, :, :keys])
+        out = _weighted_values(probs, vt[:, :, :keys])
         outs.append(out.reshape(B, K, G, rows, H))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     out = out.transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
     seen = any_key[0] if len(any_key) == 1 else jnp.concatenate(any_key, axis=-1)  # B|1, 1, L
     return jnp.where(seen[:, 0, :, None, None], out, 0.0).astype(q.dtype)
+
+
+def _scores(q: jax.Array, k: jax.Array, exact: dict) -> jax.Array:
+    """float32 q @ k^T of [B, K, rows, H] and [B, K, keys, H]: MKL's bf16 GEMM where it applies."""
+    if cpu_gemm.applies(q, k):
+        B, K, R, H = q.shape
+        out = cpu_gemm.batched_matmul(q.reshape(B * K, R, H), k.reshape(B * K, -1, H), trans_b=True)
+        return out.reshape(B, K, R, -1)
+    return jnp.einsum("bkrh,bksh->bkrs", q, k, **exact).astype(jnp.float32)
+
+
+def _weighted_values(probs: jax.Array, v: jax.Array) -> jax.Array:
+    """probs @ v of [B, K, rows, keys] and [B, K, keys, H], in v's dtype."""
+    if cpu_gemm.applies(probs, v):
+        B, K, R, S = probs.shape
+        out = cpu_gemm.batched_matmul(probs.reshape(B * K, R, S), v.reshape(B * K, S, -1), out_dtype=v.dtype)
+        return out.reshape(B, K, R, -1)
+    return jnp.einsum("bkrs,bksh->bkrh", probs, v)
 
 
 def _reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jtrain.models import cpu_gemm
+
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
 
 
@@ -71,6 +73,40 @@ def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int):
     return matmul
 
 
+@functools.cache
+def _mkl_dense_vjp(preferred_element_type: Any, n_contract: int):
+    """The same product for bfloat16 operands on a CPU with AMX: every matmul through MKL.
+
+    `jtrain.models.cpu_gemm` takes transposed operands as BLAS flags, so neither gradient needs
+    a transposed copy; float32 accumulation, rounded to the dtype XLA's dot would return."""
+    out_dtype = preferred_element_type or jnp.bfloat16
+
+    def flat(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array, int, int]:
+        k = math.prod(w.shape[:n_contract])
+        f = math.prod(w.shape[n_contract:])
+        return x.reshape(-1, k), w.reshape(k, f), k, f
+
+    @jax.custom_vjp
+    def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+        x2, w2, _, _ = flat(x, w)
+        y = cpu_gemm.gemm(x2, w2).astype(out_dtype)
+        return y.reshape(*x.shape[: x.ndim - n_contract], *w.shape[n_contract:])
+
+    def fwd(x: jax.Array, w: jax.Array):
+        return matmul(x, w), (x, w)
+
+    def bwd(res, dy: jax.Array):
+        x, w = res
+        x2, w2, _, f = flat(x, w)
+        dy2 = dy.reshape(-1, f).astype(jnp.bfloat16)
+        dx = cpu_gemm.gemm(dy2, w2, trans_b=True).astype(x.dtype)
+        dw = cpu_gemm.gemm(x2, dy2, trans_a=True).astype(w.dtype)
+        return dx.reshape(x.shape), dw.reshape(w.shape)
+
+    matmul.defvjp(fwd, bwd)
+    return matmul
+
+
 def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers,
                 precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
     """Drop-in for `lax.dot_general` in `nn.Dense(dot_general=...)`; see the module docstring."""
@@ -78,6 +114,8 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumb
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
     n_contract = len(dimension_numbers[0][0])
+    if preferred_element_type in (None, jnp.float32, jnp.bfloat16) and cpu_gemm.applies(lhs, rhs):
+        return _mkl_dense_vjp(preferred_element_type, n_contract)(lhs, rhs)
     return _dense_vjp(precision, preferred_element_type, n_contract)(lhs, rhs)
 
 
