@@ -129,7 +129,6 @@ def test_not_used_for_float32_or_for_a_sharded_step(mkl):
 
 def test_flop_count_counts_the_custom_call_like_the_dot(mkl):
     x, w = jnp.ones((6, 16), BF16), jnp.ones((16, 10), BF16)
-    dims = (((1,), (0,)), ((), ()))
     step = lambda x, w: _dense_grads(matmul.dot_general, x, w, jnp.ones((6, 10)))  # noqa: E731
     assert _CPU_GEMM == cpu_gemm.TARGET
     counted = jaxpr_flops(jax.make_jaxpr(step)(x, w).jaxpr)

@@ -2,15 +2,17 @@
 
 XLA:CPU computes a bfloat16 dot at its float32 speed: on a Xeon with AMX that is about 190
 GFLOP/s on two cores, where MKL's `cblas_gemm_bf16bf16f32` (the kernel PyTorch's bf16 matmul
-reaches through oneDNN) runs at about 1700 (benchmarks/TRIED.md). The dense layers of a bf16
-run on such a CPU therefore call that kernel instead, through `cpu_gemm.cc` compiled once
+reaches through oneDNN) runs at about 1700 (benchmarks/TRIED.md). The dense layers
+(`jtrain.models.matmul`) and the CPU attention's batched products (`jtrain.models.attention`) of a
+bf16 run on such a CPU therefore call that kernel instead, through `cpu_gemm.cc` compiled once
 against JAX's FFI headers and registered as an XLA custom call.
 
 When it is used (`applies`): the CPU backend, both operands bfloat16, and a computation on one
 device (the custom call cannot be split by XLA's sharding partitioner). The environment variable
 `JTRAIN_CPU_BF16_GEMM` chooses: `auto` (default) uses it when the CPU has AMX or AVX512-BF16 and
 the MKL library and a C++ compiler are found, and otherwise stays on XLA's dot (logging why
-once); `mkl` requires it (a clear error if it cannot load); `xla` never uses it.
+once); `mkl` requires it (a clear error if it cannot load); `xla` never uses it. It is read once
+per process, when the first bf16 product is traced.
 
 What it needs: the `mkl` wheel from PyPI (`pip install "jtrain[cpu-bf16]"`; or `JTRAIN_MKL_LIB`
 naming a `libmkl_rt.so`) and `g++`. The compiled library is cached under `JTRAIN_CACHE_DIR`
