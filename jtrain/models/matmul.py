@@ -10,6 +10,9 @@ intermediate or vocabulary size) behind an optimisation barrier, so `dW = (x^T) 
 plain row-major matmul on the `dy` XLA already has. Same arithmetic, same dtypes; the float32
 train step of the benchmark model ran 1.3x faster (benchmarks/RESULTS.md).
 
+With bfloat16 operands on a CPU with AMX (and one device), all three products go to MKL instead
+(`jtrain.models.cpu_gemm`), which takes transposed operands as BLAS flags.
+
 GPU and TPU matmul libraries take transposed operands for free, so there the standard
 `lax.dot_general` (and its autodiff) is used: the choice is made when the step is traced, from
 the backend JAX computes on.
@@ -81,14 +84,13 @@ def _mkl_dense_vjp(preferred_element_type: Any, n_contract: int):
     a transposed copy; float32 accumulation, rounded to the dtype XLA's dot would return."""
     out_dtype = preferred_element_type or jnp.bfloat16
 
-    def flat(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array, int, int]:
+    def flat(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
         k = math.prod(w.shape[:n_contract])
-        f = math.prod(w.shape[n_contract:])
-        return x.reshape(-1, k), w.reshape(k, f), k, f
+        return x.reshape(-1, k), w.reshape(k, -1)
 
     @jax.custom_vjp
     def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-        x2, w2, _, _ = flat(x, w)
+        x2, w2 = flat(x, w)
         y = cpu_gemm.gemm(x2, w2).astype(out_dtype)
         return y.reshape(*x.shape[: x.ndim - n_contract], *w.shape[n_contract:])
 
@@ -97,8 +99,8 @@ def _mkl_dense_vjp(preferred_element_type: Any, n_contract: int):
 
     def bwd(res, dy: jax.Array):
         x, w = res
-        x2, w2, _, f = flat(x, w)
-        dy2 = dy.reshape(-1, f).astype(jnp.bfloat16)
+        x2, w2 = flat(x, w)
+        dy2 = dy.reshape(-1, w2.shape[1]).astype(jnp.bfloat16)
         dx = cpu_gemm.gemm(dy2, w2, trans_b=True).astype(x.dtype)
         dw = cpu_gemm.gemm(x2, dy2, trans_a=True).astype(w.dtype)
         return dx.reshape(x.shape), dw.reshape(w.shape)
