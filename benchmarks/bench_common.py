@@ -44,10 +44,11 @@ MATMUL_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", 
 
 def cpu_matmul_features() -> str:
     """Which of MATMUL_FEATURES /proc/cpuinfo lists ("unknown" where it cannot be read)."""
-    flags = _cpuinfo("flags")
-    if flags is None:
+    from jtrain.models.cpu_gemm import cpu_flags  # the reader jtrain's own kernel choice uses
+
+    present = cpu_flags()
+    if not present:
         return "unknown"
-    present = flags.split()
     return " ".join(f for f in MATMUL_FEATURES if f in present) or "none of " + " ".join(MATMUL_FEATURES)
 
 

@@ -109,13 +109,16 @@ def make_step(p: vs_hf.Preset, total_steps: int, bf16: bool) -> tuple[Any, Any]:
 def worker(a: argparse.Namespace, p: vs_hf.Preset) -> dict[str, Any]:
     """One plain-JAX run on the CPU, timed and reported like the two Trainer sides."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    # This side's products are XLA's dots, so its peak is XLA's too, not the MKL GEMM that jtrain's
-    # dense layers (and so jtrain.flops' peak) take for bf16 on a CPU with AMX.
-    os.environ["JTRAIN_CPU_BF16_GEMM"] = "xla"
     import jax
     import numpy as np
 
     from jtrain.flops import measure_matmul_peak, step_flops
+    from jtrain.models import cpu_gemm
+
+    # This side's products are XLA's dots, so its peak is XLA's too, not the MKL GEMM that jtrain's
+    # dense layers (and so jtrain.flops' peak) take for bf16 on a CPU with AMX. Read once, when the
+    # first bf16 product is traced (the peak below).
+    os.environ[cpu_gemm.ENV_MODE] = "xla"
 
     total = a.steps + a.warmup
     ids = vs_hf.token_rows(p, total * p.batch)["input_ids"].reshape(total, p.batch, p.seq)

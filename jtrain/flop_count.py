@@ -8,9 +8,9 @@ touches it: the same count on every platform, and the count a reader can check b
 
 What counts: every matrix product (`dot_general`, `ragged_dot`, convolutions, the MKL bf16 GEMM
 of `jtrain.models.cpu_gemm`) at 2 FLOPs per multiply-add, and cuDNN's fused attention at the
-FLOPs of the two products it fuses over the
-full query x key grid (4·B·N·T·S·H forward, twice that backward), which is what the einsum
-path computes and what PaLM's 6·N·T + attention formula counts. (The CPU's blocked attention
+FLOPs of the two products it fuses over the full query x key grid (4·B·N·T·S·H forward, twice
+that backward), which is what the einsum path computes and what PaLM's 6·N·T + attention formula
+counts. (The CPU's blocked attention
 skips the key blocks after each causal query block, so there the count is what it computes:
 0.977 of the formula for the tiny benchmark model.) Elementwise work, reductions and the
 optimizer's update are left out, as in every MFU convention. Loops multiply their body (`scan`
@@ -38,7 +38,8 @@ from typing import Any
 
 import jax
 
-_CPU_GEMM = "jtrain_bf16_gemm"  # the FFI target of jtrain.models.cpu_gemm (a product, counted like a dot)
+from jtrain.models.cpu_gemm import TARGET as _CPU_GEMM  # an FFI product, counted like a dot
+
 # cuDNN fused attention as jax's `dot_product_attention(implementation="cudnn")` binds it.
 _ATTENTION_FORWARD = {"dot_product_attention_fwd", "dot_product_attention_fwd_wrapper",
                       "dot_product_attention_fp8_fwd", "dot_product_attention_fp8_fwd_wrapper"}
@@ -91,8 +92,8 @@ def _eqn_flops(eqn: Any, marked: bool) -> float:
     if name in _ATTENTION_FORWARD or name in _ATTENTION_BACKWARD:
         return _attention_flops(eqn, backward=name in _ATTENTION_BACKWARD)
     if name == "ffi_call" and params.get("target_name") == _CPU_GEMM:  # jtrain.models.cpu_gemm: op(a) @ op(b)
-        lhs, out = _shape(eqn.invars[0]), _shape(eqn.outvars[0])
-        contracted = lhs[0] if dict(params["attributes"]).get("trans_a") else lhs[1]
+        lhs, out = _shape(eqn.invars[0]), _shape(eqn.outvars[0])  # [batch,] rows, contracted (or swapped)
+        contracted = lhs[-2] if dict(params["attributes"]).get("trans_a") else lhs[-1]
         return 2.0 * math.prod(out) * contracted
     return _nested_flops(eqn, marked)
 

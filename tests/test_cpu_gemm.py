@@ -136,6 +136,9 @@ def test_flop_count_counts_the_custom_call_like_the_dot(mkl):
     with cpu_gemm.single_device(False):
         assert jaxpr_flops(jax.make_jaxpr(step)(x, w).jaxpr) == counted
     assert jaxpr_flops(jax.make_jaxpr(lambda a: cpu_gemm.gemm(a, a, trans_a=True))(x).jaxpr) == 2 * 16 * 16 * 6
+    q, k = jnp.ones((3, 5, 7), BF16), jnp.ones((3, 11, 7), BF16)  # batched: [batch, rows, contracted]
+    assert jaxpr_flops(jax.make_jaxpr(lambda q, k: cpu_gemm.gemm(q, k, trans_b=True))(q, k).jaxpr) == 2 * 3 * 5 * 11 * 7
+    assert jaxpr_flops(jax.make_jaxpr(lambda q, k: cpu_gemm.gemm(q, k, trans_a=True))(k, k).jaxpr) == 2 * 3 * 7 * 7 * 11
 
 
 def test_blocked_attention_matches_reference_with_grads(mkl):
@@ -177,10 +180,11 @@ def test_mode_errors_name_the_setting(monkeypatch):
 def test_trainer_bf16_step_uses_mkl_on_one_device_and_matches_xla(mkl, tmp_path, monkeypatch):
     from jtrain import Trainer, TrainingArguments
     from jtrain.data.loader import ArrayDataset
+    from jtrain.flops import step_flops
     from tiny import padded_lm_batch, tiny_llama
 
     rows = padded_lm_batch(8, 16, seed=3)
-    losses, hlos = {}, {}
+    losses, hlos, flops = {}, {}, {}
     for mode in ("mkl", "xla"):
         monkeypatch.setenv(cpu_gemm.ENV_MODE, mode)
         cpu_gemm.available.cache_clear()
@@ -192,7 +196,9 @@ def test_trainer_bf16_step_uses_mkl_on_one_device_and_matches_xla(mkl, tmp_path,
         losses[mode] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         batch = trainer.steps.place_train_batch({k: v[None, :4] for k, v in rows.items()})
         hlos[mode] = trainer.steps.train_step.lower(trainer.train_state, batch).as_text()
+        flops[mode] = step_flops(trainer.steps.train_step, trainer.train_state, batch)
     assert cpu_gemm.TARGET in hlos["mkl"] and cpu_gemm.TARGET not in hlos["xla"]
+    assert flops["mkl"] == flops["xla"] > 0  # the same products, whichever kernel computes them
     # Same bf16 arithmetic in another summation order: the losses agree to bf16 rounding.
     np.testing.assert_allclose(losses["mkl"], losses["xla"], rtol=2.0 ** -7)
     assert len(losses["mkl"]) == 3

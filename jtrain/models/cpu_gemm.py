@@ -67,17 +67,20 @@ def mode() -> str:
     return value
 
 
-def cpu_bf16_features() -> list[str]:
-    """The bf16 matrix features of this CPU that MKL's bf16 GEMM uses (from /proc/cpuinfo)."""
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        with open("/proc/cpuinfo") as fh:
+            line = next((line for line in fh if line.startswith("flags")), "")
     except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return [f for f in _CPU_FEATURES if f in flags]
-    return []
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def cpu_bf16_features() -> list[str]:
+    """The bf16 matrix features of this CPU that MKL's bf16 GEMM uses."""
+    flags = cpu_flags()
+    return [f for f in _CPU_FEATURES if f in flags]
 
 
 def _mkl_path() -> str:
@@ -98,6 +101,10 @@ def _mkl_path() -> str:
 def _load_mkl() -> ctypes.CDLL:
     """dlopen MKL (after its Intel OpenMP runtime, which `libmkl_rt` resolves at load) and size its pool."""
     path = _mkl_path()
+    # Intel OpenMP threads spin for 200 ms after each parallel region by default, taking the cores
+    # XLA's own threads need between the products (measured: +0.5 s of CPU time per tiny step). The
+    # runtime reads this when it starts, so it is set before MKL is loaded.
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
     omp = os.path.join(os.path.dirname(path), "libiomp5.so")
     if os.path.isfile(omp):
         ctypes.CDLL(omp, mode=ctypes.RTLD_GLOBAL)
@@ -160,9 +167,6 @@ def available() -> bool:
     chosen = mode()
     if chosen == "xla":
         return False
-    # Intel OpenMP threads spin for 200 ms after each parallel region by default, taking the cores
-    # XLA's own threads need between the products (measured: +0.5 s of CPU time per tiny step).
-    os.environ.setdefault("KMP_BLOCKTIME", "0")
     if chosen == "auto" and not cpu_bf16_features():
         logger.info("bf16 matmuls stay on XLA's dot: this CPU has neither AMX nor AVX512-BF16")
         return False

@@ -46,10 +46,18 @@ def _is_dense_contraction(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Dim
 
 
 @functools.cache
-def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int):
-    """A custom-VJP matmul of x[..., *K] and w[*K, *F] for fixed static arguments."""
+def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int, mkl: bool = False):
+    """A custom-VJP matmul of x[..., *K] and w[*K, *F] for fixed static arguments; with `mkl`
+    (bf16 operands on a CPU with AMX) all three products go to `jtrain.models.cpu_gemm`."""
+
+    def flat(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        k = math.prod(w.shape[:n_contract])
+        return x.reshape(-1, k), w.reshape(k, -1)
 
     def forward(x: jax.Array, w: jax.Array) -> jax.Array:
+        if mkl:  # float32 accumulation, rounded to the dtype XLA's dot would return
+            y = cpu_gemm.gemm(*flat(x, w)).astype(preferred_element_type or x.dtype)
+            return y.reshape(*x.shape[: x.ndim - n_contract], *w.shape[n_contract:])
         dims = ((tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract))), ((), ()))
         return lax.dot_general(x, w, dims, precision=precision, preferred_element_type=preferred_element_type)
 
@@ -62,48 +70,18 @@ def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int):
 
     def bwd(res, dy: jax.Array):
         x, w = res
-        k = math.prod(w.shape[:n_contract])
-        f = math.prod(w.shape[n_contract:])
-        x2, w2, dy2 = x.reshape(-1, k), w.reshape(k, f), dy.reshape(-1, f).astype(x.dtype)
-        dx = lax.dot_general(dy2, w2, (((1,), (1,)), ((), ())), precision=precision)
-        # The barrier keeps XLA from folding this transpose back into the dot (which would make it
-        # transpose dy instead, the slow path this module exists to avoid).
-        x_t = lax.optimization_barrier(jnp.transpose(x2))
-        dw = lax.dot_general(x_t, dy2, (((1,), (0,)), ((), ())), precision=precision)
+        x2, w2 = flat(x, w)
+        dy2 = dy.reshape(-1, w2.shape[1]).astype(x.dtype)
+        if mkl:  # MKL takes the transposes as BLAS flags: no transposed copy at all
+            dx = cpu_gemm.gemm(dy2, w2, trans_b=True)
+            dw = cpu_gemm.gemm(x2, dy2, trans_a=True)
+        else:
+            dx = lax.dot_general(dy2, w2, (((1,), (1,)), ((), ())), precision=precision)
+            # The barrier keeps XLA from folding this transpose back into the dot (which would make it
+            # transpose dy instead, the slow path this module exists to avoid).
+            x_t = lax.optimization_barrier(jnp.transpose(x2))
+            dw = lax.dot_general(x_t, dy2, (((1,), (0,)), ((), ())), precision=precision)
         return dx.reshape(x.shape).astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
-
-    matmul.defvjp(fwd, bwd)
-    return matmul
-
-
-@functools.cache
-def _mkl_dense_vjp(preferred_element_type: Any, n_contract: int):
-    """The same product for bfloat16 operands on a CPU with AMX: every matmul through MKL.
-
-    `jtrain.models.cpu_gemm` takes transposed operands as BLAS flags, so neither gradient needs
-    a transposed copy; float32 accumulation, rounded to the dtype XLA's dot would return."""
-    out_dtype = preferred_element_type or jnp.bfloat16
-
-    def flat(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-        k = math.prod(w.shape[:n_contract])
-        return x.reshape(-1, k), w.reshape(k, -1)
-
-    @jax.custom_vjp
-    def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-        x2, w2 = flat(x, w)
-        y = cpu_gemm.gemm(x2, w2).astype(out_dtype)
-        return y.reshape(*x.shape[: x.ndim - n_contract], *w.shape[n_contract:])
-
-    def fwd(x: jax.Array, w: jax.Array):
-        return matmul(x, w), (x, w)
-
-    def bwd(res, dy: jax.Array):
-        x, w = res
-        x2, w2 = flat(x, w)
-        dy2 = dy.reshape(-1, w2.shape[1]).astype(jnp.bfloat16)
-        dx = cpu_gemm.gemm(dy2, w2, trans_b=True).astype(x.dtype)
-        dw = cpu_gemm.gemm(x2, dy2, trans_a=True).astype(w.dtype)
-        return dx.reshape(x.shape), dw.reshape(w.shape)
 
     matmul.defvjp(fwd, bwd)
     return matmul
@@ -116,9 +94,8 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumb
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
     n_contract = len(dimension_numbers[0][0])
-    if preferred_element_type in (None, jnp.float32, jnp.bfloat16) and cpu_gemm.applies(lhs, rhs):
-        return _mkl_dense_vjp(preferred_element_type, n_contract)(lhs, rhs)
-    return _dense_vjp(precision, preferred_element_type, n_contract)(lhs, rhs)
+    mkl = preferred_element_type in (None, jnp.float32, jnp.bfloat16) and cpu_gemm.applies(lhs, rhs)
+    return _dense_vjp(None if mkl else precision, preferred_element_type, n_contract, mkl)(lhs, rhs)
 
 
 def Dense(*args: Any, **kwargs: Any) -> nn.Dense:
