@@ -97,7 +97,7 @@ def device_peak_flops(dtype: str = "float32", device: Any = None, *, measure: bo
             return peaks[dtype], f"datasheet ({name})"
     key = f"{device.platform}:{kind}:{dtype}:{os.cpu_count()}"
     if device.platform == "cpu" and dtype == "bfloat16" and cpu_gemm.active():
-        key += ":mkl"  # jtrain.models.cpu_gemm's kernel, not XLA's dot
+        key += f":{cpu_gemm.library()}"  # jtrain.models.cpu_gemm's kernel, not XLA's dot
     path = _cache_path()
     try:
         with open(path) as fh:

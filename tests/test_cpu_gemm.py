@@ -1,15 +1,18 @@
-"""jtrain.models.cpu_gemm: bf16 products through MKL's cblas_gemm_bf16bf16f32 as an XLA custom call.
+"""jtrain.models.cpu_gemm: bf16 products through oneDNN's matmul or MKL's cblas_gemm_bf16bf16f32
+as an XLA custom call. Every test runs once per library that is installed.
 
 References and tolerances:
 - the raw product against numpy float64 on the same bf16 inputs: the inputs are exact in float32,
-  so the only error is MKL's float32 accumulation, bounded by k * 2^-24 * (|A| @ |B|) elementwise
-  (k products summed; a factor 2 of slack for the summation order);
+  so the only error is the float32 accumulation, bounded by k * 2^-24 * (|A| @ |B|) elementwise
+  (k products summed; a factor 2 of slack for the summation order); a bf16 result adds its own
+  rounding to nearest, at most 2^-8 of the accumulated value's magnitude (8 significand bits);
 - the dense layer and the CPU attention against XLA's own bf16 path (`lax.dot_general`, the einsum):
   both round a float32 accumulation to bf16, so they may differ by one bf16 step, 2^-8 relative
   to the value, plus the accumulation difference; gradients pass through a second bf16 rounding,
   so those compare at 2^-6 relative to the largest entry.
-The tests force `JTRAIN_CPU_BF16_GEMM=mkl` (MKL computes bf16 products on any x86 CPU, emulated
-where there is no AMX/AVX512-BF16), so they check the same code on every machine that has MKL.
+The tests force `JTRAIN_CPU_BF16_GEMM=onednn` or `=mkl` (both compute bf16 products on any x86
+CPU, emulated where there is no AMX/AVX512-BF16), so they check the same code on every machine
+that has the libraries.
 """
 
 from __future__ import annotations
@@ -26,30 +29,32 @@ from jtrain.flop_count import _CPU_GEMM, jaxpr_flops
 from jtrain.models import attention, cpu_gemm, matmul
 from jtrain.models.masks import as_mask
 
-def _mkl_missing() -> bool:
+LIBRARIES = {"onednn": (cpu_gemm.ENV_ONEDNN_LIBRARY, "libdnnl.so*"), "mkl": (cpu_gemm.ENV_LIBRARY, "libmkl_rt.so*")}
+
+
+def _missing(name: str) -> bool:
     try:
-        cpu_gemm._mkl_path()
+        cpu_gemm._library_path(*LIBRARIES[name], hint="")
     except ConfigError:
         return True
     return False
 
 
-pytestmark = [
-    pytest.mark.cpu_only("an XLA:CPU custom call"),
-    pytest.mark.skipif(_mkl_missing(), reason="MKL is not installed (pip install 'jtrain[cpu-bf16]'; x86-64 only)"),
-]
+pytestmark = pytest.mark.cpu_only("an XLA:CPU custom call")
 
 BF16 = jnp.bfloat16
 
 
-@pytest.fixture
-def mkl(monkeypatch):
-    """The MKL path on, for one device, whatever this CPU has."""
-    monkeypatch.setenv(cpu_gemm.ENV_MODE, "mkl")
-    cpu_gemm.available.cache_clear()
+@pytest.fixture(params=list(LIBRARIES))
+def library(request, monkeypatch):
+    """One library's path on (oneDNN, then MKL), for one device, whatever this CPU has."""
+    if _missing(request.param):
+        pytest.skip(f"{request.param} is not installed (pip install 'jtrain[cpu-bf16]'; x86-64 only)")
+    monkeypatch.setenv(cpu_gemm.ENV_MODE, request.param)
+    cpu_gemm.library.cache_clear()
     with cpu_gemm.single_device(True):
-        yield
-    cpu_gemm.available.cache_clear()
+        yield request.param
+    cpu_gemm.library.cache_clear()
 
 
 def _bf16(rng, shape):
@@ -69,19 +74,22 @@ def _f64(x):
     ((3, 0, 4), (3, 4, 6), False, False),    # empty rows
     ((4, 0), (0, 3), False, False),          # nothing to contract: zeros
 ])
-def test_gemm_matches_float64(mkl, a_shape, b_shape, trans_a, trans_b):
+@pytest.mark.parametrize("out_dtype", [jnp.float32, BF16])
+def test_gemm_matches_float64(library, a_shape, b_shape, trans_a, trans_b, out_dtype):
     rng = np.random.default_rng(0)
     a, b = _bf16(rng, a_shape), _bf16(rng, b_shape)
-    out = jax.jit(lambda a, b: cpu_gemm.gemm(a, b, trans_a=trans_a, trans_b=trans_b))(a, b)
+    out = jax.jit(lambda a, b: cpu_gemm.gemm(a, b, trans_a=trans_a, trans_b=trans_b, out_dtype=out_dtype))(a, b)
     op_a = np.swapaxes(_f64(a), -1, -2) if trans_a else _f64(a)
     op_b = np.swapaxes(_f64(b), -1, -2) if trans_b else _f64(b)
     ref, bound = op_a @ op_b, np.abs(op_a) @ np.abs(op_b)
-    assert out.dtype == jnp.float32 and out.shape == ref.shape
+    assert out.dtype == out_dtype and out.shape == ref.shape
     k = op_a.shape[-1]
-    assert np.all(np.abs(np.asarray(out, np.float64) - ref) <= 2 * k * 2.0 ** -24 * bound)
+    accumulation = 2 * k * 2.0 ** -24 * bound
+    rounding = 2.0 ** -8 * (np.abs(ref) + accumulation) if out_dtype == BF16 else 0.0
+    assert np.all(np.abs(_f64(out) - ref) <= accumulation + rounding)
 
 
-def test_gemm_rejects_what_it_cannot_compute(mkl):
+def test_gemm_rejects_what_it_cannot_compute(library):
     a = jnp.ones((4, 3), BF16)
     with pytest.raises(ValueError, match="bfloat16"):
         cpu_gemm.gemm(a.astype(jnp.float32), a)
@@ -101,7 +109,7 @@ def _close(got, want, rel):
     np.testing.assert_allclose(got, want, rtol=0, atol=rel * np.abs(want).max())
 
 
-def test_dense_layer_matches_xla_bf16_path_and_uses_the_custom_call(mkl):
+def test_dense_layer_matches_xla_bf16_path_and_uses_the_custom_call(library):
     rng = np.random.default_rng(1)
     x, w, cot = _bf16(rng, (2, 24, 64)), _bf16(rng, (64, 48)), rng.standard_normal((2, 24, 48))
     dims = (((2,), (0,)), ((), ()))
@@ -118,7 +126,7 @@ def test_dense_layer_matches_xla_bf16_path_and_uses_the_custom_call(mkl):
     assert hlo.count(cpu_gemm.TARGET) == 3  # forward, dx, dw
 
 
-def test_not_used_for_float32_or_for_a_sharded_step(mkl):
+def test_not_used_for_float32_or_for_a_sharded_step(library):
     x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
     dims = (((1,), (0,)), ((), ()))
     assert cpu_gemm.TARGET not in jax.jit(lambda x, w: matmul.dot_general(x, w, dims)).lower(x, w).as_text()
@@ -127,7 +135,7 @@ def test_not_used_for_float32_or_for_a_sharded_step(mkl):
     assert cpu_gemm.TARGET not in hlo
 
 
-def test_flop_count_counts_the_custom_call_like_the_dot(mkl):
+def test_flop_count_counts_the_custom_call_like_the_dot(library):
     x, w = jnp.ones((6, 16), BF16), jnp.ones((16, 10), BF16)
     step = lambda x, w: _dense_grads(matmul.dot_general, x, w, jnp.ones((6, 10)))  # noqa: E731
     assert _CPU_GEMM == cpu_gemm.TARGET
@@ -141,7 +149,7 @@ def test_flop_count_counts_the_custom_call_like_the_dot(mkl):
     assert jaxpr_flops(jax.make_jaxpr(lambda q, k: cpu_gemm.gemm(q, k, trans_a=True))(k, k).jaxpr) == 2 * 3 * 7 * 7 * 11
 
 
-def test_blocked_attention_matches_reference_with_grads(mkl):
+def test_blocked_attention_matches_reference_with_grads(library):
     rng = np.random.default_rng(2)
     B, L, N, K, H = 2, 256, 4, 2, 16  # 256 rows: two causal query blocks, grouped-query heads
     q, k, v = _bf16(rng, (B, L, N, H)), _bf16(rng, (B, L, K, H)), _bf16(rng, (B, L, K, H))
@@ -163,21 +171,24 @@ def test_blocked_attention_matches_reference_with_grads(mkl):
 
 
 def test_mode_errors_name_the_setting(monkeypatch):
-    cpu_gemm.available.cache_clear()
+    cpu_gemm.library.cache_clear()
     try:
         monkeypatch.setenv(cpu_gemm.ENV_MODE, "fast")
         with pytest.raises(ConfigError, match="JTRAIN_CPU_BF16_GEMM='fast'"):
             cpu_gemm.mode()
         monkeypatch.setenv(cpu_gemm.ENV_MODE, "xla")
         assert not cpu_gemm.available()
-        monkeypatch.setenv(cpu_gemm.ENV_LIBRARY, "/nonexistent/libmkl_rt.so")
-        with pytest.raises(ConfigError, match="JTRAIN_MKL_LIB=/nonexistent"):
-            cpu_gemm._mkl_path()
+        with pytest.raises(ConfigError, match="JTRAIN_CPU_BF16_GEMM=xla"):
+            cpu_gemm.gemm(jnp.ones((2, 2), BF16), jnp.ones((2, 2), BF16))
+        for name, (env, pattern) in LIBRARIES.items():
+            monkeypatch.setenv(env, f"/nonexistent/{pattern}")
+            with pytest.raises(ConfigError, match=f"{env}=/nonexistent"):
+                cpu_gemm._library_path(env, pattern, hint="")
     finally:
-        cpu_gemm.available.cache_clear()
+        cpu_gemm.library.cache_clear()
 
 
-def test_trainer_bf16_step_uses_mkl_on_one_device_and_matches_xla(mkl, tmp_path, monkeypatch):
+def test_trainer_bf16_step_uses_the_library_on_one_device_and_matches_xla(library, tmp_path, monkeypatch):
     from jtrain import Trainer, TrainingArguments
     from jtrain.data.loader import ArrayDataset
     from jtrain.flops import step_flops
@@ -185,9 +196,9 @@ def test_trainer_bf16_step_uses_mkl_on_one_device_and_matches_xla(mkl, tmp_path,
 
     rows = padded_lm_batch(8, 16, seed=3)
     losses, hlos, flops = {}, {}, {}
-    for mode in ("mkl", "xla"):
+    for mode in (library, "xla"):
         monkeypatch.setenv(cpu_gemm.ENV_MODE, mode)
-        cpu_gemm.available.cache_clear()
+        cpu_gemm.library.cache_clear()
         args = TrainingArguments(output_dir=str(tmp_path / mode), max_steps=3, per_device_train_batch_size=4,
                                  bf16=True, save_strategy="no", report_to=["none"], disable_tqdm=True,
                                  mesh_shape={"data": 1}, logging_steps=1, train_sampling_strategy="sequential")
@@ -197,16 +208,45 @@ def test_trainer_bf16_step_uses_mkl_on_one_device_and_matches_xla(mkl, tmp_path,
         batch = trainer.steps.place_train_batch({k: v[None, :4] for k, v in rows.items()})
         hlos[mode] = trainer.steps.train_step.lower(trainer.train_state, batch).as_text()
         flops[mode] = step_flops(trainer.steps.train_step, trainer.train_state, batch)
-    assert cpu_gemm.TARGET in hlos["mkl"] and cpu_gemm.TARGET not in hlos["xla"]
-    assert flops["mkl"] == flops["xla"] > 0  # the same products, whichever kernel computes them
+    assert cpu_gemm.TARGET in hlos[library] and cpu_gemm.TARGET not in hlos["xla"]
+    assert flops[library] == flops["xla"] > 0  # the same products, whichever kernel computes them
     # Same bf16 arithmetic in another summation order: the losses agree to bf16 rounding.
-    np.testing.assert_allclose(losses["mkl"], losses["xla"], rtol=2.0 ** -7)
-    assert len(losses["mkl"]) == 3
+    np.testing.assert_allclose(losses[library], losses["xla"], rtol=2.0 ** -7)
+    assert len(losses[library]) == 3
 
 
-def test_flax_dense_module_routes_through_it(mkl):
+def test_flax_dense_module_routes_through_it(library):
     layer = matmul.Dense(8, dtype=BF16)
     params = layer.init(jax.random.key(0), jnp.ones((2, 4)))
     hlo = jax.jit(lambda p, x: layer.apply(p, x)).lower(params, jnp.ones((2, 4))).as_text()
     assert cpu_gemm.TARGET in hlo
     assert isinstance(layer, nn.Dense)
+
+
+def test_concurrent_products_give_identical_gradients_every_call(library):
+    """XLA runs independent products (a layer's input and weight gradients) side by side on its
+    threads. With oneDNN's own scratchpad, shared between primitives, this model's gradients came
+    out different on every call (wrong by up to their own size); each calling thread now owns a
+    scratchpad. Repeated calls must agree bitwise, and with XLA's dot to bf16 rounding."""
+    from jtrain import create_model
+
+    config = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    model = create_model("llama", config, dtype="bfloat16")
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, 2048, (2, 128)), jnp.int32)
+    params = model.init(jax.random.key(0))
+
+    def loss(params):
+        logits = model.apply(params, {"input_ids": ids})["logits"].astype(jnp.float32)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits)[:, :-1], ids[:, 1:, None], -1))
+
+    grad = jax.jit(jax.grad(loss))
+    first = jax.tree_util.tree_leaves(grad(params))
+    assert cpu_gemm.TARGET in grad.lower(params).as_text()
+    for _ in range(5):
+        for a, b in zip(first, jax.tree_util.tree_leaves(grad(params))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with cpu_gemm.single_device(False):  # XLA's own dot: the reference
+        ref = jax.tree_util.tree_leaves(jax.jit(jax.grad(loss))(params))
+    for g, r in zip(first, ref):
+        _close(g, r, 2.0 ** -6)

@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 TARGET = "jtrain_bf16_gemm"
 ENV_MODE = "JTRAIN_CPU_BF16_GEMM"
 ENV_LIBRARY = "JTRAIN_MKL_LIB"
-_MODES = ("auto", "mkl", "xla")
+ENV_ONEDNN_LIBRARY = "JTRAIN_ONEDNN_LIB"
+_MODES = ("auto", "onednn", "mkl", "xla")
 _SOURCE = Path(__file__).with_name("cpu_gemm.cc")
 _CPU_FEATURES = ("amx_bf16", "avx512_bf16")
 
@@ -83,24 +84,23 @@ def cpu_bf16_features() -> list[str]:
     return [f for f in _CPU_FEATURES if f in flags]
 
 
-def _mkl_path() -> str:
-    """`JTRAIN_MKL_LIB`, or the `libmkl_rt.so` the `mkl` wheel puts under the environment's lib/."""
-    explicit = os.environ.get(ENV_LIBRARY)
+def _library_path(env: str, pattern: str, hint: str) -> str:
+    """The file `env` names, or the first `pattern` under the environment's lib/ (where wheels put them)."""
+    explicit = os.environ.get(env)
     if explicit:
         if not os.path.isfile(explicit):
-            raise ConfigError(f"{ENV_LIBRARY}={explicit} is not a file; point it at libmkl_rt.so")
+            raise ConfigError(f"{env}={explicit} is not a file; point it at {pattern.rstrip('*')}")
         return explicit
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
-        found = sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")))
+        found = sorted(glob.glob(os.path.join(prefix, "lib", pattern)))
         if found:
             return found[0]
-    raise ConfigError(f"MKL was not found under {sys.prefix}/lib; install it with `pip install \"jtrain[cpu-bf16]\"` "
-                      f"(the `mkl` wheel) or set {ENV_LIBRARY} to a libmkl_rt.so")
+    raise ConfigError(f"{pattern.rstrip('*')} was not found under {sys.prefix}/lib; {hint} or set {env} to its path")
 
 
 def _load_mkl() -> ctypes.CDLL:
     """dlopen MKL (after its Intel OpenMP runtime, which `libmkl_rt` resolves at load) and size its pool."""
-    path = _mkl_path()
+    path = _library_path(ENV_LIBRARY, "libmkl_rt.so*", 'install it with `pip install "jtrain[cpu-bf16]"` (the mkl wheel)')
     # Intel OpenMP threads spin for 200 ms after each parallel region by default, taking the cores
     # XLA's own threads need between the products (measured: +0.5 s of CPU time per tiny step). The
     # runtime reads this when it starts, so it is set before MKL is loaded.
@@ -149,37 +149,75 @@ def _build_extension() -> Path:
     return target
 
 
-@functools.cache
-def _register() -> None:
-    """Load MKL and the extension, hand it MKL's GEMM, register the FFI target (once per process)."""
+def _load_onednn(ext: ctypes.CDLL) -> None:
+    """Point the extension at oneDNN (which it dlopens and resolves itself)."""
+    path = _library_path(ENV_ONEDNN_LIBRARY, "libdnnl.so*",
+                         'install it with `pip install "jtrain[cpu-bf16]"` (the onednn-cpu-gomp wheel)')
+    ext.jtrain_load_onednn.restype = ctypes.c_char_p
+    error = ext.jtrain_load_onednn(path.encode())
+    if error:
+        raise ConfigError(f"oneDNN at {path} cannot be used: {error.decode()}")
+
+
+def _hand_over_mkl(ext: ctypes.CDLL) -> None:
+    """Give the extension MKL's GEMM and its per-thread pool setter."""
     mkl = _load_mkl()
-    ext = ctypes.CDLL(str(_build_extension()))
     set_local = getattr(mkl, "MKL_Set_Num_Threads_Local", None)
     ext.jtrain_set_bf16_gemm(ctypes.cast(mkl.cblas_gemm_bf16bf16f32, ctypes.c_void_p),
                              ctypes.cast(set_local, ctypes.c_void_p) if set_local else None,
                              ctypes.c_int(_threads()))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(ext.JtrainBf16Gemm), platform="cpu")
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the MKL path is on for this process (`JTRAIN_CPU_BF16_GEMM` and what the machine has)."""
+def _extension() -> ctypes.CDLL:
+    """The compiled handler, loaded and registered as the FFI target (once per process)."""
+    ext = ctypes.CDLL(str(_build_extension()))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(ext.JtrainBf16Gemm), platform="cpu")
+    return ext
+
+
+@functools.cache
+def _load(name: str) -> None:
+    """Load library `name` ("onednn" or "mkl") into the extension; ConfigError if it cannot be."""
+    ext = _extension()
+    try:
+        (_load_onednn if name == "onednn" else _hand_over_mkl)(ext)
+    except (OSError, AttributeError) as err:
+        raise ConfigError(f"{name} cannot be loaded: {err}") from err
+
+
+@functools.cache
+def library() -> str | None:
+    """The library bf16 products go to in this process, or None for XLA's dot.
+
+    `auto` takes oneDNN where it loads (it writes bf16 results itself), else MKL, and only on a
+    CPU with AMX or AVX512-BF16; `onednn` and `mkl` require that library (a ConfigError naming
+    the setting if it cannot load); `xla` never uses either."""
     chosen = mode()
     if chosen == "xla":
-        return False
+        return None
     if chosen == "auto" and not cpu_bf16_features():
         logger.info("bf16 matmuls stay on XLA's dot: this CPU has neither AMX nor AVX512-BF16")
-        return False
-    try:
-        _register()
-    except (ConfigError, OSError, AttributeError) as err:
-        if chosen == "mkl":
-            raise ConfigError(f"{ENV_MODE}=mkl, but MKL's bf16 GEMM cannot be used: {err}") from err
-        logger.warning("bf16 matmuls stay on XLA's dot (slower on this CPU): %s", err)
-        return False
-    logger.info("bf16 dense matmuls on the CPU use MKL's cblas_gemm_bf16bf16f32 (%s)",
-                ", ".join(cpu_bf16_features()) or "no AMX/AVX512-BF16: emulated")
-    return True
+        return None
+    errors = []
+    for name in ("onednn", "mkl") if chosen == "auto" else (chosen,):
+        try:
+            _load(name)
+        except ConfigError as err:
+            errors.append(str(err))
+            continue
+        logger.info("bf16 dense matmuls on the CPU use %s (%s)", name,
+                    ", ".join(cpu_bf16_features()) or "no AMX/AVX512-BF16: emulated")
+        return name
+    if chosen != "auto":
+        raise ConfigError(f"{ENV_MODE}={chosen}, but its bf16 GEMM cannot be used: {errors[0]}")
+    logger.warning("bf16 matmuls stay on XLA's dot (slower on this CPU): %s", "; ".join(errors))
+    return None
+
+
+def available() -> bool:
+    """Whether bf16 products go to a GEMM library in this process (`library()` is not None)."""
+    return library() is not None
 
 
 @contextlib.contextmanager
@@ -218,12 +256,14 @@ def applies(lhs: jax.Array, rhs: jax.Array) -> bool:
     return lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16 and active()
 
 
-def gemm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
-    """float32 `op(a) @ op(b)` of bfloat16 operands, `op` transposing the last two axes where asked
-    (a BLAS flag, no copy): 2-D operands, or 3-D ones with the same leading batch size.
+def gemm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False,
+         out_dtype: Any = jnp.float32) -> jax.Array:
+    """`op(a) @ op(b)` of bfloat16 operands, accumulated in float32 and returned as `out_dtype`,
+    `op` transposing the last two axes where asked (a BLAS flag, no copy): 2-D operands, or 3-D
+    ones with the same leading batch size.
 
-    The result is float32 (MKL's accumulator); callers round it to bfloat16 in XLA, which fuses
-    that convert into the next op. Rounding inside the call measured slower (TRIED.md)."""
+    oneDNN writes a bfloat16 result itself (half the bytes, no second pass: 1.2-2.5x faster
+    products, TRIED.md); MKL returns float32, which XLA then rounds in a fused convert."""
     if a.ndim not in (2, 3) or b.ndim != a.ndim or a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16:
         raise ValueError(f"gemm takes 2-D or 3-D bfloat16 operands of equal rank, got {a.dtype}{a.shape} and "
                          f"{b.dtype}{b.shape}")
@@ -231,17 +271,21 @@ def gemm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = F
     k_b, n = b.shape[-1:-3:-1] if trans_b else b.shape[-2:]
     if k != k_b or a.shape[:-2] != b.shape[:-2]:
         raise ValueError(f"gemm: contracting sizes ({k} vs {k_b}) or batch sizes differ for {a.shape} and {b.shape}")
-    _register()
-    out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32)
+    name = library()
+    if name is None:
+        raise ConfigError(f"no bf16 GEMM library is in use ({ENV_MODE}={mode()}, CPU features: "
+                          f"{', '.join(cpu_bf16_features()) or 'none'}); call XLA's dot instead")
+    direct = jnp.dtype(out_dtype) == jnp.bfloat16 and name == "onednn"
+    out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.bfloat16 if direct else jnp.float32)
     call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
-    return call(a, b, trans_a=bool(trans_a), trans_b=bool(trans_b))
+    return call(a, b, trans_a=bool(trans_a), trans_b=bool(trans_b), onednn=name == "onednn").astype(out_dtype)
 
 
 @functools.cache
 def _batched_vjp(trans_b: bool, out_dtype: Any):
     @jax.custom_vjp
     def product(a: jax.Array, b: jax.Array) -> jax.Array:
-        return gemm(a, b, trans_b=trans_b).astype(out_dtype)
+        return gemm(a, b, trans_b=trans_b, out_dtype=out_dtype)
 
     def fwd(a: jax.Array, b: jax.Array):
         return product(a, b), (a, b)
@@ -249,9 +293,9 @@ def _batched_vjp(trans_b: bool, out_dtype: Any):
     def bwd(res, g: jax.Array):
         a, b = res
         g = g.astype(jnp.bfloat16)
-        da = gemm(g, b, trans_b=not trans_b)
-        db = gemm(g, a, trans_a=True) if trans_b else gemm(a, g, trans_a=True)
-        return da.astype(a.dtype), db.astype(b.dtype)
+        da = gemm(g, b, trans_b=not trans_b, out_dtype=a.dtype)
+        db = gemm(g, a, trans_a=True, out_dtype=b.dtype) if trans_b else gemm(a, g, trans_a=True, out_dtype=b.dtype)
+        return da, db
 
     product.defvjp(fwd, bwd)
     return product

@@ -55,8 +55,8 @@ def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int, mkl
         return x.reshape(-1, k), w.reshape(k, -1)
 
     def forward(x: jax.Array, w: jax.Array) -> jax.Array:
-        if mkl:  # float32 accumulation, rounded to the dtype XLA's dot would return
-            y = cpu_gemm.gemm(*flat(x, w)).astype(preferred_element_type or x.dtype)
+        if mkl:  # float32 accumulation, returned in the dtype XLA's dot would return
+            y = cpu_gemm.gemm(*flat(x, w), out_dtype=preferred_element_type or x.dtype)
             return y.reshape(*x.shape[: x.ndim - n_contract], *w.shape[n_contract:])
         dims = ((tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract))), ((), ()))
         return lax.dot_general(x, w, dims, precision=precision, preferred_element_type=preferred_element_type)
@@ -72,9 +72,9 @@ def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int, mkl
         x, w = res
         x2, w2 = flat(x, w)
         dy2 = dy.reshape(-1, w2.shape[1]).astype(x.dtype)
-        if mkl:  # MKL takes the transposes as BLAS flags: no transposed copy at all
-            dx = cpu_gemm.gemm(dy2, w2, trans_b=True)
-            dw = cpu_gemm.gemm(x2, dy2, trans_a=True)
+        if mkl:  # the library takes the transposes as flags: no transposed copy at all
+            dx = cpu_gemm.gemm(dy2, w2, trans_b=True, out_dtype=x.dtype)
+            dw = cpu_gemm.gemm(x2, dy2, trans_a=True, out_dtype=w.dtype)
         else:
             dx = lax.dot_general(dy2, w2, (((1,), (1,)), ((), ())), precision=precision)
             # The barrier keeps XLA from folding this transpose back into the dot (which would make it
