@@ -102,11 +102,15 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / grad_denom, grad_sums)
         loss = out.loss_sum / denom
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        updates = jax.tree.map(lambda u: u * state.lr_factor.astype(u.dtype), updates)
-        params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        def update(params_and_opt: tuple[Any, Any]) -> tuple[Any, Any]:
+            params, opt_state = params_and_opt
+            updates, opt_state = tx.update(grads, opt_state, params)
+            updates = jax.tree.map(lambda u: u * state.lr_factor.astype(u.dtype), updates)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state = _where_finite(finite, update, (state.params, state.opt_state))
         extra: dict = {}
         nonfinite = ~finite
         new_scaler = None
@@ -119,8 +123,8 @@ def make_train_step(
             extra = {"loss_scale": scale, "overflow": overflow.astype(jnp.int32)}
         new_state = state.replace(
             step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             rng=rng,
             skipped=state.skipped + (~finite).astype(jnp.int32),
             loss_scale=new_scaler,
@@ -139,6 +143,21 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _where_finite(finite: jax.Array, update: Callable[[Any], Any], old: Any) -> Any:
+    """`update(old)` where `finite`, else `old` unchanged (a skipped step).
+
+    On the CPU backend a `lax.cond`, so the update writes the donated buffers in place; a select
+    per leaf keeps old and new values alive together, and XLA then copies the old parameters and
+    moments so the update may overwrite them (the optimizer's part of the 58M-parameter CPU step
+    took 0.21 s with selects, 0.13 s as a cond; the step ran 1.04x faster, benchmarks/TRIED.md).
+    Accelerators keep the select: XLA's GPU conditional reads its predicate back to the host, a
+    stream synchronisation every step."""
+    if jax.default_backend() == "cpu":
+        return jax.lax.cond(finite, update, lambda unchanged: unchanged, old)
+    new = update(old)
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
 def _input_token_counts(batch: Batch) -> dict:

@@ -1,25 +1,32 @@
-"""bf16 matrix products on the CPU through MKL (AMX / AVX512-BF16), as an XLA FFI custom call.
+"""bf16 matrix products on the CPU through oneDNN or MKL (AMX / AVX512-BF16), as an XLA FFI custom call.
 
 XLA:CPU computes a bfloat16 dot at its float32 speed: on a Xeon with AMX that is about 190
-GFLOP/s on two cores, where MKL's `cblas_gemm_bf16bf16f32` (the kernel PyTorch's bf16 matmul
-reaches through oneDNN) runs at about 1700 (benchmarks/TRIED.md). The dense layers
+GFLOP/s on two cores, where oneDNN's matmul primitive (the kernel PyTorch's bf16 matmul uses) and
+MKL's `cblas_gemm_bf16bf16f32` run at 1300-1900 (benchmarks/TRIED.md). The dense layers
 (`jtrain.models.matmul`) and the CPU attention's batched products (`jtrain.models.attention`) of a
-bf16 run on such a CPU therefore call that kernel instead, through `cpu_gemm.cc` compiled once
+bf16 run on such a CPU therefore call one of them instead, through `cpu_gemm.cc` compiled once
 against JAX's FFI headers and registered as an XLA custom call.
+
+Which library: oneDNN where it loads, because it writes a bf16 result itself (MKL writes float32,
+which XLA then rounds in a second pass over fresh memory: oneDNN's steps measured 1.1x faster);
+MKL otherwise. The choice is made once per process (`library()`) and recorded in each call's
+`onednn` attribute, so the compiled step does not depend on what a later process loads.
 
 When it is used (`applies`): the CPU backend, both operands bfloat16, and a computation on one
 device (the custom call cannot be split by XLA's sharding partitioner). The environment variable
-`JTRAIN_CPU_BF16_GEMM` chooses: `auto` (default) uses it when the CPU has AMX or AVX512-BF16 and
-the MKL library and a C++ compiler are found, and otherwise stays on XLA's dot (logging why
-once); `mkl` requires it (a clear error if it cannot load); `xla` never uses it. It is read once
-per process, when the first bf16 product is traced.
+`JTRAIN_CPU_BF16_GEMM` chooses: `auto` (default) uses it when the CPU has AMX or AVX512-BF16 and a
+library and a C++ compiler are found, and otherwise stays on XLA's dot (logging why once); `onednn`
+or `mkl` require that library (a clear error if it cannot load); `xla` never uses it. It is read
+once per process, when the first bf16 product is traced.
 
-What it needs: the `mkl` wheel from PyPI (`pip install "jtrain[cpu-bf16]"`; or `JTRAIN_MKL_LIB`
-naming a `libmkl_rt.so`) and `g++`. The compiled library is cached under `JTRAIN_CACHE_DIR`
-(default `~/.cache/jtrain`), keyed by the source and the jaxlib version.
+What it needs: the `onednn-cpu-gomp` wheel (`pip install "jtrain[cpu-bf16]"`; or `JTRAIN_ONEDNN_LIB`
+naming a `libdnnl.so` of oneDNN 3.x) or the `mkl` wheel (or `JTRAIN_MKL_LIB` naming a
+`libmkl_rt.so`), and `g++`. The compiled library is cached under `JTRAIN_CACHE_DIR` (default
+`~/.cache/jtrain`), keyed by the source and the jaxlib version.
 
-Numerics: MKL multiplies the bf16 operands exactly and accumulates in float32, as XLA:CPU's
-bf16 dot does; results differ from XLA's only in summation order (float32 rounding).
+Numerics: both multiply the bf16 operands exactly and accumulate in float32, as XLA:CPU's bf16 dot
+does; results differ from XLA's only in summation order (float32 rounding), and a bf16 result is the
+float32 accumulator rounded to nearest, as XLA's convert rounds it.
 """
 
 from __future__ import annotations
@@ -100,7 +107,7 @@ def _library_path(env: str, pattern: str, hint: str) -> str:
 
 def _load_mkl() -> ctypes.CDLL:
     """dlopen MKL (after its Intel OpenMP runtime, which `libmkl_rt` resolves at load) and size its pool."""
-    path = _library_path(ENV_LIBRARY, "libmkl_rt.so*", 'install it with `pip install "jtrain[cpu-bf16]"` (the mkl wheel)')
+    path = _library_path(ENV_LIBRARY, "libmkl_rt.so*", "install it with `pip install mkl`")
     # Intel OpenMP threads spin for 200 ms after each parallel region by default, taking the cores
     # XLA's own threads need between the products (measured: +0.5 s of CPU time per tiny step). The
     # runtime reads this when it starts, so it is set before MKL is loaded.
