@@ -93,3 +93,17 @@ def test_bfloat16_compute_with_scanned_layers(model_type, task, checkpoints):
     reference, _ = hf_forward(hf_model(model_type, task), batch)  # the checkpoint's float32 model
     where = batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(np.asarray(out)[where], reference[where], atol=BF16_ATOL)
+
+
+def test_default_positions_use_constant_rope_tables(checkpoints):
+    """Without position_ids the rotary tables are built while tracing (constants of the compiled
+    program, no sine or cosine left in it); explicit position ids 0..L-1 compute them in the graph.
+    Same float32 ops either way, so the logits agree to SAME_MATH_ATOL."""
+    model, params = from_pretrained(checkpoints / "llama")
+    batch = padded_batch("llama", rows=2, length=12)
+    explicit = {**batch, "position_ids": np.broadcast_to(np.arange(12, dtype=np.int32), (2, 12))}
+    hlo = jax.jit(model.apply).lower(params, batch).compile().as_text()
+    assert "sine(" not in hlo and "cosine(" not in hlo
+    assert "cosine(" in jax.jit(model.apply).lower(params, explicit).compile().as_text()
+    np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(params, batch)["logits"]),
+                               np.asarray(jax.jit(model.apply)(params, explicit)["logits"]), atol=SAME_MATH_ATOL)

@@ -20,7 +20,7 @@ from jtrain.errors import ConfigError
 from jtrain.models import cpu_gemm
 from jtrain.models.masks import AttentionMask, DenseMask, Mask, as_mask, make_attention_mask
 
-__all__ = ["AttentionMask", "DenseMask", "apply_rope", "attend", "make_attention_mask", "rope_inv_freq",
+__all__ = ["AttentionMask", "DenseMask", "apply_rope", "rope_tables", "attend", "make_attention_mask", "rope_inv_freq",
            "rope_type", "soft_cap"]
 
 
@@ -84,11 +84,25 @@ def _llama3_inv_freq(inv: jax.Array, s: Mapping[str, Any]) -> jax.Array:
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate pairs (i, i + H/2) as HF's `rotate_half` does, computed in float32."""
+def rope_tables(positions_BL: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B|1, L, 1, H] (float32) of the rotary angles, shared by every layer's `apply_rope`.
+
+    Where the positions are known while tracing (the default 0..L-1), call this under
+    `jax.ensure_compile_time_eval()` so the tables are constants of the compiled step. Computed in the
+    graph, XLA:CPU fuses the sine and cosine into each consumer and evaluates them again for every
+    element of [B, L, heads, H], in every layer's forward and backward: the constant tables made the
+    CPU benchmark's bf16 step 1.05x faster (benchmarks/TRIED.md)."""
     angles = positions_BL[..., None].astype(jnp.float32) * inv_freq  # B L H/2
     cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
     sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    return cos, sin
+
+
+def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array | None = None, inv_freq: jax.Array | None = None, *,
+               tables: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Rotate pairs (i, i + H/2) as HF's `rotate_half` does, computed in float32; the angles come
+    from `positions_BL` and `inv_freq`, or as `tables` already made by `rope_tables`."""
+    cos, sin = tables if tables is not None else rope_tables(positions_BL, inv_freq)
     xf = x_BLNH.astype(jnp.float32)
     half = xf.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)

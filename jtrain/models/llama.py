@@ -7,6 +7,7 @@ logical axis names (see `jtrain.sharding`). Shape letters as in `jtrain.models.a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -14,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtrain.models.attention import AttentionMask, apply_rope, attend, make_attention_mask, rope_inv_freq, rope_type
+from jtrain.models.attention import (AttentionMask, apply_rope, attend, make_attention_mask, rope_inv_freq,
+                                     rope_tables, rope_type)
 from jtrain.models.hfconfig import HFConfig
 from jtrain.models.layers import (ScaledEmbed, activation, attend_layout, check_sequence_length, constrain,
                                   default_positions, dropout_rng, embed_tokens, last_token_index, normal_init,
@@ -213,8 +215,7 @@ class LlamaAttention(nn.Module):
     train: bool = False
 
     @nn.compact
-    def __call__(self, h_BLD: jax.Array, positions_BL: jax.Array, inv_freq: jax.Array, mask: AttentionMask
-                 ) -> jax.Array:
+    def __call__(self, h_BLD: jax.Array, rope: tuple[jax.Array, jax.Array], mask: AttentionMask) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         N, K, H = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
 
@@ -232,7 +233,7 @@ class LlamaAttention(nn.Module):
         q = constrain(cfg, q, "batch", "length", "heads", "head_dim")
         k = constrain(cfg, k, "batch", "length", "kv_heads", "head_dim")
         v = constrain(cfg, v, "batch", "length", "kv_heads", "head_dim")
-        q, k = apply_rope(q, positions_BL, inv_freq), apply_rope(k, positions_BL, inv_freq)
+        q, k = apply_rope(q, tables=rope), apply_rope(k, tables=rope)
         rng = dropout_rng(self, cfg.attention_dropout, self.train)
         if uses_ring(cfg, dropout_active=rng is not None, dropout_field="attention_dropout"):
             # Sequence parallelism, ring: key/value blocks travel round the `sequence` devices.
@@ -280,13 +281,13 @@ class LlamaDecoderLayer(nn.Module):
     train: bool = False
 
     @nn.compact
-    def __call__(self, h_BLD: jax.Array, idx: Any, positions_BL: jax.Array, inv_freq: jax.Array,
-                 mask: AttentionMask) -> jax.Array:
+    def __call__(self, h_BLD: jax.Array, idx: Any, rope: tuple[jax.Array, jax.Array], mask: AttentionMask
+                 ) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         layer_mask = _layer_mask(cfg, idx, mask)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset, name=name)
         x = norm("input_layernorm")(h_BLD)
-        attn = LlamaAttention(cfg, self.train, name="self_attn")(x, positions_BL, inv_freq, layer_mask)
+        attn = LlamaAttention(cfg, self.train, name="self_attn")(x, rope, layer_mask)
         if cfg.sandwich_norms:  # Gemma 2: post_attention_layernorm on the attention output, then its own pre-MLP norm
             h_BLD = h_BLD + norm("post_attention_layernorm")(attn)
             mlp = cfg.feed_forward(self.train)(norm("pre_feedforward_layernorm")(h_BLD))
@@ -294,6 +295,22 @@ class LlamaDecoderLayer(nn.Module):
         h_BLD = h_BLD + attn
         x = norm("post_attention_layernorm")(h_BLD)
         return constrain(cfg, h_BLD + cfg.feed_forward(self.train)(x), "batch", "length", "embed")
+
+
+def _rope(cfg: LlamaConfig, input_ids_BL: jax.Array, position_ids_BL: jax.Array | None,
+          segment_ids_BL: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """The rotary tables of this forward pass, for all layers. With the default positions (no
+    `position_ids`, no packed documents) they are known while tracing and become constants of the
+    compiled step (see `rope_tables`); otherwise they are computed from the traced positions."""
+    inv_freq = functools.partial(rope_inv_freq, cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling,
+                                 max_position_embeddings=cfg.max_position_embeddings)
+    if position_ids_BL is None and segment_ids_BL is None:
+        with jax.ensure_compile_time_eval():
+            positions_1L = jnp.arange(input_ids_BL.shape[1])[None, :]
+            return rope_tables(positions_1L, inv_freq(positions_BL=positions_1L))
+    if position_ids_BL is None:
+        position_ids_BL = default_positions(input_ids_BL, segment_ids_BL)
+    return rope_tables(position_ids_BL, inv_freq(positions_BL=position_ids_BL))
 
 
 class LlamaModel(nn.Module):
@@ -312,12 +329,9 @@ class LlamaModel(nn.Module):
         L = input_ids_BL.shape[1]
         check_sequence_length(cfg, L)
         h_BLD = embed_tokens(cfg, embed, input_ids_BL)
-        if position_ids_BL is None:
-            position_ids_BL = default_positions(input_ids_BL, segment_ids_BL)
-        inv_freq = rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling, positions_BL=position_ids_BL,
-                                 max_position_embeddings=cfg.max_position_embeddings)
+        rope = _rope(cfg, input_ids_BL, position_ids_BL, segment_ids_BL)
         mask = make_attention_mask(attention_mask_BL, segment_ids_BL, causal=True)
-        h_BLD = run_layers(LlamaDecoderLayer, cfg, self.train, h_BLD, (position_ids_BL, inv_freq, mask),
+        h_BLD = run_layers(LlamaDecoderLayer, cfg, self.train, h_BLD, (rope, mask),
                            num_layers=cfg.num_hidden_layers, name="layers", scan=cfg.scan_layers,
                            remat_policy=cfg.remat_policy)
         return RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset, name="norm")(h_BLD), embed
