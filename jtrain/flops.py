@@ -56,7 +56,7 @@ def step_flops(jitted: Callable, *args: Any, devices: int = 1) -> float:
 def _matmul_seconds(n: int, dtype: Any, repeats: int) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-    # The dense layers' own product: on a CPU with AMX a bf16 peak is then MKL's, as the step's is.
+    # The dense layers' own product: on a CPU with AMX a bf16 peak is then oneDNN's (or MKL's), as the step's is.
     mm = jax.jit(lambda x, y: matmul.dot_general(x, y, (((1,), (0,)), ((), ()))))
     mm(a, b).block_until_ready()
     best = float("inf")

@@ -10,8 +10,8 @@ intermediate or vocabulary size) behind an optimisation barrier, so `dW = (x^T) 
 plain row-major matmul on the `dy` XLA already has. Same arithmetic, same dtypes; the float32
 train step of the benchmark model ran 1.3x faster (benchmarks/RESULTS.md).
 
-With bfloat16 operands on a CPU with AMX (and one device), all three products go to MKL instead
-(`jtrain.models.cpu_gemm`), which takes transposed operands as BLAS flags.
+With bfloat16 operands on a CPU with AMX (and one device), all three products go to oneDNN or MKL
+instead (`jtrain.models.cpu_gemm`), which take transposed operands as flags.
 
 GPU and TPU matmul libraries take transposed operands for free, so there the standard
 `lax.dot_general` (and its autodiff) is used: the choice is made when the step is traced, from
