@@ -49,7 +49,7 @@ BF16 = jnp.bfloat16
 def library(request, monkeypatch):
     """One library's path on (oneDNN, then MKL), for one device, whatever this CPU has."""
     if _missing(request.param):
-        pytest.skip(f"{request.param} is not installed (pip install 'jtrain[cpu-bf16]'; x86-64 only)")
+        pytest.skip(reason=f"{request.param} is not installed (the test extra has both oneDNN and MKL; x86-64 only)")
     monkeypatch.setenv(cpu_gemm.ENV_MODE, request.param)
     cpu_gemm.library.cache_clear()
     with cpu_gemm.single_device(True):

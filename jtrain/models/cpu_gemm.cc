@@ -256,9 +256,6 @@ ffi::Error Bf16Gemm(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::Res
     return ffi::Error::InvalidArgument("jtrain_bf16_gemm: contracting dimensions differ (" + std::to_string(p.k) +
                                        " vs " + std::to_string(k_b) + ")");
   }
-  if (!FitsInt(p.m) || !FitsInt(p.n) || !FitsInt(p.k) || !FitsInt(a1) || !FitsInt(b1)) {
-    return ffi::Error::InvalidArgument("jtrain_bf16_gemm: a dimension exceeds the 32-bit BLAS interface");
-  }
   if (p.m == 0 || p.n == 0 || p.batch == 0) return ffi::Error::Success();
   if (p.k == 0) {
     std::memset(c->untyped_data(), 0, c->size_bytes());
@@ -267,6 +264,9 @@ ffi::Error Bf16Gemm(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::Res
   if (onednn) {
     return dnnl::Run(p, a.typed_data(), b.typed_data(), c->untyped_data(),
                      out_type == ffi::DataType::BF16 ? dnnl::kBf16 : dnnl::kF32);
+  }
+  if (!FitsInt(p.m) || !FitsInt(p.n) || !FitsInt(p.k) || !FitsInt(a1) || !FitsInt(b1)) {
+    return ffi::Error::InvalidArgument("jtrain_bf16_gemm: a dimension exceeds MKL's 32-bit BLAS interface");
   }
   return MklRun(p, a.typed_data(), b.typed_data(), static_cast<float*>(c->untyped_data()));
 }

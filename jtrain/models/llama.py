@@ -302,15 +302,15 @@ def _rope(cfg: LlamaConfig, input_ids_BL: jax.Array, position_ids_BL: jax.Array 
     """The rotary tables of this forward pass, for all layers. With the default positions (no
     `position_ids`, no packed documents) they are known while tracing and become constants of the
     compiled step (see `rope_tables`); otherwise they are computed from the traced positions."""
-    inv_freq = functools.partial(rope_inv_freq, cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling,
-                                 max_position_embeddings=cfg.max_position_embeddings)
+    inv_freq_at = functools.partial(rope_inv_freq, cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling,
+                                    max_position_embeddings=cfg.max_position_embeddings)
     if position_ids_BL is None and segment_ids_BL is None:
         with jax.ensure_compile_time_eval():
             positions_1L = jnp.arange(input_ids_BL.shape[1])[None, :]
-            return rope_tables(positions_1L, inv_freq(positions_BL=positions_1L))
+            return rope_tables(positions_1L, inv_freq_at(positions_BL=positions_1L))
     if position_ids_BL is None:
         position_ids_BL = default_positions(input_ids_BL, segment_ids_BL)
-    return rope_tables(position_ids_BL, inv_freq(positions_BL=position_ids_BL))
+    return rope_tables(position_ids_BL, inv_freq_at(positions_BL=position_ids_BL))
 
 
 class LlamaModel(nn.Module):

@@ -46,8 +46,8 @@ def _is_dense_contraction(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Dim
 
 
 @functools.cache
-def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int, mkl: bool = False):
-    """A custom-VJP matmul of x[..., *K] and w[*K, *F] for fixed static arguments; with `mkl`
+def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int, amx: bool = False):
+    """A custom-VJP matmul of x[..., *K] and w[*K, *F] for fixed static arguments; with `amx`
     (bf16 operands on a CPU with AMX) all three products go to `jtrain.models.cpu_gemm`."""
 
     def flat(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -55,7 +55,7 @@ def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int, mkl
         return x.reshape(-1, k), w.reshape(k, -1)
 
     def forward(x: jax.Array, w: jax.Array) -> jax.Array:
-        if mkl:  # float32 accumulation, returned in the dtype XLA's dot would return
+        if amx:  # float32 accumulation, returned in the dtype XLA's dot would return
             y = cpu_gemm.gemm(*flat(x, w), out_dtype=preferred_element_type or x.dtype)
             return y.reshape(*x.shape[: x.ndim - n_contract], *w.shape[n_contract:])
         dims = ((tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract))), ((), ()))
@@ -72,7 +72,7 @@ def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int, mkl
         x, w = res
         x2, w2 = flat(x, w)
         dy2 = dy.reshape(-1, w2.shape[1]).astype(x.dtype)
-        if mkl:  # the library takes the transposes as flags: no transposed copy at all
+        if amx:  # the library takes the transposes as flags: no transposed copy at all
             dx = cpu_gemm.gemm(dy2, w2, trans_b=True, out_dtype=x.dtype)
             dw = cpu_gemm.gemm(x2, dy2, trans_a=True, out_dtype=w.dtype)
         else:
@@ -94,8 +94,8 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumb
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
     n_contract = len(dimension_numbers[0][0])
-    mkl = preferred_element_type in (None, jnp.float32, jnp.bfloat16) and cpu_gemm.applies(lhs, rhs)
-    return _dense_vjp(None if mkl else precision, preferred_element_type, n_contract, mkl)(lhs, rhs)
+    amx = preferred_element_type in (None, jnp.float32, jnp.bfloat16) and cpu_gemm.applies(lhs, rhs)
+    return _dense_vjp(None if amx else precision, preferred_element_type, n_contract, amx)(lhs, rhs)
 
 
 def Dense(*args: Any, **kwargs: Any) -> nn.Dense:
