@@ -115,10 +115,11 @@ def worker(a: argparse.Namespace, p: vs_hf.Preset) -> dict[str, Any]:
     from jtrain.flops import measure_matmul_peak, step_flops
     from jtrain.models import cpu_gemm
 
-    # This side's products are XLA's dots, so its peak is XLA's too, not the MKL GEMM that jtrain's
-    # dense layers (and so jtrain.flops' peak) take for bf16 on a CPU with AMX. Read once, when the
-    # first bf16 product is traced (the peak below).
+    # This side's products are XLA's dots, so its peak is XLA's too, not the oneDNN (or MKL) GEMM that
+    # jtrain's dense layers (and so jtrain.flops' peak) take on the CPU. Read once, when the first
+    # product is traced (the peak below).
     os.environ[cpu_gemm.ENV_MODE] = "xla"
+    os.environ[cpu_gemm.ENV_F32_MODE] = "xla"
 
     total = a.steps + a.warmup
     ids = vs_hf.token_rows(p, total * p.batch)["input_ids"].reshape(total, p.batch, p.seq)

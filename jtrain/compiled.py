@@ -232,7 +232,7 @@ def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformat
         return create(train_part, frozen_part)
 
     log = CompileLog(expected={"train": expected_train_compiles} if expected_train_compiles else {})
-    on_mesh = functools.partial(cpu_gemm.traced_on, mesh.devices.size == 1)  # the AMX bf16 GEMM: one device only
+    on_mesh = functools.partial(cpu_gemm.traced_on, mesh.devices.size == 1)  # the CPU GEMM library: one device only
     run_model = with_activation_sharding(model, mesh, rules)
     train_model = with_compute_dtype(run_model, precision.compute_dtype)
     eval_model = with_compute_dtype(run_model, precision.eval_dtype)

@@ -6,7 +6,7 @@ calls (cuBLAS GEMMs, cuDNN attention) that the analysis counts as zero. The firs
 are 1.0e14, so MFU read 5% instead of about 55%. The jaxpr is the program before any backend
 touches it: the same count on every platform, and the count a reader can check by hand.
 
-What counts: every matrix product (`dot_general`, `ragged_dot`, convolutions, the AMX bf16 GEMM
+What counts: every matrix product (`dot_general`, `ragged_dot`, convolutions, the oneDNN / MKL GEMM
 of `jtrain.models.cpu_gemm`) at 2 FLOPs per multiply-add, and cuDNN's fused attention at the
 FLOPs of the two products it fuses over the full query x key grid (4·B·N·T·S·H forward, twice
 that backward), which is what the einsum path computes and what PaLM's 6·N·T + attention formula

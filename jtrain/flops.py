@@ -56,7 +56,7 @@ def step_flops(jitted: Callable, *args: Any, devices: int = 1) -> float:
 def _matmul_seconds(n: int, dtype: Any, repeats: int) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-    # The dense layers' own product: on a CPU with AMX a bf16 peak is then oneDNN's (or MKL's), as the step's is.
+    # The dense layers' own product: where oneDNN (or MKL) computes them, the peak is its kernel's, as the step's is.
     mm = jax.jit(lambda x, y: matmul.dot_general(x, y, (((1,), (0,)), ((), ()))))
     mm(a, b).block_until_ready()
     best = float("inf")
@@ -96,8 +96,8 @@ def device_peak_flops(dtype: str = "float32", device: Any = None, *, measure: bo
         if kind.startswith(name) and dtype in peaks:
             return peaks[dtype], f"datasheet ({name})"
     key = f"{device.platform}:{kind}:{dtype}:{os.cpu_count()}"
-    if device.platform == "cpu" and dtype == "bfloat16" and cpu_gemm.active():
-        key += f":{cpu_gemm.library()}"  # jtrain.models.cpu_gemm's kernel, not XLA's dot
+    if device.platform == "cpu" and cpu_gemm.active(dtype):
+        key += f":{cpu_gemm.library_for(dtype)}"  # jtrain.models.cpu_gemm's kernel, not XLA's dot
     path = _cache_path()
     try:
         with open(path) as fh:

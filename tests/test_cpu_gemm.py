@@ -1,5 +1,6 @@
-"""jtrain.models.cpu_gemm: bf16 products through oneDNN's matmul or MKL's cblas_gemm_bf16bf16f32
-as an XLA custom call. Every test runs once per library that is installed.
+"""jtrain.models.cpu_gemm: bf16 products through oneDNN's matmul or MKL's cblas_gemm_bf16bf16f32,
+and float32 products through oneDNN's matmul, as an XLA custom call. Every bf16 test runs once per
+library that is installed; the float32 tests need oneDNN.
 
 References and tolerances:
 - the raw product against numpy float64 on the same bf16 inputs: the inputs are exact in float32,
@@ -9,7 +10,12 @@ References and tolerances:
 - the dense layer and the CPU attention against XLA's own bf16 path (`lax.dot_general`, the einsum):
   both round a float32 accumulation to bf16, so they may differ by one bf16 step, 2^-8 relative
   to the value, plus the accumulation difference; gradients pass through a second bf16 rounding,
-  so those compare at 2^-6 relative to the largest entry.
+  so those compare at 2^-6 relative to the largest entry;
+- float32 products (raw, and the dense layer's forward and both gradients) against numpy float64 on
+  the same float32 inputs: the float32 accumulation bound above, nothing else;
+- the float32 Trainer step against XLA's dot: the same float32 arithmetic in another summation
+  order, three AdamW updates apart, so the losses agree to 1e-5 relative (the per-product
+  difference is ~1e-7 relative; Adam's normalised updates carry it, they do not amplify it).
 The tests force `JTRAIN_CPU_BF16_GEMM=onednn` or `=mkl` (both compute bf16 products on any x86
 CPU, emulated where there is no AMX/AVX512-BF16), so they check the same code on every machine
 that has the libraries.
@@ -45,27 +51,46 @@ pytestmark = pytest.mark.cpu_only("an XLA:CPU custom call")
 BF16 = jnp.bfloat16
 
 
+def _use(monkeypatch, name: str, f32: str) -> None:
+    if _missing(name):
+        pytest.skip(reason=f"{name} is not installed (the test extra has both oneDNN and MKL; x86-64 only)")
+    monkeypatch.setenv(cpu_gemm.ENV_MODE, name)
+    monkeypatch.setenv(cpu_gemm.ENV_F32_MODE, f32)
+    cpu_gemm.reset()
+
+
 @pytest.fixture(params=list(LIBRARIES))
 def library(request, monkeypatch):
-    """One library's path on (oneDNN, then MKL), for one device, whatever this CPU has."""
-    if _missing(request.param):
-        pytest.skip(reason=f"{request.param} is not installed (the test extra has both oneDNN and MKL; x86-64 only)")
-    monkeypatch.setenv(cpu_gemm.ENV_MODE, request.param)
-    cpu_gemm.library.cache_clear()
+    """One library's bf16 path on (oneDNN, then MKL; float32 stays on XLA's dot), for one device,
+    whatever this CPU has."""
+    _use(monkeypatch, request.param, "xla")
     with cpu_gemm.single_device(True):
         yield request.param
-    cpu_gemm.library.cache_clear()
+    cpu_gemm.reset()
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """oneDNN for both bf16 and float32 products, for one device."""
+    _use(monkeypatch, "onednn", "onednn")
+    with cpu_gemm.single_device(True):
+        yield "onednn"
+    cpu_gemm.reset()
 
 
 def _bf16(rng, shape):
     return jnp.asarray(rng.standard_normal(shape), BF16)
 
 
+def _f32(rng, shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
 def _f64(x):
     return np.asarray(x.astype(jnp.float32), np.float64)
 
 
-@pytest.mark.parametrize("a_shape,b_shape,trans_a,trans_b", [
+SHAPES = pytest.mark.parametrize("a_shape,b_shape,trans_a,trans_b", [
     ((64, 96), (96, 80), False, False),
     ((96, 64), (96, 80), True, False),       # a weight gradient: x^T dy
     ((64, 96), (80, 96), False, True),       # an input gradient: dy W^T
@@ -74,6 +99,14 @@ def _f64(x):
     ((3, 0, 4), (3, 4, 6), False, False),    # empty rows
     ((4, 0), (0, 3), False, False),          # nothing to contract: zeros
 ])
+
+
+def _accumulation_bound(op_a, op_b):
+    """float32 summation error of op_a @ op_b: k products summed, 2^-24 each, a factor 2 of slack."""
+    return 2 * op_a.shape[-1] * 2.0 ** -24 * (np.abs(op_a) @ np.abs(op_b))
+
+
+@SHAPES
 @pytest.mark.parametrize("out_dtype", [jnp.float32, BF16])
 def test_gemm_matches_float64(library, a_shape, b_shape, trans_a, trans_b, out_dtype):
     rng = np.random.default_rng(0)
@@ -81,12 +114,22 @@ def test_gemm_matches_float64(library, a_shape, b_shape, trans_a, trans_b, out_d
     out = jax.jit(lambda a, b: cpu_gemm.gemm(a, b, trans_a=trans_a, trans_b=trans_b, out_dtype=out_dtype))(a, b)
     op_a = np.swapaxes(_f64(a), -1, -2) if trans_a else _f64(a)
     op_b = np.swapaxes(_f64(b), -1, -2) if trans_b else _f64(b)
-    ref, bound = op_a @ op_b, np.abs(op_a) @ np.abs(op_b)
+    ref, accumulation = op_a @ op_b, _accumulation_bound(op_a, op_b)
     assert out.dtype == out_dtype and out.shape == ref.shape
-    k = op_a.shape[-1]
-    accumulation = 2 * k * 2.0 ** -24 * bound
     rounding = 2.0 ** -8 * (np.abs(ref) + accumulation) if out_dtype == BF16 else 0.0
     assert np.all(np.abs(_f64(out) - ref) <= accumulation + rounding)
+
+
+@SHAPES
+def test_float32_gemm_matches_float64(onednn, a_shape, b_shape, trans_a, trans_b):
+    rng = np.random.default_rng(0)
+    a, b = _f32(rng, a_shape), _f32(rng, b_shape)
+    out = jax.jit(lambda a, b: cpu_gemm.gemm(a, b, trans_a=trans_a, trans_b=trans_b))(a, b)
+    op_a = np.swapaxes(_f64(a), -1, -2) if trans_a else _f64(a)
+    op_b = np.swapaxes(_f64(b), -1, -2) if trans_b else _f64(b)
+    ref = op_a @ op_b
+    assert out.dtype == jnp.float32 and out.shape == ref.shape
+    assert np.all(np.abs(_f64(out) - ref) <= _accumulation_bound(op_a, op_b))
 
 
 def test_gemm_rejects_what_it_cannot_compute(library):
@@ -126,7 +169,22 @@ def test_dense_layer_matches_xla_bf16_path_and_uses_the_custom_call(library):
     assert hlo.count(cpu_gemm.TARGET) == 3  # forward, dx, dw
 
 
-def test_not_used_for_float32_or_for_a_sharded_step(library):
+def test_float32_dense_layer_uses_onednn_and_matches_float64(onednn):
+    rng = np.random.default_rng(5)
+    x, w, cot = _f32(rng, (2, 24, 64)), _f32(rng, (64, 48)), rng.standard_normal((2, 24, 48))
+    dims = (((2,), (0,)), ((), ()))
+    y = jax.jit(lambda x, w: matmul.dot_general(x, w, dims))(x, w)
+    (_, (dx, dw)) = jax.jit(lambda x, w: _dense_grads(matmul.dot_general, x, w, cot))(x, w)
+    x2, w2, dy = _f64(x).reshape(48, 64), _f64(w), np.asarray(cot, np.float32).astype(np.float64).reshape(48, 48)
+    for got, op_a, op_b in ((y, x2, w2), (dx, dy, w2.T), (dw, x2.T, dy)):
+        assert got.dtype == jnp.float32
+        got = _f64(got).reshape(op_a.shape[0], op_b.shape[1])
+        assert np.all(np.abs(got - op_a @ op_b) <= _accumulation_bound(op_a, op_b))
+    hlo = jax.jit(lambda x, w: _dense_grads(matmul.dot_general, x, w, cot)).lower(x, w).as_text()
+    assert hlo.count(cpu_gemm.TARGET) == 3  # forward, dx, dw
+
+
+def test_float32_follows_its_setting_and_a_sharded_step_stays_on_xla(library):
     x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
     dims = (((1,), (0,)), ((), ()))
     assert cpu_gemm.TARGET not in jax.jit(lambda x, w: matmul.dot_general(x, w, dims)).lower(x, w).as_text()
@@ -171,48 +229,72 @@ def test_blocked_attention_matches_reference_with_grads(library):
 
 
 def test_mode_errors_name_the_setting(monkeypatch):
-    cpu_gemm.library.cache_clear()
+    cpu_gemm.reset()
     try:
         monkeypatch.setenv(cpu_gemm.ENV_MODE, "fast")
         with pytest.raises(ConfigError, match="JTRAIN_CPU_BF16_GEMM='fast'"):
             cpu_gemm.mode()
+        monkeypatch.setenv(cpu_gemm.ENV_F32_MODE, "mkl")  # float32 products have no MKL path
+        with pytest.raises(ConfigError, match="JTRAIN_CPU_F32_GEMM='mkl' is not one of auto, onednn, xla"):
+            cpu_gemm.f32_library()
         monkeypatch.setenv(cpu_gemm.ENV_MODE, "xla")
-        assert not cpu_gemm.available()
+        monkeypatch.setenv(cpu_gemm.ENV_F32_MODE, "xla")
+        assert not cpu_gemm.available() and cpu_gemm.library_for(jnp.float32) is None
         with pytest.raises(ConfigError, match="JTRAIN_CPU_BF16_GEMM=xla"):
             cpu_gemm.gemm(jnp.ones((2, 2), BF16), jnp.ones((2, 2), BF16))
+        with pytest.raises(ConfigError, match="JTRAIN_CPU_F32_GEMM=xla"):
+            cpu_gemm.gemm(jnp.ones((2, 2)), jnp.ones((2, 2)))
         for name, (env, pattern) in LIBRARIES.items():
             monkeypatch.setenv(env, f"/nonexistent/{pattern}")
             with pytest.raises(ConfigError, match=f"{env}=/nonexistent"):
                 cpu_gemm._library_path(env, pattern, hint="")
     finally:
-        cpu_gemm.library.cache_clear()
+        cpu_gemm.reset()
 
 
-def test_trainer_bf16_step_uses_the_library_on_one_device_and_matches_xla(library, tmp_path, monkeypatch):
+def _three_steps(output_dir, bf16: bool) -> tuple[list[float], str, float]:
+    """Losses, step HLO and step FLOPs of three Trainer steps of the tiny Llama on one device."""
     from jtrain import Trainer, TrainingArguments
     from jtrain.data.loader import ArrayDataset
     from jtrain.flops import step_flops
     from tiny import padded_lm_batch, tiny_llama
 
     rows = padded_lm_batch(8, 16, seed=3)
-    losses, hlos, flops = {}, {}, {}
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=4,
+                             bf16=bf16, save_strategy="no", report_to=["none"], disable_tqdm=True,
+                             mesh_shape={"data": 1}, logging_steps=1, train_sampling_strategy="sequential")
+    trainer = Trainer(tiny_llama(dtype="bfloat16" if bf16 else "float32"), args, train_dataset=ArrayDataset(rows))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    batch = trainer.steps.place_train_batch({k: v[None, :4] for k, v in rows.items()})
+    hlo = trainer.steps.train_step.lower(trainer.train_state, batch).as_text()
+    return losses, hlo, step_flops(trainer.steps.train_step, trainer.train_state, batch)
+
+
+def _compare_with_xla(runs: dict, library: str, rtol: float) -> None:
+    (losses, hlo, flops), (xla_losses, xla_hlo, xla_flops) = runs[library], runs["xla"]
+    assert cpu_gemm.TARGET in hlo and cpu_gemm.TARGET not in xla_hlo
+    assert flops == xla_flops > 0  # the same products, whichever kernel computes them
+    np.testing.assert_allclose(losses, xla_losses, rtol=rtol)
+    assert len(losses) == 3
+
+
+def test_trainer_bf16_step_uses_the_library_on_one_device_and_matches_xla(library, tmp_path, monkeypatch):
+    runs = {}
     for mode in (library, "xla"):
         monkeypatch.setenv(cpu_gemm.ENV_MODE, mode)
-        cpu_gemm.library.cache_clear()
-        args = TrainingArguments(output_dir=str(tmp_path / mode), max_steps=3, per_device_train_batch_size=4,
-                                 bf16=True, save_strategy="no", report_to=["none"], disable_tqdm=True,
-                                 mesh_shape={"data": 1}, logging_steps=1, train_sampling_strategy="sequential")
-        trainer = Trainer(tiny_llama(dtype="bfloat16"), args, train_dataset=ArrayDataset(rows))
-        trainer.train()
-        losses[mode] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        batch = trainer.steps.place_train_batch({k: v[None, :4] for k, v in rows.items()})
-        hlos[mode] = trainer.steps.train_step.lower(trainer.train_state, batch).as_text()
-        flops[mode] = step_flops(trainer.steps.train_step, trainer.train_state, batch)
-    assert cpu_gemm.TARGET in hlos[library] and cpu_gemm.TARGET not in hlos["xla"]
-    assert flops[library] == flops["xla"] > 0  # the same products, whichever kernel computes them
-    # Same bf16 arithmetic in another summation order: the losses agree to bf16 rounding.
-    np.testing.assert_allclose(losses[library], losses["xla"], rtol=2.0 ** -7)
-    assert len(losses[library]) == 3
+        cpu_gemm.reset()
+        runs[mode] = _three_steps(tmp_path / mode, bf16=True)
+    _compare_with_xla(runs, library, rtol=2.0 ** -7)  # bf16 arithmetic in another summation order
+
+
+def test_trainer_float32_step_uses_onednn_and_matches_xla(onednn, tmp_path, monkeypatch):
+    runs = {}
+    for mode in ("onednn", "xla"):
+        monkeypatch.setenv(cpu_gemm.ENV_F32_MODE, mode)
+        cpu_gemm.reset()
+        runs[mode] = _three_steps(tmp_path / mode, bf16=False)
+    _compare_with_xla(runs, "onednn", rtol=1e-5)  # float32 arithmetic in another summation order
 
 
 def test_flax_dense_module_routes_through_it(library):
@@ -223,16 +305,16 @@ def test_flax_dense_module_routes_through_it(library):
     assert isinstance(layer, nn.Dense)
 
 
-def test_concurrent_products_give_identical_gradients_every_call(library):
+def _repeatable_gradients(dtype: str, rel: float) -> None:
     """XLA runs independent products (a layer's input and weight gradients) side by side on its
     threads. With oneDNN's own scratchpad, shared between primitives, this model's gradients came
     out different on every call (wrong by up to their own size); each calling thread now owns a
-    scratchpad. Repeated calls must agree bitwise, and with XLA's dot to bf16 rounding."""
+    scratchpad. Repeated calls must agree bitwise, and with XLA's dot to `rel` of the largest entry."""
     from jtrain import create_model
 
     config = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
-    model = create_model("llama", config, dtype="bfloat16")
+    model = create_model("llama", config, dtype=dtype)
     ids = jnp.asarray(np.random.default_rng(4).integers(0, 2048, (2, 128)), jnp.int32)
     params = model.init(jax.random.key(0))
 
@@ -249,4 +331,30 @@ def test_concurrent_products_give_identical_gradients_every_call(library):
     with cpu_gemm.single_device(False):  # XLA's own dot: the reference
         ref = jax.tree_util.tree_leaves(jax.jit(jax.grad(loss))(params))
     for g, r in zip(first, ref):
-        _close(g, r, 2.0 ** -6)
+        _close(g, r, rel)
+
+
+def test_concurrent_products_give_identical_gradients_every_call(library):
+    _repeatable_gradients("bfloat16", 2.0 ** -6)  # bf16 rounding of the gradients (module docstring)
+
+
+def test_concurrent_float32_products_give_identical_gradients_every_call(onednn):
+    # float32 in another summation order, through two layers' backward: 1e-5 of the largest entry.
+    _repeatable_gradients("float32", 1e-5)
+
+
+def test_required_onednn_that_cannot_load_is_a_config_error_naming_both_settings(tmp_path):
+    """In a fresh process (this one has oneDNN loaded already): `JTRAIN_CPU_F32_GEMM=onednn` with
+    `JTRAIN_ONEDNN_LIB` pointing nowhere fails at the first float32 product, naming both."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import jax.numpy as jnp\nfrom jtrain.models import cpu_gemm\n"
+            "cpu_gemm.gemm(jnp.ones((2, 2)), jnp.ones((2, 2)))\n")
+    env = dict(os.environ, JTRAIN_CPU_F32_GEMM="onednn", JTRAIN_ONEDNN_LIB=str(tmp_path / "libdnnl.so"),
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "ConfigError: JTRAIN_CPU_F32_GEMM=onednn, but oneDNN cannot be used" in done.stderr
+    assert f"JTRAIN_ONEDNN_LIB={tmp_path / 'libdnnl.so'} is not a file" in done.stderr

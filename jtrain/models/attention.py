@@ -332,7 +332,7 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, sca
 
 
 def _scores(q: jax.Array, k: jax.Array, exact: dict) -> jax.Array:
-    """float32 q @ k^T of [B, K, rows, H] and [B, K, keys, H]: the AMX bf16 GEMM where it applies."""
+    """float32 q @ k^T of [B, K, rows, H] and [B, K, keys, H]: the CPU GEMM library where it applies."""
     if cpu_gemm.applies(q, k):
         B, K, R, H = q.shape
         out = cpu_gemm.batched_matmul(q.reshape(B * K, R, H), k.reshape(B * K, -1, H), trans_b=True)

@@ -1,9 +1,10 @@
-// bfloat16 x bfloat16 matrix products for XLA:CPU on the CPU's AMX tiles or AVX512-BF16 units:
-// through oneDNN's matmul primitive (float32 or bfloat16 result), or MKL's cblas_gemm_bf16bf16f32
-// (float32 result).
+// Matrix products for XLA:CPU: bfloat16 x bfloat16 on the CPU's AMX tiles or AVX512-BF16 units,
+// through oneDNN's matmul primitive (float32 or bfloat16 result) or MKL's cblas_gemm_bf16bf16f32
+// (float32 result); float32 x float32 through oneDNN's matmul (float32 result).
 //
 // Why: XLA:CPU computes bf16 dots at its float32 speed, while the same CPU's AMX units run
-// them 8-9x faster (benchmarks/TRIED.md). jtrain.models.cpu_gemm compiles this file once, hands
+// them 8-9x faster, and oneDNN's float32 kernels ran the benchmark's products 1.0-1.4x faster
+// than XLA's dot, transposed operands included (benchmarks/TRIED.md). jtrain.models.cpu_gemm compiles this file once, hands
 // it the library it found (a path for oneDNN, function pointers for MKL, so no address is baked
 // into a compiled HLO), and registers the handler as an XLA FFI target.
 //
@@ -87,7 +88,7 @@ ffi::Error MklRun(const Product& p, const uint16_t* a, const uint16_t* b, float*
   return ffi::Error::Success();
 }
 
-// ---- oneDNN: float32 or bfloat16 results ----
+// ---- oneDNN: bfloat16 operands with float32 or bfloat16 results; float32 operands and results ----
 
 namespace dnnl {
 
@@ -136,12 +137,12 @@ struct Entry {
   Handle src, weights, dst, scratch, primitive;
   size_t scratch_bytes;
 };
-using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int>;
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int, int>;
 std::mutex cache_mutex;
 std::map<Key, Entry> cache;
 
 std::string Fail(const char* what, int status) {
-  return std::string("jtrain_bf16_gemm: oneDNN ") + what + " failed with status " + std::to_string(status);
+  return std::string("jtrain_cpu_gemm: oneDNN ") + what + " failed with status " + std::to_string(status);
 }
 
 // Row-major [batch, rows, cols] of a matrix stored transposed or not.
@@ -151,9 +152,9 @@ int Describe(Handle* md, int64_t batch, int64_t rows, int64_t cols, bool transpo
   return api.memory_desc_create_with_strides(md, 3, dims, dtype, strides);
 }
 
-// The cached primitive for `p` with a `dtype` result, or an error message.
-std::string Lookup(const Product& p, int dtype, Entry* out) {
-  const Key key{p.batch, p.m, p.n, p.k, p.trans_a, p.trans_b, dtype};
+// The cached primitive for `p` of `src` operands with a `dtype` result, or an error message.
+std::string Lookup(const Product& p, int src, int dtype, Entry* out) {
+  const Key key{p.batch, p.m, p.n, p.k, p.trans_a, p.trans_b, src, dtype};
   std::lock_guard<std::mutex> lock(cache_mutex);
   auto found = cache.find(key);
   if (found != cache.end()) {
@@ -161,8 +162,8 @@ std::string Lookup(const Product& p, int dtype, Entry* out) {
     return "";
   }
   Entry e{};
-  int status = Describe(&e.src, p.batch, p.m, p.k, p.trans_a, kBf16);
-  if (status == 0) status = Describe(&e.weights, p.batch, p.k, p.n, p.trans_b, kBf16);
+  int status = Describe(&e.src, p.batch, p.m, p.k, p.trans_a, src);
+  if (status == 0) status = Describe(&e.weights, p.batch, p.k, p.n, p.trans_b, src);
   if (status == 0) status = Describe(&e.dst, p.batch, p.m, p.n, false, dtype);
   if (status != 0) return Fail("memory descriptor", status);
   Handle attr = nullptr, pd = nullptr;  // both kept: pd owns the scratchpad descriptor
@@ -199,9 +200,9 @@ class Scratch {
   size_t size_ = 0;
 };
 
-ffi::Error Run(const Product& p, const void* a, const void* b, void* c, int dtype) {
+ffi::Error Run(const Product& p, const void* a, const void* b, void* c, int src, int dtype) {
   Entry e;
-  std::string error = Lookup(p, dtype, &e);
+  std::string error = Lookup(p, src, dtype, &e);
   if (!error.empty()) return ffi::Error::Internal(error);
   thread_local Handle stream = nullptr;  // streams are not shared between threads
   if (stream == nullptr) {
@@ -210,7 +211,7 @@ ffi::Error Run(const Product& p, const void* a, const void* b, void* c, int dtyp
   }
   thread_local Scratch scratch;
   void* scratch_data = scratch.Get(e.scratch_bytes);
-  if (e.scratch_bytes > 0 && scratch_data == nullptr) return ffi::Error::Internal("jtrain_bf16_gemm: out of memory");
+  if (e.scratch_bytes > 0 && scratch_data == nullptr) return ffi::Error::Internal("jtrain_cpu_gemm: out of memory");
   Handle mems[4] = {nullptr, nullptr, nullptr, nullptr};
   int status = api.memory_create(&mems[0], e.src, engine, const_cast<void*>(a));
   if (status == 0) status = api.memory_create(&mems[1], e.weights, engine, const_cast<void*>(b));
@@ -231,29 +232,35 @@ ffi::Error Run(const Product& p, const void* a, const void* b, void* c, int dtyp
 
 bool FitsInt(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
 
-// `onednn` chooses the library (fixed when the step is traced, so one process can hold both).
-ffi::Error Bf16Gemm(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::Result<ffi::AnyBuffer> c, bool trans_a,
+// `onednn` chooses the library (fixed when the step is traced, so one process can hold both);
+// float32 operands need oneDNN.
+ffi::Error CpuGemm(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c, bool trans_a,
                     bool trans_b, bool onednn) {
   if (onednn ? dnnl::engine == nullptr : gemm_bf16 == nullptr) {
-    return ffi::Error::Internal(std::string("jtrain_bf16_gemm: ") + (onednn ? "oneDNN" : "MKL") +
+    return ffi::Error::Internal(std::string("jtrain_cpu_gemm: ") + (onednn ? "oneDNN" : "MKL") +
                                 " was not loaded (jtrain.models.cpu_gemm loads it)");
   }
   const ffi::DataType out_type = c->element_type();
-  if (out_type != ffi::DataType::F32 && !(onednn && out_type == ffi::DataType::BF16)) {
-    return ffi::Error::InvalidArgument("jtrain_bf16_gemm: the result must be float32 (or bfloat16 with oneDNN)");
+  const ffi::DataType in_type = a.element_type();
+  const bool f32_in = in_type == ffi::DataType::F32;
+  if (b.element_type() != in_type || !(in_type == ffi::DataType::BF16 || (onednn && f32_in))) {
+    return ffi::Error::InvalidArgument("jtrain_cpu_gemm: operands must both be bfloat16 (or float32 with oneDNN)");
+  }
+  if (out_type != ffi::DataType::F32 && !(onednn && !f32_in && out_type == ffi::DataType::BF16)) {
+    return ffi::Error::InvalidArgument("jtrain_cpu_gemm: the result must be float32 (or bfloat16 with oneDNN)");
   }
   auto da = a.dimensions();
   auto db = b.dimensions();
   const size_t rank = da.size();
   if ((rank != 2 && rank != 3) || db.size() != rank || (rank == 3 && da[0] != db[0])) {
-    return ffi::Error::InvalidArgument("jtrain_bf16_gemm: operands must be 2-D, or 3-D with the same batch");
+    return ffi::Error::InvalidArgument("jtrain_cpu_gemm: operands must be 2-D, or 3-D with the same batch");
   }
   const int64_t a0 = da[rank - 2], a1 = da[rank - 1], b0 = db[rank - 2], b1 = db[rank - 1];
   const Product p{trans_a, trans_b, rank == 3 ? da[0] : 1, trans_a ? a1 : a0, trans_b ? b0 : b1, trans_a ? a0 : a1,
                   a1, b1};
   const int64_t k_b = trans_b ? b1 : b0;
   if (p.k != k_b) {
-    return ffi::Error::InvalidArgument("jtrain_bf16_gemm: contracting dimensions differ (" + std::to_string(p.k) +
+    return ffi::Error::InvalidArgument("jtrain_cpu_gemm: contracting dimensions differ (" + std::to_string(p.k) +
                                        " vs " + std::to_string(k_b) + ")");
   }
   if (p.m == 0 || p.n == 0 || p.batch == 0) return ffi::Error::Success();
@@ -262,13 +269,14 @@ ffi::Error Bf16Gemm(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::Res
     return ffi::Error::Success();
   }
   if (onednn) {
-    return dnnl::Run(p, a.typed_data(), b.typed_data(), c->untyped_data(),
+    return dnnl::Run(p, a.untyped_data(), b.untyped_data(), c->untyped_data(), f32_in ? dnnl::kF32 : dnnl::kBf16,
                      out_type == ffi::DataType::BF16 ? dnnl::kBf16 : dnnl::kF32);
   }
   if (!FitsInt(p.m) || !FitsInt(p.n) || !FitsInt(p.k) || !FitsInt(a1) || !FitsInt(b1)) {
-    return ffi::Error::InvalidArgument("jtrain_bf16_gemm: a dimension exceeds MKL's 32-bit BLAS interface");
+    return ffi::Error::InvalidArgument("jtrain_cpu_gemm: a dimension exceeds MKL's 32-bit BLAS interface");
   }
-  return MklRun(p, a.typed_data(), b.typed_data(), static_cast<float*>(c->untyped_data()));
+  return MklRun(p, static_cast<const uint16_t*>(a.untyped_data()), static_cast<const uint16_t*>(b.untyped_data()),
+                static_cast<float*>(c->untyped_data()));
 }
 
 template <typename Fn>
@@ -310,10 +318,10 @@ extern "C" const char* jtrain_load_onednn(const char* path) {
   return "";
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JtrainBf16Gemm, Bf16Gemm,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtrainCpuGemm, CpuGemm,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<bool>("trans_a")
                                   .Attr<bool>("trans_b")

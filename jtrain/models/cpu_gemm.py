@@ -1,32 +1,41 @@
-"""bf16 matrix products on the CPU through oneDNN or MKL (AMX / AVX512-BF16), as an XLA FFI custom call.
+"""Matrix products on the CPU through oneDNN or MKL, as an XLA FFI custom call.
 
-XLA:CPU computes a bfloat16 dot at its float32 speed: on a Xeon with AMX that is about 190
+bfloat16: XLA:CPU computes a bf16 dot at its float32 speed: on a Xeon with AMX that is about 190
 GFLOP/s on two cores, where oneDNN's matmul primitive (the kernel PyTorch's bf16 matmul uses) and
-MKL's `cblas_gemm_bf16bf16f32` run at 1300-1900 (benchmarks/TRIED.md). The dense layers
-(`jtrain.models.matmul`) and the CPU attention's batched products (`jtrain.models.attention`) of a
-bf16 run on such a CPU therefore call one of them instead, through `cpu_gemm.cc` compiled once
+MKL's `cblas_gemm_bf16bf16f32` run at 1300-1900 (benchmarks/TRIED.md).
+
+float32: oneDNN's AVX-512 kernels ran the benchmark model's products 1.0-1.4x faster than XLA's
+dot (the same kernels PyTorch's float32 step uses), and take transposed operands as flags, so the
+weight gradients need no transposed copy: the float32 step ran 1.05-1.09x faster.
+
+The dense layers (`jtrain.models.matmul`) and the CPU attention's batched products
+(`jtrain.models.attention`) therefore call one of them instead, through `cpu_gemm.cc` compiled once
 against JAX's FFI headers and registered as an XLA custom call.
 
-Which library: oneDNN where it loads, because it writes a bf16 result itself (MKL writes float32,
-which XLA then rounds in a second pass over fresh memory: oneDNN's steps measured 1.1x faster);
-MKL otherwise. The choice is made once per process (`library()`) and recorded in each call's
+Which library for bf16: oneDNN where it loads, because it writes a bf16 result itself (MKL writes
+float32, which XLA then rounds in a second pass over fresh memory: oneDNN's steps measured 1.1x
+faster); MKL otherwise. float32 products use oneDNN only (MKL's `sgemm` measured no faster in the
+step). The choice is made once per process and dtype (`library_for`) and recorded in each call's
 `onednn` attribute, so the compiled step does not depend on what a later process loads.
 
-When it is used (`applies`): the CPU backend, both operands bfloat16, and a computation on one
-device (the custom call cannot be split by XLA's sharding partitioner). The environment variable
-`JTRAIN_CPU_BF16_GEMM` chooses: `auto` (default) uses it when the CPU has AMX or AVX512-BF16 and a
-library and a C++ compiler are found, and otherwise stays on XLA's dot (logging why once); `onednn`
-or `mkl` require that library (a clear error if it cannot load); `xla` never uses it. It is read
-once per process, when the first bf16 product is traced.
+When it is used (`applies`): the CPU backend, both operands of one dtype with a library for it, and
+a computation on one device (the custom call cannot be split by XLA's sharding partitioner).
+Environment variables choose, each read once per process when the first product is traced:
+- `JTRAIN_CPU_BF16_GEMM`: `auto` (default) uses a library when the CPU has AMX or AVX512-BF16 and a
+  library and a C++ compiler are found, and otherwise stays on XLA's dot (logging why once);
+  `onednn` or `mkl` require that library (a clear error if it cannot load); `xla` never uses one.
+- `JTRAIN_CPU_F32_GEMM`: `auto` (default) uses oneDNN where it loads, `onednn` requires it, `xla`
+  keeps XLA's dot.
 
 What it needs: the `onednn-cpu-gomp` wheel (`pip install "jtrain[cpu-bf16]"`; or `JTRAIN_ONEDNN_LIB`
-naming a `libdnnl.so` of oneDNN 3.x) or the `mkl` wheel (or `JTRAIN_MKL_LIB` naming a
-`libmkl_rt.so`), and `g++`. The compiled library is cached under `JTRAIN_CACHE_DIR` (default
+naming a `libdnnl.so` of oneDNN 3.x) or, for bf16 only, the `mkl` wheel (or `JTRAIN_MKL_LIB` naming
+a `libmkl_rt.so`), and `g++`. The compiled library is cached under `JTRAIN_CACHE_DIR` (default
 `~/.cache/jtrain`), keyed by the source and the jaxlib version.
 
-Numerics: both multiply the bf16 operands exactly and accumulate in float32, as XLA:CPU's bf16 dot
-does; results differ from XLA's only in summation order (float32 rounding), and a bf16 result is the
-float32 accumulator rounded to nearest, as XLA's convert rounds it.
+Numerics: both multiply the operands exactly and accumulate in float32, as XLA:CPU's dot does (for
+float32, oneDNN's default strict floating-point mode: no reduced-precision arithmetic); results
+differ from XLA's only in summation order (float32 rounding), and a bf16 result is the float32
+accumulator rounded to nearest, as XLA's convert rounds it.
 """
 
 from __future__ import annotations
@@ -54,11 +63,13 @@ from jtrain.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-TARGET = "jtrain_bf16_gemm"
+TARGET = "jtrain_cpu_gemm"
 ENV_MODE = "JTRAIN_CPU_BF16_GEMM"
+ENV_F32_MODE = "JTRAIN_CPU_F32_GEMM"
 ENV_LIBRARY = "JTRAIN_MKL_LIB"
 ENV_ONEDNN_LIBRARY = "JTRAIN_ONEDNN_LIB"
 _MODES = ("auto", "onednn", "mkl", "xla")
+_F32_MODES = ("auto", "onednn", "xla")
 _SOURCE = Path(__file__).with_name("cpu_gemm.cc")
 _CPU_FEATURES = ("amx_bf16", "avx512_bf16")
 
@@ -67,11 +78,12 @@ _CPU_FEATURES = ("amx_bf16", "avx512_bf16")
 _single_device: contextvars.ContextVar[bool | None] = contextvars.ContextVar("jtrain_cpu_gemm_single", default=None)
 
 
-def mode() -> str:
-    """The `JTRAIN_CPU_BF16_GEMM` setting, checked."""
-    value = os.environ.get(ENV_MODE, "auto").strip().lower() or "auto"
-    if value not in _MODES:
-        raise ConfigError(f"{ENV_MODE}={value!r} is not one of {', '.join(_MODES)}")
+def mode(env: str = ENV_MODE) -> str:
+    """The `JTRAIN_CPU_BF16_GEMM` (or `JTRAIN_CPU_F32_GEMM`) setting, checked."""
+    value = os.environ.get(env, "auto").strip().lower() or "auto"
+    allowed = _F32_MODES if env == ENV_F32_MODE else _MODES
+    if value not in allowed:
+        raise ConfigError(f"{env}={value!r} is not one of {', '.join(allowed)}")
     return value
 
 
@@ -142,8 +154,8 @@ def _build_extension() -> Path:
         return target
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        raise ConfigError("no C++ compiler (g++) was found to build jtrain's bf16 CPU GEMM; install g++ or "
-                          f"set {ENV_MODE}=xla")
+        raise ConfigError("no C++ compiler (g++) was found to build jtrain's CPU GEMM; install g++ or "
+                          f"set {ENV_MODE}=xla and {ENV_F32_MODE}=xla")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
@@ -151,7 +163,7 @@ def _build_extension() -> Path:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         os.unlink(tmp)
-        raise ConfigError(f"building jtrain's bf16 CPU GEMM failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+        raise ConfigError(f"building jtrain's CPU GEMM failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
     os.replace(tmp, target)
     return target
 
@@ -179,16 +191,15 @@ def _hand_over_mkl(ext: ctypes.CDLL) -> None:
 def _extension() -> ctypes.CDLL:
     """The compiled handler, loaded and registered as the FFI target (once per process)."""
     ext = ctypes.CDLL(str(_build_extension()))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(ext.JtrainBf16Gemm), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(ext.JtrainCpuGemm), platform="cpu")
     return ext
 
 
 @functools.cache
 def _load(name: str) -> None:
     """Load library `name` ("onednn" or "mkl") into the extension; ConfigError if it cannot be."""
-    ext = _extension()
     try:
-        (_load_onednn if name == "onednn" else _hand_over_mkl)(ext)
+        (_load_onednn if name == "onednn" else _hand_over_mkl)(_extension())
     except (OSError, AttributeError) as err:
         raise ConfigError(f"{name} cannot be loaded: {err}") from err
 
@@ -222,6 +233,40 @@ def library() -> str | None:
     return None
 
 
+@functools.cache
+def f32_library() -> str | None:
+    """The library float32 products go to in this process ("onednn"), or None for XLA's dot.
+
+    `auto` takes oneDNN where it loads, on any CPU (its float32 kernels are PyTorch's); `onednn`
+    requires it (a ConfigError naming the setting if it cannot load); `xla` never uses it."""
+    chosen = mode(ENV_F32_MODE)
+    if chosen == "xla":
+        return None
+    try:
+        _load("onednn")
+    except ConfigError as err:
+        if chosen == "onednn":
+            raise ConfigError(f"{ENV_F32_MODE}=onednn, but oneDNN cannot be used: {err}") from err
+        logger.info("float32 matmuls stay on XLA's dot: %s", err)
+        return None
+    logger.info("float32 dense matmuls on the CPU use onednn")
+    return "onednn"
+
+
+def library_for(dtype: Any) -> str | None:
+    """The library products of two `dtype` operands go to in this process, or None (XLA's dot)."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bfloat16:
+        return library()
+    return f32_library() if dtype == jnp.float32 else None
+
+
+def reset() -> None:
+    """Forget the per-process choices, so the environment variables are read again (tests)."""
+    library.cache_clear()
+    f32_library.cache_clear()
+
+
 def available() -> bool:
     """Whether bf16 products go to a GEMM library in this process (`library()` is not None)."""
     return library() is not None
@@ -248,41 +293,43 @@ def traced_on(single: bool, fn: Callable) -> Callable:
     return wrapped
 
 
-def active() -> bool:
-    """Whether bf16 products traced now go to MKL: the CPU backend, one device, `available()`."""
+def active(dtype: Any = jnp.bfloat16) -> bool:
+    """Whether `dtype` products traced now go to a library: the CPU backend, one device, and
+    `library_for(dtype)`."""
     if jax.default_backend() != "cpu":
         return False
     single = _single_device.get()
     if single is None:
         single = jax.device_count() == 1
-    return single and available()
+    return single and library_for(dtype) is not None
 
 
 def applies(lhs: jax.Array, rhs: jax.Array) -> bool:
-    """True where a product of `lhs` and `rhs` should go to MKL (see the module docstring)."""
-    return lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16 and active()
+    """True where a product of `lhs` and `rhs` should go to a library (see the module docstring)."""
+    return lhs.dtype == rhs.dtype and active(lhs.dtype)
 
 
 def gemm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False,
          out_dtype: Any = jnp.float32) -> jax.Array:
-    """`op(a) @ op(b)` of bfloat16 operands, accumulated in float32 and returned as `out_dtype`,
-    `op` transposing the last two axes where asked (a BLAS flag, no copy): 2-D operands, or 3-D
-    ones with the same leading batch size.
+    """`op(a) @ op(b)` of bfloat16 (or float32) operands, accumulated in float32 and returned as
+    `out_dtype`, `op` transposing the last two axes where asked (a BLAS flag, no copy): 2-D
+    operands, or 3-D ones with the same leading batch size.
 
     oneDNN writes a bfloat16 result itself (half the bytes, no second pass: 1.2-2.5x faster
     products, TRIED.md); MKL returns float32, which XLA then rounds in a fused convert."""
-    if a.ndim not in (2, 3) or b.ndim != a.ndim or a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16:
-        raise ValueError(f"gemm takes 2-D or 3-D bfloat16 operands of equal rank, got {a.dtype}{a.shape} and "
-                         f"{b.dtype}{b.shape}")
+    if a.ndim not in (2, 3) or b.ndim != a.ndim or a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"gemm takes 2-D or 3-D operands of equal rank, both bfloat16 or both float32, got "
+                         f"{a.dtype}{a.shape} and {b.dtype}{b.shape}")
     m, k = a.shape[-1:-3:-1] if trans_a else a.shape[-2:]
     k_b, n = b.shape[-1:-3:-1] if trans_b else b.shape[-2:]
     if k != k_b or a.shape[:-2] != b.shape[:-2]:
         raise ValueError(f"gemm: contracting sizes ({k} vs {k_b}) or batch sizes differ for {a.shape} and {b.shape}")
-    name = library()
+    name = library_for(a.dtype)
     if name is None:
-        raise ConfigError(f"no bf16 GEMM library is in use ({ENV_MODE}={mode()}, CPU features: "
+        env = ENV_MODE if a.dtype == jnp.bfloat16 else ENV_F32_MODE
+        raise ConfigError(f"no {a.dtype} GEMM library is in use ({env}={mode(env)}, CPU features: "
                           f"{', '.join(cpu_bf16_features()) or 'none'}); call XLA's dot instead")
-    direct = jnp.dtype(out_dtype) == jnp.bfloat16 and name == "onednn"
+    direct = jnp.dtype(out_dtype) == jnp.bfloat16 and a.dtype == jnp.bfloat16 and name == "onednn"
     out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.bfloat16 if direct else jnp.float32)
     call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
     return call(a, b, trans_a=bool(trans_a), trans_b=bool(trans_b), onednn=name == "onednn").astype(out_dtype)
@@ -299,7 +346,7 @@ def _batched_vjp(trans_b: bool, out_dtype: Any):
 
     def bwd(res, g: jax.Array):
         a, b = res
-        g = g.astype(jnp.bfloat16)
+        g = g.astype(a.dtype)
         da = gemm(g, b, trans_b=not trans_b, out_dtype=a.dtype)
         db = gemm(g, a, trans_a=True, out_dtype=b.dtype) if trans_b else gemm(a, g, trans_a=True, out_dtype=b.dtype)
         return da, db
@@ -309,7 +356,8 @@ def _batched_vjp(trans_b: bool, out_dtype: Any):
 
 
 def batched_matmul(a: jax.Array, b: jax.Array, *, trans_b: bool = False, out_dtype: Any = jnp.float32) -> jax.Array:
-    """Differentiable `a @ op(b)` of bfloat16 [batch, m, k] and [batch, k, n] (or [batch, n, k] with
-    `trans_b`) operands, every product through MKL. The backward rounds the incoming gradient to
-    bfloat16 before its two products, as PyTorch's bf16 autocast does."""
+    """Differentiable `a @ op(b)` of bfloat16 (or float32) [batch, m, k] and [batch, k, n] (or
+    [batch, n, k] with `trans_b`) operands, every product through the library. The backward rounds
+    the incoming gradient to the operands' dtype before its two products, as PyTorch's bf16
+    autocast does."""
     return _batched_vjp(bool(trans_b), jnp.dtype(out_dtype))(a, b)

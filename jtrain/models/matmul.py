@@ -10,8 +10,9 @@ intermediate or vocabulary size) behind an optimisation barrier, so `dW = (x^T) 
 plain row-major matmul on the `dy` XLA already has. Same arithmetic, same dtypes; the float32
 train step of the benchmark model ran 1.3x faster (benchmarks/RESULTS.md).
 
-With bfloat16 operands on a CPU with AMX (and one device), all three products go to oneDNN or MKL
-instead (`jtrain.models.cpu_gemm`), which take transposed operands as flags.
+With bfloat16 operands on a CPU with AMX, or float32 operands where oneDNN loads (and one device),
+all three products go to oneDNN or MKL instead (`jtrain.models.cpu_gemm`), which take transposed
+operands as flags.
 
 GPU and TPU matmul libraries take transposed operands for free, so there the standard
 `lax.dot_general` (and its autodiff) is used: the choice is made when the step is traced, from
@@ -46,16 +47,16 @@ def _is_dense_contraction(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Dim
 
 
 @functools.cache
-def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int, amx: bool = False):
-    """A custom-VJP matmul of x[..., *K] and w[*K, *F] for fixed static arguments; with `amx`
-    (bf16 operands on a CPU with AMX) all three products go to `jtrain.models.cpu_gemm`."""
+def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int, library: bool = False):
+    """A custom-VJP matmul of x[..., *K] and w[*K, *F] for fixed static arguments; with `library`
+    (`jtrain.models.cpu_gemm.applies`) all three products go to oneDNN or MKL."""
 
     def flat(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
         k = math.prod(w.shape[:n_contract])
         return x.reshape(-1, k), w.reshape(k, -1)
 
     def forward(x: jax.Array, w: jax.Array) -> jax.Array:
-        if amx:  # float32 accumulation, returned in the dtype XLA's dot would return
+        if library:  # float32 accumulation, returned in the dtype XLA's dot would return
             y = cpu_gemm.gemm(*flat(x, w), out_dtype=preferred_element_type or x.dtype)
             return y.reshape(*x.shape[: x.ndim - n_contract], *w.shape[n_contract:])
         dims = ((tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract))), ((), ()))
@@ -72,7 +73,7 @@ def _dense_vjp(precision: Any, preferred_element_type: Any, n_contract: int, amx
         x, w = res
         x2, w2 = flat(x, w)
         dy2 = dy.reshape(-1, w2.shape[1]).astype(x.dtype)
-        if amx:  # the library takes the transposes as flags: no transposed copy at all
+        if library:  # the library takes the transposes as flags: no transposed copy at all
             dx = cpu_gemm.gemm(dy2, w2, trans_b=True, out_dtype=x.dtype)
             dw = cpu_gemm.gemm(x2, dy2, trans_a=True, out_dtype=w.dtype)
         else:
@@ -94,8 +95,8 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumb
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
     n_contract = len(dimension_numbers[0][0])
-    amx = preferred_element_type in (None, jnp.float32, jnp.bfloat16) and cpu_gemm.applies(lhs, rhs)
-    return _dense_vjp(None if amx else precision, preferred_element_type, n_contract, amx)(lhs, rhs)
+    library = preferred_element_type in (None, jnp.float32, jnp.bfloat16) and cpu_gemm.applies(lhs, rhs)
+    return _dense_vjp(None if library else precision, preferred_element_type, n_contract, library)(lhs, rhs)
 
 
 def Dense(*args: Any, **kwargs: Any) -> nn.Dense:
