@@ -164,7 +164,8 @@ def main() -> None:
     r = measure(a.steps, a.repeats, a.warmup, a.small)
     print(f"bare loop  : {r['bare_tokens_per_s']:,.0f} tokens/s  (runs: {[round(x) for x in r['bare_runs']]})")
     print(f"Trainer    : {r['trainer_tokens_per_s']:,.0f} tokens/s  (runs: {[round(x) for x in r['trainer_runs']]})")
-    print(f"median ms per update: bare {r['bare_median_step_s'] * 1e3:.1f}, Trainer {r['trainer_median_step_s'] * 1e3:.1f}")
+    print(f"median ms per update: bare {r['bare_median_step_s'] * 1e3:.1f}, "
+          f"Trainer {r['trainer_median_step_s'] * 1e3:.1f}")
     print(f"Trainer / bare = {r['ratio']:.3f} per update (target >= {TARGET}); whole-run windows: median of pair "
           f"ratios {r['window_ratio']:.3f} {[round(x, 3) for x in r['pair_ratios']]}, ratio of medians "
           f"{r['ratio_of_medians']:.3f}")

@@ -282,7 +282,8 @@ def remat_policy_from_args(gradient_checkpointing: bool, kwargs: dict | None) ->
     if not gradient_checkpointing:
         return None
     if policy not in REMAT_POLICIES:
-        raise ConfigError(f"gradient_checkpointing_kwargs.policy {policy!r} is unknown; valid: {sorted(REMAT_POLICIES)}")
+        raise ConfigError(f"gradient_checkpointing_kwargs.policy {policy!r} is unknown; "
+                          f"valid: {sorted(REMAT_POLICIES)}")
     return policy
 
 

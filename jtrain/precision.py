@@ -87,8 +87,9 @@ def policy_from_args(args: Any) -> PrecisionPolicy:
         raise ConfigError("`bf16_full_eval` and `fp16_full_eval` are both set: choose one")
     compute = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
     full_eval = "bfloat16" if args.bf16_full_eval else "float16" if args.fp16_full_eval else None
-    return PrecisionPolicy(compute_dtype=compute, eval_dtype=full_eval or compute, cast_eval_params=full_eval is not None,
-                           loss_scaling=bool(args.fp16), matmul_precision=_TF32_PRECISION.get(args.tf32))
+    return PrecisionPolicy(compute_dtype=compute, eval_dtype=full_eval or compute,
+                           cast_eval_params=full_eval is not None, loss_scaling=bool(args.fp16),
+                           matmul_precision=_TF32_PRECISION.get(args.tf32))
 
 
 def with_compute_dtype(model: Any, dtype: str) -> Any:

@@ -16,8 +16,9 @@ import pytest
 from jtrain.run import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_BASE = ["--model.config", ("{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
-                                 "num_key_value_heads: 2, max_position_embeddings: 64, tie_word_embeddings: true}"),
+SMALL_BASE = ["--model.config", ("{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+                                 "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64, "
+                                 "tie_word_embeddings: true}"),
               "--tokenizer.vocab_size", "256", "--max_files", "20", "--block_size", "32", "--max_eval_rows", "32",
               "--max_steps", "4", "--eval_strategy", "no", "--save_strategy", "no", "--do_eval", "false",
               "--logging_steps", "2", "--disable_tqdm", "true", "--report_to", "[]"]

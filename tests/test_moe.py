@@ -109,7 +109,9 @@ def test_capacity_with_room_for_every_token_equals_dropless(block_inputs):
     def loss(p, block):
         return jnp.sum(jnp.sin(block.apply({"params": p}, x)))
 
-    for fn in (lambda b: jax.jit(b.apply)({"params": params}, x), lambda b: jax.jit(jax.grad(loss), static_argnums=1)(params, b)):
+    forward = lambda b: jax.jit(b.apply)({"params": params}, x)  # noqa: E731
+    gradient = lambda b: jax.jit(jax.grad(loss), static_argnums=1)(params, b)  # noqa: E731
+    for fn in (forward, gradient):
         got, want = fn(_block("capacity", E / K)), fn(_block("dropless"))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, want)
 

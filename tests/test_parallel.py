@@ -124,7 +124,8 @@ def test_indivisible_batch_rows_are_refused_before_compiling():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 1})
     steps = build_compiled_steps(tiny_llama(), mesh, _sgd(), 1e-2, _no_loss, seed=0)
     rows = {"input_ids": np.zeros((1, 6, 8), np.int32)}
-    with pytest.raises(ConfigError, match=r"6 rows does not divide over mesh axes \('data', 'fsdp', 'expert'\) of size 4"):
+    message = r"6 rows does not divide over mesh axes \('data', 'fsdp', 'expert'\) of size 4"
+    with pytest.raises(ConfigError, match=message):
         steps.place_train_batch(rows)
     assert steps.compile_log.counts == {}
 

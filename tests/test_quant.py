@@ -283,7 +283,8 @@ def test_quantized_nodes_shard_like_their_kernels_and_train_like_one_device(tmp_
             np.testing.assert_array_equal(np.asarray(a), b)  # the quantised base never changes
         if name == "mesh":
             node = state.frozen["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
-            kernel_spec = logical_to_mesh_spec(qmodel.inner.logical_axes()["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"])
+            axes = qmodel.inner.logical_axes()["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
+            kernel_spec = logical_to_mesh_spec(axes)
             assert node.codes.sharding.spec == kernel_spec == jax.sharding.PartitionSpec("fsdp", "tensor")
             assert node.scales.sharding.spec == kernel_spec
             o_node = state.frozen["model"]["layers_0"]["self_attn"]["o_proj"]["kernel"]

@@ -45,7 +45,8 @@ def test_eval_step_sums_match_train_loss():
     batch = padded_lm_batch(4, 16, seed=2)
     out = jax.jit(make_eval_step(model.apply, causal_lm_loss))(params, batch)
     logits = np.asarray(model.apply(params, batch)["logits"])
-    np.testing.assert_allclose(float(out["loss_sum"] / out["weight"]), _np_causal_ce(logits, batch["labels"]), rtol=1e-5)
+    np.testing.assert_allclose(float(out["loss_sum"] / out["weight"]), _np_causal_ce(logits, batch["labels"]),
+                               rtol=1e-5)
 
 
 def test_k_micro_batches_equal_one_batch_with_unequal_padding():

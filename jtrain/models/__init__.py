@@ -18,7 +18,8 @@ from jtrain.models.mixtral import MixtralConfig
 from jtrain.models.registry import SUPPORTED_MODEL_TYPES, TASKS, architecture, create_model, task_from_architectures
 
 __all__ = [
-    "Model", "LlamaConfig", "MixtralConfig", "GPT2Config", "BertConfig", "create_model", "from_pretrained", "save_pretrained",
+    "Model", "LlamaConfig", "MixtralConfig", "GPT2Config", "BertConfig", "create_model", "from_pretrained",
+    "save_pretrained",
     "find_tokenizer_file", "config_to_hf_dict", "to_hf_state_dict", "read_config", "param_count", "architecture",
     "task_from_architectures", "SUPPORTED_MODEL_TYPES", "TASKS",
 ]
