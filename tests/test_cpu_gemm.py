@@ -279,6 +279,24 @@ def _compare_with_xla(runs: dict, library: str, rtol: float) -> None:
     assert len(losses) == 3
 
 
+def test_float32_auto_mode_uses_onednn_only_on_an_avx512_cpu(monkeypatch):
+    """`auto` takes oneDNN for float32 only where it was measured faster (AVX-512); `onednn` forces it."""
+    if _missing("onednn"):
+        pytest.skip(reason="oneDNN is not installed (the test extra has it; x86-64 only)")
+    monkeypatch.setenv(cpu_gemm.ENV_F32_MODE, "auto")
+    try:
+        for flags, want in (({"avx2", "fma"}, None), ({"avx2", "avx512f"}, "onednn")):
+            monkeypatch.setattr(cpu_gemm, "cpu_flags", lambda flags=flags: flags)
+            cpu_gemm.reset()
+            assert cpu_gemm.f32_library() == want
+        monkeypatch.setattr(cpu_gemm, "cpu_flags", lambda: {"avx2"})
+        monkeypatch.setenv(cpu_gemm.ENV_F32_MODE, "onednn")
+        cpu_gemm.reset()
+        assert cpu_gemm.f32_library() == "onednn"
+    finally:
+        cpu_gemm.reset()
+
+
 def test_trainer_bf16_step_uses_the_library_on_one_device_and_matches_xla(library, tmp_path, monkeypatch):
     runs = {}
     for mode in (library, "xla"):

@@ -24,8 +24,8 @@ Environment variables choose, each read once per process when the first product 
 - `JTRAIN_CPU_BF16_GEMM`: `auto` (default) uses a library when the CPU has AMX or AVX512-BF16 and a
   library and a C++ compiler are found, and otherwise stays on XLA's dot (logging why once);
   `onednn` or `mkl` require that library (a clear error if it cannot load); `xla` never uses one.
-- `JTRAIN_CPU_F32_GEMM`: `auto` (default) uses oneDNN where it loads, `onednn` requires it, `xla`
-  keeps XLA's dot.
+- `JTRAIN_CPU_F32_GEMM`: `auto` (default) uses oneDNN where it loads on a CPU with AVX-512 (where it
+  was measured), `onednn` requires it on any CPU, `xla` keeps XLA's dot.
 
 What it needs: the `onednn-cpu-gomp` wheel (`pip install "jtrain[cpu-bf16]"`; or `JTRAIN_ONEDNN_LIB`
 naming a `libdnnl.so` of oneDNN 3.x) or, for bf16 only, the `mkl` wheel (or `JTRAIN_MKL_LIB` naming
@@ -237,10 +237,15 @@ def library() -> str | None:
 def f32_library() -> str | None:
     """The library float32 products go to in this process ("onednn"), or None for XLA's dot.
 
-    `auto` takes oneDNN where it loads, on any CPU (its float32 kernels are PyTorch's); `onednn`
-    requires it (a ConfigError naming the setting if it cannot load); `xla` never uses it."""
+    `auto` takes oneDNN where it loads on a CPU with AVX-512 (where its float32 kernels, PyTorch's,
+    were measured faster than XLA's dot); `onednn` requires it on any CPU (a ConfigError naming the
+    setting if it cannot load); `xla` never uses it."""
     chosen = mode(ENV_F32_MODE)
     if chosen == "xla":
+        return None
+    if chosen == "auto" and "avx512f" not in cpu_flags():
+        logger.info("float32 matmuls stay on XLA's dot: oneDNN's float32 kernels were measured faster only on "
+                    "AVX-512 CPUs (set %s=onednn to use them here)", ENV_F32_MODE)
         return None
     try:
         _load("onednn")
