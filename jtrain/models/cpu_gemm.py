@@ -5,8 +5,8 @@ GFLOP/s on two cores, where oneDNN's matmul primitive (the kernel PyTorch's bf16
 MKL's `cblas_gemm_bf16bf16f32` run at 1300-1900 (benchmarks/TRIED.md).
 
 float32: oneDNN's AVX-512 kernels ran the benchmark model's products 1.0-1.4x faster than XLA's
-dot (the same kernels PyTorch's float32 step uses), and take transposed operands as flags, so the
-weight gradients need no transposed copy: the float32 step ran 1.05-1.09x faster.
+dot (near PyTorch's float32 `mm`, MKL's, except on large square products), and take transposed operands as flags, so
+the weight gradients need no transposed copy: the float32 step ran 1.05-1.09x faster.
 
 The dense layers (`jtrain.models.matmul`) and the CPU attention's batched products
 (`jtrain.models.attention`) therefore call one of them instead, through `cpu_gemm.cc` compiled once
@@ -237,8 +237,8 @@ def library() -> str | None:
 def f32_library() -> str | None:
     """The library float32 products go to in this process ("onednn"), or None for XLA's dot.
 
-    `auto` takes oneDNN where it loads on a CPU with AVX-512 (where its float32 kernels, PyTorch's,
-    were measured faster than XLA's dot); `onednn` requires it on any CPU (a ConfigError naming the
+    `auto` takes oneDNN where it loads on a CPU with AVX-512 (where its float32 kernels were
+    measured faster than XLA's dot); `onednn` requires it on any CPU (a ConfigError naming the
     setting if it cannot load); `xla` never uses it."""
     chosen = mode(ENV_F32_MODE)
     if chosen == "xla":
