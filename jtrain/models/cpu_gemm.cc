@@ -4,9 +4,10 @@
 //
 // Why: XLA:CPU computes bf16 dots at its float32 speed, while the same CPU's AMX units run
 // them 8-9x faster, and oneDNN's float32 kernels ran the benchmark's products 1.0-1.4x faster
-// than XLA's dot, transposed operands included (benchmarks/TRIED.md). jtrain.models.cpu_gemm compiles this file once, hands
-// it the library it found (a path for oneDNN, function pointers for MKL, so no address is baked
-// into a compiled HLO), and registers the handler as an XLA FFI target.
+// than XLA's dot, transposed operands included (benchmarks/TRIED.md). jtrain.models.cpu_gemm
+// compiles this file once, hands it the library it found (a path for oneDNN, function pointers
+// for MKL, so no address is baked into a compiled HLO), and registers the handler as an XLA FFI
+// target.
 //
 // Operands are row-major, 2-D or 3-D with a shared leading batch; `trans_a` / `trans_b` say that
 // an operand is stored transposed (BLAS's flags), so the weight gradients need no transposed copy.
@@ -234,8 +235,8 @@ bool FitsInt(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max();
 
 // `onednn` chooses the library (fixed when the step is traced, so one process can hold both);
 // float32 operands need oneDNN.
-ffi::Error CpuGemm(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c, bool trans_a,
-                    bool trans_b, bool onednn) {
+ffi::Error CpuGemm(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c, bool trans_a, bool trans_b,
+                   bool onednn) {
   if (onednn ? dnnl::engine == nullptr : gemm_bf16 == nullptr) {
     return ffi::Error::Internal(std::string("jtrain_cpu_gemm: ") + (onednn ? "oneDNN" : "MKL") +
                                 " was not loaded (jtrain.models.cpu_gemm loads it)");
