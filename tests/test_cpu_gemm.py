@@ -182,6 +182,8 @@ def test_float32_dense_layer_uses_onednn_and_matches_float64(onednn):
         assert np.all(np.abs(got - op_a @ op_b) <= _accumulation_bound(op_a, op_b))
     hlo = jax.jit(lambda x, w: _dense_grads(matmul.dot_general, x, w, cot)).lower(x, w).as_text()
     assert hlo.count(cpu_gemm.TARGET) == 3  # forward, dx, dw
+    with cpu_gemm.single_device(False):  # a mesh of several devices keeps XLA's dot in float32 too
+        assert cpu_gemm.TARGET not in jax.jit(lambda x, w: matmul.dot_general(x, w, dims)).lower(x, w).as_text()
 
 
 def test_float32_follows_its_setting_and_a_sharded_step_stays_on_xla(library):

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -68,8 +69,6 @@ ENV_MODE = "JTRAIN_CPU_BF16_GEMM"
 ENV_F32_MODE = "JTRAIN_CPU_F32_GEMM"
 ENV_LIBRARY = "JTRAIN_MKL_LIB"
 ENV_ONEDNN_LIBRARY = "JTRAIN_ONEDNN_LIB"
-_MODES = ("auto", "onednn", "mkl", "xla")
-_F32_MODES = ("auto", "onednn", "xla")
 _SOURCE = Path(__file__).with_name("cpu_gemm.cc")
 _CPU_FEATURES = ("amx_bf16", "avx512_bf16")
 
@@ -81,7 +80,7 @@ _single_device: contextvars.ContextVar[bool | None] = contextvars.ContextVar("jt
 def mode(env: str = ENV_MODE) -> str:
     """The `JTRAIN_CPU_BF16_GEMM` (or `JTRAIN_CPU_F32_GEMM`) setting, checked."""
     value = os.environ.get(env, "auto").strip().lower() or "auto"
-    allowed = _F32_MODES if env == ENV_F32_MODE else _MODES
+    allowed = ("auto", *next(p.libraries for p in _POLICIES.values() if p.env == env), "xla")
     if value not in allowed:
         raise ConfigError(f"{env}={value!r} is not one of {', '.join(allowed)}")
     return value
@@ -204,72 +203,81 @@ def _load(name: str) -> None:
         raise ConfigError(f"{name} cannot be loaded: {err}") from err
 
 
-@functools.cache
-def library() -> str | None:
-    """The library bf16 products go to in this process, or None for XLA's dot.
+@dataclasses.dataclass(frozen=True)
+class _Policy:
+    """How products of one operand dtype choose their library."""
 
-    `auto` takes oneDNN where it loads (it writes bf16 results itself), else MKL, and only on a
-    CPU with AMX or AVX512-BF16; `onednn` and `mkl` require that library (a ConfigError naming
-    the setting if it cannot load); `xla` never uses either."""
-    chosen = mode()
+    env: str  # the setting: "auto", "xla", or one of `libraries`
+    libraries: tuple[str, ...]  # what `auto` tries, in order
+    features: tuple[str, ...]  # `auto` needs one of these CPU flags (where the path was measured faster)
+    without_features: str  # logged when `auto` stays on XLA's dot for want of them
+    fallback_level: int  # how loudly `auto` reports a library that does not load
+
+
+_POLICIES = {
+    "bfloat16": _Policy(ENV_MODE, ("onednn", "mkl"), _CPU_FEATURES,
+                        "this CPU has neither AMX nor AVX512-BF16", logging.WARNING),
+    "float32": _Policy(ENV_F32_MODE, ("onednn",), ("avx512f",),
+                       f"oneDNN's float32 kernels were measured faster only on AVX-512 CPUs (set {ENV_F32_MODE}="
+                       "onednn to use them here)", logging.INFO),
+}
+
+
+_NAMES = {"onednn": "oneDNN", "mkl": "MKL"}
+
+
+@functools.cache
+def _choose(dtype: str) -> str | None:
+    """The library `dtype` products go to in this process (see `_POLICIES`), or None for XLA's dot.
+
+    `auto` tries the policy's libraries in order, and only on a CPU with one of its features; a
+    named library is required (a ConfigError naming the setting if it cannot load); `xla` never
+    uses one."""
+    policy = _POLICIES[dtype]
+    chosen = mode(policy.env)
     if chosen == "xla":
         return None
-    if chosen == "auto" and not cpu_bf16_features():
-        logger.info("bf16 matmuls stay on XLA's dot: this CPU has neither AMX nor AVX512-BF16")
+    flags = cpu_flags()
+    features = [f for f in policy.features if f in flags]
+    if chosen == "auto" and not features:
+        logger.info("%s matmuls stay on XLA's dot: %s", dtype, policy.without_features)
         return None
     errors = []
-    for name in ("onednn", "mkl") if chosen == "auto" else (chosen,):
+    for name in policy.libraries if chosen == "auto" else (chosen,):
         try:
             _load(name)
         except ConfigError as err:
             errors.append(str(err))
             continue
-        logger.info("bf16 dense matmuls on the CPU use %s (%s)", name,
-                    ", ".join(cpu_bf16_features()) or "no AMX/AVX512-BF16: emulated")
+        logger.info("%s dense matmuls on the CPU use %s (%s)", dtype, name,
+                    ", ".join(features) or f"without {'/'.join(policy.features)}: not measured here")
         return name
     if chosen != "auto":
-        raise ConfigError(f"{ENV_MODE}={chosen}, but its bf16 GEMM cannot be used: {errors[0]}")
-    logger.warning("bf16 matmuls stay on XLA's dot (slower on this CPU): %s", "; ".join(errors))
+        raise ConfigError(f"{policy.env}={chosen}, but {_NAMES[chosen]} cannot be used: {errors[0]}")
+    logger.log(policy.fallback_level, "%s matmuls stay on XLA's dot: %s", dtype, "; ".join(errors))
     return None
 
 
-@functools.cache
-def f32_library() -> str | None:
-    """The library float32 products go to in this process ("onednn"), or None for XLA's dot.
+def library() -> str | None:
+    """The library bf16 products go to in this process (`auto`: oneDNN, which writes bf16 results
+    itself, else MKL, on a CPU with AMX or AVX512-BF16), or None for XLA's dot."""
+    return _choose("bfloat16")
 
-    `auto` takes oneDNN where it loads on a CPU with AVX-512 (where its float32 kernels were
-    measured faster than XLA's dot); `onednn` requires it on any CPU (a ConfigError naming the
-    setting if it cannot load); `xla` never uses it."""
-    chosen = mode(ENV_F32_MODE)
-    if chosen == "xla":
-        return None
-    if chosen == "auto" and "avx512f" not in cpu_flags():
-        logger.info("float32 matmuls stay on XLA's dot: oneDNN's float32 kernels were measured faster only on "
-                    "AVX-512 CPUs (set %s=onednn to use them here)", ENV_F32_MODE)
-        return None
-    try:
-        _load("onednn")
-    except ConfigError as err:
-        if chosen == "onednn":
-            raise ConfigError(f"{ENV_F32_MODE}=onednn, but oneDNN cannot be used: {err}") from err
-        logger.info("float32 matmuls stay on XLA's dot: %s", err)
-        return None
-    logger.info("float32 dense matmuls on the CPU use onednn")
-    return "onednn"
+
+def f32_library() -> str | None:
+    """The library float32 products go to ("onednn", under `auto` on an AVX-512 CPU), or None."""
+    return _choose("float32")
 
 
 def library_for(dtype: Any) -> str | None:
     """The library products of two `dtype` operands go to in this process, or None (XLA's dot)."""
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.bfloat16:
-        return library()
-    return f32_library() if dtype == jnp.float32 else None
+    name = jnp.dtype(dtype).name
+    return _choose(name) if name in _POLICIES else None
 
 
 def reset() -> None:
     """Forget the per-process choices, so the environment variables are read again (tests)."""
-    library.cache_clear()
-    f32_library.cache_clear()
+    _choose.cache_clear()
 
 
 def available() -> bool:
@@ -331,7 +339,7 @@ def gemm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = F
         raise ValueError(f"gemm: contracting sizes ({k} vs {k_b}) or batch sizes differ for {a.shape} and {b.shape}")
     name = library_for(a.dtype)
     if name is None:
-        env = ENV_MODE if a.dtype == jnp.bfloat16 else ENV_F32_MODE
+        env = _POLICIES[a.dtype.name].env
         raise ConfigError(f"no {a.dtype} GEMM library is in use ({env}={mode(env)}, CPU features: "
                           f"{', '.join(cpu_bf16_features()) or 'none'}); call XLA's dot instead")
     direct = jnp.dtype(out_dtype) == jnp.bfloat16 and a.dtype == jnp.bfloat16 and name == "onednn"
