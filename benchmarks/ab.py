@@ -5,7 +5,7 @@
     python benchmarks/ab.py --variant scan='{"scan_layers": true}'
 
 A variant is `name=FLAGS` (space-separated XLA flags, and `NAME=value` environment settings such
-as `JTRAIN_HOST_MALLOC=default`) or `name={json model options}`, or both joined by `|`
+as `JTRAIN_CPU_F32_GEMM=xla`) or `name={json model options}`, or both joined by `|`
 (`name=--flag|{"scan_layers": true}`). Each run is a fresh process running jtrain's
 `Trainer` on the vs_hf.py workload; rounds alternate the variants, so machine noise hits all of
 them alike. Reports each variant's median step time relative to the first variant.

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from jtrain import host_buffers
 from jtrain.models import cpu_gemm
 from jtrain.models.base import Model
 from jtrain.param_split import split_params
@@ -193,6 +194,8 @@ def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformat
     rules = rules or ShardingRules()
     check_process_layout(mesh)
     getattr(model, "check_mesh", lambda mesh: None)(mesh)  # model-specific layout checks (MoE experts)
+    if mesh.devices.flat[0].platform == "cpu":
+        host_buffers.install()  # each step's scratch buffer stays mapped for the next one
     abstract_params = model.abstract_params()
     logical = model.logical_axes()
     p_sh = param_shardings(logical, abstract_params, mesh, rules.params)

@@ -46,13 +46,9 @@ import ctypes
 import dataclasses
 import functools
 import glob
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +56,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jtrain import native
 from jtrain.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -138,33 +135,10 @@ def _threads() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else len(os.sched_getaffinity(0))
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("JTRAIN_CACHE_DIR") or Path.home() / ".cache" / "jtrain")
-
-
 def _build_extension() -> Path:
-    """Compile `cpu_gemm.cc` once per source and jaxlib version; concurrent builders rename atomically."""
-    import jaxlib
-
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + jaxlib.__version__.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"libjtrain_cpu_gemm-{key}.so"
-    if target.is_file():
-        return target
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise ConfigError("no C++ compiler (g++) was found to build jtrain's CPU GEMM; install g++ or "
-                          f"set {ENV_MODE}=xla and {ENV_F32_MODE}=xla")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        os.unlink(tmp)
-        raise ConfigError(f"building jtrain's CPU GEMM failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
-    os.replace(tmp, target)
-    return target
+    """`cpu_gemm.cc` compiled against JAX's FFI headers (once per source and jaxlib version)."""
+    return native.build_library(_SOURCE, TARGET, [f"-I{jax.ffi.include_dir()}"],
+                                without_compiler=f"set {ENV_MODE}=xla and {ENV_F32_MODE}=xla")
 
 
 def _load_onednn(ext: ctypes.CDLL) -> None:

@@ -1,0 +1,299 @@
+// Keeps XLA:CPU's large host buffers mapped between executions.
+//
+// Why: XLA:CPU takes one scratch buffer per execution of a compiled step (412 MiB for the tiny
+// benchmark model, about 2 GiB for the large one) from glibc's malloc. Anything above glibc's mmap
+// ceiling (32 MiB) is mmap'ed on every allocation and munmap'ed on every free, so every step writes
+// its intermediates into fresh pages: about 105,000 minor page faults and a fifth of a second of
+// kernel time per tiny step, and the products that write those pages run at half their speed.
+// glibc cannot be told to keep such blocks without putting everything in one never-trimmed heap
+// (measured: 1.7-2.6x the peak memory), and XLA offers no allocator hook.
+//
+// What: `jtrain_host_buffers_install` points the allocation entries of one loaded library's
+// relocation table (its GOT: posix_memalign, which XLA:CPU takes its buffers with, realloc and
+// free) at the functions below.
+// Requests of at least `threshold` bytes get whole pages of their own from mmap; when freed, they
+// stay mapped in a small cache and serve the next request of about the same size (best fit within
+// a quarter), which in a training loop is the next step's identical buffer. Everything else, and
+// every pointer this file did not hand out, goes to glibc unchanged.
+//
+// Bounds: the cache holds at most as many bytes as were live in this file's blocks at their peak
+// (so the process never keeps more than twice what it once used) and at most a quarter of the
+// machine's physical memory, and blocks idle for longer than `idle_seconds` are unmapped at the
+// next allocation or free.
+#include <dlfcn.h>
+#include <elf.h>
+#include <link.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+struct Cached {
+  void* ptr;
+  size_t bytes;
+  int64_t freed_ns;
+};
+
+struct Cache {
+  std::mutex mu;
+  std::unordered_map<void*, size_t> live;  // blocks handed out and not yet freed
+  std::vector<Cached> idle;                // freed blocks, still mapped, oldest first
+  size_t live_bytes = 0, idle_bytes = 0, peak_live_bytes = 0;
+  // Counters for `jtrain_host_buffers_stats`.
+  uint64_t reused = 0, mapped = 0, unmapped = 0;
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();  // never destroyed: frees may arrive during process exit
+  return *c;
+}
+
+size_t page_size = 4096;
+size_t max_idle_bytes = SIZE_MAX;  // a quarter of physical memory, set at install
+size_t threshold = size_t{32} << 20;
+int64_t idle_ns = int64_t{30} * 1000000000;
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Removes from the cache what is over its bounds; returns the blocks to unmap (outside the lock).
+std::vector<Cached> Trim(Cache& c, int64_t now) {
+  std::vector<Cached> out;
+  size_t i = 0;
+  while (i < c.idle.size() && (c.idle_bytes > std::min(c.peak_live_bytes, max_idle_bytes) || now - c.idle[i].freed_ns >= idle_ns)) {
+    c.idle_bytes -= c.idle[i].bytes;
+    out.push_back(c.idle[i]);
+    ++i;
+  }
+  c.idle.erase(c.idle.begin(), c.idle.begin() + i);
+  c.unmapped += out.size();
+  return out;
+}
+
+void Unmap(const std::vector<Cached>& blocks) {
+  for (const Cached& b : blocks) munmap(b.ptr, b.bytes);
+}
+
+void* Take(size_t n) {
+  const size_t bytes = (n + page_size - 1) / page_size * page_size;
+  Cache& c = cache();
+  std::vector<Cached> drop;
+  void* ptr = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    size_t best = c.idle.size();
+    for (size_t i = 0; i < c.idle.size(); ++i) {
+      const size_t have = c.idle[i].bytes;
+      if (have >= bytes && have - bytes <= bytes / 4 && (best == c.idle.size() || have < c.idle[best].bytes)) best = i;
+    }
+    if (best < c.idle.size()) {
+      ptr = c.idle[best].ptr;
+      c.idle_bytes -= c.idle[best].bytes;
+      c.live[ptr] = c.idle[best].bytes;
+      c.live_bytes += c.idle[best].bytes;
+      c.peak_live_bytes = std::max(c.peak_live_bytes, c.live_bytes);
+      c.idle.erase(c.idle.begin() + best);
+      ++c.reused;
+    }
+    drop = Trim(c, NowNs());
+  }
+  Unmap(drop);
+  if (ptr != nullptr) return ptr;
+  ptr = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (ptr == MAP_FAILED) return nullptr;
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.live[ptr] = bytes;
+  c.live_bytes += bytes;
+  c.peak_live_bytes = std::max(c.peak_live_bytes, c.live_bytes);
+  ++c.mapped;
+  return ptr;
+}
+
+// Returns the block to the cache if it is one of ours (its size through `bytes`).
+bool Give(void* ptr, size_t* bytes = nullptr) {
+  if (ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % page_size != 0) return false;
+  Cache& c = cache();
+  std::vector<Cached> drop;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    auto it = c.live.find(ptr);
+    if (it == c.live.end()) return false;
+    if (bytes != nullptr) *bytes = it->second;
+    const int64_t now = NowNs();
+    c.idle.push_back({ptr, it->second, now});
+    c.idle_bytes += it->second;
+    c.live_bytes -= it->second;
+    c.live.erase(it);
+    drop = Trim(c, now);
+  }
+  Unmap(drop);
+  return true;
+}
+
+int HookedPosixMemalign(void** out, size_t alignment, size_t n) {
+  if (n >= threshold && alignment <= page_size) {
+    void* ptr = Take(n);
+    if (ptr == nullptr) return ENOMEM;
+    *out = ptr;
+    return 0;
+  }
+  return posix_memalign(out, alignment, n);
+}
+
+void HookedFree(void* ptr) {
+  if (!Give(ptr)) free(ptr);
+}
+
+void* HookedRealloc(void* ptr, size_t n) {
+  if (ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % page_size != 0) return realloc(ptr, n);
+  size_t old_bytes = 0;
+  {
+    Cache& c = cache();
+    std::lock_guard<std::mutex> lock(c.mu);
+    auto it = c.live.find(ptr);
+    if (it == c.live.end()) return realloc(ptr, n);
+    old_bytes = it->second;
+  }
+  void* fresh = n >= threshold ? Take(n) : malloc(n);
+  if (fresh == nullptr) return nullptr;  // the old block stays valid, as realloc promises
+  std::memcpy(fresh, ptr, std::min(old_bytes, n));
+  Give(ptr);
+  return fresh;
+}
+
+void* Replacement(const char* name) {
+  if (std::strcmp(name, "posix_memalign") == 0) return reinterpret_cast<void*>(&HookedPosixMemalign);
+  if (std::strcmp(name, "free") == 0) return reinterpret_cast<void*>(&HookedFree);
+  if (std::strcmp(name, "realloc") == 0) return reinterpret_cast<void*>(&HookedRealloc);
+  return nullptr;
+}
+
+#if defined(__x86_64__)
+constexpr unsigned kJumpSlot = R_X86_64_JUMP_SLOT, kGlobDat = R_X86_64_GLOB_DAT, kAbsolute = R_X86_64_64;
+#elif defined(__aarch64__)
+constexpr unsigned kJumpSlot = R_AARCH64_JUMP_SLOT, kGlobDat = R_AARCH64_GLOB_DAT, kAbsolute = R_AARCH64_ABS64;
+#else
+#error "host_buffers.cc supports x86_64 and aarch64"
+#endif
+
+struct Target {
+  const char* name_part;  // substring of the library's path
+  int patched = 0;
+  bool found = false;
+  const char* error = nullptr;
+};
+
+template <typename T>
+const T* Address(ElfW(Addr) base, ElfW(Addr) value) {
+  // glibc relocates most of a loaded object's dynamic entries to absolute addresses; guard anyway.
+  return reinterpret_cast<const T*>(value < base ? base + value : value);
+}
+
+// Points every relocation of `table` that names one of the replaced functions at the replacement.
+bool Patch(ElfW(Addr) base, const ElfW(Rela)* table, size_t count, const ElfW(Sym)* symbols,
+           const char* names, int* patched) {
+  for (size_t i = 0; i < count; ++i) {
+    const unsigned type = ELF64_R_TYPE(table[i].r_info);
+    if (type != kJumpSlot && type != kGlobDat && type != kAbsolute) continue;
+    const ElfW(Sym)& symbol = symbols[ELF64_R_SYM(table[i].r_info)];
+    if (symbol.st_shndx != SHN_UNDEF || (type == kAbsolute && table[i].r_addend != 0)) continue;
+    void* replacement = Replacement(names + symbol.st_name);
+    if (replacement == nullptr) continue;
+    void** slot = reinterpret_cast<void**>(base + table[i].r_offset);
+    const uintptr_t first = reinterpret_cast<uintptr_t>(slot) / page_size * page_size;
+    const uintptr_t last = (reinterpret_cast<uintptr_t>(slot + 1) + page_size - 1) / page_size * page_size;
+    // The GOT may be read-only after relocation (RELRO); make it writable for the one store.
+    if (mprotect(reinterpret_cast<void*>(first), last - first, PROT_READ | PROT_WRITE) != 0) return false;
+    __atomic_store_n(slot, replacement, __ATOMIC_SEQ_CST);
+    ++*patched;
+  }
+  return true;
+}
+
+int PatchObject(struct dl_phdr_info* info, size_t, void* data) {
+  Target* target = static_cast<Target*>(data);
+  if (info->dlpi_name == nullptr || std::strstr(info->dlpi_name, target->name_part) == nullptr) return 0;
+  target->found = true;
+  const ElfW(Addr) base = info->dlpi_addr;
+  const ElfW(Dyn)* dyn = nullptr;
+  for (int i = 0; i < info->dlpi_phnum; ++i)
+    if (info->dlpi_phdr[i].p_type == PT_DYNAMIC) dyn = reinterpret_cast<const ElfW(Dyn)*>(base + info->dlpi_phdr[i].p_vaddr);
+  if (dyn == nullptr) {
+    target->error = "the library has no dynamic section";
+    return 1;
+  }
+  const ElfW(Rela)* plt = nullptr;
+  const ElfW(Rela)* rela = nullptr;
+  size_t plt_bytes = 0, rela_bytes = 0;
+  const ElfW(Sym)* symbols = nullptr;
+  const char* names = nullptr;
+  bool rela_plt = true;
+  for (; dyn->d_tag != DT_NULL; ++dyn) {
+    switch (dyn->d_tag) {
+      case DT_JMPREL: plt = Address<ElfW(Rela)>(base, dyn->d_un.d_ptr); break;
+      case DT_PLTRELSZ: plt_bytes = dyn->d_un.d_val; break;
+      case DT_PLTREL: rela_plt = dyn->d_un.d_val == DT_RELA; break;
+      case DT_RELA: rela = Address<ElfW(Rela)>(base, dyn->d_un.d_ptr); break;
+      case DT_RELASZ: rela_bytes = dyn->d_un.d_val; break;
+      case DT_SYMTAB: symbols = Address<ElfW(Sym)>(base, dyn->d_un.d_ptr); break;
+      case DT_STRTAB: names = Address<char>(base, dyn->d_un.d_ptr); break;
+    }
+  }
+  if (symbols == nullptr || names == nullptr || !rela_plt) {
+    target->error = "the library's relocations are not in the expected (RELA) form";
+    return 1;
+  }
+  const size_t entry = sizeof(ElfW(Rela));
+  if ((plt != nullptr && !Patch(base, plt, plt_bytes / entry, symbols, names, &target->patched)) ||
+      (rela != nullptr && !Patch(base, rela, rela_bytes / entry, symbols, names, &target->patched)))
+    target->error = "mprotect refused to make the library's relocation table writable";
+  return 1;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Redirects the allocation functions of the loaded library whose path contains `name_part`;
+// returns nullptr on success or a description of what stopped it. Call once, before the library
+// allocates what should be cached (blocks it allocated earlier still go to glibc correctly).
+const char* jtrain_host_buffers_install(const char* name_part, uint64_t min_bytes, double idle_seconds) {
+  page_size = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  threshold = std::max<size_t>(min_bytes, page_size);
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  if (pages > 0) max_idle_bytes = static_cast<size_t>(pages) * page_size / 4;
+  idle_ns = static_cast<int64_t>(idle_seconds * 1e9);
+  Target target{name_part};
+  dl_iterate_phdr(&PatchObject, &target);
+  if (!target.found) return "the library is not loaded";
+  if (target.error != nullptr) return target.error;
+  if (target.patched == 0) return "the library imports none of posix_memalign, realloc, free";
+  return nullptr;
+}
+
+// Counters: blocks reused from the cache, mapped, unmapped; bytes live and cached now, peak live.
+void jtrain_host_buffers_stats(uint64_t out[6]) {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  out[0] = c.reused;
+  out[1] = c.mapped;
+  out[2] = c.unmapped;
+  out[3] = c.live_bytes;
+  out[4] = c.idle_bytes;
+  out[5] = c.peak_live_bytes;
+}
+
+}  // extern "C"
