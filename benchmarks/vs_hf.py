@@ -496,9 +496,11 @@ FAIRNESS = """## How the comparison is kept fair
   window column (`tokens/s (window)`) ends at `on_train_end`, after the device is synchronised.
 - MFU: the jtrain step's model FLOPs (`jtrain.flops.step_flops`, counted on its jaxpr) over a best-of-5 2048x2048 matmul
   measured in the same child process, in the same precision and framework.
-- Memory: both processes run glibc's malloc with its defaults. The page-fault and kernel-time columns
-  (medians per step, from `getrusage`) show the fresh memory each step touches: XLA:CPU's
-  per-execution scratch buffer on the jtrain side, torch's large tensors on the HF side.
+- Memory: both processes run glibc's malloc with its defaults; on the jtrain side XLA's own blocks of
+  32 MiB or more go to jtrain's host buffer cache (`jtrain.host_buffers`, part of every jtrain CPU
+  run), which keeps each step's scratch buffer mapped for the next step, and the plain JAX side runs
+  without it. The page-fault and kernel-time columns (medians per step, from `getrusage`) show the
+  fresh memory each step touches (torch's large tensors on the HF side), and peak RSS what it costs.
 """
 
 

@@ -174,12 +174,6 @@ void* HookedRealloc(void* ptr, size_t n) {
   return fresh;
 }
 
-void* Replacement(const char* name) {
-  if (std::strcmp(name, "posix_memalign") == 0) return reinterpret_cast<void*>(&HookedPosixMemalign);
-  if (std::strcmp(name, "free") == 0) return reinterpret_cast<void*>(&HookedFree);
-  if (std::strcmp(name, "realloc") == 0) return reinterpret_cast<void*>(&HookedRealloc);
-  return nullptr;
-}
 
 #if defined(__x86_64__)
 constexpr unsigned kJumpSlot = R_X86_64_JUMP_SLOT, kGlobDat = R_X86_64_GLOB_DAT, kAbsolute = R_X86_64_64;
@@ -202,64 +196,89 @@ const T* Address(ElfW(Addr) base, ElfW(Addr) value) {
   return reinterpret_cast<const T*>(value < base ? base + value : value);
 }
 
-// Points every relocation of `table` that names one of the replaced functions at the replacement.
-bool Patch(ElfW(Addr) base, const ElfW(Rela)* table, size_t count, const ElfW(Sym)* symbols,
-           const char* names, int* patched) {
-  for (size_t i = 0; i < count; ++i) {
-    const unsigned type = ELF64_R_TYPE(table[i].r_info);
-    if (type != kJumpSlot && type != kGlobDat && type != kAbsolute) continue;
-    const ElfW(Sym)& symbol = symbols[ELF64_R_SYM(table[i].r_info)];
-    if (symbol.st_shndx != SHN_UNDEF || (type == kAbsolute && table[i].r_addend != 0)) continue;
-    void* replacement = Replacement(names + symbol.st_name);
-    if (replacement == nullptr) continue;
-    void** slot = reinterpret_cast<void**>(base + table[i].r_offset);
-    const uintptr_t first = reinterpret_cast<uintptr_t>(slot) / page_size * page_size;
-    const uintptr_t last = (reinterpret_cast<uintptr_t>(slot + 1) + page_size - 1) / page_size * page_size;
-    // The GOT may be read-only after relocation (RELRO); make it writable for the one store.
-    if (mprotect(reinterpret_cast<void*>(first), last - first, PROT_READ | PROT_WRITE) != 0) return false;
-    __atomic_store_n(slot, replacement, __ATOMIC_SEQ_CST);
-    ++*patched;
+// One loaded library's relocation tables, and the read-only-after-relocation (RELRO) range its
+// GOT usually lies in.
+struct Tables {
+  ElfW(Addr) base = 0;
+  const ElfW(Rela)* lists[2] = {nullptr, nullptr};  // the PLT's (DT_JMPREL) and the others (DT_RELA)
+  size_t counts[2] = {0, 0};
+  const ElfW(Sym)* symbols = nullptr;
+  const char* names = nullptr;
+  uintptr_t relro_first = 0, relro_last = 0;
+};
+
+// Points every relocation that names `function` at `replacement`; false if a page stayed read-only.
+bool Patch(const Tables& t, const char* function, void* replacement, int* patched) {
+  for (int list = 0; list < 2; ++list) {
+    for (size_t i = 0; i < t.counts[list]; ++i) {
+      const ElfW(Rela)& r = t.lists[list][i];
+      const unsigned type = ELF64_R_TYPE(r.r_info);
+      if (type != kJumpSlot && type != kGlobDat && type != kAbsolute) continue;
+      const ElfW(Sym)& symbol = t.symbols[ELF64_R_SYM(r.r_info)];
+      if (symbol.st_shndx != SHN_UNDEF || (type == kAbsolute && r.r_addend != 0)) continue;
+      if (std::strcmp(t.names + symbol.st_name, function) != 0) continue;
+      void** slot = reinterpret_cast<void**>(t.base + r.r_offset);
+      const uintptr_t first = reinterpret_cast<uintptr_t>(slot) / page_size * page_size;
+      const uintptr_t last = (reinterpret_cast<uintptr_t>(slot + 1) + page_size - 1) / page_size * page_size;
+      void* page = reinterpret_cast<void*>(first);
+      if (mprotect(page, last - first, PROT_READ | PROT_WRITE) != 0) return false;
+      __atomic_store_n(slot, replacement, __ATOMIC_SEQ_CST);
+      if (first >= t.relro_first && last <= t.relro_last) mprotect(page, last - first, PROT_READ);  // as it was
+      ++*patched;
+    }
   }
   return true;
+}
+
+const char* ReadTables(struct dl_phdr_info* info, Tables* t) {
+  t->base = info->dlpi_addr;
+  const ElfW(Dyn)* dyn = nullptr;
+  for (int i = 0; i < info->dlpi_phnum; ++i) {
+    const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+    if (ph.p_type == PT_DYNAMIC) dyn = reinterpret_cast<const ElfW(Dyn)*>(t->base + ph.p_vaddr);
+    if (ph.p_type == PT_GNU_RELRO) {
+      t->relro_first = (t->base + ph.p_vaddr) / page_size * page_size;
+      t->relro_last = (t->base + ph.p_vaddr + ph.p_memsz) / page_size * page_size;  // the loader rounds down
+    }
+  }
+  if (dyn == nullptr) return "the library has no dynamic section";
+  bool rela_plt = true;
+  size_t bytes[2] = {0, 0};
+  for (; dyn->d_tag != DT_NULL; ++dyn) {
+    switch (dyn->d_tag) {
+      case DT_JMPREL: t->lists[0] = Address<ElfW(Rela)>(t->base, dyn->d_un.d_ptr); break;
+      case DT_PLTRELSZ: bytes[0] = dyn->d_un.d_val; break;
+      case DT_PLTREL: rela_plt = dyn->d_un.d_val == DT_RELA; break;
+      case DT_RELA: t->lists[1] = Address<ElfW(Rela)>(t->base, dyn->d_un.d_ptr); break;
+      case DT_RELASZ: bytes[1] = dyn->d_un.d_val; break;
+      case DT_SYMTAB: t->symbols = Address<ElfW(Sym)>(t->base, dyn->d_un.d_ptr); break;
+      case DT_STRTAB: t->names = Address<char>(t->base, dyn->d_un.d_ptr); break;
+    }
+  }
+  if (t->symbols == nullptr || t->names == nullptr || !rela_plt)
+    return "the library's relocations are not in the expected (RELA) form";
+  for (int list = 0; list < 2; ++list) t->counts[list] = t->lists[list] == nullptr ? 0 : bytes[list] / sizeof(ElfW(Rela));
+  return nullptr;
 }
 
 int PatchObject(struct dl_phdr_info* info, size_t, void* data) {
   Target* target = static_cast<Target*>(data);
   if (info->dlpi_name == nullptr || std::strstr(info->dlpi_name, target->name_part) == nullptr) return 0;
   target->found = true;
-  const ElfW(Addr) base = info->dlpi_addr;
-  const ElfW(Dyn)* dyn = nullptr;
-  for (int i = 0; i < info->dlpi_phnum; ++i)
-    if (info->dlpi_phdr[i].p_type == PT_DYNAMIC) dyn = reinterpret_cast<const ElfW(Dyn)*>(base + info->dlpi_phdr[i].p_vaddr);
-  if (dyn == nullptr) {
-    target->error = "the library has no dynamic section";
-    return 1;
+  Tables tables;
+  target->error = ReadTables(info, &tables);
+  if (target->error != nullptr) return 1;
+  // free and realloc first: from the moment posix_memalign hands out a cached block, every way the
+  // library releases one must already know it.
+  const char* refused = "mprotect refused to make the library's relocation table writable";
+  if (!Patch(tables, "free", reinterpret_cast<void*>(&HookedFree), &target->patched)) {
+    target->error = refused;
+  } else if (target->patched == 0) {
+    target->error = "the library does not import free";
+  } else if (!Patch(tables, "realloc", reinterpret_cast<void*>(&HookedRealloc), &target->patched) ||
+             !Patch(tables, "posix_memalign", reinterpret_cast<void*>(&HookedPosixMemalign), &target->patched)) {
+    target->error = refused;
   }
-  const ElfW(Rela)* plt = nullptr;
-  const ElfW(Rela)* rela = nullptr;
-  size_t plt_bytes = 0, rela_bytes = 0;
-  const ElfW(Sym)* symbols = nullptr;
-  const char* names = nullptr;
-  bool rela_plt = true;
-  for (; dyn->d_tag != DT_NULL; ++dyn) {
-    switch (dyn->d_tag) {
-      case DT_JMPREL: plt = Address<ElfW(Rela)>(base, dyn->d_un.d_ptr); break;
-      case DT_PLTRELSZ: plt_bytes = dyn->d_un.d_val; break;
-      case DT_PLTREL: rela_plt = dyn->d_un.d_val == DT_RELA; break;
-      case DT_RELA: rela = Address<ElfW(Rela)>(base, dyn->d_un.d_ptr); break;
-      case DT_RELASZ: rela_bytes = dyn->d_un.d_val; break;
-      case DT_SYMTAB: symbols = Address<ElfW(Sym)>(base, dyn->d_un.d_ptr); break;
-      case DT_STRTAB: names = Address<char>(base, dyn->d_un.d_ptr); break;
-    }
-  }
-  if (symbols == nullptr || names == nullptr || !rela_plt) {
-    target->error = "the library's relocations are not in the expected (RELA) form";
-    return 1;
-  }
-  const size_t entry = sizeof(ElfW(Rela));
-  if ((plt != nullptr && !Patch(base, plt, plt_bytes / entry, symbols, names, &target->patched)) ||
-      (rela != nullptr && !Patch(base, rela, rela_bytes / entry, symbols, names, &target->patched)))
-    target->error = "mprotect refused to make the library's relocation table writable";
   return 1;
 }
 
@@ -280,7 +299,6 @@ const char* jtrain_host_buffers_install(const char* name_part, uint64_t min_byte
   dl_iterate_phdr(&PatchObject, &target);
   if (!target.found) return "the library is not loaded";
   if (target.error != nullptr) return target.error;
-  if (target.patched == 0) return "the library imports none of posix_memalign, realloc, free";
   return nullptr;
 }
 
