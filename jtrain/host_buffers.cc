@@ -59,10 +59,12 @@ Cache& cache() {
   return *c;
 }
 
+// Set by `jtrain_host_buffers_install` before the hooks are in place (atomics: a second install,
+// as the tests do, may change them while other threads allocate).
 size_t page_size = 4096;
-size_t max_idle_bytes = SIZE_MAX;  // a quarter of physical memory, set at install
-size_t threshold = size_t{32} << 20;
-int64_t idle_ns = int64_t{30} * 1000000000;
+std::atomic<size_t> max_idle_bytes{SIZE_MAX};  // a quarter of physical memory
+std::atomic<size_t> threshold{size_t{32} << 20};
+std::atomic<int64_t> idle_ns{int64_t{30} * 1000000000};
 
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -73,7 +75,9 @@ int64_t NowNs() {
 std::vector<Cached> Trim(Cache& c, int64_t now) {
   std::vector<Cached> out;
   size_t i = 0;
-  while (i < c.idle.size() && (c.idle_bytes > std::min(c.peak_live_bytes, max_idle_bytes) || now - c.idle[i].freed_ns >= idle_ns)) {
+  const size_t cap = std::min(c.peak_live_bytes, max_idle_bytes.load(std::memory_order_relaxed));
+  const int64_t idle_limit = idle_ns.load(std::memory_order_relaxed);
+  while (i < c.idle.size() && (c.idle_bytes > cap || now - c.idle[i].freed_ns >= idle_limit)) {
     c.idle_bytes -= c.idle[i].bytes;
     out.push_back(c.idle[i]);
     ++i;
@@ -113,7 +117,18 @@ void* Take(size_t n) {
   Unmap(drop);
   if (ptr != nullptr) return ptr;
   ptr = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (ptr == MAP_FAILED) return nullptr;
+  if (ptr == MAP_FAILED) {  // give every cached block back and try once more
+    {
+      std::lock_guard<std::mutex> lock(c.mu);
+      drop.assign(c.idle.begin(), c.idle.end());
+      c.unmapped += drop.size();
+      c.idle.clear();
+      c.idle_bytes = 0;
+    }
+    Unmap(drop);
+    ptr = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (ptr == MAP_FAILED) return nullptr;
+  }
   std::lock_guard<std::mutex> lock(c.mu);
   c.live[ptr] = bytes;
   c.live_bytes += bytes;
@@ -144,7 +159,7 @@ bool Give(void* ptr, size_t* bytes = nullptr) {
 }
 
 int HookedPosixMemalign(void** out, size_t alignment, size_t n) {
-  if (n >= threshold && alignment <= page_size) {
+  if (n >= threshold.load(std::memory_order_relaxed) && alignment <= page_size) {
     void* ptr = Take(n);
     if (ptr == nullptr) return ENOMEM;
     *out = ptr;
@@ -167,7 +182,7 @@ void* HookedRealloc(void* ptr, size_t n) {
     if (it == c.live.end()) return realloc(ptr, n);
     old_bytes = it->second;
   }
-  void* fresh = n >= threshold ? Take(n) : malloc(n);
+  void* fresh = n >= threshold.load(std::memory_order_relaxed) ? Take(n) : malloc(n);
   if (fresh == nullptr) return nullptr;  // the old block stays valid, as realloc promises
   std::memcpy(fresh, ptr, std::min(old_bytes, n));
   Give(ptr);
@@ -257,7 +272,9 @@ const char* ReadTables(struct dl_phdr_info* info, Tables* t) {
   }
   if (t->symbols == nullptr || t->names == nullptr || !rela_plt)
     return "the library's relocations are not in the expected (RELA) form";
-  for (int list = 0; list < 2; ++list) t->counts[list] = t->lists[list] == nullptr ? 0 : bytes[list] / sizeof(ElfW(Rela));
+  for (int list = 0; list < 2; ++list) {
+    t->counts[list] = t->lists[list] == nullptr ? 0 : bytes[list] / sizeof(ElfW(Rela));
+  }
   return nullptr;
 }
 
