@@ -71,13 +71,14 @@ int64_t NowNs() {
              std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Removes from the cache what is over its bounds; returns the blocks to unmap (outside the lock).
-std::vector<Cached> Trim(Cache& c, int64_t now) {
+// Removes from the cache what is over its bounds (`all`: everything); returns the blocks to unmap
+// outside the lock.
+std::vector<Cached> Trim(Cache& c, int64_t now, bool all = false) {
   std::vector<Cached> out;
   size_t i = 0;
   const size_t cap = std::min(c.peak_live_bytes, max_idle_bytes.load(std::memory_order_relaxed));
   const int64_t idle_limit = idle_ns.load(std::memory_order_relaxed);
-  while (i < c.idle.size() && (c.idle_bytes > cap || now - c.idle[i].freed_ns >= idle_limit)) {
+  while (i < c.idle.size() && (all || c.idle_bytes > cap || now - c.idle[i].freed_ns >= idle_limit)) {
     c.idle_bytes -= c.idle[i].bytes;
     out.push_back(c.idle[i]);
     ++i;
@@ -120,10 +121,7 @@ void* Take(size_t n) {
   if (ptr == MAP_FAILED) {  // give every cached block back and try once more
     {
       std::lock_guard<std::mutex> lock(c.mu);
-      drop.assign(c.idle.begin(), c.idle.end());
-      c.unmapped += drop.size();
-      c.idle.clear();
-      c.idle_bytes = 0;
+      drop = Trim(c, 0, /*all=*/true);
     }
     Unmap(drop);
     ptr = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -137,16 +135,27 @@ void* Take(size_t n) {
   return ptr;
 }
 
-// Returns the block to the cache if it is one of ours (its size through `bytes`).
-bool Give(void* ptr, size_t* bytes = nullptr) {
-  if (ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % page_size != 0) return false;
+// Our blocks are whole pages, so any other pointer is glibc's without a lookup.
+bool MaybeOurs(void* ptr) { return ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % page_size == 0; }
+
+// The size of `ptr` if it is one of our blocks in use, else 0.
+size_t LiveBytes(void* ptr) {
+  if (!MaybeOurs(ptr)) return 0;
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.live.find(ptr);
+  return it == c.live.end() ? 0 : it->second;
+}
+
+// Returns the block to the cache if it is one of ours.
+bool Give(void* ptr) {
+  if (!MaybeOurs(ptr)) return false;
   Cache& c = cache();
   std::vector<Cached> drop;
   {
     std::lock_guard<std::mutex> lock(c.mu);
     auto it = c.live.find(ptr);
     if (it == c.live.end()) return false;
-    if (bytes != nullptr) *bytes = it->second;
     const int64_t now = NowNs();
     c.idle.push_back({ptr, it->second, now});
     c.idle_bytes += it->second;
@@ -173,15 +182,8 @@ void HookedFree(void* ptr) {
 }
 
 void* HookedRealloc(void* ptr, size_t n) {
-  if (ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % page_size != 0) return realloc(ptr, n);
-  size_t old_bytes = 0;
-  {
-    Cache& c = cache();
-    std::lock_guard<std::mutex> lock(c.mu);
-    auto it = c.live.find(ptr);
-    if (it == c.live.end()) return realloc(ptr, n);
-    old_bytes = it->second;
-  }
+  const size_t old_bytes = LiveBytes(ptr);
+  if (old_bytes == 0) return realloc(ptr, n);
   void* fresh = n >= threshold.load(std::memory_order_relaxed) ? Take(n) : malloc(n);
   if (fresh == nullptr) return nullptr;  // the old block stays valid, as realloc promises
   std::memcpy(fresh, ptr, std::min(old_bytes, n));

@@ -1,7 +1,7 @@
 """Keeps XLA:CPU's large host buffers mapped from one execution of a step to the next.
 
 Why: XLA:CPU allocates each execution's scratch buffer (every intermediate of the step: 412 MiB for
-the benchmark's 7M-parameter model, about 2 GiB for its 58M one) with glibc's malloc, which maps
+the benchmark's 7M-parameter model, about 2 GiB for its 58M one) with glibc's posix_memalign, which maps
 anything above 32 MiB fresh from the kernel and unmaps it when freed. Every training step then
 faults in its intermediates page by page (about 105,000 minor faults and 0.2 s of kernel time per
 tiny step on the project's 2-core machine), and the products writing those pages run at half the
@@ -50,10 +50,8 @@ _STATS = ("reused", "mapped", "unmapped", "live_bytes", "cached_bytes", "peak_li
 
 
 def mode() -> str:
-    value = os.environ.get(ENV_MODE, "auto").strip().lower() or "auto"
-    if value not in ("auto", "off"):
-        raise ConfigError(f"{ENV_MODE}={value!r} is not a setting: use 'auto' (the default) or 'off'")
-    return value
+    """The `JTRAIN_CPU_BUFFER_CACHE` setting, checked: "auto" (default) or "off"."""
+    return native.env_setting(ENV_MODE, ("auto", "off"))
 
 
 def _min_bytes() -> int:
@@ -97,9 +95,9 @@ def install() -> bool:
         except (ConfigError, OSError) as err:
             reason = str(err)
     if reason is None:
-        errors = []
+        errors, min_bytes = [], _min_bytes()
         for name in XLA_LIBRARIES:
-            error = ext.jtrain_host_buffers_install(name.encode(), _min_bytes(), IDLE_SECONDS)
+            error = ext.jtrain_host_buffers_install(name.encode(), min_bytes, IDLE_SECONDS)
             if error is None:
                 logger.debug("host buffer cache installed into %s", name)
                 return True

@@ -1,4 +1,5 @@
-"""Builds jtrain's small C++ extensions once per machine and caches them.
+"""Builds jtrain's small C++ extensions once per machine and caches them, and reads the
+environment settings that choose them.
 
 Two pieces of jtrain are C++ compiled at first use with the system's `g++` (no wheel to ship per
 platform): the CPU matmul custom call (`jtrain.models.cpu_gemm`) and the host buffer cache
@@ -18,6 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jtrain.errors import ConfigError
+
+
+def env_setting(env: str, allowed: Sequence[str]) -> str:
+    """The environment setting `env` (default `allowed[0]`), lower-cased and checked against `allowed`."""
+    value = os.environ.get(env, allowed[0]).strip().lower() or allowed[0]
+    if value not in allowed:
+        raise ConfigError(f"{env}={value!r} is not one of {', '.join(allowed)}")
+    return value
 
 
 def cache_dir() -> Path:

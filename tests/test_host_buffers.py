@@ -86,7 +86,7 @@ def probe(tmp_path_factory) -> str:
 
     compiler = shutil.which("gcc") or shutil.which("cc") or shutil.which("g++")
     if compiler is None or host_buffers._unsupported():
-        pytest.skip("needs a C compiler on Linux with glibc (x86_64 or aarch64), like the cache itself")
+        pytest.skip(reason="needs a C compiler on Linux with glibc (x86_64 or aarch64), like the cache itself")
     folder = tmp_path_factory.mktemp("probe")
     source = folder / "probe.c"
     source.write_text(PROBE_C)
@@ -144,7 +144,7 @@ def test_trainer_losses_are_bitwise_equal_with_and_without_the_cache():
 
 def test_settings_are_checked(monkeypatch):
     monkeypatch.setenv(host_buffers.ENV_MODE, "sometimes")
-    with pytest.raises(ConfigError, match="JTRAIN_CPU_BUFFER_CACHE='sometimes'.*'auto'.*'off'"):
+    with pytest.raises(ConfigError, match="JTRAIN_CPU_BUFFER_CACHE='sometimes' is not one of auto, off"):
         host_buffers.mode()
     monkeypatch.setenv(host_buffers.ENV_MODE, "off")
     monkeypatch.setenv(host_buffers.ENV_MIN_MB, "lots")

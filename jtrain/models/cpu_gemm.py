@@ -76,11 +76,7 @@ _single_device: contextvars.ContextVar[bool | None] = contextvars.ContextVar("jt
 
 def mode(env: str = ENV_MODE) -> str:
     """The `JTRAIN_CPU_BF16_GEMM` (or `JTRAIN_CPU_F32_GEMM`) setting, checked."""
-    value = os.environ.get(env, "auto").strip().lower() or "auto"
-    allowed = ("auto", *next(p.libraries for p in _POLICIES.values() if p.env == env), "xla")
-    if value not in allowed:
-        raise ConfigError(f"{env}={value!r} is not one of {', '.join(allowed)}")
-    return value
+    return native.env_setting(env, ("auto", *next(p.libraries for p in _POLICIES.values() if p.env == env), "xla"))
 
 
 def cpu_flags() -> set[str]:
