@@ -7,22 +7,20 @@ are 1.0e14, so MFU read 5% instead of about 55%. The jaxpr is the program before
 touches it: the same count on every platform, and the count a reader can check by hand.
 
 What counts: every matrix product (`dot_general`, `ragged_dot`, convolutions, the oneDNN / MKL GEMM
-of `jtrain.models.cpu_gemm`) at 2 FLOPs per multiply-add, and cuDNN's fused attention at the
-FLOPs of the two products it fuses over the full query x key grid (4·B·N·T·S·H forward, twice
-that backward), which is what the einsum path computes and what PaLM's 6·N·T + attention formula
-counts. (The CPU's blocked attention
-skips the key blocks after each causal query block, so there the count is what it computes:
-0.977 of the formula for the tiny benchmark model.) Elementwise work, reductions and the
-optimizer's update are left out, as in every MFU convention. Loops multiply their body (`scan`
-by its length; a `while` of unknown trip count is counted once), `cond` counts its most
-expensive branch. Gradient checkpointing's recomputation is left out (PaLM's definition: model
-FLOPs do not depend on how the step is implemented; counting it would be hardware FLOPs, and
-turning remat on would leave MFU unchanged while the step slowed down). JAX marks it: the forward
-that a `jax.checkpoint` body recomputes in the backward runs under the name scope
-"rematted_computation". A loop marked with
-`useful_iterations(useful, total)` counts `useful` of its `total` iterations: the pipeline's
-ticks, whose bubble ticks compute on zeros that nothing reads (work that runs, but not model
-FLOPs).
+of `jtrain.models.cpu_gemm`) at 2 FLOPs per multiply-add, and cuDNN's fused attention at the FLOPs
+of the two products it fuses over the full query x key grid (4·B·N·T·S·H forward, twice that
+backward), which is what the einsum path computes and what PaLM's 6·N·T + attention formula counts.
+(The CPU's blocked attention, and its fused kernel `jtrain.models.cpu_attention`, skip the keys
+after each causal query block, so there the count is what they compute: 0.977 of the formula for the
+tiny benchmark model.) Elementwise work, reductions and the optimizer's update are left out, as in
+every MFU convention. Loops multiply their body (`scan` by its length; a `while` of unknown trip
+count is counted once), `cond` counts its most expensive branch. Gradient checkpointing's
+recomputation is left out (PaLM's definition: model FLOPs do not depend on how the step is
+implemented; counting it would be hardware FLOPs, and turning remat on would leave MFU unchanged
+while the step slowed down). JAX marks it: the forward that a `jax.checkpoint` body recomputes in
+the backward runs under the name scope "rematted_computation". A loop marked with
+`useful_iterations(useful, total)` counts `useful` of its `total` iterations: the pipeline's ticks,
+whose bubble ticks compute on zeros that nothing reads (work that runs, but not model FLOPs).
 
 The jaxpr of a jitted step has global shapes, so the count is for the whole step over every
 device; `traced_flops(..., devices)` divides by the devices the step runs on (model FLOPs:
@@ -38,6 +36,7 @@ from typing import Any
 
 import jax
 
+from jtrain.models import cpu_attention
 from jtrain.models.cpu_gemm import TARGET as _CPU_GEMM  # an FFI product, counted like a dot
 
 # cuDNN fused attention as jax's `dot_product_attention(implementation="cudnn")` binds it.
@@ -91,6 +90,8 @@ def _eqn_flops(eqn: Any, marked: bool) -> float:
         return 2.0 * math.prod(out) * math.prod(rhs) / out_features
     if name in _ATTENTION_FORWARD or name in _ATTENTION_BACKWARD:
         return _attention_flops(eqn, backward=name in _ATTENTION_BACKWARD)
+    if name == "ffi_call" and params.get("target_name") in (cpu_attention.FORWARD, cpu_attention.BACKWARD):
+        return _cpu_attention_flops(eqn, backward=params["target_name"] == cpu_attention.BACKWARD)
     if name == "ffi_call" and params.get("target_name") == _CPU_GEMM:  # jtrain.models.cpu_gemm: op(a) @ op(b)
         lhs, out = _shape(eqn.invars[0]), _shape(eqn.outvars[0])  # [batch,] rows, contracted (or swapped)
         contracted = lhs[-2] if dict(params["attributes"]).get("trans_a") else lhs[-1]
@@ -110,6 +111,15 @@ def _attention_flops(eqn: Any, backward: bool) -> float:
     layout = getattr(layout, "value", layout)
     keys = v[2] if layout == _BNTH else v[1]
     forward = 4.0 * math.prod(q) * keys  # QK^T and PV: 2 FLOPs per multiply-add each, over B·N·T·S·H
+    return 2.0 * forward if backward else forward
+
+
+def _cpu_attention_flops(eqn: Any, backward: bool) -> float:
+    """`jtrain.models.cpu_attention`'s kernel: QK^T and PV over the (query, key) pairs its blocks
+    compute; its backward counts the four products of the gradients, not the scores it recomputes
+    (recomputation is not model FLOPs), so the count equals the einsum path's."""
+    (B, L, N, H), S = _shape(eqn.invars[0]), _shape(eqn.invars[1])[1]
+    forward = 4.0 * B * N * H * cpu_attention.scored_pairs(L, S, bool(dict(eqn.params["attributes"])["causal"]))
     return 2.0 * forward if backward else forward
 
 

@@ -34,6 +34,7 @@ from jtrain.errors import ConfigError
 from jtrain.flop_count import _CPU_GEMM, jaxpr_flops
 from jtrain.models import attention, cpu_gemm, matmul
 from jtrain.models.masks import as_mask
+from tiny import three_trainer_steps
 
 LIBRARIES = {"onednn": (cpu_gemm.ENV_ONEDNN_LIBRARY, "libdnnl.so*"), "mkl": (cpu_gemm.ENV_LIBRARY, "libmkl_rt.so*")}
 
@@ -254,25 +255,6 @@ def test_mode_errors_name_the_setting(monkeypatch):
         cpu_gemm.reset()
 
 
-def _three_steps(output_dir, bf16: bool) -> tuple[list[float], str, float]:
-    """Losses, step HLO and step FLOPs of three Trainer steps of the tiny Llama on one device."""
-    from jtrain import Trainer, TrainingArguments
-    from jtrain.data.loader import ArrayDataset
-    from jtrain.flops import step_flops
-    from tiny import padded_lm_batch, tiny_llama
-
-    rows = padded_lm_batch(8, 16, seed=3)
-    args = TrainingArguments(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=4,
-                             bf16=bf16, save_strategy="no", report_to=["none"], disable_tqdm=True,
-                             mesh_shape={"data": 1}, logging_steps=1, train_sampling_strategy="sequential")
-    trainer = Trainer(tiny_llama(dtype="bfloat16" if bf16 else "float32"), args, train_dataset=ArrayDataset(rows))
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    batch = trainer.steps.place_train_batch({k: v[None, :4] for k, v in rows.items()})
-    hlo = trainer.steps.train_step.lower(trainer.train_state, batch).as_text()
-    return losses, hlo, step_flops(trainer.steps.train_step, trainer.train_state, batch)
-
-
 def _compare_with_xla(runs: dict, library: str, rtol: float) -> None:
     (losses, hlo, flops), (xla_losses, xla_hlo, xla_flops) = runs[library], runs["xla"]
     assert cpu_gemm.TARGET in hlo and cpu_gemm.TARGET not in xla_hlo
@@ -304,7 +286,7 @@ def test_trainer_bf16_step_uses_the_library_on_one_device_and_matches_xla(librar
     for mode in (library, "xla"):
         monkeypatch.setenv(cpu_gemm.ENV_MODE, mode)
         cpu_gemm.reset()
-        runs[mode] = _three_steps(tmp_path / mode, bf16=True)
+        runs[mode] = three_trainer_steps(tmp_path / mode, bf16=True)
     _compare_with_xla(runs, library, rtol=2.0 ** -7)  # bf16 arithmetic in another summation order
 
 
@@ -313,7 +295,7 @@ def test_trainer_float32_step_uses_onednn_and_matches_xla(onednn, tmp_path, monk
     for mode in ("onednn", "xla"):
         monkeypatch.setenv(cpu_gemm.ENV_F32_MODE, mode)
         cpu_gemm.reset()
-        runs[mode] = _three_steps(tmp_path / mode, bf16=False)
+        runs[mode] = three_trainer_steps(tmp_path / mode, bf16=False)
     _compare_with_xla(runs, "onednn", rtol=1e-5)  # float32 arithmetic in another summation order
 
 

@@ -62,3 +62,21 @@ def hf_source_function(torch, relative_path: str, name: str):
     namespace = {"torch": torch}
     exec(compile(ast.Module([node], type_ignores=[]), path, "exec"), namespace)  # noqa: S102 - HF's own code
     return namespace[name]
+
+
+def three_trainer_steps(output_dir, bf16: bool) -> tuple[list[float], str, float]:
+    """Losses, step HLO and step FLOPs of three Trainer steps of the tiny Llama on one device."""
+    from jtrain import Trainer, TrainingArguments
+    from jtrain.data.loader import ArrayDataset
+    from jtrain.flops import step_flops
+
+    rows = padded_lm_batch(8, 16, seed=3)
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=4,
+                             bf16=bf16, save_strategy="no", report_to=["none"], disable_tqdm=True,
+                             mesh_shape={"data": 1}, logging_steps=1, train_sampling_strategy="sequential")
+    trainer = Trainer(tiny_llama(dtype="bfloat16" if bf16 else "float32"), args, train_dataset=ArrayDataset(rows))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    batch = trainer.steps.place_train_batch({k: v[None, :4] for k, v in rows.items()})
+    hlo = trainer.steps.train_step.lower(trainer.train_state, batch).as_text()
+    return losses, hlo, step_flops(trainer.steps.train_step, trainer.train_state, batch)

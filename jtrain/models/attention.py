@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jtrain.errors import ConfigError
-from jtrain.models import cpu_gemm
+from jtrain.models import cpu_attention, cpu_gemm
 from jtrain.models.masks import AttentionMask, DenseMask, Mask, as_mask, make_attention_mask
 
 __all__ = ["AttentionMask", "DenseMask", "apply_rope", "rope_tables", "attend", "make_attention_mask", "rope_inv_freq",
@@ -305,6 +305,8 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, sca
     """
     B, L, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
+    if cpu_attention.applies(q, k, v, softcap):
+        return cpu_attention.attention(q, k, v, mask.block(0, L, 0, S)[:, 0], scale, causal)
     G = N // K
     # Head-major once: queries [B, K, G, L, H], keys and values [B, K, S, H]. Per block the G query
     # heads of a key head are folded into the rows, so both einsums are plain 4-D batched matmuls

@@ -1,6 +1,8 @@
 // Matrix products for XLA:CPU: bfloat16 x bfloat16 on the CPU's AMX tiles or AVX512-BF16 units,
 // through oneDNN's matmul primitive (float32 or bfloat16 result) or MKL's cblas_gemm_bf16bf16f32
 // (float32 result); float32 x float32 through oneDNN's matmul (float32 result).
+// Also float32 attention (forward and backward) built on the same oneDNN products: see the
+// "Fused attention" section and jtrain/models/cpu_attention.py.
 //
 // Why: XLA:CPU computes bf16 dots at its float32 speed, while the same CPU's AMX units run
 // them 8-9x faster, and oneDNN's float32 kernels ran the benchmark's products 1.0-1.4x faster
@@ -15,8 +17,15 @@
 // 3.x ABI), so building this file needs no oneDNN headers.
 
 #include <dlfcn.h>
+#include <immintrin.h>
+
+#include <sched.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <functional>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -34,10 +43,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// One product C[m, n] = op(A) op(B) per batch item; lda / ldb are the stored row lengths.
+// One product C[m, n] = op(A) op(B) per batch item; lda / ldb / ldc are the stored row lengths
+// (larger than a row where a matrix is a strided view, as attention's heads are).
 struct Product {
   bool trans_a, trans_b;
-  int64_t batch, m, n, k, lda, ldb;
+  int64_t batch, m, n, k, lda, ldb, ldc;
 };
 
 // ---- MKL: float32 results only ----
@@ -138,7 +148,7 @@ struct Entry {
   Handle src, weights, dst, scratch, primitive;
   size_t scratch_bytes;
 };
-using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int, int>;
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool, int, int>;
 std::mutex cache_mutex;
 std::map<Key, Entry> cache;
 
@@ -146,16 +156,16 @@ std::string Fail(const char* what, int status) {
   return std::string("jtrain_cpu_gemm: oneDNN ") + what + " failed with status " + std::to_string(status);
 }
 
-// Row-major [batch, rows, cols] of a matrix stored transposed or not.
-int Describe(Handle* md, int64_t batch, int64_t rows, int64_t cols, bool transposed, int dtype) {
+// Row-major [batch, rows, cols] of a matrix stored transposed or not, `ld` apart per stored row.
+int Describe(Handle* md, int64_t batch, int64_t rows, int64_t cols, bool transposed, int dtype, int64_t ld) {
   Dims dims = {batch, rows, cols};
-  Dims strides = {rows * cols, transposed ? 1 : cols, transposed ? rows : 1};
+  Dims strides = {(transposed ? cols : rows) * ld, transposed ? 1 : ld, transposed ? ld : 1};
   return api.memory_desc_create_with_strides(md, 3, dims, dtype, strides);
 }
 
 // The cached primitive for `p` of `src` operands with a `dtype` result, or an error message.
 std::string Lookup(const Product& p, int src, int dtype, Entry* out) {
-  const Key key{p.batch, p.m, p.n, p.k, p.trans_a, p.trans_b, src, dtype};
+  const Key key{p.batch, p.m, p.n, p.k, p.lda, p.ldb, p.ldc, p.trans_a, p.trans_b, src, dtype};
   std::lock_guard<std::mutex> lock(cache_mutex);
   auto found = cache.find(key);
   if (found != cache.end()) {
@@ -163,9 +173,9 @@ std::string Lookup(const Product& p, int src, int dtype, Entry* out) {
     return "";
   }
   Entry e{};
-  int status = Describe(&e.src, p.batch, p.m, p.k, p.trans_a, src);
-  if (status == 0) status = Describe(&e.weights, p.batch, p.k, p.n, p.trans_b, src);
-  if (status == 0) status = Describe(&e.dst, p.batch, p.m, p.n, false, dtype);
+  int status = Describe(&e.src, p.batch, p.m, p.k, p.trans_a, src, p.lda);
+  if (status == 0) status = Describe(&e.weights, p.batch, p.k, p.n, p.trans_b, src, p.ldb);
+  if (status == 0) status = Describe(&e.dst, p.batch, p.m, p.n, false, dtype, p.ldc);
   if (status != 0) return Fail("memory descriptor", status);
   Handle attr = nullptr, pd = nullptr;  // both kept: pd owns the scratchpad descriptor
   status = api.primitive_attr_create(&attr);
@@ -231,6 +241,372 @@ ffi::Error Run(const Product& p, const void* a, const void* b, void* c, int src,
 
 }  // namespace dnnl
 
+// ---- Fused attention (float32): scores, softmax and both products per head, in cache ----
+//
+// Why: as XLA ops, attention writes each head's [rows, keys] scores, probabilities and their
+// gradients to memory between batched products that run at 80-120 GFLOP/s on these small shapes
+// (a 64-long contraction). Here one worker takes one head (forward) or one key-value head
+// (backward) at a time, a query block of rows at a time, so those matrices stay in the core's
+// cache; the products are oneDNN's on strided views of [batch, length, heads, head_dim], so no
+// head-major copy is made either. The backward recomputes the probabilities from the saved
+// log-sum-exp, as flash-attention kernels do.
+
+namespace attn {
+
+using SetThreads = void (*)(int);
+using GetThreads = int (*)();
+// oneDNN's OpenMP runtime: one thread per worker, the caller's own setting restored afterwards.
+SetThreads omp_set_threads = nullptr;
+GetThreads omp_get_threads = nullptr;
+int workers = 1;
+
+// exp(x) for the softmax's x <= 0: 2^n p(r) with Cephes' expf polynomial (relative error about
+// 2e-7); below -87 it returns ~0. A scalar form, and an AVX-512 one of the same arithmetic.
+inline float Exp(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) {
+    p = p * r + c;
+  }
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 Exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// Which of 16 keys from `j` (of `n`) exist and may be seen: a lane mask.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __mmask16 Keep16(const bool* keep, int64_t j, int64_t n, __mmask16* lanes) {
+  *lanes = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+  const __m512i k = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(*lanes, keep + j));
+  return _mm512_test_epi32_mask(k, k);
+}
+const bool kAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl");
+
+// Row `s` of raw scores -> probabilities in place (0 where `keep` is 0); returns the row's
+// log-sum-exp of the scaled scores, or 0 for a row that may see no key (its output is zero).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) float SoftmaxRow16(float* s, const bool* keep, int64_t n,
+                                                                         float scale) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::max());
+  int seen = 0;
+  __mmask16 lanes;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = Keep16(keep, j, n, &lanes);
+    vmax = _mm512_mask_max_ps(vmax, k, vmax, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, s + j), vscale));
+    seen |= k;
+  }
+  if (seen == 0) {
+    std::fill(s, s + n, 0.0f);
+    return 0.0f;
+  }
+  const float mx = _mm512_reduce_max_ps(vmax);
+  const __m512 vmx = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = Keep16(keep, j, n, &lanes);
+    const __m512 e = _mm512_maskz_mov_ps(k, Exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, s + j), vscale, vmx)));
+    vsum = _mm512_add_ps(vsum, e);
+    _mm512_mask_storeu_ps(s + j, lanes, e);
+  }
+  const float sum = _mm512_reduce_add_ps(vsum);
+  const __m512 inv = _mm512_set1_ps(1.0f / sum);
+  for (int64_t j = 0; j < n; j += 16) {
+    lanes = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(s + j, lanes, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, s + j), inv));
+  }
+  return mx + std::log(sum);
+}
+
+float SoftmaxRow(float* s, const bool* keep, int64_t n, float scale) {
+  if (kAvx512) return SoftmaxRow16(s, keep, n, scale);
+  float mx = -std::numeric_limits<float>::max();
+  bool seen = false;
+  for (int64_t j = 0; j < n; ++j) {
+    if (keep[j]) mx = std::max(mx, s[j] * scale);
+    seen = seen || keep[j];
+  }
+  if (!seen) {
+    std::fill(s, s + n, 0.0f);
+    return 0.0f;
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = keep[j] ? Exp(s[j] * scale - mx) : 0.0f;
+    sum += s[j];
+  }
+  for (int64_t j = 0; j < n; ++j) s[j] /= sum;
+  return mx + std::log(sum);
+}
+
+// Backward of one row: `s` raw scores -> probabilities from the saved log-sum-exp, `dp` (dO V^T)
+// -> the scores' gradient, scaled for q and k: p * (dp - sum(dO * O)) * scale.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void GradRow16(float* s, float* dp, const bool* keep,
+                                                                     int64_t n, float scale, float lse, float d_row) {
+  const __m512 vscale = _mm512_set1_ps(scale), vlse = _mm512_set1_ps(lse), vd = _mm512_set1_ps(d_row);
+  __mmask16 lanes;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = Keep16(keep, j, n, &lanes);
+    const __m512 p = _mm512_maskz_mov_ps(k, Exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, s + j), vscale, vlse)));
+    const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, dp + j), vd);
+    _mm512_mask_storeu_ps(s + j, lanes, p);
+    _mm512_mask_storeu_ps(dp + j, lanes, _mm512_mul_ps(_mm512_mul_ps(p, g), vscale));
+  }
+}
+
+void GradRow(float* s, float* dp, const bool* keep, int64_t n, float scale, float lse, float d_row) {
+  if (kAvx512) return GradRow16(s, dp, keep, n, scale, lse, d_row);
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = keep[j] ? Exp(s[j] * scale - lse) : 0.0f;
+    s[j] = p;
+    dp[j] = p * (dp[j] - d_row) * scale;
+  }
+}
+
+struct Shape {
+  int64_t batch, length, heads, keys, kv_heads, dim, mask_batch, block;
+  bool causal;
+  int64_t blocks() const { return (length + block - 1) / block; }
+  // Keys a query block may see: all, or (causal self-attention) those up to the block's last row.
+  int64_t KeyEnd(int64_t row_end) const { return causal && length == keys ? row_end : keys; }
+  const bool* Mask(const bool* mask, int64_t b, int64_t row) const {
+    return mask + ((mask_batch == 1 ? 0 : b) * length + row) * keys;
+  }
+};
+
+// A float32 product on strided row-major views through oneDNN (one thread: the caller's worker).
+ffi::Error Product(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                   int64_t ldb, float* c, int64_t ldc) {
+  const ::Product p{ta, tb, 1, m, n, k, lda, ldb, ldc};
+  return dnnl::Run(p, a, b, c, dnnl::kF32, dnnl::kF32);
+}
+
+// Worker threads kept for the process (each keeps its oneDNN stream and scratchpad warm); the
+// caller is worker 0. One job at a time: a caller that finds the pool busy runs its job alone.
+class Pool {
+ public:
+  bool TryRun(int n, const std::function<void(int)>& job) {
+    std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (static_cast<int>(threads_.size()) < n - 1) {
+        const int worker = static_cast<int>(threads_.size()) + 1;
+        threads_.emplace_back([this, worker] { Loop(worker); });
+      }
+      job_ = &job;
+      wanted_ = n - 1;
+      pending_ = n - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    job(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    job_ = nullptr;
+    return true;
+  }
+
+ private:
+  void Loop(int worker) {
+    int64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen && worker <= wanted_; });
+        seen = generation_;
+        job = job_;
+      }
+      (*job)(worker);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int)>* job_ = nullptr;
+  int64_t generation_ = 0;
+  int wanted_ = 0, pending_ = 0;
+};
+
+Pool& Workers() {
+  static Pool* pool = new Pool;  // never destroyed: its threads wait for work until the process ends
+  return *pool;
+}
+
+// Runs body(task, worker) for every task on up to `workers` threads, each with a one-thread
+// oneDNN; returns the first error.
+template <typename Body>
+ffi::Error ParallelFor(int64_t tasks, const Body& body) {
+  std::atomic<int64_t> next{0};
+  std::mutex error_mutex;
+  ffi::Error first = ffi::Error::Success();
+  const std::function<void(int)> work = [&](int worker) {
+    const bool set = omp_set_threads != nullptr && omp_get_threads != nullptr;
+    const int previous = set ? omp_get_threads() : 0;
+    if (set) omp_set_threads(1);
+    for (int64_t t = next++; t < tasks; t = next++) {
+      ffi::Error e = body(t, worker);
+      if (e.failure()) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!first.failure()) first = std::move(e);
+        next = tasks;
+      }
+    }
+    if (set) omp_set_threads(previous);
+  };
+  const int n = static_cast<int>(std::min<int64_t>(tasks, workers));
+  if (n <= 1 || !Workers().TryRun(n, work)) work(0);
+  return first;
+}
+
+#define JTRAIN_TRY(expr)              \
+  do {                                \
+    ffi::Error e_ = (expr);           \
+    if (e_.failure()) return e_;      \
+  } while (0)
+
+// Forward of one (batch row, head, query block): o and the rows' log-sum-exp.
+ffi::Error ForwardBlock(const Shape& sh, const float* q, const float* k, const float* v, const bool* mask,
+                        float scale, int64_t task, float* scores, float* o, float* lse) {
+  const int64_t blk = task % sh.blocks(), h = task / sh.blocks() % sh.heads, b = task / sh.blocks() / sh.heads;
+  const int64_t r0 = blk * sh.block, rows = std::min(sh.block, sh.length - r0), keys = sh.KeyEnd(r0 + rows);
+  const int64_t kh = h / (sh.heads / sh.kv_heads), q_ld = sh.heads * sh.dim, kv_ld = sh.kv_heads * sh.dim;
+  const float* q_blk = q + (b * sh.length + r0) * q_ld + h * sh.dim;
+  const float* k_head = k + b * sh.keys * kv_ld + kh * sh.dim;
+  const float* v_head = v + b * sh.keys * kv_ld + kh * sh.dim;
+  JTRAIN_TRY(Product(false, true, rows, keys, sh.dim, q_blk, q_ld, k_head, kv_ld, scores, keys));
+  for (int64_t i = 0; i < rows; ++i) {
+    lse[(b * sh.heads + h) * sh.length + r0 + i] =
+        SoftmaxRow(scores + i * keys, sh.Mask(mask, b, r0 + i), keys, scale);
+  }
+  return Product(false, false, rows, sh.dim, keys, scores, keys, v_head, kv_ld, o + (b * sh.length + r0) * q_ld + h * sh.dim,
+                 q_ld);
+}
+
+
+// Backward of one (batch row, key-value head): every query head of its group, a query block at a
+// time; dq is written per block, dk and dv accumulate in the worker's buffers and are written once.
+struct Buffers {
+  std::vector<float> p, ds, dk, dv, tmp;
+};
+
+ffi::Error BackwardHead(const Shape& sh, const float* q, const float* k, const float* v, const bool* mask,
+                        const float* o, const float* lse, const float* dout, float scale, int64_t task, Buffers& w,
+                        float* dq, float* dk, float* dv) {
+  const int64_t kh = task % sh.kv_heads, b = task / sh.kv_heads, group = sh.heads / sh.kv_heads;
+  const int64_t q_ld = sh.heads * sh.dim, kv_ld = sh.kv_heads * sh.dim;
+  const float* k_head = k + b * sh.keys * kv_ld + kh * sh.dim;
+  const float* v_head = v + b * sh.keys * kv_ld + kh * sh.dim;
+  std::fill(w.dk.begin(), w.dk.end(), 0.0f);
+  std::fill(w.dv.begin(), w.dv.end(), 0.0f);
+  for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+    for (int64_t blk = 0; blk < sh.blocks(); ++blk) {
+      const int64_t r0 = blk * sh.block, rows = std::min(sh.block, sh.length - r0), keys = sh.KeyEnd(r0 + rows);
+      const int64_t at = (b * sh.length + r0) * q_ld + h * sh.dim;
+      JTRAIN_TRY(Product(false, true, rows, keys, sh.dim, q + at, q_ld, k_head, kv_ld, w.p.data(), keys));
+      JTRAIN_TRY(Product(false, true, rows, keys, sh.dim, dout + at, q_ld, v_head, kv_ld, w.ds.data(), keys));
+      for (int64_t i = 0; i < rows; ++i) {
+        float d_row = 0.0f;
+        for (int64_t j = 0; j < sh.dim; ++j) d_row += dout[at + i * q_ld + j] * o[at + i * q_ld + j];
+        GradRow(w.p.data() + i * keys, w.ds.data() + i * keys, sh.Mask(mask, b, r0 + i), keys, scale,
+                lse[(b * sh.heads + h) * sh.length + r0 + i], d_row);
+      }
+      JTRAIN_TRY(Product(false, false, rows, sh.dim, keys, w.ds.data(), keys, k_head, kv_ld, dq + at, q_ld));
+      JTRAIN_TRY(Product(true, false, keys, sh.dim, rows, w.p.data(), keys, dout + at, q_ld, w.tmp.data(), sh.dim));
+      for (int64_t j = 0; j < keys * sh.dim; ++j) w.dv[j] += w.tmp[j];
+      JTRAIN_TRY(Product(true, false, keys, sh.dim, rows, w.ds.data(), keys, q + at, q_ld, w.tmp.data(), sh.dim));
+      for (int64_t j = 0; j < keys * sh.dim; ++j) w.dk[j] += w.tmp[j];
+    }
+  }
+  for (int64_t s = 0; s < sh.keys; ++s) {
+    std::memcpy(dk + b * sh.keys * kv_ld + s * kv_ld + kh * sh.dim, &w.dk[s * sh.dim], sh.dim * sizeof(float));
+    std::memcpy(dv + b * sh.keys * kv_ld + s * kv_ld + kh * sh.dim, &w.dv[s * sh.dim], sh.dim * sizeof(float));
+  }
+  return ffi::Error::Success();
+}
+
+// The shapes of q [B, L, N, H], k and v [B, S, K, H] and the mask [B or 1, L, S], checked.
+ffi::Error Describe(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::PRED> mask, bool causal, int64_t block, Shape* sh) {
+  auto dq = q.dimensions(), dk = k.dimensions(), dv = v.dimensions(), dm = mask.dimensions();
+  if (dq.size() != 4 || dk.size() != 4 || dv.size() != 4 || dm.size() != 3) {
+    return ffi::Error::InvalidArgument("jtrain_cpu_attention: q, k, v must be [batch, length, heads, dim], the mask "
+                                       "[batch or 1, queries, keys]");
+  }
+  *sh = Shape{dq[0], dq[1], dq[2], dk[1], dk[2], dq[3], dm[0], block, causal};
+  const bool ok = dk[0] == sh->batch && dv[0] == sh->batch && dv[1] == sh->keys && dv[2] == sh->kv_heads &&
+                  dk[3] == sh->dim && dv[3] == sh->dim && sh->kv_heads > 0 && sh->heads % sh->kv_heads == 0 &&
+                  (dm[0] == 1 || dm[0] == sh->batch) && dm[1] == sh->length && dm[2] == sh->keys && block > 0;
+  if (!ok) return ffi::Error::InvalidArgument("jtrain_cpu_attention: q, k, v and mask shapes do not agree");
+  if (dnnl::engine == nullptr) {
+    return ffi::Error::Internal("jtrain_cpu_attention: oneDNN was not loaded (jtrain.models.cpu_gemm loads it)");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace attn
+
+ffi::Error CpuAttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                               ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> o,
+                               ffi::ResultBuffer<ffi::F32> lse, float scale, bool causal, int64_t block) {
+  attn::Shape sh;
+  JTRAIN_TRY(attn::Describe(q, k, v, mask, causal, block, &sh));
+  if (sh.keys == 0 || sh.dim == 0) {  // no key to see (or nothing to weigh): zeros, as for keyless rows
+    std::memset(o->untyped_data(), 0, o->size_bytes());
+    std::memset(lse->untyped_data(), 0, lse->size_bytes());
+    return ffi::Error::Success();
+  }
+  std::vector<std::vector<float>> scores(attn::workers, std::vector<float>(sh.block * sh.keys));
+  return attn::ParallelFor(sh.batch * sh.heads * sh.blocks(), [&](int64_t task, int worker) {
+    return attn::ForwardBlock(sh, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), scale, task,
+                              scores[worker].data(), o->typed_data(), lse->typed_data());
+  });
+}
+
+ffi::Error CpuAttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
+                                ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                                ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale,
+                                bool causal, int64_t block) {
+  attn::Shape sh;
+  JTRAIN_TRY(attn::Describe(q, k, v, mask, causal, block, &sh));
+  if (sh.keys == 0 || sh.dim == 0) {
+    for (auto* r : {&dq, &dk, &dv}) std::memset((*r)->untyped_data(), 0, (*r)->size_bytes());
+    return ffi::Error::Success();
+  }
+  std::vector<attn::Buffers> buffers(attn::workers);
+  for (auto& w : buffers) {
+    for (auto* m : {&w.p, &w.ds}) m->resize(sh.block * sh.keys);
+    for (auto* m : {&w.dk, &w.dv, &w.tmp}) m->resize(sh.keys * sh.dim);
+  }
+  return attn::ParallelFor(sh.batch * sh.kv_heads, [&](int64_t task, int worker) {
+    return attn::BackwardHead(sh, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), o.typed_data(),
+                              lse.typed_data(), dout.typed_data(), scale, task, buffers[worker], dq->typed_data(),
+                              dk->typed_data(), dv->typed_data());
+  });
+}
+
 bool FitsInt(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
 
 // `onednn` chooses the library (fixed when the step is traced, so one process can hold both);
@@ -258,7 +634,7 @@ ffi::Error CpuGemm(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffe
   }
   const int64_t a0 = da[rank - 2], a1 = da[rank - 1], b0 = db[rank - 2], b1 = db[rank - 1];
   const Product p{trans_a, trans_b, rank == 3 ? da[0] : 1, trans_a ? a1 : a0, trans_b ? b0 : b1, trans_a ? a0 : a1,
-                  a1, b1};
+                  a1, b1, trans_b ? b0 : b1};
   const int64_t k_b = trans_b ? b1 : b0;
   if (p.k != k_b) {
     return ffi::Error::InvalidArgument("jtrain_cpu_gemm: contracting dimensions differ (" + std::to_string(p.k) +
@@ -314,6 +690,12 @@ extern "C" const char* jtrain_load_onednn(const char* path) {
                   Resolve(lib, "dnnl_memory_destroy", &f.memory_destroy) &&
                   Resolve(lib, "dnnl_stream_wait", &f.stream_wait);
   if (!ok) return (error = std::string("a oneDNN 3.x C function is missing from ") + path).c_str();
+  // oneDNN's OpenMP runtime (a dependency of the library, so found through its handle), to run
+  // each attention worker's products on one thread; absent for other oneDNN threading builds.
+  attn::omp_set_threads = reinterpret_cast<attn::SetThreads>(dlsym(lib, "omp_set_num_threads"));
+  attn::omp_get_threads = reinterpret_cast<attn::GetThreads>(dlsym(lib, "omp_get_max_threads"));
+  cpu_set_t cpus;
+  attn::workers = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? std::max(1, CPU_COUNT(&cpus)) : 1;
   const int status = f.engine_create(&dnnl::engine, dnnl::kCpuEngine, 0);
   if (status != 0) return (error = "dnnl_engine_create failed with status " + std::to_string(status)).c_str();
   return "";
@@ -327,3 +709,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JtrainCpuGemm, CpuGemm,
                                   .Attr<bool>("trans_a")
                                   .Attr<bool>("trans_b")
                                   .Attr<bool>("onednn"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtrainCpuAttentionForward, CpuAttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtrainCpuAttentionBackward, CpuAttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("block"));

@@ -10,7 +10,8 @@ the weight gradients need no transposed copy: the float32 step ran 1.05-1.09x fa
 
 The dense layers (`jtrain.models.matmul`) and the CPU attention's batched products
 (`jtrain.models.attention`) therefore call one of them instead, through `cpu_gemm.cc` compiled once
-against JAX's FFI headers and registered as an XLA custom call.
+against JAX's FFI headers and registered as an XLA custom call. The same library holds the float32
+attention kernel of `jtrain.models.cpu_attention` (two more FFI targets, registered by that module).
 
 Which library for bf16: oneDNN where it loads, because it writes a bf16 result itself (MKL writes
 float32, which XLA then rounds in a second pass over fresh memory: oneDNN's steps measured 1.1x
@@ -133,7 +134,8 @@ def _threads() -> int:
 
 def _build_extension() -> Path:
     """`cpu_gemm.cc` compiled against JAX's FFI headers (once per source and jaxlib version)."""
-    return native.build_library(_SOURCE, TARGET, [f"-I{jax.ffi.include_dir()}"],
+    # -fopenmp-simd: the attention's softmax loops carry `omp simd` reductions (no OpenMP runtime).
+    return native.build_library(_SOURCE, TARGET, [f"-I{jax.ffi.include_dir()}", "-fopenmp-simd"],
                                 without_compiler=f"set {ENV_MODE}=xla and {ENV_F32_MODE}=xla")
 
 
@@ -157,8 +159,9 @@ def _hand_over_mkl(ext: ctypes.CDLL) -> None:
 
 
 @functools.cache
-def _extension() -> ctypes.CDLL:
-    """The compiled handler, loaded and registered as the FFI target (once per process)."""
+def extension() -> ctypes.CDLL:
+    """The compiled handlers, loaded, with the GEMM registered as an FFI target (once per process);
+    `jtrain.models.cpu_attention` registers its own two."""
     ext = ctypes.CDLL(str(_build_extension()))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(ext.JtrainCpuGemm), platform="cpu")
     return ext
@@ -168,7 +171,7 @@ def _extension() -> ctypes.CDLL:
 def _load(name: str) -> None:
     """Load library `name` ("onednn" or "mkl") into the extension; ConfigError if it cannot be."""
     try:
-        (_load_onednn if name == "onednn" else _hand_over_mkl)(_extension())
+        (_load_onednn if name == "onednn" else _hand_over_mkl)(extension())
     except (OSError, AttributeError) as err:
         raise ConfigError(f"{name} cannot be loaded: {err}") from err
 

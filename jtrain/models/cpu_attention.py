@@ -1,0 +1,111 @@
+"""Float32 attention on XLA:CPU as two custom calls (forward, backward) of `cpu_gemm.cc`.
+
+Why: written as XLA ops, attention stores every head's [rows, keys] scores, probabilities and
+their gradients between batched products that run at 80-120 GFLOP/s on the benchmark's shapes
+(the 64-long contraction of q k^T), with softmax passes and head-major copies in between. The
+kernel takes one head at a time on each core, a query block at a time, so those matrices stay in
+the core's cache, and calls oneDNN on strided views of the [batch, length, heads, dim] arrays (no
+copies). Like flash attention, the forward saves each row's log-sum-exp and the backward
+recomputes the probabilities from it. On the large benchmark model's shapes the forward and
+backward of one layer took 29 ms as XLA ops and about half that here (benchmarks/TRIED.md).
+
+When (`applies`): the CPU backend on one device with oneDNN as the float32 GEMM library
+(`cpu_gemm.library_for(float32) == "onednn"`), float32 q, k and v, and no soft-capping. The
+`JTRAIN_CPU_ATTENTION` setting: `auto` (default) takes it where it applies, `xla` never (the
+head-major einsums of `jtrain.models.attention`).
+
+Numerics: the same float32 softmax as the einsum path (scaled scores, row maximum subtracted,
+masked keys excluded), with exp from a polynomial (relative error about 2e-7) and a different
+summation order; rows that may see no key give zeros, as `attend` promises.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtrain import native
+from jtrain.errors import ConfigError
+from jtrain.models import cpu_gemm
+
+ENV = "JTRAIN_CPU_ATTENTION"
+FORWARD = "jtrain_cpu_attention_forward"
+BACKWARD = "jtrain_cpu_attention_backward"
+# Query rows per block: a [128, keys] float32 block of scores and its gradient (256 KB at 256
+# keys) stay in a core's L2 cache, and causal blocks skip the keys after their last row.
+BLOCK = 128
+
+
+def mode() -> str:
+    """The `JTRAIN_CPU_ATTENTION` setting, checked."""
+    return native.env_setting(ENV, ("auto", "xla"))
+
+
+def applies(q: jax.Array, k: jax.Array, v: jax.Array, softcap: float | None) -> bool:
+    """Whether `attention` should compute this (see the module docstring)."""
+    return (softcap is None and q.dtype == k.dtype == v.dtype == jnp.float32 and mode() == "auto"
+            and cpu_gemm.active(jnp.float32) and cpu_gemm.library_for(jnp.float32) == "onednn" and _registered())
+
+
+@functools.cache
+def _registered() -> bool:
+    """Register both handlers of the already-built extension as FFI targets (once per process)."""
+    ext = cpu_gemm.extension()
+    for target, symbol in ((FORWARD, ext.JtrainCpuAttentionForward), (BACKWARD, ext.JtrainCpuAttentionBackward)):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
+    return True
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, scale: float, causal: bool) -> jax.Array:
+    """softmax(q k^T * scale, masked) v of q [B, L, N, H] and k, v [B, S, K, H] (N a multiple of K).
+
+    `keep` is the boolean [B or 1, L, S] mask (True: the query may see the key). `causal`
+    promises that no query sees a later key, so a query block skips the keys after its last row."""
+    if cpu_gemm.library_for(jnp.float32) != "onednn":
+        raise ConfigError(f"the CPU attention kernel computes its products with oneDNN, which is not the float32 GEMM "
+                          f"library here ({cpu_gemm.ENV_F32_MODE}={cpu_gemm.mode(cpu_gemm.ENV_F32_MODE)}); "
+                          f"set it to onednn, or call jtrain.models.attention.attend, which chooses")
+    _registered()
+    return _vjp(float(scale), bool(causal))(q, k, v, keep)
+
+
+def scored_pairs(length: int, keys: int, causal: bool) -> int:
+    """(query, key) pairs the kernel scores: every pair, or with `causal` self-attention the keys up
+    to each query block's last row (the rule of `Shape::KeyEnd` in cpu_gemm.cc)."""
+    if not (causal and length == keys):
+        return length * keys
+    return sum(min(BLOCK, length - r0) * min(r0 + BLOCK, length) for r0 in range(0, length, BLOCK))
+
+
+def _attrs(scale: float, causal: bool) -> dict[str, Any]:
+    return {"scale": np.float32(scale), "causal": causal, "block": np.int64(BLOCK)}
+
+
+@functools.cache
+def _vjp(scale: float, causal: bool):
+    def forward(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array) -> tuple[jax.Array, jax.Array]:
+        B, L, N, _ = q.shape
+        shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, N, L), jnp.float32))
+        return jax.ffi.ffi_call(FORWARD, shapes, vmap_method="sequential")(q, k, v, keep, **_attrs(scale, causal))
+
+    @jax.custom_vjp
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array) -> jax.Array:
+        return forward(q, k, v, keep)[0]
+
+    def fwd(q, k, v, keep):
+        out, lse = forward(q, k, v, keep)
+        return out, (q, k, v, keep, out, lse)
+
+    def bwd(res, d_out):
+        q, k, v, keep, out, lse = res
+        shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+        call = jax.ffi.ffi_call(BACKWARD, shapes, vmap_method="sequential")
+        dq, dk, dv = call(q, k, v, keep, out, lse, d_out.astype(jnp.float32), **_attrs(scale, causal))
+        return dq, dk, dv, None
+
+    attend.defvjp(fwd, bwd)
+    return attend
