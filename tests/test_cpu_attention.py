@@ -123,6 +123,11 @@ def test_it_follows_its_setting_and_leaves_what_it_cannot_compute_to_xla(kernel,
     assert cpu_attention.FORWARD not in lowered(softcap=5.0)  # soft-capping: the einsum path
     assert cpu_attention.FORWARD not in jax.jit(
         lambda q: attention.attend(q, q, q, mask, causal_blocks=True)).lower(q.astype(jnp.bfloat16)).as_text()
+    with monkeypatch.context() as m:  # a CPU without AVX-512: the einsums, and a clear error if asked directly
+        m.setattr(cpu_gemm, "cpu_flags", lambda: {"avx2", "fma"})
+        assert cpu_attention.FORWARD not in lowered()
+        with pytest.raises(ConfigError, match="needs AVX-512"):
+            cpu_attention.attention(q, q, q, jnp.ones((1, 8, 8), bool), 0.5, causal=True)
     monkeypatch.setenv(cpu_attention.ENV, "xla")
     assert cpu_attention.FORWARD not in lowered()
     monkeypatch.setenv(cpu_attention.ENV, "sometimes")

@@ -10,7 +10,8 @@ recomputes the probabilities from it. On the large benchmark model's shapes the 
 backward of one layer took 29 ms as XLA ops and about half that here (benchmarks/TRIED.md).
 
 When (`applies`): the CPU backend on one device with oneDNN as the float32 GEMM library
-(`cpu_gemm.library_for(float32) == "onednn"`), float32 q, k and v, and no soft-capping. The
+(`cpu_gemm.library_for(float32) == "onednn"`), a CPU with AVX-512 (F, BW and VL: its softmax
+loops), float32 q, k and v, and no soft-capping. The
 `JTRAIN_CPU_ATTENTION` setting: `auto` (default) takes it where it applies, `xla` never (the
 head-major einsums of `jtrain.models.attention`).
 
@@ -38,6 +39,7 @@ BACKWARD = "jtrain_cpu_attention_backward"
 # Query rows per block: a [128, keys] float32 block of scores and its gradient (256 KB at 256
 # keys) stay in a core's L2 cache, and causal blocks skip the keys after their last row.
 BLOCK = 128
+_CPU_FEATURES = {"avx512f", "avx512bw", "avx512vl"}  # the kernel's softmax loops are AVX-512
 
 
 def mode() -> str:
@@ -48,7 +50,8 @@ def mode() -> str:
 def applies(q: jax.Array, k: jax.Array, v: jax.Array, softcap: float | None) -> bool:
     """Whether `attention` should compute this (see the module docstring)."""
     return (softcap is None and q.dtype == k.dtype == v.dtype == jnp.float32 and mode() == "auto"
-            and cpu_gemm.active(jnp.float32) and cpu_gemm.library_for(jnp.float32) == "onednn" and _registered())
+            and cpu_gemm.active(jnp.float32) and cpu_gemm.library_for(jnp.float32) == "onednn"
+            and _CPU_FEATURES <= cpu_gemm.cpu_flags() and _registered())
 
 
 @functools.cache
@@ -69,6 +72,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, scale: 
         raise ConfigError(f"the CPU attention kernel computes its products with oneDNN, which is not the float32 GEMM "
                           f"library here ({cpu_gemm.ENV_F32_MODE}={cpu_gemm.mode(cpu_gemm.ENV_F32_MODE)}); "
                           f"set it to onednn, or call jtrain.models.attention.attend, which chooses")
+    missing = _CPU_FEATURES - cpu_gemm.cpu_flags()
+    if missing:
+        raise ConfigError(f"the CPU attention kernel needs AVX-512 (this CPU lacks {', '.join(sorted(missing))}); "
+                          "call jtrain.models.attention.attend, which chooses")
     _registered()
     return _vjp(float(scale), bool(causal))(q, k, v, keep)
 

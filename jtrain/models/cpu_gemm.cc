@@ -260,26 +260,12 @@ SetThreads omp_set_threads = nullptr;
 GetThreads omp_get_threads = nullptr;
 int workers = 1;
 
-// exp(x) for the softmax's x <= 0: 2^n p(r) with Cephes' expf polynomial (relative error about
-// 2e-7); below -87 it returns ~0. A scalar form, and an AVX-512 one of the same arithmetic.
-inline float Exp(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) {
-    p = p * r + c;
-  }
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
+// exp(x) for the softmax's x <= 0, 16 lanes: 2^n p(r) with Cephes' expf polynomial (relative error
+// about 2e-7); below -87 it returns ~0.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 Exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), _mm512_set1_ps(0.5f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
@@ -291,18 +277,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 Exp16(__m512 
   return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
-// Which of 16 keys from `j` (of `n`) exist and may be seen: a lane mask.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __mmask16 Keep16(const bool* keep, int64_t j, int64_t n, __mmask16* lanes) {
+// Which of 16 keys from `j` (of `n`) may be seen (the result) and exist (`lanes`): lane masks.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __mmask16 Keep16(const bool* keep, int64_t j, int64_t n,
+                                                                              __mmask16* lanes) {
   *lanes = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
   const __m512i k = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(*lanes, keep + j));
   return _mm512_test_epi32_mask(k, k);
 }
+
+// The kernel's loops are AVX-512 only (jtrain.models.cpu_attention takes it on such CPUs only).
 const bool kAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                      __builtin_cpu_supports("avx512vl");
 
 // Row `s` of raw scores -> probabilities in place (0 where `keep` is 0); returns the row's
 // log-sum-exp of the scaled scores, or 0 for a row that may see no key (its output is zero).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) float SoftmaxRow16(float* s, const bool* keep, int64_t n,
+__attribute__((target("avx512f,avx512bw,avx512vl"))) float SoftmaxRow(float* s, const bool* keep, int64_t n,
                                                                          float scale) {
   const __m512 vscale = _mm512_set1_ps(scale);
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::max());
@@ -335,30 +324,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) float SoftmaxRow16(float* s
   return mx + std::log(sum);
 }
 
-float SoftmaxRow(float* s, const bool* keep, int64_t n, float scale) {
-  if (kAvx512) return SoftmaxRow16(s, keep, n, scale);
-  float mx = -std::numeric_limits<float>::max();
-  bool seen = false;
-  for (int64_t j = 0; j < n; ++j) {
-    if (keep[j]) mx = std::max(mx, s[j] * scale);
-    seen = seen || keep[j];
-  }
-  if (!seen) {
-    std::fill(s, s + n, 0.0f);
-    return 0.0f;
-  }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] = keep[j] ? Exp(s[j] * scale - mx) : 0.0f;
-    sum += s[j];
-  }
-  for (int64_t j = 0; j < n; ++j) s[j] /= sum;
-  return mx + std::log(sum);
-}
-
 // Backward of one row: `s` raw scores -> probabilities from the saved log-sum-exp, `dp` (dO V^T)
 // -> the scores' gradient, scaled for q and k: p * (dp - sum(dO * O)) * scale.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void GradRow16(float* s, float* dp, const bool* keep,
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void GradRow(float* s, float* dp, const bool* keep,
                                                                      int64_t n, float scale, float lse, float d_row) {
   const __m512 vscale = _mm512_set1_ps(scale), vlse = _mm512_set1_ps(lse), vd = _mm512_set1_ps(d_row);
   __mmask16 lanes;
@@ -368,15 +336,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void GradRow16(float* s, fl
     const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, dp + j), vd);
     _mm512_mask_storeu_ps(s + j, lanes, p);
     _mm512_mask_storeu_ps(dp + j, lanes, _mm512_mul_ps(_mm512_mul_ps(p, g), vscale));
-  }
-}
-
-void GradRow(float* s, float* dp, const bool* keep, int64_t n, float scale, float lse, float d_row) {
-  if (kAvx512) return GradRow16(s, dp, keep, n, scale, lse, d_row);
-  for (int64_t j = 0; j < n; ++j) {
-    const float p = keep[j] ? Exp(s[j] * scale - lse) : 0.0f;
-    s[j] = p;
-    dp[j] = p * (dp[j] - d_row) * scale;
   }
 }
 
@@ -495,13 +454,13 @@ ffi::Error ForwardBlock(const Shape& sh, const float* q, const float* k, const f
   const float* q_blk = q + (b * sh.length + r0) * q_ld + h * sh.dim;
   const float* k_head = k + b * sh.keys * kv_ld + kh * sh.dim;
   const float* v_head = v + b * sh.keys * kv_ld + kh * sh.dim;
+  float* o_blk = o + (b * sh.length + r0) * q_ld + h * sh.dim;
   JTRAIN_TRY(Product(false, true, rows, keys, sh.dim, q_blk, q_ld, k_head, kv_ld, scores, keys));
   for (int64_t i = 0; i < rows; ++i) {
     lse[(b * sh.heads + h) * sh.length + r0 + i] =
         SoftmaxRow(scores + i * keys, sh.Mask(mask, b, r0 + i), keys, scale);
   }
-  return Product(false, false, rows, sh.dim, keys, scores, keys, v_head, kv_ld, o + (b * sh.length + r0) * q_ld + h * sh.dim,
-                 q_ld);
+  return Product(false, false, rows, sh.dim, keys, scores, keys, v_head, kv_ld, o_blk, q_ld);
 }
 
 
@@ -547,8 +506,8 @@ ffi::Error BackwardHead(const Shape& sh, const float* q, const float* k, const f
 }
 
 // The shapes of q [B, L, N, H], k and v [B, S, K, H] and the mask [B or 1, L, S], checked.
-ffi::Error Describe(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::PRED> mask, bool causal, int64_t block, Shape* sh) {
+ffi::Error CheckShapes(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                       ffi::Buffer<ffi::PRED> mask, bool causal, int64_t block, Shape* sh) {
   auto dq = q.dimensions(), dk = k.dimensions(), dv = v.dimensions(), dm = mask.dimensions();
   if (dq.size() != 4 || dk.size() != 4 || dv.size() != 4 || dm.size() != 3) {
     return ffi::Error::InvalidArgument("jtrain_cpu_attention: q, k, v must be [batch, length, heads, dim], the mask "
@@ -562,6 +521,7 @@ ffi::Error Describe(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
   if (dnnl::engine == nullptr) {
     return ffi::Error::Internal("jtrain_cpu_attention: oneDNN was not loaded (jtrain.models.cpu_gemm loads it)");
   }
+  if (!kAvx512) return ffi::Error::Internal("jtrain_cpu_attention: this CPU lacks AVX-512 (F, BW, VL)");
   return ffi::Error::Success();
 }
 
@@ -571,7 +531,7 @@ ffi::Error CpuAttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                                ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> o,
                                ffi::ResultBuffer<ffi::F32> lse, float scale, bool causal, int64_t block) {
   attn::Shape sh;
-  JTRAIN_TRY(attn::Describe(q, k, v, mask, causal, block, &sh));
+  JTRAIN_TRY(attn::CheckShapes(q, k, v, mask, causal, block, &sh));
   if (sh.keys == 0 || sh.dim == 0) {  // no key to see (or nothing to weigh): zeros, as for keyless rows
     std::memset(o->untyped_data(), 0, o->size_bytes());
     std::memset(lse->untyped_data(), 0, lse->size_bytes());
@@ -590,7 +550,7 @@ ffi::Error CpuAttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k
                                 ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale,
                                 bool causal, int64_t block) {
   attn::Shape sh;
-  JTRAIN_TRY(attn::Describe(q, k, v, mask, causal, block, &sh));
+  JTRAIN_TRY(attn::CheckShapes(q, k, v, mask, causal, block, &sh));
   if (sh.keys == 0 || sh.dim == 0) {
     for (auto* r : {&dq, &dk, &dv}) std::memset((*r)->untyped_data(), 0, (*r)->size_bytes());
     return ffi::Error::Success();
