@@ -11,8 +11,9 @@ took 10.5 ms as XLA ops and 4.7 ms here, forward and backward 26 and 18 ms (benc
 
 When (`applies`): the CPU backend on one device with oneDNN as the float32 GEMM library
 (`cpu_gemm.library_for(float32) == "onednn"`), a CPU with AVX-512 (F, BW and VL: its softmax
-loops), float32 q, k and v, and no soft-capping. The `JTRAIN_CPU_ATTENTION` setting: `auto` (default) takes it where it applies, `xla` never (the
-head-major einsums of `jtrain.models.attention`).
+loops), float32 q, k and v, and no soft-capping. The `JTRAIN_CPU_ATTENTION` setting: `auto`
+(default) takes it where it applies, `xla` never (the head-major einsums of
+`jtrain.models.attention`).
 
 Numerics: the same float32 softmax as the einsum path (scaled scores, row maximum subtracted,
 masked keys excluded), with exp from a polynomial (relative error about 2e-7) and a different

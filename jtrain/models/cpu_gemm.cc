@@ -18,17 +18,16 @@
 
 #include <dlfcn.h>
 #include <immintrin.h>
-
 #include <sched.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
-#include <functional>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -49,6 +48,65 @@ struct Product {
   bool trans_a, trans_b;
   int64_t batch, m, n, k, lda, ldb, ldc;
 };
+
+// ---- Worker threads, shared by MKL's batch split and the attention kernel ----
+
+// Threads kept for the process (each keeps its library state, such as a oneDNN stream and
+// scratchpad, warm); the caller is worker 0. One job at a time: `TryRun` returns false when the
+// pool is busy, and the caller then runs its work alone.
+class Pool {
+ public:
+  bool TryRun(int n, const std::function<void(int)>& job) {
+    std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (static_cast<int>(threads_.size()) < n - 1) {
+        const int worker = static_cast<int>(threads_.size()) + 1;
+        threads_.emplace_back([this, worker] { Loop(worker); });
+      }
+      job_ = &job;
+      wanted_ = n - 1;
+      pending_ = n - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    job(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    job_ = nullptr;
+    return true;
+  }
+
+ private:
+  void Loop(int worker) {
+    int64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen && worker <= wanted_; });
+        seen = generation_;
+        job = job_;
+      }
+      (*job)(worker);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int)>* job_ = nullptr;
+  int64_t generation_ = 0;
+  int wanted_ = 0, pending_ = 0;
+};
+
+Pool& Workers() {
+  static Pool* pool = new Pool;  // never destroyed: its threads wait for work until the process ends
+  return *pool;
+}
 
 // ---- MKL: float32 results only ----
 
@@ -71,20 +129,13 @@ constexpr int kTrans = 112;
 // product (attention's per-head blocks) is slower than independent products side by side.
 template <typename Body>
 void OverBatch(int64_t batch, const Body& body) {
-  const int64_t workers = std::min<int64_t>(batch, batch_threads);
-  if (workers <= 1 || set_local_threads == nullptr) {
-    body(0, batch);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int64_t w = 0; w < workers; ++w) {
-    pool.emplace_back([&, w] {
-      const int previous = set_local_threads(1);
-      body(batch * w / workers, batch * (w + 1) / workers);
-      set_local_threads(previous);
-    });
-  }
-  for (auto& t : pool) t.join();
+  const int workers = static_cast<int>(std::min<int64_t>(batch, batch_threads));
+  const std::function<void(int)> part = [&](int w) {
+    const int previous = set_local_threads(1);
+    body(batch * w / workers, batch * (w + 1) / workers);
+    set_local_threads(previous);
+  };
+  if (workers <= 1 || set_local_threads == nullptr || !Workers().TryRun(workers, part)) body(0, batch);
 }
 
 ffi::Error MklRun(const Product& p, const uint16_t* a, const uint16_t* b, float* c) {
@@ -351,66 +402,10 @@ struct Shape {
 };
 
 // A float32 product on strided row-major views through oneDNN (one thread: the caller's worker).
-ffi::Error Product(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+ffi::Error Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                    int64_t ldb, float* c, int64_t ldc) {
-  const ::Product p{ta, tb, 1, m, n, k, lda, ldb, ldc};
+  const Product p{ta, tb, 1, m, n, k, lda, ldb, ldc};
   return dnnl::Run(p, a, b, c, dnnl::kF32, dnnl::kF32);
-}
-
-// Worker threads kept for the process (each keeps its oneDNN stream and scratchpad warm); the
-// caller is worker 0. One job at a time: a caller that finds the pool busy runs its job alone.
-class Pool {
- public:
-  bool TryRun(int n, const std::function<void(int)>& job) {
-    std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
-    if (!busy.owns_lock()) return false;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      while (static_cast<int>(threads_.size()) < n - 1) {
-        const int worker = static_cast<int>(threads_.size()) + 1;
-        threads_.emplace_back([this, worker] { Loop(worker); });
-      }
-      job_ = &job;
-      wanted_ = n - 1;
-      pending_ = n - 1;
-      ++generation_;
-    }
-    wake_.notify_all();
-    job(0);
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-    job_ = nullptr;
-    return true;
-  }
-
- private:
-  void Loop(int worker) {
-    int64_t seen = 0;
-    for (;;) {
-      const std::function<void(int)>* job;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_ != seen && worker <= wanted_; });
-        seen = generation_;
-        job = job_;
-      }
-      (*job)(worker);
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--pending_ == 0) done_.notify_one();
-    }
-  }
-
-  std::mutex run_mutex_, mutex_;
-  std::condition_variable wake_, done_;
-  std::vector<std::thread> threads_;
-  const std::function<void(int)>* job_ = nullptr;
-  int64_t generation_ = 0;
-  int wanted_ = 0, pending_ = 0;
-};
-
-Pool& Workers() {
-  static Pool* pool = new Pool;  // never destroyed: its threads wait for work until the process ends
-  return *pool;
 }
 
 // Runs body(task, worker) for every task on up to `workers` threads, each with a one-thread
@@ -455,12 +450,12 @@ ffi::Error ForwardBlock(const Shape& sh, const float* q, const float* k, const f
   const float* k_head = k + b * sh.keys * kv_ld + kh * sh.dim;
   const float* v_head = v + b * sh.keys * kv_ld + kh * sh.dim;
   float* o_blk = o + (b * sh.length + r0) * q_ld + h * sh.dim;
-  JTRAIN_TRY(Product(false, true, rows, keys, sh.dim, q_blk, q_ld, k_head, kv_ld, scores, keys));
+  JTRAIN_TRY(Gemm(false, true, rows, keys, sh.dim, q_blk, q_ld, k_head, kv_ld, scores, keys));
   for (int64_t i = 0; i < rows; ++i) {
     lse[(b * sh.heads + h) * sh.length + r0 + i] =
         SoftmaxRow(scores + i * keys, sh.Mask(mask, b, r0 + i), keys, scale);
   }
-  return Product(false, false, rows, sh.dim, keys, scores, keys, v_head, kv_ld, o_blk, q_ld);
+  return Gemm(false, false, rows, sh.dim, keys, scores, keys, v_head, kv_ld, o_blk, q_ld);
 }
 
 
@@ -483,18 +478,18 @@ ffi::Error BackwardHead(const Shape& sh, const float* q, const float* k, const f
     for (int64_t blk = 0; blk < sh.blocks(); ++blk) {
       const int64_t r0 = blk * sh.block, rows = std::min(sh.block, sh.length - r0), keys = sh.KeyEnd(r0 + rows);
       const int64_t at = (b * sh.length + r0) * q_ld + h * sh.dim;
-      JTRAIN_TRY(Product(false, true, rows, keys, sh.dim, q + at, q_ld, k_head, kv_ld, w.p.data(), keys));
-      JTRAIN_TRY(Product(false, true, rows, keys, sh.dim, dout + at, q_ld, v_head, kv_ld, w.ds.data(), keys));
+      JTRAIN_TRY(Gemm(false, true, rows, keys, sh.dim, q + at, q_ld, k_head, kv_ld, w.p.data(), keys));
+      JTRAIN_TRY(Gemm(false, true, rows, keys, sh.dim, dout + at, q_ld, v_head, kv_ld, w.ds.data(), keys));
       for (int64_t i = 0; i < rows; ++i) {
         float d_row = 0.0f;
         for (int64_t j = 0; j < sh.dim; ++j) d_row += dout[at + i * q_ld + j] * o[at + i * q_ld + j];
         GradRow(w.p.data() + i * keys, w.ds.data() + i * keys, sh.Mask(mask, b, r0 + i), keys, scale,
                 lse[(b * sh.heads + h) * sh.length + r0 + i], d_row);
       }
-      JTRAIN_TRY(Product(false, false, rows, sh.dim, keys, w.ds.data(), keys, k_head, kv_ld, dq + at, q_ld));
-      JTRAIN_TRY(Product(true, false, keys, sh.dim, rows, w.p.data(), keys, dout + at, q_ld, w.tmp.data(), sh.dim));
+      JTRAIN_TRY(Gemm(false, false, rows, sh.dim, keys, w.ds.data(), keys, k_head, kv_ld, dq + at, q_ld));
+      JTRAIN_TRY(Gemm(true, false, keys, sh.dim, rows, w.p.data(), keys, dout + at, q_ld, w.tmp.data(), sh.dim));
       for (int64_t j = 0; j < keys * sh.dim; ++j) w.dv[j] += w.tmp[j];
-      JTRAIN_TRY(Product(true, false, keys, sh.dim, rows, w.ds.data(), keys, q + at, q_ld, w.tmp.data(), sh.dim));
+      JTRAIN_TRY(Gemm(true, false, keys, sh.dim, rows, w.ds.data(), keys, q + at, q_ld, w.tmp.data(), sh.dim));
       for (int64_t j = 0; j < keys * sh.dim; ++j) w.dk[j] += w.tmp[j];
     }
   }

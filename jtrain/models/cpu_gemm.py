@@ -134,8 +134,7 @@ def _threads() -> int:
 
 def _build_extension() -> Path:
     """`cpu_gemm.cc` compiled against JAX's FFI headers (once per source and jaxlib version)."""
-    # -fopenmp-simd: the attention's softmax loops carry `omp simd` reductions (no OpenMP runtime).
-    return native.build_library(_SOURCE, TARGET, [f"-I{jax.ffi.include_dir()}", "-fopenmp-simd"],
+    return native.build_library(_SOURCE, TARGET, [f"-I{jax.ffi.include_dir()}"],
                                 without_compiler=f"set {ENV_MODE}=xla and {ENV_F32_MODE}=xla")
 
 
