@@ -153,13 +153,15 @@ def constrain_gradients(tx: optax.GradientTransformation, shardings: Any) -> opt
 
     ZeRO-2 keeps params replicated but the optimizer state sharded; pinning the gradients to the
     state's layout lets XLA reduce-scatter them instead of all-reducing full copies. The state
-    and its tree are `tx`'s own, so `optax.tree_map_params` still sees through this wrapper.
+    and its tree are `tx`'s own, so `optax.tree_map_params` still sees through this wrapper; extra
+    arguments (the train step's `grad_norm`) pass through.
     """
+    inner = optax.with_extra_args_support(tx)
 
-    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        return tx.update(jax.lax.with_sharding_constraint(updates, shardings), state, params)
+    def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+        return inner.update(jax.lax.with_sharding_constraint(updates, shardings), state, params, **extra_args)
 
-    return optax.GradientTransformation(tx.init, update)
+    return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def _split(tree: Any, trainable: Callable[[tuple[str, ...]], bool]) -> tuple[Any, Any]:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jtrain.losses import LossOutput
+from jtrain.optim.transforms import global_norm_f32
 from jtrain.param_split import combine
 from jtrain.precision import cast_floating
 from jtrain.state import TrainState
@@ -99,14 +100,21 @@ def make_train_step(
         out, grad_sums = accumulate_gradients(apply_fn, loss_fn, state.params, batch, step_rng, state.frozen, scale)
         denom = jnp.maximum(out.weight, 1.0)
         grad_denom = denom if scale is None else denom * scale
-        grads = jax.tree.map(lambda g: g / grad_denom, grad_sums)
+
+        def mean_grads() -> Any:
+            return jax.tree.map(lambda g: g / grad_denom, grad_sums)
+
         loss = out.loss_sum / denom
-        grad_norm = optax.tree.norm(grads)
+        # The division is written twice on purpose: the norm's reduction and the optimizer's update
+        # each fuse it, so the divided gradients are never stored (a pass over them saved), and the
+        # clip reuses this norm (`grad_norm`) instead of a second reduction (`make_optimizer`).
+        grad_norm = global_norm_f32(mean_grads())
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(params_and_opt: tuple[Any, Any]) -> tuple[Any, Any]:
             params, opt_state = params_and_opt
-            updates, opt_state = tx.update(grads, opt_state, params)
+            updates, opt_state = optax.with_extra_args_support(tx).update(mean_grads(), opt_state, params,
+                                                                          grad_norm=grad_norm)
             updates = jax.tree.map(lambda u: u * state.lr_factor.astype(u.dtype), updates)
             return optax.apply_updates(params, updates), opt_state
 

@@ -100,6 +100,26 @@ def test_clipping_uses_torch_formula() -> None:
     jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -g / (norm + 1e-6), rtol=2e-7), updates, grads)
 
 
+
+def test_clipping_takes_the_steps_norm() -> None:
+    """The train step passes its own norm of the gradients (`grad_norm`) so the clip skips a second
+    reduction: the clip must use it (shown with a deliberately different value), give the same
+    updates as recomputing when it is the true norm, and reach the clip through the ZeRO-2 wrapper."""
+    from jtrain.compiled import constrain_gradients
+    from jtrain.optim.transforms import global_norm_f32
+
+    grads = jax.tree.map(lambda p: 10.0 * p, PARAMS)
+    opt = make_optimizer("sgd", 1.0, max_grad_norm=1.0)
+    state = opt.init(PARAMS)
+    recomputed, _ = jax.jit(opt.update)(grads, state, PARAMS)
+    given, _ = jax.jit(lambda g, s, p: opt.update(g, s, p, grad_norm=global_norm_f32(g)))(grads, state, PARAMS)
+    jax.tree.map(np.testing.assert_array_equal, given, recomputed)
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    wrapped = constrain_gradients(opt, jax.tree.map(lambda _: one_device, PARAMS))
+    forced, _ = jax.jit(lambda g, s, p: wrapped.update(g, s, p, grad_norm=jnp.float32(4.0)))(grads, state, PARAMS)
+    # 4.0 stands in for the norm: coefficient 1 / (4 + 1e-6), float32 products -> 1 ulp.
+    jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -g / (4.0 + 1e-6), rtol=2e-7), forced, grads)
+
 @pytest.mark.parametrize(
     "name",
     ["adamw_torch", "adamw_8bit", "adamw_bf16", "lion", "muon", "galore_adamw", "apollo_adamw", "adafactor", "sgd"],

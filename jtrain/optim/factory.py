@@ -103,7 +103,7 @@ def _clipped(tx: optax.GradientTransformation, max_grad_norm: float | None) -> o
     """`tx` behind HF's global-norm clipping (torch's formula); `max_grad_norm` <= 0 or None: no clipping."""
     if max_grad_norm is None or max_grad_norm <= 0:
         return optax.chain(tx)
-    return optax.chain(clip_by_global_norm_torch(float(max_grad_norm)), tx)
+    return optax.chain(clip_by_global_norm_torch(float(max_grad_norm), takes_grad_norm=True), tx)
 
 
 def make_optimizer_from_factory(
