@@ -8,6 +8,8 @@ Shape letters as in `jtrain.models.attention`.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -79,6 +81,38 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     if name not in ACTIVATIONS:
         raise ConfigError(f"unsupported activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
     return ACTIVATIONS[name]
+
+
+@functools.cache
+def gated_activation(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """`act(gate) * up`, the gated MLP's product, whose backward keeps only `gate` and `up`.
+
+    Why: autodiff of `act(gate) * up` stores act's intermediates (the sigmoid and the activation
+    for silu) as separate arrays in the forward pass and reads them back in three passes; here the
+    forward is one pass and the backward recomputes act and its derivative (`jax.jvp`) in one
+    fused pass over gate, up and the incoming gradient: half the memory traffic of the MLP's
+    elementwise work, and two [tokens, intermediate] arrays fewer kept per layer. Same arithmetic
+    as autodiff's; any elementwise `ACTIVATIONS` entry works."""
+    act = activation(name)
+
+    @jax.custom_vjp
+    def gated(gate: jax.Array, up: jax.Array) -> jax.Array:
+        return act(gate) * up
+
+    def forward(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        return gated(gate, up), (gate, up)
+
+    def backward(saved: tuple[jax.Array, jax.Array], d_out: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # The barriers keep XLA from merging these recomputations with the forward's act(gate) or
+        # with each other: merged, act's intermediates would be stored and read back again.
+        gate, up = saved
+        gate_for_up, up_for_gate = jax.lax.optimization_barrier((gate, up))
+        gate_for_gate, d_out = jax.lax.optimization_barrier((gate, d_out))
+        slope = jax.jvp(act, (gate_for_gate,), (jnp.ones_like(gate),))[1]
+        return (d_out * up_for_gate * slope).astype(gate.dtype), (d_out * act(gate_for_up)).astype(up.dtype)
+
+    gated.defvjp(forward, backward)
+    return gated
 
 
 def dropout(module: nn.Module, rate: float, x: jax.Array, train: bool) -> jax.Array:

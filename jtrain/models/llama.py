@@ -18,9 +18,9 @@ import jax.numpy as jnp
 from jtrain.models.attention import (AttentionMask, apply_rope, attend, make_attention_mask, rope_inv_freq,
                                      rope_tables, rope_type)
 from jtrain.models.hfconfig import HFConfig
-from jtrain.models.layers import (ScaledEmbed, activation, attend_layout, check_sequence_length, constrain,
-                                  default_positions, dropout_rng, embed_tokens, last_token_index, normal_init,
-                                  ones_init, run_layers, take_rows, zeros_init)
+from jtrain.models.layers import (ScaledEmbed, attend_layout, check_sequence_length, constrain,
+                                  default_positions, dropout_rng, embed_tokens, gated_activation, last_token_index,
+                                  normal_init, ones_init, run_layers, take_rows, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
 from jtrain.models.ring_attention import ring_attention, ring_balance, uses_ring
 
@@ -272,7 +272,7 @@ class LlamaMLP(nn.Module):
 
         gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"), h_BLD)
         up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"), h_BLD)
-        hidden_BLF = constrain(cfg, activation(cfg.activation_name)(gate) * up, "batch", "length", "mlp")
+        hidden_BLF = constrain(cfg, gated_activation(cfg.activation_name)(gate, up), "batch", "length", "mlp")
         return dense("down_proj", cfg.hidden_size, ("mlp", "embed"), hidden_BLF)
 
 
