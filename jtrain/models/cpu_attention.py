@@ -4,16 +4,16 @@ Why: written as XLA ops, attention stores every head's [rows, keys] scores, prob
 their gradients between batched products that run at 80-120 GFLOP/s on the benchmark's shapes
 (the 64-long contraction of q k^T), with softmax passes and head-major copies in between. The
 kernel takes one head at a time on each core, a query block at a time, so those matrices stay in
-the core's cache, and calls oneDNN on strided views of the [batch, length, heads, dim] arrays (no
-copies). Like flash attention, the forward saves each row's log-sum-exp and the backward
-recomputes the probabilities from it. On the large benchmark model's shapes one layer's forward
-took 10.5 ms as XLA ops and 4.7 ms here, forward and backward 26 and 18 ms (benchmarks/TRIED.md).
+the core's cache, and computes its products itself (AVX-512 register tiles, no per-call cost) on
+strided views of the [batch, length, heads, dim] arrays (no copies). Like flash attention, the
+forward saves each row's log-sum-exp and the backward recomputes the probabilities from it. On the
+large benchmark model's shapes one layer's forward took 10.5 ms as XLA ops and 4.1-4.6 ms here,
+forward and backward 26 and 17.5-20 ms (benchmarks/TRIED.md).
 
-When (`applies`): the CPU backend on one device with oneDNN as the float32 GEMM library
-(`cpu_gemm.library_for(float32) == "onednn"`), a CPU with AVX-512 (F, BW and VL: its softmax
-loops), float32 q, k and v, and no soft-capping. The `JTRAIN_CPU_ATTENTION` setting: `auto`
-(default) takes it where it applies, `xla` never (the head-major einsums of
-`jtrain.models.attention`).
+When (`applies`): the CPU backend on one device (`cpu_gemm.on_one_cpu`), a CPU with AVX-512 (F, BW
+and VL), a C++ compiler to build `cpu_gemm.cc` (no GEMM library is needed), float32 q, k and v,
+and no soft-capping. The `JTRAIN_CPU_ATTENTION` setting: `auto` (default) takes it where it
+applies, `xla` never (the head-major einsums of `jtrain.models.attention`).
 
 Numerics: the same float32 softmax as the einsum path (scaled scores, row maximum subtracted,
 masked keys excluded), with exp from a polynomial (relative error about 2e-7) and a different
@@ -23,6 +23,7 @@ summation order; rows that may see no key give zeros, as `attend` promises.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -33,12 +34,15 @@ from jtrain import native
 from jtrain.errors import ConfigError
 from jtrain.models import cpu_gemm
 
+logger = logging.getLogger(__name__)
+
 ENV = "JTRAIN_CPU_ATTENTION"
 FORWARD = "jtrain_cpu_attention_forward"
 BACKWARD = "jtrain_cpu_attention_backward"
-# Query rows per block: a [128, keys] float32 block of scores and its gradient (256 KB at 256
-# keys) stay in a core's L2 cache, and causal blocks skip the keys after their last row.
-BLOCK = 128
+# Query rows per block: a [64, keys] float32 block of scores and its gradient (128 KB at 256 keys)
+# stay in a core's L2 cache, and causal blocks skip the keys after their last row (blocks of 32
+# measured the same, 128 slower: more keys scored past the diagonal).
+BLOCK = 64
 _CPU_FEATURES = {"avx512f", "avx512bw", "avx512vl"}  # the kernel's softmax loops are AVX-512
 
 
@@ -50,17 +54,21 @@ def mode() -> str:
 def applies(q: jax.Array, k: jax.Array, v: jax.Array, softcap: float | None) -> bool:
     """Whether `attention` should compute this (see the module docstring)."""
     return (softcap is None and q.dtype == k.dtype == v.dtype == jnp.float32 and mode() == "auto"
-            and cpu_gemm.active(jnp.float32) and cpu_gemm.library_for(jnp.float32) == "onednn"
-            and _CPU_FEATURES <= cpu_gemm.cpu_flags() and _registered())
+            and cpu_gemm.on_one_cpu() and _CPU_FEATURES <= cpu_gemm.cpu_flags() and _built() is None)
 
 
 @functools.cache
-def _registered() -> bool:
-    """Register both handlers of the already-built extension as FFI targets (once per process)."""
-    ext = cpu_gemm.extension()
+def _built() -> str | None:
+    """Build the extension and register both handlers as FFI targets (once per process); None, or
+    why that failed (logged once; `applies` then leaves attention to XLA)."""
+    try:
+        ext = cpu_gemm.extension()
+    except (ConfigError, OSError) as err:
+        logger.info("float32 attention stays on XLA's einsums: %s", err)
+        return str(err)
     for target, symbol in ((FORWARD, ext.JtrainCpuAttentionForward), (BACKWARD, ext.JtrainCpuAttentionBackward)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
-    return True
+    return None
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, scale: float, causal: bool) -> jax.Array:
@@ -68,15 +76,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, scale: 
 
     `keep` is the boolean [B or 1, L, S] mask (True: the query may see the key). `causal`
     promises that no query sees a later key, so a query block skips the keys after its last row."""
-    if cpu_gemm.library_for(jnp.float32) != "onednn":
-        raise ConfigError(f"the CPU attention kernel computes its products with oneDNN, which is not the float32 GEMM "
-                          f"library here ({cpu_gemm.ENV_F32_MODE}={cpu_gemm.mode(cpu_gemm.ENV_F32_MODE)}); "
-                          f"set it to onednn, or call jtrain.models.attention.attend, which chooses")
     missing = _CPU_FEATURES - cpu_gemm.cpu_flags()
     if missing:
         raise ConfigError(f"the CPU attention kernel needs AVX-512 (this CPU lacks {', '.join(sorted(missing))}); "
                           "call jtrain.models.attention.attend, which chooses")
-    _registered()
+    failure = _built()
+    if failure is not None:
+        raise ConfigError(f"the CPU attention kernel could not be built: {failure}; call "
+                          "jtrain.models.attention.attend, which chooses")
     return _vjp(float(scale), bool(causal))(q, k, v, keep)
 
 

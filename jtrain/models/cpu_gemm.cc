@@ -1,8 +1,8 @@
 // Matrix products for XLA:CPU: bfloat16 x bfloat16 on the CPU's AMX tiles or AVX512-BF16 units,
 // through oneDNN's matmul primitive (float32 or bfloat16 result) or MKL's cblas_gemm_bf16bf16f32
 // (float32 result); float32 x float32 through oneDNN's matmul (float32 result).
-// Also float32 attention (forward and backward) built on the same oneDNN products: see the
-// "Fused attention" section and jtrain/models/cpu_attention.py.
+// Also float32 attention (forward and backward) on its own AVX-512 products, which needs no
+// library: see the "Fused attention" section and jtrain/models/cpu_attention.py.
 //
 // Why: XLA:CPU computes bf16 dots at its float32 speed, while the same CPU's AMX units run
 // them 8-9x faster, and oneDNN's float32 kernels ran the benchmark's products 1.0-1.4x faster
@@ -51,8 +51,8 @@ struct Product {
 
 // ---- Worker threads, shared by MKL's batch split and the attention kernel ----
 
-// Threads kept for the process (each keeps its library state, such as a oneDNN stream and
-// scratchpad, warm); the caller is worker 0. One job at a time: `TryRun` returns false when the
+// Threads kept for the process (each keeps its per-thread state, such as MKL's thread setting
+// and the attention's buffers' cache lines, warm); the caller is worker 0. One job at a time: `TryRun` returns false when the
 // pool is busy, and the caller then runs its work alone.
 class Pool {
  public:
@@ -298,18 +298,20 @@ ffi::Error Run(const Product& p, const void* a, const void* b, void* c, int src,
 // gradients to memory between batched products that run at 80-120 GFLOP/s on these small shapes
 // (a 64-long contraction). Here one worker takes one head (forward) or one key-value head
 // (backward) at a time, a query block of rows at a time, so those matrices stay in the core's
-// cache; the products are oneDNN's on strided views of [batch, length, heads, head_dim], so no
-// head-major copy is made either. The backward recomputes the probabilities from the saved
-// log-sum-exp, as flash-attention kernels do.
+// cache; the products (see "Small float32 products") read q, k, v and write o and the gradients
+// as strided views of [batch, length, heads, head_dim], so no head-major copy is made either. The
+// backward recomputes the probabilities from the saved log-sum-exp, as flash-attention kernels do.
 
 namespace attn {
 
-using SetThreads = void (*)(int);
-using GetThreads = int (*)();
-// oneDNN's OpenMP runtime: one thread per worker, the caller's own setting restored afterwards.
-SetThreads omp_set_threads = nullptr;
-GetThreads omp_get_threads = nullptr;
-int workers = 1;
+// Worker threads: one per core this process may run on.
+int WorkerCount() {
+  static const int count = [] {
+    cpu_set_t cpus;
+    return sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? std::max(1, CPU_COUNT(&cpus)) : 1;
+  }();
+  return count;
+}
 
 // exp(x) for the softmax's x <= 0, 16 lanes: 2^n p(r) with Cephes' expf polynomial (relative error
 // about 2e-7); below -87 it returns ~0.
@@ -390,10 +392,23 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void GradRow(float* s, floa
   }
 }
 
+// sum(x[0:n] * y[0:n]) in 16 lanes.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) float Dot(const float* x, const float* y, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, x + j), _mm512_maskz_loadu_ps(lanes, y + j), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 struct Shape {
   int64_t batch, length, heads, keys, kv_heads, dim, mask_batch, block;
   bool causal;
   int64_t blocks() const { return (length + block - 1) / block; }
+  // Row length of the workers' [*, keys] buffers (transposed keys and values, scores): padded off
+  // a power of two, whose rows would share cache sets (measured: q k^T 110 -> 145 GFLOP/s).
+  int64_t padded() const { return (keys + 15) / 16 * 16 + 16; }
   // Keys a query block may see: all, or (causal self-attention) those up to the block's last row.
   int64_t KeyEnd(int64_t row_end) const { return causal && length == keys ? row_end : keys; }
   const bool* Mask(const bool* mask, int64_t b, int64_t row) const {
@@ -401,24 +416,119 @@ struct Shape {
   }
 };
 
-// A float32 product on strided row-major views through oneDNN (one thread: the caller's worker).
-ffi::Error Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-                   int64_t ldb, float* c, int64_t ldc) {
-  const Product p{ta, tb, 1, m, n, k, lda, ldb, ldc};
-  return dnnl::Run(p, a, b, c, dnnl::kF32, dnnl::kF32);
+// ---- Small float32 products, AVX-512, one thread ----
+//
+// Why not oneDNN here: attention's products are small (a block of 64 query rows against at most
+// the keys, a 64-long head) and many (about 1,800 per layer and step on the benchmark's large
+// preset); oneDNN's per-call cost (primitive lookup, memory objects, stream) held them at ~90
+// GFLOP/s per core and made blocks under 128 rows slower. A register tile of 6 rows x 64 columns,
+// B streamed a row at a time, runs them at 100-145 GFLOP/s per core with no per-call cost, so
+// blocks of 64 rows (less causal waste) pay: attention 10-20% faster per layer (TRIED.md).
+
+// C[r, 0:cols] (+)= sum_p op(A)[r, p] B[p, n0 + 0:cols] for MR rows r; op(A)[r, p] is a[r * lda + p]
+// or, with TA, a[p * lda + r]; cols <= 64 (masked lanes beyond).
+template <int MR, bool TA>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void Tile(int64_t cols, int64_t k, const float* a, int64_t lda,
+                                                                const float* b, int64_t ldb, float* c, int64_t ldc,
+                                                                bool accumulate) {
+  __mmask16 lanes[4];
+  for (int v = 0; v < 4; ++v) {
+    const int64_t left = cols - 16 * v;
+    lanes[v] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+  }
+  __m512 acc[MR][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < k; ++p) {
+    const float* row = b + p * ldb;
+    __m512 bv[4];
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) bv[v] = _mm512_maskz_loadu_ps(lanes[v], row + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(TA ? a[p * lda + r] : a[r * lda + p]);
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      float* out = c + r * ldc + 16 * v;
+      const __m512 sum = accumulate ? _mm512_add_ps(acc[r][v], _mm512_maskz_loadu_ps(lanes[v], out)) : acc[r][v];
+      _mm512_mask_storeu_ps(out, lanes[v], sum);
+    }
+  }
 }
 
-// Runs body(task, worker) for every task on up to `workers` threads, each with a one-thread
-// oneDNN; returns the first error.
+template <bool TA>
+void Rows(int64_t rows, int64_t cols, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+          int64_t ldc, bool accumulate) {
+  constexpr int kMr = 6;  // 6 x 4 accumulators + 4 B vectors + a broadcast: within the 32 registers
+  int64_t i = 0;
+  auto at = [&](int64_t r) { return TA ? a + r : a + r * lda; };
+  for (; i + kMr <= rows; i += kMr) Tile<kMr, TA>(cols, k, at(i), lda, b, ldb, c + i * ldc, ldc, accumulate);
+  switch (rows - i) {
+    case 5: Tile<5, TA>(cols, k, at(i), lda, b, ldb, c + i * ldc, ldc, accumulate); break;
+    case 4: Tile<4, TA>(cols, k, at(i), lda, b, ldb, c + i * ldc, ldc, accumulate); break;
+    case 3: Tile<3, TA>(cols, k, at(i), lda, b, ldb, c + i * ldc, ldc, accumulate); break;
+    case 2: Tile<2, TA>(cols, k, at(i), lda, b, ldb, c + i * ldc, ldc, accumulate); break;
+    case 1: Tile<1, TA>(cols, k, at(i), lda, b, ldb, c + i * ldc, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// C[m, n] (+)= op(A)[m, k] B[k, n]: B row-major (rows ldb apart), C rows ldc apart; op(A) is A
+// (rows lda apart) or, with `ta`, the transpose of a [k, m] A. Column panels of 64 outermost, so a
+// panel of B is reused by every row block while it sits in cache.
+void Gemm(bool ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+          int64_t ldc, bool accumulate = false) {
+  for (int64_t n0 = 0; n0 < n; n0 += 64) {
+    const int64_t cols = std::min<int64_t>(64, n - n0);
+    if (ta) {
+      Rows<true>(m, cols, k, a, lda, b + n0, ldb, c + n0, ldc, accumulate);
+    } else {
+      Rows<false>(m, cols, k, a, lda, b + n0, ldb, c + n0, ldc, accumulate);
+    }
+  }
+}
+
+// t[d, s] (rows ldt apart) = x[s, d] (rows ld apart) for s < rows, d < dim: a head's keys or
+// values, so q k^T and dO v^T become products with a row-major B. In 16 x 16 tiles, so each
+// store fills a cache line of t.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void Transpose(const float* x, int64_t ld, int64_t rows,
+                                                                     int64_t dim, int64_t ldt, float* t) {
+  alignas(64) float tile[16][16];
+  for (int64_t s0 = 0; s0 < rows; s0 += 16) {
+    const int64_t ns = std::min<int64_t>(16, rows - s0);
+    const __mmask16 s_lanes = ns == 16 ? 0xFFFF : static_cast<__mmask16>((1u << ns) - 1);
+    for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+      const int64_t nd = std::min<int64_t>(16, dim - d0);
+      const __mmask16 d_lanes = nd == 16 ? 0xFFFF : static_cast<__mmask16>((1u << nd) - 1);
+      for (int64_t i = 0; i < ns; ++i) _mm512_store_ps(tile[i], _mm512_maskz_loadu_ps(d_lanes, x + (s0 + i) * ld + d0));
+      const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                _mm512_set1_epi32(16));
+      for (int64_t j = 0; j < nd; ++j) {
+        const __m512 col = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), s_lanes, column, &tile[0][j], 4);
+        _mm512_mask_storeu_ps(t + (d0 + j) * ldt + s0, s_lanes, col);
+      }
+    }
+  }
+}
+
+// Runs body(task, worker) for every task on up to one thread per core; returns the first error.
 template <typename Body>
 ffi::Error ParallelFor(int64_t tasks, const Body& body) {
   std::atomic<int64_t> next{0};
   std::mutex error_mutex;
   ffi::Error first = ffi::Error::Success();
   const std::function<void(int)> work = [&](int worker) {
-    const bool set = omp_set_threads != nullptr && omp_get_threads != nullptr;
-    const int previous = set ? omp_get_threads() : 0;
-    if (set) omp_set_threads(1);
+    const unsigned csr = _mm_getcsr();
+    if (getenv("EXP_FTZ")) _mm_setcsr(csr | 0x8040);
     for (int64_t t = next++; t < tasks; t = next++) {
       ffi::Error e = body(t, worker);
       if (e.failure()) {
@@ -427,9 +537,9 @@ ffi::Error ParallelFor(int64_t tasks, const Body& body) {
         next = tasks;
       }
     }
-    if (set) omp_set_threads(previous);
+    _mm_setcsr(csr);
   };
-  const int n = static_cast<int>(std::min<int64_t>(tasks, workers));
+  const int n = static_cast<int>(std::min<int64_t>(tasks, WorkerCount()));
   if (n <= 1 || !Workers().TryRun(n, work)) work(0);
   return first;
 }
@@ -440,29 +550,32 @@ ffi::Error ParallelFor(int64_t tasks, const Body& body) {
     if (e_.failure()) return e_;      \
   } while (0)
 
-// Forward of one (batch row, head, query block): o and the rows' log-sum-exp.
-ffi::Error ForwardBlock(const Shape& sh, const float* q, const float* k, const float* v, const bool* mask,
-                        float scale, int64_t task, float* scores, float* o, float* lse) {
-  const int64_t blk = task % sh.blocks(), h = task / sh.blocks() % sh.heads, b = task / sh.blocks() / sh.heads;
-  const int64_t r0 = blk * sh.block, rows = std::min(sh.block, sh.length - r0), keys = sh.KeyEnd(r0 + rows);
+// Forward of one (batch row, head): every query block, o and the rows' log-sum-exp. `kt` takes
+// the head's keys transposed, `scores` one block's scores.
+ffi::Error ForwardHead(const Shape& sh, const float* q, const float* k, const float* v, const bool* mask, float scale,
+                       int64_t task, float* kt, float* scores, float* o, float* lse) {
+  const int64_t h = task % sh.heads, b = task / sh.heads;
   const int64_t kh = h / (sh.heads / sh.kv_heads), q_ld = sh.heads * sh.dim, kv_ld = sh.kv_heads * sh.dim;
-  const float* q_blk = q + (b * sh.length + r0) * q_ld + h * sh.dim;
-  const float* k_head = k + b * sh.keys * kv_ld + kh * sh.dim;
   const float* v_head = v + b * sh.keys * kv_ld + kh * sh.dim;
-  float* o_blk = o + (b * sh.length + r0) * q_ld + h * sh.dim;
-  JTRAIN_TRY(Gemm(false, true, rows, keys, sh.dim, q_blk, q_ld, k_head, kv_ld, scores, keys));
-  for (int64_t i = 0; i < rows; ++i) {
-    lse[(b * sh.heads + h) * sh.length + r0 + i] =
-        SoftmaxRow(scores + i * keys, sh.Mask(mask, b, r0 + i), keys, scale);
+  const int64_t ld = sh.padded();
+  Transpose(k + b * sh.keys * kv_ld + kh * sh.dim, kv_ld, sh.keys, sh.dim, ld, kt);
+  for (int64_t blk = 0; blk < sh.blocks(); ++blk) {
+    const int64_t r0 = blk * sh.block, rows = std::min(sh.block, sh.length - r0), keys = sh.KeyEnd(r0 + rows);
+    const int64_t at = (b * sh.length + r0) * q_ld + h * sh.dim;
+    Gemm(false, rows, keys, sh.dim, q + at, q_ld, kt, ld, scores, ld);
+    for (int64_t i = 0; i < rows; ++i) {
+      lse[(b * sh.heads + h) * sh.length + r0 + i] = SoftmaxRow(scores + i * ld, sh.Mask(mask, b, r0 + i), keys, scale);
+    }
+    Gemm(false, rows, sh.dim, keys, scores, ld, v_head, kv_ld, o + at, q_ld);
   }
-  return Gemm(false, false, rows, sh.dim, keys, scores, keys, v_head, kv_ld, o_blk, q_ld);
+  return ffi::Error::Success();
 }
 
 
 // Backward of one (batch row, key-value head): every query head of its group, a query block at a
 // time; dq is written per block, dk and dv accumulate in the worker's buffers and are written once.
 struct Buffers {
-  std::vector<float> p, ds, dk, dv, tmp;
+  std::vector<float> p, ds, dk, dv, kt, vt;
 };
 
 ffi::Error BackwardHead(const Shape& sh, const float* q, const float* k, const float* v, const bool* mask,
@@ -474,23 +587,23 @@ ffi::Error BackwardHead(const Shape& sh, const float* q, const float* k, const f
   const float* v_head = v + b * sh.keys * kv_ld + kh * sh.dim;
   std::fill(w.dk.begin(), w.dk.end(), 0.0f);
   std::fill(w.dv.begin(), w.dv.end(), 0.0f);
+  const int64_t ld = sh.padded();
+  Transpose(k_head, kv_ld, sh.keys, sh.dim, ld, w.kt.data());
+  Transpose(v_head, kv_ld, sh.keys, sh.dim, ld, w.vt.data());
   for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
     for (int64_t blk = 0; blk < sh.blocks(); ++blk) {
       const int64_t r0 = blk * sh.block, rows = std::min(sh.block, sh.length - r0), keys = sh.KeyEnd(r0 + rows);
       const int64_t at = (b * sh.length + r0) * q_ld + h * sh.dim;
-      JTRAIN_TRY(Gemm(false, true, rows, keys, sh.dim, q + at, q_ld, k_head, kv_ld, w.p.data(), keys));
-      JTRAIN_TRY(Gemm(false, true, rows, keys, sh.dim, dout + at, q_ld, v_head, kv_ld, w.ds.data(), keys));
+      Gemm(false, rows, keys, sh.dim, q + at, q_ld, w.kt.data(), ld, w.p.data(), ld);
+      Gemm(false, rows, keys, sh.dim, dout + at, q_ld, w.vt.data(), ld, w.ds.data(), ld);
       for (int64_t i = 0; i < rows; ++i) {
-        float d_row = 0.0f;
-        for (int64_t j = 0; j < sh.dim; ++j) d_row += dout[at + i * q_ld + j] * o[at + i * q_ld + j];
-        GradRow(w.p.data() + i * keys, w.ds.data() + i * keys, sh.Mask(mask, b, r0 + i), keys, scale,
+        const float d_row = Dot(dout + at + i * q_ld, o + at + i * q_ld, sh.dim);
+        GradRow(w.p.data() + i * ld, w.ds.data() + i * ld, sh.Mask(mask, b, r0 + i), keys, scale,
                 lse[(b * sh.heads + h) * sh.length + r0 + i], d_row);
       }
-      JTRAIN_TRY(Gemm(false, false, rows, sh.dim, keys, w.ds.data(), keys, k_head, kv_ld, dq + at, q_ld));
-      JTRAIN_TRY(Gemm(true, false, keys, sh.dim, rows, w.p.data(), keys, dout + at, q_ld, w.tmp.data(), sh.dim));
-      for (int64_t j = 0; j < keys * sh.dim; ++j) w.dv[j] += w.tmp[j];
-      JTRAIN_TRY(Gemm(true, false, keys, sh.dim, rows, w.ds.data(), keys, q + at, q_ld, w.tmp.data(), sh.dim));
-      for (int64_t j = 0; j < keys * sh.dim; ++j) w.dk[j] += w.tmp[j];
+      Gemm(false, rows, sh.dim, keys, w.ds.data(), ld, k_head, kv_ld, dq + at, q_ld);
+      Gemm(true, keys, sh.dim, rows, w.p.data(), ld, dout + at, q_ld, w.dv.data(), sh.dim, true);
+      Gemm(true, keys, sh.dim, rows, w.ds.data(), ld, q + at, q_ld, w.dk.data(), sh.dim, true);
     }
   }
   for (int64_t s = 0; s < sh.keys; ++s) {
@@ -513,9 +626,6 @@ ffi::Error CheckShapes(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Bu
                   dk[3] == sh->dim && dv[3] == sh->dim && sh->kv_heads > 0 && sh->heads % sh->kv_heads == 0 &&
                   (dm[0] == 1 || dm[0] == sh->batch) && dm[1] == sh->length && dm[2] == sh->keys && block > 0;
   if (!ok) return ffi::Error::InvalidArgument("jtrain_cpu_attention: q, k, v and mask shapes do not agree");
-  if (dnnl::engine == nullptr) {
-    return ffi::Error::Internal("jtrain_cpu_attention: oneDNN was not loaded (jtrain.models.cpu_gemm loads it)");
-  }
   if (!kAvx512) return ffi::Error::Internal("jtrain_cpu_attention: this CPU lacks AVX-512 (F, BW, VL)");
   return ffi::Error::Success();
 }
@@ -532,10 +642,11 @@ ffi::Error CpuAttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     std::memset(lse->untyped_data(), 0, lse->size_bytes());
     return ffi::Error::Success();
   }
-  std::vector<std::vector<float>> scores(attn::workers, std::vector<float>(sh.block * sh.keys));
-  return attn::ParallelFor(sh.batch * sh.heads * sh.blocks(), [&](int64_t task, int worker) {
-    return attn::ForwardBlock(sh, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), scale, task,
-                              scores[worker].data(), o->typed_data(), lse->typed_data());
+  std::vector<std::vector<float>> scores(attn::WorkerCount(), std::vector<float>(sh.block * sh.padded()));
+  std::vector<std::vector<float>> kt(attn::WorkerCount(), std::vector<float>(sh.dim * sh.padded()));
+  return attn::ParallelFor(sh.batch * sh.heads, [&](int64_t task, int worker) {
+    return attn::ForwardHead(sh, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), scale, task,
+                             kt[worker].data(), scores[worker].data(), o->typed_data(), lse->typed_data());
   });
 }
 
@@ -550,10 +661,11 @@ ffi::Error CpuAttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k
     for (auto* r : {&dq, &dk, &dv}) std::memset((*r)->untyped_data(), 0, (*r)->size_bytes());
     return ffi::Error::Success();
   }
-  std::vector<attn::Buffers> buffers(attn::workers);
+  std::vector<attn::Buffers> buffers(attn::WorkerCount());
   for (auto& w : buffers) {
-    for (auto* m : {&w.p, &w.ds}) m->resize(sh.block * sh.keys);
-    for (auto* m : {&w.dk, &w.dv, &w.tmp}) m->resize(sh.keys * sh.dim);
+    for (auto* m : {&w.p, &w.ds}) m->resize(sh.block * sh.padded());
+    for (auto* m : {&w.kt, &w.vt}) m->resize(sh.dim * sh.padded());
+    for (auto* m : {&w.dk, &w.dv}) m->resize(sh.keys * sh.dim);
   }
   return attn::ParallelFor(sh.batch * sh.kv_heads, [&](int64_t task, int worker) {
     return attn::BackwardHead(sh, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), o.typed_data(),
@@ -645,12 +757,6 @@ extern "C" const char* jtrain_load_onednn(const char* path) {
                   Resolve(lib, "dnnl_memory_destroy", &f.memory_destroy) &&
                   Resolve(lib, "dnnl_stream_wait", &f.stream_wait);
   if (!ok) return (error = std::string("a oneDNN 3.x C function is missing from ") + path).c_str();
-  // oneDNN's OpenMP runtime (a dependency of the library, so found through its handle), to run
-  // each attention worker's products on one thread; absent for other oneDNN threading builds.
-  attn::omp_set_threads = reinterpret_cast<attn::SetThreads>(dlsym(lib, "omp_set_num_threads"));
-  attn::omp_get_threads = reinterpret_cast<attn::GetThreads>(dlsym(lib, "omp_get_max_threads"));
-  cpu_set_t cpus;
-  attn::workers = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? std::max(1, CPU_COUNT(&cpus)) : 1;
   const int status = f.engine_create(&dnnl::engine, dnnl::kCpuEngine, 0);
   if (status != 0) return (error = "dnnl_engine_create failed with status " + std::to_string(status)).c_str();
   return "";

@@ -11,7 +11,8 @@ the weight gradients need no transposed copy: the float32 step ran 1.05-1.09x fa
 The dense layers (`jtrain.models.matmul`) and the CPU attention's batched products
 (`jtrain.models.attention`) therefore call one of them instead, through `cpu_gemm.cc` compiled once
 against JAX's FFI headers and registered as an XLA custom call. The same library holds the float32
-attention kernel of `jtrain.models.cpu_attention` (two more FFI targets, registered by that module).
+attention kernel of `jtrain.models.cpu_attention` (two more FFI targets, registered by that module,
+with its own AVX-512 products: it needs neither library).
 
 Which library for bf16: oneDNN where it loads, because it writes a bf16 result itself (MKL writes
 float32, which XLA then rounds in a second pass over fresh memory: oneDNN's steps measured 1.1x
@@ -278,15 +279,18 @@ def traced_on(single: bool, fn: Callable) -> Callable:
     return wrapped
 
 
-def active(dtype: Any = jnp.bfloat16) -> bool:
-    """Whether `dtype` products traced now go to a library: the CPU backend, one device, and
-    `library_for(dtype)`."""
+def on_one_cpu() -> bool:
+    """Whether what is traced now runs on the CPU backend and one device (a custom call cannot be
+    split by XLA's sharding partitioner): `single_device` where a step says so, else the count."""
     if jax.default_backend() != "cpu":
         return False
     single = _single_device.get()
-    if single is None:
-        single = jax.device_count() == 1
-    return single and library_for(dtype) is not None
+    return jax.device_count() == 1 if single is None else single
+
+
+def active(dtype: Any = jnp.bfloat16) -> bool:
+    """Whether `dtype` products traced now go to a library: `on_one_cpu()` and `library_for(dtype)`."""
+    return on_one_cpu() and library_for(dtype) is not None
 
 
 def applies(lhs: jax.Array, rhs: jax.Array) -> bool:
