@@ -83,16 +83,26 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
-@functools.cache
 def gated_activation(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """`act(gate) * up`, the gated MLP's product, whose backward keeps only `gate` and `up`.
+    """`act(gate) * up`, the gated MLP's product. On the CPU backend (chosen when traced, like the
+    dense layers' VJP) its backward keeps only `gate` and `up` (`_gated_vjp`); elsewhere autodiff's.
 
-    Why: autodiff of `act(gate) * up` stores act's intermediates (the sigmoid and the activation
-    for silu) as separate arrays in the forward pass and reads them back in three passes; here the
-    forward is one pass and the backward recomputes act and its derivative (`jax.jvp`) in one
-    fused pass over gate, up and the incoming gradient: half the memory traffic of the MLP's
-    elementwise work, and two [tokens, intermediate] arrays fewer kept per layer. Same arithmetic
-    as autodiff's; any elementwise `ACTIVATIONS` entry works."""
+    Why on CPU: autodiff of `act(gate) * up` stores act's intermediates (the sigmoid and the
+    activation for silu) as separate arrays in the forward pass and XLA:CPU reads them back in
+    separate passes; there the forward becomes one pass and the backward two (176 -> 110 MB of
+    traffic per layer of the benchmark's large preset, its float32 step 1.016x), and two
+    [tokens, intermediate] arrays fewer are kept per layer. Accelerators fuse these passes
+    themselves and were not measured with it."""
+    if jax.default_backend() == "cpu":
+        return _gated_vjp(name)
+    act = activation(name)
+    return lambda gate, up: act(gate) * up
+
+
+@functools.cache
+def _gated_vjp(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """`act(gate) * up` whose backward recomputes act and its slope (`jax.jvp`) from gate and up:
+    the same arithmetic as autodiff's; any elementwise `ACTIVATIONS` entry works."""
     act = activation(name)
 
     @jax.custom_vjp
