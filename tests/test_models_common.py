@@ -21,7 +21,7 @@ import transformers
 
 from jtrain.models.attention import attend, make_attention_mask, rope_inv_freq
 from jtrain.models.bert import roberta_positions
-from jtrain.models.layers import ACTIVATIONS, gated_activation, positions_within_segments
+from jtrain.models.layers import ACTIVATIONS, _gated_vjp, gated_activation, positions_within_segments
 
 LOGITS_ATOL = 1e-4  # float32 vs float32 across frameworks, see module docstring
 SAME_MATH_ATOL = 1e-5  # two jtrain paths, float32 reassociation only
@@ -238,8 +238,12 @@ def test_roberta_positions_match_transformers():
 def test_gated_activation_matches_autodiff(name):
     """The gated MLP's `act(gate) * up` with its own backward (gate and up kept, act recomputed)
     against autodiff of the plain expression, in float64 so only a wrong formula can differ (1e-12
-    relative), also under remat and vmap."""
-    gated = gated_activation(name)
+    relative), also under remat and vmap; `gated_activation` takes it for float32 on CPU only."""
+    gated = _gated_vjp(name)
+    f32 = jnp.ones((2, 3), jnp.float32)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(gated_activation(name))(f32, f32))
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(gated_activation(name))(f32.astype(jnp.bfloat16),
+                                                                              f32.astype(jnp.bfloat16)))
     plain = lambda g, u: ACTIVATIONS[name](g) * u  # noqa: E731
     keys = jax.random.split(jax.random.key(3), 3)
     with jax.enable_x64():
