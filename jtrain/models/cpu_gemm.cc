@@ -527,8 +527,6 @@ ffi::Error ParallelFor(int64_t tasks, const Body& body) {
   std::mutex error_mutex;
   ffi::Error first = ffi::Error::Success();
   const std::function<void(int)> work = [&](int worker) {
-    const unsigned csr = _mm_getcsr();
-    if (getenv("EXP_FTZ")) _mm_setcsr(csr | 0x8040);
     for (int64_t t = next++; t < tasks; t = next++) {
       ffi::Error e = body(t, worker);
       if (e.failure()) {
@@ -537,7 +535,6 @@ ffi::Error ParallelFor(int64_t tasks, const Body& body) {
         next = tasks;
       }
     }
-    _mm_setcsr(csr);
   };
   const int n = static_cast<int>(std::min<int64_t>(tasks, WorkerCount()));
   if (n <= 1 || !Workers().TryRun(n, work)) work(0);
