@@ -100,7 +100,6 @@ def test_clipping_uses_torch_formula() -> None:
     jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -g / (norm + 1e-6), rtol=2e-7), updates, grads)
 
 
-
 def test_clipping_takes_the_steps_norm() -> None:
     """The train step passes its own norm of the gradients (`grad_norm`) so the clip skips a second
     reduction: the clip must use it (shown with a deliberately different value), give the same
@@ -119,6 +118,7 @@ def test_clipping_takes_the_steps_norm() -> None:
     forced, _ = jax.jit(lambda g, s, p: wrapped.update(g, s, p, grad_norm=jnp.float32(4.0)))(grads, state, PARAMS)
     # 4.0 stands in for the norm: coefficient 1 / (4 + 1e-6), float32 products -> 1 ulp.
     jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -g / (4.0 + 1e-6), rtol=2e-7), forced, grads)
+
 
 @pytest.mark.parametrize(
     "name",

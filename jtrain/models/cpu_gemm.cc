@@ -51,9 +51,9 @@ struct Product {
 
 // ---- Worker threads, shared by MKL's batch split and the attention kernel ----
 
-// Threads kept for the process (each keeps its per-thread state, such as MKL's thread setting
-// and the attention's buffers' cache lines, warm); the caller is worker 0. One job at a time: `TryRun` returns false when the
-// pool is busy, and the caller then runs its work alone.
+// Threads kept for the process (each keeps its per-thread state, such as MKL's thread setting,
+// warm); the caller is worker 0. One job at a time: `TryRun` returns false when the pool is busy,
+// and the caller then runs its work alone.
 class Pool {
  public:
   bool TryRun(int n, const std::function<void(int)>& job) {
@@ -469,16 +469,17 @@ template <bool TA>
 void Rows(int64_t rows, int64_t cols, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
           int64_t ldc, bool accumulate) {
   constexpr int kMr = 6;  // 6 x 4 accumulators + 4 B vectors + a broadcast: within the 32 registers
-  int64_t i = 0;
-  auto at = [&](int64_t r) { return TA ? a + r : a + r * lda; };
-  for (; i + kMr <= rows; i += kMr) Tile<kMr, TA>(cols, k, at(i), lda, b, ldb, c + i * ldc, ldc, accumulate);
-  switch (rows - i) {
-    case 5: Tile<5, TA>(cols, k, at(i), lda, b, ldb, c + i * ldc, ldc, accumulate); break;
-    case 4: Tile<4, TA>(cols, k, at(i), lda, b, ldb, c + i * ldc, ldc, accumulate); break;
-    case 3: Tile<3, TA>(cols, k, at(i), lda, b, ldb, c + i * ldc, ldc, accumulate); break;
-    case 2: Tile<2, TA>(cols, k, at(i), lda, b, ldb, c + i * ldc, ldc, accumulate); break;
-    case 1: Tile<1, TA>(cols, k, at(i), lda, b, ldb, c + i * ldc, ldc, accumulate); break;
-    default: break;
+  for (int64_t i = 0; i < rows; i += kMr) {
+    const float* ai = TA ? a + i : a + i * lda;
+    float* ci = c + i * ldc;
+    switch (std::min<int64_t>(kMr, rows - i)) {  // the last tile takes the rows left
+      case 6: Tile<6, TA>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+      case 5: Tile<5, TA>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+      case 4: Tile<4, TA>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+      case 3: Tile<3, TA>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+      case 2: Tile<2, TA>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+      default: Tile<1, TA>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    }
   }
 }
 
@@ -503,6 +504,9 @@ void Gemm(bool ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void Transpose(const float* x, int64_t ld, int64_t rows,
                                                                      int64_t dim, int64_t ldt, float* t) {
   alignas(64) float tile[16][16];
+  // Offsets of a tile column's 16 entries (one row of tile apart) for the gather.
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
   for (int64_t s0 = 0; s0 < rows; s0 += 16) {
     const int64_t ns = std::min<int64_t>(16, rows - s0);
     const __mmask16 s_lanes = ns == 16 ? 0xFFFF : static_cast<__mmask16>((1u << ns) - 1);
@@ -510,8 +514,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Transpose(const float*
       const int64_t nd = std::min<int64_t>(16, dim - d0);
       const __mmask16 d_lanes = nd == 16 ? 0xFFFF : static_cast<__mmask16>((1u << nd) - 1);
       for (int64_t i = 0; i < ns; ++i) _mm512_store_ps(tile[i], _mm512_maskz_loadu_ps(d_lanes, x + (s0 + i) * ld + d0));
-      const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                _mm512_set1_epi32(16));
       for (int64_t j = 0; j < nd; ++j) {
         const __m512 col = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), s_lanes, column, &tile[0][j], 4);
         _mm512_mask_storeu_ps(t + (d0 + j) * ldt + s0, s_lanes, col);
@@ -520,25 +522,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Transpose(const float*
   }
 }
 
-// Runs body(task, worker) for every task on up to one thread per core; returns the first error.
+// Runs body(task, worker) for every task on up to one thread per core (the attention's bodies
+// cannot fail: shapes are checked before).
 template <typename Body>
-ffi::Error ParallelFor(int64_t tasks, const Body& body) {
+void ParallelFor(int64_t tasks, const Body& body) {
   std::atomic<int64_t> next{0};
-  std::mutex error_mutex;
-  ffi::Error first = ffi::Error::Success();
   const std::function<void(int)> work = [&](int worker) {
-    for (int64_t t = next++; t < tasks; t = next++) {
-      ffi::Error e = body(t, worker);
-      if (e.failure()) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!first.failure()) first = std::move(e);
-        next = tasks;
-      }
-    }
+    for (int64_t t = next++; t < tasks; t = next++) body(t, worker);
   };
   const int n = static_cast<int>(std::min<int64_t>(tasks, WorkerCount()));
   if (n <= 1 || !Workers().TryRun(n, work)) work(0);
-  return first;
 }
 
 #define JTRAIN_TRY(expr)              \
@@ -549,8 +542,8 @@ ffi::Error ParallelFor(int64_t tasks, const Body& body) {
 
 // Forward of one (batch row, head): every query block, o and the rows' log-sum-exp. `kt` takes
 // the head's keys transposed, `scores` one block's scores.
-ffi::Error ForwardHead(const Shape& sh, const float* q, const float* k, const float* v, const bool* mask, float scale,
-                       int64_t task, float* kt, float* scores, float* o, float* lse) {
+void ForwardHead(const Shape& sh, const float* q, const float* k, const float* v, const bool* mask, float scale,
+                 int64_t task, float* kt, float* scores, float* o, float* lse) {
   const int64_t h = task % sh.heads, b = task / sh.heads;
   const int64_t kh = h / (sh.heads / sh.kv_heads), q_ld = sh.heads * sh.dim, kv_ld = sh.kv_heads * sh.dim;
   const float* v_head = v + b * sh.keys * kv_ld + kh * sh.dim;
@@ -565,7 +558,6 @@ ffi::Error ForwardHead(const Shape& sh, const float* q, const float* k, const fl
     }
     Gemm(false, rows, sh.dim, keys, scores, ld, v_head, kv_ld, o + at, q_ld);
   }
-  return ffi::Error::Success();
 }
 
 
@@ -575,9 +567,9 @@ struct Buffers {
   std::vector<float> p, ds, dk, dv, kt, vt;
 };
 
-ffi::Error BackwardHead(const Shape& sh, const float* q, const float* k, const float* v, const bool* mask,
-                        const float* o, const float* lse, const float* dout, float scale, int64_t task, Buffers& w,
-                        float* dq, float* dk, float* dv) {
+void BackwardHead(const Shape& sh, const float* q, const float* k, const float* v, const bool* mask,
+                  const float* o, const float* lse, const float* dout, float scale, int64_t task, Buffers& w,
+                  float* dq, float* dk, float* dv) {
   const int64_t kh = task % sh.kv_heads, b = task / sh.kv_heads, group = sh.heads / sh.kv_heads;
   const int64_t q_ld = sh.heads * sh.dim, kv_ld = sh.kv_heads * sh.dim;
   const float* k_head = k + b * sh.keys * kv_ld + kh * sh.dim;
@@ -607,7 +599,6 @@ ffi::Error BackwardHead(const Shape& sh, const float* q, const float* k, const f
     std::memcpy(dk + b * sh.keys * kv_ld + s * kv_ld + kh * sh.dim, &w.dk[s * sh.dim], sh.dim * sizeof(float));
     std::memcpy(dv + b * sh.keys * kv_ld + s * kv_ld + kh * sh.dim, &w.dv[s * sh.dim], sh.dim * sizeof(float));
   }
-  return ffi::Error::Success();
 }
 
 // The shapes of q [B, L, N, H], k and v [B, S, K, H] and the mask [B or 1, L, S], checked.
@@ -641,10 +632,11 @@ ffi::Error CpuAttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   }
   std::vector<std::vector<float>> scores(attn::WorkerCount(), std::vector<float>(sh.block * sh.padded()));
   std::vector<std::vector<float>> kt(attn::WorkerCount(), std::vector<float>(sh.dim * sh.padded()));
-  return attn::ParallelFor(sh.batch * sh.heads, [&](int64_t task, int worker) {
-    return attn::ForwardHead(sh, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), scale, task,
-                             kt[worker].data(), scores[worker].data(), o->typed_data(), lse->typed_data());
+  attn::ParallelFor(sh.batch * sh.heads, [&](int64_t task, int worker) {
+    attn::ForwardHead(sh, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), scale, task,
+                      kt[worker].data(), scores[worker].data(), o->typed_data(), lse->typed_data());
   });
+  return ffi::Error::Success();
 }
 
 ffi::Error CpuAttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
@@ -664,11 +656,12 @@ ffi::Error CpuAttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k
     for (auto* m : {&w.kt, &w.vt}) m->resize(sh.dim * sh.padded());
     for (auto* m : {&w.dk, &w.dv}) m->resize(sh.keys * sh.dim);
   }
-  return attn::ParallelFor(sh.batch * sh.kv_heads, [&](int64_t task, int worker) {
-    return attn::BackwardHead(sh, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), o.typed_data(),
-                              lse.typed_data(), dout.typed_data(), scale, task, buffers[worker], dq->typed_data(),
-                              dk->typed_data(), dv->typed_data());
+  attn::ParallelFor(sh.batch * sh.kv_heads, [&](int64_t task, int worker) {
+    attn::BackwardHead(sh, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), o.typed_data(),
+                       lse.typed_data(), dout.typed_data(), scale, task, buffers[worker], dq->typed_data(),
+                       dk->typed_data(), dv->typed_data());
   });
+  return ffi::Error::Success();
 }
 
 bool FitsInt(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }

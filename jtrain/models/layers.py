@@ -9,7 +9,6 @@ Shape letters as in `jtrain.models.attention`.
 from __future__ import annotations
 
 import functools
-
 from typing import Any, Callable
 
 import flax.linen as nn
