@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import optax
 
 from jtrain.losses import LossOutput
+from jtrain.models import cpu_gemm
+from jtrain.optim import fused_adamw
 from jtrain.optim.transforms import global_norm_f32
 from jtrain.param_split import combine
 from jtrain.precision import cast_floating
@@ -89,6 +91,8 @@ def make_train_step(
     reported as `overflow`, not `nonfinite` (see `jtrain.precision` for when it still is).
     `matmul_precision` is JAX's default matmul precision inside the step (HF's `tf32`)."""
 
+    fused = fused_adamw.spec_of(tx)  # a `make_optimizer` AdamW: one pass per parameter on the CPU
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         with matmul_precision_scope(matmul_precision):
             return _train_step(state, batch)
@@ -113,6 +117,8 @@ def make_train_step(
 
         def update(params_and_opt: tuple[Any, Any]) -> tuple[Any, Any]:
             params, opt_state = params_and_opt
+            if fused_adamw.applies(fused, params, grad_sums, opt_state, cpu_gemm.on_one_cpu()):
+                return fused_adamw.update(fused, grad_sums, grad_denom, grad_norm, params, opt_state, state.lr_factor)
             updates, opt_state = optax.with_extra_args_support(tx).update(mean_grads(), opt_state, params,
                                                                           grad_norm=grad_norm)
             updates = jax.tree.map(lambda u: u * state.lr_factor.astype(u.dtype), updates)

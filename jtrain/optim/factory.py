@@ -15,7 +15,7 @@ from typing import Any
 
 import optax
 
-from jtrain.optim import builders
+from jtrain.optim import builders, fused_adamw
 from jtrain.optim.args import resolve_optim_args
 from jtrain.optim.decay_mask import decay_mask
 from jtrain.optim.transforms import clip_by_global_norm_torch
@@ -96,7 +96,12 @@ def make_optimizer(
         target_modules=optim_target_modules,
         extra=resolve_optim_args(name, optim_args, spec),
     )
-    return _clipped(build(config), max_grad_norm)
+    tx = _clipped(build(config), max_grad_norm)
+    if build is builders.adamw:  # the train step may run this chain as one pass per parameter on the CPU
+        clip = float(max_grad_norm) if max_grad_norm is not None and max_grad_norm > 0 else None
+        fused_adamw.register(tx, fused_adamw.AdamWSpec(config.b1, config.b2, config.eps, config.weight_decay,
+                                                       learning_rate, clip))
+    return tx
 
 
 def _clipped(tx: optax.GradientTransformation, max_grad_norm: float | None) -> optax.GradientTransformation:

@@ -23,6 +23,11 @@ def global_norm_f32(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
+def clip_coefficient(norm: jax.Array, max_norm: float) -> jax.Array:
+    """torch's `clip_grad_norm_` factor for gradients of global norm `norm`: min(1, c / (norm + 1e-6))."""
+    return jnp.minimum(max_norm / (norm + _TORCH_CLIP_EPS), 1.0)
+
+
 def clip_by_global_norm_torch(max_norm: float, *, takes_grad_norm: bool = False) -> optax.GradientTransformation:
     """Global-norm clipping as `torch.nn.utils.clip_grad_norm_`: g * min(1, c / (|g| + 1e-6)).
 
@@ -33,7 +38,7 @@ def clip_by_global_norm_torch(max_norm: float, *, takes_grad_norm: bool = False)
     def update(updates, state, params=None, *, grad_norm=None, **extra_args):
         del params, extra_args
         norm = grad_norm if takes_grad_norm and grad_norm is not None else global_norm_f32(updates)
-        coef = jnp.minimum(max_norm / (norm + _TORCH_CLIP_EPS), 1.0)
+        coef = clip_coefficient(norm, max_norm)
         return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
 
     return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update)
