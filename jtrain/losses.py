@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jtrain.errors import ConfigError
+from jtrain.models import cpu_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -38,14 +39,23 @@ def token_cross_entropy(
     """
     logits = logits_BLV.astype(jnp.float32)
     valid = labels_BL != IGNORE_INDEX
+    if not label_smoothing and logits_BLV.dtype == jnp.float32 and cpu_cross_entropy.applies(logits):
+        nll = cpu_cross_entropy.token_nll(logits, jnp.where(valid, labels_BL, -1))  # one pass per direction
+        return _summed(nll, valid, logits, labels_BL)
     safe = jnp.where(valid, labels_BL, 0)
     lse = jax.nn.logsumexp(logits, axis=-1)
     nll = lse - jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     if label_smoothing:
         smooth = lse - jnp.mean(logits, axis=-1)
         nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    return _summed(nll, valid, logits, labels_BL)
+
+
+def _summed(nll: jax.Array, valid: jax.Array, logits: jax.Array, labels: jax.Array) -> LossOutput:
+    """The loss sum over valid positions, their count and the argmax hits (an eval statistic: a
+    train step that drops it lets XLA skip the argmax pass)."""
     weight = jnp.sum(valid, dtype=jnp.float32)
-    correct = jnp.sum((jnp.argmax(logits, -1) == labels_BL) & valid, dtype=jnp.float32)
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid, dtype=jnp.float32)
     return LossOutput(jnp.sum(jnp.where(valid, nll, 0.0)), weight, {"correct": correct})
 
 

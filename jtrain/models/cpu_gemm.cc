@@ -713,6 +713,114 @@ ffi::Error CpuGemm(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffe
                 static_cast<float*>(c->untyped_data()));
 }
 
+// ---- Cross-entropy over float32 logits, for `jtrain.models.cpu_loss` ----
+//
+// nll = logsumexp(row) - row[label] per row of [rows, vocab] logits, and its gradient
+// g * (softmax(row) - onehot(label)). Each task takes a few rows; a row (128 KB at a 32000 vocab)
+// stays in the core's L2 cache between the max and the sum of exponentials, so the forward reads
+// the logits from memory once and stores nothing of their size (XLA stored exp(row - max) for the
+// backward); the backward recomputes the exponentials and writes the gradient over the logits'
+// buffer (the call aliases them), so no second [rows, vocab] buffer is taken either.
+namespace xent {
+
+constexpr int64_t kRows = 8;
+
+// A row's maximum and sum of exp(x - max): the backward scales exp(x - max) by 1 / sum rather than
+// taking exp(x - logsumexp), whose float32 rounding (1e-6 at a logsumexp of 15) would reach every
+// probability.
+struct RowStats {
+  float max, sum;
+};
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) RowStats Stats(const float* x, int64_t n) {
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    vmax = _mm512_mask_max_ps(vmax, lanes, vmax, _mm512_maskz_loadu_ps(lanes, x + j));
+  }
+  const float mx = _mm512_reduce_max_ps(vmax);
+  if (!std::isfinite(mx)) return {mx == -std::numeric_limits<float>::infinity() ? mx : NAN, 1.0f};
+  // The sum in double: 32000 float32 terms summed in float32 lanes drift by 1e-6 relative, which
+  // reaches every probability of the backward (XLA's pairwise reduction stays near 2e-7).
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(lanes, attn::Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), m)));
+    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+  }
+  return {mx, static_cast<float>(_mm512_reduce_add_pd(_mm512_add_pd(lo, hi)))};
+}
+
+// out = exp(x - max) * scale over a row (out may be x).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void ScaledExp(const float* x, int64_t n, float max,
+                                                                      float scale, float* out) {
+  const __m512 l = _mm512_set1_ps(max), s = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = attn::Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), l));
+    _mm512_mask_storeu_ps(out + j, lanes, _mm512_mul_ps(e, s));
+  }
+}
+
+}  // namespace xent
+
+ffi::Error CpuCrossEntropyForward(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> labels,
+                                  ffi::ResultBuffer<ffi::F32> nll, ffi::ResultBuffer<ffi::F32> row_max,
+                                  ffi::ResultBuffer<ffi::F32> row_sum) {
+  const int64_t rows = labels.element_count();
+  if (rows == 0) return ffi::Error::Success();
+  const int64_t vocab = logits.element_count() / rows;
+  if (vocab == 0 || logits.element_count() != rows * vocab || nll->element_count() != rows) {
+    return ffi::Error::InvalidArgument("jtrain_cpu_cross_entropy: logits must be [rows, vocab], labels [rows]");
+  }
+  const float* x = logits.typed_data();
+  const int32_t* y = labels.typed_data();
+  float *out = nll->typed_data(), *mx = row_max->typed_data(), *sum = row_sum->typed_data();
+  attn::ParallelFor((rows + xent::kRows - 1) / xent::kRows, [&](int64_t task, int) {
+    for (int64_t r = task * xent::kRows; r < std::min(rows, (task + 1) * xent::kRows); ++r) {
+      const float* row = x + r * vocab;
+      const xent::RowStats st = xent::Stats(row, vocab);
+      mx[r] = st.max;
+      sum[r] = st.sum;
+      const float lse = st.max + std::log(st.sum);
+      // A negative label is ignored (the caller maps HF's -100 there); one past the vocabulary is
+      // NaN, as XLA's gather fills it, so the step's non-finite guard sees it.
+      out[r] = y[r] < 0 ? 0.0f : y[r] >= vocab ? std::numeric_limits<float>::quiet_NaN() : lse - row[y[r]];
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error CpuCrossEntropyBackward(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> labels,
+                                   ffi::Buffer<ffi::F32> row_max, ffi::Buffer<ffi::F32> row_sum,
+                                   ffi::Buffer<ffi::F32> d_nll,
+                                   ffi::ResultBuffer<ffi::F32> d_logits) {
+  const int64_t rows = labels.element_count();
+  if (rows == 0) return ffi::Error::Success();
+  const int64_t vocab = logits.element_count() / rows;
+  if (vocab == 0 || d_logits->element_count() != rows * vocab || d_nll.element_count() != rows) {
+    return ffi::Error::InvalidArgument("jtrain_cpu_cross_entropy_backward: logits must be [rows, vocab]");
+  }
+  const float *x = logits.typed_data(), *mx = row_max.typed_data(), *sum = row_sum.typed_data();
+  const float* g = d_nll.typed_data();
+  const int32_t* y = labels.typed_data();
+  float* dx = d_logits->typed_data();
+  attn::ParallelFor((rows + xent::kRows - 1) / xent::kRows, [&](int64_t task, int) {
+    for (int64_t r = task * xent::kRows; r < std::min(rows, (task + 1) * xent::kRows); ++r) {
+      float* out = dx + r * vocab;
+      if (y[r] < 0) {  // an ignored row has no gradient
+        std::fill_n(out, vocab, 0.0f);
+        continue;
+      }
+      xent::ScaledExp(x + r * vocab, vocab, mx[r], g[r] / sum[r], out);
+      if (y[r] < vocab) out[y[r]] -= g[r];
+    }
+  });
+  return ffi::Error::Success();
+}
+
 template <typename Fn>
 bool Resolve(void* lib, const char* name, Fn* fn) {
   *fn = reinterpret_cast<Fn>(dlsym(lib, name));
@@ -788,3 +896,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JtrainCpuAttentionBackward, CpuAttentionBackward,
                                   .Attr<float>("scale")
                                   .Attr<bool>("causal")
                                   .Attr<int64_t>("block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtrainCpuCrossEntropyForward, CpuCrossEntropyForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtrainCpuCrossEntropyBackward, CpuCrossEntropyBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
