@@ -296,13 +296,20 @@ def test_prediction_step_override_is_traced_into_the_predict_step(tmp_path):
     assert len(seen) == 1 and isinstance(seen[0], tuple) and seen[0][0].shape == (8, 16)
 
 
-def test_compute_loss_func_with_hfs_signature_trains_like_the_builtin_loss(tmp_path):
+def test_compute_loss_func_with_hfs_signature_trains_like_the_builtin_loss(tmp_path, monkeypatch):
     """HF's compute_loss_func(outputs, labels, num_items_in_batch), written with jax.numpy in HF's
     documented form (a sum over the shifted labels divided by num_items_in_batch), must train exactly
     like jtrain's built-in causal-LM loss: padded rows and 2 accumulated micro-batches, so each
     micro-batch's item count differs and a wrong count would weight them wrongly."""
     import jax.numpy as jnp
     from tiny import padded_lm_batch
+
+    from jtrain.models import cpu_cross_entropy
+
+    # The built-in loss as XLA ops, like the function below: on one CPU device it would otherwise run
+    # as the cross-entropy kernel (its own exp and summation order, tested against XLA's ops in
+    # test_cpu_cross_entropy), and a few ulp are what this test holds the two losses to.
+    monkeypatch.setenv(cpu_cross_entropy.ENV, "xla")
 
     def hf_causal_lm_loss(outputs, labels, num_items_in_batch):
         logits, shifted = outputs.logits[:, :-1].astype(jnp.float32), labels[:, 1:]
