@@ -23,7 +23,7 @@ from jtrain.errors import ConfigError
 from jtrain.flop_count import jaxpr_flops
 from jtrain.models import attention, cpu_attention, cpu_gemm
 from jtrain.models.masks import AttentionMask
-from tiny import three_trainer_steps
+from tiny import assert_kernel_step_matches_xla
 
 pytestmark = pytest.mark.cpu_only("an XLA:CPU custom call")
 
@@ -143,15 +143,7 @@ def test_it_follows_its_setting_and_leaves_what_it_cannot_compute_to_xla(kernel,
 
 
 def test_trainer_step_with_the_kernel_matches_the_einsum_path(kernel, tmp_path, monkeypatch):
-    runs = {}
-    for mode in ("auto", "xla"):
-        monkeypatch.setenv(cpu_attention.ENV, mode)
-        runs[mode] = three_trainer_steps(tmp_path / mode, bf16=False)
-    (losses, hlo, flops), (einsum_losses, einsum_hlo, einsum_flops) = runs["auto"], runs["xla"]
-    assert cpu_attention.FORWARD in hlo and cpu_attention.FORWARD not in einsum_hlo
-    assert flops == einsum_flops > 0  # the same model FLOPs, whichever path computes them
-    np.testing.assert_allclose(losses, einsum_losses, rtol=1e-5)
-    assert len(losses) == 3
+    assert_kernel_step_matches_xla(monkeypatch, tmp_path, cpu_attention.ENV, cpu_attention.FORWARD)
 
 
 def test_flop_count_is_what_the_blocks_compute(kernel):

@@ -5,9 +5,8 @@ References and tolerances:
   kernel's exp has a relative error of about 2e-7 and it sums each row's exponentials in double, so
   every entry is held to 1e-6 of the largest entry of its array (measured: 8e-8; XLA's own ops
   2e-7; the first version, summing 32000 terms in float32 lanes, was 1.6e-6 off and failed this);
-- a Trainer step with the kernel against the same step with XLA's ops: the same float32 arithmetic
-  in another order, three AdamW updates apart, so losses agree to 1e-5 relative (as the attention
-  kernel's Trainer test).
+- a Trainer step with the kernel against the same step with XLA's ops (`tiny.assert_kernel_step_matches_xla`:
+  losses to 1e-5 relative, as the attention kernel's).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import pytest
 from jtrain.errors import ConfigError
 from jtrain.losses import token_cross_entropy
 from jtrain.models import cpu_cross_entropy, cpu_gemm
-from tiny import three_trainer_steps
+from tiny import assert_kernel_step_matches_xla
 
 pytestmark = pytest.mark.cpu_only("an XLA:CPU custom call")
 
@@ -94,12 +93,4 @@ def test_where_it_applies(monkeypatch):
 
 
 def test_trainer_step_with_the_kernel_matches_xla(kernel, tmp_path, monkeypatch):
-    runs = {}
-    for mode in ("auto", "xla"):
-        monkeypatch.setenv(cpu_cross_entropy.ENV, mode)
-        runs[mode] = three_trainer_steps(tmp_path / mode, bf16=False)
-    (losses, hlo, flops), (xla_losses, xla_hlo, xla_flops) = runs["auto"], runs["xla"]
-    assert cpu_cross_entropy.BACKWARD in hlo and cpu_cross_entropy.FORWARD not in xla_hlo
-    assert flops == xla_flops > 0
-    np.testing.assert_allclose(losses, xla_losses, rtol=1e-5)
-    assert len(losses) == 3
+    assert_kernel_step_matches_xla(monkeypatch, tmp_path, cpu_cross_entropy.ENV, cpu_cross_entropy.BACKWARD)

@@ -80,3 +80,19 @@ def three_trainer_steps(output_dir, bf16: bool) -> tuple[list[float], str, float
     batch = trainer.steps.place_train_batch({k: v[None, :4] for k, v in rows.items()})
     hlo = trainer.steps.train_step.lower(trainer.train_state, batch).as_text()
     return losses, hlo, step_flops(trainer.steps.train_step, trainer.train_state, batch)
+
+
+def assert_kernel_step_matches_xla(monkeypatch, output_dir, env: str, target: str) -> None:
+    """Three float32 Trainer steps with a CPU kernel's setting `env` at `auto` and at `xla`: the
+    kernel's custom call `target` is in the first step only, the model FLOPs are the same whichever
+    path computes them, and the losses agree to 1e-5 relative (the same float32 arithmetic in
+    another order, three AdamW updates apart)."""
+    runs = {}
+    for mode in ("auto", "xla"):
+        monkeypatch.setenv(env, mode)
+        runs[mode] = three_trainer_steps(output_dir / mode, bf16=False)
+    (losses, hlo, flops), (xla_losses, xla_hlo, xla_flops) = runs["auto"], runs["xla"]
+    assert target in hlo and target not in xla_hlo
+    assert flops == xla_flops > 0
+    np.testing.assert_allclose(losses, xla_losses, rtol=1e-5)
+    assert len(losses) == 3
