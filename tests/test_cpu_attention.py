@@ -23,7 +23,7 @@ from jtrain.errors import ConfigError
 from jtrain.flop_count import jaxpr_flops
 from jtrain.models import attention, cpu_attention, cpu_gemm
 from jtrain.models.masks import AttentionMask
-from tiny import assert_kernel_step_matches_xla
+from tiny import assert_kernel_step_matches_xla, cpu_kernel_on
 
 pytestmark = pytest.mark.cpu_only("an XLA:CPU custom call")
 
@@ -31,13 +31,8 @@ pytestmark = pytest.mark.cpu_only("an XLA:CPU custom call")
 @pytest.fixture
 def kernel(monkeypatch):
     """The fused attention on, on one device (it needs no GEMM library, only AVX-512 and g++)."""
-    if not cpu_attention._CPU_FEATURES <= cpu_gemm.cpu_flags():
-        pytest.skip(reason="the kernel's loops are AVX-512 (F, BW, VL); this CPU lacks them")
-    monkeypatch.setenv(cpu_attention.ENV, "auto")
-    cpu_gemm.reset()
-    with cpu_gemm.single_device(True):
+    with cpu_kernel_on(monkeypatch, cpu_attention.ENV, cpu_attention._CPU_FEATURES):
         yield
-    cpu_gemm.reset()
 
 
 def _reference(q, k, v, keep, d_out, scale):

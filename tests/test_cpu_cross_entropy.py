@@ -19,7 +19,7 @@ import pytest
 from jtrain.errors import ConfigError
 from jtrain.losses import token_cross_entropy
 from jtrain.models import cpu_cross_entropy, cpu_gemm
-from tiny import assert_kernel_step_matches_xla
+from tiny import assert_kernel_step_matches_xla, cpu_kernel_on
 
 pytestmark = pytest.mark.cpu_only("an XLA:CPU custom call")
 
@@ -27,10 +27,7 @@ pytestmark = pytest.mark.cpu_only("an XLA:CPU custom call")
 @pytest.fixture
 def kernel(monkeypatch):
     """The kernel on, on one device (it needs AVX-512 and g++)."""
-    if not cpu_cross_entropy._CPU_FEATURES <= cpu_gemm.cpu_flags():
-        pytest.skip(reason="the kernel's loops are AVX-512 (F, BW, VL); this CPU lacks them")
-    monkeypatch.setenv(cpu_cross_entropy.ENV, "auto")
-    with cpu_gemm.single_device(True):
+    with cpu_kernel_on(monkeypatch, cpu_cross_entropy.ENV, cpu_cross_entropy._CPU_FEATURES):
         yield
 
 

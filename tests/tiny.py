@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import os
 
@@ -96,3 +97,20 @@ def assert_kernel_step_matches_xla(monkeypatch, output_dir, env: str, target: st
     assert flops == xla_flops > 0
     np.testing.assert_allclose(losses, xla_losses, rtol=1e-5)
     assert len(losses) == 3
+
+
+@contextlib.contextmanager
+def cpu_kernel_on(monkeypatch, env: str, features: set[str]):
+    """A CPU kernel's setting `env` at `auto`, traced for one device; skips where the CPU lacks the
+    kernel's instruction sets `features` (the body of the kernel tests' fixtures)."""
+    import pytest
+
+    from jtrain.models import cpu_gemm
+
+    if not features <= cpu_gemm.cpu_flags():
+        pytest.skip(reason=f"the kernel's loops need {', '.join(sorted(features))}; this CPU lacks them")
+    monkeypatch.setenv(env, "auto")
+    cpu_gemm.reset()
+    with cpu_gemm.single_device(True):
+        yield
+    cpu_gemm.reset()
