@@ -105,24 +105,15 @@ def make_train_step(
         denom = jnp.maximum(out.weight, 1.0)
         grad_denom = denom if scale is None else denom * scale
 
-        def mean_grads() -> Any:
-            return jax.tree.map(lambda g: g / grad_denom, grad_sums)
-
         loss = out.loss_sum / denom
         # The division is written twice on purpose: the norm's reduction and the optimizer's update
         # each fuse it, so the divided gradients are never stored (a pass over them saved), and the
         # clip reuses this norm (`grad_norm`) instead of a second reduction (`make_optimizer`).
-        grad_norm = global_norm_f32(mean_grads())
+        grad_norm = global_norm_f32(jax.tree.map(lambda g: g / grad_denom, grad_sums))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(params_and_opt: tuple[Any, Any]) -> tuple[Any, Any]:
-            params, opt_state = params_and_opt
-            if fused_adamw.applies(fused, params, grad_sums, opt_state, cpu_gemm.on_one_cpu()):
-                return fused_adamw.update(fused, grad_sums, grad_denom, grad_norm, params, opt_state, state.lr_factor)
-            updates, opt_state = optax.with_extra_args_support(tx).update(mean_grads(), opt_state, params,
-                                                                          grad_norm=grad_norm)
-            updates = jax.tree.map(lambda u: u * state.lr_factor.astype(u.dtype), updates)
-            return optax.apply_updates(params, updates), opt_state
+            return _optimizer_update(tx, fused, grad_sums, grad_denom, grad_norm, *params_and_opt, state.lr_factor)
 
         params, opt_state = _where_finite(finite, update, (state.params, state.opt_state))
         extra: dict = {}
@@ -157,6 +148,19 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _optimizer_update(tx: optax.GradientTransformation, fused: fused_adamw.AdamWSpec | None, grad_sums: Any,
+                      grad_denom: jax.Array, grad_norm: jax.Array, params: Any, opt_state: Any,
+                      lr_factor: jax.Array) -> tuple[Any, Any]:
+    """New (params, opt_state) from the summed gradients: the fused CPU AdamW where it applies, else
+    `tx` on the mean gradients (the clip reusing the step's `grad_norm`), scaled by `lr_factor`."""
+    if fused_adamw.applies(fused, params, grad_sums, opt_state, cpu_gemm.on_one_cpu()):
+        return fused_adamw.update(fused, grad_sums, grad_denom, grad_norm, params, opt_state, lr_factor)
+    mean = jax.tree.map(lambda g: g / grad_denom, grad_sums)
+    updates, opt_state = optax.with_extra_args_support(tx).update(mean, opt_state, params, grad_norm=grad_norm)
+    updates = jax.tree.map(lambda u: u * lr_factor.astype(u.dtype), updates)
+    return optax.apply_updates(params, updates), opt_state
 
 
 def _where_finite(finite: jax.Array, update: Callable[[Any], Any], old: Any) -> Any:

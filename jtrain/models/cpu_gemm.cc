@@ -330,10 +330,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 Exp16(__m512 
   return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
+// The lanes of a 16-float vector that `left` remaining elements fill (all 16 when 16 or more remain).
+inline __mmask16 Lanes(int64_t left) {
+  return left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+}
+
 // Which of 16 keys from `j` (of `n`) may be seen (the result) and exist (`lanes`): lane masks.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __mmask16 Keep16(const bool* keep, int64_t j, int64_t n,
                                                                               __mmask16* lanes) {
-  *lanes = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+  *lanes = Lanes(n - j);
   const __m512i k = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(*lanes, keep + j));
   return _mm512_test_epi32_mask(k, k);
 }
@@ -371,7 +376,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) float SoftmaxRow(float* s, 
   const float sum = _mm512_reduce_add_ps(vsum);
   const __m512 inv = _mm512_set1_ps(1.0f / sum);
   for (int64_t j = 0; j < n; j += 16) {
-    lanes = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    lanes = Lanes(n - j);
     _mm512_mask_storeu_ps(s + j, lanes, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, s + j), inv));
   }
   return mx + std::log(sum);
@@ -396,7 +401,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void GradRow(float* s, floa
 __attribute__((target("avx512f,avx512bw,avx512vl"))) float Dot(const float* x, const float* y, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __mmask16 lanes = Lanes(n - j);
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, x + j), _mm512_maskz_loadu_ps(lanes, y + j), acc);
   }
   return _mm512_reduce_add_ps(acc);
@@ -433,8 +438,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Tile(int64_t cols, int
                                                                 bool accumulate) {
   __mmask16 lanes[4];
   for (int v = 0; v < 4; ++v) {
-    const int64_t left = cols - 16 * v;
-    lanes[v] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+    lanes[v] = Lanes(cols - 16 * v);
   }
   __m512 acc[MR][4];
 #pragma GCC unroll 8
@@ -509,10 +513,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Transpose(const float*
                                             _mm512_set1_epi32(16));
   for (int64_t s0 = 0; s0 < rows; s0 += 16) {
     const int64_t ns = std::min<int64_t>(16, rows - s0);
-    const __mmask16 s_lanes = ns == 16 ? 0xFFFF : static_cast<__mmask16>((1u << ns) - 1);
+    const __mmask16 s_lanes = Lanes(ns);
     for (int64_t d0 = 0; d0 < dim; d0 += 16) {
       const int64_t nd = std::min<int64_t>(16, dim - d0);
-      const __mmask16 d_lanes = nd == 16 ? 0xFFFF : static_cast<__mmask16>((1u << nd) - 1);
+      const __mmask16 d_lanes = Lanes(nd);
       for (int64_t i = 0; i < ns; ++i) _mm512_store_ps(tile[i], _mm512_maskz_loadu_ps(d_lanes, x + (s0 + i) * ld + d0));
       for (int64_t j = 0; j < nd; ++j) {
         const __m512 col = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), s_lanes, column, &tile[0][j], 4);
@@ -713,7 +717,7 @@ ffi::Error CpuGemm(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffe
                 static_cast<float*>(c->untyped_data()));
 }
 
-// ---- Cross-entropy over float32 logits, for `jtrain.models.cpu_loss` ----
+// ---- Cross-entropy over float32 logits, for `jtrain.models.cpu_cross_entropy` ----
 //
 // nll = logsumexp(row) - row[label] per row of [rows, vocab] logits, and its gradient
 // g * (softmax(row) - onehot(label)). Each task takes a few rows; a row (128 KB at a 32000 vocab)
@@ -735,7 +739,7 @@ struct RowStats {
 __attribute__((target("avx512f,avx512bw,avx512vl"))) RowStats Stats(const float* x, int64_t n) {
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __mmask16 lanes = attn::Lanes(n - j);
     vmax = _mm512_mask_max_ps(vmax, lanes, vmax, _mm512_maskz_loadu_ps(lanes, x + j));
   }
   const float mx = _mm512_reduce_max_ps(vmax);
@@ -745,7 +749,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) RowStats Stats(const float*
   const __m512 m = _mm512_set1_ps(mx);
   __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __mmask16 lanes = attn::Lanes(n - j);
     const __m512 e = _mm512_maskz_mov_ps(lanes, attn::Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), m)));
     lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
     hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
@@ -758,7 +762,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void ScaledExp(const float*
                                                                       float scale, float* out) {
   const __m512 l = _mm512_set1_ps(max), s = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __mmask16 lanes = attn::Lanes(n - j);
     const __m512 e = attn::Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), l));
     _mm512_mask_storeu_ps(out + j, lanes, _mm512_mul_ps(e, s));
   }

@@ -25,6 +25,7 @@ devices, accelerators, bf16 moments) takes the chain as before.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import logging
@@ -93,8 +94,6 @@ def _built() -> str | None:
     try:
         path = native.build_library(_SOURCE, TARGET, [f"-I{jax.ffi.include_dir()}", "-fno-math-errno"],
                                     without_compiler=f"set {ENV}=off")
-        import ctypes
-
         lib = ctypes.CDLL(str(path))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JtrainCpuAdamW), platform="cpu")
     except (ConfigError, OSError) as err:
