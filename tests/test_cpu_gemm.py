@@ -360,3 +360,57 @@ def test_required_onednn_that_cannot_load_is_a_config_error_naming_both_settings
     assert done.returncode != 0
     assert "ConfigError: JTRAIN_CPU_F32_GEMM=onednn, but oneDNN cannot be used" in done.stderr
     assert f"JTRAIN_ONEDNN_LIB={tmp_path / 'libdnnl.so'} is not a file" in done.stderr
+
+
+def test_sgemm_setting_is_checked(monkeypatch):
+    for value, want in (("auto", cpu_gemm.SGEMM_MIN_COLUMNS), ("off", 0), ("96", 96)):
+        monkeypatch.setenv(cpu_gemm.ENV_F32_SGEMM, value)
+        assert cpu_gemm.sgemm_min_columns() == want
+    monkeypatch.setenv(cpu_gemm.ENV_F32_SGEMM, "fast")
+    with pytest.raises(ConfigError, match="JTRAIN_CPU_F32_SGEMM='fast' is not a setting"):
+        cpu_gemm.sgemm_min_columns()
+
+
+@pytest.mark.parametrize("threshold,want_sgemm", [("64", True), ("off", False)])
+def test_wide_float32_products_take_onednn_sgemm_where_set(threshold, want_sgemm):
+    """In a fresh process (the threshold is handed to the extension once, when oneDNN loads): with
+    a 64-column threshold the un-transposed 2-D product of 96 columns runs on oneDNN's `gemm:jit`
+    kernel and the transposed ones on oneDNN's first choice, all within the float32 accumulation
+    bound of float64; `off` never asks for it (on AVX-512, where oneDNN ranks brgemm first)."""
+    import os
+    import subprocess
+    import sys
+
+    if _missing("onednn"):
+        pytest.skip(reason="oneDNN is not installed (the test extra has it; x86-64 only)")
+    if "avx512f" not in cpu_gemm.cpu_flags():
+        pytest.skip(reason="oneDNN ranks its sgemm kernel first anyway on CPUs without AVX-512")
+    code = """
+import numpy as np, jax, jax.numpy as jnp
+from jtrain.models import cpu_gemm
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((64, 128)).astype(np.float32), rng.standard_normal((128, 96)).astype(np.float32)
+for ta, tb in ((False, False), (True, False), (False, True)):
+    x, y = (a.T.copy() if ta else a), (b.T.copy() if tb else b)
+    out = np.asarray(jax.jit(lambda x, y: cpu_gemm.gemm(x, y, trans_a=ta, trans_b=tb))(x, y), np.float64)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    bound = 2 * 128 * 2.0 ** -24 * (np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64)))
+    assert np.all(np.abs(out - ref) <= bound), (ta, tb)
+print("products ok")
+"""
+    env = dict(os.environ, JTRAIN_CPU_F32_GEMM="onednn", JTRAIN_CPU_F32_SGEMM=threshold, ONEDNN_VERBOSE="1",
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "products ok" in done.stdout
+    kernels = {}  # problem ("1x64x128:1x128x96") and operand layouts -> the implementation that ran
+    for line in done.stdout.splitlines():
+        fields = line.split(",")
+        if line.startswith("onednn_verbose,exec,cpu,matmul"):
+            kernels[(fields[-2], fields[6])] = fields[4]
+    assert len(kernels) == 3, kernels
+    sgemm = [key for key, impl in kernels.items() if impl.startswith("gemm:jit")]
+    if want_sgemm:
+        assert len(sgemm) == 1 and "wei_f32::blocked:abc:" in sgemm[0][1], kernels  # the un-transposed one
+    else:
+        assert not sgemm, kernels

@@ -171,6 +171,7 @@ constexpr int kArgWeights = 33;    // DNNL_ARG_WEIGHTS
 constexpr int kArgScratchpad = 80; // DNNL_ARG_SCRATCHPAD
 constexpr int kScratchpadUser = 1; // dnnl_scratchpad_mode_user
 constexpr int kQueryScratchpad = 136;  // dnnl_query_scratchpad_md
+constexpr int kQueryImplInfo = 8;      // dnnl_query_impl_info_str
 
 struct Api {
   int (*engine_create)(Handle*, int, size_t);
@@ -180,6 +181,9 @@ struct Api {
   int (*primitive_attr_create)(Handle*);
   int (*primitive_attr_set_scratchpad_mode)(Handle, int);
   Handle (*primitive_desc_query_md)(Handle, int, int);
+  int (*primitive_desc_query)(Handle, int, int, void*);
+  int (*primitive_desc_next_impl)(Handle);
+  int (*primitive_desc_destroy)(Handle);
   size_t (*memory_desc_get_size)(Handle);
   int (*primitive_create)(Handle*, Handle);
   int (*primitive_execute)(Handle, Handle, int, const ExecArg*);
@@ -214,6 +218,31 @@ int Describe(Handle* md, int64_t batch, int64_t rows, int64_t cols, bool transpo
   return api.memory_desc_create_with_strides(md, 3, dims, dtype, strides);
 }
 
+// oneDNN's matmul offers its implementations best first, and on AVX-512 it ranks its brgemm
+// kernel first for float32. Its older `gemm:jit` (an sgemm) ran the products with neither operand
+// transposed and a wide result 1.1-1.7x faster alone on the benchmark's Xeon (2048 rows, 1024-32000
+// columns); in the training step only the lm_head's forward kept that lead (benchmarks/TRIED.md).
+// `sgemm_min_columns` is set from Python (`JTRAIN_CPU_F32_SGEMM`, default 8192); 0 keeps oneDNN's
+// own order for every product.
+int64_t sgemm_min_columns = 0;
+
+bool PrefersSgemm(const Product& p, int src, int dtype) {
+  return sgemm_min_columns > 0 && src == kF32 && dtype == kF32 && p.batch == 1 && !p.trans_a && !p.trans_b &&
+         p.n >= sgemm_min_columns;
+}
+
+// Moves `pd` on to the first implementation whose name starts with `name`; false if none does.
+bool SelectImpl(Handle pd, const char* name) {
+  for (;;) {
+    const char* impl = nullptr;
+    if (api.primitive_desc_query(pd, kQueryImplInfo, 0, &impl) == 0 && impl != nullptr &&
+        std::strncmp(impl, name, std::strlen(name)) == 0) {
+      return true;
+    }
+    if (api.primitive_desc_next_impl(pd) != 0) return false;
+  }
+}
+
 // The cached primitive for `p` of `src` operands with a `dtype` result, or an error message.
 std::string Lookup(const Product& p, int src, int dtype, Entry* out) {
   const Key key{p.batch, p.m, p.n, p.k, p.lda, p.ldb, p.ldc, p.trans_a, p.trans_b, src, dtype};
@@ -234,6 +263,12 @@ std::string Lookup(const Product& p, int src, int dtype, Entry* out) {
   if (status != 0) return Fail("primitive attributes", status);
   status = api.matmul_primitive_desc_create(&pd, engine, e.src, e.weights, nullptr, e.dst, attr);
   if (status != 0) return Fail("matmul descriptor", status);
+  if (PrefersSgemm(p, src, dtype) && !SelectImpl(pd, "gemm:jit")) {
+    // No such kernel on this CPU or build: back to oneDNN's first choice (iterating consumed it).
+    api.primitive_desc_destroy(pd);
+    status = api.matmul_primitive_desc_create(&pd, engine, e.src, e.weights, nullptr, e.dst, attr);
+    if (status != 0) return Fail("matmul descriptor", status);
+  }
   e.scratch = api.primitive_desc_query_md(pd, kQueryScratchpad, 0);
   e.scratch_bytes = e.scratch == nullptr ? 0 : api.memory_desc_get_size(e.scratch);
   status = api.primitive_create(&e.primitive, pd);
@@ -833,6 +868,10 @@ bool Resolve(void* lib, const char* name, Fn* fn) {
 
 }  // namespace
 
+// Float32 products with at least this many result columns (and neither operand transposed) prefer
+// oneDNN's sgemm kernel; 0: oneDNN's own first choice everywhere (see `PrefersSgemm`).
+extern "C" void jtrain_set_onednn_sgemm_min_columns(int64_t columns) { dnnl::sgemm_min_columns = columns; }
+
 extern "C" void jtrain_set_bf16_gemm(void* gemm, void* set_local, int threads) {
   gemm_bf16 = reinterpret_cast<GemmBf16>(gemm);
   set_local_threads = reinterpret_cast<SetLocalThreads>(set_local);
@@ -852,6 +891,9 @@ extern "C" const char* jtrain_load_onednn(const char* path) {
                   Resolve(lib, "dnnl_primitive_attr_create", &f.primitive_attr_create) &&
                   Resolve(lib, "dnnl_primitive_attr_set_scratchpad_mode", &f.primitive_attr_set_scratchpad_mode) &&
                   Resolve(lib, "dnnl_primitive_desc_query_md", &f.primitive_desc_query_md) &&
+                  Resolve(lib, "dnnl_primitive_desc_query", &f.primitive_desc_query) &&
+                  Resolve(lib, "dnnl_primitive_desc_next_impl", &f.primitive_desc_next_impl) &&
+                  Resolve(lib, "dnnl_primitive_desc_destroy", &f.primitive_desc_destroy) &&
                   Resolve(lib, "dnnl_memory_desc_get_size", &f.memory_desc_get_size) &&
                   Resolve(lib, "dnnl_primitive_create", &f.primitive_create) &&
                   Resolve(lib, "dnnl_primitive_execute", &f.primitive_execute) &&

@@ -28,6 +28,10 @@ Environment variables choose, each read once per process when the first product 
   `onednn` or `mkl` require that library (a clear error if it cannot load); `xla` never uses one.
 - `JTRAIN_CPU_F32_GEMM`: `auto` (default) uses oneDNN where it loads on a CPU with AVX-512 (where it
   was measured), `onednn` requires it on any CPU, `xla` keeps XLA's dot.
+- `JTRAIN_CPU_F32_SGEMM`: `auto` (default) runs float32 products with neither operand transposed
+  and 8192 result columns or more (an lm_head's forward) on oneDNN's `gemm:jit` (sgemm) kernel
+  instead of the brgemm kernel oneDNN ranks first (the large benchmark step 1.03x faster); `off`
+  keeps oneDNN's own choice everywhere; a number sets the column threshold.
 
 What it needs: the `onednn-cpu-gomp` wheel (`pip install "jtrain[cpu-bf16]"`; or `JTRAIN_ONEDNN_LIB`
 naming a `libdnnl.so` of oneDNN 3.x) or, for bf16 only, the `mkl` wheel (or `JTRAIN_MKL_LIB` naming
@@ -68,6 +72,12 @@ ENV_MODE = "JTRAIN_CPU_BF16_GEMM"
 ENV_F32_MODE = "JTRAIN_CPU_F32_GEMM"
 ENV_LIBRARY = "JTRAIN_MKL_LIB"
 ENV_ONEDNN_LIBRARY = "JTRAIN_ONEDNN_LIB"
+ENV_F32_SGEMM = "JTRAIN_CPU_F32_SGEMM"
+# Float32 products (neither operand transposed) with this many result columns or more take oneDNN's
+# sgemm kernel rather than its brgemm. Alone it ran every such product of 1024 columns or more
+# 1.1-1.7x faster; in the step only the vocabulary-wide lm_head kept its lead (the MLP's gate and up
+# products run side by side there, and the sgemm kernel shares the cores worse): TRIED.md.
+SGEMM_MIN_COLUMNS = 8192
 _SOURCE = Path(__file__).with_name("cpu_gemm.cc")
 _CPU_FEATURES = ("amx_bf16", "avx512_bf16")
 
@@ -139,6 +149,17 @@ def _build_extension() -> Path:
                                 without_compiler=f"set {ENV_MODE}=xla and {ENV_F32_MODE}=xla")
 
 
+def sgemm_min_columns() -> int:
+    """From how many result columns float32 products prefer oneDNN's sgemm kernel to its brgemm
+    (`JTRAIN_CPU_F32_SGEMM`: `auto`, the default, from `SGEMM_MIN_COLUMNS`; `off` (0): oneDNN's own
+    first choice; or a number)."""
+    value = os.environ.get(ENV_F32_SGEMM, "auto")
+    if value not in ("auto", "off") and not value.isdigit():
+        raise ConfigError(f"{ENV_F32_SGEMM}={value!r} is not a setting: use auto (the default), off, "
+                          "or a number of result columns")
+    return SGEMM_MIN_COLUMNS if value == "auto" else 0 if value == "off" else int(value)
+
+
 def _load_onednn(ext: ctypes.CDLL) -> None:
     """Point the extension at oneDNN (which it dlopens and resolves itself)."""
     path = _library_path(ENV_ONEDNN_LIBRARY, "libdnnl.so*",
@@ -147,6 +168,7 @@ def _load_onednn(ext: ctypes.CDLL) -> None:
     error = ext.jtrain_load_onednn(path.encode())
     if error:
         raise ConfigError(f"oneDNN at {path} cannot be used: {error.decode()}")
+    ext.jtrain_set_onednn_sgemm_min_columns(ctypes.c_int64(sgemm_min_columns()))
 
 
 def _hand_over_mkl(ext: ctypes.CDLL) -> None:
