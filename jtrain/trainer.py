@@ -269,7 +269,8 @@ class Trainer:
             self.steps, self._step_plan = build(), None
             if train_loader is not None:
                 first = train_loader.shape_probe()
-                trainer_checks.check_token_ids(first, self._vocab_size(), "train_dataset")
+                trainer_checks.check_token_ids(first, self._vocab_size(), "train_dataset",
+                                               label_ids=trainer_checks.label_ids_checked(self))
                 plan = plan_train_step(self.steps, first, a.per_device_train_batch_size, data_parallel_size(self.mesh),
                                        budget=a.max_device_memory_bytes, auto_find=a.auto_find_batch_size,
                                        longest=longest_batch(first, self._longest_padded_length()))
@@ -380,7 +381,8 @@ class Trainer:
         if self._per_device_train_batch_size() != requested:
             loader, plan = self._plan()  # auto_find_batch_size chose a smaller per-device batch
         loader.place = trainer_checks.checked_placement(self.steps.place_train_batch, self._vocab_size(),
-                                                        "train_dataset")
+                                                        "train_dataset",
+                                                        label_ids=trainer_checks.label_ids_checked(self))
         tracker_for(self).start("train")
         position = LoaderPosition()
         if resume_from_checkpoint is None and self.args.resume_from_checkpoint:
@@ -438,7 +440,8 @@ class Trainer:
         loader = (self.get_test_dataloader(dataset) if predicting else self.get_eval_dataloader(dataset))
         loader = trainer_checks.checked_loader(loader, "get_test_dataloader" if predicting else "get_eval_dataloader")
         loader.place = trainer_checks.checked_placement(self.steps.place_eval_batch, self._vocab_size(),
-                                                        "test_dataset" if predicting else "eval_dataset")
+                                                        "test_dataset" if predicting else "eval_dataset",
+                                                        label_ids=trainer_checks.label_ids_checked(self))
         return evaluation_loop(self, loader, prefix, want_predictions and not self.args.prediction_loss_only,
                                predicting)
 

@@ -17,15 +17,18 @@ import numpy as np
 from jtrain.data.loader import HostLoader
 from jtrain.data.stream import StreamLoader
 from jtrain.errors import ConfigError, DataError, NonFiniteError
+from jtrain.losses import IGNORE_INDEX
 
 
 def check_datasets(self: Any) -> None:
     """Bad datasets fail here, before anything compiles: a DatasetDict where one split is needed
-    (the error names its splits), an empty dataset or split, a class label outside [0, num_labels)."""
+    (the error names its splits), an empty dataset or split, a class label outside [0, num_labels).
+    A one-output head is a regression (HF's rule for `num_labels=1`): its labels are numbers, any sign."""
     from jtrain.data.trainer_loader import check_dataset
 
     num_labels = getattr(self.model.config, "num_labels", None) if self.model.task == "sequence_classification" \
         else None
+    num_labels = None if num_labels == 1 else num_labels
     check_dataset(self.train_dataset, "train_dataset", num_labels=num_labels)
     check_dataset(self.eval_dataset, "eval_dataset", num_labels=num_labels, several_splits=True)
 
@@ -84,11 +87,27 @@ def check_compute_metrics(self: Any) -> None:
                               "`compute_result` argument to compute_metrics, or set batch_eval_metrics false")
 
 
-def check_token_ids(batch: Any, vocab_size: int | None, what: str) -> None:
+def label_ids_checked(trainer: Any) -> bool:
+    """Whether the batches' labels are class or token ids for jtrain's built-in loss, where -100 is
+    the only negative label (HF's ignore index): not with a user's loss (`compute_loss_func` or an
+    overridden `compute_loss`, which may use other conventions), nor for a one-output regression head."""
+    from jtrain.trainer import Trainer
+
+    if trainer.compute_loss_func is not None or type(trainer).compute_loss is not Trainer.compute_loss:
+        return False
+    return trainer.model.task != "sequence_classification" or getattr(trainer.model.config, "num_labels", 2) != 1
+
+
+def check_token_ids(batch: Any, vocab_size: int | None, what: str, *, label_ids: bool = False) -> None:
     """Float token ids, or ids outside the model's vocabulary, are a DataError naming the id and the
     vocabulary. On the device JAX would not fail clearly: float ids stop the compile deep inside
     the embedding, and an out-of-range lookup gives NaN (a "non-finite loss" that blames the learning
-    rate) or a clamped row. One max and min over the host batch: microseconds per step."""
+    rate) or a clamped row. With `label_ids`, a negative integer label other than -100 is one too:
+    PyTorch's cross-entropy rejects it, while on the device it would silently read another class's
+    logit (XLA's ops) or be skipped (the CPU loss kernel). A max and min over the host batch:
+    microseconds per step."""
+    if label_ids and isinstance(batch, Mapping) and batch.get("labels") is not None:
+        _check_label_ids(np.asarray(batch["labels"]), what)
     ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
     if ids is None:
         return
@@ -104,10 +123,20 @@ def check_token_ids(batch: Any, vocab_size: int | None, what: str) -> None:
                             "the model's vocab_size is too small (resize it to the tokenizer's)")
 
 
-def checked_placement(place: Callable[[dict], Any], vocab_size: int | None, what: str) -> Callable[[dict], Any]:
+def _check_label_ids(labels: np.ndarray, what: str) -> None:
+    if labels.dtype.kind not in "iu" or not labels.size or int(labels.min()) >= 0:
+        return
+    wrong = np.unique(labels[(labels < 0) & (labels != IGNORE_INDEX)])
+    if wrong.size:
+        raise DataError(f"{what}: label {int(wrong[0])} is negative; positions the loss should ignore take "
+                        f"{IGNORE_INDEX} (HF's ignore index), and every other label is a class or token id >= 0")
+
+
+def checked_placement(place: Callable[[dict], Any], vocab_size: int | None, what: str, *,
+                      label_ids: bool = False) -> Callable[[dict], Any]:
     """`place` (host batch -> device batch) behind `check_token_ids`."""
     def place_checked(batch: dict) -> Any:
-        check_token_ids(batch, vocab_size, what)
+        check_token_ids(batch, vocab_size, what, label_ids=label_ids)
         return place(batch)
 
     return place_checked

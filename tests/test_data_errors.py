@@ -3,6 +3,7 @@
 import logging
 
 import datasets
+import jax.numpy as jnp
 import pytest
 from tiny import tiny_llama
 
@@ -108,3 +109,28 @@ def test_token_ids_outside_the_vocabulary_or_not_integers_are_named(tmp_path):
     floats = [{"input_ids": [1.0, 2.0, 3.0], "labels": [1, 2, 3]}] * 2
     with pytest.raises(DataError, match="input_ids must be integer token ids, got float"):
         Trainer(model, args, train_dataset=floats).train()
+
+
+def test_negative_labels_other_than_the_ignore_index_are_named(tmp_path):
+    """PyTorch's cross-entropy rejects a label of -1; on the device it would silently read another
+    token's logit (XLA's gather wraps) or be skipped (the CPU loss kernel). The Trainer names it.
+    A user's own loss may use other conventions, and a regression head takes any number."""
+    model = tiny_llama()
+    good = [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, -100, 4]}] * 2
+    bad = good + [{"input_ids": [1, 2, 3, 4], "labels": [1, -1, 3, 4]}]
+    args = _args(tmp_path, max_steps=3, mesh_shape={"data": 1}, train_sampling_strategy="sequential")
+    with pytest.raises(DataError, match=r"train_dataset: label -1 is negative; positions the loss should ignore "
+                                        r"take -100"):
+        Trainer(model, args, train_dataset=bad).train()  # the third batch: found at placement
+    with pytest.raises(DataError, match=r"eval_dataset: label -1 is negative"):
+        Trainer(model, args, eval_dataset=bad).evaluate()
+
+    def own_loss(outputs, batch):  # treats -1 as "ignore" itself
+        from jtrain.losses import token_cross_entropy
+        labels = batch["labels"]
+        return token_cross_entropy(outputs["logits"], jnp.where(labels < 0, -100, labels))
+
+    Trainer(model, args, train_dataset=bad, compute_loss_func=own_loss).train()
+    regression = create_model("bert", dict(BERT, num_labels=1), "sequence_classification")
+    rows = [{"input_ids": [1, 2, 3], "labels": -2}, {"input_ids": [4, 5, 6], "labels": 3}]
+    Trainer(regression, _args(tmp_path, max_steps=2, mesh_shape={"data": 1}), train_dataset=rows).train()
