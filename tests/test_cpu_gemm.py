@@ -405,9 +405,10 @@ print("products ok")
     assert "products ok" in done.stdout
     kernels = {}  # problem ("1x64x128:1x128x96") and operand layouts -> the implementation that ran
     for line in done.stdout.splitlines():
-        fields = line.split(",")
-        if line.startswith("onednn_verbose,exec,cpu,matmul"):
-            kernels[(fields[-2], fields[6])] = fields[4]
+        fields = line.split(",")  # oneDNN 3.2: onednn_verbose,exec,...; 3.4+: onednn_verbose,v1,primitive,exec,...
+        at = fields.index("exec") if line.startswith("onednn_verbose,") and "exec" in fields else -1
+        if at > 0 and fields[at + 1:at + 3] == ["cpu", "matmul"]:
+            kernels[(fields[-2], fields[at + 5])] = fields[at + 3]
     assert len(kernels) == 3, kernels
     sgemm = [key for key, impl in kernels.items() if impl.startswith("gemm:jit")]
     if want_sgemm:
