@@ -269,8 +269,7 @@ class Trainer:
             self.steps, self._step_plan = build(), None
             if train_loader is not None:
                 first = train_loader.shape_probe()
-                trainer_checks.check_token_ids(first, self._vocab_size(), "train_dataset",
-                                               label_ids=trainer_checks.label_ids_checked(self))
+                trainer_checks.batch_check(self, "train_dataset")(first)
                 plan = plan_train_step(self.steps, first, a.per_device_train_batch_size, data_parallel_size(self.mesh),
                                        budget=a.max_device_memory_bytes, auto_find=a.auto_find_batch_size,
                                        longest=longest_batch(first, self._longest_padded_length()))
@@ -293,9 +292,6 @@ class Trainer:
             raise
         self._initial_params = None
         self._init_memory_metrics = tracker.stop("init")
-
-    def _vocab_size(self) -> int | None:
-        return getattr(self.model.config, "vocab_size", None)
 
     def _longest_padded_length(self) -> int | None:
         """The longest length training batches can be padded to, when they take several (length
@@ -380,9 +376,8 @@ class Trainer:
         self._setup(plan.max_steps, train_loader=loader)
         if self._per_device_train_batch_size() != requested:
             loader, plan = self._plan()  # auto_find_batch_size chose a smaller per-device batch
-        loader.place = trainer_checks.checked_placement(self.steps.place_train_batch, self._vocab_size(),
-                                                        "train_dataset",
-                                                        label_ids=trainer_checks.label_ids_checked(self))
+        loader.place = trainer_checks.checked_placement(self.steps.place_train_batch,
+                                                        trainer_checks.batch_check(self, "train_dataset"))
         tracker_for(self).start("train")
         position = LoaderPosition()
         if resume_from_checkpoint is None and self.args.resume_from_checkpoint:
@@ -439,9 +434,9 @@ class Trainer:
             self._setup(max(1, self.args.max_steps))
         loader = (self.get_test_dataloader(dataset) if predicting else self.get_eval_dataloader(dataset))
         loader = trainer_checks.checked_loader(loader, "get_test_dataloader" if predicting else "get_eval_dataloader")
-        loader.place = trainer_checks.checked_placement(self.steps.place_eval_batch, self._vocab_size(),
-                                                        "test_dataset" if predicting else "eval_dataset",
-                                                        label_ids=trainer_checks.label_ids_checked(self))
+        what = "test_dataset" if predicting else "eval_dataset"
+        loader.place = trainer_checks.checked_placement(self.steps.place_eval_batch,
+                                                        trainer_checks.batch_check(self, what))
         return evaluation_loop(self, loader, prefix, want_predictions and not self.args.prediction_loss_only,
                                predicting)
 

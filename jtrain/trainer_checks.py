@@ -132,11 +132,18 @@ def _check_label_ids(labels: np.ndarray, what: str) -> None:
                         f"{IGNORE_INDEX} (HF's ignore index), and every other label is a class or token id >= 0")
 
 
-def checked_placement(place: Callable[[dict], Any], vocab_size: int | None, what: str, *,
-                      label_ids: bool = False) -> Callable[[dict], Any]:
-    """`place` (host batch -> device batch) behind `check_token_ids`."""
+def batch_check(trainer: Any, what: str) -> Callable[[Any], None]:
+    """`check_token_ids` for `trainer`'s batches: its model's vocabulary and its loss's label rule,
+    read once here rather than per batch."""
+    vocab_size = getattr(trainer.model.config, "vocab_size", None)
+    label_ids = label_ids_checked(trainer)
+    return lambda batch: check_token_ids(batch, vocab_size, what, label_ids=label_ids)
+
+
+def checked_placement(place: Callable[[dict], Any], check: Callable[[Any], None]) -> Callable[[dict], Any]:
+    """`place` (host batch -> device batch) behind `check` (a `batch_check`)."""
     def place_checked(batch: dict) -> Any:
-        check_token_ids(batch, vocab_size, what, label_ids=label_ids)
+        check(batch)
         return place(batch)
 
     return place_checked

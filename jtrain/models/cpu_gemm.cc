@@ -803,6 +803,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void ScaledExp(const float*
   }
 }
 
+// body(r) for every row, kRows rows per task over the attention kernel's workers.
+template <typename Body>
+void ForEachRow(int64_t rows, const Body& body) {
+  attn::ParallelFor((rows + kRows - 1) / kRows, [&](int64_t task, int) {
+    for (int64_t r = task * kRows; r < std::min(rows, (task + 1) * kRows); ++r) body(r);
+  });
+}
+
 }  // namespace xent
 
 ffi::Error CpuCrossEntropyForward(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> labels,
@@ -817,17 +825,15 @@ ffi::Error CpuCrossEntropyForward(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi:
   const float* x = logits.typed_data();
   const int32_t* y = labels.typed_data();
   float *out = nll->typed_data(), *mx = row_max->typed_data(), *sum = row_sum->typed_data();
-  attn::ParallelFor((rows + xent::kRows - 1) / xent::kRows, [&](int64_t task, int) {
-    for (int64_t r = task * xent::kRows; r < std::min(rows, (task + 1) * xent::kRows); ++r) {
-      const float* row = x + r * vocab;
-      const xent::RowStats st = xent::Stats(row, vocab);
-      mx[r] = st.max;
-      sum[r] = st.sum;
-      const float lse = st.max + std::log(st.sum);
-      // A negative label is ignored (the caller maps HF's -100 there); one past the vocabulary is
-      // NaN, as XLA's gather fills it, so the step's non-finite guard sees it.
-      out[r] = y[r] < 0 ? 0.0f : y[r] >= vocab ? std::numeric_limits<float>::quiet_NaN() : lse - row[y[r]];
-    }
+  xent::ForEachRow(rows, [&](int64_t r) {
+    const float* row = x + r * vocab;
+    const xent::RowStats st = xent::Stats(row, vocab);
+    mx[r] = st.max;
+    sum[r] = st.sum;
+    const float lse = st.max + std::log(st.sum);
+    // A negative label is ignored (the caller maps HF's -100 there); one past the vocabulary is
+    // NaN, as XLA's gather fills it, so the step's non-finite guard sees it.
+    out[r] = y[r] < 0 ? 0.0f : y[r] >= vocab ? std::numeric_limits<float>::quiet_NaN() : lse - row[y[r]];
   });
   return ffi::Error::Success();
 }
@@ -846,16 +852,14 @@ ffi::Error CpuCrossEntropyBackward(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi
   const float* g = d_nll.typed_data();
   const int32_t* y = labels.typed_data();
   float* dx = d_logits->typed_data();
-  attn::ParallelFor((rows + xent::kRows - 1) / xent::kRows, [&](int64_t task, int) {
-    for (int64_t r = task * xent::kRows; r < std::min(rows, (task + 1) * xent::kRows); ++r) {
-      float* out = dx + r * vocab;
-      if (y[r] < 0) {  // an ignored row has no gradient
-        std::fill_n(out, vocab, 0.0f);
-        continue;
-      }
-      xent::ScaledExp(x + r * vocab, vocab, mx[r], g[r] / sum[r], out);
-      if (y[r] < vocab) out[y[r]] -= g[r];
+  xent::ForEachRow(rows, [&](int64_t r) {
+    float* out = dx + r * vocab;
+    if (y[r] < 0) {  // an ignored row has no gradient
+      std::fill_n(out, vocab, 0.0f);
+      return;
     }
+    xent::ScaledExp(x + r * vocab, vocab, mx[r], g[r] / sum[r], out);
+    if (y[r] < vocab) out[y[r]] -= g[r];
   });
   return ffi::Error::Success();
 }
