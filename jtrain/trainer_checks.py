@@ -98,20 +98,34 @@ def label_ids_checked(trainer: Any) -> bool:
     return trainer.model.task != "sequence_classification" or getattr(trainer.model.config, "num_labels", 2) != 1
 
 
-def check_token_ids(batch: Any, vocab_size: int | None, what: str, *, label_ids: bool = False) -> None:
+def label_classes(trainer: Any) -> int | None:
+    """How many classes the built-in loss's logits have, so a label must lie in [0, this): the
+    vocabulary for the language-model tasks, `num_labels` for the classification heads; None where
+    labels are not checked (`label_ids_checked`) or the config does not say."""
+    if not label_ids_checked(trainer):
+        return None
+    key = "vocab_size" if trainer.model.task in ("causal_lm", "masked_lm") else "num_labels"
+    return getattr(trainer.model.config, key, None)
+
+
+def check_token_ids(batch: Any, vocab_size: int | None, what: str, *, label_ids: bool = False,
+                    classes: int | None = None) -> None:
     """Float token ids, or ids outside the model's vocabulary, are a DataError naming the id and the
     vocabulary. On the device JAX would not fail clearly: float ids stop the compile deep inside
     the embedding, and an out-of-range lookup gives NaN (a "non-finite loss" that blames the learning
-    rate) or a clamped row. With `label_ids`, a negative integer label other than -100 is one too:
-    PyTorch's cross-entropy rejects it, while on the device it would silently read another class's
-    logit (XLA's ops) or be skipped (the CPU loss kernel). A max and min over the host batch:
-    microseconds per step."""
-    if label_ids and isinstance(batch, Mapping) and batch.get("labels") is not None:
-        _check_label_ids(np.asarray(batch["labels"]), what)
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-    if ids is None:
+    rate) or a clamped row. With `label_ids`, a negative integer label other than -100 is one too,
+    and so is a label at or past `classes`: PyTorch's cross-entropy rejects both, while on the device
+    they would silently read another class's logit or NaN (XLA's ops) or be skipped (the CPU loss
+    kernel). A max and min over the host batch: microseconds per step."""
+    if not isinstance(batch, Mapping):
         return
-    arr = np.asarray(ids)
+    if batch.get("input_ids") is not None:  # first: labels copied from bad ids are the ids' fault
+        _check_ids(np.asarray(batch["input_ids"]), vocab_size, what)
+    if label_ids and batch.get("labels") is not None:
+        _check_label_ids(np.asarray(batch["labels"]), what, classes)
+
+
+def _check_ids(arr: np.ndarray, vocab_size: int | None, what: str) -> None:
     if arr.dtype.kind not in "iu":
         raise DataError(f"{what}: input_ids must be integer token ids, got {arr.dtype} values; tokenize the "
                         "text, or cast the column to int")
@@ -123,21 +137,27 @@ def check_token_ids(batch: Any, vocab_size: int | None, what: str, *, label_ids:
                             "the model's vocab_size is too small (resize it to the tokenizer's)")
 
 
-def _check_label_ids(labels: np.ndarray, what: str) -> None:
-    if labels.dtype.kind not in "iu" or not labels.size or int(labels.min()) >= 0:
+def _check_label_ids(labels: np.ndarray, what: str, classes: int | None) -> None:
+    if labels.dtype.kind not in "iu" or not labels.size:
         return
-    wrong = np.unique(labels[(labels < 0) & (labels != IGNORE_INDEX)])
-    if wrong.size:
-        raise DataError(f"{what}: label {int(wrong[0])} is negative; positions the loss should ignore take "
-                        f"{IGNORE_INDEX} (HF's ignore index), and every other label is a class or token id >= 0")
+    if int(labels.min()) < 0:
+        wrong = np.unique(labels[(labels < 0) & (labels != IGNORE_INDEX)])
+        if wrong.size:
+            raise DataError(f"{what}: label {int(wrong[0])} is negative; positions the loss should ignore take "
+                            f"{IGNORE_INDEX} (HF's ignore index), and every other label is a class or token id >= 0")
+    high = int(labels.max())
+    if classes and high >= classes:
+        raise DataError(f"{what}: label {high} is outside the model's {classes} output classes [0, {classes}); "
+                        "the labels come from another label set or vocabulary, or the model's num_labels (or "
+                        f"vocab_size) is too small: it must be at least {high + 1}")
 
 
 def batch_check(trainer: Any, what: str) -> Callable[[Any], None]:
-    """`check_token_ids` for `trainer`'s batches: its model's vocabulary and its loss's label rule,
-    read once here rather than per batch."""
+    """`check_token_ids` for `trainer`'s batches: its model's vocabulary, its loss's label rule and
+    its output classes, read once here rather than per batch."""
     vocab_size = getattr(trainer.model.config, "vocab_size", None)
-    label_ids = label_ids_checked(trainer)
-    return lambda batch: check_token_ids(batch, vocab_size, what, label_ids=label_ids)
+    label_ids, classes = label_ids_checked(trainer), label_classes(trainer)
+    return lambda batch: check_token_ids(batch, vocab_size, what, label_ids=label_ids, classes=classes)
 
 
 def checked_placement(place: Callable[[dict], Any], check: Callable[[Any], None]) -> Callable[[dict], Any]:

@@ -134,3 +134,23 @@ def test_negative_labels_other_than_the_ignore_index_are_named(tmp_path):
     regression = create_model("bert", dict(BERT, num_labels=1), "sequence_classification")
     rows = [{"input_ids": [1, 2, 3], "labels": -2}, {"input_ids": [4, 5, 6], "labels": 3}]
     Trainer(regression, _args(tmp_path, max_steps=2, mesh_shape={"data": 1}), train_dataset=rows).train()
+
+
+def test_labels_past_the_output_classes_are_named(tmp_path):
+    """PyTorch's cross-entropy rejects a target >= the number of classes; on the device the label
+    would read NaN or another class's logit. The Trainer names the label and the bound, for token
+    labels past the vocabulary (LM) and past num_labels (token classification), and still trains
+    on labels inside [0, classes)."""
+    model = tiny_llama()
+    vocab = model.config.vocab_size
+    good = [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, vocab - 1]}] * 2
+    bad = good + [{"input_ids": [1, 2, 3, 4], "labels": [1, vocab, 3, 4]}]
+    args = _args(tmp_path, max_steps=3, mesh_shape={"data": 1}, train_sampling_strategy="sequential")
+    with pytest.raises(DataError, match=rf"train_dataset: label {vocab} is outside the model's {vocab} output "
+                                        rf"classes \[0, {vocab}\).*at least {vocab + 1}"):
+        Trainer(model, args, train_dataset=bad).train()
+    Trainer(model, args, train_dataset=good).train()
+    tagger = create_model("bert", BERT, "token_classification")
+    rows = [{"input_ids": [2, 3, 4], "labels": [0, 2, -100]}, {"input_ids": [2, 3, 4], "labels": [1, 3, 0]}]
+    with pytest.raises(DataError, match=r"eval_dataset: label 3 is outside the model's 3 output classes"):
+        Trainer(tagger, _args(tmp_path, mesh_shape={"data": 1}), eval_dataset=rows).evaluate()
