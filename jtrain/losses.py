@@ -33,18 +33,24 @@ def token_cross_entropy(
     """Cross-entropy summed over positions whose label is not -100 (HF's ignore index).
 
     Computed as logsumexp(logits) - logit[label], which never materialises the [B, L, V]
-    log-softmax (on a large vocabulary that pass costs as much as a layer). Label smoothing
+    log-softmax (on a large vocabulary that pass costs as much as a layer). A label outside
+    [0, vocab) other than -100 makes its position NaN (the Trainer names such labels before they
+    reach the device; a direct caller sees a non-finite loss, never another class's logit). Label smoothing
     follows HF's `LabelSmoother`: (1 - eps) * nll + eps * mean over the vocabulary of -log p,
     where -mean(log p) = logsumexp - mean(logits).
     """
     logits = logits_BLV.astype(jnp.float32)
     valid = labels_BL != IGNORE_INDEX
+    # Any other label outside [0, vocab) gives NaN on both paths, as PyTorch would raise: a negative
+    # one is sent past the end (a gather would wrap it to another class; the kernel would skip it).
+    labels = jnp.where(valid & (labels_BL < 0), logits.shape[-1], labels_BL)
     if not label_smoothing and logits_BLV.dtype == jnp.float32 and cpu_cross_entropy.applies(logits):
-        nll = cpu_cross_entropy.token_nll(logits, jnp.where(valid, labels_BL, -1))  # one pass per direction
+        nll = cpu_cross_entropy.token_nll(logits, jnp.where(valid, labels, -1))  # one pass per direction
         return _summed(nll, valid, logits, labels_BL)
-    safe = jnp.where(valid, labels_BL, 0)
+    safe = jnp.where(valid, labels, 0)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    nll = lse - jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1, mode="fill", fill_value=jnp.nan)[..., 0]
+    nll = lse - picked
     if label_smoothing:
         smooth = lse - jnp.mean(logits, axis=-1)
         nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth

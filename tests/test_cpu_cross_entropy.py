@@ -11,6 +11,7 @@ References and tolerances:
 
 from __future__ import annotations
 
+import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +60,22 @@ def test_a_label_past_the_vocabulary_is_nan(kernel):
     logits = jnp.zeros((1, 2, 8))
     nll = cpu_cross_entropy.token_nll(logits, jnp.array([[3, 8]]))
     assert np.isfinite(float(nll[0, 0])) and np.isnan(float(nll[0, 1]))
+
+
+@pytest.mark.parametrize("path", ["kernel", "xla"])
+def test_labels_outside_the_vocabulary_are_nan_on_both_paths(monkeypatch, path):
+    """A label past the vocabulary, or negative other than -100, is invalid (PyTorch raises): both
+    the kernel and XLA's ops give a NaN loss, where a gather alone would wrap -1 to the last class
+    and the kernel would skip it; -100 alone is ignored. Eager and jitted agree."""
+    monkeypatch.setenv(cpu_cross_entropy.ENV, "xla")
+    with cpu_kernel_on(monkeypatch, cpu_cross_entropy.ENV, cpu_cross_entropy._CPU_FEATURES) if path == "kernel" \
+            else contextlib.nullcontext():
+        logits = jax.random.normal(jax.random.key(2), (1, 3, 8))
+        assert cpu_cross_entropy.applies(logits) == (path == "kernel")
+        for fn in (token_cross_entropy, jax.jit(token_cross_entropy)):
+            assert np.isfinite(float(fn(logits, jnp.array([[3, -100, 7]])).loss_sum))
+            for bad in (-1, -5, 8, 100):
+                assert np.isnan(float(fn(logits, jnp.array([[3, -100, bad]])).loss_sum)), bad
 
 
 def test_where_it_applies(monkeypatch):
