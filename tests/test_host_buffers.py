@@ -138,7 +138,12 @@ def test_trainer_losses_are_bitwise_equal_with_and_without_the_cache():
     on = json.loads(_child(TRAIN_SCRIPT, env=small))
     off = json.loads(_child(TRAIN_SCRIPT, env={**small, host_buffers.ENV_MODE: "off"}))
     assert len(on["losses"]) == 6 and on["losses"] == off["losses"]
-    assert on["stats"]["reused"] >= 4, on["stats"]  # later steps ran in earlier steps' blocks
+    # Later steps ran in earlier steps' blocks. Each step takes one scratch block and async dispatch keeps
+    # two alive, so steps 3-6 reuse the blocks of steps 1-2 (4 reuses on an idle machine). A loaded machine
+    # can cost one (seen once in a clean-clone CI run: 3 reuses, 4 mappings): a cached block left idle for
+    # the cache's 30 s during a slow compile is unmapped, or dispatch runs a step further ahead. At least
+    # three allows that one and still fails a cache that does not carry blocks from step to step.
+    assert on["stats"]["reused"] >= 3, on["stats"]
     assert off["stats"] == dict.fromkeys(off["stats"], 0)
 
 
