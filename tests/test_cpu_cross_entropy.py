@@ -12,6 +12,7 @@ References and tolerances:
 from __future__ import annotations
 
 import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
