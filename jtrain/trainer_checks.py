@@ -101,9 +101,7 @@ def label_ids_checked(trainer: Any) -> bool:
 def label_classes(trainer: Any) -> int | None:
     """How many classes the built-in loss's logits have, so a label must lie in [0, this): the
     vocabulary for the language-model tasks, `num_labels` for the classification heads; None where
-    labels are not checked (`label_ids_checked`) or the config does not say."""
-    if not label_ids_checked(trainer):
-        return None
+    the config does not say."""
     key = "vocab_size" if trainer.model.task in ("causal_lm", "masked_lm") else "num_labels"
     return getattr(trainer.model.config, key, None)
 
@@ -156,7 +154,8 @@ def batch_check(trainer: Any, what: str) -> Callable[[Any], None]:
     """`check_token_ids` for `trainer`'s batches: its model's vocabulary, its loss's label rule and
     its output classes, read once here rather than per batch."""
     vocab_size = getattr(trainer.model.config, "vocab_size", None)
-    label_ids, classes = label_ids_checked(trainer), label_classes(trainer)
+    label_ids = label_ids_checked(trainer)
+    classes = label_classes(trainer) if label_ids else None
     return lambda batch: check_token_ids(batch, vocab_size, what, label_ids=label_ids, classes=classes)
 
 
