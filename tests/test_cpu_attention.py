@@ -64,7 +64,7 @@ def _close(got, want, rel=2e-5):
 
 
 CASES = pytest.mark.parametrize("B,L,S,N,K,causal,padding", [
-    (2, 300, 300, 4, 2, True, "left"),   # three query blocks (128, 128, 44), grouped heads, keyless rows
+    (2, 300, 300, 4, 2, True, "left"),   # five query blocks (4 x 64, 44), grouped heads, keyless rows
     (2, 256, 256, 4, 4, True, "right"),  # the benchmark's shape family: two causal blocks
     (3, 200, 200, 2, 1, False, "right"),  # bidirectional (BERT): every block sees every key
     (1, 40, 70, 2, 2, False, None),       # more keys than queries (cross attention)

@@ -466,8 +466,9 @@ struct Shape {
 // blocks of 64 rows (less causal waste) pay: attention 10-20% faster per layer (TRIED.md).
 
 // C[r, 0:cols] (+)= sum_p op(A)[r, p] B[p, n0 + 0:cols] for MR rows r; op(A)[r, p] is a[r * lda + p]
-// or, with TA, a[p * lda + r]; cols <= 64 (masked lanes beyond).
-template <int MR, bool TA>
+// or, with TA, a[p * lda + r]; cols <= 64 (masked lanes beyond). FULL (cols == 64) loads and stores
+// whole vectors: a masked load also takes a slot on an FMA port, ~10% of a 64-column tile's time.
+template <int MR, bool TA, bool FULL>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void Tile(int64_t cols, int64_t k, const float* a, int64_t lda,
                                                                 const float* b, int64_t ldb, float* c, int64_t ldc,
                                                                 bool accumulate) {
@@ -485,7 +486,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Tile(int64_t cols, int
     const float* row = b + p * ldb;
     __m512 bv[4];
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) bv[v] = _mm512_maskz_loadu_ps(lanes[v], row + 16 * v);
+    for (int v = 0; v < 4; ++v) {
+      bv[v] = FULL ? _mm512_loadu_ps(row + 16 * v) : _mm512_maskz_loadu_ps(lanes[v], row + 16 * v);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 av = _mm512_set1_ps(TA ? a[p * lda + r] : a[r * lda + p]);
@@ -498,13 +501,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Tile(int64_t cols, int
 #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v) {
       float* out = c + r * ldc + 16 * v;
-      const __m512 sum = accumulate ? _mm512_add_ps(acc[r][v], _mm512_maskz_loadu_ps(lanes[v], out)) : acc[r][v];
-      _mm512_mask_storeu_ps(out, lanes[v], sum);
+      if (FULL) {
+        _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(acc[r][v], _mm512_loadu_ps(out)) : acc[r][v]);
+      } else {
+        const __m512 sum = accumulate ? _mm512_add_ps(acc[r][v], _mm512_maskz_loadu_ps(lanes[v], out)) : acc[r][v];
+        _mm512_mask_storeu_ps(out, lanes[v], sum);
+      }
     }
   }
 }
 
-template <bool TA>
+template <bool TA, bool FULL>
 void Rows(int64_t rows, int64_t cols, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
           int64_t ldc, bool accumulate) {
   constexpr int kMr = 6;  // 6 x 4 accumulators + 4 B vectors + a broadcast: within the 32 registers
@@ -512,12 +519,12 @@ void Rows(int64_t rows, int64_t cols, int64_t k, const float* a, int64_t lda, co
     const float* ai = TA ? a + i : a + i * lda;
     float* ci = c + i * ldc;
     switch (std::min<int64_t>(kMr, rows - i)) {  // the last tile takes the rows left
-      case 6: Tile<6, TA>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
-      case 5: Tile<5, TA>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
-      case 4: Tile<4, TA>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
-      case 3: Tile<3, TA>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
-      case 2: Tile<2, TA>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
-      default: Tile<1, TA>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+      case 6: Tile<6, TA, FULL>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+      case 5: Tile<5, TA, FULL>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+      case 4: Tile<4, TA, FULL>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+      case 3: Tile<3, TA, FULL>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+      case 2: Tile<2, TA, FULL>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+      default: Tile<1, TA, FULL>(cols, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
     }
   }
 }
@@ -529,34 +536,60 @@ void Gemm(bool ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           int64_t ldc, bool accumulate = false) {
   for (int64_t n0 = 0; n0 < n; n0 += 64) {
     const int64_t cols = std::min<int64_t>(64, n - n0);
+    const bool full = cols == 64;
     if (ta) {
-      Rows<true>(m, cols, k, a, lda, b + n0, ldb, c + n0, ldc, accumulate);
+      (full ? Rows<true, true> : Rows<true, false>)(m, cols, k, a, lda, b + n0, ldb, c + n0, ldc, accumulate);
     } else {
-      Rows<false>(m, cols, k, a, lda, b + n0, ldb, c + n0, ldc, accumulate);
+      (full ? Rows<false, true> : Rows<false, false>)(m, cols, k, a, lda, b + n0, ldb, c + n0, ldc, accumulate);
     }
   }
 }
 
+// out[j] = column j of the 16 x 16 block whose rows are in[0:16]: unpacks within 128-bit lanes,
+// then 128-bit lane shuffles (64 shuffles for 256 floats; the gathers this replaced took ~4x longer).
+__attribute__((target("avx512f"))) inline void Transpose16(const __m512 in[16], __m512 out[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(in[i], in[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(in[i], in[i + 1]);
+  }
+  // u[4g + c], 128-bit lane b: rows 4g..4g+3 of column 4b + c.
+  for (int i = 0; i < 16; i += 4) {
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 ab01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), ab23 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+    const __m512 cd01 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512 cd23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+    out[c] = _mm512_shuffle_f32x4(ab01, cd01, 0x88);
+    out[4 + c] = _mm512_shuffle_f32x4(ab01, cd01, 0xDD);
+    out[8 + c] = _mm512_shuffle_f32x4(ab23, cd23, 0x88);
+    out[12 + c] = _mm512_shuffle_f32x4(ab23, cd23, 0xDD);
+  }
+}
+
 // t[d, s] (rows ldt apart) = x[s, d] (rows ld apart) for s < rows, d < dim: a head's keys or
-// values, so q k^T and dO v^T become products with a row-major B. In 16 x 16 tiles, so each
+// values, so q k^T and dO v^T become products with a row-major B. In 16 x 16 blocks, so each
 // store fills a cache line of t.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void Transpose(const float* x, int64_t ld, int64_t rows,
                                                                      int64_t dim, int64_t ldt, float* t) {
-  alignas(64) float tile[16][16];
-  // Offsets of a tile column's 16 entries (one row of tile apart) for the gather.
-  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(16));
   for (int64_t s0 = 0; s0 < rows; s0 += 16) {
     const int64_t ns = std::min<int64_t>(16, rows - s0);
     const __mmask16 s_lanes = Lanes(ns);
     for (int64_t d0 = 0; d0 < dim; d0 += 16) {
       const int64_t nd = std::min<int64_t>(16, dim - d0);
       const __mmask16 d_lanes = Lanes(nd);
-      for (int64_t i = 0; i < ns; ++i) _mm512_store_ps(tile[i], _mm512_maskz_loadu_ps(d_lanes, x + (s0 + i) * ld + d0));
-      for (int64_t j = 0; j < nd; ++j) {
-        const __m512 col = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), s_lanes, column, &tile[0][j], 4);
-        _mm512_mask_storeu_ps(t + (d0 + j) * ldt + s0, s_lanes, col);
+      __m512 in[16], out[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        in[i] = i < ns ? _mm512_maskz_loadu_ps(d_lanes, x + (s0 + i) * ld + d0) : _mm512_setzero_ps();
       }
+      Transpose16(in, out);
+      for (int64_t j = 0; j < nd; ++j) _mm512_mask_storeu_ps(t + (d0 + j) * ldt + s0, s_lanes, out[j]);
     }
   }
 }
