@@ -34,7 +34,8 @@ from jtrain.errors import ConfigError
 from jtrain.flop_count import _CPU_GEMM, jaxpr_flops
 from jtrain.models import attention, cpu_gemm, matmul
 from jtrain.models.masks import as_mask
-from tiny import three_trainer_steps
+from jtrain.losses import causal_lm_loss
+from tiny import lm_rows, three_trainer_steps, tiny_llama
 
 LIBRARIES = {"onednn": (cpu_gemm.ENV_ONEDNN_LIBRARY, "libdnnl.so*"), "mkl": (cpu_gemm.ENV_LIBRARY, "libmkl_rt.so*")}
 
@@ -261,6 +262,32 @@ def _compare_with_xla(runs: dict, library: str, rtol: float) -> None:
     assert flops == xla_flops > 0  # the same products, whichever kernel computes them
     np.testing.assert_allclose(losses, xla_losses, rtol=rtol)
     assert len(losses) == 3
+
+
+def test_dot_remat_policies_save_the_library_products(monkeypatch):
+    """JAX's `dots_saveable` looks for `dot_general`; the library products are custom calls, so
+    without their checkpoint name (`matmul.PRODUCT_NAME`) a checkpointed layer recomputed all of
+    them, as `full` does. Counted in the compiled gradient of a tiny two-layer Llama."""
+    _use(monkeypatch, "onednn", "onednn")
+    batch = {k: jnp.asarray(v) for k, v in lm_rows(4, 16).items()}
+    params = tiny_llama().init(jax.random.key(0))
+
+    def products(policy):
+        model = tiny_llama(remat_policy=policy)
+
+        def loss(p):
+            out = causal_lm_loss(model.apply(p, batch), batch)
+            return out.loss_sum / out.weight
+
+        with cpu_gemm.single_device(True):
+            hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        return hlo.count(f'custom_call_target="{cpu_gemm.TARGET}"')
+
+    plain, full = products(None), products("full")
+    assert plain > 0
+    assert full == plain + 12  # the recomputed forward: 2 layers x (q, k, v, o, gate, up)
+    assert products("nothing_saveable") == full
+    assert products("dots_saveable") == products("dots_with_no_batch_dims_saveable") == plain
 
 
 def test_float32_auto_mode_uses_onednn_only_on_an_avx512_cpu(monkeypatch):

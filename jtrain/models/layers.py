@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jtrain.errors import ConfigError
+from jtrain.models.matmul import PRODUCT_NAME
 from jtrain.pipeline_parallel import check_stages, gpipe, microbatch_count, split_stages
 
 Initializer = Callable[..., jax.Array]
@@ -144,12 +145,17 @@ def dropout_rng(module: nn.Module, rate: float, train: bool) -> jax.Array | None
     return module.make_rng("dropout")
 
 
+_policies = jax.checkpoint_policies
+# The dot policies also save the CPU dense products, which JAX's own see only as custom calls
+# (`jtrain.models.matmul.PRODUCT_NAME`; they have no batch dimensions).
+_SAVE_PRODUCTS = _policies.save_only_these_names(PRODUCT_NAME)
 REMAT_POLICIES: dict[str, Any] = {
     "full": None,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+    "nothing_saveable": _policies.nothing_saveable,
+    "dots_saveable": _policies.save_from_both_policies(_policies.dots_saveable, _SAVE_PRODUCTS),
+    "dots_with_no_batch_dims_saveable": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _SAVE_PRODUCTS),
+    "everything_saveable": _policies.everything_saveable,
 }
 
 

@@ -17,6 +17,11 @@ operands as flags.
 GPU and TPU matmul libraries take transposed operands for free, so there the standard
 `lax.dot_general` (and its autodiff) is used: the choice is made when the step is traced, from
 the backend JAX computes on.
+
+A library product is a custom call, which JAX's remat policies do not see as a dot (they look
+for `dot_general`): `dots_saveable` would recompute every such product of a checkpointed layer, as
+`full` does. So the CPU product's output carries the name `PRODUCT_NAME`, and the dot policies of
+`jtrain.models.layers.REMAT_POLICIES` save it.
 """
 
 from __future__ import annotations
@@ -29,8 +34,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from jtrain.models import cpu_gemm
+
+# The checkpoint name of the CPU dense products' outputs (see the module docstring).
+PRODUCT_NAME = "jtrain_dense_product"
 
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
 
@@ -96,7 +105,8 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumb
                                preferred_element_type=preferred_element_type)
     n_contract = len(dimension_numbers[0][0])
     library = preferred_element_type in (None, jnp.float32, jnp.bfloat16) and cpu_gemm.applies(lhs, rhs)
-    return _dense_vjp(None if library else precision, preferred_element_type, n_contract, library)(lhs, rhs)
+    out = _dense_vjp(None if library else precision, preferred_element_type, n_contract, library)(lhs, rhs)
+    return checkpoint_name(out, PRODUCT_NAME)
 
 
 def Dense(*args: Any, **kwargs: Any) -> nn.Dense:
