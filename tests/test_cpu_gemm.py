@@ -32,7 +32,7 @@ from jax import lax
 
 from jtrain.errors import ConfigError
 from jtrain.flop_count import _CPU_GEMM, jaxpr_flops
-from jtrain.models import attention, cpu_gemm, matmul
+from jtrain.models import attention, cpu_attention, cpu_gemm, matmul
 from jtrain.models.masks import as_mask
 from jtrain.losses import causal_lm_loss
 from tiny import lm_rows, three_trainer_steps, tiny_llama
@@ -264,15 +264,16 @@ def _compare_with_xla(runs: dict, library: str, rtol: float) -> None:
     assert len(losses) == 3
 
 
-def test_dot_remat_policies_save_the_library_products(monkeypatch):
-    """JAX's `dots_saveable` looks for `dot_general`; the library products are custom calls, so
-    without their checkpoint name (`matmul.PRODUCT_NAME`) a checkpointed layer recomputed all of
-    them, as `full` does. Counted in the compiled gradient of a tiny two-layer Llama."""
+def test_dot_remat_policies_save_the_library_products_and_attention(monkeypatch):
+    """JAX's `dots_saveable` looks for `dot_general`; the library products and the CPU attention
+    kernel are custom calls, so without their checkpoint names (`matmul.PRODUCT_NAME`,
+    `cpu_attention.ATTENTION_NAME`) a checkpointed layer recomputed all of them, as `full` does.
+    Counted in the compiled gradient of a tiny two-layer Llama; the gradients stay the plain ones."""
     _use(monkeypatch, "onednn", "onednn")
     batch = {k: jnp.asarray(v) for k, v in lm_rows(4, 16).items()}
     params = tiny_llama().init(jax.random.key(0))
 
-    def products(policy):
+    def compiled(policy):
         model = tiny_llama(remat_policy=policy)
 
         def loss(p):
@@ -280,14 +281,26 @@ def test_dot_remat_policies_save_the_library_products(monkeypatch):
             return out.loss_sum / out.weight
 
         with cpu_gemm.single_device(True):
-            hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-        return hlo.count(f'custom_call_target="{cpu_gemm.TARGET}"')
+            step = jax.jit(jax.grad(loss))
+            hlo = step.lower(params).compile().as_text()
+            grads = step(params)
+        counts = (hlo.count(f'custom_call_target="{cpu_gemm.TARGET}"'),
+                  hlo.count(f'custom_call_target="{cpu_attention.FORWARD}"'))
+        return counts, grads
 
-    plain, full = products(None), products("full")
-    assert plain > 0
-    assert full == plain + 12  # the recomputed forward: 2 layers x (q, k, v, o, gate, up)
-    assert products("nothing_saveable") == full
-    assert products("dots_saveable") == products("dots_with_no_batch_dims_saveable") == plain
+    (plain, plain_attn), plain_grads = compiled(None)
+    (full, full_attn), _ = compiled("full")
+    assert plain > 0 and plain_attn == 2  # the kernel ran: one forward per layer
+    assert (full, full_attn) == (plain + 12, 4)  # the recomputed forward: 2 layers x (q, k, v, o, gate, up)
+    assert compiled("nothing_saveable")[0] == (full, full_attn)
+    (dots, dots_attn), dots_grads = compiled("dots_saveable")
+    assert (dots, dots_attn) == (plain, plain_attn)  # nothing recomputed but element-wise work
+    # attention has batch dimensions: this policy recomputes it, as it does XLA's attention products
+    assert compiled("dots_with_no_batch_dims_saveable")[0] == (plain, full_attn)
+    # 1e-6 relative: the same float32 kernels on the same inputs; XLA may fuse the recomputed
+    # element-wise work differently, which moves the last bit or two
+    for g1, g0 in zip(jax.tree.leaves(dots_grads), jax.tree.leaves(plain_grads)):
+        np.testing.assert_allclose(g1, g0, rtol=1e-6, atol=1e-7)
 
 
 def test_float32_auto_mode_uses_onednn_only_on_an_avx512_cpu(monkeypatch):

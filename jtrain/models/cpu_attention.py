@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from jtrain import native
@@ -43,6 +44,8 @@ BACKWARD = "jtrain_cpu_attention_backward"
 # stay in a core's L2 cache, and causal blocks skip the keys after their last row (blocks of 32
 # measured the same, 128 slower: more keys scored past the diagonal).
 BLOCK = 64
+# The checkpoint name of the forward's output and log-sum-exp (`jtrain.models.layers.REMAT_POLICIES`).
+ATTENTION_NAME = "jtrain_cpu_attention"
 _CPU_FEATURES = {"avx512f", "avx512bw", "avx512vl"}  # the kernel's softmax loops are AVX-512
 
 
@@ -112,6 +115,8 @@ def _vjp(scale: float, causal: bool):
 
     def fwd(q, k, v, keep):
         out, lse = forward(q, k, v, keep)
+        # Named, so that `dots_saveable` keeps them as it keeps XLA attention's products.
+        out, lse = checkpoint_name(out, ATTENTION_NAME), checkpoint_name(lse, ATTENTION_NAME)
         return out, (q, k, v, keep, out, lse)
 
     def bwd(res, d_out):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jtrain.errors import ConfigError
+from jtrain.models.cpu_attention import ATTENTION_NAME
 from jtrain.models.matmul import PRODUCT_NAME
 from jtrain.pipeline_parallel import check_stages, gpipe, microbatch_count, split_stages
 
@@ -146,15 +147,17 @@ def dropout_rng(module: nn.Module, rate: float, train: bool) -> jax.Array | None
 
 
 _policies = jax.checkpoint_policies
-# The dot policies also save the CPU dense products, which JAX's own see only as custom calls
-# (`jtrain.models.matmul.PRODUCT_NAME`; they have no batch dimensions).
-_SAVE_PRODUCTS = _policies.save_only_these_names(PRODUCT_NAME)
+# JAX's dot policies look for `dot_general`; on CPU the dense products and attention are custom
+# calls, so their outputs carry names that jtrain's dot policies save too: the dense products (no
+# batch dimensions) under both, the attention kernel's output under `dots_saveable` only, as XLA's
+# batched attention products are.
 REMAT_POLICIES: dict[str, Any] = {
     "full": None,
     "nothing_saveable": _policies.nothing_saveable,
-    "dots_saveable": _policies.save_from_both_policies(_policies.dots_saveable, _SAVE_PRODUCTS),
+    "dots_saveable": _policies.save_from_both_policies(
+        _policies.dots_saveable, _policies.save_only_these_names(PRODUCT_NAME, ATTENTION_NAME)),
     "dots_with_no_batch_dims_saveable": _policies.save_from_both_policies(
-        _policies.dots_with_no_batch_dims_saveable, _SAVE_PRODUCTS),
+        _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(PRODUCT_NAME)),
     "everything_saveable": _policies.everything_saveable,
 }
 

@@ -20,8 +20,8 @@ the backend JAX computes on.
 
 A library product is a custom call, which JAX's remat policies do not see as a dot (they look
 for `dot_general`): `dots_saveable` would recompute every such product of a checkpointed layer, as
-`full` does. So the CPU product's output carries the name `PRODUCT_NAME`, and the dot policies of
-`jtrain.models.layers.REMAT_POLICIES` save it.
+`full` does. So the CPU product's output carries the name `PRODUCT_NAME`, which the dot policies of
+`jtrain.models.layers.REMAT_POLICIES` save.
 """
 
 from __future__ import annotations
