@@ -28,8 +28,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jtrain import native
 from jtrain.errors import ConfigError
