@@ -147,15 +147,27 @@ def dropout_rng(module: nn.Module, rate: float, train: bool) -> jax.Array | None
 
 
 _policies = jax.checkpoint_policies
+# The primitive JAX's cuDNN attention binds in its forward rule (jax._src.cudnn.fused_attention_stablehlo,
+# called from jtrain.models.attention); JAX gives it no checkpoint name, so it is matched by name.
+_CUDNN_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
+
+
+def _saves_cudnn_attention(prim: Any, *_: Any, **__: Any) -> bool:
+    """A remat policy keeping cuDNN attention's forward outputs (its output and softmax statistics)."""
+    return getattr(prim, "name", None) == _CUDNN_ATTENTION_FORWARD
+
+
 # JAX's dot policies look for `dot_general`; on CPU the dense products and attention are custom
 # calls, so their outputs carry names that jtrain's dot policies save too: the dense products (no
-# batch dimensions) under both, the attention kernel's output under `dots_saveable` only, as XLA's
-# batched attention products are.
+# batch dimensions) under both, the CPU attention kernel's output under `dots_saveable` only, as
+# XLA's batched attention products are. On GPUs `dots_saveable` keeps cuDNN's attention the same way.
 REMAT_POLICIES: dict[str, Any] = {
     "full": None,
     "nothing_saveable": _policies.nothing_saveable,
     "dots_saveable": _policies.save_from_both_policies(
-        _policies.dots_saveable, _policies.save_only_these_names(PRODUCT_NAME, ATTENTION_NAME)),
+        _policies.save_from_both_policies(_policies.dots_saveable,
+                                          _policies.save_only_these_names(PRODUCT_NAME, ATTENTION_NAME)),
+        _saves_cudnn_attention),
     "dots_with_no_batch_dims_saveable": _policies.save_from_both_policies(
         _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(PRODUCT_NAME)),
     "everything_saveable": _policies.everything_saveable,
