@@ -32,9 +32,9 @@ from jax import lax
 
 from jtrain.errors import ConfigError
 from jtrain.flop_count import _CPU_GEMM, jaxpr_flops
+from jtrain.losses import causal_lm_loss
 from jtrain.models import attention, cpu_attention, cpu_gemm, matmul
 from jtrain.models.masks import as_mask
-from jtrain.losses import causal_lm_loss
 from tiny import lm_rows, three_trainer_steps, tiny_llama
 
 LIBRARIES = {"onednn": (cpu_gemm.ENV_ONEDNN_LIBRARY, "libdnnl.so*"), "mkl": (cpu_gemm.ENV_LIBRARY, "libmkl_rt.so*")}

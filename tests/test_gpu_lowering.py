@@ -275,10 +275,10 @@ def test_fine_tuning_wrappers_keep_the_default_cudnn_attention(tmp_path, as_if_o
                                               ("dots_with_no_batch_dims_saveable", 2)])
 def test_dots_saveable_keeps_cudnn_attention(tmp_path, as_if_on_a_hopper_gpu, policy, forwards):
     """JAX's dot policies do not see cuDNN's attention (a custom VJP around its own primitive), so
-    `dots_saveable` recomputed each layer's attention forward in the backward, as `full` does (the
-    H200 probe measured 231 against 217 ms per step for it). jtrain's `dots_saveable` keeps the
-    forward's outputs; `dots_with_no_batch_dims_saveable` recomputes attention, which has batch
-    dimensions, as it recomputes XLA's attention products."""
+    `dots_saveable` recomputed each layer's attention forward in the backward, as `full` does (on the
+    H200 probe that policy cost 231 against 217 ms per step, this recompute included). jtrain's
+    `dots_saveable` keeps the forward's outputs; `dots_with_no_batch_dims_saveable` recomputes
+    attention, which has batch dimensions, as it recomputes XLA's attention products."""
     model = create_model("llama", _small_llama(), dtype="bfloat16", remat_policy=policy)
     layers = _small_llama()["num_hidden_layers"]
     assert _attention_calls(_cuda_train_step(tmp_path, model, _rows(2, 256))) == {
