@@ -466,8 +466,9 @@ struct Shape {
 // blocks of 64 rows (less causal waste) pay: attention 10-20% faster per layer (TRIED.md).
 
 // C[r, 0:cols] (+)= sum_p op(A)[r, p] B[p, n0 + 0:cols] for MR rows r; op(A)[r, p] is a[r * lda + p]
-// or, with TA, a[p * lda + r]; cols <= 64 (masked lanes beyond). FULL (cols == 64) loads and stores
-// whole vectors: a masked load also takes a slot on an FMA port, ~10% of a 64-column tile's time.
+// or, with TA, a[p * lda + r]; cols <= 64 (masked lanes beyond). FULL (cols == 64) loads B's rows
+// as whole vectors in the inner loop: a masked load also takes a slot on an FMA port, ~10% of a
+// 64-column tile's time (the epilogue's once-per-tile masked stores cost nothing comparable).
 template <int MR, bool TA, bool FULL>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void Tile(int64_t cols, int64_t k, const float* a, int64_t lda,
                                                                 const float* b, int64_t ldb, float* c, int64_t ldc,
@@ -501,12 +502,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Tile(int64_t cols, int
 #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v) {
       float* out = c + r * ldc + 16 * v;
-      if (FULL) {
-        _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(acc[r][v], _mm512_loadu_ps(out)) : acc[r][v]);
-      } else {
-        const __m512 sum = accumulate ? _mm512_add_ps(acc[r][v], _mm512_maskz_loadu_ps(lanes[v], out)) : acc[r][v];
-        _mm512_mask_storeu_ps(out, lanes[v], sum);
-      }
+      const __m512 sum = accumulate ? _mm512_add_ps(acc[r][v], _mm512_maskz_loadu_ps(lanes[v], out)) : acc[r][v];
+      _mm512_mask_storeu_ps(out, lanes[v], sum);
     }
   }
 }

@@ -161,15 +161,18 @@ def _saves_cudnn_attention(prim: Any, *_: Any, **__: Any) -> bool:
 # calls, so their outputs carry names that jtrain's dot policies save too: the dense products (no
 # batch dimensions) under both, the CPU attention kernel's output under `dots_saveable` only, as
 # XLA's batched attention products are. On GPUs `dots_saveable` keeps cuDNN's attention the same way.
+def _saving_any(*policies: Callable[..., bool]) -> Callable[..., bool]:
+    """A remat policy that saves what any of `policies` saves."""
+    return functools.reduce(_policies.save_from_both_policies, policies)
+
+
 REMAT_POLICIES: dict[str, Any] = {
     "full": None,
     "nothing_saveable": _policies.nothing_saveable,
-    "dots_saveable": _policies.save_from_both_policies(
-        _policies.save_from_both_policies(_policies.dots_saveable,
-                                          _policies.save_only_these_names(PRODUCT_NAME, ATTENTION_NAME)),
-        _saves_cudnn_attention),
-    "dots_with_no_batch_dims_saveable": _policies.save_from_both_policies(
-        _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(PRODUCT_NAME)),
+    "dots_saveable": _saving_any(_policies.dots_saveable, _policies.save_only_these_names(PRODUCT_NAME, ATTENTION_NAME),
+                                 _saves_cudnn_attention),
+    "dots_with_no_batch_dims_saveable": _saving_any(_policies.dots_with_no_batch_dims_saveable,
+                                                    _policies.save_only_these_names(PRODUCT_NAME)),
     "everything_saveable": _policies.everything_saveable,
 }
 
