@@ -120,6 +120,7 @@ class Trainer:
             raise ConfigError("Trainer needs a `model` (a jtrain Model, e.g. from jtrain.models.from_pretrained) "
                               "or a `model_init` function that returns one")
         trainer_checks.check_model(model)
+        trainer_checks.check_overrides(self, Trainer)
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.args = args or TrainingArguments()
         self.model, self.data_collator, self.processing_class = model, data_collator, processing_class
@@ -256,6 +257,8 @@ class Trainer:
             use_compilation_cache(a.compilation_cache_dir)
             own_schedule, own_optimizer = self.lr_scheduler is None, self.optimizer is None
             self.create_optimizer_and_scheduler(num_training_steps)
+            trainer_checks.check_optimizer_pair(self.optimizer, self.lr_scheduler,
+                                                "create_optimizer_and_scheduler")
             model = with_gradient_checkpointing(self._training_model(), remat_policy_from_args(
                 a.gradient_checkpointing, a.gradient_checkpointing_kwargs))
             precision = policy_from_args(a)

@@ -1,7 +1,9 @@
 """What a `Trainer` refuses, and where: bad datasets, optimizer arguments that exclude each
-other, `save_on_each_node` across hosts and a `compute_metrics` that cannot take
-`compute_result` at construction, a loader from an overridden getter that jtrain cannot place,
-bad `ignore_keys`, and (with `nonfinite_policy: error`) a non-finite update in the loop.
+other or that are not optax's, a subclass written for HF's torch Trainer (its `compute_loss`
+signature, or overrides of methods jtrain never calls), `save_on_each_node` across hosts and a
+`compute_metrics` that cannot take `compute_result` at construction, a loader from an overridden
+getter that jtrain cannot place, bad `ignore_keys`, and (with `nonfinite_policy: error`) a
+non-finite update in the loop.
 
 The methods are bound onto `jtrain.Trainer` under their underscored names.
 """
@@ -49,15 +51,95 @@ def check_model(model: Any) -> None:
 
 
 def check_optimizer_arguments(self: Any) -> None:
-    """HF's two refusals: `optimizers` with `optimizer_cls_and_kwargs` (two optimizers), and
-    `optimizers` with `model_init` (every train() rebuilds the model, so a prebuilt optimizer and
-    schedule would be dropped)."""
+    """An `optimizers` pair that is not optax's (`check_optimizer_pair`), and HF's two refusals:
+    `optimizers` with `optimizer_cls_and_kwargs` (two optimizers), and `optimizers` with `model_init`
+    (every train() rebuilds the model, so a prebuilt optimizer and schedule would be dropped)."""
     if self.optimizer_cls_and_kwargs is not None and self.optimizer is not None:
         raise ConfigError("pass either `optimizers` or `optimizer_cls_and_kwargs`, not both")
+    check_optimizer_pair(self.optimizer, self.lr_scheduler, "optimizers")
     if self.model_init is not None and (self.optimizer is not None or self.lr_scheduler is not None):
         raise ConfigError("`model_init` rebuilds the model at every train(), so a prebuilt `optimizers` pair cannot "
                           "follow it: pass `optimizer_cls_and_kwargs`, or subclass Trainer and override "
                           "create_optimizer_and_scheduler")
+
+
+def check_optimizer_pair(optimizer: Any, scheduler: Any, where: str) -> None:
+    """The optimizer must be an optax transformation and the schedule a function of the update
+    count: a torch optimizer or scheduler (code ported from HF's Trainer) would otherwise fail at the
+    first step with an AttributeError or TypeError from inside jtrain.state or optax."""
+    if optimizer is not None and not (callable(getattr(optimizer, "init", None)) and
+                                      callable(getattr(optimizer, "update", None))):
+        raise ConfigError(f"{where}: the optimizer is a {_kind(optimizer)}, not an optax GradientTransformation; "
+                          "jtrain's optimizers are optax chains: set TrainingArguments(optim=...), pass "
+                          "optimizer_cls_and_kwargs=(optax.adamw, {...}), or pass an optax transformation")
+    if scheduler is not None and not callable(scheduler):
+        raise ConfigError(f"{where}: the learning-rate schedule is a {_kind(scheduler)}, not a function of the "
+                          "update count; set TrainingArguments(lr_scheduler_type=...) or pass an optax schedule "
+                          "(e.g. optax.linear_schedule(3e-4, 0.0, 1000))")
+
+
+def _kind(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+# HF Trainer methods that jtrain's Trainer never calls, and what does their job here. A subclass
+# ported from HF that overrides one would otherwise train as if the override were not there.
+HF_ONLY_METHODS: dict[str, str] = {
+    "training_step": "the train step is one compiled function: put the loss in compute_loss(outputs, batch) "
+                     "or compute_loss_func, and host-side work in a TrainerCallback (on_step_end)",
+    "evaluation_loop": "override prediction_step(outputs, batch) for what each batch keeps, compute_metrics "
+                       "for the metrics, or evaluate()",
+    "_inner_training_loop": "use a TrainerCallback (on_step_begin/on_step_end/on_log/on_evaluate/on_save)",
+    "_maybe_log_save_evaluate": "use a TrainerCallback (on_log, on_evaluate, on_save) or log()",
+    "_prepare_inputs": "change the batches through data_collator or get_train_dataloader()",
+    "_prepare_input": "change the batches through data_collator or get_train_dataloader()",
+    "get_batch_samples": "change the batches through data_collator or get_train_dataloader()",
+    "_get_train_sampler": "use TrainingArguments (group_by_length, length_buckets, seed) or get_train_dataloader()",
+    "_get_eval_sampler": "override get_eval_dataloader()",
+    "compute_loss_context_manager": "precision comes from TrainingArguments (bf16, fp16)",
+    "autocast_smart_context_manager": "precision comes from TrainingArguments (bf16, fp16)",
+    "_save": "override save_model(output_dir) or use a TrainerCallback's on_save",
+    "_save_checkpoint": "use a TrainerCallback's on_save (checkpoints are orbax directories in checkpoint-N/)",
+    "_load_from_checkpoint": "use train(resume_from_checkpoint=...) or jtrain.models.from_pretrained",
+    "create_accelerator_and_postprocess": "jtrain has no accelerate; devices come from the mesh (mesh_shape)",
+}
+# The parameters that only HF's signatures of jtrain's two traced override points have.
+_HF_SIGNATURES = {
+    "compute_loss": ("compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None)",
+                     {"return_outputs", "num_items_in_batch"},
+                     "compute_loss(self, outputs, batch) -> jtrain.losses.LossOutput(loss_sum, weight, stats), "
+                     "traced into the compiled step with the model's outputs already computed (or pass "
+                     "compute_loss_func=fn(outputs, labels, num_items_in_batch) written with jax.numpy)"),
+    "prediction_step": ("prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None)",
+                        {"prediction_loss_only", "ignore_keys"},
+                        "prediction_step(self, outputs, batch) -> what evaluate/predict keep of the batch (any "
+                        "pytree of arrays with rows first), traced into the compiled predict step"),
+}
+
+
+def check_overrides(self: Any, base: type) -> None:
+    """A subclass of `base` (jtrain's Trainer) written for HF's: an override of a method jtrain never
+    calls, or `compute_loss` / `prediction_step` with HF's torch-side signature (which jtrain would
+    call with the model's outputs and fail inside the traced step), is refused with what to use."""
+    cls = type(self)
+    if cls is base:
+        return
+    ignored = [name for name in HF_ONLY_METHODS if getattr(cls, name, None) is not None]
+    if ignored:
+        raise ConfigError(f"{cls.__name__} overrides {', '.join(ignored)}, which jtrain's Trainer never calls "
+                          f"(HF's torch loop has no counterpart here): "
+                          + "; ".join(f"{name}: {HF_ONLY_METHODS[name]}" for name in ignored))
+    for name, (hf_form, hf_only, jtrain_form) in _HF_SIGNATURES.items():
+        method = getattr(cls, name)
+        if method is getattr(base, name):
+            continue
+        try:
+            params = list(inspect.signature(method).parameters)
+        except (TypeError, ValueError):  # not introspectable: the traced call decides
+            continue
+        if params[1:2] == ["model"] or hf_only & set(params):
+            raise ConfigError(f"{cls.__name__}.{name} has HF's torch signature ({hf_form}); jtrain's is "
+                              f"{jtrain_form}")
 
 
 def check_process_roles(self: Any) -> None:

@@ -89,6 +89,81 @@ def test_a_model_that_is_not_a_jtrain_model_is_refused_with_the_way_to_get_one(t
         Trainer("llama", _args(tmp_path))
 
 
+def test_a_subclass_written_for_hfs_trainer_is_refused_with_the_fix(tmp_path):
+    """A Trainer subclass ported from HF: an override jtrain never calls would train as if it were not
+    there, and HF's torch signature of compute_loss / prediction_step would fail inside the traced
+    step ('dict' object is not callable). Both are refused at construction, naming the method and
+    jtrain's way; overrides with jtrain's signatures stay accepted."""
+    from jtrain.trainer_checks import _HF_SIGNATURES, HF_ONLY_METHODS
+
+    for name in HF_ONLY_METHODS:  # every name is a method of HF's Trainer and none is jtrain's
+        assert hasattr(transformers.Trainer, name) and not hasattr(Trainer, name), name
+    for name, (_, hf_only, _) in _HF_SIGNATURES.items():  # HF's own signature is the one caught
+        assert hf_only <= set(inspect.signature(getattr(transformers.Trainer, name)).parameters), name
+
+    class HFLoss(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return model(**inputs).loss
+
+    class HFPrediction(Trainer):
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            return None, None, None
+
+    class HFLoop(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            raise AssertionError("never called")
+
+        def _save(self, output_dir=None, state_dict=None):
+            raise AssertionError("never called")
+
+    class JtrainStyle(Trainer):
+        def compute_loss(self, outputs, batch):
+            return super().compute_loss(outputs, batch)
+
+        def prediction_step(self, outputs, batch):
+            return outputs["logits"].argmax(-1)
+
+    args = _args(tmp_path)
+    with pytest.raises(ConfigError, match=r"HFLoss.compute_loss has HF's torch signature.*compute_loss\(self, "
+                                          r"outputs, batch\) -> jtrain.losses.LossOutput.*compute_loss_func"):
+        HFLoss(tiny_llama(), args, train_dataset=_train_data())
+    with pytest.raises(ConfigError, match=r"HFPrediction.prediction_step has HF's torch signature.*"
+                                          r"prediction_step\(self, outputs, batch\)"):
+        HFPrediction(tiny_llama(), args)
+    with pytest.raises(ConfigError, match=r"HFLoop overrides training_step, _save, which jtrain's Trainer never "
+                                          r"calls.*training_step: .*compute_loss.*_save: override save_model"):
+        HFLoop(tiny_llama(), args)
+    result = JtrainStyle(tiny_llama(), args, train_dataset=_train_data()).train()
+    assert np.isfinite(result.training_loss)
+
+
+def test_a_torch_optimizer_or_scheduler_is_refused_with_the_optax_way(tmp_path):
+    """`optimizers=(torch optimizer, torch scheduler)`, as written for HF, fails at construction
+    rather than at the first step inside jtrain.state or optax; a subclass whose create_optimizer
+    builds a torch optimizer fails when train() builds it, before anything compiles."""
+    weight = torch.nn.Parameter(torch.zeros(2))
+    torch_opt = torch.optim.AdamW([weight])
+    with pytest.raises(ConfigError, match="optimizers: the optimizer is a torch.optim.adamw.AdamW, not an optax "
+                                          "GradientTransformation.*optimizer_cls_and_kwargs"):
+        Trainer(tiny_llama(), _args(tmp_path), optimizers=(torch_opt, None))
+    sched = torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda step: 1.0)
+    with pytest.raises(ConfigError, match="the learning-rate schedule is a torch.optim.lr_scheduler.LambdaLR.*"
+                                          "lr_scheduler_type"):
+        Trainer(tiny_llama(), _args(tmp_path), optimizers=(optax.adamw(1e-3), sched))
+
+    class TorchOptimizer(Trainer):
+        def create_optimizer(self):
+            self.optimizer = torch_opt
+            return self.optimizer
+
+    trainer = TorchOptimizer(tiny_llama(), _args(tmp_path), train_dataset=_train_data())
+    with pytest.raises(ConfigError, match="create_optimizer_and_scheduler: the optimizer is a torch"):
+        trainer.train()
+    assert trainer.steps is None  # nothing half-built stays behind
+    # optax's own pair is accepted
+    Trainer(tiny_llama(), _args(tmp_path), optimizers=(optax.adamw(1e-3), optax.constant_schedule(1e-3)))
+
+
 def test_optimizer_cls_and_kwargs_equals_the_named_optimizer(tmp_path):
     """(optax.adamw, kwargs) with HF's weight decay and mask must train exactly like optim=adamw_torch."""
     common = dict(weight_decay=0.1, max_grad_norm=0.5, warmup_steps=1)
