@@ -44,10 +44,14 @@ import gpu_1b
 # attention is not a variant: at batch 8 x 2048 its materialised scores need 148 GiB, and the memory
 # plan refuses it before it runs. Open question: `scan_layers` compiles 9x faster but ran 256 vs
 # 215 ms; do XLA:GPU's while-loop options (flag names checked against jaxlib 0.10.2's flag table)
-# win the difference back?
+# win the difference back? Since then `dots_saveable` also keeps cuDNN's attention forward outputs
+# (it recomputed them in the 231 ms run): its variant sits beside plain nn.scan, whose layer body
+# compiles in seconds, so the pair measures the policy's cost.
 VARIANTS = [
     ("base, traced", "", {}, None),
     ("layers under nn.scan", "", {"scan_layers": True}, None),
+    ("nn.scan, remat dots_saveable (keeps cuDNN attention)", "", {"scan_layers": True,
+                                                                  "remat_policy": "dots_saveable"}, None),
     ("nn.scan, while-loop double buffering", "--xla_gpu_enable_while_loop_double_buffering=true",
      {"scan_layers": True}, None),
     ("nn.scan, XLA's automatic while-loop unrolling",
