@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -182,7 +182,8 @@ def with_activation_sharding(model: Model, mesh: Mesh, rules: ShardingRules) -> 
 def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformation, schedule: Any,
                          loss_fn: Callable, *, seed: int, prediction_fn: Callable | None = None,
                          rules: ShardingRules | None = None, precision: PrecisionPolicy | None = None,
-                         expected_train_compiles: int | None = None) -> CompiledSteps:
+                         expected_train_compiles: int | None = None,
+                         label_names: Sequence[str] = ("labels",)) -> CompiledSteps:
     """Derive every sharding from abstract shapes and jit the steps with donated state.
 
     `rules` is the preset (`jtrain.sharding.sharding_rules(args.fsdp)`); the default table
@@ -191,6 +192,7 @@ def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformat
     optimizer state stay float32, the model runs in the half type, fp16 adds a loss scale.
     `expected_train_compiles` (the number of length buckets) bounds train compiles before a warning.
     `prediction_fn(outputs, batch)` makes the predict step's `predictions` (default: the logits).
+    `label_names` (HF's `args.label_names`): the batch keys without which eval and predict compute no loss.
     """
     precision = precision or PrecisionPolicy()
     rules = rules or ShardingRules()
@@ -245,10 +247,9 @@ def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformat
     train = make_train_step(train_model.apply, loss_fn, tx, lr_schedule=schedule,
                             matmul_precision=precision.matmul_precision)
     evaluate = make_eval_step(eval_model.apply, loss_fn, param_dtype=eval_param_dtype,
-                              matmul_precision=precision.matmul_precision)
-
+                              matmul_precision=precision.matmul_precision, label_names=label_names)
     predict = make_eval_step(eval_model.apply, loss_fn, param_dtype=eval_param_dtype,
-                             matmul_precision=precision.matmul_precision,
+                             matmul_precision=precision.matmul_precision, label_names=label_names,
                              predictions_fn=prediction_fn or (lambda outputs, batch: outputs["logits"]))
 
     return CompiledSteps(

@@ -97,7 +97,7 @@ def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predicti
                    "inputs": (np.asarray(jax.device_get(batch["input_ids"]))[:real]
                               if "inputs" in include else None),
                    "losses": (np.full(real, float(out["loss_sum"]) / max(float(out["weight"]), 1.0), np.float32)
-                              if "loss" in include else None)}
+                              if "loss" in include and "loss_sum" in out else None)}
             if keep:
                 for key, part in now.items():
                     kept[key].add(part)
@@ -106,13 +106,15 @@ def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predicti
                     EvalPrediction(now["predictions"], now["labels"], inputs=now["inputs"], losses=now["losses"]),
                     compute_result=i == n_batches - 1)
         trainer.control = trainer.callback_handler.on_prediction_step(trainer.args, trainer.state, trainer.control)
-    sums = {k: float(v) for k, v in jax.device_get(total).items()}
-    weight = max(sums.pop("weight", 0.0), 1.0)
-    metrics = {f"{prefix}_loss": sums.pop("loss_sum") / weight}
-    if "correct" in sums:
-        metrics[f"{prefix}_accuracy"] = sums.pop("correct") / weight
-    if trainer.model.task in ("causal_lm", "masked_lm"):
-        metrics[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_loss"], 700.0))
+    sums = {k: float(v) for k, v in jax.device_get(total or {}).items()}
+    metrics = {}
+    if "loss_sum" in sums:  # batches without labels compute no loss, and HF then reports none
+        weight = max(sums.pop("weight", 0.0), 1.0)
+        metrics[f"{prefix}_loss"] = sums.pop("loss_sum") / weight
+        if "correct" in sums:
+            metrics[f"{prefix}_accuracy"] = sums.pop("correct") / weight
+        if trainer.model.task in ("causal_lm", "masked_lm"):
+            metrics[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_loss"], 700.0))
     predictions, label_ids = kept["predictions"].result(), kept["labels"].result()
     if trainer.compute_metrics is not None and predictions is not None and not per_batch_metrics:
         extra = trainer.compute_metrics(EvalPrediction(

@@ -16,7 +16,7 @@ Example (a research loop without the Trainer)::
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -200,13 +200,16 @@ def _learning_rate(schedule: Callable | float | None, step: jax.Array) -> jax.Ar
 
 def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn, *, param_dtype: str | None = None,
                    matmul_precision: str | None = None,
-                   predictions_fn: Callable[[Any, Batch], Any] | None = None) -> Callable[[Any, Batch], dict]:
+                   predictions_fn: Callable[[Any, Batch], Any] | None = None,
+                   label_names: Sequence[str] = ("labels",)) -> Callable[[Any, Batch], dict]:
     """Build the pure eval step: `eval_step(params, batch) -> summed loss, weight and stats`.
 
     Reductions happen on the device, so evaluation never gathers full logits for its metrics.
     `param_dtype` casts the floating params first (HF's `bf16_full_eval` / `fp16_full_eval`).
     With `predictions_fn(outputs, batch)` (the Trainer's `prediction_step`) the step also returns
-    `predictions`, computed from the same forward pass as the loss.
+    `predictions`, computed from the same forward pass as the loss. As HF's `prediction_step`, a
+    batch without every one of `label_names` (a test set to predict on) computes no loss: the step
+    then returns no `loss_sum` / `weight` (an empty `label_names` always computes it).
     """
 
     def eval_step(params: Any, batch: Batch) -> dict:  # params: the full tree (`TrainState.full_params()`)
@@ -214,8 +217,11 @@ def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn, *, param_dtype: str | Non
             if param_dtype is not None:
                 params = cast_floating(params, param_dtype)
             outputs = apply_fn(params, batch, rng=None, train=False)
-            out = loss_fn(outputs, batch)
+            loss = {}
+            if all(name in batch for name in label_names):  # the batch's keys: fixed when traced
+                out = loss_fn(outputs, batch)
+                loss = {"loss_sum": out.loss_sum, "weight": out.weight, **out.stats}
             extra = {} if predictions_fn is None else {"predictions": predictions_fn(outputs, batch)}
-        return {"loss_sum": out.loss_sum, "weight": out.weight, **out.stats, **extra}
+        return {**loss, **extra}
 
     return eval_step

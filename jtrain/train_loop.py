@@ -186,7 +186,7 @@ class _Run:
         metrics = t.evaluate(ignore_keys=getattr(t, "_ignore_keys_for_eval", None))
         t._report_to_hp_search(metrics)
         if t.lr_controller is not None and t.args.metric_for_best_model:
-            factor = t.lr_controller.step(metrics[_metric_key(t.args.metric_for_best_model)])
+            factor = t.lr_controller.step(best_metric_value(metrics, t.args.metric_for_best_model))
             # Same sharding as the state's own scalar, or the step would recompile for a new input layout.
             lr_factor = jax.device_put(jnp.asarray(factor, jnp.float32), t.steps.state_sharding.lr_factor)
             t.train_state = t.train_state.replace(lr_factor=lr_factor)
@@ -202,10 +202,7 @@ class _Run:
         self._new_best = False
         if not name:
             return
-        key = _metric_key(name)
-        if key not in metrics:
-            return
-        value = float(metrics[key])
+        value = best_metric_value(metrics, name)
         better = (lambda a, b: a > b) if _greater_is_better(t.args) else (lambda a, b: a < b)
         if t.state.best_metric is None or better(value, t.state.best_metric):
             t.state.best_metric, t.state.best_global_step, self._new_best = value, t.state.global_step, True
@@ -240,6 +237,19 @@ class _Run:
 
 def _metric_key(name: str) -> str:
     return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def best_metric_value(metrics: dict, name: str) -> float:
+    """`metric_for_best_model`'s value in an evaluation's metrics. Missing, it is an error, as in HF:
+    skipping it would leave no best checkpoint (`load_best_model_at_end` keeping the last weights,
+    `save_total_limit` free to delete the best) without a word."""
+    key = _metric_key(name)
+    if key not in metrics:
+        available = sorted(k for k in metrics if not k.endswith(("_runtime", "_per_second")))
+        raise ConfigError(f"metric_for_best_model is {name!r}, but the evaluation reported no {key!r} (it reported "
+                          f"{available}): return {key.removeprefix('eval_')!r} from compute_metrics, evaluate on "
+                          "labeled data (no labels, no eval_loss), or set metric_for_best_model to one of those")
+    return float(metrics[key])
 
 
 def _greater_is_better(args: Any) -> bool:

@@ -267,11 +267,13 @@ class Trainer:
                 return build_compiled_steps(model, self.mesh, self.optimizer, self.lr_scheduler, self.compute_loss,
                                             seed=a.seed, prediction_fn=self.prediction_step,
                                             rules=sharding_rules(a.fsdp), precision=precision,
-                                            expected_train_compiles=len(a.length_buckets or ()) or 1)
+                                            expected_train_compiles=len(a.length_buckets or ()) or 1,
+                                            label_names=self._label_names())
 
             self.steps, self._step_plan = build(), None
             if train_loader is not None:
                 first = train_loader.shape_probe()
+                trainer_checks.check_train_labels(self, first)
                 trainer_checks.batch_check(self, "train_dataset")(first)
                 plan = plan_train_step(self.steps, first, a.per_device_train_batch_size, data_parallel_size(self.mesh),
                                        budget=a.max_device_memory_bytes, auto_find=a.auto_find_batch_size,
@@ -295,6 +297,10 @@ class Trainer:
             raise
         self._initial_params = None
         self._init_memory_metrics = tracker.stop("init")
+
+    def _label_names(self) -> tuple[str, ...]:
+        """HF's `label_names`: the batch keys a loss needs (every jtrain model's is `labels`)."""
+        return tuple(self.args.label_names) if self.args.label_names is not None else ("labels",)
 
     def _longest_padded_length(self) -> int | None:
         """The longest length training batches can be padded to, when they take several (length

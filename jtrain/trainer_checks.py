@@ -169,15 +169,42 @@ def check_compute_metrics(self: Any) -> None:
                               "`compute_result` argument to compute_metrics, or set batch_eval_metrics false")
 
 
-def label_ids_checked(trainer: Any) -> bool:
-    """Whether the batches' labels are class or token ids for jtrain's built-in loss, where -100 is
-    the only negative label (HF's ignore index): not with a user's loss (`compute_loss_func` or an
-    overridden `compute_loss`, which may use other conventions), nor for a one-output regression head."""
+def uses_builtin_loss(trainer: Any) -> bool:
+    """Whether the step runs jtrain's loss for the model's task (no `compute_loss_func`, no
+    overridden `compute_loss`, either of which may read other columns and conventions)."""
     from jtrain.trainer import Trainer
 
-    if trainer.compute_loss_func is not None or type(trainer).compute_loss is not Trainer.compute_loss:
+    return trainer.compute_loss_func is None and type(trainer).compute_loss is Trainer.compute_loss
+
+
+def label_ids_checked(trainer: Any) -> bool:
+    """Whether the batches' labels are class or token ids for jtrain's built-in loss, where -100 is
+    the only negative label (HF's ignore index): not with a user's loss, nor for a one-output
+    regression head."""
+    if not uses_builtin_loss(trainer):
         return False
     return trainer.model.task != "sequence_classification" or getattr(trainer.model.config, "num_labels", 2) != 1
+
+
+_LABELS_HINT = {
+    "causal_lm": "for a causal LM, DataCollatorForLanguageModeling(tokenizer, mlm=False) copies input_ids into "
+                 "labels (or add a labels column equal to input_ids; the loss shifts it)",
+    "masked_lm": "DataCollatorForLanguageModeling(tokenizer) masks tokens and writes their labels",
+    "sequence_classification": "add a label (or labels) column with each row's class id",
+    "token_classification": "add a labels column with each token's class id (-100 where no label applies)",
+}
+
+
+def check_train_labels(trainer: Any, batch: Any) -> None:
+    """A training batch without `labels` under the built-in loss fails here, naming the columns it
+    has and how to get labels, instead of a KeyError from inside the traced loss. (Evaluation and
+    prediction accept unlabeled data: they compute no loss then, as HF.)"""
+    if not isinstance(batch, Mapping) or "labels" in batch or not uses_builtin_loss(trainer):
+        return
+    task = trainer.model.task
+    raise DataError(f"train_dataset: the training batches have no 'labels' (they have {sorted(batch)}), and the "
+                    f"built-in {task} loss needs them: "
+                    + _LABELS_HINT.get(task, "add a labels column, or pass compute_loss_func"))
 
 
 def label_classes(trainer: Any) -> int | None:

@@ -184,6 +184,72 @@ def test_predict_and_compute_metrics_see_real_rows_only(tmp_path):
     np.testing.assert_allclose(out.metrics["test_loss"], metrics["eval_loss"], rtol=1e-6)
 
 
+def test_predict_and_evaluate_on_unlabeled_rows_match_hfs_trainer(tmp_path):
+    """A test set without labels (inference): HF's Trainer computes no loss, so `predict` returns the
+    logits, `label_ids=None` and only the runtime metrics, and `evaluate` reports no eval_loss. jtrain
+    did the same except that its step always computed the loss (a KeyError: 'labels'). Same weights
+    on both sides: the predictions agree to LOGITS_ATOL (float32 across frameworks)."""
+    import datasets
+    import transformers
+    from test_models_common import LOGITS_ATOL, hf_model
+
+    from jtrain.models import from_pretrained
+
+    torch_model = hf_model("llama", "causal_lm")
+    torch_model.save_pretrained(tmp_path / "hf")
+    model, params = from_pretrained(tmp_path / "hf")
+    ids = lm_rows(6, 12, seed=3, vocab=torch_model.config.vocab_size)["input_ids"]
+    hf_args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf_out"), per_device_eval_batch_size=4,
+                                             report_to=[], use_cpu=True, disable_tqdm=True)
+    hf = transformers.Trainer(torch_model, hf_args).predict(datasets.Dataset.from_dict({"input_ids": ids}))
+    unlabeled = [{"input_ids": row} for row in ids]
+    trainer = Trainer(model, _args(tmp_path), params=params)
+    ours = trainer.predict(unlabeled)
+    assert hf.label_ids is None and ours.label_ids is None
+    hf_keys = sorted(set(hf.metrics) - {"test_model_preparation_time"})  # torch's model wrapping: none here
+    assert sorted(ours.metrics) == hf_keys == ["test_runtime", "test_samples_per_second", "test_steps_per_second"]
+    np.testing.assert_allclose(ours.predictions, hf.predictions, atol=LOGITS_ATOL)
+    assert "eval_loss" not in trainer.evaluate(unlabeled)
+    labeled = trainer.evaluate([{"input_ids": row, "labels": row} for row in ids])  # the same rows, labeled
+    assert np.isfinite(labeled["eval_loss"]) and "eval_perplexity" in labeled
+
+
+def test_training_rows_without_labels_are_refused_before_compiling(tmp_path):
+    """The built-in loss needs `labels`: a training set without them fails when train() starts, with
+    the columns it has and how to get labels, not with a KeyError from inside the traced loss; a
+    user's loss (compute_loss_func) that reads other columns is left to decide."""
+    from jtrain.errors import DataError
+
+    rows = [{"input_ids": row} for row in lm_rows(8, 16)["input_ids"]]
+    trainer = Trainer(tiny_llama(), _args(tmp_path, max_steps=2), train_dataset=rows)
+    with pytest.raises(DataError, match=r"no 'labels' \(they have \['input_ids'\]\).*causal_lm loss.*"
+                                        r"DataCollatorForLanguageModeling\(tokenizer, mlm=False\)"):
+        trainer.train()
+    assert trainer.steps is None and trainer.state.global_step == 0
+
+    def on_input_ids(outputs, batch):  # jtrain's signature: a loss that makes its own targets
+        return causal_lm_loss(outputs, {"labels": batch["input_ids"]})
+
+    result = Trainer(tiny_llama(), _args(tmp_path, max_steps=2), train_dataset=rows,
+                     compute_loss_func=on_input_ids).train()
+    assert result.global_step == 2 and np.isfinite(result.training_loss)
+
+
+def test_a_metric_for_best_model_that_evaluation_never_reports_is_an_error(tmp_path):
+    """As HF: metric_for_best_model names a metric the evaluation must report. jtrain skipped a missing
+    one silently, so load_best_model_at_end kept the last weights and save_total_limit could delete
+    the best checkpoint. The error names the metrics there are; checkpoints already written stay."""
+    args = _args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=1,
+                 metric_for_best_model="f1")
+    trainer = Trainer(tiny_llama(), args, train_dataset=_data(), eval_dataset=_data(8, seed=1))
+    with pytest.raises(ConfigError, match=r"metric_for_best_model is 'f1', but the evaluation reported no 'eval_f1' "
+                                          r"\(it reported \['eval_accuracy', 'eval_loss', 'eval_perplexity'\]\)"):
+        trainer.train()
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out)) == ["checkpoint-1"]  # the update before the first evaluation
+    assert "trainer_state.json" in os.listdir(out / "checkpoint-1")
+
+
 def test_include_for_metrics_passes_inputs_and_losses(tmp_path):
     seen = {}
 
