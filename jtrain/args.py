@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from jtrain.args_setters import TrainingArgumentsSetters
-from jtrain.coerce import build_dataclass, dataclass_to_dict
+from jtrain.coerce import build_dataclass, coerce, dataclass_to_dict
 from jtrain.errors import ConfigError
 
 _STRATEGIES = ("no", "steps", "epoch")
@@ -146,6 +148,7 @@ class TrainingArguments(TrainingArgumentsSetters):
     profile_num_steps: int = _f(3, "jtrain: updates in the profiler trace (with profile_start_step).")
 
     def __post_init__(self) -> None:
+        _coerce_fields(self)
         _resolve_checkpointing_names(self)
         _resolve_token_counting(self)
         _validate(self)
@@ -280,6 +283,25 @@ def _resolve_token_counting(a: TrainingArguments) -> None:
     if key not in _TOKEN_COUNTING:
         raise ConfigError(f"`include_num_input_tokens_seen` must be no, all, non_padding or a boolean, got {value!r}")
     object.__setattr__(a, "include_num_input_tokens_seen", _TOKEN_COUNTING[key])
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainingArguments)
+
+
+def _coerce_fields(a: TrainingArguments) -> None:
+    """Each value read by its field's type, as the config file's are (`jtrain.coerce`): a dict loaded
+    with PyYAML gives `learning_rate: 3e-4` as the string '3e-4', which would otherwise reach the
+    optimizer (HF's dataclass takes it as it is and fails inside torch); a value of the wrong kind is
+    a ConfigError naming the field. None is left alone (HF passes None for several of these)."""
+    types = _field_types()
+    for f in dataclasses.fields(a):
+        value = getattr(a, f.name)
+        if f.init and value is not None:
+            typed = coerce(value, types[f.name], f.name)
+            if typed is not value:
+                object.__setattr__(a, f.name, typed)
 
 
 def _validate(a: TrainingArguments) -> None:

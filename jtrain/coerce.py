@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from typing import Any, Mapping, TypeVar
@@ -64,6 +65,8 @@ def _coerce_scalar(value: Any, target: type, key: str) -> Any:
             except ValueError:
                 pass
     elif target is str:
+        if isinstance(value, os.PathLike):  # output_dir=pathlib.Path(...)
+            return os.fspath(value)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     else:

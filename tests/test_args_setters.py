@@ -85,3 +85,24 @@ def test_setter_values_are_validated_and_push_to_hub_is_refused(tmp_path):
         args.set_logging(strategy="steps", steps=0)
     with pytest.raises(ConfigError, match="never uploads"):
         args.set_push_to_hub("me/model")
+
+
+def test_values_are_read_by_their_fields_type_as_in_a_config_file(tmp_path):
+    """TrainingArguments(**yaml.safe_load(text)) is common, and PyYAML reads `3e-4` (no dot) as a
+    string: each value is read by its field's type (jtrain.coerce, as the run config's are), so the
+    optimizer gets a float; a value that cannot be read names the field. HF's dataclass keeps the
+    string, and its optimizer fails inside torch."""
+    import pathlib
+
+    import yaml
+
+    values = yaml.safe_load("learning_rate: 3e-4\nnum_train_epochs: '2'\nbf16: 'false'\nreport_to: none\n")
+    assert values["learning_rate"] == "3e-4"  # the PyYAML behaviour this guards against
+    args = TrainingArguments(output_dir=pathlib.Path(tmp_path), **values)
+    assert (args.learning_rate, args.num_train_epochs, args.bf16, args.report_to) == (3e-4, 2.0, False, ["none"])
+    assert type(args.learning_rate) is float and args.output_dir == str(tmp_path)
+    assert TrainingArguments(str(tmp_path), disable_tqdm=None).disable_tqdm is None  # None as HF passes it
+    with pytest.raises(ConfigError, match=r"`learning_rate`: expected float, got 'fast'"):
+        TrainingArguments(str(tmp_path), learning_rate="fast")
+    with pytest.raises(ConfigError, match=r"`per_device_train_batch_size`: expected int, got 2.5"):
+        TrainingArguments(str(tmp_path), per_device_train_batch_size=2.5)
