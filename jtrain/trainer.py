@@ -139,6 +139,8 @@ class Trainer:
             logging.getLogger("jtrain").setLevel(self.args.get_process_log_level())  # as HF sets its own logger's
         self.train_state: Any = None  # jtrain.state.TrainState once set up
         self.steps: CompiledSteps | None = None
+        self._set_up_for_training = False  # False after an evaluate()/predict() before train(): see _setup
+        self._own_optimizer_pair = (True, True)  # whether _setup built the schedule and the optimizer
         self.lr_controller = None
         default = [DefaultFlowCallback, PrinterCallback if self.args.disable_tqdm else ProgressCallback]
         reporters = (callbacks_for_report_to(self.args.report_to, self.args.resolved_logging_dir)
@@ -271,6 +273,8 @@ class Trainer:
                                             label_names=self._label_names())
 
             self.steps, self._step_plan = build(), None
+            self._set_up_for_training, self._own_optimizer_pair = train_loader is not None, (own_schedule,
+                                                                                             own_optimizer)
             if train_loader is not None:
                 first = train_loader.shape_probe()
                 trainer_checks.check_train_labels(self, first)
@@ -301,6 +305,19 @@ class Trainer:
     def _label_names(self) -> tuple[str, ...]:
         """HF's `label_names`: the batch keys a loss needs (every jtrain model's is `labels`)."""
         return tuple(self.args.label_names) if self.args.label_names is not None else ("labels",)
+
+    def _drop_evaluation_setup(self) -> None:
+        """evaluate() or predict() before train() set up the state without the training loader, so
+        with a placeholder number of updates (a schedule one update long under num_train_epochs) and
+        no memory plan. train() keeps the parameters and rebuilds the rest for the run it starts;
+        an optimizer or schedule the user passed in stays theirs."""
+        own_schedule, own_optimizer = self._own_optimizer_pair
+        self._initial_params = self.train_state.full_params()
+        if own_schedule:
+            self.lr_scheduler = self.lr_controller = None
+        if own_optimizer:
+            self.optimizer = None
+        self.steps = self.train_state = self._step_plan = None
 
     def _longest_padded_length(self) -> int | None:
         """The longest length training batches can be padded to, when they take several (length
@@ -382,6 +399,8 @@ class Trainer:
 
         requested = self._per_device_train_batch_size()
         loader, plan = self._plan()
+        if self.steps is not None and not self._set_up_for_training:
+            self._drop_evaluation_setup()
         self._setup(plan.max_steps, train_loader=loader)
         if self._per_device_train_batch_size() != requested:
             loader, plan = self._plan()  # auto_find_batch_size chose a smaller per-device batch
@@ -468,8 +487,8 @@ class Trainer:
         from jtrain.models import save_pretrained
 
         output_dir = output_dir or self.args.output_dir
-        if self.train_state is None:
-            raise ConfigError("save_model() before the model has parameters: call train() first")
+        if self.train_state is None:  # before train(): the initial weights (`params=`, else seeded), as HF writes them
+            self._setup(max(1, self.args.max_steps))
         params = self.train_state.full_params()
         if hasattr(self.model, "lora_config"):  # a jtrain.peft.LoraModel (imported lazily)
             from jtrain.peft import save_adapter, save_merged

@@ -42,12 +42,11 @@ def _random_params(model, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A Trainer holding random params (set up, not trained: save_model only needs the state)."""
+    """A Trainer holding random params, not trained (save_model sets up the state itself)."""
     out = tmp_path_factory.mktemp("export")
     args = TrainingArguments(output_dir=str(out / "run"), max_steps=1, disable_tqdm=True, mesh_shape={"data": 1})
     model = create_model("llama", QUICKSTART_LIKE)
     trainer = Trainer(model, args, train_dataset=ArrayDataset(lm_rows(16, 16)), params=_random_params(model))
-    trainer._setup(1)
     return trainer, out
 
 

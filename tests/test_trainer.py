@@ -250,6 +250,56 @@ def test_a_metric_for_best_model_that_evaluation_never_reports_is_an_error(tmp_p
     assert "trainer_state.json" in os.listdir(out / "checkpoint-1")
 
 
+def test_evaluate_before_train_leaves_the_run_as_it_would_be(tmp_path):
+    """A baseline evaluate() (or save_model()) before train() is common with HF's Trainer. It set up
+    jtrain's state without the training loader, so under num_train_epochs the schedule was built for
+    one update and the learning rate fell to 0 after the first. train() now keeps the parameters and
+    rebuilds the rest: every logged learning rate and loss and the final parameters equal those of a
+    run without the evaluation (exactly: same programs, same data order, same seed)."""
+    args = _args(tmp_path, max_steps=-1, num_train_epochs=2, logging_steps=1)
+
+    def run(before: str | None) -> tuple[list, list, list]:
+        trainer = Trainer(tiny_llama(), args, train_dataset=_data(16), eval_dataset=_data(8, seed=1))
+        if before == "evaluate":
+            assert np.isfinite(trainer.evaluate()["eval_loss"])
+        elif before == "save_model":
+            trainer.save_model(str(tmp_path / "initial"))
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "learning_rate" in h]
+        return ([h["learning_rate"] for h in logs], [h["loss"] for h in logs],
+                [np.asarray(x) for x in jax.tree.leaves(trainer.params)])
+
+    plain = run(None)
+    assert len(plain[0]) == 8 and plain[0][-1] > 0  # 2 epochs of 4 updates, linear decay not yet at 0
+    for before in ("evaluate", "save_model"):
+        lrs, losses, params = run(before)
+        assert lrs == plain[0] and losses == plain[1], before
+        for got, want in zip(params, plain[2]):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_evaluations_without_an_eval_dataset_are_refused_at_construction(tmp_path):
+    """As HF's Trainer: eval_strategy other than 'no' without an eval_dataset is refused when the
+    Trainer is built, not after the first eval_steps updates of training."""
+    with pytest.raises(ConfigError, match="eval_strategy is 'steps' but the Trainer got no eval_dataset"):
+        Trainer(tiny_llama(), _args(tmp_path, eval_strategy="steps", eval_steps=2), train_dataset=_data(16))
+    Trainer(tiny_llama(), _args(tmp_path, eval_strategy="steps", eval_steps=2), train_dataset=_data(16),
+            eval_dataset=_data(8))
+
+
+def test_save_model_before_train_writes_the_initial_weights(tmp_path):
+    """As HF's: save_model() on a Trainer that has not trained writes the weights it holds (here
+    `params=`), in HF format; they load back unchanged."""
+    from jtrain.models import from_pretrained
+
+    model = tiny_llama()
+    params = model.init(jax.random.key(7))
+    directory = Trainer(model, _args(tmp_path), params=params).save_model(str(tmp_path / "initial"))
+    _, loaded = from_pretrained(directory)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_include_for_metrics_passes_inputs_and_losses(tmp_path):
     seen = {}
 
