@@ -23,7 +23,8 @@ from jtrain.losses import IGNORE_INDEX
 
 
 def check_datasets(self: Any) -> None:
-    """Bad datasets fail here, before anything compiles: a DatasetDict where one split is needed
+    """Bad datasets fail here, before anything compiles: evaluations asked for without an
+    eval_dataset (as HF), a DatasetDict where one split is needed
     (the error names its splits), an empty dataset or split, a class label outside [0, num_labels).
     A one-output head is a regression (HF's rule for `num_labels=1`): its labels are numbers, any sign."""
     from jtrain.data.trainer_loader import check_dataset
@@ -33,6 +34,9 @@ def check_datasets(self: Any) -> None:
     num_labels = None if num_labels == 1 else num_labels
     check_dataset(self.train_dataset, "train_dataset", num_labels=num_labels)
     check_dataset(self.eval_dataset, "eval_dataset", num_labels=num_labels, several_splits=True)
+    if self.args.eval_strategy != "no" and self.eval_dataset is None:  # HF's refusal, before any training
+        raise ConfigError(f"eval_strategy is {self.args.eval_strategy!r} but the Trainer got no eval_dataset: pass "
+                          "eval_dataset, or set eval_strategy to 'no'")
 
 
 def check_model(model: Any) -> None:

@@ -243,7 +243,7 @@ def test_hyperparameter_search_applies_values_reports_and_prunes(tmp_path):
     args = _args(tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2)
     trainer = Trainer(model_init=model_init, args=args, train_dataset=_train_data(), eval_dataset=_eval_data(),
                       callbacks=[ends])
-    untrained = Trainer(tiny_llama(), args).evaluate(_eval_data())["eval_loss"]
+    untrained = Trainer(tiny_llama(), args, eval_dataset=_eval_data()).evaluate()["eval_loss"]
     grid = {"learning_rate": [0.0, 1e-2, 3e-2]}
     best = trainer.hyperparameter_search(
         hp_space=lambda t: {"learning_rate": t.suggest_categorical("learning_rate", grid["learning_rate"])},
