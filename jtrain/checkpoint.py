@@ -12,6 +12,7 @@ previous complete one (see `resume_candidates`). The layout is documented in doc
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -105,6 +106,18 @@ def latest_checkpoint(output_dir: str) -> LatestCheckpoint | None:
     return LatestCheckpoint(candidates[0]) if candidates else None
 
 
+_TORCH_FILES = ("optimizer.pt", "pytorch_model.bin", "training_args.bin", "rng_state.pth")
+
+
+def _torch_hint(path: str) -> str:
+    """What to do with a checkpoint HF's PyTorch Trainer wrote ('' for anything else): its
+    optimizer state is torch's, so only the weights carry over."""
+    if not any(os.path.exists(os.path.join(path, name)) for name in _TORCH_FILES):
+        return ""
+    return (f"; {path!r} was written by HF's PyTorch Trainer, whose optimizer state jtrain cannot resume: load "
+            "its weights with jtrain.models.from_pretrained(path) and start a new run from them")
+
+
 def checkpoints_to_try(checkpoint: str | bool, output_dir: str) -> list[str]:
     """What `train(resume_from_checkpoint=...)` tries, in order.
 
@@ -116,7 +129,9 @@ def checkpoints_to_try(checkpoint: str | bool, output_dir: str) -> list[str]:
     if checkpoint is True or (isinstance(checkpoint, str) and checkpoint.lower() == "true"):
         candidates = resume_candidates(output_dir)
         if not candidates:
-            raise CheckpointError(f"no complete checkpoint in {output_dir!r} to resume from")
+            torch_made = sorted(p for p in glob.glob(os.path.join(output_dir, f"{PREFIX}*")) if _torch_hint(p))
+            raise CheckpointError(f"no complete checkpoint in {output_dir!r} to resume from"
+                                  + (_torch_hint(torch_made[-1]) if torch_made else ""))
         return candidates
     if not isinstance(checkpoint, str) or not os.path.isdir(checkpoint):
         raise CheckpointError(f"checkpoint {checkpoint!r} to resume from does not exist")
@@ -252,7 +267,7 @@ def restore_state(path: str, target: TrainState, params_only: bool = False) -> T
     """
     state_dir = os.path.abspath(os.path.join(path, STATE_DIR))
     if not os.path.isdir(state_dir):
-        raise CheckpointError(f"{path!r} is not a jtrain checkpoint: {STATE_DIR}/ is missing")
+        raise CheckpointError(f"{path!r} is not a jtrain checkpoint: {STATE_DIR}/ is missing" + _torch_hint(path))
     meta_path = os.path.join(path, "jtrain_meta.json")
     saved_params_only = bool(read_json(meta_path).get("params_only")) if os.path.exists(meta_path) else False
     if saved_params_only and not params_only:

@@ -146,3 +146,26 @@ def test_resume_requests_are_checked_before_anything_is_written(tmp_path):
         resume_point(_args(out))
     assert resume_point(_args(out, overwrite_output_dir=True)) is None
     assert sorted(os.listdir(out)) == ["checkpoint-4"]
+
+
+def test_a_checkpoint_of_hfs_pytorch_trainer_is_refused_with_what_carries_over(tmp_path):
+    """A checkpoint-N/ written by HF's PyTorch Trainer (model.safetensors, optimizer.pt, ...) cannot
+    resume here (its optimizer state is torch's): named or found by resume_from_checkpoint=True, the
+    error says so and how to keep its weights; the directory is left as it was."""
+    import transformers
+    from test_models_common import hf_model
+
+    out = tmp_path / "out"
+    hf_dir = out / "checkpoint-5"
+    hf_model("llama", "causal_lm").save_pretrained(hf_dir)
+    for name in ("optimizer.pt", "rng_state.pth", "training_args.bin"):  # what HF's _save_checkpoint adds
+        (hf_dir / name).write_bytes(b"")
+    transformers.TrainerState(global_step=5).save_to_json(str(hf_dir / "trainer_state.json"))
+    before = sorted(os.listdir(hf_dir))
+    model = tiny_llama()
+    for request in (str(hf_dir), True):
+        trainer = Trainer(model, _args(out, overwrite_output_dir=True), train_dataset=ArrayDataset(lm_rows(8, 16)))
+        with pytest.raises(CheckpointError, match=r"checkpoint-5' was written by HF's PyTorch Trainer.*"
+                                                  r"jtrain.models.from_pretrained\(path\)"):
+            trainer.train(resume_from_checkpoint=request)
+    assert sorted(os.listdir(hf_dir)) == before and sorted(os.listdir(out)) == ["checkpoint-5"]
