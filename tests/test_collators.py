@@ -424,3 +424,27 @@ def test_trainer_without_a_collator_pads_with_its_processing_class_as_hf(hf_toke
     no_pad = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer.backend_tokenizer)
     with pytest.raises(ConfigError, match="no pad token"):
         trainer(no_pad).get_train_dataloader()
+
+
+def test_transformers_collators_returning_torch_tensors_train_as_their_numpy_form(hf_tokenizer, tmp_path):
+    """HF's collators return torch tensors unless told otherwise (`return_tensors="pt"`), and HF users
+    pass them as they are: the loader turns them into numpy arrays (JAX cannot read torch dtypes:
+    "Cannot interpret 'torch.int64' as a data type"), so the run equals the one with the same
+    collator returning numpy, loss for loss (same integers, same programs: exact)."""
+    import datasets
+
+    from jtrain import Trainer, TrainingArguments
+    from jtrain.models import create_model
+
+    rows = datasets.Dataset.from_list(_features(hf_tokenizer, n=32, seed=3))
+    config = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2)
+    losses = {}
+    for kind in ("pt", "np"):
+        args = TrainingArguments(output_dir=str(tmp_path / kind), max_steps=3, per_device_train_batch_size=8,
+                                 logging_steps=1, save_strategy="no", disable_tqdm=True, mesh_shape={"data": 1})
+        collator = transformers.DataCollatorForLanguageModeling(hf_tokenizer, mlm=False, return_tensors=kind)
+        trainer = Trainer(create_model("llama", config), args, data_collator=collator, train_dataset=rows)
+        trainer.train()
+        losses[kind] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses["np"]) == 3 and losses["pt"] == losses["np"]

@@ -167,8 +167,8 @@ def collate_rows(collate_fn: Collate, rows: list, step: int, where: list, what: 
     """
     try:
         if hasattr(collate_fn, "rng_for_step"):
-            return collate_fn(rows, rng=collate_fn.rng_for_step(step))
-        return collate_fn(rows)
+            return _host_arrays(collate_fn(rows, rng=collate_fn.rng_for_step(step)))
+        return _host_arrays(collate_fn(rows))
     except (ValueError, KeyError, TypeError) as err:
         text = str(err.args[0]) if err.args else str(err)
 
@@ -179,6 +179,16 @@ def collate_rows(collate_fn: Collate, rows: list, step: int, where: list, what: 
         hint = ("; rows of different lengths need padding: pass data_collator=DataCollatorWithPadding(...)"
                 if "rows differ in shape" in text else "")
         raise DataError(f"cannot collate a batch of {what}: {_ROW.sub(name, text)}{hint}") from err
+
+
+def _host_arrays(batch: Any) -> Any:
+    """A `transformers` collator returns torch tensors by default (`return_tensors="pt"`), which JAX
+    cannot read ("Cannot interpret 'torch.int64' as a data type"): they become numpy arrays here,
+    so HF's collators work as they come. Anything else passes through unchanged."""
+    if not isinstance(batch, Mapping):
+        return batch
+    return {k: v.detach().cpu().numpy() if hasattr(v, "detach") and hasattr(v, "numpy") else v
+            for k, v in batch.items()}
 
 
 def shape_share(batch: dict[str, np.ndarray], rows: int, accum: int | None) -> dict[str, np.ndarray]:
