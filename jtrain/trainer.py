@@ -277,8 +277,8 @@ class Trainer:
                                                                                              own_optimizer)
             if train_loader is not None:
                 first = train_loader.shape_probe()
-                trainer_checks.check_train_labels(self, first)
                 trainer_checks.batch_check(self, "train_dataset")(first)
+                trainer_checks.check_train_labels(self, first)
                 plan = plan_train_step(self.steps, first, a.per_device_train_batch_size, data_parallel_size(self.mesh),
                                        budget=a.max_device_memory_bytes, auto_find=a.auto_find_batch_size,
                                        longest=longest_batch(first, self._longest_padded_length()))

@@ -265,11 +265,22 @@ def _check_label_ids(labels: np.ndarray, what: str, classes: int | None) -> None
 
 def batch_check(trainer: Any, what: str) -> Callable[[Any], None]:
     """`check_token_ids` for `trainer`'s batches: its model's vocabulary, its loss's label rule and
-    its output classes, read once here rather than per batch."""
+    its output classes, read once here rather than per batch; and the token ids must be there (a
+    text column the model cannot read is dropped with the unused columns, so an untokenized
+    dataset arrives without them and would fail inside the model's call)."""
     vocab_size = getattr(trainer.model.config, "vocab_size", None)
     label_ids = label_ids_checked(trainer)
     classes = label_classes(trainer) if label_ids else None
-    return lambda batch: check_token_ids(batch, vocab_size, what, label_ids=label_ids, classes=classes)
+    needs_ids = "input_ids" in getattr(trainer.model, "input_names", ())
+
+    def check(batch: Any) -> None:
+        if needs_ids and isinstance(batch, Mapping) and "input_ids" not in batch:
+            raise DataError(f"{what}: the batches have no 'input_ids' (they have {sorted(batch)}): tokenize the text "
+                            "first (dataset.map(lambda rows: tokenizer(rows['text']), batched=True)), or rename the "
+                            "column that holds the token ids to input_ids")
+        check_token_ids(batch, vocab_size, what, label_ids=label_ids, classes=classes)
+
+    return check
 
 
 def checked_placement(place: Callable[[dict], Any], check: Callable[[Any], None]) -> Callable[[dict], Any]:

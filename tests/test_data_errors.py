@@ -154,3 +154,20 @@ def test_labels_past_the_output_classes_are_named(tmp_path):
     rows = [{"input_ids": [2, 3, 4], "labels": [0, 2, -100]}, {"input_ids": [2, 3, 4], "labels": [1, 3, 0]}]
     with pytest.raises(DataError, match=r"eval_dataset: label 3 is outside the model's 3 output classes"):
         Trainer(tagger, _args(tmp_path, mesh_shape={"data": 1}), eval_dataset=rows).evaluate()
+
+
+def test_untokenized_text_and_string_labels_are_named_with_the_fix(tmp_path):
+    """An untokenized dataset (its text column is dropped as unused, so the batches reach the model
+    without input_ids) and class names instead of ids (dropped as strings, so the loss would see no
+    labels) were a TypeError from inside the model call and a misleading 'no labels': each now says
+    what the batch holds and how to fix it, for training and evaluation alike."""
+    text = datasets.Dataset.from_dict({"text": ["a b", "c d"] * 4, "label": [0, 1] * 4})
+    with pytest.raises(DataError, match=r"train_dataset: the batches have no 'input_ids' \(they have \['labels'\]\): "
+                                        r"tokenize the text first"):
+        Trainer(_classifier(), _args(tmp_path, max_steps=1), train_dataset=text).train()
+    with pytest.raises(DataError, match=r"eval_dataset: the batches have no 'input_ids'"):
+        Trainer(_classifier(), _args(tmp_path)).evaluate(text)
+    names = datasets.Dataset.from_dict({"input_ids": [[2, 3, 4]] * 4, "label": ["neg"] * 4})
+    with pytest.raises(DataError, match=r"train_dataset row \d has the string label 'neg': labels must be class "
+                                        r"ids.*class_encode_column"):
+        Trainer(_classifier(), _args(tmp_path, max_steps=1), train_dataset=names).train()

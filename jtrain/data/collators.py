@@ -246,6 +246,10 @@ def normalize_features(features: Sequence[Any], required: str | None = "input_id
     for row, feature in enumerate(features):
         if not isinstance(feature, Mapping):
             raise TypeError(f"feature {row} is a {type(feature).__name__}, expected a dict of lists/ints")
+        for key in (*LABEL_KEYS, "labels"):  # HF's default collator fails on these too, less clearly
+            if isinstance(feature.get(key), str):
+                raise ValueError(f"feature {row} has the string {key} {feature[key]!r}: labels must be class ids; map "
+                                 "the names to integers first (datasets: dataset.class_encode_column(...))")
         feature = {k: v for k, v in feature.items() if v is not None and not isinstance(v, str)}
         for key in LABEL_KEYS:
             if key in feature:
