@@ -295,11 +295,11 @@ def _coerce_fields(a: TrainingArguments) -> None:
     with PyYAML gives `learning_rate: 3e-4` as the string '3e-4', which would otherwise reach the
     optimizer (HF's dataclass takes it as it is and fails inside torch); a value of the wrong kind is
     a ConfigError naming the field. None is left alone (HF passes None for several of these)."""
-    types = _field_types()
+    hints = _field_types()
     for f in dataclasses.fields(a):
         value = getattr(a, f.name)
         if f.init and value is not None:
-            typed = coerce(value, types[f.name], f.name)
+            typed = coerce(value, hints[f.name], f.name)
             if typed is not value:
                 object.__setattr__(a, f.name, typed)
 

@@ -129,9 +129,9 @@ def checkpoints_to_try(checkpoint: str | bool, output_dir: str) -> list[str]:
     if checkpoint is True or (isinstance(checkpoint, str) and checkpoint.lower() == "true"):
         candidates = resume_candidates(output_dir)
         if not candidates:
-            torch_made = sorted(p for p in glob.glob(os.path.join(output_dir, f"{PREFIX}*")) if _torch_hint(p))
+            torch_made = [p for p in sorted(glob.glob(os.path.join(output_dir, f"{PREFIX}*"))) if _torch_hint(p)]
             raise CheckpointError(f"no complete checkpoint in {output_dir!r} to resume from"
-                                  + (_torch_hint(torch_made[-1]) if torch_made else ""))
+                                  + (_torch_hint(torch_made[0]) if torch_made else ""))
         return candidates
     if not isinstance(checkpoint, str) or not os.path.isdir(checkpoint):
         raise CheckpointError(f"checkpoint {checkpoint!r} to resume from does not exist")
