@@ -135,13 +135,28 @@ def masked_lm_loss(
 def sequence_classification_loss(
     outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *, label_smoothing: float = 0.0
 ) -> LossOutput:
-    """One label per row; mean-squared error when the head has one output (HF's regression)."""
+    """One label per row, with HF's three problem types as HF infers them from the head and the labels:
+    one output is a regression (mean-squared error), integer labels are class ids (cross-entropy),
+    float labels [rows, num_labels] are multi-label targets (binary cross-entropy per class, averaged
+    over every entry as HF's BCEWithLogitsLoss). Float labels that are NaN (the loader's filler rows)
+    are left out of the sum and the count; regression reports no accuracy (HF reports none either)."""
     logits = outputs["logits"].astype(jnp.float32)
     labels = batch["labels"]
     if logits.shape[-1] == 1:
-        err = (logits[:, 0] - labels.astype(jnp.float32)) ** 2
-        n = jnp.float32(labels.shape[0])
-        return LossOutput(jnp.sum(err), n, {"correct": jnp.float32(0.0)})
+        target = labels.astype(jnp.float32).reshape(logits.shape[0])
+        valid = ~jnp.isnan(target)
+        err = (logits[:, 0] - jnp.where(valid, target, 0.0)) ** 2
+        return LossOutput(jnp.sum(jnp.where(valid, err, 0.0)), jnp.sum(valid, dtype=jnp.float32), {})
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        if labels.shape != logits.shape:
+            raise ConfigError(f"float labels of shape {tuple(labels.shape)} for a head of {logits.shape[-1]} classes: "
+                              f"multi-label classification takes one target in [0, 1] per class, shape {logits.shape}; "
+                              "single-label classification takes integer class ids")
+        valid = ~jnp.isnan(labels)
+        target = jnp.where(valid, labels, 0.0)
+        # log(1 + exp(x)) - x z, written so that no exp overflows (as torch's BCEWithLogitsLoss)
+        per_entry = jnp.maximum(logits, 0.0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+        return LossOutput(jnp.sum(jnp.where(valid, per_entry, 0.0)), jnp.sum(valid, dtype=jnp.float32), {})
     return token_cross_entropy(logits[:, None, :], labels.reshape(-1, 1), label_smoothing=label_smoothing)
 
 

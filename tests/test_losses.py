@@ -47,3 +47,45 @@ def test_research_loop_with_public_step_learns():
     assert losses[-1] < 0.5 * losses[0], losses
     assert float(metrics["learning_rate"]) == pytest.approx(3e-3, rel=1e-6)
     assert int(metrics["num_tokens"]) == 8 * 15  # causal shift: 15 predicted tokens per 16-token row
+
+
+def test_sequence_classification_losses_match_hfs_three_problem_types():
+    """HF's ForSequenceClassificationLoss infers the problem type from the head and the labels: one
+    output -> MSE, integer labels -> cross-entropy, float [rows, classes] labels -> BCEWithLogits
+    averaged over every entry. jtrain had no multi-label loss (float targets were read as class ids
+    or failed on their shape). Extreme logits (+-60) check the stable form. Float32 on both sides
+    over a few terms: 1e-6 relative is rounding. NaN targets (the loader's filler rows) are left out
+    of sum and count, so a padded batch gives the loss of its real rows."""
+    import torch
+    from transformers.loss.loss_utils import ForSequenceClassificationLoss
+
+    from jtrain.errors import ConfigError
+    from jtrain.losses import sequence_classification_loss
+
+    class Config:
+        problem_type = None
+
+        def __init__(self, num_labels):
+            self.num_labels = num_labels
+
+    rng = np.random.default_rng(0)
+    cases = {"regression": (rng.normal(size=(5, 1)), rng.normal(size=5).astype(np.float32)),
+             "single": (rng.normal(size=(5, 3)), rng.integers(0, 3, size=5).astype(np.int32)),
+             "multi": (np.concatenate([rng.normal(size=(4, 3)), [[60.0, -60.0, 0.5]]]),
+                       rng.integers(0, 2, size=(5, 3)).astype(np.float32))}
+    for name, (logits, labels) in cases.items():
+        logits = logits.astype(np.float32)
+        out = sequence_classification_loss({"logits": logits}, {"labels": labels})
+        hf_labels = torch.tensor(labels if labels.dtype == np.float32 else labels.astype(np.int64))  # HF: long ids
+        hf = ForSequenceClassificationLoss(hf_labels, torch.tensor(logits), Config(logits.shape[-1]))
+        np.testing.assert_allclose(float(out.loss_sum / out.weight), float(hf), rtol=1e-6, err_msg=name)
+        padded = np.concatenate([labels, np.full((2,) + labels.shape[1:], np.nan, np.float32)]) \
+            if labels.dtype == np.float32 else np.concatenate([labels, [-100, -100]]).astype(np.int32)
+        more = np.concatenate([logits, rng.normal(size=(2, logits.shape[1])).astype(np.float32)])
+        filled = sequence_classification_loss({"logits": more}, {"labels": padded})
+        np.testing.assert_allclose(float(filled.loss_sum), float(out.loss_sum), rtol=1e-6, err_msg=name)
+        assert float(filled.weight) == float(out.weight), name
+    assert "correct" not in sequence_classification_loss({"logits": cases["regression"][0].astype(np.float32)},
+                                                         {"labels": cases["regression"][1]}).stats
+    with pytest.raises(ConfigError, match=r"float labels of shape \(5,\) for a head of 3 classes.*integer class ids"):
+        sequence_classification_loss({"logits": np.zeros((5, 3), np.float32)}, {"labels": np.zeros(5, np.float32)})

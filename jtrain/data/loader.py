@@ -61,7 +61,9 @@ def pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         return batch
     out = {}
     for key, value in batch.items():
-        fill = np.full((missing,) + value.shape[1:], _PAD_VALUES.get(key, 0), dtype=value.dtype)
+        # Float labels (regression, multi-label targets) take NaN: -100 would be a target like any other.
+        pad = np.nan if key == "labels" and value.dtype.kind == "f" else _PAD_VALUES.get(key, 0)
+        fill = np.full((missing,) + value.shape[1:], pad, dtype=value.dtype)
         out[key] = np.concatenate([value, fill])
     return out
 
