@@ -144,7 +144,8 @@ def sequence_classification_loss(
     labels = batch["labels"]
     if logits.shape[-1] == 1:
         target = labels.astype(jnp.float32).reshape(logits.shape[0])
-        valid = ~jnp.isnan(target)
+        # integer scores pad with -100 like class ids; float ones with NaN
+        valid = ~jnp.isnan(target) if jnp.issubdtype(labels.dtype, jnp.floating) else target != IGNORE_INDEX
         err = (logits[:, 0] - jnp.where(valid, target, 0.0)) ** 2
         return LossOutput(jnp.sum(jnp.where(valid, err, 0.0)), jnp.sum(valid, dtype=jnp.float32), {})
     if jnp.issubdtype(labels.dtype, jnp.floating):
