@@ -133,32 +133,41 @@ def masked_lm_loss(
 
 
 def sequence_classification_loss(
-    outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *, label_smoothing: float = 0.0
+    outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *, label_smoothing: float = 0.0,
+    problem_type: str | None = None,
 ) -> LossOutput:
-    """One label per row, with HF's three problem types as HF infers them from the head and the labels:
-    one output is a regression (mean-squared error), integer labels are class ids (cross-entropy),
-    float labels [rows, num_labels] are multi-label targets (binary cross-entropy per class, averaged
-    over every entry as HF's BCEWithLogitsLoss). Float labels that are NaN (the loader's filler rows)
-    are left out of the sum and the count; regression reports no accuracy (HF reports none either)."""
+    """One label per row, with HF's three problem types: the config's `problem_type`, or, unset, what
+    HF infers from the head and the labels: one output is a regression (mean-squared error), integer
+    labels are class ids (cross-entropy), float labels [rows, num_labels] are multi-label targets
+    (binary cross-entropy per class). Regression and multi-label average over every entry, as HF's
+    MSELoss and BCEWithLogitsLoss; their float labels that are NaN (the loader's filler rows; -100
+    for integer labels) are left out of the sum and the count. Neither reports an accuracy (HF's
+    Trainer reports none either)."""
     logits = outputs["logits"].astype(jnp.float32)
     labels = batch["labels"]
-    if logits.shape[-1] == 1:
-        target = labels.astype(jnp.float32).reshape(logits.shape[0])
-        # integer scores pad with -100 like class ids; float ones with NaN
-        valid = ~jnp.isnan(target) if jnp.issubdtype(labels.dtype, jnp.floating) else target != IGNORE_INDEX
-        err = (logits[:, 0] - jnp.where(valid, target, 0.0)) ** 2
-        return LossOutput(jnp.sum(jnp.where(valid, err, 0.0)), jnp.sum(valid, dtype=jnp.float32), {})
-    if jnp.issubdtype(labels.dtype, jnp.floating):
-        if labels.shape != logits.shape:
-            raise ConfigError(f"float labels of shape {tuple(labels.shape)} for a head of {logits.shape[-1]} classes: "
-                              f"multi-label classification takes one target in [0, 1] per class, shape {logits.shape}; "
-                              "single-label classification takes integer class ids")
-        valid = ~jnp.isnan(labels)
-        target = jnp.where(valid, labels, 0.0)
-        # log(1 + exp(x)) - x z, written so that no exp overflows (as torch's BCEWithLogitsLoss)
+    floating = jnp.issubdtype(labels.dtype, jnp.floating)
+    if problem_type is None:
+        problem_type = ("regression" if logits.shape[-1] == 1 else
+                        "multi_label_classification" if floating else "single_label_classification")
+    if problem_type == "single_label_classification":
+        return token_cross_entropy(logits[:, None, :], labels.astype(jnp.int32).reshape(-1, 1),
+                                   label_smoothing=label_smoothing)
+    if problem_type not in ("regression", "multi_label_classification"):
+        raise ConfigError(f"unknown problem_type {problem_type!r} in the model config; HF's are regression, "
+                          "single_label_classification and multi_label_classification")
+    target = labels.astype(jnp.float32).reshape(logits.shape[0], -1)
+    if target.shape != logits.shape:
+        raise ConfigError(f"labels of shape {tuple(labels.shape)} for a head of {logits.shape[-1]} outputs under "
+                          f"{problem_type}: it takes one target per output, shape {logits.shape} (single-label "
+                          "classification takes integer class ids)")
+    # float labels pad with NaN, integer ones (class ids, integer scores) with -100
+    valid = ~jnp.isnan(target) if floating else target != IGNORE_INDEX
+    target = jnp.where(valid, target, 0.0)
+    if problem_type == "regression":
+        per_entry = (logits - target) ** 2
+    else:  # log(1 + exp(x)) - x z, written so that no exp overflows (as torch's BCEWithLogitsLoss)
         per_entry = jnp.maximum(logits, 0.0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-        return LossOutput(jnp.sum(jnp.where(valid, per_entry, 0.0)), jnp.sum(valid, dtype=jnp.float32), {})
-    return token_cross_entropy(logits[:, None, :], labels.reshape(-1, 1), label_smoothing=label_smoothing)
+    return LossOutput(jnp.sum(jnp.where(valid, per_entry, 0.0)), jnp.sum(valid, dtype=jnp.float32), {})
 
 
 LOSSES_BY_TASK = {

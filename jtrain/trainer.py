@@ -162,7 +162,9 @@ class Trainer:
         if self.compute_loss_func is not None:  # jtrain's (outputs, batch) or HF's (outputs, labels, num_items)
             return compute_loss_func_adapter(self.compute_loss_func, self.model.task)(outputs, batch)
         loss = LOSSES_BY_TASK[self.model.task]
-        return loss(outputs, batch, label_smoothing=self.args.label_smoothing_factor)
+        extra = ({"problem_type": getattr(self.model.config, "problem_type", None)}
+                 if self.model.task == "sequence_classification" else {})
+        return loss(outputs, batch, label_smoothing=self.args.label_smoothing_factor, **extra)
 
     def prediction_step(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> Any:
         """What evaluate/predict keep of one batch (the logits, through preprocess_logits_for_metrics);

@@ -87,5 +87,22 @@ def test_sequence_classification_losses_match_hfs_three_problem_types():
         assert float(filled.weight) == float(out.weight), name
     assert "correct" not in sequence_classification_loss({"logits": cases["regression"][0].astype(np.float32)},
                                                          {"labels": cases["regression"][1]}).stats
-    with pytest.raises(ConfigError, match=r"float labels of shape \(5,\) for a head of 3 classes.*integer class ids"):
+    with pytest.raises(ConfigError, match=r"labels of shape \(5,\) for a head of 3 outputs under "
+                                          r"multi_label_classification.*integer class ids"):
         sequence_classification_loss({"logits": np.zeros((5, 3), np.float32)}, {"labels": np.zeros(5, np.float32)})
+    # The config's problem_type, when set, decides as in HF: a 3-output regression (MSE over every
+    # entry), and each of the others named explicitly.
+    explicit = {"regression": (rng.normal(size=(5, 3)), rng.normal(size=(5, 3))),
+                "single_label_classification": cases["single"],
+                "multi_label_classification": cases["multi"]}
+    for problem_type, (logits, labels) in explicit.items():
+        logits, config = logits.astype(np.float32), Config(3)
+        config.problem_type = problem_type
+        labels = labels.astype(np.float32) if labels.dtype.kind == "f" else labels
+        out = sequence_classification_loss({"logits": logits}, {"labels": labels}, problem_type=problem_type)
+        hf_labels = torch.tensor(labels if labels.dtype == np.float32 else labels.astype(np.int64))
+        hf = ForSequenceClassificationLoss(hf_labels, torch.tensor(logits), config)
+        np.testing.assert_allclose(float(out.loss_sum / out.weight), float(hf), rtol=1e-6, err_msg=problem_type)
+    with pytest.raises(ConfigError, match="unknown problem_type 'ordinal'"):
+        sequence_classification_loss({"logits": np.zeros((5, 3), np.float32)}, {"labels": np.zeros(5, np.int32)},
+                                     problem_type="ordinal")

@@ -300,24 +300,28 @@ def test_save_model_before_train_writes_the_initial_weights(tmp_path):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("problem", ["regression", "multi_label"])
+@pytest.mark.parametrize("problem", ["regression", "multi_label", "multi_output_regression"])
 def test_float_label_heads_evaluate_the_same_whatever_the_batch_padding(tmp_path, problem):
     """Regression and multi-label heads take float labels. The loader pads a short batch with filler
     rows whose labels were -100, a target like any other for a float loss: evaluating 10 rows in
     batches of 4 gave a loss of ~1,700 against 1.6 in one batch of 10 (training pulled towards -100
     too). Filler rows now carry NaN float labels, left out of the loss: both batchings agree to
     float32 rounding of the sums (1e-6 relative), and the mean equals the loss of the predictions;
-    no accuracy is reported for these heads (HF reports none)."""
+    no accuracy is reported for these heads (HF reports none). A config's problem_type reaches the
+    loss: three outputs with problem_type regression are an MSE over every entry, as in HF."""
     from jtrain.models import create_model
 
     classes = 1 if problem == "regression" else 3
     config = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, num_labels=classes)
+    if problem == "multi_output_regression":
+        config["problem_type"] = "regression"
     model = create_model("llama", config, task="sequence_classification")
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 64, size=(10, 8)).astype(np.int32)
-    labels = rng.normal(size=10) if classes == 1 else rng.integers(0, 2, size=(10, classes))
-    rows = [{"input_ids": ids[i], "labels": labels[i].astype(np.float32)} for i in range(10)]
+    labels = rng.integers(0, 2, size=(10, classes)) if problem == "multi_label" else rng.normal(size=(10, classes))
+    rows = [{"input_ids": ids[i], "labels": labels[i].astype(np.float32).reshape(-1 if classes > 1 else ())}
+            for i in range(10)]
     params = model.init(jax.random.key(0))
     results = {}
     for batch in (10, 4):
@@ -326,8 +330,8 @@ def test_float_label_heads_evaluate_the_same_whatever_the_batch_padding(tmp_path
     np.testing.assert_allclose(results[4]["eval_loss"], results[10]["eval_loss"], rtol=1e-6)
     assert "eval_accuracy" not in results[4]
     logits = trainer.predict(rows).predictions.astype(np.float64)
-    if classes == 1:
-        want = np.mean((logits[:, 0] - labels) ** 2)
+    if problem != "multi_label":
+        want = np.mean((logits - labels) ** 2)
     else:
         want = np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits))))
     np.testing.assert_allclose(results[4]["eval_loss"], want, rtol=1e-5)  # float32 model vs float64 formula
