@@ -150,6 +150,11 @@ def sequence_classification_loss(
         problem_type = ("regression" if logits.shape[-1] == 1 else
                         "multi_label_classification" if floating else "single_label_classification")
     if problem_type == "single_label_classification":
+        if labels.size != logits.shape[0]:
+            raise ConfigError(f"labels of shape {tuple(labels.shape)} for {logits.shape[0]} rows: single-label "
+                              "classification takes one integer class id per row; per-class 0/1 targets [rows, "
+                              "num_labels] are multi-label (float labels, or problem_type: multi_label_classification "
+                              "in the model config)")
         return token_cross_entropy(logits[:, None, :], labels.astype(jnp.int32).reshape(-1, 1),
                                    label_smoothing=label_smoothing)
     if problem_type not in ("regression", "multi_label_classification"):

@@ -103,6 +103,9 @@ def test_sequence_classification_losses_match_hfs_three_problem_types():
         hf_labels = torch.tensor(labels if labels.dtype == np.float32 else labels.astype(np.int64))
         hf = ForSequenceClassificationLoss(hf_labels, torch.tensor(logits), config)
         np.testing.assert_allclose(float(out.loss_sum / out.weight), float(hf), rtol=1e-6, err_msg=problem_type)
+    with pytest.raises(ConfigError, match=r"labels of shape \(5, 3\) for 5 rows: single-label.*problem_type: "
+                                          r"multi_label_classification"):  # integer 0/1 targets, type unset
+        sequence_classification_loss({"logits": np.zeros((5, 3), np.float32)}, {"labels": np.zeros((5, 3), np.int32)})
     with pytest.raises(ConfigError, match="unknown problem_type 'ordinal'"):
         sequence_classification_loss({"logits": np.zeros((5, 3), np.float32)}, {"labels": np.zeros(5, np.int32)},
                                      problem_type="ordinal")
