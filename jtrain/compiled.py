@@ -246,11 +246,9 @@ def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformat
     eval_param_dtype = precision.eval_dtype if precision.cast_eval_params else None
     train = make_train_step(train_model.apply, loss_fn, tx, lr_schedule=schedule,
                             matmul_precision=precision.matmul_precision)
-    evaluate = make_eval_step(eval_model.apply, loss_fn, param_dtype=eval_param_dtype,
-                              matmul_precision=precision.matmul_precision, label_names=label_names)
-    predict = make_eval_step(eval_model.apply, loss_fn, param_dtype=eval_param_dtype,
-                             matmul_precision=precision.matmul_precision, label_names=label_names,
-                             predictions_fn=prediction_fn or (lambda outputs, batch: outputs["logits"]))
+    eval_step = functools.partial(make_eval_step, eval_model.apply, loss_fn, param_dtype=eval_param_dtype,
+                                  matmul_precision=precision.matmul_precision, label_names=label_names)
+    evaluate, predict = eval_step(), eval_step(predictions_fn=prediction_fn or (lambda out, batch: out["logits"]))
 
     return CompiledSteps(
         mesh=mesh, state_sharding=s_sh, param_sharding=p_sh,

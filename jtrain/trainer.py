@@ -17,11 +17,11 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 
-from jtrain import hp_search, model_card, trainer_checks, trainer_helpers, trainer_resume
+from jtrain import hp_search, model_card, trainer_checks, trainer_helpers, trainer_resume, trainer_setup
 from jtrain.accounting import StepPlan, plan_steps
 from jtrain.args import TrainingArguments
 from jtrain.callbacks import CallbackHandler, DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState
-from jtrain.compiled import CompiledSteps, build_compiled_steps
+from jtrain.compiled import CompiledSteps
 from jtrain.data.loader import ArrayDataset, HostLoader, LoaderPosition
 from jtrain.errors import ConfigError
 from jtrain.evaluation import EvalLoopOutput, evaluation_loop
@@ -32,7 +32,7 @@ from jtrain.optim import make_optimizer
 from jtrain.optim.factory import make_optimizer_from_factory
 from jtrain.reporting import PrinterCallback, ProgressCallback, callbacks_for_report_to
 from jtrain.schedules import make_lr_controller, make_schedule
-from jtrain.sharding import data_parallel_size, make_mesh, resolve_mesh_shape, sharding_rules
+from jtrain.sharding import data_parallel_size, make_mesh, resolve_mesh_shape
 from jtrain.xla_flags import apply_backend_choices
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ class Trainer:
     # jtrain's own parts: resuming from a checkpoint (jtrain.trainer_resume), and the check the host
     # loop runs on every update's metrics (jtrain.trainer_checks).
     _resume, _restore_from = trainer_resume.resume, trainer_resume.restore_from
+    # Setting up optimizer, compiled steps, memory plan and state (jtrain.trainer_setup).
+    _setup, _setup_for_evaluation = trainer_setup.setup, trainer_setup.setup_for_evaluation
+    _drop_evaluation_setup = trainer_setup.drop_evaluation_setup
     _load_callback_state = trainer_resume.load_callback_state
     _check_finite = trainer_checks.check_finite
 
@@ -139,8 +142,7 @@ class Trainer:
             logging.getLogger("jtrain").setLevel(self.args.get_process_log_level())  # as HF sets its own logger's
         self.train_state: Any = None  # jtrain.state.TrainState once set up
         self.steps: CompiledSteps | None = None
-        self._set_up_for_training = False  # False after an evaluate()/predict() before train(): see _setup
-        self._own_optimizer_pair = (True, True)  # whether _setup built the schedule and the optimizer
+        self._evaluation_setup: tuple[bool, bool] | None = None  # set up before train(): see trainer_setup
         self.lr_controller = None
         default = [DefaultFlowCallback, PrinterCallback if self.args.disable_tqdm else ProgressCallback]
         reporters = (callbacks_for_report_to(self.args.report_to, self.args.resolved_logging_dir)
@@ -240,101 +242,6 @@ class Trainer:
                            train=train, accum=accum, batch_rows=batch_rows,
                            what="train_dataset" if train else "eval_dataset")
 
-    def _setup(self, num_training_steps: int, train_loader: HostLoader | None = None) -> None:
-        """Optimizer, schedule, compiled steps, memory plan and sharded state (once per Trainer).
-
-        With `train_loader`, the train step is compiled on abstract inputs before any state is
-        allocated; a step that does not fit the device is refused, or with `auto_find_batch_size`
-        the per-device batch shrinks (then `self.args` holds the batch used, as in HF, and the
-        schedule is rebuilt for the new number of updates). See jtrain.memory.
-        """
-        if self.steps is not None:
-            return
-        from jtrain.compiled import use_compilation_cache
-        from jtrain.memory import (longest_batch, plan_train_step, remat_policy_from_args, tracker_for,
-                                   with_gradient_checkpointing)
-        from jtrain.precision import policy_from_args
-
-        a, tracker = self.args, tracker_for(self)
-        tracker.start("init")
-        try:
-            use_compilation_cache(a.compilation_cache_dir)
-            own_schedule, own_optimizer = self.lr_scheduler is None, self.optimizer is None
-            self.create_optimizer_and_scheduler(num_training_steps)
-            trainer_checks.check_optimizer_pair(self.optimizer, self.lr_scheduler,
-                                                "create_optimizer_and_scheduler")
-            model = with_gradient_checkpointing(self._training_model(), remat_policy_from_args(
-                a.gradient_checkpointing, a.gradient_checkpointing_kwargs))
-            precision = policy_from_args(a)
-
-            def build() -> CompiledSteps:
-                return build_compiled_steps(model, self.mesh, self.optimizer, self.lr_scheduler, self.compute_loss,
-                                            seed=a.seed, prediction_fn=self.prediction_step,
-                                            rules=sharding_rules(a.fsdp), precision=precision,
-                                            expected_train_compiles=len(a.length_buckets or ()) or 1,
-                                            label_names=self._label_names())
-
-            self.steps, self._step_plan = build(), None
-            self._set_up_for_training, self._own_optimizer_pair = train_loader is not None, (own_schedule,
-                                                                                             own_optimizer)
-            if train_loader is not None:
-                first = train_loader.shape_probe()
-                trainer_checks.batch_check(self, "train_dataset")(first)
-                trainer_checks.check_train_labels(self, first)
-                plan = plan_train_step(self.steps, first, a.per_device_train_batch_size, data_parallel_size(self.mesh),
-                                       budget=a.max_device_memory_bytes, auto_find=a.auto_find_batch_size,
-                                       longest=longest_batch(first, self._longest_padded_length()))
-                if plan.per_device_batch != a.per_device_train_batch_size:
-                    self.args = a = a.replace(per_device_train_batch_size=plan.per_device_batch)
-                    if own_schedule:
-                        self.lr_scheduler = self.lr_controller = None
-                    if own_optimizer:
-                        self.optimizer = None
-                    self.create_optimizer_and_scheduler(self._update_plan().max_steps)
-                    self.steps = build()
-                    rows = plan.per_device_batch * data_parallel_size(self.mesh)
-                    plan.compiled = self.steps.compile_train(self.steps.abstract_train_batch(first, rows=rows))
-                self._step_plan = plan
-                tracker.note_estimate("train", plan.estimate)
-            self.train_state = self.steps.init_state(self._initial_params)
-        except BaseException:
-            self.steps = None  # nothing half-built stays behind; the next call starts over
-            tracker.stop("init")
-            raise
-        self._initial_params = None
-        self._init_memory_metrics = tracker.stop("init")
-
-    def _label_names(self) -> tuple[str, ...]:
-        """HF's `label_names`: the batch keys a loss needs (every jtrain model's is `labels`)."""
-        return tuple(self.args.label_names) if self.args.label_names is not None else ("labels",)
-
-    def _drop_evaluation_setup(self) -> None:
-        """evaluate() or predict() before train() set up the state without the training loader, so
-        with a placeholder number of updates (a schedule one update long under num_train_epochs) and
-        no memory plan. train() keeps the parameters and rebuilds the rest for the run it starts;
-        an optimizer or schedule the user passed in stays theirs."""
-        own_schedule, own_optimizer = self._own_optimizer_pair
-        self._initial_params = self.train_state.full_params()
-        if own_schedule:
-            self.lr_scheduler = self.lr_controller = None
-        if own_optimizer:
-            self.optimizer = None
-        self.steps = self.train_state = self._step_plan = None
-
-    def _longest_padded_length(self) -> int | None:
-        """The longest length training batches can be padded to, when they take several (length
-        buckets of the collator or of `args.length_buckets`); None when every batch has one shape."""
-        buckets = getattr(self.data_collator, "length_buckets", None) or self.args.length_buckets
-        return max(int(b) for b in buckets) if buckets else None
-
-    def _training_model(self) -> Model:
-        """The model the compiled steps run: `self.model` plus training-only transforms (NEFTune)."""
-        if self.args.neftune_noise_alpha:
-            from jtrain.neftune import NEFTuneModel
-
-            return NEFTuneModel.wrap(self.model, self.args.neftune_noise_alpha)
-        return self.model
-
     def _train_rows(self) -> int | None:
         """Rows in the training set (None for a stream of unknown length)."""
         from jtrain.data.sources import num_rows
@@ -401,8 +308,7 @@ class Trainer:
 
         requested = self._per_device_train_batch_size()
         loader, plan = self._plan()
-        if self.steps is not None and not self._set_up_for_training:
-            self._drop_evaluation_setup()
+        self._drop_evaluation_setup()  # an evaluate()/predict()/save_model() before this train() set up a placeholder
         self._setup(plan.max_steps, train_loader=loader)
         if self._per_device_train_batch_size() != requested:
             loader, plan = self._plan()  # auto_find_batch_size chose a smaller per-device batch
@@ -460,8 +366,7 @@ class Trainer:
 
     def _evaluation_loop(self, dataset: Any, prefix: str, want_predictions: bool,
                          predicting: bool = False) -> EvalLoopOutput:
-        if self.steps is None:
-            self._setup(max(1, self.args.max_steps))
+        self._setup_for_evaluation()
         loader = (self.get_test_dataloader(dataset) if predicting else self.get_eval_dataloader(dataset))
         loader = trainer_checks.checked_loader(loader, "get_test_dataloader" if predicting else "get_eval_dataloader")
         what = "test_dataset" if predicting else "eval_dataset"
@@ -489,8 +394,7 @@ class Trainer:
         from jtrain.models import save_pretrained
 
         output_dir = output_dir or self.args.output_dir
-        if self.train_state is None:  # before train(): the initial weights (`params=`, else seeded), as HF writes them
-            self._setup(max(1, self.args.max_steps))
+        self._setup_for_evaluation()  # before train(): the initial weights (`params=`, else seeded), as HF writes them
         params = self.train_state.full_params()
         if hasattr(self.model, "lora_config"):  # a jtrain.peft.LoraModel (imported lazily)
             from jtrain.peft import save_adapter, save_merged

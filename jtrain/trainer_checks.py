@@ -26,12 +26,11 @@ def check_datasets(self: Any) -> None:
     """Bad datasets fail here, before anything compiles: evaluations asked for without an
     eval_dataset (as HF), a DatasetDict where one split is needed
     (the error names its splits), an empty dataset or split, a class label outside [0, num_labels).
-    A one-output head is a regression (HF's rule for `num_labels=1`): its labels are numbers, any sign."""
+    Regression and multi-label heads (`labels_are_class_ids`) take numbers of any sign and size."""
     from jtrain.data.trainer_loader import check_dataset
 
     num_labels = getattr(self.model.config, "num_labels", None) if self.model.task == "sequence_classification" \
-        else None
-    num_labels = None if num_labels == 1 else num_labels
+        and labels_are_class_ids(self.model) else None
     check_dataset(self.train_dataset, "train_dataset", num_labels=num_labels)
     check_dataset(self.eval_dataset, "eval_dataset", num_labels=num_labels, several_splits=True)
     if self.args.eval_strategy != "no" and self.eval_dataset is None:  # HF's refusal, before any training
@@ -181,13 +180,21 @@ def uses_builtin_loss(trainer: Any) -> bool:
     return trainer.compute_loss_func is None and type(trainer).compute_loss is Trainer.compute_loss
 
 
+def labels_are_class_ids(model: Any) -> bool:
+    """Whether the task's labels are class (or token) ids: every task but the sequence-classification
+    heads whose problem type (the config's, or HF's rule when unset: one output) is a regression or
+    multi-label (integer 0/1 targets there are per-class, float targets are checked by nobody)."""
+    if model.task != "sequence_classification":
+        return True
+    problem = getattr(model.config, "problem_type", None)
+    return problem == "single_label_classification" or (problem is None and getattr(model.config, "num_labels", 2) != 1)
+
+
 def label_ids_checked(trainer: Any) -> bool:
     """Whether the batches' labels are class or token ids for jtrain's built-in loss, where -100 is
-    the only negative label (HF's ignore index): not with a user's loss, nor for a one-output
-    regression head."""
-    if not uses_builtin_loss(trainer):
-        return False
-    return trainer.model.task != "sequence_classification" or getattr(trainer.model.config, "num_labels", 2) != 1
+    the only negative label (HF's ignore index): not with a user's loss, nor for regression or
+    multi-label heads."""
+    return uses_builtin_loss(trainer) and labels_are_class_ids(trainer.model)
 
 
 _LABELS_HINT = {

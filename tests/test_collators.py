@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
 import jtrain.data.collators as collators_module
 import jtrain.data.packing as packing_module
+import jtrain.data.tokenizer_info as tokenizer_info_module
 from jtrain.data.collators import (
     DataCollatorForLanguageModeling,
     DataCollatorForTokenClassification,
@@ -380,7 +381,7 @@ def test_completion_only_collator_formats_agree():
 
 
 def test_doctests():
-    for module in (collators_module, packing_module):
+    for module in (collators_module, packing_module, tokenizer_info_module):
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0 and result.attempted > 0, module.__name__
 

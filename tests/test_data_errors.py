@@ -171,3 +171,16 @@ def test_untokenized_text_and_string_labels_are_named_with_the_fix(tmp_path):
     with pytest.raises(DataError, match=r"train_dataset row \d has the string label 'neg': labels must be class "
                                         r"ids.*class_encode_column"):
         Trainer(_classifier(), _args(tmp_path, max_steps=1), train_dataset=names).train()
+
+
+@pytest.mark.parametrize("problem_type", ["regression", "multi_label_classification"])
+def test_integer_targets_of_regression_and_multi_label_heads_are_not_class_ids(tmp_path, problem_type):
+    """The class-id checks (no negative label but -100, none at or past num_labels) are for
+    single-label heads: with the config's problem_type a regression or multi-label head, integer
+    targets are scores (any sign, any size) or per-class 0/1, and training them is not refused."""
+    config = {**BERT, "problem_type": problem_type}
+    target = [7, -3, 12] if problem_type == "regression" else [1, 0, 1]
+    rows = [{"input_ids": [2, 3, 4], "labels": target} for _ in range(4)]
+    trainer = Trainer(create_model("bert", config, "sequence_classification"), _args(tmp_path, max_steps=1),
+                      train_dataset=rows)
+    assert jnp.isfinite(trainer.train().training_loss)

@@ -1,0 +1,125 @@
+"""Setting a `Trainer` up: optimizer and schedule, compiled steps, the memory plan and the sharded
+state, built once per Trainer, for training or (before any train()) for evaluation only.
+
+Bound onto `jtrain.Trainer` as `_setup`, `_setup_for_evaluation` and `_drop_evaluation_setup`, so
+the Trainer module keeps to HF's surface while this one owns what the first step needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jtrain import trainer_checks
+from jtrain.compiled import CompiledSteps, build_compiled_steps
+from jtrain.data.loader import HostLoader
+from jtrain.models.base import Model
+from jtrain.sharding import data_parallel_size, sharding_rules
+
+
+def setup(self: Any, num_training_steps: int, train_loader: HostLoader | None = None) -> None:
+    """Optimizer, schedule, compiled steps, memory plan and sharded state (once per Trainer).
+
+    With `train_loader`, the train step is compiled on abstract inputs before any state is
+    allocated; a step that does not fit the device is refused, or with `auto_find_batch_size`
+    the per-device batch shrinks (then `self.args` holds the batch used, as in HF, and the
+    schedule is rebuilt for the new number of updates). See jtrain.memory. Without it (an
+    evaluation before any train()), `self._evaluation_setup` remembers which of the optimizer and
+    schedule were built here, for `drop_evaluation_setup`.
+    """
+    if self.steps is not None:
+        return
+    from jtrain.compiled import use_compilation_cache
+    from jtrain.memory import (longest_batch, plan_train_step, remat_policy_from_args, tracker_for,
+                               with_gradient_checkpointing)
+    from jtrain.precision import policy_from_args
+
+    a, tracker = self.args, tracker_for(self)
+    tracker.start("init")
+    try:
+        use_compilation_cache(a.compilation_cache_dir)
+        own = self.lr_scheduler is None, self.optimizer is None  # (schedule, optimizer) built here
+        self.create_optimizer_and_scheduler(num_training_steps)
+        trainer_checks.check_optimizer_pair(self.optimizer, self.lr_scheduler, "create_optimizer_and_scheduler")
+        model = with_gradient_checkpointing(_training_model(self), remat_policy_from_args(
+            a.gradient_checkpointing, a.gradient_checkpointing_kwargs))
+        precision = policy_from_args(a)
+
+        def build() -> CompiledSteps:
+            return build_compiled_steps(model, self.mesh, self.optimizer, self.lr_scheduler, self.compute_loss,
+                                        seed=a.seed, prediction_fn=self.prediction_step,
+                                        rules=sharding_rules(a.fsdp), precision=precision,
+                                        expected_train_compiles=len(a.length_buckets or ()) or 1,
+                                        label_names=_label_names(a))
+
+        self.steps, self._step_plan = build(), None
+        self._evaluation_setup = None if train_loader is not None else own
+        if train_loader is not None:
+            first = train_loader.shape_probe()
+            trainer_checks.batch_check(self, "train_dataset")(first)
+            trainer_checks.check_train_labels(self, first)
+            plan = plan_train_step(self.steps, first, a.per_device_train_batch_size, data_parallel_size(self.mesh),
+                                   budget=a.max_device_memory_bytes, auto_find=a.auto_find_batch_size,
+                                   longest=longest_batch(first, _longest_padded_length(self)))
+            if plan.per_device_batch != a.per_device_train_batch_size:
+                self.args = a = a.replace(per_device_train_batch_size=plan.per_device_batch)
+                _forget_own_optimizer(self, *own)
+                self.create_optimizer_and_scheduler(self._update_plan().max_steps)
+                self.steps = build()
+                rows = plan.per_device_batch * data_parallel_size(self.mesh)
+                plan.compiled = self.steps.compile_train(self.steps.abstract_train_batch(first, rows=rows))
+            self._step_plan = plan
+            tracker.note_estimate("train", plan.estimate)
+        self.train_state = self.steps.init_state(self._initial_params)
+    except BaseException:
+        self.steps = None  # nothing half-built stays behind; the next call starts over
+        tracker.stop("init")
+        raise
+    self._initial_params = None
+    self._init_memory_metrics = tracker.stop("init")
+
+
+def setup_for_evaluation(self: Any) -> None:
+    """The state evaluate(), predict() and save_model() need before any train(): the number of
+    updates is a placeholder (`max_steps`, or 1 under epochs); train() rebuilds what depends on it."""
+    if self.steps is None:
+        setup(self, max(1, self.args.max_steps))
+
+
+def drop_evaluation_setup(self: Any) -> None:
+    """Called by train() after an evaluation-only set-up (a schedule one update long under
+    num_train_epochs, no memory plan): keep the parameters, rebuild the rest for the run train()
+    starts; an optimizer or schedule the user passed in stays theirs."""
+    if self.steps is None or self._evaluation_setup is None:
+        return
+    self._initial_params = self.train_state.full_params()
+    _forget_own_optimizer(self, *self._evaluation_setup)
+    self.steps = self.train_state = self._step_plan = self._evaluation_setup = None
+
+
+def _forget_own_optimizer(self: Any, own_schedule: bool, own_optimizer: bool) -> None:
+    """Drop the schedule and optimizer `setup` built (not the user's), so they are built again."""
+    if own_schedule:
+        self.lr_scheduler = self.lr_controller = None
+    if own_optimizer:
+        self.optimizer = None
+
+
+def _label_names(args: Any) -> tuple[str, ...]:
+    """HF's `label_names`: the batch keys a loss needs (every jtrain model's is `labels`)."""
+    return tuple(args.label_names) if args.label_names is not None else ("labels",)
+
+
+def _longest_padded_length(self: Any) -> int | None:
+    """The longest length training batches can be padded to, when they take several (length
+    buckets of the collator or of `args.length_buckets`); None when every batch has one shape."""
+    buckets = getattr(self.data_collator, "length_buckets", None) or self.args.length_buckets
+    return max(int(b) for b in buckets) if buckets else None
+
+
+def _training_model(self: Any) -> Model:
+    """The model the compiled steps run: `self.model` plus training-only transforms (NEFTune)."""
+    if self.args.neftune_noise_alpha:
+        from jtrain.neftune import NEFTuneModel
+
+        return NEFTuneModel.wrap(self.model, self.args.neftune_noise_alpha)
+    return self.model
