@@ -13,7 +13,9 @@ runs alternate jtrain, HF, jtrain, HF ... so that machine noise hits both. Step 
 warm-up time, which holds jtrain's compilation). MFU is the jtrain step's model FLOP count
 (`jtrain.flop_count`, on its jaxpr; the same model work on both sides) over a matmul peak
 measured in the same child, in the same precision and framework (JAX matmul for jtrain, torch
-matmul for HF).
+matmul for HF). A peak is the best the kernel reaches, so each child times it before and after its
+training window and keeps the faster, and the summary keeps the best over a side's runs: one sample
+taken in a slow minute of a shared host once read 189 against 319 GFLOP/s and put an MFU above 100%.
 """
 
 from __future__ import annotations
@@ -182,6 +184,8 @@ def jtrain_worker(a: argparse.Namespace, p: Preset) -> dict[str, Any]:
             rows.pop("attention_mask")
         trainer = Trainer(model, args, train_dataset=ArrayDataset(rows), callbacks=[StepTimes()])
         device_peak_flops(dtype)  # the Trainer's MFU log measures a CPU peak once: cache it outside the window
+        measured = not a.quick and getattr(a, "peak", "matmul") == "matmul"
+        peak_before = measure_matmul_peak(dtype) if measured else 0.0
         times.begin()
         result = trainer.train()
         flops = result.metrics.get("train_flops_per_step")  # the Trainer's own count, when it reports one
@@ -192,8 +196,8 @@ def jtrain_worker(a: argparse.Namespace, p: Preset) -> dict[str, Any]:
         compiles = dict(trainer.steps.compile_log.counts)
     if a.quick:
         peak = None
-    elif getattr(a, "peak", "matmul") == "matmul":
-        peak = measure_matmul_peak(dtype)
+    elif measured:
+        peak = max(peak_before, measure_matmul_peak(dtype))
     else:
         peak = device_peak_flops(dtype)[0]
     out = _common_result(p, times, a.warmup, peak, result.training_loss)
@@ -264,6 +268,8 @@ def hf_worker(a: argparse.Namespace, p: Preset) -> dict[str, Any]:
         known = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
         args = transformers.TrainingArguments(**{k: v for k, v in kwargs.items() if k in known})
         trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[StepTimes()])
+        peak_dtype = torch.bfloat16 if a.bf16 else torch.float32
+        peak_before = 0.0 if gpu else torch_matmul_peak(peak_dtype)
         times.begin()
         result = trainer.train()
     if gpu:
@@ -273,7 +279,7 @@ def hf_worker(a: argparse.Namespace, p: Preset) -> dict[str, Any]:
         peak = next((v["bfloat16" if a.bf16 else "float32"] for k, v in PEAK_FLOPS.items() if name.startswith(k)), None)
         out_extra = {"device": name, "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
     else:
-        peak = torch_matmul_peak(torch.bfloat16 if a.bf16 else torch.float32)
+        peak = max(peak_before, torch_matmul_peak(peak_dtype))
         out_extra = {}
     out = _common_result(p, times, a.warmup, peak, result.training_loss)
     out.update(side="hf", params=sum(t.numel() for t in model.parameters()), optim=args.optim,
@@ -320,7 +326,8 @@ def summarise(preset: str, bf16: bool, runs: dict[str, list]) -> dict[str, Any]:
                            "formula_flops": p.formula_flops()}
     for side, rs in runs.items():
         step = bc.median(r["median_step_s"] for r in rs)
-        peak = bc.median(r["peak_flops"] for r in rs)
+        peaks = [r["peak_flops"] for r in rs if r.get("peak_flops")]
+        peak = max(peaks) if peaks else None  # the best the kernel reached in any run (see the docstring)
         row[side] = {
             "params": rs[0]["params"], "warmup_s": bc.median(r["warmup_s"] for r in rs), "median_step_s": step,
             "tokens_per_s": bc.median(r["tokens_per_s"] for r in rs),
@@ -494,8 +501,9 @@ FAIRNESS = """## How the comparison is kept fair
 - Timing: `on_step_end` wall times on both sides with the first steps dropped. jtrain's loop reads step
   N-1's metrics after dispatching step N, so its step marks are one step behind but evenly spaced; the
   window column (`tokens/s (window)`) ends at `on_train_end`, after the device is synchronised.
-- MFU: the jtrain step's model FLOPs (`jtrain.flops.step_flops`, counted on its jaxpr) over a best-of-5 2048x2048 matmul
-  measured in the same child process, in the same precision and framework.
+- MFU: the jtrain step's model FLOPs (`jtrain.flops.step_flops`, counted on its jaxpr) over a 2048x2048 matmul
+  measured in the same child process, in the same precision and framework: the best of 5 before the
+  training window and 5 after it, and the best over a side's runs.
 - Memory: both processes run glibc's malloc with its defaults; on the jtrain side XLA's own blocks of
   32 MiB or more go to jtrain's host buffer cache (`jtrain.host_buffers`, part of every jtrain CPU
   run), which keeps each step's scratch buffer mapped for the next step, and the plain JAX side runs
