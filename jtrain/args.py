@@ -347,3 +347,24 @@ def _validate(a: TrainingArguments) -> None:
     need(a.save_strategy != "best" or a.metric_for_best_model, "save_strategy 'best' needs `metric_for_best_model`")
     if a.load_best_model_at_end:
         need(a.eval_strategy != "no", "`load_best_model_at_end` needs an `eval_strategy` other than 'no'")
+        _check_load_best(a)
+
+
+def _check_load_best(a: TrainingArguments) -> None:
+    """As HF's at construction: the best model can be reloaded only if every evaluation is followed
+    by a save. Two ratios of the run's updates are compared once train() resolves them."""
+    if a.save_strategy == "best":
+        return
+    if a.save_strategy != a.eval_strategy:
+        raise ConfigError(f"`load_best_model_at_end` needs save_strategy == eval_strategy (or save_strategy "
+                          f"'best'), got save_strategy {a.save_strategy!r} and eval_strategy {a.eval_strategy!r}")
+    every = a.eval_steps or a.logging_steps  # eval_steps defaults to logging_steps, as in HF
+    if a.eval_strategy != "steps" or (a.save_steps < 1 and every < 1):
+        return
+    if (a.save_steps < 1) != (every < 1):
+        raise ConfigError(f"`load_best_model_at_end` needs save_steps to be a multiple of eval_steps, which a ratio "
+                          f"and a number of updates cannot promise: save_steps {a.save_steps}, eval_steps {every}; "
+                          f"give both as numbers of updates or both as ratios")
+    if a.save_steps % every:
+        raise ConfigError(f"`load_best_model_at_end` needs save_steps ({a.save_steps}) to be a multiple of "
+                          f"eval_steps ({every})")

@@ -275,12 +275,7 @@ def run_training(trainer: Any, loader: HostLoader, plan: StepPlan, position: Loa
     from jtrain.trainer import TrainOutput
 
     t, args = trainer, trainer.args
-    if getattr(t, "_train_calls", 0) and t.state.global_step >= plan.max_steps:
-        logger.warning("train() again: this Trainer has already run its %d updates, so nothing is left to train. HF's "
-                       "Trainer would start a new run on the trained weights (a fresh TrainerState and schedule); "
-                       "jtrain keeps one TrainerState and compiled schedule per Trainer: build a new Trainer with "
-                       "params=trainer.params for a new run", t.state.global_step)
-    t._train_calls = getattr(t, "_train_calls", 0) + 1
+    t._train_calls += 1
     t.state.train_batch_size = plan.global_batch_size
     t.state.compute_steps(args, plan.max_steps)
     t.state.init_training_references(t, plan.max_steps, plan.num_train_epochs, getattr(t, "_trial_params", None))
@@ -334,12 +329,10 @@ def _loop(run: _Run) -> None:
 
 
 def _check_best_model_args(args: Any, state: Any) -> None:
-    """As HF: the best model can only be reloaded if every evaluation is followed by a save."""
+    """As HF: the best model can only be reloaded if every evaluation is followed by a save. The
+    strategies and whole numbers of updates were checked with the arguments; ratios resolve here."""
     if not args.load_best_model_at_end or args.save_strategy == "best":
         return
-    if args.save_strategy != args.eval_strategy:
-        raise ConfigError(f"load_best_model_at_end needs save_strategy == eval_strategy (or 'best'), got "
-                          f"{args.save_strategy!r} and {args.eval_strategy!r}")
     if args.save_strategy == "steps" and state.save_steps % state.eval_steps:
         raise ConfigError(f"load_best_model_at_end needs save_steps ({state.save_steps}) to be a multiple of "
                           f"eval_steps ({state.eval_steps})")

@@ -82,7 +82,7 @@ class Trainer:
     _resume, _restore_from = trainer_resume.resume, trainer_resume.restore_from
     # Setting up optimizer, compiled steps, memory plan and state (jtrain.trainer_setup).
     _setup, _setup_for_evaluation = trainer_setup.setup, trainer_setup.setup_for_evaluation
-    _drop_evaluation_setup = trainer_setup.drop_evaluation_setup
+    _drop_evaluation_setup, _start_new_run = trainer_setup.drop_evaluation_setup, trainer_setup.start_new_run
     _load_callback_state = trainer_resume.load_callback_state
     _check_finite = trainer_checks.check_finite
 
@@ -142,7 +142,9 @@ class Trainer:
             logging.getLogger("jtrain").setLevel(self.args.get_process_log_level())  # as HF sets its own logger's
         self.train_state: Any = None  # jtrain.state.TrainState once set up
         self.steps: CompiledSteps | None = None
-        self._evaluation_setup: tuple[bool, bool] | None = None  # set up before train(): see trainer_setup
+        self._evaluation_setup = False  # set up by evaluate()/predict()/save_model() before train(): trainer_setup
+        self._built_here = (False, False)  # (schedule, optimizer) built by the set-up, not passed in
+        self._train_calls = 0
         self.lr_controller = None
         default = [DefaultFlowCallback, PrinterCallback if self.args.disable_tqdm else ProgressCallback]
         reporters = (callbacks_for_report_to(self.args.report_to, self.args.resolved_logging_dir)
@@ -294,16 +296,22 @@ class Trainer:
         As in HF, `trial` (a dict, or an optuna trial) is recorded as `state.trial_params` (the search
         itself applies a trial's values: `hyperparameter_search`), and `ignore_keys_for_eval` is the
         `ignore_keys` of the evaluations during training. With `model_init`, every call trains a fresh
-        model from `model_init(trial)`, as HF's does (a second train() does not continue the first)."""
+        model from `model_init(trial)`, as HF's does (a second train() does not continue the first).
+        Without it, a train() after a train() starts a new run on the trained weights, as HF's: a fresh
+        TrainerState, schedule and optimizer state (see `trainer_setup.start_new_run`)."""
         from jtrain.memory import tracker_for
         from jtrain.train_loop import run_training
 
+        if resume_from_checkpoint is None and self.args.resume_from_checkpoint:
+            resume_from_checkpoint = self.args.resume_from_checkpoint
         if trial is not None:
             self._trial_params = dict(trial) if isinstance(trial, Mapping) else dict(getattr(trial, "params", {}))
         if self.model_init is not None and (trial is not None or self.steps is not None):
             # HF re-creates the model at every train(); the one built at construction is still unused
             # (nothing compiled, no state) when this is the first call without a trial, so it stays.
             trainer_helpers.reinit_from_model_init(self, trial)
+        elif self._train_calls and not resume_from_checkpoint:
+            self._start_new_run()
         self._ignore_keys_for_eval = ignore_keys_for_eval
 
         requested = self._per_device_train_batch_size()
@@ -316,8 +324,6 @@ class Trainer:
                                                         trainer_checks.batch_check(self, "train_dataset"))
         tracker_for(self).start("train")
         position = LoaderPosition()
-        if resume_from_checkpoint is None and self.args.resume_from_checkpoint:
-            resume_from_checkpoint = self.args.resume_from_checkpoint
         if resume_from_checkpoint:
             position = self._resume(resume_from_checkpoint)
         return run_training(self, loader, plan, position)

@@ -126,13 +126,19 @@ def reinit_from_model_init(self: Any, trial: Any = None) -> None:
     """HF's model re-init at train(): a fresh model from `model_init(trial)`, and everything built
     for the old one dropped (compiled steps, state, optimizer, schedule) so train() rebuilds them;
     a fresh TrainerState too, as HF's train() starts one (a resume then loads the saved one)."""
-    from jtrain.callbacks import TrainerControl, TrainerState
-
     model, params = self.call_model_init(trial, self._init_arguments["params"])
     self.model, self._initial_params = model, params
     self.callback_handler.model = model
     self.steps = self.train_state = self._step_plan = None
     self.optimizer = self.lr_scheduler = self.lr_controller = None
+    fresh_trainer_state(self)
+
+
+def fresh_trainer_state(self: Any) -> None:
+    """A new TrainerState and TrainerControl, as HF's train() starts each run with (the process
+    flags and whether this is a hyperparameter search carry over)."""
+    from jtrain.callbacks import TrainerControl, TrainerState
+
     old = self.state
     self.state = TrainerState(is_local_process_zero=old.is_local_process_zero,
                               is_world_process_zero=old.is_world_process_zero,

@@ -1,8 +1,9 @@
 """Setting a `Trainer` up: optimizer and schedule, compiled steps, the memory plan and the sharded
 state, built once per Trainer, for training or (before any train()) for evaluation only.
 
-Bound onto `jtrain.Trainer` as `_setup`, `_setup_for_evaluation` and `_drop_evaluation_setup`, so
-the Trainer module keeps to HF's surface while this one owns what the first step needs.
+Bound onto `jtrain.Trainer` as `_setup`, `_setup_for_evaluation`, `_drop_evaluation_setup` and
+`_start_new_run`, so the Trainer module keeps to HF's surface while this one owns what the first
+step needs.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ def setup(self: Any, num_training_steps: int, train_loader: HostLoader | None = 
     allocated; a step that does not fit the device is refused, or with `auto_find_batch_size`
     the per-device batch shrinks (then `self.args` holds the batch used, as in HF, and the
     schedule is rebuilt for the new number of updates). See jtrain.memory. Without it (an
-    evaluation before any train()), `self._evaluation_setup` remembers which of the optimizer and
-    schedule were built here, for `drop_evaluation_setup`.
+    evaluation before any train()), `self._evaluation_setup` is set. `self._built_here` remembers
+    which of the schedule and optimizer were built here, for `drop_evaluation_setup` and
+    `start_new_run`.
     """
     if self.steps is not None:
         return
@@ -52,7 +54,7 @@ def setup(self: Any, num_training_steps: int, train_loader: HostLoader | None = 
                                         label_names=_label_names(a))
 
         self.steps, self._step_plan = build(), None
-        self._evaluation_setup = None if train_loader is not None else own
+        self._built_here, self._evaluation_setup = own, train_loader is None
         if train_loader is not None:
             first = train_loader.shape_probe()
             trainer_checks.batch_check(self, "train_dataset")(first)
@@ -89,11 +91,29 @@ def drop_evaluation_setup(self: Any) -> None:
     """Called by train() after an evaluation-only set-up (a schedule one update long under
     num_train_epochs, no memory plan): keep the parameters, rebuild the rest for the run train()
     starts; an optimizer or schedule the user passed in stays theirs."""
-    if self.steps is None or self._evaluation_setup is None:
-        return
+    if self.steps is not None and self._evaluation_setup:
+        _keep_only_params(self)
+
+
+def start_new_run(self: Any) -> None:
+    """train() called again after a train() (no model_init, no resume): as HF's, a new run on the
+    trained weights, with a fresh TrainerState and a schedule built for this run's updates (the
+    arguments may have changed since). The optimizer state starts fresh too: HF keeps its torch
+    optimizer's moments, but an optax state is one with the schedule's step count, which HF restarts."""
+    from jtrain.trainer_helpers import fresh_trainer_state
+
+    if self.steps is not None:
+        _keep_only_params(self)
+    fresh_trainer_state(self)
+
+
+def _keep_only_params(self: Any) -> None:
+    """Drop what `setup` built except the parameters (frozen and quantised parts included), so the
+    next `setup` rebuilds the schedule and optimizer it built, the compiled steps and the state."""
     self._initial_params = self.train_state.full_params()
-    _forget_own_optimizer(self, *self._evaluation_setup)
-    self.steps = self.train_state = self._step_plan = self._evaluation_setup = None
+    _forget_own_optimizer(self, *self._built_here)
+    self.steps = self.train_state = self._step_plan = None
+    self._evaluation_setup = False
 
 
 def _forget_own_optimizer(self: Any, own_schedule: bool, own_optimizer: bool) -> None:

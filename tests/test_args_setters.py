@@ -106,3 +106,37 @@ def test_values_are_read_by_their_fields_type_as_in_a_config_file(tmp_path):
         TrainingArguments(str(tmp_path), learning_rate="fast")
     with pytest.raises(ConfigError, match=r"`per_device_train_batch_size`: expected int, got 2.5"):
         TrainingArguments(str(tmp_path), per_device_train_batch_size=2.5)
+
+
+LOAD_BEST = [  # (what the arguments say, whether HF's TrainingArguments accepts them)
+    (dict(eval_strategy="steps", save_strategy="epoch"), False),
+    (dict(eval_strategy="epoch", save_strategy="steps"), False),
+    (dict(eval_strategy="steps", save_strategy="best", metric_for_best_model="loss"), True),
+    (dict(eval_strategy="steps", eval_steps=10, save_steps=30), True),
+    (dict(eval_strategy="steps", eval_steps=10, save_steps=25), False),
+    (dict(eval_strategy="steps", logging_steps=7, save_steps=21), True),  # eval_steps defaults to logging_steps
+    (dict(eval_strategy="steps", logging_steps=7, save_steps=20), False),
+    (dict(eval_strategy="steps", eval_steps=0.1, save_steps=30), False),  # a ratio and a number of updates
+    (dict(eval_strategy="epoch", save_strategy="epoch"), True),
+]
+
+
+@pytest.mark.parametrize("kwargs,accepted", LOAD_BEST, ids=[str(i) for i in range(len(LOAD_BEST))])
+def test_load_best_model_at_end_is_checked_when_the_arguments_are_built_as_hfs(kwargs, accepted, tmp_path):
+    """HF refuses strategies under which an evaluation may not be followed by a save at construction;
+    jtrain did only once train() started, after the model was built and the data loaded. (Two ratios are
+    compared once train() resolves them into numbers of updates.)"""
+    kwargs = dict(load_best_model_at_end=True, **kwargs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            transformers.TrainingArguments(str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+        hf_accepts = True
+    except ValueError:
+        hf_accepts = False
+    assert hf_accepts == accepted
+    if accepted:
+        TrainingArguments(str(tmp_path), **kwargs)
+    else:
+        with pytest.raises(ConfigError, match="load_best_model_at_end"):
+            TrainingArguments(str(tmp_path), **kwargs)

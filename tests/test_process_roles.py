@@ -123,14 +123,33 @@ def test_model_init_gives_every_train_a_fresh_model(tmp_path):
     assert calls[-1] == {"lr": 3} and trainer.state.trial_params == {"lr": 3}
 
 
-def test_a_second_train_without_model_init_says_there_is_nothing_left(tmp_path, caplog):
-    """HF's second train() starts a new run (fresh TrainerState and schedule); jtrain keeps one per
-    Trainer, so a second call has nothing left to do, and says so with the way to start a new run."""
-    trainer = Trainer(tiny_llama(), _args(tmp_path), train_dataset=ArrayDataset(lm_rows(24, 16)))
-    trainer.train()
-    with caplog.at_level(logging.WARNING, logger="jtrain.train_loop"):
-        again = trainer.train()
-    assert again.global_step == 3 and "train() again" in caplog.text and "params=trainer.params" in caplog.text
+def test_a_second_train_without_model_init_is_a_new_run_on_the_trained_weights(tmp_path):
+    """As HF: train() again starts a new run (a fresh TrainerState, the schedule from its start) on the
+    weights the first left; with the optimizer state fresh too, it is exactly what a new Trainer given
+    those weights trains (same seed, same data order), so losses, learning rates and weights match
+    bit for bit. Checkpoints of the second run land in the same output_dir, as HF's."""
+    data = ArrayDataset(lm_rows(24, 16))
+    args = _args(tmp_path, logging_steps=1, save_strategy="steps", save_steps=3)
+    trainer = Trainer(tiny_llama(), args, train_dataset=data)
+    first = trainer.train()
+    trained = jax.tree.map(np.asarray, trainer.params)
+    second = trainer.train()
+    assert second.global_step == 3 and trainer.state.global_step == 3
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3]  # a fresh TrainerState
+    assert second.training_loss < first.training_loss  # it trained on (the same rows again)
+    reference = Trainer(tiny_llama(), args.replace(output_dir=str(tmp_path / "reference")), train_dataset=data,
+                        params=trained)
+    expected = reference.train()
+    logged = lambda t: [(h["loss"], h["learning_rate"]) for h in t.state.log_history if "loss" in h]
+    assert logged(trainer) == logged(reference) and second.training_loss == expected.training_loss
+    for a, b in zip(jax.tree.leaves(trainer.params), jax.tree.leaves(reference.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (tmp_path / "out" / "checkpoint-3").is_dir()
+    from jtrain.checkpoint import restore_state
+
+    saved = restore_state(str(tmp_path / "out" / "checkpoint-3"), trainer.train_state, params_only=True)
+    for a, b in zip(jax.tree.leaves(saved.params), jax.tree.leaves(trainer.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the second run's, overwriting the first's
 
 
 def test_logged_epoch_is_not_rounded(tmp_path):
