@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping
 from jtrain.args_setters import TrainingArgumentsSetters
 from jtrain.coerce import build_dataclass, coerce, dataclass_to_dict
 from jtrain.errors import ConfigError
+from jtrain.hf_only_args import unknown_field_hint, unknown_keys_message
 
 _STRATEGIES = ("no", "steps", "epoch")
 LOG_LEVELS = {"detail": 10, "debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -147,6 +148,8 @@ class TrainingArguments(TrainingArgumentsSetters):
                                               "into logging_dir/plugins/profile (TensorBoard, XProf, Perfetto).")
     profile_num_steps: int = _f(3, "jtrain: updates in the profiler trace (with profile_start_step).")
 
+    unknown_key_hint = staticmethod(unknown_field_hint)  # HF's fields jtrain lacks say why (jtrain.hf_only_args)
+
     def __post_init__(self) -> None:
         _coerce_fields(self)
         _resolve_checkpointing_names(self)
@@ -252,6 +255,23 @@ class TrainingArguments(TrainingArgumentsSetters):
         """Build from a loosely typed mapping; unknown keys and bad types raise ConfigError."""
         return build_dataclass(cls, values, section)
 
+
+def _refusing_unknown_keywords(init: Any) -> Any:
+    """The dataclass `__init__`, with every unknown keyword named at once (HF's torch options with
+    their reason) instead of Python's TypeError for the first."""
+    names = frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+
+    @functools.wraps(init)
+    def checked(self: TrainingArguments, *args: Any, **kwargs: Any) -> None:
+        unknown = [key for key in kwargs if key not in names]
+        if unknown:
+            raise ConfigError(f"TrainingArguments: {unknown_keys_message(unknown, names)}")
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+TrainingArguments.__init__ = _refusing_unknown_keywords(TrainingArguments.__init__)
 
 _CHECKPOINTING_NAMES = (("activation_checkpointing", "gradient_checkpointing"),
                         ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"))

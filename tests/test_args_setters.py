@@ -140,3 +140,24 @@ def test_load_best_model_at_end_is_checked_when_the_arguments_are_built_as_hfs(k
     else:
         with pytest.raises(ConfigError, match="load_best_model_at_end"):
             TrainingArguments(str(tmp_path), **kwargs)
+
+
+def test_hfs_options_that_jtrain_lacks_are_named_with_the_reason(tmp_path):
+    """Code ported from HF passes torch options (`torch_compile=True`, `ddp_find_unused_parameters=False`):
+    each is named with why jtrain has none, all at once, and a typo gets the closest field, in Python as in a
+    config file (Python's bare TypeError named only the first and said nothing of why)."""
+    from jtrain.config import build_config
+    from jtrain.hf_only_args import HF_ONLY_FIELDS
+
+    hf_fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
+    ours = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    assert set(HF_ONLY_FIELDS) == hf_fields - ours  # the table follows the installed transformers
+    with pytest.raises(ConfigError) as err:
+        TrainingArguments(str(tmp_path), torch_compile=True, ddp_find_unused_parameters=False, learnng_rate=1e-3)
+    text = str(err.value)
+    assert "`torch_compile`, `ddp_find_unused_parameters`: HF TrainingArguments options" in text
+    assert "PyTorch/accelerate" in text and "remove them" in text
+    assert "unknown key `learnng_rate` (did you mean `learning_rate`?)" in text
+    with pytest.raises(ConfigError, match=r"unknown key `training.hub_model_id` \(an option of HF's .* never uploads"):
+        build_config({"training": {"output_dir": str(tmp_path), "hub_model_id": "me/model"}})
+    assert TrainingArguments(str(tmp_path), learning_rate=1e-3).learning_rate == 1e-3  # known keys pass as before

@@ -17,6 +17,7 @@ import sys
 from typing import Any, Sequence
 
 from jtrain.errors import ConfigError
+from jtrain.hf_only_args import HF_ONLY_FIELDS
 from jtrain.jsonfile import read_json_object
 
 RENAMES = {
@@ -37,7 +38,6 @@ REFUSED = {"dataset_name": _NEVER_DOWNLOADS, "dataset_config_name": _NEVER_DOWNL
            "line_by_line": "masked-LM texts are concatenated and cut into rows (HF's default)"}
 """Options refused when switched on, with the reason."""
 
-_TORCH = "a PyTorch/accelerate setting; JAX needs none"
 IGNORED = {
     **dict.fromkeys(("cache_dir", "model_revision", "token", "use_auth_token", "trust_remote_code"),
                     "jtrain never downloads and runs only its own model code"),
@@ -46,16 +46,7 @@ IGNORED = {
                      "max_predict_samples", "pad_to_max_length", "low_cpu_mem_usage", "torch_dtype",
                      "ignore_mismatched_sizes", "do_regression"),
                     "handled by jtrain's own data path (Rust tokenizer, length buckets, per-epoch shuffling)"),
-    **dict.fromkeys(("accelerator_config", "dataloader_pin_memory", "dataloader_persistent_workers",
-                     "dataloader_multiprocessing_context", "dataloader_in_order", "ddp_backend",
-                     "ddp_broadcast_buffers", "ddp_bucket_cap_mb", "ddp_find_unused_parameters", "ddp_static_graph",
-                     "ddp_timeout", "deepspeed", "fsdp_config", "local_rank", "torch_compile",
-                     "torch_compile_backend", "torch_compile_mode", "torch_empty_cache_steps",
-                     "use_liger_kernel", "liger_kernel_config", "enable_jit_checkpoint", "use_cache", "debug",
-                     "eval_use_gather_object", "parallelism_config"), _TORCH),
-    **dict.fromkeys(("hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
-                     "hub_revision", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id"),
-                    "jtrain never uploads"),
+    **{key: why for key, why in HF_ONLY_FIELDS.items() if key not in REFUSED},  # HF's TrainingArguments' own
 }
 """Accepted for compatibility, with no effect, and why."""
 
