@@ -384,7 +384,9 @@ class Trainer:
     # ---- logging and saving -------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, *, max_shard_size: int | str = "5GB",
                    merged: bool = False) -> str:
-        """Write the model in HF format (config.json + safetensors) that `transformers` loads.
+        """Write the model in HF format (config.json + safetensors) that `transformers` loads, and the
+        `processing_class` beside it as HF's does (a transformers tokenizer's `save_pretrained` files, or
+        a `tokenizers.Tokenizer`'s tokenizer.json).
 
         Above `max_shard_size` the weights are split into `model-0000i-of-0000n.safetensors`
         with an index, as HF does. Every process calls this: with several hosts, each sharded
@@ -413,8 +415,11 @@ class Trainer:
             model, params = hf_exportable(self.model, params)
             save_pretrained(model, params, output_dir, max_shard_size=max_shard_size)
         tokenizer = self.processing_class
-        if self.is_world_process_zero() and tokenizer is not None and hasattr(tokenizer, "save"):
-            tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
+        if self.is_world_process_zero() and tokenizer is not None:
+            if hasattr(tokenizer, "save_pretrained"):  # a transformers tokenizer or processor: its own files, as HF's
+                tokenizer.save_pretrained(output_dir)
+            elif hasattr(tokenizer, "save"):  # a `tokenizers.Tokenizer`
+                tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
         return output_dir
 
     def end(self) -> None:

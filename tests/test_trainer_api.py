@@ -454,3 +454,23 @@ def test_decay_parameter_names_are_hfs_and_mesh_sizes(tmp_path):
     assert (trainer.get_tp_size(), trainer.get_cp_size(), trainer.get_sp_size()) == (1, 1, 1)
     sharded = Trainer(model, _args(tmp_path, mesh_shape={"tensor": 2, "sequence": 2, "data": 2}), params=params)
     assert (sharded.get_tp_size(), sharded.get_cp_size(), sharded.get_sp_size()) == (2, 2, 1)
+
+
+def test_save_model_writes_a_transformers_tokenizer_that_autotokenizer_loads(tmp_path):
+    """HF's save_model writes the processing_class with the model, so `AutoTokenizer.from_pretrained(dir)`
+    works on what it wrote; a transformers tokenizer has `save_pretrained` (no `save`) and was left out."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = "the cat sat on a mat and ran".split()
+    raw = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator([" ".join(words)] * 4, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], disable_tqdm=True, mesh_shape={"data": 1})
+    Trainer(tiny_llama(), args, processing_class=tokenizer).save_model(str(tmp_path / "hf"))
+    loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = ["the cat sat", "a dog ran on the mat"]
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"] and loaded.pad_token == "[PAD]"
+    Trainer(tiny_llama(), args, processing_class=raw).save_model(str(tmp_path / "raw"))  # a `tokenizers` one
+    saved = Tokenizer.from_file(str(tmp_path / "raw" / "tokenizer.json"))
+    assert saved.encode("the cat").ids == raw.encode("the cat").ids
