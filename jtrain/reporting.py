@@ -130,11 +130,11 @@ class PrinterCallback(TrainerCallback):
     """Prints every log dict on local process zero (used instead of the bar when tqdm is off)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None:
-            logs.pop("total_flos", None)
+        # HF's pops total_flos from the logs themselves, which are the metrics train() returns (its `log`
+        # writes into the caller's dict), so train_results.json lost total_flos with the bar off only.
         if state.is_local_process_zero:
             if logs is not None:
-                logs = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items()}
+                logs = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items() if k != "total_flos"}
             print(logs)
 
 

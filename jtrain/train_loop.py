@@ -245,7 +245,7 @@ def best_metric_value(metrics: dict, name: str) -> float:
     `save_total_limit` free to delete the best) without a word."""
     key = _metric_key(name)
     if key not in metrics:
-        available = sorted(k for k in metrics if not k.endswith(("_runtime", "_per_second")))
+        available = sorted(k for k in metrics if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second")))
         raise ConfigError(f"metric_for_best_model is {name!r}, but the evaluation reported no {key!r} (it reported "
                           f"{available}): return {key.removeprefix('eval_')!r} from compute_metrics, evaluate on "
                           "labeled data (no labels, no eval_loss), or set metric_for_best_model to one of those")

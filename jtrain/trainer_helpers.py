@@ -108,8 +108,8 @@ def call_model_init(self: Any, trial: Any = None, params: Any = None) -> tuple[A
 def log(self: Any, logs: dict[str, float], start_time: float | None = None) -> None:
     """Add epoch and step, append to `log_history`, fire `on_log` (as HF's `Trainer.log`). With
     `start_time` (a `time.time()` of this train() call's start) and token counting on, add HF's
-    `train_runtime` and `train_tokens_per_second` of this call."""
-    logs = dict(logs)
+    `train_runtime` and `train_tokens_per_second` of this call. As HF's, the epoch (and token count)
+    go into `logs` itself, so the metrics evaluate() and train() return carry them too."""
     if self.state.epoch is not None:
         logs["epoch"] = float(self.state.epoch)
     if self.args.include_num_input_tokens_seen != "no":

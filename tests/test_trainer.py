@@ -214,6 +214,39 @@ def test_predict_and_evaluate_on_unlabeled_rows_match_hfs_trainer(tmp_path):
     assert np.isfinite(labeled["eval_loss"]) and "eval_perplexity" in labeled
 
 
+def test_evaluate_and_train_metrics_carry_the_epoch_as_hfs(tmp_path):
+    """HF's `log` writes the epoch into the metrics dict it is given, so what evaluate() and train() return
+    (and train_results.json / all_results.json) hold `epoch`; jtrain's logged a copy and returned none.
+    Checked against HF's own Trainer on the same tiny run: the same epoch at each point."""
+    import warnings
+
+    import torch
+    import transformers
+
+    rows = lm_rows(8, 8, vocab=64)
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> dict:
+            return {"input_ids": torch.from_numpy(rows["input_ids"][i]).long(),
+                    "labels": torch.from_numpy(rows["labels"][i]).long()}
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_args = transformers.TrainingArguments(str(tmp_path / "hf"), use_cpu=True, report_to="none", max_steps=3,
+                                                 per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True)
+    hf = transformers.Trainer(transformers.LlamaForCausalLM(cfg), hf_args, train_dataset=Rows(), eval_dataset=Rows())
+    ours = Trainer(tiny_llama(), _args(tmp_path, max_steps=3), train_dataset=ArrayDataset(rows),
+                   eval_dataset=ArrayDataset(rows))
+    for trainer in (hf, ours):
+        before, trained, after = trainer.evaluate(), trainer.train().metrics, trainer.evaluate()
+        assert (before["epoch"], trained["epoch"], after["epoch"]) == (0, 1.5, 1.5)  # 3 updates of 2 per epoch
+
+
 def test_training_rows_without_labels_are_refused_before_compiling(tmp_path):
     """The built-in loss needs `labels`: a training set without them fails when train() starts, with
     the columns it has and how to get labels, not with a KeyError from inside the traced loss; a
