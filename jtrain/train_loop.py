@@ -40,10 +40,10 @@ class _Window:
     """Host-side running sums between two logs (and over the whole run)."""
 
     loss_sum: float = 0.0
-    steps: int = 0
+    loss_steps: int = 0  # updates whose loss is in loss_sum (see `add`)
     tokens: float = 0.0
     total_loss: float = 0.0
-    total_steps: int = 0
+    total_loss_steps: int = 0
     started: float = field(default_factory=time.perf_counter)
     data_wait: float = 0.0
     # Whole-run seconds by where the host spent them (see `_step_time_metrics`).
@@ -52,19 +52,22 @@ class _Window:
     total_outside_steps: float = 0.0  # evaluation and checkpointing, excluded from step time
     overflows: int = 0  # fp16 updates skipped by loss scaling since the last log
 
-    def add(self, m: dict) -> None:
+    def add(self, m: dict, nan_inf_filter: bool = True) -> None:
+        """Count update `m`. HF's `logging_nan_inf_filter` (default on): a non-finite loss (an update
+        skipped under `nonfinite_policy: skip`) is left out of the logged mean and of `train_loss`,
+        rather than counted as 0; off, it goes in, and the logged mean is nan or inf as in HF."""
         self.overflows += int(m.get("overflow", 0))
-        if math.isfinite(m["loss"]):
+        if math.isfinite(m["loss"]) or not nan_inf_filter:
             self.loss_sum += m["loss"]
             self.total_loss += m["loss"]
-        self.steps += 1
-        self.total_steps += 1
+            self.loss_steps += 1
+            self.total_loss_steps += 1
         self.tokens += m["num_tokens"]
 
     def flush(self, m: dict) -> dict:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         logs = {
-            "loss": round(self.loss_sum / max(self.steps, 1), 6),
+            "loss": round(self.loss_sum / max(self.loss_steps, 1), 6),
             "grad_norm": float(m["grad_norm"]),
             "learning_rate": float(m["learning_rate"]),
             "tokens_per_second": round(self.tokens / elapsed, 1),
@@ -77,7 +80,7 @@ class _Window:
             logs["loss_scale"] = float(m["loss_scale"])
             logs["loss_scale_overflows"] = self.overflows
             self.overflows = 0
-        self.loss_sum, self.steps, self.tokens, self.data_wait = 0.0, 0, 0.0, 0.0
+        self.loss_sum, self.loss_steps, self.tokens, self.data_wait = 0.0, 0, 0.0, 0.0
         self.started = time.perf_counter()
         return logs
 
@@ -112,7 +115,7 @@ class _Run:
         self.window.total_device += time.perf_counter() - waited
         m["skipped"] = int(jax.device_get(self.t.train_state.skipped)) if m["nonfinite"] else 0
         self.t._check_finite(m, step)
-        self.window.add(m)
+        self.window.add(m, self.t.args.logging_nan_inf_filter)
         self.tokens_seen += int(m["num_tokens"])
         t, h = self.t, self.t.callback_handler
         for _ in range(self.accum - 1):
@@ -298,7 +301,7 @@ def run_training(trainer: Any, loader: HostLoader, plan: StepPlan, position: Loa
         metrics.update(tracker_for(t).stop("train"))
         if args.load_best_model_at_end and t.state.best_model_checkpoint and not stop.requested:
             _load_best(t)
-        train_loss = run.window.total_loss / max(run.window.total_steps, 1)
+        train_loss = run.window.total_loss / max(run.window.total_loss_steps, 1)
         metrics["train_loss"] = train_loss
         if getattr(t, "_resume_seconds", None) is not None:
             metrics["resume_seconds"] = round(t._resume_seconds, 4)

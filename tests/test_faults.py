@@ -58,6 +58,32 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("nan_inf_filter", [True, False])
+def test_skipped_nonfinite_updates_leave_the_logged_loss_as_hfs_filter_says(tmp_path, nan_inf_filter):
+    """Under `nonfinite_policy: skip`, update 3's loss is NaN. With `logging_nan_inf_filter` (HF's default)
+    the logged mean and train_loss are the mean of the finite losses (the skipped update counted as 0 pulled
+    them down by a third); without it, the window's mean is NaN, as HF logs it."""
+    data = lm_rows(12, 16, vocab=60)
+    data["input_ids"][8:, 0] = POISON  # rows 8-11: update 3 of 4-row batches
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                             logging_steps=3, save_strategy="no", disable_tqdm=True, mesh_shape={"data": 1},
+                             train_sampling_strategy="sequential", nonfinite_policy="skip",
+                             logging_nan_inf_filter=nan_inf_filter)
+    trainer = Trainer(tiny_llama(), args, train_dataset=ArrayDataset(data), compute_loss_func=_nan_after_poison)
+    result = trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 1 and logged[0]["skipped_updates"] == 1
+    # the two finite losses, from a run of the same two updates (no NaN in it)
+    clean = Trainer(tiny_llama(), args.replace(max_steps=2, logging_steps=1), train_dataset=ArrayDataset(data))
+    clean.train()
+    finite = [h["loss"] for h in clean.state.log_history if "loss" in h]
+    if nan_inf_filter:
+        assert logged[0]["loss"] == pytest.approx(np.mean(finite), rel=1e-6)  # one rounding of the logged values
+        assert result.training_loss == pytest.approx(np.mean(finite), rel=1e-6)
+    else:
+        assert np.isnan(logged[0]["loss"]) and np.isnan(result.training_loss)
+
+
 class _TermAt(TrainerCallback):
     """Sends this process SIGTERM from inside update `step` (Python runs the handler right away)."""
 
