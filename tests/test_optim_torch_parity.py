@@ -71,6 +71,17 @@ def test_rmsprop_matches_torch(optim_args, torch_kwargs) -> None:
     assert diff <= TOL, diff
 
 
+@pytest.mark.parametrize(
+    "optim_args, torch_kwargs",
+    [(None, {}), ("lr_decay=0.1,eps=1e-6", dict(lr_decay=0.1, eps=1e-6))],
+)
+def test_adagrad_matches_torch(optim_args, torch_kwargs) -> None:
+    """HF's `adagrad` is torch.optim.Adagrad (lr_decay and eps from optim_args, L2 decay in the gradient);
+    optax's adagrad differs (eps inside the sqrt, an accumulator starting at 0.1)."""
+    diff = _compare(lambda g, lr: torch.optim.Adagrad(g, lr=lr, **torch_kwargs), "adagrad", 5e-2, optim_args)
+    assert diff <= TOL, diff
+
+
 def test_adafactor_matches_transformers_with_trainer_defaults() -> None:
     """HF's Trainer: Adafactor(lr=..., scale_parameter=False, relative_step=False) + scheduler."""
 

@@ -38,7 +38,9 @@ def test_required_names_present() -> None:
 
 # One name per builder (aliases share one, see test_optim_train.py).
 _DISTINCT = tuple(n for n in OPTIMIZER_NAMES if n not in ("adamw_torch_fused", "adamw", "adamw_bnb_8bit",
-                                                        "adamw_torch_8bit", "lion_32bit"))
+                                                        "adamw_torch_8bit", "lion_32bit", "paged_adamw_32bit",
+                                                        "paged_adamw_8bit", "paged_lion_32bit", "paged_lion_8bit",
+                                                        "adamw_torch_xla", "adamw_torch_npu_fused"))
 
 
 @pytest.mark.parametrize("name", _DISTINCT)
@@ -53,6 +55,27 @@ def test_abstract_init_and_jitted_update(name: str) -> None:
 def test_unknown_name_lists_valid_names() -> None:
     with pytest.raises(ValueError, match="adamw_torch.*galore_adamw"):
         make_optimizer("adamw_typo", 1e-3)
+
+
+def test_every_hf_optim_name_is_built_or_refused_with_its_reason_when_the_arguments_are_built(tmp_path) -> None:
+    """HF checks `optim` against its names when TrainingArguments is built; jtrain accepted any string
+    then and failed at train() with "unknown optimizer" for HF's own names too. Every HF name is now
+    either built or refused at construction with why; a typo gets the closest name."""
+    from transformers.training_args import OptimizerNames
+
+    from jtrain import TrainingArguments
+    from jtrain.errors import ConfigError
+    from jtrain.optim.factory import HF_ONLY_OPTIMIZERS
+
+    hf = {n.value for n in OptimizerNames}
+    assert hf <= set(OPTIMIZER_NAMES) | set(HF_ONLY_OPTIMIZERS) and not set(OPTIMIZER_NAMES) & set(HF_ONLY_OPTIMIZERS)
+    assert set(HF_ONLY_OPTIMIZERS) <= hf  # the table names only HF's
+    for name in sorted(hf & set(OPTIMIZER_NAMES)):
+        assert TrainingArguments(str(tmp_path), optim=name).optim == name
+    with pytest.raises(ConfigError, match=r"optim 'lomo' is one of HF's optimizers that jtrain does not build \(LOMO"):
+        TrainingArguments(str(tmp_path), optim="lomo")
+    with pytest.raises(ConfigError, match=r"unknown optim 'adamx' \(did you mean `adamw`\?\)"):
+        TrainingArguments(str(tmp_path), optim="adamx")
 
 
 @pytest.mark.parametrize("optim_args", ["momentum=0.9,nesterovv=True", {"momentum": 0.9, "nesterovv": True}])

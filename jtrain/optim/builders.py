@@ -20,7 +20,7 @@ from jtrain.optim.low_precision import scale_by_adam_low_precision
 from jtrain.optim.muon import muon_adamw
 from jtrain.optim.schedule_free import schedule_free_adamw
 from jtrain.optim.targets import FULL, LOW_RANK, low_rank_labels
-from jtrain.optim.transforms import scale_by_torch_rmsprop, scale_by_torch_sgd
+from jtrain.optim.transforms import scale_by_torch_adagrad, scale_by_torch_rmsprop, scale_by_torch_sgd
 
 if TYPE_CHECKING:
     from jtrain.optim.factory import OptimizerConfig
@@ -145,6 +145,15 @@ def rmsprop(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """torch.optim.RMSprop with torch's defaults (HF passes no adam args to it)."""
     x = cfg.extra
     return _coupled(cfg, scale_by_torch_rmsprop(x["alpha"], x["eps"], x["centered"], x["momentum"]))
+
+
+ADAGRAD_ARGS = {"lr_decay": (0.0, float), "eps": (1e-10, float), "initial_accumulator_value": (0.0, float)}
+
+
+def adagrad(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """torch.optim.Adagrad, as HF builds it (lr_decay and eps from optim_args; coupled L2 decay)."""
+    x = cfg.extra
+    return _coupled(cfg, scale_by_torch_adagrad(x["lr_decay"], x["eps"], x["initial_accumulator_value"]))
 
 
 SCHEDULE_FREE_ARGS = {"warmup_steps": (0, int), "weight_lr_power": (2.0, float)}

@@ -54,9 +54,52 @@ _REGISTRY: dict[str, tuple[Callable[[OptimizerConfig], optax.GradientTransformat
     "muon": (builders.muon, builders.MUON_ARGS),
     "galore_adamw": (builders.galore, builders.GALORE_ARGS),
     "apollo_adamw": (builders.apollo, builders.APOLLO_ARGS),
+    "adagrad": (builders.adagrad, builders.ADAGRAD_ARGS),
+    # The same update as the name without the prefix or suffix: a paged (bitsandbytes) state only moves
+    # between GPU and host memory under pressure, and XLA's / NPU's AdamW are torch's AdamW on a device.
+    "paged_adamw_32bit": (builders.adamw, {}),
+    "paged_adamw_8bit": (builders.adamw_8bit, builders.EIGHT_BIT_ARGS),
+    "paged_lion_32bit": (builders.lion, {}),
+    "paged_lion_8bit": (builders.lion_8bit, builders.EIGHT_BIT_ARGS),
+    "adamw_torch_xla": (builders.adamw, {}),
+    "adamw_torch_npu_fused": (builders.adamw, {}),
 }
 
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+_LAYERWISE = "a per-parameter step inside torch's backward hooks, to save GPU memory; not implemented"
+HF_ONLY_OPTIMIZERS: dict[str, str] = {
+    "adamw_torch_4bit": "torchao's 4-bit AdamW states are not implemented (adamw_8bit is)",
+    **dict.fromkeys(("ademamix", "ademamix_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit"),
+                    "bitsandbytes' AdEMAMix is not implemented"),
+    **dict.fromkeys(("rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"),
+                    "bitsandbytes' RMSprop is not implemented; `rmsprop` is torch's"),
+    **dict.fromkeys(("galore_adamw_8bit", "galore_adafactor"), "only galore_adamw is implemented"),
+    **dict.fromkeys(("galore_adamw_layerwise", "apollo_adamw_layerwise"),
+                    _LAYERWISE + "; galore_adamw / apollo_adamw step after the backward"),
+    **dict.fromkeys(("galore_adamw_8bit_layerwise", "galore_adafactor_layerwise"), _LAYERWISE),
+    **dict.fromkeys(("lomo", "adalomo"), "LOMO fuses the update into torch's backward to save GPU memory; "
+                                         "not implemented"),
+    "grokadamw": "not implemented",
+    **dict.fromkeys(("schedule_free_radam", "schedule_free_sgd"), "only schedule_free_adamw is implemented"),
+    "stable_adamw": "torch-optimi's StableAdamW is not implemented",
+}
+"""HF `optim` names jtrain does not build, and why (a test keeps the two tables covering HF's names)."""
+
+
+def check_optimizer_name(name: str) -> None:
+    """Raise a ConfigError for an `optim` jtrain cannot build: HF's with the reason, others with the
+    closest name; called when TrainingArguments is built, as HF checks its names then."""
+    from jtrain.coerce import closest_key_hint
+    from jtrain.errors import ConfigError
+
+    if name in _REGISTRY:
+        return
+    if name in HF_ONLY_OPTIMIZERS:
+        raise ConfigError(f"optim {name!r} is one of HF's optimizers that jtrain does not build "
+                          f"({HF_ONLY_OPTIMIZERS[name]}); jtrain's: {', '.join(OPTIMIZER_NAMES)}")
+    raise ConfigError(f"unknown optim {name!r}{closest_key_hint(name, OPTIMIZER_NAMES)}; jtrain's: "
+                      f"{', '.join(OPTIMIZER_NAMES)}")
 
 
 def make_optimizer(
@@ -83,8 +126,7 @@ def make_optimizer(
         >>> state = opt.init(params)
         >>> updates, state = opt.update(grads, state, params)
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZER_NAMES)}")
+    check_optimizer_name(name)
     build, spec = _REGISTRY[name]
     config = OptimizerConfig(
         name=name,

@@ -155,3 +155,28 @@ def scale_by_torch_rmsprop(
         return out, TorchRmspropState(sq, ga, buf)
 
     return optax.GradientTransformation(init, update)
+
+
+class TorchAdagradState(NamedTuple):
+    count: jax.Array  # updates applied so far (torch's `step` - 1 during an update)
+    sum: Any  # running sum of squared gradients (torch's `state_sum`)
+
+
+def scale_by_torch_adagrad(lr_decay: float, eps: float, initial_accumulator_value: float = 0.0
+                           ) -> optax.GradientTransformation:
+    """Direction of torch.optim.Adagrad: g / (sqrt(sum g^2) + eps) (eps outside the sqrt, 1e-10 by
+    default, no starting accumulator: optax's adagrad puts eps inside and starts the sum at 0.1),
+    divided by 1 + (step - 1) * lr_decay as torch's learning rate is."""
+
+    def init(params):
+        start = lambda p: jnp.full_like(p, initial_accumulator_value)  # noqa: E731
+        return TorchAdagradState(jnp.zeros((), jnp.int32), jax.tree.map(start, params))
+
+    def update(updates, state, params=None):
+        del params
+        total = jax.tree.map(lambda s, g: s + g * g, state.sum, updates)
+        decay = 1.0 + state.count.astype(jnp.float32) * lr_decay
+        out = jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps) / decay, updates, total)
+        return out, TorchAdagradState(optax.safe_increment(state.count), total)
+
+    return optax.GradientTransformation(init, update)
