@@ -138,6 +138,54 @@ def test_lion_matches_float64_reference() -> None:
         assert diff <= TOL, (name, diff)
 
 
+def _ademamix_numpy(params, batches, lr, b1, b2, b3, alpha, eps, wd):
+    """bitsandbytes' reference AdEMAMix (`_ReferenceAdEMAMix.step`, the update its kernels compute) in
+    float64, after torch-style clipping: fast and slow EMAs m1, m2, second moment nu; step
+    (m1 / (1 - b1^t) + alpha m2) / (sqrt(nu / (1 - b2^t)) + eps), decay added to it, times lr."""
+    import jax
+
+    from test_optim_problems import jax_loss
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    m1, m2, nu = (jax.tree.map(np.zeros_like, p) for _ in range(3))
+    mask = decay_mask(params)
+    grad_fn = jax.jit(jax.grad(jax_loss))
+    for t, (x, y) in enumerate(batches, start=1):
+        g = jax.tree.map(lambda a: np.asarray(a, np.float64), grad_fn(jax.tree.map(np.float32, p), x, y))
+        norm = np.sqrt(sum(np.sum(a * a) for a in jax.tree.leaves(g)))
+        g = jax.tree.map(lambda a: a * min(1.0, CLIP / (norm + 1e-6)), g)
+        m1 = jax.tree.map(lambda m, gi: b1 * m + (1 - b1) * gi, m1, g)
+        m2 = jax.tree.map(lambda m, gi: b3 * m + (1 - b3) * gi, m2, g)
+        nu = jax.tree.map(lambda v, gi: b2 * v + (1 - b2) * gi * gi, nu, g)
+        step = jax.tree.map(lambda a, b, v: (a / (1 - b1 ** t) + alpha * b) / (np.sqrt(v) / np.sqrt(1 - b2 ** t) + eps),
+                            m1, m2, nu)
+        p = jax.tree.map(lambda pi, u, d: pi - lr * (u + (wd * pi if d else 0.0)), p, step, mask)
+    return p
+
+
+@pytest.mark.parametrize("name, optim_args, betas", [
+    ("ademamix", None, (0.9, 0.999, 0.9999, 5.0)),
+    ("paged_ademamix_32bit", "beta1=0.8,beta3=0.99,alpha=2.0", (0.8, 0.999, 0.99, 2.0)),
+])
+def test_ademamix_matches_float64_reference(name, optim_args, betas) -> None:
+    """HF's `ademamix` is bitsandbytes' AdEMAMix with (adam_beta1, adam_beta2, beta3) and alpha from optim_args;
+    there is no bitsandbytes here (it needs a GPU build), so the reference is its own reference update."""
+    from jtrain.errors import ConfigError
+
+    batches = make_batches(STEPS, seed=3)
+    torch.manual_seed(3)
+    params0 = jax_params_from_torch(TorchMLP())
+    ref = _ademamix_numpy(params0, batches, 1e-3, *betas, 1e-8, WD)
+    got = run_jax(params0, make_optimizer(name, 1e-3, weight_decay=WD, max_grad_norm=CLIP, optim_args=optim_args),
+                  batches)
+    moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(_leaves(ref), _leaves(params0)))
+    assert moved > 100 * TOL  # the comparison means something
+    diff = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(_leaves(got), _leaves(ref)))
+    assert diff <= TOL, diff
+    with pytest.raises(ConfigError, match="t_alpha / t_beta3.*does not use them"):
+        make_optimizer(name, 1e-3, optim_args="t_alpha=100")
+
+
 def _leaves(tree):
     import jax
 

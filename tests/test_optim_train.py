@@ -23,6 +23,7 @@ ALIASES = {
     "paged_lion_8bit": "lion_8bit",
     "adamw_torch_xla": "adamw_torch",
     "adamw_torch_npu_fused": "adamw_torch",
+    "paged_ademamix_32bit": "ademamix",
 }
 # Trained (with stricter, AdamW-relative criteria) in test_optim_memory.py instead.
 COVERED_ELSEWHERE = ("adamw_8bit", "adamw_bf16", "galore_adamw", "apollo_adamw")

@@ -43,6 +43,31 @@ def adamw(cfg: OptimizerConfig) -> optax.GradientTransformation:
     return optax.chain(optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps), _decoupled_tail(cfg))
 
 
+ADEMAMIX_ARGS = {
+    "beta1": (None, optional_float), "beta2": (None, optional_float), "beta3": (0.9999, float),
+    "alpha": (5.0, float), "eps": (None, optional_float),
+    "t_alpha": (None, optional_float), "t_beta3": (None, optional_float),
+}
+
+
+def ademamix(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """bitsandbytes' AdEMAMix (32-bit), as HF builds it: a fast and a slow EMA of the gradient mixed by
+    `alpha` over Adam's bias-corrected second moment, decoupled decay; beta1, beta2 and eps from optim_args
+    or the adam arguments. bitsandbytes takes `t_alpha` / `t_beta3` (the paper's warm-ups) and does not
+    use them, so a run that sets them would not get what it asks for: refused."""
+    from jtrain.errors import ConfigError
+
+    x = cfg.extra
+    if x["t_alpha"] is not None or x["t_beta3"] is not None:
+        raise ConfigError("optim_args t_alpha / t_beta3: bitsandbytes' AdEMAMix, which HF's `ademamix` builds, "
+                          "accepts them and does not use them (no warm-up of alpha or beta3); jtrain refuses "
+                          "them rather than train differently from HF: remove them")
+    pick = lambda key, default: default if x[key] is None else x[key]  # noqa: E731
+    direction = optax.contrib.scale_by_ademamix(pick("beta1", cfg.b1), pick("beta2", cfg.b2), x["beta3"],
+                                                x["alpha"], pick("eps", cfg.eps))
+    return optax.chain(direction, _decoupled_tail(cfg))
+
+
 LOW_PRECISION_BF16_ARGS = {
     "momentum_dtype": ("bfloat16", _dtype),
     "variance_dtype": ("bfloat16", _dtype),
