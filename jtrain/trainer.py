@@ -179,6 +179,7 @@ class Trainer:
         return logits
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Callable:
+        self._num_training_steps = num_training_steps  # for a warm-up given as a ratio (create_optimizer)
         if self.lr_scheduler is None:
             a = self.args
             self.lr_scheduler = make_schedule(
@@ -202,8 +203,17 @@ class Trainer:
             self.optimizer = make_optimizer(
                 a.optim, self.lr_scheduler, weight_decay=a.weight_decay, adam_beta1=a.adam_beta1,
                 adam_beta2=a.adam_beta2, adam_epsilon=a.adam_epsilon, max_grad_norm=a.max_grad_norm,
-                optim_args=a.optim_args, optim_target_modules=a.optim_target_modules)
+                optim_args=a.optim_args, optim_target_modules=a.optim_target_modules,
+                warmup_steps=self._optimizer_warmup())
         return self.optimizer
+
+    def _optimizer_warmup(self) -> int:
+        """TrainingArguments' warm-up in updates, which HF also hands to the schedule-free optimizers
+        (a ratio resolved against the run's updates once the schedule knows them)."""
+        total = getattr(self, "_num_training_steps", None)
+        if total:
+            return self.args.warmup_for(total)
+        return int(self.args.warmup_steps) if self.args.warmup_steps >= 1 else 0
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
         self.create_scheduler(num_training_steps)

@@ -82,6 +82,26 @@ def test_adagrad_matches_torch(optim_args, torch_kwargs) -> None:
     assert diff <= TOL, diff
 
 
+@pytest.mark.parametrize("name, torch_class, kwargs", [
+    ("schedule_free_adamw", "AdamWScheduleFree", dict(betas=(0.9, 0.999), eps=1e-8)),
+    ("schedule_free_sgd", "SGDScheduleFree", dict(momentum=0.9)),
+])
+def test_schedule_free_matches_schedulefree_with_warmup_and_hfs_scheduler(name, torch_class, kwargs) -> None:
+    """HF builds these from the `schedulefree` package, handing it TrainingArguments' warmup_steps, and still
+    runs its scheduler. The training point y after 10 updates, with both warm-ups and a linear decay, matches.
+    Before: jtrain's own warm-up started at rate 0 (schedulefree's at 1/warmup_steps), and optax's averaging
+    weights read the rate one update ahead of the steps; with a varying rate both moved y by ~5e-3."""
+    import schedulefree
+
+    def make(groups, lr):
+        opt = getattr(schedulefree, torch_class)(groups, lr=lr, weight_decay=WD, warmup_steps=3, r=0.0,
+                                                weight_lr_power=2.0, **kwargs)
+        opt.train()  # HF's Trainer puts it in train mode before the first step
+        return opt
+
+    assert _compare(make, name, 5e-2, "warmup_steps=3") <= TOL
+
+
 def test_adafactor_matches_transformers_with_trainer_defaults() -> None:
     """HF's Trainer: Adafactor(lr=..., scale_parameter=False, relative_step=False) + scheduler."""
 

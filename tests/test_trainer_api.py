@@ -474,3 +474,26 @@ def test_save_model_writes_a_transformers_tokenizer_that_autotokenizer_loads(tmp
     Trainer(tiny_llama(), args, processing_class=raw).save_model(str(tmp_path / "raw"))  # a `tokenizers` one
     saved = Tokenizer.from_file(str(tmp_path / "raw" / "tokenizer.json"))
     assert saved.encode("the cat").ids == raw.encode("the cat").ids
+
+
+def test_schedule_free_optimizers_get_the_arguments_warmup_as_hfs_do(tmp_path):
+    """HF hands TrainingArguments' warmup_steps to schedulefree's optimizers (a ramp inside the optimizer,
+    the one warm-up a constant schedule leaves); jtrain's Trainer did not, so its schedule-free runs had
+    none. A ratio is resolved against the run's updates (0.3 of 10: 3)."""
+    from jtrain.optim import make_optimizer
+
+    args = TrainingArguments(str(tmp_path), optim="schedule_free_sgd", warmup_steps=0.3, lr_scheduler_type="constant",
+                             learning_rate=0.1, max_steps=10, report_to=[], disable_tqdm=True, mesh_shape={"data": 1})
+    trainer = Trainer(tiny_llama(), args)
+    trainer.create_optimizer_and_scheduler(10)
+
+    def run(tx) -> np.ndarray:
+        params, state = {"w": jax.numpy.ones(3)}, tx.init({"w": jax.numpy.ones(3)})
+        for g in ([0.3, -0.2, 0.1], [0.1, 0.1, -0.4], [0.2, -0.3, 0.3]):
+            updates, state = tx.update({"w": jax.numpy.asarray(g)}, state, params)
+            params = optax.apply_updates(params, updates)
+        return np.asarray(params["w"])
+
+    warmed = run(make_optimizer("schedule_free_sgd", 0.1, optim_args="warmup_steps=3"))
+    np.testing.assert_array_equal(run(trainer.optimizer), warmed)
+    assert np.abs(run(make_optimizer("schedule_free_sgd", 0.1)) - warmed).max() > 1e-3  # the warm-up matters here

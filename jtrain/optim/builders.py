@@ -19,6 +19,7 @@ from jtrain.optim.galore import scale_by_galore
 from jtrain.optim.low_precision import scale_by_adam_low_precision
 from jtrain.optim.muon import muon_adamw
 from jtrain.optim.schedule_free import schedule_free_adamw
+from jtrain.optim.schedule_free import schedule_free_sgd as schedule_free_sgd_tx
 from jtrain.optim.targets import FULL, LOW_RANK, low_rank_labels
 from jtrain.optim.transforms import scale_by_torch_adagrad, scale_by_torch_rmsprop, scale_by_torch_sgd
 
@@ -181,16 +182,34 @@ def adagrad(cfg: OptimizerConfig) -> optax.GradientTransformation:
     return _coupled(cfg, scale_by_torch_adagrad(x["lr_decay"], x["eps"], x["initial_accumulator_value"]))
 
 
-SCHEDULE_FREE_ARGS = {"warmup_steps": (0, int), "weight_lr_power": (2.0, float)}
+SCHEDULE_FREE_ARGS = {"warmup_steps": (None, optional_float), "weight_lr_power": (2.0, float), "r": (0.0, float)}
+SCHEDULE_FREE_SGD_ARGS = {**SCHEDULE_FREE_ARGS, "momentum": (0.9, float)}
+
+
+def _schedule_free_common(cfg: OptimizerConfig) -> dict:
+    """What both schedule-free builders take as HF passes it: the warm-up (optim_args, else
+    TrainingArguments' warmup_steps) and weight_lr_power; schedulefree's `r` only at its default 0."""
+    from jtrain.errors import ConfigError
+
+    x = cfg.extra
+    if x["r"] != 0:
+        raise ConfigError(f"optim_args r={x['r']}: schedule-free averaging with polynomial weights ((k+1)^r) is "
+                          "not implemented; only r=0, HF's default")
+    warmup = cfg.warmup_steps if x["warmup_steps"] is None else int(x["warmup_steps"])
+    return dict(mask=decay_mask, warmup_steps=warmup, weight_lr_power=x["weight_lr_power"])
 
 
 def schedule_free(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """Schedule-free AdamW; evaluate with `schedule_free_eval_params`."""
-    x = cfg.extra
-    return schedule_free_adamw(
-        cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        mask=decay_mask, warmup_steps=x["warmup_steps"], weight_lr_power=x["weight_lr_power"],
-    )
+    """schedulefree's AdamWScheduleFree; evaluate with `schedule_free_eval_params`."""
+    return schedule_free_adamw(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                               **_schedule_free_common(cfg))
+
+
+def schedule_free_sgd(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """schedulefree's SGDScheduleFree (momentum 0.9 unless optim_args say); evaluate with
+    `schedule_free_eval_params`."""
+    return schedule_free_sgd_tx(cfg.learning_rate, momentum=cfg.extra["momentum"], weight_decay=cfg.weight_decay,
+                                **_schedule_free_common(cfg))
 
 
 MUON_ARGS = {

@@ -33,6 +33,7 @@ class OptimizerConfig:
     eps: float
     target_modules: list[str] | str | None
     extra: Mapping[str, Any]
+    warmup_steps: int = 0  # TrainingArguments' warmup, which HF hands to the schedule-free optimizers
 
 
 _REGISTRY: dict[str, tuple[Callable[[OptimizerConfig], optax.GradientTransformation], dict]] = {
@@ -51,6 +52,7 @@ _REGISTRY: dict[str, tuple[Callable[[OptimizerConfig], optax.GradientTransformat
     "sgd": (builders.sgd, builders.SGD_ARGS),
     "rmsprop": (builders.rmsprop, builders.RMSPROP_ARGS),
     "schedule_free_adamw": (builders.schedule_free, builders.SCHEDULE_FREE_ARGS),
+    "schedule_free_sgd": (builders.schedule_free_sgd, builders.SCHEDULE_FREE_SGD_ARGS),
     "muon": (builders.muon, builders.MUON_ARGS),
     "galore_adamw": (builders.galore, builders.GALORE_ARGS),
     "apollo_adamw": (builders.apollo, builders.APOLLO_ARGS),
@@ -83,7 +85,7 @@ HF_ONLY_OPTIMIZERS: dict[str, str] = {
     **dict.fromkeys(("lomo", "adalomo"), "LOMO fuses the update into torch's backward to save GPU memory; "
                                          "not implemented"),
     "grokadamw": "not implemented",
-    **dict.fromkeys(("schedule_free_radam", "schedule_free_sgd"), "only schedule_free_adamw is implemented"),
+    "schedule_free_radam": "schedulefree's RAdam is not implemented (schedule_free_adamw and _sgd are)",
     "stable_adamw": "torch-optimi's StableAdamW is not implemented",
 }
 """HF `optim` names jtrain does not build, and why (a test keeps the two tables covering HF's names)."""
@@ -115,6 +117,7 @@ def make_optimizer(
     max_grad_norm: float | None = 1.0,
     optim_args: Mapping[str, Any] | str | None = None,
     optim_target_modules: list[str] | str | None = None,
+    warmup_steps: int = 0,
 ) -> optax.GradientTransformation:
     """One optax chain: global-norm clipping (HF clips before the optimizer step) -> optimizer
     with weight decay masked by `decay_mask`.
@@ -122,6 +125,8 @@ def make_optimizer(
     `max_grad_norm` <= 0 or None disables clipping, as in HF. `optim_args` is HF's
     "k=v,k2=v2" string or a dict; unknown keys raise. Optimizers that need params in
     `update` (all with weight decay) must be called as `opt.update(grads, state, params)`.
+    `warmup_steps` is what HF hands the schedule-free optimizers (TrainingArguments' warmup, a
+    ramp inside the optimizer); `optim_args` `warmup_steps` overrides it, and others ignore it.
 
     Example:
         >>> opt = make_optimizer("adamw_torch", 3e-4, weight_decay=0.01)
@@ -139,6 +144,7 @@ def make_optimizer(
         eps=float(adam_epsilon),
         target_modules=optim_target_modules,
         extra=resolve_optim_args(name, optim_args, spec),
+        warmup_steps=int(warmup_steps),
     )
     tx = _clipped(build(config), max_grad_norm)
     if build is builders.adamw:  # the train step may run this chain as one pass per parameter on the CPU
