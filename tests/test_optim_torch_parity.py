@@ -102,6 +102,21 @@ def test_schedule_free_matches_schedulefree_with_warmup_and_hfs_scheduler(name, 
     assert _compare(make, name, 5e-2, "warmup_steps=3") <= TOL
 
 
+@pytest.mark.parametrize("optim_args, optimi_kwargs", [(None, {}), ("decouple_lr=true,max_lr=5e-2",
+                                                                     dict(decouple_lr=True, max_lr=5e-2))])
+def test_stable_adamw_matches_torch_optimi(optim_args, optimi_kwargs) -> None:
+    """HF's `stable_adamw` is torch-optimi's StableAdamW with the adam betas and eps: debiased betas, the
+    rate divided per tensor by its update RMS (clipping that acts here: the first steps' RMS is above 1),
+    decay at that rate (or rate / max_lr)."""
+    import optimi
+
+    def make(groups, lr):
+        return optimi.StableAdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD, foreach=False,
+                                  **optimi_kwargs)
+
+    assert _compare(make, "stable_adamw", 5e-2, optim_args) <= TOL
+
+
 def test_adafactor_matches_transformers_with_trainer_defaults() -> None:
     """HF's Trainer: Adafactor(lr=..., scale_parameter=False, relative_step=False) + scheduler."""
 

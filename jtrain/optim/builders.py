@@ -13,12 +13,13 @@ import optax
 from jtrain.optim.adafactor import hf_adafactor
 from jtrain.optim.adamw_8bit import scale_by_adam_8bit, scale_by_lion_8bit
 from jtrain.optim.apollo import scale_by_apollo
-from jtrain.optim.args import optional_float, parse_bool
+from jtrain.optim.args import optional_float, optional_str, parse_bool
 from jtrain.optim.decay_mask import decay_mask
 from jtrain.optim.galore import scale_by_galore
 from jtrain.optim.low_precision import scale_by_adam_low_precision
 from jtrain.optim.muon import muon_adamw
 from jtrain.optim.schedule_free import schedule_free_adamw
+from jtrain.optim.stable_adamw import stable_adamw as stable_adamw_tx
 from jtrain.optim.schedule_free import schedule_free_sgd as schedule_free_sgd_tx
 from jtrain.optim.targets import FULL, LOW_RANK, low_rank_labels
 from jtrain.optim.transforms import scale_by_torch_adagrad, scale_by_torch_rmsprop, scale_by_torch_sgd
@@ -67,6 +68,25 @@ def ademamix(cfg: OptimizerConfig) -> optax.GradientTransformation:
     direction = optax.contrib.scale_by_ademamix(pick("beta1", cfg.b1), pick("beta2", cfg.b2), x["beta3"],
                                                 x["alpha"], pick("eps", cfg.eps))
     return optax.chain(direction, _decoupled_tail(cfg))
+
+
+STABLE_ADAMW_ARGS = {"decouple_lr": (False, parse_bool), "max_lr": (None, optional_float),
+                     "kahan_sum": (None, optional_str)}
+
+
+def stable_adamw(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """torch-optimi's StableAdamW with HF's arguments (adam betas and eps, decay per param group);
+    `kahan_sum` only acts on 16-bit params, and jtrain's are float32 masters, so it changes nothing."""
+    from jtrain.errors import ConfigError
+
+    x = cfg.extra
+    max_lr = x["max_lr"]
+    if x["decouple_lr"] and max_lr is None:
+        if callable(cfg.learning_rate):
+            raise ConfigError("optim_args decouple_lr=True needs max_lr (the schedule's peak), as optimi's does")
+        max_lr = float(cfg.learning_rate)
+    return stable_adamw_tx(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                           mask=decay_mask, decouple_lr=x["decouple_lr"], max_lr=max_lr)
 
 
 LOW_PRECISION_BF16_ARGS = {

@@ -58,6 +58,7 @@ _REGISTRY: dict[str, tuple[Callable[[OptimizerConfig], optax.GradientTransformat
     "apollo_adamw": (builders.apollo, builders.APOLLO_ARGS),
     "adagrad": (builders.adagrad, builders.ADAGRAD_ARGS),
     "ademamix": (builders.ademamix, builders.ADEMAMIX_ARGS),
+    "stable_adamw": (builders.stable_adamw, builders.STABLE_ADAMW_ARGS),
     # The same update as the name without the prefix or suffix: a paged (bitsandbytes) state only moves
     # between GPU and host memory under pressure, and XLA's / NPU's AdamW are torch's AdamW on a device.
     "paged_adamw_32bit": (builders.adamw, {}),
@@ -86,7 +87,6 @@ HF_ONLY_OPTIMIZERS: dict[str, str] = {
                                          "not implemented"),
     "grokadamw": "not implemented",
     "schedule_free_radam": "schedulefree's RAdam is not implemented (schedule_free_adamw and _sgd are)",
-    "stable_adamw": "torch-optimi's StableAdamW is not implemented",
 }
 """HF `optim` names jtrain does not build, and why (a test keeps the two tables covering HF's names)."""
 
