@@ -33,9 +33,7 @@ def schedule_free_adamw(
     `warmup_steps` multiplies `learning_rate` by schedulefree's linear ramp (HF passes its
     `warmup_steps` to schedulefree's AdamW for the same purpose).
     """
-    lr = learning_rate
-    if warmup_steps > 0:
-        lr = _with_warmup(learning_rate, warmup_steps)
+    lr = _with_warmup(learning_rate, warmup_steps) if warmup_steps > 0 else learning_rate
     inner = optax.chain(
         optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True),
         optax.add_decayed_weights(weight_decay, mask),
