@@ -117,6 +117,31 @@ def test_stable_adamw_matches_torch_optimi(optim_args, optimi_kwargs) -> None:
     assert _compare(make, "stable_adamw", 5e-2, optim_args) <= TOL
 
 
+def test_stable_adamw_decouple_lr_takes_the_peak_rate_as_optimi_does() -> None:
+    """optimi's decouple_lr without max_lr uses the rate it was built with (HF's learning_rate); under a
+    schedule jtrain takes it from `peak_learning_rate` (the Trainer passes learning_rate), else refuses."""
+    import optimi
+
+    from jtrain.errors import ConfigError
+
+    def make(groups, lr):
+        return optimi.StableAdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD, foreach=False,
+                                  decouple_lr=True)
+
+    batches = make_batches(STEPS, seed=1)
+    torch.manual_seed(1)
+    model = TorchMLP()
+    params0 = jax_params_from_torch(model)
+    opt = make(hf_param_groups(model, WD), 5e-2)
+    run_torch(model, opt, batches, CLIP, get_linear_schedule_with_warmup(opt, WARMUP, STEPS))
+    schedule = linear_warmup_decay(5e-2, WARMUP, STEPS)
+    ours = make_optimizer("stable_adamw", schedule, weight_decay=WD, max_grad_norm=CLIP, optim_args="decouple_lr=true",
+                          peak_learning_rate=5e-2)
+    assert max_abs_diff(run_jax(params0, ours, batches), model) <= TOL
+    with pytest.raises(ConfigError, match="needs max_lr"):
+        make_optimizer("stable_adamw", schedule, optim_args="decouple_lr=true")
+
+
 def test_adafactor_matches_transformers_with_trainer_defaults() -> None:
     """HF's Trainer: Adafactor(lr=..., scale_parameter=False, relative_step=False) + scheduler."""
 

@@ -19,8 +19,8 @@ from jtrain.optim.galore import scale_by_galore
 from jtrain.optim.low_precision import scale_by_adam_low_precision
 from jtrain.optim.muon import muon_adamw
 from jtrain.optim.schedule_free import schedule_free_adamw
-from jtrain.optim.stable_adamw import stable_adamw as stable_adamw_tx
 from jtrain.optim.schedule_free import schedule_free_sgd as schedule_free_sgd_tx
+from jtrain.optim.stable_adamw import stable_adamw as stable_adamw_tx
 from jtrain.optim.targets import FULL, LOW_RANK, low_rank_labels
 from jtrain.optim.transforms import scale_by_torch_adagrad, scale_by_torch_rmsprop, scale_by_torch_sgd
 
@@ -81,10 +81,10 @@ def stable_adamw(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
     x = cfg.extra
     max_lr = x["max_lr"]
-    if x["decouple_lr"] and max_lr is None:
-        if callable(cfg.learning_rate):
-            raise ConfigError("optim_args decouple_lr=True needs max_lr (the schedule's peak), as optimi's does")
-        max_lr = float(cfg.learning_rate)
+    if x["decouple_lr"] and max_lr is None:  # optimi takes the rate it was built with: HF's learning_rate
+        max_lr = cfg.peak_learning_rate if callable(cfg.learning_rate) else float(cfg.learning_rate)
+        if max_lr is None:
+            raise ConfigError("optim_args decouple_lr=True with a schedule needs max_lr (the schedule's peak)")
     return stable_adamw_tx(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                            mask=decay_mask, decouple_lr=x["decouple_lr"], max_lr=max_lr)
 

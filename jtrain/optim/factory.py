@@ -34,6 +34,7 @@ class OptimizerConfig:
     target_modules: list[str] | str | None
     extra: Mapping[str, Any]
     warmup_steps: int = 0  # TrainingArguments' warmup, which HF hands to the schedule-free optimizers
+    peak_learning_rate: float | None = None  # TrainingArguments' learning_rate, the rate HF builds them with
 
 
 _REGISTRY: dict[str, tuple[Callable[[OptimizerConfig], optax.GradientTransformation], dict]] = {
@@ -118,6 +119,7 @@ def make_optimizer(
     optim_args: Mapping[str, Any] | str | None = None,
     optim_target_modules: list[str] | str | None = None,
     warmup_steps: int = 0,
+    peak_learning_rate: float | None = None,
 ) -> optax.GradientTransformation:
     """One optax chain: global-norm clipping (HF clips before the optimizer step) -> optimizer
     with weight decay masked by `decay_mask`.
@@ -127,6 +129,8 @@ def make_optimizer(
     `update` (all with weight decay) must be called as `opt.update(grads, state, params)`.
     `warmup_steps` is what HF hands the schedule-free optimizers (TrainingArguments' warmup, a
     ramp inside the optimizer); `optim_args` `warmup_steps` overrides it, and others ignore it.
+    `peak_learning_rate` is the rate HF builds the optimizer with, which stable_adamw's `decouple_lr`
+    takes as its `max_lr` when `learning_rate` is a schedule.
 
     Example:
         >>> opt = make_optimizer("adamw_torch", 3e-4, weight_decay=0.01)
@@ -145,6 +149,7 @@ def make_optimizer(
         target_modules=optim_target_modules,
         extra=resolve_optim_args(name, optim_args, spec),
         warmup_steps=int(warmup_steps),
+        peak_learning_rate=peak_learning_rate,
     )
     tx = _clipped(build(config), max_grad_norm)
     if build is builders.adamw:  # the train step may run this chain as one pass per parameter on the CPU
