@@ -86,7 +86,8 @@ HF_ONLY_OPTIMIZERS: dict[str, str] = {
     **dict.fromkeys(("galore_adamw_8bit_layerwise", "galore_adafactor_layerwise"), _LAYERWISE),
     **dict.fromkeys(("lomo", "adalomo"), "LOMO fuses the update into torch's backward to save GPU memory; "
                                          "not implemented"),
-    "grokadamw": "not implemented",
+    "grokadamw": "not implemented: GrokAdamW's momentum for a tensor depends on that tensor's position in "
+                 "torch's parameter order, which jtrain's parameter tree does not have",
     "schedule_free_radam": "schedulefree's RAdam is not implemented (schedule_free_adamw and _sgd are)",
 }
 """HF `optim` names jtrain does not build, and why (a test keeps the two tables covering HF's names)."""
