@@ -67,6 +67,22 @@ def test_adamw_8bit_follows_adamw(adamw_run) -> None:
     assert rel_dist < 0.15 and rel_loss < 0.10
 
 
+def test_ademamix_8bit_state_bytes_and_trajectory() -> None:
+    """bitsandbytes' AdEMAMix8bit: its three moments in 8 bits (a quarter of the float32 state, plus block
+    scales), following float32 AdEMAMix as adamw_8bit follows AdamW (same bounds, same reasons)."""
+    params = regression_params(jax.random.key(0), hidden=256)
+    fp32, q8 = _state_bytes("ademamix", params), _state_bytes("ademamix_8bit", params)
+    assert q8 <= 0.30 * fp32
+    start = regression_params(jax.random.key(0))
+    ref_params, ref_losses, _ = train_regression(make_optimizer("ademamix", 1e-2, weight_decay=0.01), steps=60)
+    opt = make_optimizer("ademamix_8bit", 1e-2, weight_decay=0.01, optim_args="min_8bit_size=0")
+    params, losses, _ = train_regression(opt, steps=60)
+    rel_dist = _distance(params, ref_params) / _distance(ref_params, start)
+    rel_loss = float(np.max(np.abs(losses - ref_losses) / ref_losses))
+    print(f"\nademamix_8bit vs AdEMAMix: param deviation {rel_dist:.3f} of distance, max loss dev {rel_loss:.3f}")
+    assert rel_dist < 0.15 and rel_loss < 0.10
+
+
 def test_adamw_bf16_state_and_trajectory(adamw_run) -> None:
     params = regression_params(jax.random.key(0), hidden=256)
     fp32, bf16 = _state_bytes("adamw_torch", params), _state_bytes("adamw_bf16", params)

@@ -24,9 +24,10 @@ ALIASES = {
     "adamw_torch_xla": "adamw_torch",
     "adamw_torch_npu_fused": "adamw_torch",
     "paged_ademamix_32bit": "ademamix",
+    "paged_ademamix_8bit": "ademamix_8bit",
 }
 # Trained (with stricter, AdamW-relative criteria) in test_optim_memory.py instead.
-COVERED_ELSEWHERE = ("adamw_8bit", "adamw_bf16", "galore_adamw", "apollo_adamw")
+COVERED_ELSEWHERE = ("adamw_8bit", "ademamix_8bit", "adamw_bf16", "galore_adamw", "apollo_adamw")
 TRAINED = tuple(n for n in OPTIMIZER_NAMES if n not in ALIASES and n not in COVERED_ELSEWHERE)
 # Per-family learning rates of the usual magnitude for each method on this problem.
 _LR = {"sgd": 0.3, "schedule_free_sgd": 0.3, "rmsprop": 1e-3, "lion": 1e-3, "lion_8bit": 1e-3, "adagrad": 0.1}

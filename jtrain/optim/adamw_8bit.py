@@ -1,4 +1,4 @@
-"""Adam and Lion with moments stored block-wise in 8 bits (see `quantize.py`).
+"""Adam, AdEMAMix and Lion with moments stored block-wise in 8 bits (see `quantize.py`).
 
 Per step the stored moments are dequantised to float32, updated, used for the update in
 float32, and re-quantised for storage — the scheme of bitsandbytes / torchao 8-bit Adam,
@@ -114,5 +114,47 @@ def scale_by_lion_8bit(
         outs = [leaf(g, m) for g, m in zip(grads, mus)]
         new_u = treedef.unflatten([o[0].astype(g.dtype) for o, g in zip(outs, grads)])
         return new_u, Lion8bitState(treedef.unflatten([o[1] for o in outs]))
+
+    return optax.GradientTransformation(init, update)
+
+
+class AdEMAMix8bitState(NamedTuple):
+    """Step count, fast and slow EMAs and sqrt-second-moments (arrays or QuantizedArray)."""
+
+    count: jax.Array
+    m1: Any
+    m2: Any
+    nu: Any
+
+
+def scale_by_ademamix_8bit(b1: float, b2: float, b3: float, alpha: float, eps: float, block_size: int = 256,
+                           min_8bit_size: int = 4096) -> optax.GradientTransformation:
+    """AdEMAMix's direction (m1_hat + alpha * m2) / (sqrt(v_hat) + eps), its three moments stored in
+    8 bits as bitsandbytes' AdEMAMix8bit stores them (the EMAs signed, the second moment as sqrt(v) as
+    in `scale_by_adam_8bit`)."""
+
+    def init(params):
+        zeros = jax.tree.map(lambda p: _zeros(p, block_size, min_8bit_size), params)
+        return AdEMAMix8bitState(jnp.zeros([], jnp.int32), zeros, zeros, zeros)
+
+    def leaf(g, m1_s, m2_s, nu_s, t):
+        g = g.astype(jnp.float32)
+        m1 = b1 * _load(m1_s, g.shape, True) + (1 - b1) * g
+        m2 = b3 * _load(m2_s, g.shape, True) + (1 - b3) * g
+        root_v = _load(nu_s, g.shape, False)
+        v = b2 * root_v * root_v + (1 - b2) * g * g
+        u = (m1 / (1 - b1**t) + alpha * m2) / (jnp.sqrt(v / (1 - b2**t)) + eps)
+        return (u, _store(m1, m1_s, block_size, True), _store(m2, m2_s, block_size, True),
+                _store(jnp.sqrt(v), nu_s, block_size, False))
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        treedef, grads, (m1s, m2s, nus) = _split(updates, state.m1, state.m2, state.nu)
+        outs = [leaf(g, a, b, v, t) for g, a, b, v in zip(grads, m1s, m2s, nus)]
+        new_u = [o[0].astype(g.dtype) for o, g in zip(outs, grads)]
+        unflat = lambda i: treedef.unflatten([o[i] for o in outs])  # noqa: E731
+        return treedef.unflatten(new_u), AdEMAMix8bitState(count, unflat(1), unflat(2), unflat(3))
 
     return optax.GradientTransformation(init, update)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from jtrain.optim.adafactor import hf_adafactor
-from jtrain.optim.adamw_8bit import scale_by_adam_8bit, scale_by_lion_8bit
+from jtrain.optim.adamw_8bit import scale_by_adam_8bit, scale_by_ademamix_8bit, scale_by_lion_8bit
 from jtrain.optim.apollo import scale_by_apollo
 from jtrain.optim.args import optional_float, optional_str, parse_bool
 from jtrain.optim.decay_mask import decay_mask
@@ -57,6 +57,19 @@ def ademamix(cfg: OptimizerConfig) -> optax.GradientTransformation:
     `alpha` over Adam's bias-corrected second moment, decoupled decay; beta1, beta2 and eps from optim_args
     or the adam arguments. bitsandbytes takes `t_alpha` / `t_beta3` (the paper's warm-ups) and does not
     use them, so a run that sets them would not get what it asks for: refused."""
+    direction = optax.contrib.scale_by_ademamix(*_ademamix_hyperparameters(cfg))
+    return optax.chain(direction, _decoupled_tail(cfg))
+
+
+def ademamix_8bit(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """bitsandbytes' AdEMAMix8bit: `ademamix` with its three moments stored block-wise in 8 bits."""
+    x = cfg.extra
+    direction = scale_by_ademamix_8bit(*_ademamix_hyperparameters(cfg), x["block_size"], x["min_8bit_size"])
+    return optax.chain(direction, _decoupled_tail(cfg))
+
+
+def _ademamix_hyperparameters(cfg: OptimizerConfig) -> tuple[float, float, float, float, float]:
+    """(beta1, beta2, beta3, alpha, eps) as HF hands them to bitsandbytes (optim_args, else the adam args)."""
     from jtrain.errors import ConfigError
 
     x = cfg.extra
@@ -65,9 +78,7 @@ def ademamix(cfg: OptimizerConfig) -> optax.GradientTransformation:
                           "accepts them and does not use them (no warm-up of alpha or beta3); jtrain refuses "
                           "them rather than train differently from HF: remove them")
     pick = lambda key, default: default if x[key] is None else x[key]  # noqa: E731
-    direction = optax.contrib.scale_by_ademamix(pick("beta1", cfg.b1), pick("beta2", cfg.b2), x["beta3"],
-                                                x["alpha"], pick("eps", cfg.eps))
-    return optax.chain(direction, _decoupled_tail(cfg))
+    return pick("beta1", cfg.b1), pick("beta2", cfg.b2), x["beta3"], x["alpha"], pick("eps", cfg.eps)
 
 
 STABLE_ADAMW_ARGS = {"decouple_lr": (False, parse_bool), "max_lr": (None, optional_float),
@@ -121,6 +132,7 @@ def adamw_low_precision(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
 
 EIGHT_BIT_ARGS = {"block_size": (256, int), "min_8bit_size": (4096, int)}
+ADEMAMIX_8BIT_ARGS = {**ADEMAMIX_ARGS, **EIGHT_BIT_ARGS}
 
 
 def adamw_8bit(cfg: OptimizerConfig) -> optax.GradientTransformation:

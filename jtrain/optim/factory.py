@@ -67,6 +67,8 @@ _REGISTRY: dict[str, tuple[Callable[[OptimizerConfig], optax.GradientTransformat
     "paged_lion_32bit": (builders.lion, {}),
     "paged_lion_8bit": (builders.lion_8bit, builders.EIGHT_BIT_ARGS),
     "paged_ademamix_32bit": (builders.ademamix, builders.ADEMAMIX_ARGS),
+    "ademamix_8bit": (builders.ademamix_8bit, builders.ADEMAMIX_8BIT_ARGS),
+    "paged_ademamix_8bit": (builders.ademamix_8bit, builders.ADEMAMIX_8BIT_ARGS),
     "adamw_torch_xla": (builders.adamw, {}),
     "adamw_torch_npu_fused": (builders.adamw, {}),
 }
@@ -76,8 +78,6 @@ OPTIMIZER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 _LAYERWISE = "a per-parameter step inside torch's backward hooks, to save GPU memory; not implemented"
 HF_ONLY_OPTIMIZERS: dict[str, str] = {
     "adamw_torch_4bit": "torchao's 4-bit AdamW states are not implemented (adamw_8bit is)",
-    **dict.fromkeys(("ademamix_8bit", "paged_ademamix_8bit"), "AdEMAMix with 8-bit states is not implemented "
-                                                               "(ademamix is, with 32-bit states)"),
     **dict.fromkeys(("rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"),
                     "bitsandbytes' RMSprop is not implemented; `rmsprop` is torch's"),
     **dict.fromkeys(("galore_adamw_8bit", "galore_adafactor"), "only galore_adamw is implemented"),
