@@ -83,6 +83,21 @@ def test_ademamix_8bit_state_bytes_and_trajectory() -> None:
     assert rel_dist < 0.15 and rel_loss < 0.10
 
 
+def test_rmsprop_bnb_8bit_follows_32bit_rmsprop() -> None:
+    """bitsandbytes' RMSprop8bit: the squared-gradient average in 8 bits (as sqrt, like adamw_8bit's second
+    moment), following the 32-bit update within adamw_8bit's bounds."""
+    params = regression_params(jax.random.key(0), hidden=256)
+    assert _state_bytes("rmsprop_bnb_8bit", params) <= 0.30 * _state_bytes("rmsprop_bnb", params)
+    start = regression_params(jax.random.key(0))
+    ref_params, ref_losses, _ = train_regression(make_optimizer("rmsprop_bnb", 1e-3, weight_decay=0.01), steps=60)
+    opt = make_optimizer("rmsprop_bnb_8bit", 1e-3, weight_decay=0.01, optim_args="min_8bit_size=0")
+    params, losses, _ = train_regression(opt, steps=60)
+    rel_dist = _distance(params, ref_params) / _distance(ref_params, start)
+    rel_loss = float(np.max(np.abs(losses - ref_losses) / ref_losses))
+    print(f"\nrmsprop_bnb_8bit vs 32-bit: param deviation {rel_dist:.3f} of distance, max loss dev {rel_loss:.3f}")
+    assert rel_dist < 0.15 and rel_loss < 0.10
+
+
 def test_adamw_bf16_state_and_trajectory(adamw_run) -> None:
     params = regression_params(jax.random.key(0), hidden=256)
     fp32, bf16 = _state_bytes("adamw_torch", params), _state_bytes("adamw_bf16", params)

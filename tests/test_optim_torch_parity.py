@@ -73,6 +73,20 @@ def test_rmsprop_matches_torch(optim_args, torch_kwargs) -> None:
     assert diff <= TOL, diff
 
 
+@pytest.mark.parametrize("optim_args, torch_kwargs", [(None, {}), ("alpha=0.9,eps=1e-6", dict(alpha=0.9, eps=1e-6))])
+def test_rmsprop_bnb_32bit_is_torchs_rmsprop_without_momentum(optim_args, torch_kwargs) -> None:
+    """bitsandbytes' 32-bit RMSprop (its reference kernel: s = alpha s + (1 - alpha) g^2, p -= lr g / (sqrt(s) +
+    eps), decay added to g) is torch's RMSprop without momentum or centring; those two are refused."""
+    from jtrain.errors import ConfigError
+
+    for name in ("rmsprop_bnb", "rmsprop_bnb_32bit"):
+        diff = _compare(lambda g, lr: torch.optim.RMSprop(g, lr=lr, **torch_kwargs), name, 1e-3, optim_args)
+        assert diff <= TOL, (name, diff)
+    for bad, match in (("momentum=0.9", "does not use it"), ("centered=true", "refuses it")):
+        with pytest.raises(ConfigError, match=match):
+            make_optimizer("rmsprop_bnb", 1e-3, optim_args=bad)
+
+
 @pytest.mark.parametrize(
     "optim_args, torch_kwargs",
     [(None, {}), ("lr_decay=0.1,eps=1e-6", dict(lr_decay=0.1, eps=1e-6))],

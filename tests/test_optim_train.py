@@ -25,12 +25,15 @@ ALIASES = {
     "adamw_torch_npu_fused": "adamw_torch",
     "paged_ademamix_32bit": "ademamix",
     "paged_ademamix_8bit": "ademamix_8bit",
+    "rmsprop_bnb_32bit": "rmsprop_bnb",
+    "rmsprop_bnb_8bit": "rmsprop_bnb",
 }
 # Trained (with stricter, AdamW-relative criteria) in test_optim_memory.py instead.
 COVERED_ELSEWHERE = ("adamw_8bit", "ademamix_8bit", "adamw_bf16", "galore_adamw", "apollo_adamw")
 TRAINED = tuple(n for n in OPTIMIZER_NAMES if n not in ALIASES and n not in COVERED_ELSEWHERE)
 # Per-family learning rates of the usual magnitude for each method on this problem.
-_LR = {"sgd": 0.3, "schedule_free_sgd": 0.3, "rmsprop": 1e-3, "lion": 1e-3, "lion_8bit": 1e-3, "adagrad": 0.1}
+_LR = {"sgd": 0.3, "schedule_free_sgd": 0.3, "rmsprop": 1e-3, "rmsprop_bnb": 1e-3, "lion": 1e-3, "lion_8bit": 1e-3,
+       "adagrad": 0.1}
 _KWARGS = {
     "sgd": dict(optim_args="momentum=0.9,nesterov=True"),
     "adamw_anyprecision": dict(optim_args="momentum_dtype=bfloat16,variance_dtype=float32"),

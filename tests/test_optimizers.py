@@ -41,7 +41,8 @@ _DISTINCT = tuple(n for n in OPTIMIZER_NAMES if n not in ("adamw_torch_fused", "
                                                         "adamw_torch_8bit", "lion_32bit", "paged_adamw_32bit",
                                                         "paged_adamw_8bit", "paged_lion_32bit", "paged_lion_8bit",
                                                         "adamw_torch_xla", "adamw_torch_npu_fused",
-                                                        "paged_ademamix_32bit", "paged_ademamix_8bit"))
+                                                        "paged_ademamix_32bit", "paged_ademamix_8bit",
+                                                        "rmsprop_bnb_32bit"))
 
 
 @pytest.mark.parametrize("name", _DISTINCT)

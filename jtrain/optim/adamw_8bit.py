@@ -1,4 +1,4 @@
-"""Adam, AdEMAMix and Lion with moments stored block-wise in 8 bits (see `quantize.py`).
+"""Adam, AdEMAMix, Lion and RMSprop with moments stored block-wise in 8 bits (see `quantize.py`).
 
 Per step the stored moments are dequantised to float32, updated, used for the update in
 float32, and re-quantised for storage — the scheme of bitsandbytes / torchao 8-bit Adam,
@@ -156,5 +156,34 @@ def scale_by_ademamix_8bit(b1: float, b2: float, b3: float, alpha: float, eps: f
         new_u = [o[0].astype(g.dtype) for o, g in zip(outs, grads)]
         unflat = lambda i: treedef.unflatten([o[i] for o in outs])  # noqa: E731
         return treedef.unflatten(new_u), AdEMAMix8bitState(count, unflat(1), unflat(2), unflat(3))
+
+    return optax.GradientTransformation(init, update)
+
+
+class RMSprop8bitState(NamedTuple):
+    """sqrt of RMSprop's running average of squared gradients (array or QuantizedArray)."""
+
+    nu: Any
+
+
+def scale_by_rmsprop_8bit(alpha: float, eps: float, block_size: int = 256,
+                          min_8bit_size: int = 4096) -> optax.GradientTransformation:
+    """RMSprop's direction g / (sqrt(v) + eps), v stored in 8 bits as sqrt(v) (bitsandbytes' RMSprop8bit)."""
+
+    def init(params):
+        return RMSprop8bitState(jax.tree.map(lambda p: _zeros(p, block_size, min_8bit_size), params))
+
+    def leaf(g, nu_s):
+        g = g.astype(jnp.float32)
+        root_v = _load(nu_s, g.shape, False)
+        v = alpha * root_v * root_v + (1 - alpha) * g * g
+        return g / (jnp.sqrt(v) + eps), _store(jnp.sqrt(v), nu_s, block_size, False)
+
+    def update(updates, state, params=None):
+        del params
+        treedef, grads, (nus,) = _split(updates, state.nu)
+        outs = [leaf(g, v) for g, v in zip(grads, nus)]
+        new_u = treedef.unflatten([o[0].astype(g.dtype) for o, g in zip(outs, grads)])
+        return new_u, RMSprop8bitState(treedef.unflatten([o[1] for o in outs]))
 
     return optax.GradientTransformation(init, update)

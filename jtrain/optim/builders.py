@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from jtrain.optim.adafactor import hf_adafactor
-from jtrain.optim.adamw_8bit import scale_by_adam_8bit, scale_by_ademamix_8bit, scale_by_lion_8bit
+from jtrain.optim.adamw_8bit import (scale_by_adam_8bit, scale_by_ademamix_8bit, scale_by_lion_8bit,
+                                     scale_by_rmsprop_8bit)
 from jtrain.optim.apollo import scale_by_apollo
 from jtrain.optim.args import optional_float, optional_str, parse_bool
 from jtrain.optim.decay_mask import decay_mask
@@ -197,12 +198,39 @@ RMSPROP_ARGS = {
     "eps": (1e-8, float),
     "centered": (False, parse_bool),
 }
+RMSPROP_BNB_ARGS = {**RMSPROP_ARGS, **EIGHT_BIT_ARGS}
 
 
 def rmsprop(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """torch.optim.RMSprop with torch's defaults (HF passes no adam args to it)."""
     x = cfg.extra
     return _coupled(cfg, scale_by_torch_rmsprop(x["alpha"], x["eps"], x["centered"], x["momentum"]))
+
+
+def rmsprop_bnb(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """bitsandbytes' RMSprop, as HF builds it (optim_args as its keywords): torch's update without
+    momentum or centring (bitsandbytes refuses centred and does not use momentum), L2 decay in the
+    gradient; with 8-bit state for `rmsprop_bnb_8bit`."""
+    x = cfg.extra
+    _refuse_bnb_rmsprop_options(x)
+    if cfg.name.endswith("_8bit"):
+        direction = scale_by_rmsprop_8bit(x["alpha"], x["eps"], x["block_size"], x["min_8bit_size"])
+    else:
+        direction = scale_by_torch_rmsprop(x["alpha"], x["eps"], False, 0.0)
+    return _coupled(cfg, direction)
+
+
+def _refuse_bnb_rmsprop_options(x: dict) -> None:
+    from jtrain.errors import ConfigError
+
+    if x["centered"]:
+        raise ConfigError("optim_args centered=True: bitsandbytes' RMSprop refuses it (not implemented there); "
+                          "optim rmsprop is torch's, which has it")
+    if x["momentum"]:
+        raise ConfigError(f"optim_args momentum={x['momentum']}: bitsandbytes' RMSprop takes it and does not use "
+                          "it; remove it, or use optim rmsprop (torch's, with momentum)")
+    if x["alpha"] == 0:
+        raise ConfigError("optim_args alpha=0: bitsandbytes' RMSprop refuses it")
 
 
 ADAGRAD_ARGS = {"lr_decay": (0.0, float), "eps": (1e-10, float), "initial_accumulator_value": (0.0, float)}

@@ -58,6 +58,9 @@ _REGISTRY: dict[str, tuple[Callable[[OptimizerConfig], optax.GradientTransformat
     "galore_adamw": (builders.galore, builders.GALORE_ARGS),
     "apollo_adamw": (builders.apollo, builders.APOLLO_ARGS),
     "adagrad": (builders.adagrad, builders.ADAGRAD_ARGS),
+    "rmsprop_bnb": (builders.rmsprop_bnb, builders.RMSPROP_BNB_ARGS),
+    "rmsprop_bnb_32bit": (builders.rmsprop_bnb, builders.RMSPROP_BNB_ARGS),
+    "rmsprop_bnb_8bit": (builders.rmsprop_bnb, builders.RMSPROP_BNB_ARGS),
     "ademamix": (builders.ademamix, builders.ADEMAMIX_ARGS),
     "stable_adamw": (builders.stable_adamw, builders.STABLE_ADAMW_ARGS),
     # The same update as the name without the prefix or suffix: a paged (bitsandbytes) state only moves
@@ -78,8 +81,6 @@ OPTIMIZER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 _LAYERWISE = "a per-parameter step inside torch's backward hooks, to save GPU memory; not implemented"
 HF_ONLY_OPTIMIZERS: dict[str, str] = {
     "adamw_torch_4bit": "torchao's 4-bit AdamW states are not implemented (adamw_8bit is)",
-    **dict.fromkeys(("rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"),
-                    "bitsandbytes' RMSprop is not implemented; `rmsprop` is torch's"),
     **dict.fromkeys(("galore_adamw_8bit", "galore_adafactor"), "only galore_adamw is implemented"),
     **dict.fromkeys(("galore_adamw_layerwise", "apollo_adamw_layerwise"),
                     _LAYERWISE + "; galore_adamw / apollo_adamw step after the backward"),
