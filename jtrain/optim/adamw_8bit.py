@@ -99,21 +99,28 @@ def scale_by_lion_8bit(
 ) -> optax.GradientTransformation:
     """Lion direction sign(b1*m + (1-b1)*g), momentum m stored in 8 bits."""
 
-    def init(params):
-        return Lion8bitState(jax.tree.map(lambda p: _zeros(p, block_size, min_8bit_size), params))
-
     def leaf(g, mu_s):
         g = g.astype(jnp.float32)
         m = _load(mu_s, g.shape, True)
         u = jnp.sign(b1 * m + (1 - b1) * g)
         return u, _store(b2 * m + (1 - b2) * g, mu_s, block_size, True)
 
+    return _one_moment(leaf, Lion8bitState, block_size, min_8bit_size)
+
+
+def _one_moment(leaf: Any, make_state: Any, block_size: int, min_8bit_size: int) -> optax.GradientTransformation:
+    """A transformation whose state is one (possibly quantised) moment per parameter, `make_state(tree)`;
+    `leaf(g, stored)` gives a parameter's update and its new stored moment."""
+
+    def init(params):
+        return make_state(jax.tree.map(lambda p: _zeros(p, block_size, min_8bit_size), params))
+
     def update(updates, state, params=None):
         del params
-        treedef, grads, (mus,) = _split(updates, state.mu)
-        outs = [leaf(g, m) for g, m in zip(grads, mus)]
+        treedef, grads, (stored,) = _split(updates, state[0])
+        outs = [leaf(g, s) for g, s in zip(grads, stored)]
         new_u = treedef.unflatten([o[0].astype(g.dtype) for o, g in zip(outs, grads)])
-        return new_u, Lion8bitState(treedef.unflatten([o[1] for o in outs]))
+        return new_u, make_state(treedef.unflatten([o[1] for o in outs]))
 
     return optax.GradientTransformation(init, update)
 
@@ -170,20 +177,10 @@ def scale_by_rmsprop_8bit(alpha: float, eps: float, block_size: int = 256,
                           min_8bit_size: int = 4096) -> optax.GradientTransformation:
     """RMSprop's direction g / (sqrt(v) + eps), v stored in 8 bits as sqrt(v) (bitsandbytes' RMSprop8bit)."""
 
-    def init(params):
-        return RMSprop8bitState(jax.tree.map(lambda p: _zeros(p, block_size, min_8bit_size), params))
-
     def leaf(g, nu_s):
         g = g.astype(jnp.float32)
         root_v = _load(nu_s, g.shape, False)
         v = alpha * root_v * root_v + (1 - alpha) * g * g
         return g / (jnp.sqrt(v) + eps), _store(jnp.sqrt(v), nu_s, block_size, False)
 
-    def update(updates, state, params=None):
-        del params
-        treedef, grads, (nus,) = _split(updates, state.nu)
-        outs = [leaf(g, v) for g, v in zip(grads, nus)]
-        new_u = treedef.unflatten([o[0].astype(g.dtype) for o, g in zip(outs, grads)])
-        return new_u, RMSprop8bitState(treedef.unflatten([o[1] for o in outs]))
-
-    return optax.GradientTransformation(init, update)
+    return _one_moment(leaf, RMSprop8bitState, block_size, min_8bit_size)
