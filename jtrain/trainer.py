@@ -210,10 +210,7 @@ class Trainer:
     def _optimizer_warmup(self) -> int:
         """TrainingArguments' warm-up in updates, which HF also hands to the schedule-free optimizers
         (a ratio resolved against the run's updates once the schedule knows them)."""
-        total = getattr(self, "_num_training_steps", None)
-        if total:
-            return self.args.warmup_for(total)
-        return int(self.args.warmup_steps) if self.args.warmup_steps >= 1 else 0
+        return self.args.warmup_for(getattr(self, "_num_training_steps", 0))  # a ratio of no known run: 0
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
         self.create_scheduler(num_training_steps)

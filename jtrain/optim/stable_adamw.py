@@ -30,8 +30,8 @@ def stable_adamw(learning_rate: float | optax.Schedule, *, b1: float, b2: float,
     """The whole update (decay included, times the rate), since both depend on each tensor's RMS."""
 
     def init(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return StableAdamWState(jnp.zeros((), jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
+        return StableAdamWState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                                jax.tree.map(jnp.zeros_like, params))
 
     def update(grads, state, params):
         t = (state.count + 1).astype(jnp.float32)
