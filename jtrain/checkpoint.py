@@ -183,8 +183,13 @@ class CheckpointWriter:
 
     def save(self, state: TrainState, step: int, sidecars: dict[str, Any],
              trainer_state: Callable[[str], None], best_checkpoint: str | None = None,
-             params_only: bool = False) -> str:
-        """Start writing checkpoint-`step`; `trainer_state(path)` writes the completion marker."""
+             params_only: bool = False, model_files: Callable[[str], None] | None = None) -> str:
+        """Start writing checkpoint-`step`; `trainer_state(path)` writes the completion marker.
+
+        `model_files(path)`, called by every process before the state is written, puts the model
+        in HF's format beside it (HF's checkpoints hold the model that `from_pretrained` loads); it
+        runs before the marker can exist, so a checkpoint that has the marker has the model too.
+        """
         self.wait()
         path = os.path.join(self.output_dir, f"{PREFIX}-{step}")
         if os.path.exists(path) and jax.process_index() == 0:
@@ -192,6 +197,8 @@ class CheckpointWriter:
             # whole, marker included, before anything new is written. Only process 0 removes it:
             # on a shared file system another process could delete process 0's orbax tmp dir.
             shutil.rmtree(path)
+        if model_files is not None:
+            model_files(path)
         tree = {"params": state.params} if params_only else _state_tree(state)
         # force=True: the other processes skip orbax's "already exists" check (they could see the
         # directory before process 0 removed it) and wait for process 0 in orbax's barrier.

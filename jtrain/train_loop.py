@@ -27,6 +27,7 @@ from jtrain.errors import ConfigError
 from jtrain.flops import device_peak_flops, mfu
 from jtrain.losses import routing_logs
 from jtrain.memory import tracker_for
+from jtrain.models.wrapper import has_hf_format
 from jtrain.profiling import StepProfiler
 from jtrain.signals import StopOnSignal
 from jtrain.trainer_helpers import non_embedding_parameter_count
@@ -228,8 +229,9 @@ class _Run:
             t.state.best_model_checkpoint = path  # as HF: only a checkpoint that exists can be the best
         snapshot = t.trainer_state_snapshot()
         best = t.state.best_model_checkpoint
+        model_files = t.save_model if has_hf_format(t.model) else None  # HF's checkpoints hold the model too
         self.writer.save(t.train_state, t.state.global_step, sidecars, snapshot.save_to_json, best,
-                         params_only=t.args.save_only_model)
+                         params_only=t.args.save_only_model, model_files=model_files)
         self.last_saved = (t.state.global_step, path)
         t.control = t.callback_handler.on_save(t.args, t.state, t.control)
 

@@ -151,10 +151,6 @@ class Trainer:
                      if self.is_world_process_zero() else [])
         self.callback_handler = CallbackHandler(default + reporters + list(callbacks or []), model,
                                                 processing_class, None, None)
-        if hasattr(model, "lora_config"):  # a LoRA run: PEFT's adapter files in every checkpoint, as HF's
-            from jtrain.peft.checkpoints import PeftCheckpointCallback
-
-            self.callback_handler.add_callback(PeftCheckpointCallback(self))
         self.state = TrainerState(is_local_process_zero=self.is_local_process_zero(),
                                   is_world_process_zero=self.is_world_process_zero())
         self.control = TrainerControl()

@@ -23,7 +23,8 @@ from jtrain.checkpoint import (LatestCheckpoint, checkpoint_dirs, checkpoint_pro
 from jtrain.data.loader import ArrayDataset, HostLoader
 from tiny import lm_rows, tiny_llama
 
-LAYOUT = ["jtrain_meta.json", "loader_state.json", "state", "trainer_state.json", "training_args.json"]
+LAYOUT = ["config.json", "jtrain_meta.json", "loader_state.json", "model.safetensors", "state", "trainer_state.json",
+          "training_args.json"]  # HF's model files beside jtrain's state, as HF's checkpoints hold them
 
 
 def _args(out, **kw) -> TrainingArguments:

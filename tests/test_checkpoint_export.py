@@ -85,3 +85,33 @@ def test_save_model_shards_above_the_threshold(trained):
     index = json.loads(open(os.path.join(directory, "model.safetensors.index.json")).read())
     assert set(index["weight_map"].values()) == set(shards)
     _assert_transformers_matches(trainer, directory)
+
+
+def test_every_checkpoint_holds_the_model_that_transformers_loads_as_hfs(tmp_path):
+    """HF's `_save_checkpoint` calls `save_model(checkpoint-N)`, so `from_pretrained("out/checkpoint-N")`
+    loads the weights of update N (evaluation of intermediate checkpoints relies on it); jtrain's
+    checkpoints held only the orbax state. Each checkpoint must hold its own update's weights."""
+    from jtrain import TrainerCallback
+
+    kept: dict[int, object] = {}
+
+    class KeepParams(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            kept[state.global_step] = jax.device_get(trainer.params)
+
+    out = tmp_path / "run"
+    args = TrainingArguments(output_dir=str(out), max_steps=4, save_steps=2, learning_rate=1e-2, report_to=[],
+                             disable_tqdm=True, mesh_shape={"data": 1}, per_device_train_batch_size=4)
+    model = create_model("llama", QUICKSTART_LIKE)
+    trainer = Trainer(model, args, train_dataset=ArrayDataset(lm_rows(16, 16)), params=_random_params(model),
+                      callbacks=[KeepParams()])
+    trainer.train()
+    assert sorted(kept) == [2, 4]
+    logits = {}
+    for step in (2, 4):
+        directory = out / f"checkpoint-{step}"
+        assert {"config.json", "model.safetensors", "trainer_state.json", "state"} <= set(os.listdir(directory))
+        trainer.train_state = trainer.train_state.replace(params=kept[step])  # what the check below compares with
+        _assert_transformers_matches(trainer, str(directory))
+        logits[step] = np.asarray(trainer.model.apply(kept[step], _batch())["logits"])
+    assert np.abs(logits[2] - logits[4]).max() > 100 * LOGITS_ATOL  # two updates apart: not the same weights

@@ -49,3 +49,11 @@ def hf_exportable(model: Any, params: Any) -> tuple[Any, Any]:
     if hasattr(model, "inner"):
         return hf_exportable(model.inner, params)
     return model, params
+
+
+def has_hf_format(model: Any) -> bool:
+    """Whether `model` (under any wrappers) is an architecture HF's format names, so that
+    `Trainer.save_model` can write it; a user's own Model-shaped class may not be."""
+    from jtrain.models.registry import ARCHITECTURES
+
+    return getattr(getattr(innermost(model), "config", None), "model_type", None) in ARCHITECTURES
