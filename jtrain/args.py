@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping
 from jtrain.args_setters import TrainingArgumentsSetters
 from jtrain.coerce import build_dataclass, coerce, dataclass_to_dict
 from jtrain.errors import ConfigError
-from jtrain.hf_only_args import unknown_field_hint, unknown_keys_message
+from jtrain.hf_only_args import HF_ONLY_FIELDS, hf_only_values, unknown_keys_message
 
 _STRATEGIES = ("no", "steps", "epoch")
 LOG_LEVELS = {"detail": 10, "debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -148,7 +148,14 @@ class TrainingArguments(TrainingArgumentsSetters):
                                               "into logging_dir/plugins/profile (TensorBoard, XProf, Perfetto).")
     profile_num_steps: int = _f(3, "jtrain: updates in the profiler trace (with profile_start_step).")
 
-    unknown_key_hint = staticmethod(unknown_field_hint)  # HF's fields jtrain lacks say why (jtrain.hf_only_args)
+    extra_init_keys = frozenset(HF_ONLY_FIELDS)  # HF's PyTorch/Hub fields, accepted by __init__ (hf_only_args)
+
+    def __getattr__(self, name: str) -> Any:
+        """HF's PyTorch/Hub fields read back as given, else HF's default (`if args.push_to_hub:` in
+        ported code); only called for names that are not attributes."""
+        if name in HF_ONLY_FIELDS:
+            return self.__dict__.get("_hf_only", {}).get(name, HF_ONLY_FIELDS[name].default)
+        raise AttributeError(f"'TrainingArguments' object has no attribute {name!r}")
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
@@ -245,7 +252,11 @@ class TrainingArguments(TrainingArgumentsSetters):
         for new, old in _CHECKPOINTING_NAMES:  # one name of a pair changes both
             if (new in changes) != (old in changes):
                 changes[new] = changes[old] = changes[new] if new in changes else changes[old]
-        return dataclasses.replace(self, **changes)
+        hf_only = {key: changes.pop(key) for key in list(changes) if key in HF_ONLY_FIELDS}
+        new = dataclasses.replace(self, **changes)
+        kept = {**self.__dict__.get("_hf_only", {}), **hf_only_values(hf_only, "TrainingArguments.replace")}
+        object.__setattr__(new, "_hf_only", kept)
+        return new
 
     def to_dict(self) -> dict:
         return dataclass_to_dict(self)
@@ -257,16 +268,20 @@ class TrainingArguments(TrainingArgumentsSetters):
 
 
 def _refusing_unknown_keywords(init: Any) -> Any:
-    """The dataclass `__init__`, with every unknown keyword named at once (HF's torch options with
-    their reason) instead of Python's TypeError for the first."""
+    """The dataclass `__init__`, taking HF's PyTorch/Hub fields too (`jtrain.hf_only_args`: kept to be
+    read back, four refused when switched on) and naming every unknown keyword at once with the
+    closest field, instead of Python's TypeError for the first."""
     names = frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
 
     @functools.wraps(init)
     def checked(self: TrainingArguments, *args: Any, **kwargs: Any) -> None:
-        unknown = [key for key in kwargs if key not in names]
+        unknown = [key for key in kwargs if key not in names and key not in HF_ONLY_FIELDS]
         if unknown:
             raise ConfigError(f"TrainingArguments: {unknown_keys_message(unknown, names)}")
+        hf_only = hf_only_values({key: kwargs.pop(key) for key in list(kwargs) if key in HF_ONLY_FIELDS},
+                                 "TrainingArguments")
         init(self, *args, **kwargs)
+        object.__setattr__(self, "_hf_only", hf_only)
 
     return checked
 

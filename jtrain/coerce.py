@@ -130,15 +130,18 @@ def _type_name(t: Any) -> str:
 
 def build_dataclass(cls: type[T], values: Mapping[str, Any], section: str = "") -> T:
     """Construct dataclass `cls` from a mapping, coercing each value and refusing unknown keys (with
-    the class's own `unknown_key_hint(key, names)` when it has one, else the closest valid key)."""
+    the closest valid key); the class's `extra_init_keys` go to its `__init__` as they are."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     prefix = f"{section}." if section else ""
-    hint = getattr(cls, "unknown_key_hint", closest_key_hint)
+    extra = getattr(cls, "extra_init_keys", frozenset())  # keys the class's own __init__ types and checks
     kwargs = {}
     for key, value in values.items():
+        if key in extra:
+            kwargs[key] = value
+            continue
         if key not in names:
-            raise ConfigError(f"unknown key `{prefix}{key}`{hint(key, names)}")
+            raise ConfigError(f"unknown key `{prefix}{key}`{closest_key_hint(key, names)}")
         kwargs[key] = coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
 

@@ -308,7 +308,7 @@ def _section_of(key: str) -> tuple[str, str]:
         return section, name
     every_section = {**SECTIONS, **OPTIONAL_SECTIONS}
     owners = [s for s, cls in every_section.items() if key in {f.name for f in dataclasses.fields(cls)}]
-    if "training" in owners:
+    if "training" in owners or key in TrainingArguments.extra_init_keys:  # HF's PyTorch/Hub fields too
         return "training", key
     if len(owners) == 1:
         return owners[0], key

@@ -142,22 +142,48 @@ def test_load_best_model_at_end_is_checked_when_the_arguments_are_built_as_hfs(k
             TrainingArguments(str(tmp_path), **kwargs)
 
 
-def test_hfs_options_that_jtrain_lacks_are_named_with_the_reason(tmp_path):
-    """Code ported from HF passes torch options (`torch_compile=True`, `ddp_find_unused_parameters=False`):
-    each is named with why jtrain has none, all at once, and a typo gets the closest field, in Python as in a
-    config file (Python's bare TypeError named only the first and said nothing of why)."""
+def test_hfs_pytorch_and_hub_options_are_read_back_as_hfs_or_refused_with_the_fix(tmp_path, caplog):
+    """Code ported from HF passes torch and Hub options (`push_to_hub=False`, `dataloader_pin_memory=False`,
+    `torch_compile=True`) and reads them back (`if training_args.push_to_hub:`): each is accepted and read back as
+    HF's TrainingArguments reads it, one warning names those with no effect set away from HF's default, and the
+    four that ask for what jtrain does not do are refused when switched on, each with the fix. Python's bare
+    TypeError (and then a refusal of every such option, `push_to_hub=False` included) stopped ported code."""
+    import logging
+
     from jtrain.config import build_config
     from jtrain.hf_only_args import HF_ONLY_FIELDS
 
-    hf_fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
+    hf_fields = {f.name: f for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
     ours = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    assert set(HF_ONLY_FIELDS) == hf_fields - ours  # the table follows the installed transformers
+    assert set(HF_ONLY_FIELDS) == set(hf_fields) - ours  # the table follows the installed transformers
+    assert {key: field.default for key, field in HF_ONLY_FIELDS.items()} == \
+        {key: hf_fields[key].default for key in HF_ONLY_FIELDS}
+    ported = dict(push_to_hub=False, dataloader_pin_memory=False, torch_compile=True, ddp_find_unused_parameters=False,
+                  hub_model_id="me/model", ddp_timeout=60)
+    with caplog.at_level(logging.WARNING, logger="jtrain.hf_only_args"):
+        args = TrainingArguments(str(tmp_path), report_to="none", **ported)
+    hf = transformers.TrainingArguments(str(tmp_path / "hf"), report_to="none", **ported)
+    objects_in_hf = {"accelerator_config", "torch_compile_backend", "debug"}  # HF's __post_init__ builds these
+    assert {key: getattr(args, key) for key in HF_ONLY_FIELDS if key not in objects_in_hf} == \
+        {key: getattr(hf, key) for key in HF_ONLY_FIELDS if key not in objects_in_hf}
+    assert args.replace(learning_rate=1e-3).torch_compile is True  # carried through replace()
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "no effect in jtrain" in warned[0]
+    for key in ("dataloader_pin_memory", "torch_compile", "ddp_find_unused_parameters", "hub_model_id", "ddp_timeout"):
+        assert f"`{key}`" in warned[0]
+    assert "push_to_hub" not in warned[0]  # at HF's default: nothing to say
     with pytest.raises(ConfigError) as err:
-        TrainingArguments(str(tmp_path), torch_compile=True, ddp_find_unused_parameters=False, learnng_rate=1e-3)
-    text = str(err.value)
-    assert "`torch_compile`, `ddp_find_unused_parameters`: HF TrainingArguments options" in text
-    assert "PyTorch/accelerate" in text and "remove them" in text
-    assert "unknown key `learnng_rate` (did you mean `learning_rate`?)" in text
-    with pytest.raises(ConfigError, match=r"unknown key `training.hub_model_id` \(an option of HF's .* never uploads"):
-        build_config({"training": {"output_dir": str(tmp_path), "hub_model_id": "me/model"}})
+        TrainingArguments(str(tmp_path), push_to_hub=True, deepspeed="ds_config.json", learnng_rate=1e-3)
+    assert "unknown key `learnng_rate` (did you mean `learning_rate`?)" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        TrainingArguments(str(tmp_path), push_to_hub=True, deepspeed="ds_config.json")
+    assert "`push_to_hub=True`: jtrain never uploads; upload `output_dir`" in str(err.value)
+    assert "`deepspeed='ds_config.json'`: DeepSpeed is PyTorch's; jtrain's ZeRO-style sharding" in str(err.value)
+    built = build_config({"training": {"output_dir": str(tmp_path), "push_to_hub": "false", "ddp_bucket_cap_mb": "25",
+                                       "hub_model_id": "me/model"}}).training  # a config file's strings, typed
+    assert (built.push_to_hub, built.ddp_bucket_cap_mb, built.hub_model_id) == (False, 25, "me/model")
+    with pytest.raises(ConfigError, match=r"`push_to_hub=True`: jtrain never uploads"):
+        build_config({"training": {"output_dir": str(tmp_path), "push_to_hub": "true"}})
+    with pytest.raises(AttributeError, match="no attribute 'no_such_option'"):
+        args.no_such_option
     assert TrainingArguments(str(tmp_path), learning_rate=1e-3).learning_rate == 1e-3  # known keys pass as before

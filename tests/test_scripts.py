@@ -93,6 +93,7 @@ def test_config_overrides_parsing():
 @pytest.mark.parametrize("argv, message", [
     (["--dataset_name", "wikitext", "--do_train"], "never downloads"),
     (["--push_to_hub", "--do_train"], "never uploads"),
+    (["--deepspeed", "ds_config.json", "--do_train"], "ZeRO-style sharding is `fsdp: full_shard`"),
     (["--train_file", "x.txt"], "nothing to do"),
     (["--do_train", "--model_name_or_path", "gpt2", "--output_dir", "OUT"], "never downloads"),
     (["--do_eval", "--train_file", "x.txt", "--output_dir", "OUT"], "validation_file"),

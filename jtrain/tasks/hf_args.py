@@ -34,8 +34,9 @@ RENAMES = {
 
 _NEVER_DOWNLOADS = "jtrain never downloads: pass local --train_file/--validation_file (or no files: stdlib data)"
 REFUSED = {"dataset_name": _NEVER_DOWNLOADS, "dataset_config_name": _NEVER_DOWNLOADS,
-           "streaming": "streaming datasets are not supported", "push_to_hub": "jtrain never uploads",
-           "line_by_line": "masked-LM texts are concatenated and cut into rows (HF's default)"}
+           "streaming": "streaming datasets are not supported",
+           "line_by_line": "masked-LM texts are concatenated and cut into rows (HF's default)",
+           **{key: field.reason for key, field in HF_ONLY_FIELDS.items() if field.refused}}
 """Options refused when switched on, with the reason."""
 
 IGNORED = {
@@ -46,7 +47,7 @@ IGNORED = {
                      "max_predict_samples", "pad_to_max_length", "low_cpu_mem_usage", "torch_dtype",
                      "ignore_mismatched_sizes", "do_regression"),
                     "handled by jtrain's own data path (Rust tokenizer, length buckets, per-epoch shuffling)"),
-    **{key: why for key, why in HF_ONLY_FIELDS.items() if key not in REFUSED},  # HF's TrainingArguments' own
+    **{key: field.reason for key, field in HF_ONLY_FIELDS.items() if not field.refused},  # TrainingArguments' own
 }
 """Accepted for compatibility, with no effect, and why."""
 
