@@ -145,6 +145,7 @@ class Trainer:
         self._evaluation_setup = False  # set up by evaluate()/predict()/save_model() before train(): trainer_setup
         self._built_here = (False, False)  # (schedule, optimizer) built by the set-up, not passed in
         self._train_calls = 0
+        self._carried_opt_state = None  # a second train()'s optimizer state, until its setup (trainer_setup)
         self.lr_controller = None
         default = [DefaultFlowCallback, PrinterCallback if self.args.disable_tqdm else ProgressCallback]
         reporters = (callbacks_for_report_to(self.args.report_to, self.args.resolved_logging_dir)

@@ -8,13 +8,20 @@ step needs.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import jax
+import numpy as np
+import optax
 
 from jtrain import trainer_checks
 from jtrain.compiled import CompiledSteps, build_compiled_steps
 from jtrain.data.loader import HostLoader
 from jtrain.models.base import Model
 from jtrain.sharding import data_parallel_size, sharding_rules
+
+logger = logging.getLogger(__name__)
 
 
 def setup(self: Any, num_training_steps: int, train_loader: HostLoader | None = None) -> None:
@@ -72,11 +79,14 @@ def setup(self: Any, num_training_steps: int, train_loader: HostLoader | None = 
             self._step_plan = plan
             tracker.note_estimate("train", plan.estimate)
         self.train_state = self.steps.init_state(self._initial_params)
+        if self._carried_opt_state is not None:
+            self.train_state = self.train_state.replace(
+                opt_state=carried_optimizer_state(self.train_state.opt_state, self._carried_opt_state))
     except BaseException:
         self.steps = None  # nothing half-built stays behind; the next call starts over
         tracker.stop("init")
         raise
-    self._initial_params = None
+    self._initial_params = self._carried_opt_state = None
     self._init_memory_metrics = tracker.stop("init")
 
 
@@ -98,13 +108,35 @@ def drop_evaluation_setup(self: Any) -> None:
 def start_new_run(self: Any) -> None:
     """train() called again after a train() (no model_init, no resume): as HF's, a new run on the
     trained weights, with a fresh TrainerState and a schedule built for this run's updates (the
-    arguments may have changed since). The optimizer state starts fresh too: HF keeps its torch
-    optimizer's moments, but an optax state is one with the schedule's step count, which HF restarts."""
+    arguments may have changed since). The optimizer keeps its state (Adam's moments and step
+    count), as HF keeps its torch optimizer, while the schedule starts over (`carried_optimizer_state`)."""
     from jtrain.trainer_helpers import fresh_trainer_state
 
     if self.steps is not None:
+        self._carried_opt_state = self.train_state.opt_state
         _keep_only_params(self)
     fresh_trainer_state(self)
+
+
+def carried_optimizer_state(fresh: Any, previous: Any) -> Any:
+    """The previous run's optimizer state in the new run, as HF's second train() keeps its torch
+    optimizer: every leaf carries over (placed as the new state's) except the schedule's step
+    counts (`optax.ScaleByScheduleState`), which restart with HF's new scheduler. An optimizer
+    whose state has another structure (the arguments changed `optim`) starts fresh, with a warning."""
+    is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)  # noqa: E731
+    kind = lambda x: (np.shape(x), getattr(x, "dtype", None))  # noqa: E731
+    same = jax.tree.structure(fresh) == jax.tree.structure(previous) and all(
+        kind(a) == kind(b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(previous)))
+    if not same:
+        logger.warning("train(): the optimizer differs from the previous run's, so its state starts fresh")
+        return fresh
+
+    def carry(new: Any, old: Any) -> Any:
+        if is_schedule(new):
+            return new
+        return jax.device_put(old, new.sharding) if isinstance(new, jax.Array) else old
+
+    return jax.tree.map(carry, fresh, previous, is_leaf=is_schedule)
 
 
 def _keep_only_params(self: Any) -> None:

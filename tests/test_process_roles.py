@@ -125,9 +125,10 @@ def test_model_init_gives_every_train_a_fresh_model(tmp_path):
 
 def test_a_second_train_without_model_init_is_a_new_run_on_the_trained_weights(tmp_path):
     """As HF: train() again starts a new run (a fresh TrainerState, the schedule from its start) on the
-    weights the first left; with the optimizer state fresh too, it is exactly what a new Trainer given
-    those weights trains (same seed, same data order), so losses, learning rates and weights match
-    bit for bit. Checkpoints of the second run land in the same output_dir, as HF's."""
+    weights the first left, so its first loss and every learning rate are those of a new Trainer given
+    those weights; the optimizer keeps its moments, as HF's (tests/test_trainer.py compares the losses
+    with HF's), so the later updates are not that Trainer's. Checkpoints of the second run land in the
+    same output_dir, as HF's."""
     data = ArrayDataset(lm_rows(24, 16))
     args = _args(tmp_path, logging_steps=1, save_strategy="steps", save_steps=3)
     trainer = Trainer(tiny_llama(), args, train_dataset=data)
@@ -140,10 +141,11 @@ def test_a_second_train_without_model_init_is_a_new_run_on_the_trained_weights(t
     reference = Trainer(tiny_llama(), args.replace(output_dir=str(tmp_path / "reference")), train_dataset=data,
                         params=trained)
     expected = reference.train()
-    logged = lambda t: [(h["loss"], h["learning_rate"]) for h in t.state.log_history if "loss" in h]
-    assert logged(trainer) == logged(reference) and second.training_loss == expected.training_loss
-    for a, b in zip(jax.tree.leaves(trainer.params), jax.tree.leaves(reference.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    logged = lambda t, key: [h[key] for h in t.state.log_history if "loss" in h]  # noqa: E731
+    assert logged(trainer, "learning_rate") == logged(reference, "learning_rate")  # the schedule restarted
+    assert logged(trainer, "loss")[0] == logged(reference, "loss")[0]  # the same weights
+    assert logged(trainer, "loss")[1:] != logged(reference, "loss")[1:]  # Adam's moments carried over
+    assert second.training_loss != expected.training_loss
     assert (tmp_path / "out" / "checkpoint-3").is_dir()
     from jtrain.checkpoint import restore_state
 
@@ -158,3 +160,17 @@ def test_logged_epoch_is_not_rounded(tmp_path):
     trainer.train()
     logged = [h["epoch"] for h in trainer.state.log_history if "loss" in h]
     assert logged[0] == pytest.approx(1 / 3, abs=1e-12)  # 12 rows in batches of 4: 3 updates per epoch
+
+
+def test_a_second_train_with_another_optimizer_starts_its_state_fresh_and_says_so(tmp_path, caplog):
+    """The arguments changed `optim` between the runs: the previous state cannot carry over (another
+    structure), so the new optimizer starts fresh, with a warning rather than a tree-mismatch error."""
+    import logging
+
+    trainer = Trainer(tiny_llama(), _args(tmp_path), train_dataset=ArrayDataset(lm_rows(12, 16)))
+    trainer.train()
+    trainer.args = trainer.args.replace(optim="sgd")
+    with caplog.at_level(logging.WARNING, logger="jtrain.trainer_setup"):
+        second = trainer.train()
+    assert second.global_step == 3 and np.isfinite(second.training_loss)
+    assert any("optimizer differs from the previous run's" in r.getMessage() for r in caplog.records)
