@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import enum
 import functools
 import math
 import typing
@@ -148,6 +150,7 @@ class TrainingArguments(TrainingArgumentsSetters):
                                               "into logging_dir/plugins/profile (TensorBoard, XProf, Perfetto).")
     profile_num_steps: int = _f(3, "jtrain: updates in the profiler trace (with profile_start_step).")
 
+    default_optim = "adamw_torch"  # HF's class attribute: the `optim` default (not a field: no annotation)
     extra_init_keys = frozenset(HF_ONLY_FIELDS)  # HF's PyTorch/Hub fields, accepted by __init__ (hf_only_args)
 
     def __getattr__(self, name: str) -> Any:
@@ -196,6 +199,38 @@ class TrainingArguments(TrainingArgumentsSetters):
         import jax
 
         return jax.process_count()
+
+    @property
+    def device(self) -> Any:
+        """This process's first JAX device (HF's is a torch.device). A process drives every device
+        it has (`jax.local_devices()`); the mesh spreads the step over all of them."""
+        import jax
+
+        return jax.local_devices()[0]
+
+    @property
+    def n_gpu(self) -> int:
+        """GPUs this process drives (HF's `n_gpu`; 0 on CPU and TPU)."""
+        import jax
+
+        return sum(d.platform == "gpu" for d in jax.local_devices())
+
+    @property
+    def parallel_mode(self) -> "ParallelMode":
+        """HF's `parallel_mode`, as the ported scripts' start-up line reads it (`.value`): several
+        processes are `distributed`, several devices in one process `not_distributed`."""
+        import jax
+
+        if jax.default_backend() == "tpu":
+            return ParallelMode.TPU
+        if jax.process_count() > 1:
+            return ParallelMode.DISTRIBUTED
+        return ParallelMode.NOT_DISTRIBUTED if jax.local_device_count() > 1 else ParallelMode.NOT_PARALLEL
+
+    @property
+    def ddp_timeout_delta(self) -> datetime.timedelta:
+        """HF's `ddp_timeout` as a timedelta (jtrain's processes do not use it)."""
+        return datetime.timedelta(seconds=self.ddp_timeout)
 
     @property
     def should_log(self) -> bool:
@@ -287,6 +322,15 @@ def _refusing_unknown_keywords(init: Any) -> Any:
 
 
 TrainingArguments.__init__ = _refusing_unknown_keywords(TrainingArguments.__init__)
+
+
+class ParallelMode(enum.Enum):
+    """HF's `ParallelMode` values that a JAX job can be in."""
+
+    NOT_PARALLEL = "not_parallel"
+    NOT_DISTRIBUTED = "not_distributed"
+    DISTRIBUTED = "distributed"
+    TPU = "tpu"
 
 _CHECKPOINTING_NAMES = (("activation_checkpointing", "gradient_checkpointing"),
                         ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"))

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import warnings
 
+import jax
 import pytest
 import transformers
 
@@ -187,3 +188,23 @@ def test_hfs_pytorch_and_hub_options_are_read_back_as_hfs_or_refused_with_the_fi
     with pytest.raises(AttributeError, match="no attribute 'no_such_option'"):
         args.no_such_option
     assert TrainingArguments(str(tmp_path), learning_rate=1e-3).learning_rate == 1e-3  # known keys pass as before
+
+
+def test_hfs_properties_are_there_for_the_start_up_line_of_hfs_scripts(tmp_path):
+    """Every HF example script logs `training_args.device`, `n_gpu`, `parallel_mode.value` and `fp16`
+    at start-up; those reads failed. Every public member of HF's TrainingArguments that is not a field
+    exists, except two torch internals."""
+    import inspect
+
+    torch_only = {"place_model_on_device", "is_torch_greater_or_equal_than_2_8"}
+    hf_fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    members = {name for name, _ in inspect.getmembers(transformers.TrainingArguments)
+               if not name.startswith("_") and name not in hf_fields}
+    args = TrainingArguments(str(tmp_path), ddp_timeout=90)
+    assert [name for name in sorted(members - torch_only) if not hasattr(args, name)] == []
+    line = (f"Process rank: {args.local_process_index}, device: {args.device}, n_gpu: {args.n_gpu}, "
+            f"distributed training: {args.parallel_mode.value == 'distributed'}, 16-bits training: {args.fp16}")
+    assert line == f"Process rank: 0, device: {jax.local_devices()[0]}, n_gpu: 0, distributed training: False, " \
+                   "16-bits training: False"
+    assert args.parallel_mode.value == ("not_distributed" if jax.local_device_count() > 1 else "not_parallel")
+    assert args.ddp_timeout_delta.total_seconds() == 90 and args.default_optim == args.optim == "adamw_torch"
