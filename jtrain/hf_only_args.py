@@ -86,7 +86,8 @@ def hf_only_values(given: Mapping[str, Any], where: str) -> dict[str, Any]:
     A refused field switched on raises ConfigError naming every such field with its reason; fields
     set away from HF's default with no effect here are named once in a warning, grouped by reason.
     """
-    values = {key: _typed(key, value, where) for key, value in given.items() if key in HF_ONLY_FIELDS}
+    values = {key: coerce(value, HF_ONLY_FIELDS[key].hint, f"{where}.{key}") for key, value in given.items()
+              if key in HF_ONLY_FIELDS}
     refused = [f"`{key}={value!r}`: {HF_ONLY_FIELDS[key].reason}" for key, value in values.items()
                if HF_ONLY_FIELDS[key].refused and value]
     if refused:
@@ -99,10 +100,6 @@ def hf_only_values(given: Mapping[str, Any], where: str) -> dict[str, Any]:
         logger.warning("%s: no effect in jtrain: %s", where,
                        "; ".join(f"{', '.join(keys)} ({reason})" for reason, keys in by_reason.items()))
     return values
-
-
-def _typed(key: str, value: Any, where: str) -> Any:
-    return coerce(value, HF_ONLY_FIELDS[key].hint, f"{where}.{key}")
 
 
 def unknown_keys_message(keys: Iterable[str], valid: Iterable[str]) -> str:
