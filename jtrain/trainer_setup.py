@@ -122,7 +122,9 @@ def carried_optimizer_state(fresh: Any, previous: Any) -> Any:
     """The previous run's optimizer state in the new run, as HF's second train() keeps its torch
     optimizer: every leaf carries over (placed as the new state's) except the schedule's step
     counts (`optax.ScaleByScheduleState`), which restart with HF's new scheduler. An optimizer
-    whose state has another structure (the arguments changed `optim`) starts fresh, with a warning."""
+    whose state has another structure (the arguments changed `optim`) starts fresh, with a warning.
+    Until it returns, both states exist: the set-up of a second run briefly needs one more
+    optimizer state's memory than the first's."""
     is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)  # noqa: E731
     kind = lambda x: (np.shape(x), getattr(x, "dtype", None))  # noqa: E731
     same = jax.tree.structure(fresh) == jax.tree.structure(previous) and all(
