@@ -17,6 +17,7 @@ class StepPlan:
     updates_per_epoch: int
     max_steps: int
     num_train_epochs: int
+    num_rows: int | None = None  # rows of the training set (None: a stream)
 
 
 def plan_steps(*, per_device_batch: int, data_parallel: int, accum: int, num_rows: int | None,
@@ -40,4 +41,4 @@ def plan_steps(*, per_device_batch: int, data_parallel: int, accum: int, num_row
                           "dataloader_drop_last=True")
     steps = max_steps if max_steps > 0 else math.ceil(num_train_epochs * per_epoch)
     epochs = math.ceil(steps / per_epoch)
-    return StepPlan(global_batch, micro, per_epoch, steps, epochs)
+    return StepPlan(global_batch, micro, per_epoch, steps, epochs, num_rows)

@@ -53,17 +53,19 @@ class _Window:
     total_outside_steps: float = 0.0  # evaluation and checkpointing, excluded from step time
     overflows: int = 0  # fp16 updates skipped by loss scaling since the last log
 
-    def add(self, m: dict, nan_inf_filter: bool = True) -> None:
-        """Count update `m`. HF's `logging_nan_inf_filter` (default on): a non-finite loss (an update
-        skipped under `nonfinite_policy: skip`) is left out of the logged mean and of `train_loss`,
-        rather than counted as 0; off, it goes in, and the logged mean is nan or inf as in HF."""
+    def add(self, m: dict, tokens: float, nan_inf_filter: bool = True) -> None:
+        """Count update `m` and its `tokens` (for the window's tokens per second).
+
+        HF's `logging_nan_inf_filter` (default on): a non-finite loss (an update skipped under
+        `nonfinite_policy: skip`) is left out of the logged mean and of `train_loss`, rather than
+        counted as 0; off, it goes in, and the logged mean is nan or inf as in HF."""
         self.overflows += int(m.get("overflow", 0))
         if math.isfinite(m["loss"]) or not nan_inf_filter:
             self.loss_sum += m["loss"]
             self.total_loss += m["loss"]
             self.loss_steps += 1
             self.total_loss_steps += 1
-        self.tokens += m["num_tokens"]
+        self.tokens += tokens
 
     def flush(self, m: dict) -> dict:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
@@ -116,8 +118,9 @@ class _Run:
         self.window.total_device += time.perf_counter() - waited
         m["skipped"] = int(jax.device_get(self.t.train_state.skipped)) if m["nonfinite"] else 0
         self.t._check_finite(m, step)
-        self.window.add(m, self.t.args.logging_nan_inf_filter)
-        self.tokens_seen += int(m["num_tokens"])
+        tokens = _counted_tokens(m, self.t.args.include_num_input_tokens_seen)
+        self.window.add(m, tokens, self.t.args.logging_nan_inf_filter)
+        self.tokens_seen += int(tokens)
         t, h = self.t, self.t.callback_handler
         for _ in range(self.accum - 1):
             t.control = h.on_substep_end(t.args, t.state, t.control, metrics=m, step=step)
@@ -125,10 +128,8 @@ class _Run:
         t.control = h.on_optimizer_step(t.args, t.state, t.control, metrics=m, step=step)
         # HF's total_flos: 6 x non-embedding params x input tokens, in TrainerState (a resumed run continues it)
         t.state.total_flos += self.flos_per_token * float(m.get("input_tokens", 0.0))
-        counting = t.args.include_num_input_tokens_seen  # "no" | "all" | "non_padding"
-        if counting != "no":  # carried in TrainerState, so a resumed run continues the count
-            t.state.num_input_tokens_seen += int(m.get("input_tokens" if counting == "all" else "non_padding_tokens",
-                                                       m["num_tokens"]))
+        if t.args.include_num_input_tokens_seen != "no":  # in TrainerState, so a resumed run continues the count
+            t.state.num_input_tokens_seen += int(tokens)
         if log_due:
             self.log(m, step, epoch)
         self.last_metrics = m
@@ -365,11 +366,26 @@ def run_epoch(run: _Run) -> None:
         run.maybe_evaluate_and_save()
 
 
+def _counted_tokens(m: dict, counting: str) -> float:
+    """An update's input tokens as HF's `include_num_input_tokens_seen` counts them: all of them
+    under "all", the non-padding ones otherwise (so throughput means real tokens by default). A batch
+    without `input_ids` (features, pixels) counts its label-bearing items instead."""
+    return m.get("input_tokens" if counting == "all" else "non_padding_tokens", m["num_tokens"])
+
+
 def _speed_metrics(start: float, steps: int, plan: StepPlan, run: _Run) -> dict:
+    """HF's speed metrics for the updates of this call. Samples as HF 5 counts them: an epoch-based
+    run of a sized dataset counts rows x `num_train_epochs` over the whole schedule (a partial last
+    batch counts its real rows), and this call's share of the schedule's updates."""
     runtime = max(time.perf_counter() - start, 1e-9)
+    args = run.t.args
+    if args.max_steps <= 0 and plan.num_rows is not None:
+        samples = plan.num_rows * args.num_train_epochs * steps / max(plan.max_steps, 1)
+    else:
+        samples = steps * plan.global_batch_size
     return {
         "train_runtime": round(runtime, 4),
-        "train_samples_per_second": round(steps * plan.global_batch_size / runtime, 3),
+        "train_samples_per_second": round(samples / runtime, 3),
         "train_steps_per_second": round(steps / runtime, 3),
         "train_tokens_per_second": round(run.tokens_seen / runtime, 1),
         "total_flos": float(run.t.state.total_flos),  # HF: the whole run's, a resumed one included

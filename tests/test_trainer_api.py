@@ -422,6 +422,38 @@ def test_log_with_start_time_adds_this_calls_token_throughput(tmp_path):
     assert last["train_tokens_per_second"] == pytest.approx(256 / last["train_runtime"], rel=1e-2)
 
 
+def test_speed_metrics_count_samples_and_input_tokens_as_hfs(tmp_path):
+    """HF 5 counts an epoch-based run's samples as rows x epochs (10 rows x 2 epochs: 20), and its
+    tokens as `include_num_input_tokens_seen` says (non-padding `input_ids`). jtrain used to count
+    updates x batch (6 x 4: 24) and, for classification, one "token" per row (the labels). The counts
+    are read back as rate x runtime: both round runtime to 1e-4 s and rates to 1e-3 (tokens/s: 0.1), so
+    they agree to REL for runtimes from 10 ms up; the old counts are 20% and over 70% off."""
+    from test_models_common import with_labels
+
+    REL = 1e-2
+    torch_model = hf_model("bert", "sequence_classification")
+    torch_model.save_pretrained(tmp_path / "hf")
+    model, params = from_pretrained(tmp_path / "hf")
+    rows = with_labels(padded_batch("bert", rows=10, length=12, seed=3), "sequence_classification")
+    real_tokens = 2 * int(rows["attention_mask"].sum())
+    common = dict(num_train_epochs=2, per_device_train_batch_size=4, save_strategy="no", report_to=[],
+                  disable_tqdm=True, include_num_input_tokens_seen="non_padding")
+    import datasets
+
+    hf = transformers.Trainer(torch_model.train(), transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf_out"), use_cpu=True, **common), train_dataset=datasets.Dataset.from_dict(rows))
+    hf_metrics = hf.train().metrics
+    ours = Trainer(model, TrainingArguments(output_dir=str(tmp_path / "out"), mesh_shape={"data": 1}, **common),
+                   train_dataset=ArrayDataset(rows), params=params)
+    metrics = ours.train().metrics
+    assert hf.state.global_step == ours.state.global_step == 6
+    assert hf.state.num_input_tokens_seen == ours.state.num_input_tokens_seen == real_tokens
+    for side in (hf_metrics, metrics):
+        assert side["train_samples_per_second"] * side["train_runtime"] == pytest.approx(20, rel=REL)
+        assert side["train_steps_per_second"] * side["train_runtime"] == pytest.approx(6, rel=REL)
+    assert metrics["train_tokens_per_second"] * metrics["train_runtime"] == pytest.approx(real_tokens, rel=REL)
+
+
 def test_end_closes_the_loggers(tmp_path):
     from jtrain.reporting import JsonlLoggerCallback
 
