@@ -1,5 +1,6 @@
-"""Schedule-Free AdamW and SGD (Defazio et al., 2024) via `optax.contrib.schedule_free`, step for
-step as the `schedulefree` package HF's Trainer builds them from.
+"""Schedule-Free AdamW and SGD (Defazio et al., 2024), step for step as the `schedulefree` package
+HF's Trainer builds them from, across a second `train()` too (its own update count goes on while
+HF's scheduler restarts). The state is optax's `ScheduleFreeState`.
 
 Caveat for evaluation and checkpoint export: the params that the train step carries are
 the gradient-evaluation point y, an interpolation between the fast iterate z and the
@@ -9,12 +10,23 @@ reports a worse loss than the run has actually reached.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 from optax.contrib import ScheduleFreeState
 from optax.contrib import schedule_free_eval_params as _optax_eval_params
+
+
+class ScheduleFreeRateState(NamedTuple):
+    """The two counts a schedule-free rate reads, kept apart as HF keeps them: its scheduler's step
+    (an `optax.ScaleByScheduleState`, which a second `train()` restarts with HF's new scheduler) and
+    the optimizer's own update count `k` (schedulefree's `group['k']`: its warm-up ramp, bias
+    correction and averaging weights go on across `train()` calls, as HF keeps the optimizer)."""
+
+    schedule: optax.ScaleByScheduleState
+    k: jax.Array
 
 
 def schedule_free_adamw(
@@ -28,18 +40,14 @@ def schedule_free_adamw(
     warmup_steps: int = 0,
     weight_lr_power: float = 2.0,
 ) -> optax.GradientTransformation:
-    """AdamW without momentum wrapped in schedule-free averaging; decay masked and lr-scaled.
-
-    `warmup_steps` multiplies `learning_rate` by schedulefree's linear ramp (HF passes its
-    `warmup_steps` to schedulefree's AdamW for the same purpose).
-    """
-    lr = _with_warmup(learning_rate, warmup_steps) if warmup_steps > 0 else learning_rate
-    inner = optax.chain(
+    """AdamW without momentum under schedule-free averaging; decay masked, taken at y, and scaled by
+    the rate with the normalised gradient, as schedulefree's AdamWScheduleFree. `warmup_steps` is
+    schedulefree's own ramp (HF passes its `warmup_steps` to it), on top of HF's scheduler."""
+    direction = optax.chain(
         optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True),
         optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(lr),
     )
-    return _averaged(inner, lr, b1, weight_lr_power)
+    return _averaged(direction, learning_rate, warmup_steps, b1, weight_lr_power)
 
 
 def schedule_free_sgd(
@@ -53,30 +61,53 @@ def schedule_free_sgd(
 ) -> optax.GradientTransformation:
     """schedulefree's SGDScheduleFree: plain SGD steps (decay added to the gradient at y) under
     schedule-free averaging with interpolation `momentum`; the warm-up as schedule_free_adamw's."""
-    lr = _with_warmup(learning_rate, warmup_steps) if warmup_steps > 0 else learning_rate
-    inner = optax.chain(optax.add_decayed_weights(weight_decay, mask), optax.scale_by_learning_rate(lr))
-    return _averaged(inner, lr, momentum, weight_lr_power)
+    return _averaged(optax.add_decayed_weights(weight_decay, mask), learning_rate, warmup_steps, momentum,
+                     weight_lr_power)
 
 
-def _averaged(inner: optax.GradientTransformation, lr: float | optax.Schedule, b1: float,
-              weight_lr_power: float) -> optax.GradientTransformation:
-    """optax's schedule-free wrapper around `inner`. It reads the rate for its averaging weights at its
-    own step count, which starts at 1, while the inner chain's count starts at 0: shifted back, both
-    see update k's rate, as schedulefree's optimizers do (with a varying rate, a warm-up or HF's
-    scheduler, they differed by one update)."""
-    outer = (lambda count: lr(count - 1)) if callable(lr) else lr
-    return optax.contrib.schedule_free(inner, learning_rate=outer, b1=b1, weight_lr_power=weight_lr_power)
+def _rate(learning_rate: float | optax.Schedule, warmup_steps: int, counts: ScheduleFreeRateState) -> jax.Array:
+    """Update k's rate: HF's scheduler at its own step times schedulefree's ramp (k + 1) / warmup_steps
+    (so the first update already moves)."""
+    base = learning_rate(counts.schedule.count) if callable(learning_rate) else learning_rate
+    if warmup_steps <= 0:
+        return jnp.asarray(base, jnp.float32)
+    return base * jnp.minimum(1.0, (counts.k + 1) / warmup_steps)
 
 
-def _with_warmup(learning_rate: float | optax.Schedule, warmup_steps: int) -> optax.Schedule:
-    """schedulefree's warm-up: update k (from 0) runs at (k + 1) / warmup_steps of the rate, so the
-    first update already moves (a ramp from 0 made it a no-op and shifted the whole warm-up)."""
-    def schedule(count):
-        ramp = jnp.minimum(1.0, (count + 1) / warmup_steps)
-        base = learning_rate(count) if callable(learning_rate) else learning_rate
-        return base * ramp
+def _averaged(direction: optax.GradientTransformation, learning_rate: float | optax.Schedule, warmup_steps: int,
+              b1: float, weight_lr_power: float) -> optax.GradientTransformation:
+    """Schedule-free averaging (Defazio et al., 2024) around `direction` (the step before the rate):
+    z moves by -rate x direction, x averages z with weights max_rate^weight_lr_power, and the params
+    are y = b1 x + (1 - b1) z. The state is optax's `ScheduleFreeState` (so optax's eval-params
+    helper reads it), with `(ScheduleFreeRateState, direction's state)` as its base state; optax's
+    own wrapper reads its rate at a single count, which cannot restart the schedule alone."""
 
-    return schedule
+    def init(params: Any) -> ScheduleFreeState:
+        counts = ScheduleFreeRateState(optax.ScaleByScheduleState(jnp.zeros([], jnp.int32)), jnp.zeros([], jnp.int32))
+        return ScheduleFreeState(b1=jnp.asarray(b1, jnp.float32), weight_sum=jnp.zeros([], jnp.float32),
+                                 step_count=jnp.ones([], jnp.int32), max_lr=jnp.zeros([], jnp.float32),
+                                 base_optimizer_state=(counts, direction.init(params)),
+                                 z=jax.tree.map(lambda t: t.copy(), params))
+
+    def update(grads: Any, state: ScheduleFreeState, params: Any = None) -> tuple[Any, ScheduleFreeState]:
+        counts, inner = state.base_optimizer_state
+        lr = _rate(learning_rate, warmup_steps, counts)
+        max_lr = jnp.maximum(state.max_lr, lr)
+        weight = max_lr ** weight_lr_power
+        weight_sum = state.weight_sum + weight
+        # schedulefree takes 0 / 0 (a zero rate so far) as 0
+        ck = jnp.where(weight_sum > 0, weight / jnp.where(weight_sum > 0, weight_sum, 1.0), 0.0)
+        step, inner = direction.update(grads, inner, params)
+        z = jax.tree.map(lambda zi, si: (zi - lr * si).astype(zi.dtype), state.z, step)
+        # x is recomputed from y and the previous z rather than stored (one buffer fewer, as optax does)
+        new_y = jax.tree.map(lambda yi, z0, z1: b1 * ((1 - ck) * (yi - (1 - b1) * z0) / b1 + ck * z1) + (1 - b1) * z1,
+                             params, state.z, z)
+        updates = jax.tree.map(lambda ny, yi: (ny - yi).astype(yi.dtype), new_y, params)
+        counts = ScheduleFreeRateState(optax.ScaleByScheduleState(counts.schedule.count + 1), counts.k + 1)
+        return updates, state._replace(weight_sum=weight_sum, step_count=state.step_count + 1, max_lr=max_lr,
+                                       base_optimizer_state=(counts, inner), z=z)
+
+    return optax.GradientTransformation(init, update)
 
 
 def _find_schedule_free_state(state: Any) -> ScheduleFreeState | None:
