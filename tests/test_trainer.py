@@ -502,31 +502,28 @@ def test_dataloader_getters_are_what_train_and_evaluate_iterate(tmp_path):
         Wrong(trainer.model, trainer.args, params=trainer.params).predict(other)
 
 
-def test_a_second_train_keeps_the_optimizers_moments_and_restarts_the_schedule_as_hfs(tmp_path):
-    """HF's second train() keeps its torch optimizer (Adam's moments and step count) and builds a new
-    scheduler; jtrain's started the optimizer state fresh, so from the second update of the second run
-    on its losses left HF's. Same weights, the four rows one batch (the sampler's order cannot matter),
-    AdamW with clipping and a linear schedule, three updates per run: the six losses agree to
-    LOSS_RTOL, while a fresh optimizer state moves the second run's later losses by more than 10x that.
+_SECOND_RUN_LOSS_RTOL = 2e-5  # float32 both sides, reassociated sums; the measured gaps are in each test
 
-    LOSS_RTOL 2e-5: float32 on both sides with reassociated sums; AdamW's normalised updates let the
-    difference grow from 1.5e-7 at the first loss to 7.7e-6 at the sixth (measured). The old fresh state
-    was 23% off at the fifth."""
+
+def _two_runs_beside_hfs(tmp_path, **options) -> tuple[dict, Trainer, dict]:
+    """The losses of two train() calls of three updates each, HF's Trainer and jtrain's from the same
+    weights, the four rows one batch (so the sampler's order cannot matter), AdamW-style arguments
+    with clipping and a linear schedule unless `options` say otherwise. Returns the losses per side,
+    jtrain's Trainer and the arguments shared by both."""
     import datasets
     import transformers
     from test_models_common import hf_model
 
     from jtrain.models import from_pretrained
 
-    LOSS_RTOL = 2e-5
     torch_model = hf_model("llama", "causal_lm")
     torch_model.save_pretrained(tmp_path / "hf")
     model, params = from_pretrained(tmp_path / "hf")
     ids = lm_rows(4, 12, seed=5, vocab=torch_model.config.vocab_size)["input_ids"]
     rows = {"input_ids": ids, "labels": ids}
-    common = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.01,
-                  max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[],
-                  disable_tqdm=True)
+    common = {**dict(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.01,
+                     max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[],
+                     disable_tqdm=True), **options}
     hf = transformers.Trainer(torch_model.train(), transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf_out"), use_cpu=True, **common), train_dataset=datasets.Dataset.from_dict(rows))
     trainer = Trainer(model, TrainingArguments(output_dir=str(tmp_path / "out"), mesh_shape={"data": 1}, **common),
@@ -538,48 +535,35 @@ def test_a_second_train_keeps_the_optimizers_moments_and_restarts_the_schedule_a
         side.train()
         losses[name] = first + [h["loss"] for h in side.state.log_history if "loss" in h]
     assert len(losses["hf"]) == len(losses["jtrain"]) == 6
-    np.testing.assert_allclose(losses["jtrain"], losses["hf"], rtol=LOSS_RTOL)
+    return losses, trainer, common
+
+
+def test_a_second_train_keeps_the_optimizers_moments_and_restarts_the_schedule_as_hfs(tmp_path):
+    """HF's second train() keeps its torch optimizer (Adam's moments and step count) and builds a new
+    scheduler; jtrain's started the optimizer state fresh, so from the second update of the second run
+    on its losses left HF's. The six losses agree to the tolerance, while a fresh optimizer state
+    moves the second run's later losses by more than 10x that.
+
+    AdamW's normalised updates let the difference grow from 1.5e-7 at the first loss to 7.7e-6 at the
+    sixth (measured). The old fresh state was 23% off at the fifth."""
+    losses, trainer, common = _two_runs_beside_hfs(tmp_path)
+    np.testing.assert_allclose(losses["jtrain"], losses["hf"], rtol=_SECOND_RUN_LOSS_RTOL)
     trained = jax.tree.map(np.asarray, trainer.params)
-    fresh = Trainer(model, TrainingArguments(output_dir=str(tmp_path / "fresh"), mesh_shape={"data": 1}, **common),
-                    train_dataset=ArrayDataset(rows), params=trained)
+    fresh = Trainer(trainer.model, TrainingArguments(output_dir=str(tmp_path / "fresh"), mesh_shape={"data": 1},
+                                                     **common), train_dataset=trainer.train_dataset, params=trained)
     fresh.train()  # what the second run was before: the weights carried, the optimizer state not
     fresh_losses = [h["loss"] for h in fresh.state.log_history if "loss" in h]
-    assert np.abs(np.array(fresh_losses[1:]) / np.array(losses["hf"][4:]) - 1).max() > 10 * LOSS_RTOL
+    assert np.abs(np.array(fresh_losses[1:]) / np.array(losses["hf"][4:]) - 1).max() > 10 * _SECOND_RUN_LOSS_RTOL
 
 
 def test_a_second_schedule_free_train_keeps_the_averaging_and_restarts_only_hfs_scheduler(tmp_path):
     """HF's second train() keeps schedulefree's optimizer, whose own step count goes on (its warm-up
     ramp does not start again, nor its bias correction or averaging weights), while HF's new
-    scheduler restarts the linear decay. Same set-up as the AdamW test above, schedule_free_adamw
-    with a three-update warm-up (HF hands its `warmup_steps` to both its scheduler and schedulefree, so
-    the second run's second update is where a restarted ramp shows): the six losses agree to LOSS_RTOL
-    (float32 both sides; measured 1.0e-6 at most). jtrain used to read the ramp at the restarted
-    schedule count and the averaging weights' rate at the continuing one: its sixth loss was 3.0% off.
-    """
-    import datasets
-    import transformers
-    from test_models_common import hf_model
-
-    from jtrain.models import from_pretrained
-
-    LOSS_RTOL = 2e-5
-    torch_model = hf_model("llama", "causal_lm")
-    torch_model.save_pretrained(tmp_path / "hf")
-    model, params = from_pretrained(tmp_path / "hf")
-    ids = lm_rows(4, 12, seed=5, vocab=torch_model.config.vocab_size)["input_ids"]
-    rows = {"input_ids": ids, "labels": ids}
-    common = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.01, warmup_steps=3,
-                  lr_scheduler_type="linear", max_grad_norm=1.0, optim="schedule_free_adamw", logging_steps=1,
-                  save_strategy="no", report_to=[], disable_tqdm=True)
-    hf = transformers.Trainer(torch_model.train(), transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf_out"), use_cpu=True, **common), train_dataset=datasets.Dataset.from_dict(rows))
-    trainer = Trainer(model, TrainingArguments(output_dir=str(tmp_path / "out"), mesh_shape={"data": 1}, **common),
-                      train_dataset=ArrayDataset(rows), params=params)
-    losses = {}
-    for name, side in (("hf", hf), ("jtrain", trainer)):
-        side.train()
-        first = [h["loss"] for h in side.state.log_history if "loss" in h]
-        side.train()
-        losses[name] = first + [h["loss"] for h in side.state.log_history if "loss" in h]
-    assert len(losses["hf"]) == len(losses["jtrain"]) == 6
-    np.testing.assert_allclose(losses["jtrain"], losses["hf"], rtol=LOSS_RTOL)
+    scheduler restarts the linear decay. schedule_free_adamw with a three-update warm-up (HF hands
+    its `warmup_steps` to both its scheduler and schedulefree, so the second run's second update is
+    where a restarted ramp shows): the six losses agree to the tolerance (measured 1.0e-6 at most).
+    jtrain used to read the ramp at the restarted schedule count and the averaging weights' rate at
+    the continuing one: its sixth loss was 3.0% off."""
+    losses, _, _ = _two_runs_beside_hfs(tmp_path, optim="schedule_free_adamw", warmup_steps=3,
+                                        lr_scheduler_type="linear")
+    np.testing.assert_allclose(losses["jtrain"], losses["hf"], rtol=_SECOND_RUN_LOSS_RTOL)
