@@ -284,7 +284,14 @@ def restore_state(path: str, target: TrainState, params_only: bool = False) -> T
         with ocp.StandardCheckpointer() as checkpointer:  # closed after use: no threads left behind
             restored = checkpointer.restore(state_dir, tree)
     except Exception as err:
-        raise CheckpointError(f"cannot restore checkpoint {path!r}: {type(err).__name__}: {_one_line(err)}") from err
+        hint, message = "", _one_line(err)
+        if "tree structures do not match" in str(err):
+            message = message.rstrip(":")  # orbax lists the differing paths on the lines after
+            hint = (". Its state is laid out differently from this run's: it was written with another `optim`, "
+                    "model, LoRA or freezing set-up (its training_args.json says which), or by an older jtrain. "
+                    "Resume with those arguments, or start a new run from its weights "
+                    "(`jtrain.models.from_pretrained` on the checkpoint, where it holds config.json)")
+        raise CheckpointError(f"cannot restore checkpoint {path!r}: {type(err).__name__}: {message}{hint}") from err
     if params_only:
         return target.replace(params=restored["params"])
     loss_scale = target.loss_scale

@@ -195,3 +195,18 @@ def test_a_checkpoint_of_hfs_pytorch_trainer_is_refused_with_what_carries_over(t
                                                   r"jtrain.models.from_pretrained\(path\)"):
             trainer.train(resume_from_checkpoint=request)
     assert sorted(os.listdir(hf_dir)) == before and sorted(os.listdir(out)) == ["checkpoint-5"]
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_with_what_to_do(tmp_path):
+    """A checkpoint written with another `optim` (or an older jtrain's layout) has another state tree:
+    orbax's message says only that the structures differ; the error adds why and the two ways on,
+    and the checkpoint is left as it was."""
+    out = tmp_path / "out"
+    data = ArrayDataset(lm_rows(16, 16))
+    Trainer(tiny_llama(), _args(out, save_steps=2, optim="adamw_torch"), train_dataset=data).train()
+    before = sorted(os.listdir(out / "checkpoint-2"))
+    other = Trainer(tiny_llama(), _args(out, save_steps=2, optim="sgd").replace(max_steps=4), train_dataset=data)
+    with pytest.raises(CheckpointError, match=r"checkpoint-2'.*laid out differently.*another `optim`.*"
+                                              r"training_args.json.*jtrain.models.from_pretrained"):
+        other.train(resume_from_checkpoint=True)
+    assert sorted(os.listdir(out / "checkpoint-2")) == before
