@@ -10,23 +10,13 @@ reports a worse loss than the run has actually reached.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax.contrib import ScheduleFreeState
 from optax.contrib import schedule_free_eval_params as _optax_eval_params
-
-
-class ScheduleFreeRateState(NamedTuple):
-    """The two counts a schedule-free rate reads, kept apart as HF keeps them: its scheduler's step
-    (an `optax.ScaleByScheduleState`, which a second `train()` restarts with HF's new scheduler) and
-    the optimizer's own update count `k` (schedulefree's `group['k']`: its warm-up ramp, bias
-    correction and averaging weights go on across `train()` calls, as HF keeps the optimizer)."""
-
-    schedule: optax.ScaleByScheduleState
-    k: jax.Array
 
 
 def schedule_free_adamw(
@@ -65,13 +55,15 @@ def schedule_free_sgd(
                      weight_lr_power)
 
 
-def _rate(learning_rate: float | optax.Schedule, warmup_steps: int, counts: ScheduleFreeRateState) -> jax.Array:
+def _rate(learning_rate: float | optax.Schedule, warmup_steps: int, schedule_count: jax.Array,
+          k: jax.Array) -> jax.Array:
     """Update k's rate: HF's scheduler at its own step times schedulefree's ramp (k + 1) / warmup_steps
-    (so the first update already moves)."""
-    base = learning_rate(counts.schedule.count) if callable(learning_rate) else learning_rate
+    (so the first update already moves). The two counts differ after a second `train()`: HF's new
+    scheduler starts over while schedulefree's `group['k']` (ramp, bias correction, averaging) goes on."""
+    base = learning_rate(schedule_count) if callable(learning_rate) else learning_rate
     if warmup_steps <= 0:
         return jnp.asarray(base, jnp.float32)
-    return base * jnp.minimum(1.0, (counts.k + 1) / warmup_steps)
+    return base * jnp.minimum(1.0, (k + 1) / warmup_steps)
 
 
 def _averaged(direction: optax.GradientTransformation, learning_rate: float | optax.Schedule, warmup_steps: int,
@@ -79,19 +71,20 @@ def _averaged(direction: optax.GradientTransformation, learning_rate: float | op
     """Schedule-free averaging (Defazio et al., 2024) around `direction` (the step before the rate):
     z moves by -rate x direction, x averages z with weights max_rate^weight_lr_power, and the params
     are y = b1 x + (1 - b1) z. The state is optax's `ScheduleFreeState` (so optax's eval-params
-    helper reads it), with `(ScheduleFreeRateState, direction's state)` as its base state; optax's
-    own wrapper reads its rate at a single count, which cannot restart the schedule alone."""
+    helper reads it): its `step_count` is k + 1, and its base state is `(ScaleByScheduleState, direction's
+    state)`, the scheduler's own count, which a second `train()` restarts (`carried_optimizer_state`).
+    optax's own wrapper reads its rate at `step_count` alone, which cannot restart the schedule."""
 
     def init(params: Any) -> ScheduleFreeState:
-        counts = ScheduleFreeRateState(optax.ScaleByScheduleState(jnp.zeros([], jnp.int32)), jnp.zeros([], jnp.int32))
+        schedule = optax.ScaleByScheduleState(jnp.zeros([], jnp.int32))
         return ScheduleFreeState(b1=jnp.asarray(b1, jnp.float32), weight_sum=jnp.zeros([], jnp.float32),
                                  step_count=jnp.ones([], jnp.int32), max_lr=jnp.zeros([], jnp.float32),
-                                 base_optimizer_state=(counts, direction.init(params)),
+                                 base_optimizer_state=(schedule, direction.init(params)),
                                  z=jax.tree.map(lambda t: t.copy(), params))
 
     def update(grads: Any, state: ScheduleFreeState, params: Any = None) -> tuple[Any, ScheduleFreeState]:
-        counts, inner = state.base_optimizer_state
-        lr = _rate(learning_rate, warmup_steps, counts)
+        schedule, inner = state.base_optimizer_state
+        lr = _rate(learning_rate, warmup_steps, schedule.count, state.step_count - 1)
         max_lr = jnp.maximum(state.max_lr, lr)
         weight = max_lr ** weight_lr_power
         weight_sum = state.weight_sum + weight
@@ -103,9 +96,9 @@ def _averaged(direction: optax.GradientTransformation, learning_rate: float | op
         new_y = jax.tree.map(lambda yi, z0, z1: b1 * ((1 - ck) * (yi - (1 - b1) * z0) / b1 + ck * z1) + (1 - b1) * z1,
                              params, state.z, z)
         updates = jax.tree.map(lambda ny, yi: (ny - yi).astype(yi.dtype), new_y, params)
-        counts = ScheduleFreeRateState(optax.ScaleByScheduleState(counts.schedule.count + 1), counts.k + 1)
+        schedule = optax.ScaleByScheduleState(schedule.count + 1)
         return updates, state._replace(weight_sum=weight_sum, step_count=state.step_count + 1, max_lr=max_lr,
-                                       base_optimizer_state=(counts, inner), z=z)
+                                       base_optimizer_state=(schedule, inner), z=z)
 
     return optax.GradientTransformation(init, update)
 
