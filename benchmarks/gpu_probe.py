@@ -59,6 +59,26 @@ VARIANTS = [
     ("nn.scan, no CUDA-graph command buffers", "--xla_gpu_enable_command_buffer=", {"scan_layers": True}, None),
 ]
 TRACE_LIMIT_BYTES = 15 * 2**20
+
+
+def small_plan(variants: list[tuple]) -> list[tuple]:
+    """The variants the CPU small mode runs. The XLA:GPU flags change nothing on the CPU, so the
+    variants that differ from one another only by their flags run as one process with all of those
+    flags (each must still parse in this jaxlib); every model set-up still runs once, in its own process.
+    The small mode tests this script's paths, not the flags' effects, and this saves a compile each."""
+    plan, by_setup = [], {}
+    for name, flags, options, attention in variants:
+        if not flags:
+            plan.append((name, flags, options, attention))
+            continue
+        key = (json.dumps(options, sort_keys=True), attention)
+        if key not in by_setup:
+            by_setup[key] = len(plan)
+            plan.append((f"the XLA:GPU flags of: {name}", flags, options, attention))
+        else:
+            joined, all_flags, _, _ = plan[by_setup[key]]
+            plan[by_setup[key]] = (f"{joined}; {name}", f"{all_flags},{flags}", options, attention)
+    return plan
 KINDS = [  # kernel name patterns, first match wins
     ("attention (cuDNN/flash)", re.compile(r"fmha|sdpa|flash|cudnn", re.I)),
     ("matmul (cuBLAS/cutlass/Triton GEMM)", re.compile(r"gemm|xmma|nvjet|cutlass|matmul|dot|wgmma", re.I)),
@@ -213,10 +233,11 @@ def main() -> None:
     print(f"ceilings: {ceil}", flush=True)
     rows, trace = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, flags, options, attn) in enumerate(VARIANTS):
+        variants = small_plan(VARIANTS) if a.small else VARIANTS
+        for i, (name, flags, options, attn) in enumerate(variants):
             left = a.budget - (time.time() - start)
             if left < 30:
-                print(f"budget spent: {len(VARIANTS) - i} variants not run", flush=True)
+                print(f"budget spent: {len(variants) - i} variants not run", flush=True)
                 break
             profile_dir = os.path.join(tmp, "trace") if i == 0 else ""
             row = run_variant(preset, steps, name, flags, options, attn, attention, profile_dir, left - 5)

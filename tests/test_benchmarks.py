@@ -107,23 +107,6 @@ def test_plain_jax_side_is_the_same_model_as_hf_llama():
     assert sum(int(np.prod(w.shape)) for w in jax.tree.leaves(params)) == p.param_count()
 
 
-def test_gpu_1b_small_runs_on_cpu_and_falls_back_to_xla_attention_when_cudnn_fails(tmp_path):
-    # Asking for cuDNN on the CPU makes the GPU script's fallback run: the cuDNN run fails (JAX finds
-    # no cuDNN), jtrain runs again with XLA's attention, and the summary says why.
-    out = tmp_path / "gpu.md"
-    stdout, result = _run("gpu_1b.py", "--small", "--attention", "cudnn", "--steps", "2", "--warmup", "1",
-                          "--out", str(out), tmp_path=tmp_path)
-    jtrain, hf = result["runs"]["jtrain"], result["runs"]["hf"]
-    assert jtrain["attention"] == "xla" and "cuDNN is not detected" in jtrain["cudnn_failure"]
-    assert "The cuDNN run failed (RuntimeError: cuDNN is not detected.)" in stdout
-    assert "| jtrain (xla attention) |" in stdout
-    assert jtrain["step_flops"] > 0 and jtrain["tokens_per_s"] > 0
-    assert "skipped" not in hf and hf["tokens_per_s"] > 0  # --small runs the HF side on CPU: never skipped
-    assert jtrain["params"] == hf["params"]
-    assert "MFU" in stdout and "jtrain / HF tokens/s" in stdout
-    assert out.read_text().startswith("# jtrain vs HF Trainer on one GPU")
-
-
 def test_gpu_1b_reports_every_warning_jtrain_logs_during_its_run():
     """With attention_impl 'auto' a fallback from cuDNN to XLA's attention is only a logged warning: the
     GPU summary must show it, or a slower kernel would pass for the default one."""
@@ -140,11 +123,14 @@ def test_gpu_1b_reports_every_warning_jtrain_logs_during_its_run():
     assert "jtrain warned: attention_impl 'auto': cuDNN is not available here" in text
 
 
-def test_gpu_session_script_runs_both_checks_and_leaves_its_files_in_out(tmp_path):
+def test_gpu_session_script_runs_every_check_and_leaves_its_files_in_out(tmp_path):
     """benchmarks/gpu_session.sh is the one command a session lent a GPU runs; here in its small CPU mode.
-    What it leaves in $OUT is what comes back from the device machine."""
+    What it leaves in $OUT is what comes back from the device machine. Its gpu_1b.py run asks for cuDNN,
+    so the GPU script's fallback runs too: on the CPU the cuDNN run fails (JAX finds no cuDNN), jtrain
+    runs again with XLA's attention, and the summary says why."""
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "GPU_SESSION_SMALL": "1", "JTRAIN_PEAK_CACHE": str(tmp_path / "peak")}
+    env = {**os.environ, "OUT": str(out), "GPU_SESSION_SMALL": "1", "JTRAIN_PEAK_CACHE": str(tmp_path / "peak"),
+           "GPU_1B_ARGS": "--attention cudnn --steps 2 --warmup 1"}
     proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_session.sh")], capture_output=True, text=True,
                           check=False, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -155,15 +141,38 @@ def test_gpu_session_script_runs_both_checks_and_leaves_its_files_in_out(tmp_pat
     log = (out / "session.log").read_text()
     for script in ("gpu_1b.py", "gpu_attention_check.py", "gpu_probe.py"):
         assert f"{script} exit status 0" in log
-    assert "jtrain / HF tokens/s" in (out / "RESULTS_GPU.md").read_text()
+
+    result = json.loads([ln for ln in log.splitlines() if ln.startswith("RESULT {")][0][len("RESULT "):])
+    jtrain, hf = result["runs"]["jtrain"], result["runs"]["hf"]
+    assert jtrain["attention"] == "xla" and "cuDNN is not detected" in jtrain["cudnn_failure"]
+    assert "The cuDNN run failed (RuntimeError: cuDNN is not detected.)" in log
+    assert jtrain["step_flops"] > 0 and jtrain["tokens_per_s"] > 0
+    assert "skipped" not in hf and hf["tokens_per_s"] > 0  # --small runs the HF side on CPU: never skipped
+    assert jtrain["params"] == hf["params"]
+    summary = (out / "RESULTS_GPU.md").read_text()
+    assert summary.startswith("# jtrain vs HF Trainer on one GPU")
+    assert "| jtrain (xla attention) |" in summary and "MFU" in summary and "jtrain / HF tokens/s" in summary
+
     rows = [line for line in (out / "attention.md").read_text().splitlines() if line.startswith("| ") and
             not line.startswith("| case")]
     assert len(rows) == 5 and all(row.endswith("| yes |") for row in rows)
     probe = json.loads((out / "probe.json").read_text())
-    # every variant ran (each in its own process, with its XLA flag or model option) and measured a step
-    assert [r["variant"] for r in probe["variants"]] == [v[0] for v in gpu_probe.VARIANTS]
+    # every model set-up ran in its own process and measured a step; the XLA:GPU flags, inert on the CPU,
+    # ran together in one (gpu_probe.small_plan)
+    plan = gpu_probe.small_plan(gpu_probe.VARIANTS)
+    assert [r["variant"] for r in probe["variants"]] == [v[0] for v in plan]
     assert all(not r.get("failed") and r["median_step_s"] > 0 for r in probe["variants"])
     assert probe["trace"]["events"] > 0 and "Trace of the last two updates" in (out / "probe.md").read_text()
+
+
+def test_the_probes_small_plan_keeps_every_set_up_and_every_flag():
+    """The small mode joins the flag-only variants; nothing a GPU run would try may drop out of it."""
+    plan = gpu_probe.small_plan(gpu_probe.VARIANTS)
+    setups = lambda variants: {(json.dumps(o, sort_keys=True), a) for _, _, o, a in variants}
+    flags = lambda variants: {f for _, fl, _, _ in variants for f in fl.split(",") if f}
+    assert setups(plan) == setups(gpu_probe.VARIANTS) and flags(plan) == flags(gpu_probe.VARIANTS)
+    assert len(plan) < len(gpu_probe.VARIANTS)
+    assert [v[0] for v in plan if not v[1]] == [v[0] for v in gpu_probe.VARIANTS if not v[1]]
 
 
 def test_probe_sums_only_the_gpu_stream_lines_of_a_trace(tmp_path):

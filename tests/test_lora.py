@@ -365,7 +365,7 @@ def test_lora_on_scanned_layers_matches_the_unscanned_model(tmp_path, use_dora):
 
     def grads(model, params):
         loss = lambda lora: causal_lm_loss(model.apply({"base": params["base"], "lora": lora}, batch), batch).loss_sum
-        return jax.grad(loss)(params["lora"])
+        return jax.jit(jax.grad(loss))(params["lora"])  # jitted: op-by-op dispatch is far slower
 
     g_flat, g_scan = grads(flat, p_flat), grads(scan, p_scan)
     m_flat, m_scan = flat.merge(p_flat), scan.merge(p_scan)
