@@ -31,8 +31,10 @@ STEPS, WARMUP, WD, CLIP = 10, 2, 0.05, 0.45
 TOL = 1e-5
 
 
-def _compare(make_torch_opt, name: str, peak_lr: float, optim_args: str | None, schedule: bool = True) -> float:
-    """Max |jtrain - torch| after STEPS; also checks the run moved params far beyond TOL."""
+def _compare(make_torch_opt, name: str, peak_lr: float, optim_args: str | None, schedule: bool = True,
+             **optimizer_kw) -> float:
+    """Max |jtrain - torch| after STEPS (`optimizer_kw`: make_optimizer's TrainingArguments-side values);
+    also checks the run moved params far beyond TOL."""
     batches = make_batches(STEPS, seed=1)
     torch.manual_seed(1)
     model = TorchMLP()
@@ -41,7 +43,7 @@ def _compare(make_torch_opt, name: str, peak_lr: float, optim_args: str | None, 
     sched = get_linear_schedule_with_warmup(opt, WARMUP, STEPS) if schedule else None
     run_torch(model, opt, batches, CLIP, sched)
     lr = linear_warmup_decay(peak_lr, WARMUP, STEPS) if schedule else peak_lr
-    ours = make_optimizer(name, lr, weight_decay=WD, max_grad_norm=CLIP, optim_args=optim_args)
+    ours = make_optimizer(name, lr, weight_decay=WD, max_grad_norm=CLIP, optim_args=optim_args, **optimizer_kw)
     params = run_jax(params0, ours, batches)
     moved = max_abs_diff(params0, model)
     assert moved > 100 * TOL, f"too little movement ({moved:.2g}) for the comparison to mean anything"
@@ -116,6 +118,22 @@ def test_schedule_free_matches_schedulefree_with_warmup_and_hfs_scheduler(name, 
         return opt
 
     assert _compare(make, name, 5e-2, "warmup_steps=3") <= TOL
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.8, 0.95)])
+def test_schedule_free_radam_matches_schedulefree_under_hfs_scheduler(betas) -> None:
+    """HF builds RAdamScheduleFree with the adam betas and eps and no warm-up of its own. Over 10 updates
+    its silent phase (rate 0 while rho_t <= 4: the first 4) and the rising rectification term both act.
+    Before the rectification was formed stably, its float32 terms were 1e-4 off schedulefree's float64."""
+    import schedulefree
+
+    def make(groups, lr):
+        opt = schedulefree.RAdamScheduleFree(groups, lr=lr, betas=betas, eps=1e-8, weight_decay=WD, r=0.0,
+                                             weight_lr_power=2.0)
+        opt.train()
+        return opt
+
+    assert _compare(make, "schedule_free_radam", 5e-2, None, adam_beta1=betas[0], adam_beta2=betas[1]) <= TOL
 
 
 @pytest.mark.parametrize("optim_args, optimi_kwargs", [(None, {}), ("decouple_lr=true,max_lr=5e-2",

@@ -20,6 +20,7 @@ from jtrain.optim.galore import scale_by_galore
 from jtrain.optim.low_precision import scale_by_adam_low_precision
 from jtrain.optim.muon import muon_adamw
 from jtrain.optim.schedule_free import schedule_free_adamw
+from jtrain.optim.schedule_free import schedule_free_radam as schedule_free_radam_tx
 from jtrain.optim.schedule_free import schedule_free_sgd as schedule_free_sgd_tx
 from jtrain.optim.stable_adamw import stable_adamw as stable_adamw_tx
 from jtrain.optim.targets import FULL, LOW_RANK, low_rank_labels
@@ -244,24 +245,35 @@ def adagrad(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
 SCHEDULE_FREE_ARGS = {"warmup_steps": (None, optional_float), "weight_lr_power": (2.0, float), "r": (0.0, float)}
 SCHEDULE_FREE_SGD_ARGS = {**SCHEDULE_FREE_ARGS, "momentum": (0.9, float)}
+# HF hands RAdamScheduleFree no warm-up (it needs none) and reads only these two from optim_args
+SCHEDULE_FREE_RADAM_ARGS = {"weight_lr_power": (2.0, float), "r": (0.0, float)}
 
 
 def _schedule_free_common(cfg: OptimizerConfig) -> dict:
-    """What both schedule-free builders take as HF passes it: the warm-up (optim_args, else
-    TrainingArguments' warmup_steps) and weight_lr_power; schedulefree's `r` only at its default 0."""
+    """What the schedule-free builders take as HF passes it: the warm-up where the optimizer has one
+    (optim_args, else TrainingArguments' warmup_steps) and weight_lr_power; schedulefree's `r` only at
+    its default 0."""
     from jtrain.errors import ConfigError
 
     x = cfg.extra
     if x["r"] != 0:
         raise ConfigError(f"optim_args r={x['r']}: schedule-free averaging with polynomial weights ((k+1)^r) is "
                           "not implemented; only r=0, HF's default")
-    warmup = cfg.warmup_steps if x["warmup_steps"] is None else int(x["warmup_steps"])
-    return dict(mask=decay_mask, warmup_steps=warmup, weight_lr_power=x["weight_lr_power"])
+    common = dict(mask=decay_mask, weight_lr_power=x["weight_lr_power"])
+    if "warmup_steps" in x:
+        common["warmup_steps"] = cfg.warmup_steps if x["warmup_steps"] is None else int(x["warmup_steps"])
+    return common
 
 
 def schedule_free(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """schedulefree's AdamWScheduleFree; evaluate with `schedule_free_eval_params`."""
     return schedule_free_adamw(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                               **_schedule_free_common(cfg))
+
+
+def schedule_free_radam(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """schedulefree's RAdamScheduleFree; evaluate with `schedule_free_eval_params`."""
+    return schedule_free_radam_tx(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                **_schedule_free_common(cfg))
 
 

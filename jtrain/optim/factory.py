@@ -54,6 +54,7 @@ _REGISTRY: dict[str, tuple[Callable[[OptimizerConfig], optax.GradientTransformat
     "rmsprop": (builders.rmsprop, builders.RMSPROP_ARGS),
     "schedule_free_adamw": (builders.schedule_free, builders.SCHEDULE_FREE_ARGS),
     "schedule_free_sgd": (builders.schedule_free_sgd, builders.SCHEDULE_FREE_SGD_ARGS),
+    "schedule_free_radam": (builders.schedule_free_radam, builders.SCHEDULE_FREE_RADAM_ARGS),
     "muon": (builders.muon, builders.MUON_ARGS),
     "galore_adamw": (builders.galore, builders.GALORE_ARGS),
     "apollo_adamw": (builders.apollo, builders.APOLLO_ARGS),
@@ -89,7 +90,6 @@ HF_ONLY_OPTIMIZERS: dict[str, str] = {
                                          "not implemented"),
     "grokadamw": "not implemented: GrokAdamW's momentum for a tensor depends on that tensor's position in "
                  "torch's parameter order, which jtrain's parameter tree does not have",
-    "schedule_free_radam": "schedulefree's RAdam is not implemented (schedule_free_adamw and _sgd are)",
 }
 """HF `optim` names jtrain does not build, and why (a test keeps the two tables covering HF's names)."""
 

@@ -1,5 +1,5 @@
-"""Schedule-Free AdamW and SGD (Defazio et al., 2024), step for step as the `schedulefree` package
-HF's Trainer builds them from, across a second `train()` too (its own update count goes on while
+"""Schedule-Free AdamW, RAdam and SGD (Defazio et al., 2024), step for step as the `schedulefree`
+package HF's Trainer builds them from, across a second `train()` too (its own update count goes on while
 HF's scheduler restarts). The state is optax's `ScheduleFreeState`.
 
 Caveat for evaluation and checkpoint export: the params that the train step carries are
@@ -10,13 +10,18 @@ reports a worse loss than the run has actually reached.
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax.contrib import ScheduleFreeState
 from optax.contrib import schedule_free_eval_params as _optax_eval_params
+
+
+Ramp = Callable[[jax.Array], jax.Array]
+"""The factor on HF's scheduled rate at schedulefree's update count k (its `group['k']`)."""
 
 
 def schedule_free_adamw(
@@ -37,7 +42,25 @@ def schedule_free_adamw(
         optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True),
         optax.add_decayed_weights(weight_decay, mask),
     )
-    return _averaged(direction, learning_rate, warmup_steps, b1, weight_lr_power)
+    return _averaged(direction, learning_rate, _warmup(warmup_steps), b1, weight_lr_power)
+
+
+def schedule_free_radam(
+    learning_rate: float | optax.Schedule,
+    *,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    mask: Any,
+    weight_lr_power: float = 2.0,
+) -> optax.GradientTransformation:
+    """schedulefree's RAdamScheduleFree as HF builds it (no warm-up of its own, `silent_sgd_phase`):
+    while RAdam's variance estimate is not yet defined (rho_t <= 4: the first 4 updates at b2 = 0.999)
+    the rate is 0 and only the second moment moves; after that the Adam step's rate is scaled by the
+    rectification term, which rises towards 1. Decay is taken at y, as the AdamW variant's."""
+    direction = optax.chain(_scale_by_rectified_rms(b2, eps), optax.add_decayed_weights(weight_decay, mask))
+    return _averaged(direction, learning_rate, lambda k: _rectification(b2, k + 1), b1, weight_lr_power)
 
 
 def schedule_free_sgd(
@@ -51,22 +74,78 @@ def schedule_free_sgd(
 ) -> optax.GradientTransformation:
     """schedulefree's SGDScheduleFree: plain SGD steps (decay added to the gradient at y) under
     schedule-free averaging with interpolation `momentum`; the warm-up as schedule_free_adamw's."""
-    return _averaged(optax.add_decayed_weights(weight_decay, mask), learning_rate, warmup_steps, momentum,
+    return _averaged(optax.add_decayed_weights(weight_decay, mask), learning_rate, _warmup(warmup_steps), momentum,
                      weight_lr_power)
 
 
-def _rate(learning_rate: float | optax.Schedule, warmup_steps: int, schedule_count: jax.Array,
-          k: jax.Array) -> jax.Array:
-    """Update k's rate: HF's scheduler at its own step times schedulefree's ramp (k + 1) / warmup_steps
-    (so the first update already moves). The two counts differ after a second `train()`: HF's new
-    scheduler starts over while schedulefree's `group['k']` (ramp, bias correction, averaging) goes on."""
-    base = learning_rate(schedule_count) if callable(learning_rate) else learning_rate
+def _warmup(warmup_steps: int) -> Ramp | None:
+    """schedulefree's own warm-up, (k + 1) / warmup_steps (so the first update already moves)."""
     if warmup_steps <= 0:
+        return None
+    return lambda k: jnp.minimum(1.0, (k + 1) / warmup_steps)
+
+
+def _rho(b2: float, t: jax.Array) -> jax.Array:
+    """RAdam's length of the approximated simple moving average after t updates,
+    rho_inf - 2 t b2^t / (1 - b2^t), accurate in float32. Written with x = -t log(b2) it is
+    (rho_inf - c) + c g(x), c = 2 / -log(b2), g(x) = 1 - x / (e^x - 1): the two constants near
+    2 / (1 - b2) cancel in float64 on the host, and g takes its series below x = 0.5 (formed directly
+    it loses 4 digits there). The direct float32 formula is 1e-4 off in the first rectification terms."""
+    log_b2 = math.log(b2)
+    c = 2.0 / -log_b2
+    x = t.astype(jnp.float32) * -log_b2
+    x2 = x * x
+    series = x / 2 - x2 / 12 + x2 * x2 / 720 - x2 * x2 * x2 / 30240
+    g = jnp.where(x < 0.5, series, 1 - x / jnp.expm1(jnp.maximum(x, 0.5)))
+    return (2.0 / (1.0 - b2) - 1.0 - c) + c * g
+
+
+def _rectification(b2: float, t: jax.Array) -> jax.Array:
+    """RAdam's rectification term at update t, 0 while rho_t <= 4 (schedulefree's silent SGD phase)."""
+    rho_inf, rho = 2.0 / (1.0 - b2) - 1.0, _rho(b2, t)
+    defined = rho > 4.0
+    safe = jnp.where(defined, rho, 5.0)  # keeps the unused branch's square root finite
+    rect = jnp.sqrt((safe - 4) * (safe - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * safe))
+    return jnp.where(defined, rect, 0.0)
+
+
+class RectifiedRmsState(NamedTuple):
+    count: jax.Array  # updates so far
+    nu: Any  # the bias-uncorrected second moment
+
+
+def _scale_by_rectified_rms(b2: float, eps: float) -> optax.GradientTransformation:
+    """RAdam's direction: g / (sqrt(nu / (1 - b2^t)) + eps) once rho_t > 4, the raw gradient before
+    (its rate is 0 then, so only nu moves)."""
+
+    def init(params: Any) -> RectifiedRmsState:
+        return RectifiedRmsState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads: Any, state: RectifiedRmsState, params: Any = None) -> tuple[Any, RectifiedRmsState]:
+        del params
+        t = state.count + 1
+        nu = jax.tree.map(lambda n, g: b2 * n + (1 - b2) * g * g, state.nu, grads)
+        correction = -jnp.expm1(t.astype(jnp.float32) * math.log(b2))
+        adam = _rho(b2, t) > 4.0
+        out = jax.tree.map(lambda g, n: jnp.where(adam, g / (jnp.sqrt(n / correction) + eps), g).astype(g.dtype),
+                           grads, nu)
+        return out, RectifiedRmsState(t, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _rate(learning_rate: float | optax.Schedule, ramp: Ramp | None, schedule_count: jax.Array,
+          k: jax.Array) -> jax.Array:
+    """Update k's rate: HF's scheduler at its own step times the optimizer's ramp at k. The two counts
+    differ after a second `train()`: HF's new scheduler starts over while schedulefree's `group['k']`
+    (ramp, bias correction, averaging) goes on."""
+    base = learning_rate(schedule_count) if callable(learning_rate) else learning_rate
+    if ramp is None:
         return jnp.asarray(base, jnp.float32)
-    return base * jnp.minimum(1.0, (k + 1) / warmup_steps)
+    return base * ramp(k)
 
 
-def _averaged(direction: optax.GradientTransformation, learning_rate: float | optax.Schedule, warmup_steps: int,
+def _averaged(direction: optax.GradientTransformation, learning_rate: float | optax.Schedule, ramp: Ramp | None,
               b1: float, weight_lr_power: float) -> optax.GradientTransformation:
     """Schedule-free averaging (Defazio et al., 2024) around `direction` (the step before the rate):
     z moves by -rate x direction, x averages z with weights max_rate^weight_lr_power, and the params
@@ -84,7 +163,7 @@ def _averaged(direction: optax.GradientTransformation, learning_rate: float | op
 
     def update(grads: Any, state: ScheduleFreeState, params: Any = None) -> tuple[Any, ScheduleFreeState]:
         schedule, inner = state.base_optimizer_state
-        lr = _rate(learning_rate, warmup_steps, schedule.count, state.step_count - 1)
+        lr = _rate(learning_rate, ramp, schedule.count, state.step_count - 1)
         max_lr = jnp.maximum(state.max_lr, lr)
         weight = max_lr ** weight_lr_power
         weight_sum = state.weight_sum + weight
