@@ -276,16 +276,21 @@ def opt_state_shardings(tx: Any, abstract_opt_state: Any, params_sharding: Any, 
     """Optimizer state is sharded like its parameter (ZeRO-style); everything else is replicated.
 
     `optax.tree_map_params` finds the state leaves that mirror params; a mirrored leaf whose shape
-    differs from its parameter's (factored or quantised statistics) is replicated.
+    differs from its parameter's (factored statistics) is replicated, and so is an 8-bit moment
+    (`QuantizedArray`: blocks of the flattened tensor, not the parameter's layout), both its parts.
     """
     import optax
 
-    def like_param(state_leaf: Any, sharding: NamedSharding, param: Any) -> NamedSharding:
+    from jtrain.optim.quantize import QuantizedArray
+
+    def like_param(state_leaf: Any, sharding: NamedSharding, param: Any) -> Any:
+        if isinstance(state_leaf, QuantizedArray):
+            return QuantizedArray(*(replicated(mesh) for _ in state_leaf))
         return sharding if tuple(state_leaf.shape) == tuple(param.shape) else replicated(mesh)
 
     return optax.tree_map_params(
         tx, like_param, abstract_opt_state, params_sharding, abstract_params,
-        transform_non_params=lambda _: replicated(mesh),
+        transform_non_params=lambda _: replicated(mesh), is_leaf=lambda x: isinstance(x, QuantizedArray),
     )
 
 

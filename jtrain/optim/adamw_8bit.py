@@ -1,17 +1,18 @@
 """Adam, AdEMAMix, Lion and RMSprop with moments stored block-wise in 8 bits (see `quantize.py`).
 
 Per step the stored moments are dequantised to float32, updated, used for the update in
-float32, and re-quantised for storage — the scheme of bitsandbytes / torchao 8-bit Adam,
-so only the stored state is low precision, never the arithmetic.
-
-Adam's second moment is stored as sqrt(v): the update divides by sqrt(v), and sqrt halves
-the dynamic range (in decades) that must fit in the codebook, so small entries next to a
-large one are neither rounded to zero (which would turn m / sqrt(v) into m / eps) nor
-pushed into the coarse low decades. On the test problem, with every tensor quantised, the
-deviation from float32 AdamW is 9% of the distance travelled with sqrt(v) and 14% with v.
+float32, and re-quantised for storage: the scheme of bitsandbytes' 8-bit optimizers, which HF's
+`adamw_bnb_8bit`, `lion_8bit`, `ademamix_8bit` and `rmsprop_bnb_8bit` build, with their maps:
+signed moments (Adam's and AdEMAMix's EMAs, Lion's momentum) in the signed dynamic map, second
+moments v in the unsigned one, and RMSprop's v, as bitsandbytes' one-state optimizers store their
+state, in the signed map. Only the stored state is low precision, never the arithmetic.
 
 Tensors smaller than `min_8bit_size` stay float32, as in bitsandbytes (default 4096):
 their state is negligible and they are often sensitive (norm scales, biases).
+
+Rounding: jtrain stores each value as its nearest code. bitsandbytes' kernels search the map
+approximately (its CPU and CUDA searches even differ from each other), so small entries of a block
+can land one or more codes away; tests/test_optim_torch_parity.py measures what that leaves.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from jtrain.optim.quantize import QuantizedArray, dequantize, quantize, zeros_qu
 
 
 class Adam8bitState(NamedTuple):
-    """Step count, first moments and sqrt-second-moments (arrays or QuantizedArray)."""
+    """Step count, first and second moments (arrays or QuantizedArray)."""
 
     count: jax.Array
     mu: Any
@@ -74,12 +75,11 @@ def scale_by_adam_8bit(
     def leaf(g, mu_s, nu_s, t):
         g = g.astype(jnp.float32)
         m = b1 * _load(mu_s, g.shape, True) + (1 - b1) * g
-        root_v = _load(nu_s, g.shape, False)
-        v = b2 * root_v * root_v + (1 - b2) * g * g
+        v = b2 * _load(nu_s, g.shape, False) + (1 - b2) * g * g
         m_hat = m / (1 - b1**t)
         v_hat = v / (1 - b2**t)
         u = m_hat / (jnp.sqrt(v_hat) + eps)
-        return u, _store(m, mu_s, block_size, True), _store(jnp.sqrt(v), nu_s, block_size, False)
+        return u, _store(m, mu_s, block_size, True), _store(v, nu_s, block_size, False)
 
     def update(updates, state, params=None):
         del params
@@ -126,7 +126,7 @@ def _one_moment(leaf: Any, make_state: Any, block_size: int, min_8bit_size: int)
 
 
 class AdEMAMix8bitState(NamedTuple):
-    """Step count, fast and slow EMAs and sqrt-second-moments (arrays or QuantizedArray)."""
+    """Step count, fast and slow EMAs and second moments (arrays or QuantizedArray)."""
 
     count: jax.Array
     m1: Any
@@ -137,8 +137,7 @@ class AdEMAMix8bitState(NamedTuple):
 def scale_by_ademamix_8bit(b1: float, b2: float, b3: float, alpha: float, eps: float, block_size: int = 256,
                            min_8bit_size: int = 4096) -> optax.GradientTransformation:
     """AdEMAMix's direction (m1_hat + alpha * m2) / (sqrt(v_hat) + eps), its three moments stored in
-    8 bits as bitsandbytes' AdEMAMix8bit stores them (the EMAs signed, the second moment as sqrt(v) as
-    in `scale_by_adam_8bit`)."""
+    8 bits as bitsandbytes' AdEMAMix8bit stores them (the EMAs in the signed map, v in the unsigned)."""
 
     def init(params):
         zeros = jax.tree.map(lambda p: _zeros(p, block_size, min_8bit_size), params)
@@ -148,11 +147,10 @@ def scale_by_ademamix_8bit(b1: float, b2: float, b3: float, alpha: float, eps: f
         g = g.astype(jnp.float32)
         m1 = b1 * _load(m1_s, g.shape, True) + (1 - b1) * g
         m2 = b3 * _load(m2_s, g.shape, True) + (1 - b3) * g
-        root_v = _load(nu_s, g.shape, False)
-        v = b2 * root_v * root_v + (1 - b2) * g * g
+        v = b2 * _load(nu_s, g.shape, False) + (1 - b2) * g * g
         u = (m1 / (1 - b1**t) + alpha * m2) / (jnp.sqrt(v / (1 - b2**t)) + eps)
         return (u, _store(m1, m1_s, block_size, True), _store(m2, m2_s, block_size, True),
-                _store(jnp.sqrt(v), nu_s, block_size, False))
+                _store(v, nu_s, block_size, False))
 
     def update(updates, state, params=None):
         del params
@@ -168,19 +166,19 @@ def scale_by_ademamix_8bit(b1: float, b2: float, b3: float, alpha: float, eps: f
 
 
 class RMSprop8bitState(NamedTuple):
-    """sqrt of RMSprop's running average of squared gradients (array or QuantizedArray)."""
+    """RMSprop's running average of squared gradients (array or QuantizedArray)."""
 
     nu: Any
 
 
 def scale_by_rmsprop_8bit(alpha: float, eps: float, block_size: int = 256,
                           min_8bit_size: int = 4096) -> optax.GradientTransformation:
-    """RMSprop's direction g / (sqrt(v) + eps), v stored in 8 bits as sqrt(v) (bitsandbytes' RMSprop8bit)."""
+    """RMSprop's direction g / (sqrt(v) + eps), v stored in 8 bits in the signed map, as bitsandbytes'
+    RMSprop8bit (a one-state optimizer) stores it."""
 
     def leaf(g, nu_s):
         g = g.astype(jnp.float32)
-        root_v = _load(nu_s, g.shape, False)
-        v = alpha * root_v * root_v + (1 - alpha) * g * g
-        return g / (jnp.sqrt(v) + eps), _store(jnp.sqrt(v), nu_s, block_size, False)
+        v = alpha * _load(nu_s, g.shape, True) + (1 - alpha) * g * g
+        return g / (jnp.sqrt(v) + eps), _store(v, nu_s, block_size, True)
 
     return _one_moment(leaf, RMSprop8bitState, block_size, min_8bit_size)

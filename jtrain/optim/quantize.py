@@ -1,12 +1,17 @@
-"""Block-wise 8-bit storage for optimizer moments (dynamic codebook + per-block absmax).
+"""Block-wise 8-bit storage for optimizer moments, as bitsandbytes' 8-bit optimizers store them.
 
 Each tensor is flattened, split into blocks of `block_size`, every block divided by its
 absolute maximum, and each normalised value stored as the uint8 index of the nearest entry
-of a fixed 256-entry codebook. The codebook is log-spaced by decade (1e-6..1) with linear
-steps inside each decade and most entries in the top decades — the "dynamic tree" idea of
-Dettmers et al. (8-bit optimizers, 2022): relative precision stays roughly constant over
-six decades, where a linear int8 grid would round every value below absmax/255 to zero.
+of bitsandbytes' 256-entry "dynamic" codebook (`create_dynamic_map`; Dettmers et al., 8-bit
+optimizers, 2022): seven decades (1e-6..1 of the block maximum), each a linear run of values
+whose count doubles with every decade upwards, so relative precision holds over six decades
+where a linear int8 grid would round every value below absmax/255 to zero. The signed book
+spends half its entries on negatives; the unsigned one (Adam's second moment) all on [0, 1].
 Storage is 1 byte per element plus 4 bytes per block (absmax, float32).
+
+The same book as bitsandbytes is what makes `adamw_bnb_8bit` and friends follow HF's runs. The codes'
+field is named for it (`dynamic_codes`): a state saved with jtrain's earlier codebook (field `codes`)
+fails orbax's structure check instead of being decoded with the wrong map.
 """
 from __future__ import annotations
 
@@ -21,33 +26,25 @@ _DECADES = 7  # magnitudes down to 1e-6 of the block maximum are representable
 
 
 class QuantizedArray(NamedTuple):
-    """uint8 codebook indices (num_blocks, block_size) and float32 absmax per block."""
+    """uint8 indices into the dynamic codebook (num_blocks, block_size) and float32 absmax per block."""
 
-    codes: jax.Array
+    dynamic_codes: jax.Array
     absmax: jax.Array
-
-
-def _decade_counts(total: int) -> list[int]:
-    """Points per decade, top decade first, halving downwards, summing to `total`."""
-    counts = [2 ** (_DECADES - 1 - k) for k in range(_DECADES)]
-    counts[0] += total - sum(counts)
-    return counts
 
 
 @functools.cache
 def codebook(signed: bool) -> np.ndarray:
-    """256 sorted code values: 0, then +/- magnitudes in (1e-6, 1] (signed) or [0, 1]."""
-    per_sign = 127 if signed else 255
-    mags = []
-    for k, n in enumerate(_decade_counts(per_sign)):
-        steps = (np.arange(n) + 1) / n
-        mags.append(10.0**-k * (0.1 + 0.9 * steps))
-    pos = np.concatenate(mags)
-    values = np.concatenate([-pos, [0.0], pos]) if signed else np.concatenate([[0.0], pos])
-    values = np.sort(values)
-    if values.size < 256:  # signed book has 255 values; pad with a duplicate of the max
-        values = np.concatenate([values, values[-1:]])
-    return values.astype(np.float32)
+    """bitsandbytes' dynamic map, sorted: decade k (scale 10^(k-6)) holds the midpoints of n_k equal
+    steps over [0.1, 1], n_k = 2^k (signed, mirrored to the negatives) or 2^(k+1) (unsigned); then 0
+    and 1. 2 x 127 + 2 = 254 + 2 = 256 entries either way."""
+    values = [0.0, 1.0]
+    for k in range(_DECADES):
+        n = 2 ** (k if signed else k + 1)
+        mids = 10.0 ** (k - (_DECADES - 1)) * (0.1 + 0.9 * (np.arange(n) + 0.5) / n)
+        values += list(mids) + (list(-mids) if signed else [])
+    book = np.sort(np.asarray(values, np.float64)).astype(np.float32)
+    assert book.size == 256
+    return book
 
 
 @functools.cache
@@ -75,7 +72,7 @@ def quantize(x: jax.Array, block_size: int, signed: bool) -> QuantizedArray:
 
 def dequantize(q: QuantizedArray, shape: tuple[int, ...], signed: bool) -> jax.Array:
     """float32 array of `shape` from its quantised blocks."""
-    values = jnp.asarray(codebook(signed))[q.codes.astype(jnp.int32)] * q.absmax[:, None]
+    values = jnp.asarray(codebook(signed))[q.dynamic_codes.astype(jnp.int32)] * q.absmax[:, None]
     size = int(np.prod(shape))
     return values.reshape(-1)[:size].reshape(shape)
 
