@@ -275,23 +275,33 @@ def opt_state_shardings(tx: Any, abstract_opt_state: Any, params_sharding: Any, 
                         mesh: Mesh) -> Any:
     """Optimizer state is sharded like its parameter (ZeRO-style); everything else is replicated.
 
-    `optax.tree_map_params` finds the state leaves that mirror params; a mirrored leaf whose shape
-    differs from its parameter's (factored statistics) is replicated, and so is an 8-bit moment
-    (`QuantizedArray`: blocks of the flattened tensor, not the parameter's layout), both its parts.
+    A copy of the param tree in the state is any subtree that has the params' structure as its
+    prefix. Its leaf positions may hold more than one array (Adafactor's factored row and column, an
+    8-bit moment's codes and scales, GaLore's projector) or none (a masked transform's `MaskedNode`):
+    a state array of its parameter's shape is sharded like it, any other is replicated. (optax's
+    `tree_map_params` finds the copies by initialising the optimizer on a placeholder, which
+    optimizers that label params by name, GaLore and APOLLO, cannot do.)
     """
-    import optax
+    del tx  # the state's structure alone says where the param copies are
+    params_def = jax.tree.structure(abstract_params)
 
-    from jtrain.optim.quantize import QuantizedArray
+    def is_param_copy(node: Any) -> bool:
+        try:
+            params_def.flatten_up_to(node)
+        except (ValueError, TypeError):
+            return False
+        return True
 
-    def like_param(state_leaf: Any, sharding: NamedSharding, param: Any) -> Any:
-        if isinstance(state_leaf, QuantizedArray):
-            return QuantizedArray(*(replicated(mesh) for _ in state_leaf))
-        return sharding if tuple(state_leaf.shape) == tuple(param.shape) else replicated(mesh)
+    def per_param(sharding: NamedSharding, param: Any, state_subtree: Any) -> Any:
+        return jax.tree.map(lambda leaf: sharding if tuple(leaf.shape) == tuple(param.shape) else replicated(mesh),
+                            state_subtree)
 
-    return optax.tree_map_params(
-        tx, like_param, abstract_opt_state, params_sharding, abstract_params,
-        transform_non_params=lambda _: replicated(mesh), is_leaf=lambda x: isinstance(x, QuantizedArray),
-    )
+    def place(node: Any) -> Any:
+        if is_param_copy(node):
+            return jax.tree.map(per_param, params_sharding, abstract_params, node)
+        return replicated(mesh)
+
+    return jax.tree.map(place, abstract_opt_state, is_leaf=is_param_copy)
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,23 @@ def test_target_matching_follows_hf() -> None:
     assert every["lm_head"]["kernel"] == LOW_RANK and every["model"]["embed_tokens"]["embedding"] == "full"
 
 
+def test_a_selected_kernel_that_is_not_2d_is_named_in_a_warning(caplog) -> None:
+    """jtrain's attention projections are head-shaped 3-D kernels, which GaLore/APOLLO do not project;
+    HF projects every nn.Linear a target selects, so the difference is said, once per set of modules."""
+    from jtrain.optim.targets import low_rank_labels
+
+    params = {**PARAMS, "attn": {"q_proj": {"kernel": jnp.ones((8, 2, 4))}}}
+    with caplog.at_level("WARNING", logger="jtrain.optim.targets"):
+        for _ in range(2):  # labels are computed at init and again when the update is traced
+            labels = low_rank_labels(params, ["q_proj", "up_proj"], "galore_adamw")
+    assert labels["attn"]["q_proj"]["kernel"] == "full"
+    assert [r.getMessage() for r in caplog.records] == [
+        "galore_adamw: optim_target_modules selects 1 kernel(s) that are not 2-D, which get plain Adam instead of "
+        "the low-rank projection (HF projects every selected nn.Linear): attn.q_proj"]
+    with pytest.raises(ValueError, match=r"selected but not 2-D: attn\.q_proj"):
+        low_rank_labels(params, ["q_proj"], "apollo_adamw")
+
+
 def test_adafactor_option_validation() -> None:
     with pytest.raises(ValueError, match="warmup_init"):
         make_optimizer("adafactor", 1e-3, optim_args="warmup_init=True")

@@ -37,12 +37,12 @@ LOSS_RTOL = 2e-6
 
 
 
-def _args(tmp_path, mesh_shape, fsdp=""):
+def _args(tmp_path, mesh_shape, fsdp="", **overrides):
     dp = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
-    return TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=GLOBAL_MICRO // dp,
-        gradient_accumulation_steps=ACCUM, learning_rate=1e-2, logging_steps=STEPS, save_strategy="no",
-        disable_tqdm=True, mesh_shape=mesh_shape, fsdp=fsdp)
+    return TrainingArguments(**{
+        **dict(output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=GLOBAL_MICRO // dp,
+               gradient_accumulation_steps=ACCUM, learning_rate=1e-2, logging_steps=STEPS, save_strategy="no",
+               disable_tqdm=True, mesh_shape=mesh_shape, fsdp=fsdp), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +199,50 @@ def test_processes_split_the_batch_axes_never_tensor():
     assert _process_grid({"data": 2, "fsdp": 2, "tensor": 2}, 4) == grid(data=2, fsdp=2)
     with pytest.raises(ConfigError, match="'tensor' stay within a process"):
         _process_grid({"data": 1, "fsdp": 1, "tensor": 8}, 2)
+
+
+# Optimizers whose state holds more, or less, than one array where its param has one: Adafactor's
+# factored row and column, 8-bit moments (codes and block scales), GaLore's projectors beside masked-out
+# params. Each trained through the Trainer used to fail building its state's shardings.
+SPECIAL_STATES = {"adamw_8bit": dict(optim_args="min_8bit_size=0"), "adafactor": {},
+                  "galore_adamw": dict(optim_target_modules=["mlp"], optim_args="rank=4")}
+
+
+@pytest.mark.parametrize("optim", list(SPECIAL_STATES))
+def test_optimizers_with_structured_state_train_on_fsdp8_like_one_device(tmp_path, start_params, dataset, optim):
+    losses = []
+    for mesh_shape in ({"data": 1}, {"fsdp": 8}):
+        args = _args(tmp_path / str(len(losses)), mesh_shape, optim=optim, logging_steps=1, **SPECIAL_STATES[optim])
+        trainer = Trainer(tiny_llama(), args, train_dataset=dataset, params=start_params)
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(losses[0]) == STEPS
+    np.testing.assert_allclose(losses[1], losses[0], rtol=LOSS_RTOL)
+
+
+def test_every_optimizers_state_is_sharded_beside_its_params():
+    """A state array of its parameter's shape takes the parameter's sharding; any other array (a factored
+    statistic, 8-bit codes or scales, a projector, a count) is replicated; a MaskedNode stays empty."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jtrain.optim import OPTIMIZER_NAMES, make_optimizer
+    from jtrain.sharding import opt_state_shardings
+
+    mesh = make_mesh({"fsdp": 8})
+    params = jax.eval_shape(tiny_llama().init, jax.random.key(0))
+    spec = lambda p: P("fsdp") if p.ndim and p.shape[0] % 8 == 0 else P()  # noqa: E731
+    params_sharding = jax.tree.map(lambda p: NamedSharding(mesh, spec(p)), params)
+    shapes = {tuple(p.shape) for p in jax.tree.leaves(params)}
+    for name in OPTIMIZER_NAMES:
+        kw = {"optim_target_modules": ["mlp"], "optim_args": "rank=4"} if name in ("galore_adamw", "apollo_adamw") \
+            else {"optim_args": "min_8bit_size=0"} if "8bit" in name else {}
+        tx = make_optimizer(name, 1e-3, **kw)
+        state = jax.eval_shape(tx.init, params)
+        placed = opt_state_shardings(tx, state, params_sharding, params, mesh)
+        assert jax.tree.structure(placed) == jax.tree.structure(state), name
+        for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(placed)):
+            if sharding.spec != P():
+                assert tuple(leaf.shape) in shapes and sharding.spec == spec(leaf), (name, leaf.shape, sharding)
+        sharded = sum(s.spec != P() for s in jax.tree.leaves(placed))
+        assert sharded > 0 or "8bit" in name or name == "sgd", name  # a full-size moment is sharded
