@@ -40,6 +40,10 @@ CASES = [
     ("gpt2-lm-token-types-scan", "gpt2", "causal_lm", {}, {"token_types": True}, {"scan_layers": True}),
     ("gpt2-seqcls", "gpt2", "sequence_classification", {"num_labels": 3}, {}, {}),
     ("bert-token", "bert", "token_classification", {"num_labels": 5}, {"token_types": True}, {}),
+    ("llama-token", "llama", "token_classification", {"num_labels": 5}, {}, {}),
+    ("gemma2-token-leftpad", "gemma2", "token_classification", {"num_labels": 5}, {"left": True}, {}),
+    ("mixtral-token", "mixtral", "token_classification", {"num_labels": 5}, {}, {}),
+    ("gpt2-token", "gpt2", "token_classification", {"num_labels": 5}, {}, {}),
     ("roberta-mlm", "roberta", "masked_lm", {}, {}, {}),
     ("roberta-seqcls", "roberta", "sequence_classification", {"num_labels": 3}, {}, {}),
 ]

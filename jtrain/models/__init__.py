@@ -1,9 +1,9 @@
 """Model architectures, the registry that builds them from HF-style configs, and HF checkpoint I/O.
 
-Architectures: llama, mistral, qwen2 (causal_lm, sequence_classification); mixtral (causal_lm: the
-Llama decoder with a mixture of experts, see `jtrain.models.moe`); gpt2 (causal_lm,
-sequence_classification); bert, roberta (masked_lm, sequence_classification,
-token_classification). Models return logits only; losses live in `jtrain.losses`.
+Architectures: llama, mistral, qwen2, qwen3, gemma, gemma2, mixtral (the Llama decoder with a mixture
+of experts, see `jtrain.models.moe`) and gpt2 (causal_lm, sequence_classification,
+token_classification); bert, roberta (masked_lm, sequence_classification, token_classification).
+Models return logits only; losses live in `jtrain.losses`.
 """
 
 from __future__ import annotations

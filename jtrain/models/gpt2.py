@@ -19,7 +19,7 @@ from jtrain.models.attention import attend, make_attention_mask
 from jtrain.models.hfconfig import HFConfig
 from jtrain.models.layers import (LayerNorm, activation, attend_layout, check_sequence_length, constrain,
                                   default_positions, dropout, dropout_rng, embed_tokens, last_token_index, normal_init,
-                                  run_layers, take_rows, zeros_init)
+                                  run_layers, take_rows, token_classifier, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
 from jtrain.models.ring_attention import ring_attention, ring_balance, uses_ring
 
@@ -208,3 +208,17 @@ class GPT2ForSequenceClassification(nn.Module):
         logits = Dense(self.cfg.num_labels, use_bias=False, dtype=jnp.dtype(self.cfg.dtype), name="score",
                           kernel_init=normal_init(self.cfg.initializer_range, ("embed", "labels")))(pooled_BD)
         return {"logits": logits.astype(jnp.float32)}
+
+
+class GPT2ForTokenClassification(nn.Module):
+    """A label per token, as HF's `GPT2ForTokenClassification`: dropout and a biased `classifier` on every
+    position (`token_classifier`); logits [B, L, labels]."""
+
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, token_type_ids=None,
+                 train=False):
+        h_BLD, _ = _transformer(self.cfg, train, input_ids, attention_mask, position_ids, segment_ids,
+                                token_type_ids)
+        return token_classifier(self, self.cfg, h_BLD, train, "classifier")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jtrain.errors import ConfigError
 from jtrain.models.cpu_attention import ATTENTION_NAME
-from jtrain.models.matmul import PRODUCT_NAME
+from jtrain.models.matmul import PRODUCT_NAME, Dense
 from jtrain.pipeline_parallel import check_stages, gpipe, microbatch_count, split_stages
 
 Initializer = Callable[..., jax.Array]
@@ -395,3 +395,18 @@ def last_token_index(input_ids_BL: jax.Array, attention_mask_BL: jax.Array | Non
 def take_rows(h_BLD: jax.Array, index_B: jax.Array) -> jax.Array:
     """h_BLD[b, index_B[b]] for every row b."""
     return jnp.take_along_axis(h_BLD, index_B[:, None, None], axis=1)[:, 0]
+
+
+def token_classifier(module: nn.Module, cfg: Any, h_BLD: jax.Array, train: bool, name: str,
+                     use_bias: bool = True) -> dict[str, jax.Array]:
+    """HF's token-classification head of its decoders (`GenericForTokenClassification`,
+    `GPT2ForTokenClassification`): dropout at the config's `classifier_dropout`, else its `hidden_dropout`,
+    else 0.1 (neither is a field of these configs, so both come from config.json's extra keys), then a
+    Dense over every position; float32 logits [B, L, labels]."""
+    extra = getattr(cfg, "extra", {})
+    rate = next((r for r in (extra.get("classifier_dropout"), extra.get("hidden_dropout")) if r is not None), 0.1)
+    x = dropout(module, float(rate), h_BLD, train)
+    logits = Dense(cfg.num_labels, use_bias=use_bias, dtype=jnp.dtype(cfg.dtype), name=name,
+                   kernel_init=normal_init(cfg.initializer_range, ("embed", "labels")),
+                   bias_init=zeros_init(("labels",)))(x)
+    return {"logits": logits.astype(jnp.float32)}

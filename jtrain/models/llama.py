@@ -20,7 +20,7 @@ from jtrain.models.attention import (AttentionMask, apply_rope, attend, make_att
 from jtrain.models.hfconfig import HFConfig
 from jtrain.models.layers import (ScaledEmbed, attend_layout, check_sequence_length, constrain,
                                   default_positions, dropout_rng, embed_tokens, gated_activation, last_token_index,
-                                  normal_init, ones_init, run_layers, take_rows, zeros_init)
+                                  normal_init, ones_init, run_layers, take_rows, token_classifier, zeros_init)
 from jtrain.models.matmul import Dense, DenseGeneral
 from jtrain.models.ring_attention import ring_attention, ring_balance, uses_ring
 
@@ -371,3 +371,16 @@ class LlamaForSequenceClassification(nn.Module):
             kernel_init=normal_init(self.cfg.initializer_range, ("embed", "labels")),
         )(pooled_BD)
         return {"logits": logits.astype(jnp.float32)}
+
+
+class LlamaForTokenClassification(nn.Module):
+    """A label per token, as HF's `GenericForTokenClassification` (Llama, Mistral, Qwen2/3, Gemma 1/2,
+    Mixtral): dropout and a biased `score` on every position (`token_classifier`); logits [B, L, labels]."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, train=False):
+        h_BLD, _ = LlamaModel(self.cfg, train, name="model")(input_ids, attention_mask, position_ids, segment_ids)
+        bias = bool(self.cfg.extra.get("token_classification_bias", True))
+        return token_classifier(self, self.cfg, h_BLD, train, "score", use_bias=bias)

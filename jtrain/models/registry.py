@@ -58,7 +58,8 @@ class Architecture:
         return self.hf_prefix + _TASK_SUFFIX[task]
 
 
-_LLAMA_HEADS = {"causal_lm": llama.LlamaForCausalLM, "sequence_classification": llama.LlamaForSequenceClassification}
+_LLAMA_HEADS = {"causal_lm": llama.LlamaForCausalLM, "sequence_classification": llama.LlamaForSequenceClassification,
+                "token_classification": llama.LlamaForTokenClassification}
 _BERT_HEADS = {"masked_lm": bert.BertForMaskedLM, "sequence_classification": bert.BertForSequenceClassification,
                "token_classification": bert.BertForTokenClassification}
 
@@ -73,7 +74,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                             model_cls=MoEModel),
     "gpt2": Architecture(
         gpt2.GPT2Config,
-        {"causal_lm": gpt2.GPT2LMHeadModel, "sequence_classification": gpt2.GPT2ForSequenceClassification},
+        {"causal_lm": gpt2.GPT2LMHeadModel, "sequence_classification": gpt2.GPT2ForSequenceClassification,
+         "token_classification": gpt2.GPT2ForTokenClassification},
         "causal_lm", ENCODER_INPUTS, "GPT2",
         conv1d_pattern=r"^transformer\.h\.\d+\.(attn|mlp)\.c_(attn|proj|fc)\.weight$",
     ),
