@@ -217,7 +217,7 @@ def build_compiled_steps(model: Model, mesh: Mesh, tx: optax.GradientTransformat
         tx = constrain_gradients(tx, train_zero_sh)
     new_scale = (lambda: LossScale.create()) if precision.loss_scaling else (lambda: None)
     abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx, rng), train_params)
-    o_sh = opt_state_shardings(tx, abstract_state.opt_state, train_zero_sh, train_params, mesh)
+    o_sh = opt_state_shardings(abstract_state.opt_state, train_zero_sh, train_params, mesh)
     scale_sh = jax.tree.map(lambda _: rep, new_scale())
     s_sh = TrainState(step=rep, params=train_sh, opt_state=o_sh, rng=rep, lr_factor=rep, skipped=rep,
                       frozen=frozen_sh, loss_scale=scale_sh)

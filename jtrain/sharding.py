@@ -271,8 +271,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def opt_state_shardings(tx: Any, abstract_opt_state: Any, params_sharding: Any, abstract_params: Any,
-                        mesh: Mesh) -> Any:
+def opt_state_shardings(abstract_opt_state: Any, params_sharding: Any, abstract_params: Any, mesh: Mesh) -> Any:
     """Optimizer state is sharded like its parameter (ZeRO-style); everything else is replicated.
 
     A copy of the param tree in the state is any subtree that has the params' structure as its
@@ -282,7 +281,6 @@ def opt_state_shardings(tx: Any, abstract_opt_state: Any, params_sharding: Any, 
     `tree_map_params` finds the copies by initialising the optimizer on a placeholder, which
     optimizers that label params by name, GaLore and APOLLO, cannot do.)
     """
-    del tx  # the state's structure alone says where the param copies are
     params_def = jax.tree.structure(abstract_params)
 
     def is_param_copy(node: Any) -> bool:

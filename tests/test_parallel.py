@@ -239,7 +239,7 @@ def test_every_optimizers_state_is_sharded_beside_its_params():
             else {"optim_args": "min_8bit_size=0"} if "8bit" in name else {}
         tx = make_optimizer(name, 1e-3, **kw)
         state = jax.eval_shape(tx.init, params)
-        placed = opt_state_shardings(tx, state, params_sharding, params, mesh)
+        placed = opt_state_shardings(state, params_sharding, params, mesh)
         assert jax.tree.structure(placed) == jax.tree.structure(state), name
         for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(placed)):
             if sharding.spec != P():
