@@ -45,7 +45,7 @@ def _jtrain_run(name: str, lr: float, optim_args: str | None, **optimizer_kw) ->
 
 
 def _torch_distance(a: TorchMLP, b: TorchMLP) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a.parameters(), b.parameters()))
+    return max(float((x - y).detach().abs().max()) for x, y in zip(a.parameters(), b.parameters()))
 
 
 def test_the_codebooks_are_bitsandbytes_dynamic_maps() -> None:
