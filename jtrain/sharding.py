@@ -277,10 +277,13 @@ def opt_state_shardings(abstract_opt_state: Any, params_sharding: Any, abstract_
     A copy of the param tree in the state is any subtree that has the params' structure as its
     prefix. Its leaf positions may hold more than one array (Adafactor's factored row and column, an
     8-bit moment's codes and scales, GaLore's projector) or none (a masked transform's `MaskedNode`):
-    a state array of its parameter's shape is sharded like it, any other is replicated. (optax's
+    a state array of its parameter's shape is sharded like it, an 8-bit moment's blocks over the same
+    mesh axes (`_blocks_sharding`), any other array is replicated. (optax's
     `tree_map_params` finds the copies by initialising the optimizer on a placeholder, which
     optimizers that label params by name, GaLore and APOLLO, cannot do.)
     """
+    from jtrain.optim.quantize import QuantizedArray
+
     params_def = jax.tree.structure(abstract_params)
 
     def is_param_copy(node: Any) -> bool:
@@ -291,6 +294,8 @@ def opt_state_shardings(abstract_opt_state: Any, params_sharding: Any, abstract_
         return True
 
     def per_param(sharding: NamedSharding, param: Any, state_subtree: Any) -> Any:
+        if isinstance(state_subtree, QuantizedArray):
+            return _blocks_sharding(state_subtree, sharding, mesh)
         return jax.tree.map(lambda leaf: sharding if tuple(leaf.shape) == tuple(param.shape) else replicated(mesh),
                             state_subtree)
 
@@ -300,6 +305,21 @@ def opt_state_shardings(abstract_opt_state: Any, params_sharding: Any, abstract_
         return replicated(mesh)
 
     return jax.tree.map(place, abstract_opt_state, is_leaf=is_param_copy)
+
+
+def _blocks_sharding(moment: Any, param_sharding: NamedSharding, mesh: Mesh) -> Any:
+    """An 8-bit moment's blocks (of its flattened parameter) split over every mesh axis that splits the
+    parameter, when they divide evenly, else replicated: FSDP then holds 1/n of the 8-bit state per device
+    as of the float32 one. Where the parameter is split along its first axis and each device's share is
+    whole blocks, the two layouts coincide; otherwise XLA moves the blocks (correct either way)."""
+    from jtrain.optim.quantize import QuantizedArray
+
+    axes = tuple(a for entry in param_sharding.spec if entry is not None
+                 for a in (entry if isinstance(entry, tuple) else (entry,)))
+    size = math.prod(mesh.shape[a] for a in axes)
+    if not axes or moment.absmax.shape[0] % size:
+        return QuantizedArray(replicated(mesh), replicated(mesh))
+    return QuantizedArray(NamedSharding(mesh, P(axes, None)), NamedSharding(mesh, P(axes)))
 
 
 @dataclass(frozen=True)

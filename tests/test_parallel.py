@@ -222,11 +222,12 @@ def test_optimizers_with_structured_state_train_on_fsdp8_like_one_device(tmp_pat
 
 def test_every_optimizers_state_is_sharded_beside_its_params():
     """A state array of its parameter's shape takes the parameter's sharding; any other array (a factored
-    statistic, 8-bit codes or scales, a projector, a count) is replicated; a MaskedNode stays empty."""
+    statistic, a projector, a count) is replicated, 8-bit blocks aside; a MaskedNode stays empty."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from jtrain.optim import OPTIMIZER_NAMES, make_optimizer
+    from jtrain.optim.quantize import QuantizedArray
     from jtrain.sharding import opt_state_shardings
 
     mesh = make_mesh({"fsdp": 8})
@@ -241,8 +242,32 @@ def test_every_optimizers_state_is_sharded_beside_its_params():
         state = jax.eval_shape(tx.init, params)
         placed = opt_state_shardings(state, params_sharding, params, mesh)
         assert jax.tree.structure(placed) == jax.tree.structure(state), name
-        for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(placed)):
-            if sharding.spec != P():
+        blocks = lambda x: isinstance(x, QuantizedArray)  # noqa: E731  (their split: the test below)
+        for leaf, sharding in zip(jax.tree.leaves(state, is_leaf=blocks), jax.tree.leaves(placed, is_leaf=blocks)):
+            if not blocks(leaf) and sharding.spec != P():
                 assert tuple(leaf.shape) in shapes and sharding.spec == spec(leaf), (name, leaf.shape, sharding)
         sharded = sum(s.spec != P() for s in jax.tree.leaves(placed))
-        assert sharded > 0 or "8bit" in name or name == "sgd", name  # a full-size moment is sharded
+        assert sharded > 0 or name == "sgd", name  # a full-size (or 8-bit) moment is split
+
+
+def test_8bit_moments_are_split_over_the_axes_that_split_their_params():
+    """FSDP with an 8-bit optimizer: each moment's blocks go over the param's mesh axes, so a device holds an
+    eighth of the 8-bit state on fsdp=8 (replicated, it held more optimizer state than float32 AdamW's
+    sharded moments); blocks that do not divide stay replicated."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jtrain.optim import make_optimizer
+    from jtrain.optim.quantize import QuantizedArray
+    from jtrain.sharding import opt_state_shardings
+
+    mesh = make_mesh({"fsdp": 8})
+    params = {"big": jax.ShapeDtypeStruct((64, 256), np.float32), "odd": jax.ShapeDtypeStruct((8, 96), np.float32)}
+    shardings = {k: NamedSharding(mesh, P("fsdp", None)) for k in params}
+    tx = make_optimizer("adamw_8bit", 1e-3, optim_args="min_8bit_size=0")
+    placed = opt_state_shardings(jax.eval_shape(tx.init, params), shardings, params, mesh)
+    moments = [node for node in jax.tree.leaves(placed, is_leaf=lambda x: isinstance(x, QuantizedArray))
+               if isinstance(node, QuantizedArray)]
+    big = [m for m in moments if m.absmax.spec == P(("fsdp",))]
+    assert len(big) == 2 and all(m.dynamic_codes.spec == P(("fsdp",), None) for m in big)  # 64 blocks over 8
+    assert sum(m.absmax.spec == P() for m in moments) == 2  # "odd": 3 blocks of 256 do not divide over 8
