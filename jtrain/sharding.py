@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jtrain.errors import ConfigError
+from jtrain.optim.quantize import QuantizedArray
 
 # Outermost first: the axes that talk least (data: once per update; stage: one activation
 # hand-off per micro-batch) go outermost, where a multi-host mesh puts the slower network.
@@ -282,8 +283,6 @@ def opt_state_shardings(abstract_opt_state: Any, params_sharding: Any, abstract_
     `tree_map_params` finds the copies by initialising the optimizer on a placeholder, which
     optimizers that label params by name, GaLore and APOLLO, cannot do.)
     """
-    from jtrain.optim.quantize import QuantizedArray
-
     params_def = jax.tree.structure(abstract_params)
 
     def is_param_copy(node: Any) -> bool:
@@ -312,8 +311,6 @@ def _blocks_sharding(moment: Any, param_sharding: NamedSharding, mesh: Mesh) -> 
     parameter, when they divide evenly, else replicated: FSDP then holds 1/n of the 8-bit state per device
     as of the float32 one. Where the parameter is split along its first axis and each device's share is
     whole blocks, the two layouts coincide; otherwise XLA moves the blocks (correct either way)."""
-    from jtrain.optim.quantize import QuantizedArray
-
     axes = tuple(a for entry in param_sharding.spec if entry is not None
                  for a in (entry if isinstance(entry, tuple) else (entry,)))
     size = math.prod(mesh.shape[a] for a in axes)

@@ -11,37 +11,25 @@ import bitsandbytes.functional as bnb_functional
 import numpy as np
 import pytest
 import torch
-from test_optim_problems import (
-    TorchMLP,
-    hf_param_groups,
-    jax_params_from_torch,
-    linear_warmup_decay,
-    make_batches,
-    max_abs_diff,
-    run_jax,
-    run_torch,
-)
-from test_optim_torch_parity import CLIP, STEPS, TOL, WARMUP, WD
+from test_optim_problems import TorchMLP, hf_param_groups, make_batches, run_torch
+from test_optim_torch_parity import CLIP, STEPS, TOL, WARMUP, WD, _compare
 from transformers import get_linear_schedule_with_warmup
 
-from jtrain.optim import make_optimizer
 from jtrain.optim.quantize import codebook
 
 
+def _bnb(torch_class, **kwargs):
+    """A `_compare` factory: bitsandbytes' optimizer over HF's param groups."""
+    return lambda groups, lr: torch_class(groups, lr=lr, **kwargs)
+
+
 def _torch_run(torch_class, lr: float, kwargs: dict) -> TorchMLP:
+    """The torch side of `_compare` alone, for comparing two bitsandbytes runs with each other."""
     torch.manual_seed(1)
     model = TorchMLP()
     opt = torch_class(hf_param_groups(model, WD), lr=lr, **kwargs)
     run_torch(model, opt, make_batches(STEPS, seed=1), CLIP, get_linear_schedule_with_warmup(opt, WARMUP, STEPS))
     return model
-
-
-def _jtrain_run(name: str, lr: float, optim_args: str | None, **optimizer_kw) -> dict:
-    torch.manual_seed(1)
-    start = jax_params_from_torch(TorchMLP())
-    opt = make_optimizer(name, linear_warmup_decay(lr, WARMUP, STEPS), weight_decay=WD, max_grad_norm=CLIP,
-                         optim_args=optim_args, **optimizer_kw)
-    return run_jax(start, opt, make_batches(STEPS, seed=1))
 
 
 def _torch_distance(a: TorchMLP, b: TorchMLP) -> float:
@@ -62,16 +50,14 @@ def test_the_codebooks_are_bitsandbytes_dynamic_maps() -> None:
 ], ids=["adamw_32bit", "lion_32bit", "rmsprop_bnb_32bit"])
 def test_32bit_updates_match_bitsandbytes(name, torch_class, lr, kwargs, optimizer_kw) -> None:
     """The same float32 arithmetic as bitsandbytes' 32-bit kernels: TOL as for torch's optimizers."""
-    model = _torch_run(torch_class, lr, kwargs)
-    assert max_abs_diff(_jtrain_run(name, lr, None, **optimizer_kw), model) <= TOL
+    assert _compare(_bnb(torch_class, **kwargs), name, lr, None, **optimizer_kw) <= TOL
 
 
 def test_lion_8bit_matches_bitsandbytes() -> None:
     """Lion's update is a sign: the momentum's 8-bit rounding rarely flips one, so the runs agree to TOL.
     jtrain's earlier codebook (its own decades) moved the params 34% of the distance travelled away."""
-    kwargs = dict(betas=(0.9, 0.99), min_8bit_size=0)
-    model = _torch_run(bnb.optim.Lion8bit, 5e-3, kwargs)
-    assert max_abs_diff(_jtrain_run("lion_8bit", 5e-3, "min_8bit_size=0", adam_beta2=0.99), model) <= TOL
+    lion = _bnb(bnb.optim.Lion8bit, betas=(0.9, 0.99), min_8bit_size=0)
+    assert _compare(lion, "lion_8bit", 5e-3, "min_8bit_size=0", adam_beta2=0.99) <= TOL
 
 
 @pytest.mark.parametrize("name, eight_bit, thirty_two_bit, lr, kwargs", [
@@ -85,7 +71,7 @@ def test_8bit_runs_follow_bitsandbytes_closer_than_its_own_32bit_run(name, eight
     more codes away. So the two 8-bit runs are not equal; the bound is half of what 8-bit storage itself
     moves bitsandbytes' run (its 8-bit against its 32-bit run). Measured: 0.26 (AdamW) and 0.34 (RMSprop)
     of it; jtrain's earlier storage (its own codebook, sqrt(v) in the unsigned map) was at 1.30 and 1.16."""
-    reference = _torch_run(eight_bit, lr, {**kwargs, "min_8bit_size": 0})
-    storage_effect = _torch_distance(reference, _torch_run(thirty_two_bit, lr, kwargs))
-    ours = max_abs_diff(_jtrain_run(name, lr, "min_8bit_size=0"), reference)
+    storage_effect = _torch_distance(_torch_run(eight_bit, lr, {**kwargs, "min_8bit_size": 0}),
+                                     _torch_run(thirty_two_bit, lr, kwargs))
+    ours = _compare(_bnb(eight_bit, min_8bit_size=0, **kwargs), name, lr, "min_8bit_size=0")
     assert ours < 0.5 * storage_effect, (ours, storage_effect)

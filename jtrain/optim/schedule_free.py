@@ -11,7 +11,7 @@ reports a worse loss than the run has actually reached.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +38,8 @@ def schedule_free_adamw(
     """AdamW without momentum under schedule-free averaging; decay masked, taken at y, and scaled by
     the rate with the normalised gradient, as schedulefree's AdamWScheduleFree. `warmup_steps` is
     schedulefree's own ramp (HF passes its `warmup_steps` to it), on top of HF's scheduler."""
-    direction = optax.chain(
-        optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True),
-        optax.add_decayed_weights(weight_decay, mask),
-    )
-    return _averaged(direction, learning_rate, _warmup(warmup_steps), b1, weight_lr_power)
+    return _averaged(_adam_direction(b2, eps, weight_decay, mask), learning_rate, _warmup(warmup_steps), b1,
+                     weight_lr_power)
 
 
 def schedule_free_radam(
@@ -58,9 +55,10 @@ def schedule_free_radam(
     """schedulefree's RAdamScheduleFree as HF builds it (no warm-up of its own, `silent_sgd_phase`):
     while RAdam's variance estimate is not yet defined (rho_t <= 4: the first 4 updates at b2 = 0.999)
     the rate is 0 and only the second moment moves; after that the Adam step's rate is scaled by the
-    rectification term, which rises towards 1. Decay is taken at y, as the AdamW variant's."""
-    direction = optax.chain(_scale_by_rectified_rms(b2, eps), optax.add_decayed_weights(weight_decay, mask))
-    return _averaged(direction, learning_rate, lambda k: _rectification(b2, k + 1), b1, weight_lr_power)
+    rectification term, which rises towards 1. The direction is AdamW's: schedulefree steps with the raw
+    gradient while rho_t <= 4, but at rate 0, where the two directions give the same update."""
+    return _averaged(_adam_direction(b2, eps, weight_decay, mask), learning_rate,
+                     lambda k: _rectification(b2, k + 1), b1, weight_lr_power)
 
 
 def schedule_free_sgd(
@@ -76,6 +74,13 @@ def schedule_free_sgd(
     schedule-free averaging with interpolation `momentum`; the warm-up as schedule_free_adamw's."""
     return _averaged(optax.add_decayed_weights(weight_decay, mask), learning_rate, _warmup(warmup_steps), momentum,
                      weight_lr_power)
+
+
+def _adam_direction(b2: float, eps: float, weight_decay: float, mask: Any) -> optax.GradientTransformation:
+    """Adam's normalised gradient without momentum (bias-corrected, eps outside the root), plus the
+    masked decay taken at y, before the rate."""
+    return optax.chain(optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True),
+                       optax.add_decayed_weights(weight_decay, mask))
 
 
 def _warmup(warmup_steps: int) -> Ramp | None:
@@ -107,31 +112,6 @@ def _rectification(b2: float, t: jax.Array) -> jax.Array:
     safe = jnp.where(defined, rho, 5.0)  # keeps the unused branch's square root finite
     rect = jnp.sqrt((safe - 4) * (safe - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * safe))
     return jnp.where(defined, rect, 0.0)
-
-
-class RectifiedRmsState(NamedTuple):
-    count: jax.Array  # updates so far
-    nu: Any  # the bias-uncorrected second moment
-
-
-def _scale_by_rectified_rms(b2: float, eps: float) -> optax.GradientTransformation:
-    """RAdam's direction: g / (sqrt(nu / (1 - b2^t)) + eps) once rho_t > 4, the raw gradient before
-    (its rate is 0 then, so only nu moves)."""
-
-    def init(params: Any) -> RectifiedRmsState:
-        return RectifiedRmsState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
-
-    def update(grads: Any, state: RectifiedRmsState, params: Any = None) -> tuple[Any, RectifiedRmsState]:
-        del params
-        t = state.count + 1
-        nu = jax.tree.map(lambda n, g: b2 * n + (1 - b2) * g * g, state.nu, grads)
-        correction = -jnp.expm1(t.astype(jnp.float32) * math.log(b2))
-        adam = _rho(b2, t) > 4.0
-        out = jax.tree.map(lambda g, n: jnp.where(adam, g / (jnp.sqrt(n / correction) + eps), g).astype(g.dtype),
-                           grads, nu)
-        return out, RectifiedRmsState(t, nu)
-
-    return optax.GradientTransformation(init, update)
 
 
 def _rate(learning_rate: float | optax.Schedule, ramp: Ramp | None, schedule_count: jax.Array,
