@@ -147,7 +147,7 @@ def test_clipping_takes_the_steps_norm() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["adamw_torch", "adamw_8bit", "adamw_bf16", "lion", "muon", "galore_adamw", "apollo_adamw", "adafactor", "sgd"],
+    ["adamw_torch", "adamw_8bit", "adamw_bf16", "lion", "muon", "adafactor", "sgd"],
 )
 def test_decay_is_masked_and_follows_the_schedule(name: str) -> None:
     """torch semantics p -= lr(t) * wd * p: with zero grads every direction is 0 and the
@@ -163,6 +163,20 @@ def test_decay_is_masked_and_follows_the_schedule(name: str) -> None:
         expected = jax.tree.map(lambda p, m: -lr * 0.1 * p if m else jnp.zeros_like(p), PARAMS, mask)
         # exact up to float32 rounding of lr * wd * p with p = 1
         jax.tree.map(lambda u, e: np.testing.assert_allclose(u, e, rtol=1e-6, atol=0), updates, expected)
+
+
+def test_low_rank_optimizers_decay_nothing_and_say_so_as_hf_builds_them(caplog) -> None:
+    """HF's Trainer builds galore_torch's / apollo_torch's AdamW with the learning rate only (their weight decay
+    0.0; GaLore also keeps the package's betas and eps 1e-6): jtrain does the same, and the warning names what
+    was set and not applied (tests/test_optim_lowrank_parity.py: the same numbers as the packages)."""
+    zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+    for name, said in (("galore_adamw", "weight_decay=0.1, adam_epsilon=1e-06"), ("apollo_adamw", "weight_decay=0.1")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="jtrain.optim.builders"):
+            opt = make_optimizer(name, 1.0, weight_decay=0.1, adam_epsilon=1e-6, **_kwargs(name))
+        updates, _ = jax.jit(opt.update)(zeros, opt.init(PARAMS), PARAMS)
+        assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates)), name
+        assert f"{name}: {said} not applied: HF's Trainer builds" in caplog.text
 
 
 def test_low_rank_optimizers_need_targets() -> None:
@@ -191,8 +205,8 @@ def test_target_matching_follows_hf() -> None:
 
 
 def test_a_selected_kernel_that_is_not_2d_is_named_in_a_warning(caplog) -> None:
-    """jtrain's attention projections are head-shaped 3-D kernels, which GaLore/APOLLO do not project;
-    HF projects every nn.Linear a target selects, so the difference is said, once per set of modules."""
+    """Without the model's layout a 3-D kernel cannot be read as a matrix: it gets plain Adam, and the
+    warning says so, once per set of modules."""
     from jtrain.optim.targets import low_rank_labels
 
     params = {**PARAMS, "attn": {"q_proj": {"kernel": jnp.ones((8, 2, 4))}}}
@@ -200,11 +214,60 @@ def test_a_selected_kernel_that_is_not_2d_is_named_in_a_warning(caplog) -> None:
         for _ in range(2):  # labels are computed at init and again when the update is traced
             labels = low_rank_labels(params, ["q_proj", "up_proj"], "galore_adamw")
     assert labels["attn"]["q_proj"]["kernel"] == "full"
-    assert [r.getMessage() for r in caplog.records] == [
-        "galore_adamw: optim_target_modules selects 1 kernel(s) that are not 2-D, which get plain Adam instead of "
-        "the low-rank projection (HF projects every selected nn.Linear): attn.q_proj"]
-    with pytest.raises(ValueError, match=r"selected but not 2-D: attn\.q_proj"):
+    assert len(caplog.records) == 1
+    assert caplog.records[0].getMessage().startswith(
+        "galore_adamw: optim_target_modules selects 1 kernel(s) that are not 2-D, which get plain Adam (pass "
+        "make_optimizer the model's param_layout")
+    with pytest.raises(ValueError, match=r"selected but not: attn\.q_proj"):
         low_rank_labels(params, ["q_proj"], "apollo_adamw")
+
+
+@pytest.mark.parametrize("model_type, options", [("llama", {}), ("llama", {"scan_layers": True}), ("gpt2", {}),
+                                                 ("mixtral", {})])
+def test_with_the_models_layout_hfs_linear_weights_are_selected_by_hfs_names(model_type, options, caplog) -> None:
+    """The Trainer's layout: head-shaped and scanned kernels qualify (as HF's q_proj/o_proj Linear weights),
+    names are HF's (`layers.0`, not `layers_0`), and what is not an nn.Linear in transformers 5 (GPT-2's Conv1D,
+    Mixtral's router and stacked experts) gets plain Adam with HF's warning (checked against HF's own module
+    types for these configs)."""
+    from jtrain.models import create_model
+    from jtrain.models.hub import model_leaf_maps
+    from jtrain.optim.paths import named_leaves
+    from jtrain.optim.targets import LOW_RANK, linear_layout, low_rank_labels
+
+    tiny = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, n_embd=32, n_layer=2, n_head=4)
+    model = create_model(model_type, tiny, **options)
+    layout = linear_layout(model_leaf_maps(model))
+    params = model.abstract_params()
+    if model_type == "gpt2":  # its only nn.Linear, lm_head, is tied to the embedding: nothing to project
+        nothing = r"only HF nn.Linear weights qualify \(selected but not: transformer\.h\.0\.attn\.c_attn"
+        with caplog.at_level("WARNING", logger="jtrain.optim.targets"), pytest.raises(ValueError, match=nothing):
+            low_rank_labels(params, "all-linear", "galore_adamw", layout)
+        assert "8 weight(s) that are not nn.Linear in HF" in caplog.text
+        return
+    with caplog.at_level("WARNING", logger="jtrain.optim.targets"):
+        labels = dict(named_leaves(low_rank_labels(params, "all-linear", "galore_adamw", layout)))
+    chosen = [name for name, label in labels.items() if label == LOW_RANK]
+    assert {m for name in chosen for m in layout[name].modules} == _hf_linear_modules(model_type, tiny)
+    assert any(".layer." in name for name in chosen) == bool(options.get("scan_layers"))
+    assert ("not nn.Linear in HF" in caplog.text) == (model_type == "mixtral")  # its router and stacked experts
+    one = r"model\.layers\.1\.self_attn\.q_proj"
+    if options.get("scan_layers"):  # one stacked kernel holds layers 0 and 1
+        with pytest.raises(ValueError, match="selects only some layers of the scanned kernel"):
+            low_rank_labels(params, one, "galore_adamw", layout)
+    else:
+        labels = named_leaves(low_rank_labels(params, one, "galore_adamw", layout))
+        assert [n for n, label in labels if label == LOW_RANK] == ["model.layers_1.self_attn.q_proj.kernel"]
+
+
+def _hf_linear_modules(model_type: str, config: dict) -> set[str]:
+    """The modules HF's GaLore/APOLLO set-up projects: nn.Linear modules whose weight is a parameter of its own."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **config))
+    own = {name for name, _ in hf.named_parameters()}
+    return {n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and f"{n}.weight" in own}
 
 
 def test_adafactor_option_validation() -> None:

@@ -9,6 +9,10 @@ axis ("channel"), or one ratio for the whole tensor ("tensor"). The update is th
 norm may grow at most 1.01x per step) and multiplied by sqrt(scale), as the reference
 implementation does (APOLLO-Mini uses rank 1, scale_type "tensor", scale 128).
 
+As in apollo_torch, the Adam step is transformers' original one: the scaling reads the uncorrected
+m / (sqrt(v) + eps), and the bias corrections sqrt(1 - b2^t) / (1 - b1^t) multiply the limited update.
+Kernels are seen as HF's Linear weights (`MatrixView`, one matrix per scanned layer; see `galore`).
+
 The projection is redrawn every `update_proj_gap` steps. Rather than storing it, it is
 regenerated each step from a key folded with `step // update_proj_gap`: the same matrices
 as a stored projector, no projector memory, and trivially jit-compatible.
@@ -23,7 +27,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jtrain.optim.galore import check_proj_type, low_rank_shapes, projects_left
+from jtrain.optim.galore import (ViewOf, as_matrices, batched_zeros, check_proj_type, low_rank_shapes,
+                                 projects_left)
+from jtrain.optim.paths import map_with_names, named_leaves
+from jtrain.optim.targets import PLAIN
+from jtrain.optim.transforms import bias_correction
 
 SCALE_TYPES = ("channel", "tensor")
 _TINY = 1e-8  # the reference implementation's guard against dividing by a zero norm
@@ -69,32 +77,39 @@ def scale_by_apollo(
     b2: float,
     eps: float,
     seed: int = 0,
+    view_of: ViewOf = lambda name: PLAIN,
 ) -> optax.GradientTransformation:
-    """APOLLO direction for 2-D leaves (use inside `optax.partition` on targeted leaves)."""
+    """APOLLO direction for targeted kernels (use inside `optax.partition`); `view_of` maps a leaf's
+    dotted name to its matrix view."""
     if scale_type not in SCALE_TYPES:
         raise ValueError(f"apollo scale_type must be one of {SCALE_TYPES}, got {scale_type!r}")
     check_proj_type(proj_type)
 
-    def init(params):
-        def low(p):
-            shape = low_rank_shapes(p.shape, rank, projects_left(p.shape, proj_type))[1]
-            return jnp.zeros(shape, jnp.float32)
+    def low_shape(a: int, b: int) -> tuple[int, int]:
+        return low_rank_shapes(a, b, rank, projects_left(a, b, proj_type))[1]
 
-        mom = jax.tree.map(low, params)
-        prev = jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params)
+    def init(params):
+        mom = map_with_names(lambda n, p: batched_zeros(p.shape, view_of(n), low_shape), params)
+        prev = map_with_names(lambda n, p: batched_zeros(p.shape, view_of(n), lambda a, b: ()), params)
         return ApolloState(jnp.zeros([], jnp.int32), mom, mom, prev)
 
-    def leaf(g, m, v, prev, key, first, t):
-        left = projects_left(g.shape, proj_type)
-        p_shape = low_rank_shapes(g.shape, rank, left)[0]
-        p = random_projector(key, p_shape)
-        g32 = g.astype(jnp.float32)
-        low = p.T @ g32 if left else g32 @ p
+    def one(mat, m, v, prev, key, first, left):
+        p = random_projector(key, low_rank_shapes(*mat.shape, rank, left)[0])
+        low = p.T @ mat if left else mat @ p
         m = b1 * m + (1 - b1) * low
         v = b2 * v + (1 - b2) * low * low
-        n = (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps)
-        u, norm = _limit_growth(g32 * _scaling(n, low, left, scale_type), prev, first)
-        return (u * math.sqrt(scale)).astype(g.dtype), m, v, norm
+        u, norm = _limit_growth(mat * _scaling(m / (jnp.sqrt(v) + eps), low, left, scale_type), prev, first)
+        return u, m, v, norm
+
+    def leaf(g, view, m, v, prev, key, first, t):
+        mats, batch = as_matrices(g.astype(jnp.float32), view)
+        left = projects_left(mats.shape[1], mats.shape[2], proj_type)
+        stack = lambda s: s.reshape((mats.shape[0],) + s.shape[len(batch):])  # noqa: E731
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(mats.shape[0])) if batch else key[None]
+        u, m, v, norm = jax.vmap(lambda *xs: one(*xs, first, left))(mats, stack(m), stack(v), stack(prev), keys)
+        step = math.sqrt(scale) * jnp.sqrt(bias_correction(b2, t)) / bias_correction(b1, t)
+        unstack = lambda s: s.reshape(batch + s.shape[1:])  # noqa: E731
+        return (u * step).reshape(g.shape).astype(g.dtype), unstack(m), unstack(v), unstack(norm)
 
     def update(updates, state, params=None):
         del params
@@ -102,11 +117,11 @@ def scale_by_apollo(
         first = state.count == 0
         count = optax.safe_increment(state.count)
         t = count.astype(jnp.float32)
-        leaves, treedef = jax.tree.flatten(updates)
+        treedef = jax.tree.structure(updates)
         rest = [treedef.flatten_up_to(s) for s in (state.mu, state.nu, state.prev_norm)]
         outs = [
-            leaf(g, m, v, pn, jax.random.fold_in(period_key, i), first, t)
-            for i, (g, m, v, pn) in enumerate(zip(leaves, *rest))
+            leaf(g, view_of(n), m, v, pn, jax.random.fold_in(period_key, i), first, t)
+            for i, ((n, g), m, v, pn) in enumerate(zip(named_leaves(updates), *rest))
         ]
         trees = [treedef.unflatten([o[i] for o in outs]) for i in range(4)]
         return trees[0], ApolloState(count, *trees[1:])

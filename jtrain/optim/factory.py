@@ -18,6 +18,7 @@ import optax
 from jtrain.optim import builders, fused_adamw
 from jtrain.optim.args import resolve_optim_args
 from jtrain.optim.decay_mask import decay_mask
+from jtrain.optim.targets import Layout
 from jtrain.optim.transforms import clip_by_global_norm_torch
 
 
@@ -35,6 +36,7 @@ class OptimizerConfig:
     extra: Mapping[str, Any]
     warmup_steps: int = 0  # TrainingArguments' warmup, which HF hands to the schedule-free optimizers
     peak_learning_rate: float | None = None  # TrainingArguments' learning_rate, the rate HF builds them with
+    param_layout: Layout | None = None  # the model's HF Linear weights, for GaLore/APOLLO (targets.linear_layout)
 
 
 _REGISTRY: dict[str, tuple[Callable[[OptimizerConfig], optax.GradientTransformation], dict]] = {
@@ -122,6 +124,7 @@ def make_optimizer(
     optim_target_modules: list[str] | str | None = None,
     warmup_steps: int = 0,
     peak_learning_rate: float | None = None,
+    param_layout: Layout | None = None,
 ) -> optax.GradientTransformation:
     """One optax chain: global-norm clipping (HF clips before the optimizer step) -> optimizer
     with weight decay masked by `decay_mask`.
@@ -132,7 +135,9 @@ def make_optimizer(
     `warmup_steps` is what HF hands the schedule-free optimizers (TrainingArguments' warmup, a
     ramp inside the optimizer); `optim_args` `warmup_steps` overrides it, and others ignore it.
     `peak_learning_rate` is the rate HF builds the optimizer with, which stable_adamw's `decouple_lr`
-    takes as its `max_lr` when `learning_rate` is a schedule.
+    takes as its `max_lr` when `learning_rate` is a schedule. `param_layout` (`targets.linear_layout` of the
+    model's conversion maps; the Trainer passes it) lets GaLore/APOLLO select and project kernels as HF's
+    nn.Linear weights; without it they take 2-D `kernel` leaves.
 
     Example:
         >>> opt = make_optimizer("adamw_torch", 3e-4, weight_decay=0.01)
@@ -152,6 +157,7 @@ def make_optimizer(
         extra=resolve_optim_args(name, optim_args, spec),
         warmup_steps=int(warmup_steps),
         peak_learning_rate=peak_learning_rate,
+        param_layout=param_layout,
     )
     tx = _clipped(build(config), max_grad_norm)
     if build is builders.adamw:  # the train step may run this chain as one pass per parameter on the CPU

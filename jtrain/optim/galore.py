@@ -1,24 +1,35 @@
 """GaLore (Zhao et al., 2024): Adam in a rank-r subspace of each targeted weight's gradient.
 
-For a targeted (a, b) kernel the gradient G is projected onto the top-r singular vectors of
-the side that is reduced ("std": the smaller of a, b), Adam moments live in that (r x max)
-space, and the Adam direction is projected back and multiplied by `scale`. The projector is
-recomputed by SVD of the current gradient on steps 0, gap, 2*gap, ... inside `lax.cond`,
-so the whole update stays one jitted function and the SVD only runs on refresh steps.
-Moments are kept across refreshes, as in the reference implementation.
+Each targeted kernel is seen as HF's Linear weight, a matrix of its `MatrixView` (one per scanned
+layer). Its gradient G is projected onto the top-r singular vectors of the side that is reduced
+("std": the input side when out >= in, as galore_torch decides on torch's (out, in) weight; "left"
+and "right" name torch's sides), Adam moments live in that (r x other) space, and the Adam
+direction is projected back and multiplied by `scale`. The projector is recomputed by SVD of the
+current gradient on steps 0, gap, 2*gap, ... inside `lax.cond`, so the whole update stays one
+jitted function and the SVD only runs on refresh steps. Moments are kept across refreshes and the
+Adam step is transformers' original one (`transforms.transformers_adam_direction`), as in galore_torch.
 
-State per targeted weight: projector (min(a,b) x r) + 2 moments of r x max(a,b), instead of
-AdamW's 2 x a x b. Untargeted leaves get ordinary AdamW (see factory).
+jtrain kernels are (in, out), the transpose of torch's weight: "left" here means the input axis
+(the first) is reduced, low = P^T G, which is galore_torch's "right" projection of G^T.
+
+State per targeted matrix: projector (reduced side x r) + 2 moments of r x (other side), instead of
+AdamW's 2 x in x out. Untargeted leaves get plain Adam (see builders).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jtrain.optim.paths import map_with_names, named_leaves
+from jtrain.optim.targets import PLAIN, MatrixView
+from jtrain.optim.transforms import transformers_adam_direction
+
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
+ViewOf = Callable[[str], MatrixView]
 
 
 class GaloreState(NamedTuple):
@@ -36,20 +47,21 @@ def check_proj_type(proj_type: str) -> None:
         raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
 
 
-def projects_left(shape: tuple[int, ...], proj_type: str) -> bool:
-    """True when the first axis is reduced (low-rank grad = P^T G), as GaLore picks it."""
-    a, b = shape
+def projects_left(a: int, b: int, proj_type: str) -> bool:
+    """True when the input axis (a) of an (in=a, out=b) matrix is reduced (low = P^T G).
+
+    galore_torch decides on torch's (out, in) weight: "std" reduces the input side when out >= in,
+    "reverse_std" the output side then; its "right" reduces the input side, its "left" the output side."""
     if proj_type == "std":
-        return a < b
+        return b >= a
     if proj_type == "reverse_std":
-        return a >= b
+        return b < a
     check_proj_type(proj_type)
-    return proj_type == "left"
+    return proj_type == "right"
 
 
-def low_rank_shapes(shape: tuple[int, ...], rank: int, left: bool) -> tuple[tuple, tuple]:
-    """(projector shape, low-rank gradient shape) for a 2-D weight."""
-    a, b = shape
+def low_rank_shapes(a: int, b: int, rank: int, left: bool) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(projector shape, low-rank gradient shape) of an (a, b) matrix."""
     r = min(rank, a, b)
     return ((a, r), (r, b)) if left else ((b, r), (a, r))
 
@@ -63,44 +75,71 @@ def project_back(low: jax.Array, p: jax.Array, left: bool) -> jax.Array:
 
 
 def svd_projector(g: jax.Array, rank: int, left: bool) -> jax.Array:
-    """Top-`rank` left (or right) singular vectors of g, as columns."""
+    """Top-`rank` singular vectors of the reduced side of g, as columns, each signed so that its largest
+    entry is positive. A singular vector's sign is LAPACK's choice and differs between libraries (torch
+    and JAX disagree on wide matrices) and devices; the moments kept across a refresh depend on it, so
+    jtrain fixes it, and the same run gives the same projectors on every backend."""
     u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
-    return u[:, :rank] if left else vh[:rank, :].T
+    return canonical_signs(u[:, :rank] if left else vh[:rank, :].T)
 
 
-def scale_by_galore(
-    rank: int, update_proj_gap: int, scale: float, proj_type: str, b1: float, b2: float, eps: float
-) -> optax.GradientTransformation:
-    """GaLore-Adam direction for 2-D leaves (use inside `optax.partition` on targeted leaves)."""
+def canonical_signs(p: jax.Array) -> jax.Array:
+    """p with each column multiplied by the sign of its largest-magnitude entry."""
+    largest = jnp.take_along_axis(p, jnp.argmax(jnp.abs(p), axis=0)[None, :], axis=0)
+    return p * jnp.where(largest < 0, -1.0, 1.0)
+
+
+def as_matrices(x: jax.Array, view: MatrixView) -> tuple[jax.Array, tuple[int, ...]]:
+    """x as a stack of (in, out) matrices, and the batch shape to restore (empty for one matrix)."""
+    batch, a, b = view.shape(x.shape)
+    return x.reshape((-1, a, b)), batch
+
+
+def batched_zeros(shape: tuple[int, ...], view: MatrixView, inner: Callable[[int, int], tuple[int, ...]]
+                  ) -> jax.Array:
+    """float32 zeros of `inner(a, b)` per matrix of a leaf of `shape`."""
+    batch, a, b = view.shape(shape)
+    return jnp.zeros(batch + inner(a, b), jnp.float32)
+
+
+def scale_by_galore(rank: int, update_proj_gap: int, scale: float, proj_type: str, b1: float, b2: float,
+                    eps: float, view_of: ViewOf = lambda name: PLAIN) -> optax.GradientTransformation:
+    """GaLore-Adam direction for targeted kernels (use inside `optax.partition`); `view_of` maps a
+    leaf's dotted name to its matrix view."""
     check_proj_type(proj_type)
 
-    def init(params):
-        def shapes(p):
-            return low_rank_shapes(p.shape, rank, projects_left(p.shape, proj_type))
+    def shapes(a: int, b: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        return low_rank_shapes(a, b, rank, projects_left(a, b, proj_type))
 
-        proj = jax.tree.map(lambda p: jnp.zeros(shapes(p)[0], jnp.float32), params)
-        mom = jax.tree.map(lambda p: jnp.zeros(shapes(p)[1], jnp.float32), params)
+    def init(params):
+        proj = map_with_names(lambda n, p: batched_zeros(p.shape, view_of(n), lambda a, b: shapes(a, b)[0]), params)
+        mom = map_with_names(lambda n, p: batched_zeros(p.shape, view_of(n), lambda a, b: shapes(a, b)[1]), params)
         return GaloreState(jnp.zeros([], jnp.int32), proj, mom, mom)
 
-    def leaf(g, p_old, m, v, refresh, t):
-        left = projects_left(g.shape, proj_type)
-        r = p_old.shape[1]
-        g32 = g.astype(jnp.float32)
-        p = jax.lax.cond(refresh, lambda: svd_projector(g32, r, left), lambda: p_old)
-        low = project(g32, p, left)
+    def leaf(g, view, p_old, m, v, refresh, t):
+        mats, batch = as_matrices(g.astype(jnp.float32), view)
+        left = projects_left(mats.shape[1], mats.shape[2], proj_type)
+        stack = lambda s: s.reshape((mats.shape[0],) + s.shape[len(batch):])  # noqa: E731
+        p_old, m, v = stack(p_old), stack(m), stack(v)
+        r = p_old.shape[-1]
+        p = jax.lax.cond(refresh, lambda: jax.vmap(lambda x: svd_projector(x, r, left))(mats), lambda: p_old)
+        low = jax.vmap(lambda x, q: project(x, q, left))(mats, p)
         m = b1 * m + (1 - b1) * low
         v = b2 * v + (1 - b2) * low * low
-        n = (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps)
-        return (scale * project_back(n, p, left)).astype(g.dtype), p, m, v
+        n = transformers_adam_direction(m, v, t, b1, b2, eps)
+        out = scale * jax.vmap(lambda x, q: project_back(x, q, left))(n, p)
+        unstack = lambda s: s.reshape(batch + s.shape[1:])  # noqa: E731
+        return out.reshape(g.shape).astype(g.dtype), unstack(p), unstack(m), unstack(v)
 
     def update(updates, state, params=None):
         del params
         refresh = state.count % update_proj_gap == 0
         count = optax.safe_increment(state.count)
         t = count.astype(jnp.float32)
-        leaves, treedef = jax.tree.flatten(updates)
+        named = named_leaves(updates)
+        treedef = jax.tree.structure(updates)
         rest = [treedef.flatten_up_to(s) for s in (state.proj, state.mu, state.nu)]
-        outs = [leaf(g, p, m, v, refresh, t) for g, p, m, v in zip(leaves, *rest)]
+        outs = [leaf(g, view_of(n), p, m, v, refresh, t) for (n, g), p, m, v in zip(named, *rest)]
         trees = [treedef.unflatten([o[i] for o in outs]) for i in range(4)]
         return trees[0], GaloreState(count, *trees[1:])
 

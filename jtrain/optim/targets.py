@@ -1,26 +1,76 @@
-"""Which weights GaLore/APOLLO project: HF's `optim_target_modules` matching on Flax names.
+"""Which weights GaLore/APOLLO project: HF's `optim_target_modules` matching, and each weight's matrix.
 
-HF matches `optim_target_modules` against torch module names (`model.layers.0.mlp.up_proj`)
-and keeps only `nn.Linear` weights. Here the module name is the leaf's dotted path without
-its last key, and "a Linear weight" is a 2-D leaf called `kernel` (flax `nn.Dense`).
-Scanned (stacked 3-D) kernels, convolutions and the attention projections jtrain's models keep
-head-shaped (`DenseGeneral`, [embed, heads, head_dim]) are therefore never targeted, where HF
-projects the attention's Linear weights: a target that selects one of them is named in a warning.
+HF matches `optim_target_modules` against torch module names (`model.layers.0.mlp.up_proj`) and
+projects only `nn.Linear` weights, each as its (out, in) matrix. jtrain kernels are (in..., out...)
+and may be head-shaped (`DenseGeneral`, [embed, heads, head_dim] or [heads, head_dim, embed]) or
+stacked over scanned layers, so a projected kernel carries a `MatrixView`: how many leading axes
+index separate matrices (one per scanned layer) and how many of the rest are inputs.
+
+With a `layout` (the Trainer builds one from the model's HF conversion maps, `linear_layout`) the
+rule is HF's exactly: module names are HF's, and only weights that are `nn.Linear` in HF qualify
+(not GPT-2's `Conv1D`, not Mixtral's stacked experts). Without one (`make_optimizer` on a bare
+tree) a leaf qualifies when it is a 2-D `kernel`, matched on its Flax dotted module path.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 
+from jtrain.errors import ConfigError
 from jtrain.optim.paths import map_with_names
 
 LOW_RANK = "low_rank"
 FULL = "full"
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MatrixView:
+    """A kernel as HF's Linear weight(s): `lead` leading axes index matrices, the next `n_in` are inputs."""
+
+    lead: int = 0
+    n_in: int = 1
+
+    def shape(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
+        """(matrix batch shape, inputs a, outputs b) of a leaf of `shape`."""
+        batch, rest = shape[:self.lead], shape[self.lead:]
+        return tuple(batch), math.prod(rest[:self.n_in]), math.prod(rest[self.n_in:])
+
+
+PLAIN = MatrixView()
+
+
+@dataclass(frozen=True)
+class HFWeight:
+    """One kernel's HF module name(s) (one per scanned layer) and, for an `nn.Linear`, its view."""
+
+    modules: tuple[str, ...]
+    view: MatrixView | None  # None: not an nn.Linear in HF (Conv1D, stacked experts)
+
+
+Layout = Mapping[str, HFWeight]  # jtrain dotted leaf name -> HF weight
+
+
+def linear_layout(leaf_maps: Iterable[Any]) -> dict[str, HFWeight]:
+    """The layout of a model from its `jtrain.models.convert.LeafMap`s (kernels and stacked experts).
+
+    A mixture-of-experts block's weights are never nn.Linear in transformers 5 (the router is a
+    `TopKRouter`, the experts 3-D parameters), though checkpoints store the router like one."""
+    out = {}
+    for m in leaf_maps:
+        if m.kind == "plain":
+            continue
+        modules = tuple(n.rpartition(".")[0] for n in m.hf_names)
+        linear = m.kind == "linear" and not m.experts and "block_sparse_moe" not in modules[0]
+        out[".".join(m.path)] = HFWeight(modules, MatrixView(int(m.stacked), m.n_in) if linear else None)
+    return out
 
 
 def module_matches(targets: list[str] | str, module: str) -> bool:
@@ -37,7 +87,7 @@ def _is_all_linear(targets: list[str] | str) -> bool:
     return isinstance(targets, str) and targets.replace("_", "-") == "all-linear"
 
 
-def low_rank_labels(params: Any, targets: list[str] | str | None, optimizer: str) -> Any:
+def low_rank_labels(params: Any, targets: list[str] | str | None, optimizer: str, layout: Layout | None = None) -> Any:
     """Tree of LOW_RANK / FULL labels; errors like HF when nothing is (or can be) targeted."""
     if targets is None:
         raise ValueError(f"{optimizer} needs optim_target_modules (names, regexes or 'all-linear')")
@@ -45,34 +95,56 @@ def low_rank_labels(params: Any, targets: list[str] | str | None, optimizer: str
         raise TypeError(f"optim_target_modules must be a str or list of str, got {targets!r}")
     targets = targets if isinstance(targets, str) else list(targets)
     every = _is_all_linear(targets)
-
-    skipped = []
+    skipped: list[str] = []
 
     def label(name: str, leaf: Any) -> str:
-        module, _, leaf_name = name.rpartition(".")
-        if leaf_name != "kernel" or not (every or module_matches(targets, module)):
+        weight = _weight(name, leaf, layout)
+        if weight is None:
             return FULL
-        if getattr(leaf, "ndim", 0) != 2:
-            skipped.append(module)
+        hits = [every or module_matches(targets, m) for m in weight.modules]
+        if not any(hits):
             return FULL
+        if weight.view is None:
+            skipped.append(weight.modules[0])
+            return FULL
+        if not all(hits):
+            raise ConfigError(f"{optimizer}: optim_target_modules {targets!r} selects only some layers of the scanned "
+                              f"kernel {name} ({sum(hits)} of {len(hits)}); one stacked kernel is projected whole: "
+                              "select every layer, or load the model with scan_layers=False")
         return LOW_RANK
 
     labels = map_with_names(label, params)
     if skipped:
-        _warn_full_rank(optimizer, tuple(skipped))
-    if LOW_RANK not in _leaf_values(labels):
-        raise ValueError(f"No target modules found for {optimizer} ({targets!r}); only 2-D 'kernel' leaves qualify"
-                         + (f" (selected but not 2-D: {', '.join(skipped[:4])})" if skipped else ""))
+        _warn_not_linear(optimizer, tuple(skipped), layout is None)
+    if LOW_RANK not in set(jax.tree.leaves(labels)):
+        rule = "HF nn.Linear weights" if layout is not None else "2-D 'kernel' leaves"
+        raise ValueError(f"No target modules found for {optimizer} ({targets!r}); only {rule} qualify"
+                         + (f" (selected but not: {', '.join(skipped[:4])})" if skipped else ""))
     return labels
 
 
+def view_of(layout: Layout | None) -> Any:
+    """name -> MatrixView of a projected leaf (the plain 2-D view without a layout)."""
+    return (lambda name: PLAIN) if layout is None else (lambda name: layout[name].view)
+
+
+def _weight(name: str, leaf: Any, layout: Layout | None) -> HFWeight | None:
+    """The HF weight a leaf is, or None for biases, norms, embeddings and leaves the layout lacks."""
+    if layout is not None:
+        return layout.get(name)
+    module, _, leaf_name = name.rpartition(".")
+    if leaf_name != "kernel":
+        return None
+    return HFWeight((module,), PLAIN if getattr(leaf, "ndim", 0) == 2 else None)
+
+
 @functools.cache
-def _warn_full_rank(optimizer: str, modules: tuple[str, ...]) -> None:
+def _warn_not_linear(optimizer: str, modules: tuple[str, ...], bare_tree: bool) -> None:
     """Once per set (the labels are computed at init and again when the update is traced)."""
-    logger.warning("%s: optim_target_modules selects %d kernel(s) that are not 2-D, which get plain Adam instead of "
-                   "the low-rank projection (HF projects every selected nn.Linear): %s%s", optimizer, len(modules),
+    if bare_tree:
+        what = ("kernel(s) that are not 2-D, which get plain Adam (pass make_optimizer the model's param_layout, as "
+                "the Trainer does, to project head-shaped and scanned kernels as HF's Linear weights)")
+    else:
+        what = "weight(s) that are not nn.Linear in HF (GPT-2's Conv1D, stacked experts), which get plain Adam as in HF"
+    logger.warning("%s: optim_target_modules selects %d %s: %s%s", optimizer, len(modules), what,
                    ", ".join(modules[:4]), ", ..." if len(modules) > 4 else "")
-
-
-def _leaf_values(tree: Any) -> set[str]:
-    return set(jax.tree.leaves(tree))

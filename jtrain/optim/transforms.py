@@ -7,6 +7,7 @@ from HF to jtrain without re-tuning, so the torch versions live here.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -178,5 +179,39 @@ def scale_by_torch_adagrad(lr_decay: float, eps: float, initial_accumulator_valu
         decay = 1.0 + state.count.astype(jnp.float32) * lr_decay
         out = jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps) / decay, updates, total)
         return out, TorchAdagradState(optax.safe_increment(state.count), total)
+
+    return optax.GradientTransformation(init, update)
+
+
+def bias_correction(beta: float, t: jax.Array) -> jax.Array:
+    """1 - beta**t in float32 to a few ulp: -expm1(t log beta), the log taken in float64 on the host
+    (float32's 1 - 0.999**1 is 1.3e-5 off, which the first steps' sqrt carries into the update)."""
+    return -jnp.expm1(t * math.log(beta))
+
+
+def transformers_adam_direction(m: jax.Array, v: jax.Array, t: jax.Array, b1: float, b2: float, eps: float
+                                ) -> jax.Array:
+    """transformers' original AdamW direction, which GaLore's and APOLLO's packages keep: eps joins the
+    uncorrected sqrt(v), and the bias corrections scale the step, sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+    (torch's AdamW corrects v before adding eps)."""
+    return m / (jnp.sqrt(v) + eps) * (jnp.sqrt(bias_correction(b2, t)) / bias_correction(b1, t))
+
+
+def scale_by_transformers_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """`transformers_adam_direction` for every leaf (optax's ScaleByAdamState: count, mu, nu)."""
+
+    def init(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), zeros, zeros)
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(jnp.float32), state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)), state.nu, updates)
+        out = jax.tree.map(lambda m, v, g: transformers_adam_direction(m, v, t, b1, b2, eps).astype(g.dtype),
+                           mu, nu, updates)
+        return out, optax.ScaleByAdamState(count, mu, nu)
 
     return optax.GradientTransformation(init, update)
