@@ -25,13 +25,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
 from jtrain.coerce import closest_key_hint
 from jtrain.errors import ConfigError
 
-# A multiplier maps the float step (already cast) to HF's lr_lambda value.
-Multiplier = Callable[[jax.Array], jax.Array]
+# A multiplier maps the float step (already cast) to HF's lr_lambda value, computed with the array module
+# `xp` it is given: jax.numpy in the compiled step, numpy (float64) for the rate the host logs.
+Multiplier = Callable[[Any, Any], Any]
 _Builder = Callable[[int, int, float, dict[str, Any]], Multiplier]
 
 _CYCLES = {"num_cycles": 0.5}
@@ -66,34 +67,34 @@ def resolve_warmup_steps(warmup_steps: int | float, num_training_steps: int) -> 
     return math.ceil(num_training_steps * warmup_steps)
 
 
-def _warm(s: jax.Array, w: int) -> jax.Array:
+def _warm(s: Any, w: int) -> Any:
     """HF's linear warmup `float(step) / float(max(1, warmup))`: 0 at step 0, never 1 inside warmup."""
     return s / float(max(1, w))
 
 
-def _half_cosine(c: float, progress: jax.Array) -> jax.Array:
+def _half_cosine(c: float, progress: Any, xp: Any) -> Any:
     """`0.5 * (1 + cos(c * progress))` with HF's operation order (c folds pi, cycles and 2)."""
-    return 0.5 * (1.0 + jnp.cos(c * progress))
+    return 0.5 * (1.0 + xp.cos(c * progress))
 
 
 def _constant(w: int, total: int, lr: float, kw: dict[str, Any]) -> Multiplier:
-    return lambda s: jnp.ones_like(s)
+    return lambda s, xp: xp.ones_like(s)
 
 
 def _constant_with_warmup(w: int, total: int, lr: float, kw: dict[str, Any]) -> Multiplier:
-    return lambda s: jnp.where(s < w, s / max(1.0, float(w)), 1.0)
+    return lambda s, xp: xp.where(s < w, s / max(1.0, float(w)), 1.0)
 
 
 def _linear(w: int, total: int, lr: float, kw: dict[str, Any]) -> Multiplier:
     den = float(max(1, total - w))
-    return lambda s: jnp.where(s < w, _warm(s, w), jnp.maximum(0.0, (total - s) / den))
+    return lambda s, xp: xp.where(s < w, _warm(s, w), xp.maximum(0.0, (total - s) / den))
 
 
 def _cosine(w: int, total: int, lr: float, kw: dict[str, Any]) -> Multiplier:
     den, c = float(max(1, total - w)), math.pi * float(kw["num_cycles"]) * 2.0
 
-    def fn(s: jax.Array) -> jax.Array:
-        return jnp.where(s < w, _warm(s, w), jnp.maximum(0.0, _half_cosine(c, (s - w) / den)))
+    def fn(s: Any, xp: Any) -> Any:
+        return xp.where(s < w, _warm(s, w), xp.maximum(0.0, _half_cosine(c, (s - w) / den, xp)))
 
     return fn
 
@@ -101,10 +102,10 @@ def _cosine(w: int, total: int, lr: float, kw: dict[str, Any]) -> Multiplier:
 def _cosine_with_restarts(w: int, total: int, lr: float, kw: dict[str, Any]) -> Multiplier:
     den, cycles = float(max(1, total - w)), float(kw["num_cycles"])
 
-    def fn(s: jax.Array) -> jax.Array:
+    def fn(s: Any, xp: Any) -> Any:
         progress = (s - w) / den
-        value = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * jnp.mod(cycles * progress, 1.0))))
-        return jnp.where(s < w, _warm(s, w), jnp.where(progress >= 1.0, 0.0, value))
+        value = xp.maximum(0.0, 0.5 * (1.0 + xp.cos(math.pi * xp.mod(cycles * progress, 1.0))))
+        return xp.where(s < w, _warm(s, w), xp.where(progress >= 1.0, 0.0, value))
 
     return fn
 
@@ -115,10 +116,10 @@ def _polynomial(w: int, total: int, lr: float, kw: dict[str, Any]) -> Multiplier
         raise ConfigError(f"polynomial: lr_end ({lr_end}) must be smaller than learning_rate ({lr})")
     lr_range, decay_steps = lr - lr_end, float(max(1, total - w))  # HF divides by zero if total == warmup
 
-    def fn(s: jax.Array) -> jax.Array:
-        remaining = jnp.maximum(0.0, 1.0 - (s - w) / decay_steps)  # clamp only guards the unused branch
+    def fn(s: Any, xp: Any) -> Any:
+        remaining = xp.maximum(0.0, 1.0 - (s - w) / decay_steps)  # clamp only guards the unused branch
         decay = (lr_range * remaining**power + lr_end) / lr
-        return jnp.where(s < w, _warm(s, w), jnp.where(s > total, lr_end / lr, decay))
+        return xp.where(s < w, _warm(s, w), xp.where(s > total, lr_end / lr, decay))
 
     return fn
 
@@ -128,9 +129,9 @@ def _inverse_sqrt(w: int, total: int, lr: float, kw: dict[str, Any]) -> Multipli
     timescale = float(timescale if timescale is not None else (w or 10_000))
     shift = timescale - w
 
-    def fn(s: jax.Array) -> jax.Array:
-        arg = jnp.maximum((s + shift) / timescale, jnp.finfo(s.dtype).tiny)  # guards the unused branch
-        return jnp.where(s < w, _warm(s, w), 1.0 / jnp.sqrt(arg))
+    def fn(s: Any, xp: Any) -> Any:
+        arg = xp.maximum((s + shift) / timescale, xp.finfo(s.dtype).tiny)  # guards the unused branch
+        return xp.where(s < w, _warm(s, w), 1.0 / xp.sqrt(arg))
 
     return fn
 
@@ -150,9 +151,9 @@ def _cosine_with_min_lr(w: int, total: int, lr: float, kw: dict[str, Any]) -> Mu
     rate = _min_lr_rate("cosine_with_min_lr", lr, kw)
     den, c = float(max(1, total - w)), math.pi * float(kw["num_cycles"]) * 2.0
 
-    def fn(s: jax.Array) -> jax.Array:
-        factor = _half_cosine(c, (s - w) / den) * (1 - rate) + rate
-        return jnp.where(s < w, _warm(s, w), jnp.maximum(0.0, factor))
+    def fn(s: Any, xp: Any) -> Any:
+        factor = _half_cosine(c, (s - w) / den, xp) * (1 - rate) + rate
+        return xp.where(s < w, _warm(s, w), xp.maximum(0.0, factor))
 
     return fn
 
@@ -163,28 +164,28 @@ def _cosine_warmup_with_min_lr(w: int, total: int, lr: float, kw: dict[str, Any]
     wlr = kw["warmup_lr_rate"]
     den, c = max(1.0, float(total - w)), math.pi * float(kw["num_cycles"]) * 2.0
 
-    def warm(s: jax.Array) -> jax.Array:
+    def warm(s: Any) -> Any:
         if wlr is None:
             return (s + 1.0) / max(1.0, float(w))
         return float(wlr) + (1.0 - float(wlr)) * s / max(1, w - 1)
 
-    def fn(s: jax.Array) -> jax.Array:
-        factor = _half_cosine(c, (s - w + 1.0) / den) * (1 - rate) + rate
-        return jnp.where(s < w, warm(s), jnp.maximum(0.0, factor))
+    def fn(s: Any, xp: Any) -> Any:
+        factor = _half_cosine(c, (s - w + 1.0) / den, xp) * (1 - rate) + rate
+        return xp.where(s < w, warm(s), xp.maximum(0.0, factor))
 
     return fn
 
 
-def _wsd_shape(kind: str, progress: jax.Array, rising: bool, cycles: float) -> jax.Array:
+def _wsd_shape(kind: str, progress: Any, rising: bool, cycles: float, xp: Any) -> Any:
     """One warmup (rising) or decay shape of HF's warmup_stable_decay, before min_lr_ratio scaling."""
     if kind == "linear":
         return progress if rising else 1.0 - progress
     if kind == "cosine":
         if rising:
-            return 0.5 * (1.0 - jnp.cos(math.pi * progress))
-        return _half_cosine(math.pi * cycles * 2.0, progress)
+            return 0.5 * (1.0 - xp.cos(math.pi * progress))
+        return _half_cosine(math.pi * cycles * 2.0, progress, xp)
     base = 1.0 - progress if rising else progress  # "1-sqrt"
-    return 1.0 - jnp.sqrt(jnp.clip(base, 0.0, None))
+    return 1.0 - xp.sqrt(xp.clip(base, 0.0, None))
 
 
 def _warmup_stable_decay(w: int, total: int, lr: float, kw: dict[str, Any]) -> Multiplier:
@@ -198,13 +199,13 @@ def _warmup_stable_decay(w: int, total: int, lr: float, kw: dict[str, Any]) -> M
     stable = int(stable) if stable is not None else total - w - decay
     ratio, cycles = float(kw["min_lr_ratio"]), float(kw["num_cycles"])
 
-    def fn(s: jax.Array) -> jax.Array:
-        up = _wsd_shape(kw["warmup_type"], _warm(s, w), True, cycles)
+    def fn(s: Any, xp: Any) -> Any:
+        up = _wsd_shape(kw["warmup_type"], _warm(s, w), True, cycles, xp)
         down_p = (s - w - stable) / float(max(1, decay))
-        down = _wsd_shape(kw["decay_type"], down_p, False, cycles)
-        up, down = (jnp.maximum(0.0, x * (1.0 - ratio) + ratio) for x in (up, down))
-        tail = jnp.where(s < w + stable + decay, down, ratio)
-        return jnp.where(s < w, up, jnp.where(s < w + stable, 1.0, tail))
+        down = _wsd_shape(kw["decay_type"], down_p, False, cycles, xp)
+        up, down = (xp.maximum(0.0, x * (1.0 - ratio) + ratio) for x in (up, down))
+        tail = xp.where(s < w + stable + decay, down, ratio)
+        return xp.where(s < w, up, xp.where(s < w + stable, 1.0, tail))
 
     return fn
 
@@ -264,7 +265,7 @@ def make_schedule(
     num_training_steps: int,
     num_warmup_steps: int = 0,
     scheduler_kwargs: dict | None = None,
-) -> optax.Schedule:
+) -> HFSchedule:
     """The optax schedule whose value at update count t is HF `get_scheduler`'s lr after t steps.
 
     It is jit-traceable with a traced integer step and computes in the default float dtype
@@ -276,14 +277,24 @@ def make_schedule(
         hint = "(a ratio goes through resolve_warmup_steps first)"
         raise ConfigError(f"num_warmup_steps must be an int >= 0, got {num_warmup_steps!r} {hint}")
     warmup = 0 if name in _NO_WARMUP else num_warmup_steps
-    fn = _REGISTRY[name][0](warmup, int(num_training_steps), float(learning_rate), kw)
-    lr = float(learning_rate)
+    return HFSchedule(_REGISTRY[name][0](warmup, int(num_training_steps), float(learning_rate), kw),
+                      float(learning_rate))
 
-    def schedule(step: jax.Array | int) -> jax.Array:
+
+class HFSchedule:
+    """An optax schedule (`schedule(count)`, jit-traceable) that also gives its value on the host in float64
+    (`host(count)`), the Python-float rate HF's LambdaLR holds and its Trainer logs."""
+
+    def __init__(self, multiplier: Multiplier, learning_rate: float) -> None:
+        self.multiplier, self.learning_rate = multiplier, learning_rate
+
+    def __call__(self, step: jax.Array | int) -> jax.Array:
         s = jnp.asarray(step).astype(jnp.result_type(float))
-        return lr * fn(s)  # LambdaLR: base_lr * lr_lambda(step)
+        return self.learning_rate * self.multiplier(s, jnp)  # LambdaLR: base_lr * lr_lambda(step)
 
-    return schedule
+    def host(self, step: int) -> float:
+        with np.errstate(all="ignore"):  # both sides of a `where` are computed, as in the compiled step
+            return float(self.learning_rate * self.multiplier(np.float64(step), np))
 
 
 class _MetricController:

@@ -215,10 +215,12 @@ def get_learning_rates(self: Any) -> list[float]:
     if self.train_state is None or self.lr_scheduler is None:
         raise ConfigError("get_learning_rates() reads the optimizer's schedule, which exists once train() has "
                           "started (or after create_optimizer_and_scheduler and a setup)")
+    from jtrain.train_loop import host_learning_rate
+
     step = int(self.train_state.step)
     schedule = self.lr_scheduler
-    lr = float(schedule(step)) if callable(schedule) else float(schedule)
-    return [lr * float(self.train_state.lr_factor)]
+    compiled = (float(schedule(step)) if callable(schedule) else float(schedule)) * float(self.train_state.lr_factor)
+    return [host_learning_rate(self, step, compiled)]
 
 
 def get_total_train_batch_size(self: Any, args: Any = None) -> int:

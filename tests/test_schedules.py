@@ -118,6 +118,16 @@ def test_matches_hf_float64(case: tuple[str, int, dict[str, Any]]) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_host_value_is_hfs_python_float(case: tuple[str, int, dict[str, Any]]) -> None:
+    """`HFSchedule.host`, the rate the Trainer logs: numpy float64 through the same formulas, bit for bit
+    the Python floats torch's LambdaLR holds (measured: every case, every step)."""
+    name, warmup, kw = case
+    sched = make_schedule(name, learning_rate=LR, num_training_steps=TOTAL, num_warmup_steps=warmup,
+                          scheduler_kwargs=kw)
+    assert [sched.host(k) for k in range(TOTAL)] == _hf_lrs(name, warmup, kw).tolist()
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_hf_float32(case: tuple[str, int, dict[str, Any]]) -> None:
     name, warmup, kw = case
     got = _ours(name, warmup, kw)

@@ -247,6 +247,29 @@ def test_evaluate_and_train_metrics_carry_the_epoch_as_hfs(tmp_path):
         assert (before["epoch"], trained["epoch"], after["epoch"]) == (0, 1.5, 1.5)  # 3 updates of 2 per epoch
 
 
+def test_logged_learning_rates_are_hfs_python_floats(tmp_path):
+    """HF's Trainer logs the rate of each update as the Python float its LambdaLR holds (3.75e-05); jtrain
+    logged the compiled step's float32 (3.7499998e-05). Checked against HF's scheduler on the same
+    arguments (HF 5 logs the rate the logged update used): equal to the last bit."""
+    import torch
+    from transformers import get_scheduler
+
+    args = _args(tmp_path, max_steps=6, logging_steps=1, learning_rate=3e-4, warmup_steps=2,
+                 lr_scheduler_type="cosine")
+    trainer = Trainer(tiny_llama(), args, train_dataset=_data(48))
+    trainer.train()
+    logged = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=6)
+    expected = []
+    for _ in range(6):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert logged == expected
+    assert trainer.get_learning_rates() == [opt.param_groups[0]["lr"]]  # the next update's: 0 at the end
+
+
 def test_training_rows_without_labels_are_refused_before_compiling(tmp_path):
     """The built-in loss needs `labels`: a training set without them fails when train() starts, with
     the columns it has and how to get labels, not with a KeyError from inside the traced loss; a
