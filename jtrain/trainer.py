@@ -202,7 +202,7 @@ class Trainer:
                 adam_beta2=a.adam_beta2, adam_epsilon=a.adam_epsilon, max_grad_norm=a.max_grad_norm,
                 optim_args=a.optim_args, optim_target_modules=a.optim_target_modules,
                 warmup_steps=self._optimizer_warmup(), peak_learning_rate=a.learning_rate,
-                param_layout=trainer_setup.linear_layout(self.model) if a.optim_target_modules is not None else None)
+                param_layout=trainer_setup.kernel_layout(self.model))
         return self.optimizer
 
     def _optimizer_warmup(self) -> int:

@@ -179,12 +179,13 @@ def _training_model(self: Any) -> Model:
     return self.model
 
 
-def linear_layout(model: Any) -> Any:
-    """The model's HF nn.Linear weights (`optim.targets.linear_layout`), which GaLore/APOLLO select and project
-    as HF does; None for a user's own model or one under wrappers, whose params are not named as HF's."""
+def kernel_layout(model: Any) -> Any:
+    """The model's kernels as HF's weights (`optim.targets.kernel_layout`), which GaLore/APOLLO select and
+    project, and Adafactor and Muon see as matrices, as HF does; None for a user's own model or one under
+    wrappers, whose params are not named as HF's."""
     from jtrain.models.hub import model_leaf_maps
     from jtrain.models.wrapper import has_hf_format
-    from jtrain.optim.targets import linear_layout as from_maps
+    from jtrain.optim.targets import kernel_layout as from_maps
 
     if not has_hf_format(model) or hasattr(model, "inner"):
         return None

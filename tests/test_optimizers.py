@@ -232,12 +232,12 @@ def test_with_the_models_layout_hfs_linear_weights_are_selected_by_hfs_names(mod
     from jtrain.models import create_model
     from jtrain.models.hub import model_leaf_maps
     from jtrain.optim.paths import named_leaves
-    from jtrain.optim.targets import LOW_RANK, linear_layout, low_rank_labels
+    from jtrain.optim.targets import LOW_RANK, kernel_layout, low_rank_labels
 
     tiny = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, n_embd=32, n_layer=2, n_head=4)
     model = create_model(model_type, tiny, **options)
-    layout = linear_layout(model_leaf_maps(model))
+    layout = kernel_layout(model_leaf_maps(model))
     params = model.abstract_params()
     if model_type == "gpt2":  # its only nn.Linear, lm_head, is tied to the embedding: nothing to project
         nothing = r"only HF nn.Linear weights qualify \(selected but not: transformer\.h\.0\.attn\.c_attn"

@@ -7,19 +7,30 @@ moment for tensors with ndim >= 2, beta2_t = 1 - t^decay_rate, update clipping b
 lr (optionally relative-step and parameter-scaled) applied *before* the optional first
 moment, and decoupled decay `p -= wd * lr * p` using that same lr.
 
+HF factors each torch tensor as stored: a Linear weight is one (out, in) matrix per layer, a norm
+scale or a multi-head bias one vector. jtrain's head-shaped kernels ([embed, heads, head_dim]), flat
+biases kept per head ([heads, head_dim]) and scanned stacks ([layers, ...]) are therefore reshaped to
+HF's tensors (`shape_of`, from the model's layout) and factored, RMS-clipped and parameter-scaled per
+tensor; the factoring is symmetric, so (in, out) against torch's (out, in) changes nothing.
+
 With `relative_step=True` HF computes its own lr and the given `learning_rate` is ignored
 (HF raises if both are given; the Trainer never enables it). HF's Trainer sets
 `scale_parameter=False, relative_step=False`, which are therefore the defaults here.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jtrain.optim.paths import map_with_names, named_leaves
 from jtrain.optim.transforms import learning_rate_at
+
+# (dotted name, shape) -> (the shape to factor: stacked axes then one HF tensor, how many stacked axes lead)
+ShapeOf = Callable[[str, tuple[int, ...]], tuple[tuple[int, ...], int]]
 
 
 class AdafactorState(NamedTuple):
@@ -29,17 +40,24 @@ class AdafactorState(NamedTuple):
     leaves: Any
 
 
-def _rms(x: jax.Array) -> jax.Array:
+def _rms(x: jax.Array, lead: int = 0) -> jax.Array:
+    """Root mean square of x, or of each of its tensors when `lead` axes stack them."""
+    if lead:
+        return jnp.sqrt(jnp.mean(jnp.square(x), axis=tuple(range(lead, x.ndim)), keepdims=True))
     return jnp.sqrt(jnp.mean(jnp.square(x)))
 
 
-def _init_leaf(p: jax.Array, use_first_moment: bool) -> dict[str, jax.Array]:
+def _own_shape(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    return tuple(shape), 0
+
+
+def _init_leaf(p: jax.Array, use_first_moment: bool, shape: tuple[int, ...], lead: int) -> dict[str, jax.Array]:
     st: dict[str, jax.Array] = {}
-    if p.ndim >= 2:
-        st["row"] = jnp.zeros(p.shape[:-1], jnp.float32)
-        st["col"] = jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32)
+    if len(shape) - lead >= 2:
+        st["row"] = jnp.zeros(shape[:-1], jnp.float32)
+        st["col"] = jnp.zeros(shape[:-2] + shape[-1:], jnp.float32)
     else:
-        st["v"] = jnp.zeros(p.shape, jnp.float32)
+        st["v"] = jnp.zeros(shape, jnp.float32)
     if use_first_moment:
         st["m"] = jnp.zeros(p.shape, jnp.float32)
     return st
@@ -71,8 +89,10 @@ def hf_adafactor(
     scale_parameter: bool = False,
     relative_step: bool = False,
     warmup_init: bool = False,
+    shape_of: ShapeOf = _own_shape,
 ) -> optax.GradientTransformation:
-    """HF Adafactor as a full optax optimizer (lr and masked decay included).
+    """HF Adafactor as a full optax optimizer (lr and masked decay included); `shape_of` gives a leaf's
+    shape as HF's tensors (default: the leaf's own, one tensor).
 
     Example:
         >>> opt = hf_adafactor(1e-3, weight_decay=0.01, mask=decay_mask)
@@ -81,7 +101,7 @@ def hf_adafactor(
         raise ValueError("adafactor: warmup_init=True requires relative_step=True (as in HF)")
 
     def init(params):
-        leaves = jax.tree.map(lambda p: _init_leaf(p, beta1 is not None), params)
+        leaves = map_with_names(lambda n, p: _init_leaf(p, beta1 is not None, *shape_of(n, p.shape)), params)
         return AdafactorState(jnp.zeros([], jnp.int32), leaves)
 
     def base_lr(count: jax.Array) -> jax.Array:
@@ -91,16 +111,17 @@ def hf_adafactor(
             return jnp.minimum(min_step, jax.lax.rsqrt(step))
         return learning_rate_at(learning_rate, count)
 
-    def leaf(g, p, st, decays, rel_lr, beta2t):
-        g, p32 = g.astype(jnp.float32), p.astype(jnp.float32)
-        lr = jnp.maximum(eps[1], _rms(p32)) * rel_lr if scale_parameter else rel_lr
+    def leaf(g, p, st, decays, hf_shape, rel_lr, beta2t):
+        shape, lead = hf_shape  # HF: each layer's (or expert's) tensor is a tensor of its own
+        g, p32 = g.astype(jnp.float32).reshape(shape), p.astype(jnp.float32).reshape(shape)
+        lr = jnp.maximum(eps[1], _rms(p32, lead)) * rel_lr if scale_parameter else rel_lr
         u, st = _second_moment(g, st, beta2t, eps[0])
-        u = u / jnp.maximum(_rms(u) / clip_threshold, 1.0) * lr
+        u = u / jnp.maximum(_rms(u, lead) / clip_threshold, 1.0) * lr
         if beta1 is not None:
-            st["m"] = beta1 * st["m"] + (1 - beta1) * u
-            u = st["m"]
+            st["m"] = beta1 * st["m"] + (1 - beta1) * u.reshape(p.shape)
+            u = st["m"].reshape(shape)
         out = -u - weight_decay * lr * p32 if (decays and weight_decay) else -u
-        return out.astype(p.dtype), st
+        return out.reshape(p.shape).astype(p.dtype), st
 
     def update(updates, state, params=None):
         if params is None:
@@ -111,7 +132,8 @@ def hf_adafactor(
         p_leaves = treedef.flatten_up_to(params)
         st_leaves = treedef.flatten_up_to(state.leaves)
         masks = treedef.flatten_up_to(_resolve_mask(mask, params))
-        outs = [leaf(*args, rel_lr, beta2t) for args in zip(g_leaves, p_leaves, st_leaves, masks)]
+        shapes = [shape_of(name, g.shape) for name, g in named_leaves(updates)]
+        outs = [leaf(*args, rel_lr, beta2t) for args in zip(g_leaves, p_leaves, st_leaves, masks, shapes)]
         new_state = AdafactorState(optax.safe_increment(state.count), treedef.unflatten([o[1] for o in outs]))
         return treedef.unflatten([o[0] for o in outs]), new_state
 

@@ -24,7 +24,7 @@ from jtrain.optim.schedule_free import schedule_free_adamw
 from jtrain.optim.schedule_free import schedule_free_radam as schedule_free_radam_tx
 from jtrain.optim.schedule_free import schedule_free_sgd as schedule_free_sgd_tx
 from jtrain.optim.stable_adamw import stable_adamw as stable_adamw_tx
-from jtrain.optim.targets import FULL, LOW_RANK, low_rank_labels, view_of
+from jtrain.optim.targets import FULL, LOW_RANK, hf_tensor_shape, low_rank_labels, stacked_axes, view_of
 from jtrain.optim.transforms import (scale_by_torch_adagrad, scale_by_torch_rmsprop, scale_by_torch_sgd,
                                      scale_by_transformers_adam)
 
@@ -103,7 +103,8 @@ def stable_adamw(cfg: OptimizerConfig) -> optax.GradientTransformation:
         if max_lr is None:
             raise ConfigError("optim_args decouple_lr=True with a schedule needs max_lr (the schedule's peak)")
     return stable_adamw_tx(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                           mask=decay_mask, decouple_lr=x["decouple_lr"], max_lr=max_lr)
+                           mask=decay_mask, decouple_lr=x["decouple_lr"], max_lr=max_lr,
+                           lead_of=lambda name: stacked_axes(cfg.param_layout, name))
 
 
 LOW_PRECISION_BF16_ARGS = {
@@ -176,7 +177,8 @@ def adafactor(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """transformers' Adafactor with the Trainer's defaults (no relative step, no param scale)."""
     x = dict(cfg.extra)
     eps = (x.pop("eps1"), x.pop("eps2"))
-    return hf_adafactor(cfg.learning_rate, weight_decay=cfg.weight_decay, mask=decay_mask, eps=eps, **x)
+    return hf_adafactor(cfg.learning_rate, weight_decay=cfg.weight_decay, mask=decay_mask, eps=eps,
+                        shape_of=lambda name, shape: hf_tensor_shape(cfg.param_layout, name, shape), **x)
 
 
 SGD_ARGS = {"momentum": (0.0, float), "dampening": (0.0, float), "nesterov": (False, parse_bool)}
@@ -297,11 +299,12 @@ MUON_ARGS = {
 
 
 def muon(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """Muon for hidden 2-D kernels, AdamW for embeddings, heads, biases and norms."""
+    """Muon for hidden weight matrices, AdamW for embeddings, heads, biases and norms."""
     x = cfg.extra
     return muon_adamw(
         cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
         beta=x["beta"], ns_steps=x["ns_steps"], nesterov=x["nesterov"], consistent_rms=x["consistent_rms"],
+        layout=cfg.param_layout,
     )
 
 

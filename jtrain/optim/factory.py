@@ -36,7 +36,7 @@ class OptimizerConfig:
     extra: Mapping[str, Any]
     warmup_steps: int = 0  # TrainingArguments' warmup, which HF hands to the schedule-free optimizers
     peak_learning_rate: float | None = None  # TrainingArguments' learning_rate, the rate HF builds them with
-    param_layout: Layout | None = None  # the model's HF Linear weights, for GaLore/APOLLO (targets.linear_layout)
+    param_layout: Layout | None = None  # the model's kernels as HF's weights (targets.kernel_layout)
 
 
 _REGISTRY: dict[str, tuple[Callable[[OptimizerConfig], optax.GradientTransformation], dict]] = {
@@ -135,9 +135,10 @@ def make_optimizer(
     `warmup_steps` is what HF hands the schedule-free optimizers (TrainingArguments' warmup, a
     ramp inside the optimizer); `optim_args` `warmup_steps` overrides it, and others ignore it.
     `peak_learning_rate` is the rate HF builds the optimizer with, which stable_adamw's `decouple_lr`
-    takes as its `max_lr` when `learning_rate` is a schedule. `param_layout` (`targets.linear_layout` of the
+    takes as its `max_lr` when `learning_rate` is a schedule. `param_layout` (`targets.kernel_layout` of the
     model's conversion maps; the Trainer passes it) lets GaLore/APOLLO select and project kernels as HF's
-    nn.Linear weights; without it they take 2-D `kernel` leaves.
+    nn.Linear weights, and Adafactor and Muon see head-shaped and stacked kernels as HF's matrices; without it
+    GaLore/APOLLO/Muon take 2-D `kernel` leaves and Adafactor factors every leaf's last two axes.
 
     Example:
         >>> opt = make_optimizer("adamw_torch", 3e-4, weight_decay=0.01)

@@ -49,28 +49,63 @@ PLAIN = MatrixView()
 
 @dataclass(frozen=True)
 class HFWeight:
-    """One kernel's HF module name(s) (one per scanned layer) and, for an `nn.Linear`, its view."""
+    """One leaf as HF's tensor(s): its module name(s) (one per scanned layer), how many leading axes index
+    HF tensors (scanned layers, experts), one tensor's shape in jtrain's axis order (a kernel: (in, out);
+    a multi-head bias: flat), a kernel's input axes, and whether HF holds it in an `nn.Linear` (not
+    GPT-2's Conv1D, not a mixture-of-experts block's router or experts)."""
 
     modules: tuple[str, ...]
-    view: MatrixView | None  # None: not an nn.Linear in HF (Conv1D, stacked experts)
+    lead: int
+    tensor: tuple[int, ...]
+    n_in: int | None  # None: not a kernel (norm scales, biases, embeddings)
+    linear: bool
+
+    @property
+    def view(self) -> MatrixView | None:
+        return None if self.n_in is None else MatrixView(self.lead, self.n_in)
 
 
 Layout = Mapping[str, HFWeight]  # jtrain dotted leaf name -> HF weight
 
 
-def linear_layout(leaf_maps: Iterable[Any]) -> dict[str, HFWeight]:
-    """The layout of a model from its `jtrain.models.convert.LeafMap`s (kernels and stacked experts).
+def kernel_layout(leaf_maps: Iterable[Any]) -> dict[str, HFWeight]:
+    """Every leaf of a model as HF's tensors, from its `jtrain.models.convert.LeafMap`s: what the optimizers
+    that see a weight's shape (GaLore, APOLLO, Adafactor's factoring, Muon) need to see it as HF does.
 
     A mixture-of-experts block's weights are never nn.Linear in transformers 5 (the router is a
     `TopKRouter`, the experts 3-D parameters), though checkpoints store the router like one."""
     out = {}
     for m in leaf_maps:
-        if m.kind == "plain":
-            continue
         modules = tuple(n.rpartition(".")[0] for n in m.hf_names)
+        lead = int(m.stacked) + int(m.experts > 0)
+        if m.kind == "plain":
+            out[".".join(m.path)] = HFWeight(modules, lead, tuple(m.hf_shape), None, False)
+            continue
         linear = m.kind == "linear" and not m.experts and "block_sparse_moe" not in modules[0]
-        out[".".join(m.path)] = HFWeight(modules, MatrixView(int(m.stacked), m.n_in) if linear else None)
+        tensor = tuple(reversed(m.hf_shape)) if m.kind == "linear" else tuple(m.hf_shape)
+        out[".".join(m.path)] = HFWeight(modules, lead, tensor, m.n_in, linear)
     return out
+
+
+def matrix_view(layout: Layout | None, name: str) -> MatrixView | None:
+    """The matrices a kernel holds as HF sees them, or None (not a kernel, or not in the layout)."""
+    weight = None if layout is None else layout.get(name)
+    return None if weight is None else weight.view
+
+
+def stacked_axes(layout: Layout | None, name: str) -> int:
+    """How many leading axes of a leaf index HF's tensors (scanned layers, experts); 0 where unknown."""
+    weight = None if layout is None else layout.get(name)
+    return 0 if weight is None else weight.lead
+
+
+def hf_tensor_shape(layout: Layout | None, name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """(the leaf reshaped as HF's tensors: stacked axes then one tensor, how many stacked axes lead); the leaf's
+    own shape and 0 where the layout does not know it."""
+    weight = None if layout is None else layout.get(name)
+    if weight is None:
+        return tuple(shape), 0
+    return tuple(shape[:weight.lead]) + weight.tensor, weight.lead
 
 
 def module_matches(targets: list[str] | str, module: str) -> bool:
@@ -104,7 +139,7 @@ def low_rank_labels(params: Any, targets: list[str] | str | None, optimizer: str
         hits = [every or module_matches(targets, m) for m in weight.modules]
         if not any(hits):
             return FULL
-        if weight.view is None:
+        if not weight.linear:
             skipped.append(weight.modules[0])
             return FULL
         if not all(hits):
@@ -125,17 +160,19 @@ def low_rank_labels(params: Any, targets: list[str] | str | None, optimizer: str
 
 def view_of(layout: Layout | None) -> Any:
     """name -> MatrixView of a projected leaf (the plain 2-D view without a layout)."""
-    return (lambda name: PLAIN) if layout is None else (lambda name: layout[name].view)
+    return (lambda name: PLAIN) if layout is None else (lambda name: layout[name].view or PLAIN)
 
 
 def _weight(name: str, leaf: Any, layout: Layout | None) -> HFWeight | None:
     """The HF weight a leaf is, or None for biases, norms, embeddings and leaves the layout lacks."""
     if layout is not None:
-        return layout.get(name)
+        weight = layout.get(name)
+        return weight if weight is not None and weight.n_in is not None else None
     module, _, leaf_name = name.rpartition(".")
     if leaf_name != "kernel":
         return None
-    return HFWeight((module,), PLAIN if getattr(leaf, "ndim", 0) == 2 else None)
+    two_d = getattr(leaf, "ndim", 0) == 2
+    return HFWeight((module,), 0, tuple(getattr(leaf, "shape", ())), 1, two_d)
 
 
 @functools.cache

@@ -1,8 +1,9 @@
-"""GaLore and APOLLO against galore_torch / apollo_torch, as HF's Trainer builds them.
+"""The optimizers that see a weight's shape, against what HF's Trainer builds on a real model: GaLore and
+APOLLO (galore_torch / apollo_torch), Adafactor (transformers') and StableAdamW (torch-optimi's).
 
-HF's own `Trainer.get_optimizer_cls_and_kwargs` picks the parameters (its nn.Linear rule on a tiny
-LlamaForCausalLM, its param groups, its defaults) and the package's optimizer steps them. jtrain's
-`make_optimizer` gets the same model's layout (`trainer_setup.linear_layout`), as the Trainer passes it.
+HF's own `Trainer.create_optimizer` picks the parameters (its nn.Linear rule and decay groups on a tiny
+LlamaForCausalLM, its defaults) and its optimizer steps them. jtrain's `make_optimizer` gets the same
+model's layout (`trainer_setup.kernel_layout`), as the Trainer passes it.
 Both are fed the same random gradients (made in HF's layout, converted with the model's leaf maps),
 so that only the optimizers are compared. jtrain's attention projections are head-shaped 3-D kernels
 ([embed, heads, head_dim] and [heads, head_dim, embed]); with scan_layers every kernel is stacked over
@@ -25,7 +26,7 @@ from jtrain.models import from_pretrained
 from jtrain.models import convert
 from jtrain.models.hub import model_leaf_maps, to_hf_state_dict
 from jtrain.optim import make_optimizer
-from jtrain.trainer_setup import linear_layout
+from jtrain.trainer_setup import kernel_layout
 
 STEPS, LR, RANK = 7, 1e-2, 4  # RANK differs from every weight dimension (16, 32, 64): see _projector_table
 # float32 on both sides, the same formulas; SVDs by LAPACK on both sides, singular values well apart in
@@ -44,20 +45,19 @@ def _pair(tmp_path, scan: bool):
 def _hf_optimizer(torch_model, tmp_path, **training_args):
     """The optimizer HF's Trainer.create_optimizer makes for these TrainingArguments."""
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=LR, report_to=[],
-                                          **training_args)
-    cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args, torch_model)
-    groups = kwargs.pop("params")
-    return cls(groups, **kwargs)
+                                          use_cpu=True, **training_args)
+    return transformers.Trainer(model=torch_model, args=args).create_optimizer()
 
 
-def _run_both(tmp_path, name: str, scan: bool, **training_args) -> tuple[float, float]:
+def _run_both(tmp_path, name: str, scan: bool, layout: bool = True, **training_args) -> tuple[float, float]:
     """(max |jtrain - HF| over the params after STEPS, how far the params moved)."""
     torch_model, model, params = _pair(tmp_path, scan)
     start = {k: v.detach().numpy().copy() for k, v in torch_model.named_parameters()}
     hf_opt = _hf_optimizer(torch_model, tmp_path, optim=name, **training_args)
     tx = make_optimizer(name, LR, max_grad_norm=0, adam_beta1=training_args.get("adam_beta1", 0.9),
-                        optim_args=training_args.get("optim_args"),
-                        optim_target_modules=training_args["optim_target_modules"], param_layout=linear_layout(model))
+                        weight_decay=training_args.get("weight_decay", 0.0), optim_args=training_args.get("optim_args"),
+                        optim_target_modules=training_args.get("optim_target_modules"),
+                        param_layout=kernel_layout(model) if layout else None)
     state = tx.init(params)
     update = jax.jit(tx.update)
     maps, rng = model_leaf_maps(model), np.random.default_rng(0)
@@ -142,3 +142,55 @@ def test_apollo_matches_apollo_torch_as_hf_builds_it(tmp_path, monkeypatch, targ
                             adam_beta1=0.8)
     assert moved > 100 * TOL, moved
     assert diff <= TOL, diff
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_adafactor_factors_each_hf_weight_matrix(tmp_path, scan) -> None:
+    """HF factors q_proj's (out, in) weight; jtrain's [embed, heads, head_dim] kernel factored over its last two
+    axes (heads, head_dim) per embed row was another optimizer, and a scanned stack was RMS-clipped as one
+    tensor where HF clips each layer's. With the layout, the same numbers; without it (a bare tree), not."""
+    diff, moved = _run_both(tmp_path, "adafactor", scan, weight_decay=0.1)
+    assert moved > 100 * TOL, moved
+    assert diff <= TOL, diff
+    without, _ = _run_both(tmp_path / "bare", "adafactor", scan, layout=False, weight_decay=0.1)
+    assert without > 100 * TOL, without
+
+
+def test_stable_adamw_clips_each_layers_tensor(tmp_path) -> None:
+    """torch-optimi's StableAdamW divides each tensor's rate by its own RMS ratio; a scanned stack holds one
+    tensor per layer, which jtrain clipped as one. With the layout, the same numbers; without it, not."""
+    diff, moved = _run_both(tmp_path, "stable_adamw", True, weight_decay=0.1)
+    assert moved > 100 * TOL, moved
+    assert diff <= TOL, diff
+    without, _ = _run_both(tmp_path / "bare", "stable_adamw", True, layout=False, weight_decay=0.1)
+    assert without > 100 * TOL, without
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_muon_orthogonalises_each_hf_weight_matrix(tmp_path, scan) -> None:
+    """Muon has no HF reference; its rule is per weight matrix. jtrain's run on the model (head-shaped attention
+    kernels, with scan_layers one stack per kernel) must equal a run on HF's own 2-D weights (transposed to
+    (in, out)). Before, the 3-D kernels and the scanned stacks got AdamW (only 2-D leaves were matrices)."""
+    _, model, params = _pair(tmp_path, scan)
+    maps = model_leaf_maps(model)
+    flat = {name: np.asarray(t).T if t.ndim == 2 and "norm" not in name and "embed" not in name else np.asarray(t)
+            for name, t in to_hf_state_dict(model, params).items()}
+    ours = make_optimizer("muon", LR, max_grad_norm=0, param_layout=kernel_layout(model))
+    plain = make_optimizer("muon", LR, max_grad_norm=0)  # every 2-D leaf of the HF-shaped dict is a matrix
+    ours_state, plain_state = ours.init(params), plain.init(flat)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        grads = {k: (0.1 * rng.normal(size=v.shape)).astype(np.float32) for k, v in flat.items()}
+        hf_grads = {k: g.T if k in flat and g.ndim == 2 and "norm" not in k and "embed" not in k else g
+                    for k, g in grads.items()}
+        tree = convert.unflatten({m.path: jnp.asarray(convert.to_leaf(m, [hf_grads[n] for n in m.hf_names]))
+                                  for m in maps})
+        updates, ours_state = ours.update(tree, ours_state, params)
+        params = optax.apply_updates(params, updates)
+        updates, plain_state = plain.update(grads, plain_state, flat)
+        flat = optax.apply_updates(flat, updates)
+    got = to_hf_state_dict(model, params)
+    for name, value in flat.items():
+        want = np.asarray(value).T if value.ndim == 2 and "norm" not in name and "embed" not in name else value
+        # Newton-Schulz in float32 on the same matrices in another layout: summation order only
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=TOL, err_msg=name)
