@@ -89,8 +89,17 @@ class DataSection:
     test_file: str | None = _f(None, "Test file for do_predict when source=files.")
     text_column: str = _f("text", "Column that holds the text.")
     text_columns: list[str] | None = _f(None, "classification: one or two text columns (a pair); default "
-                                              "[text_column].")
-    label_column: str = _f("label", "classification: column that holds the label (any values; mapped to ids).")
+                                              "[text_column]. With text_column_delimiter, any number, joined.")
+    text_column_delimiter: str | None = _f(None, "classification: join the text_columns into one text with this "
+                                                 "string (HF's run_classification.py, which uses ' ').")
+    label_column: str = _f("label", "classification: column that holds the label (classes of any type, mapped to "
+                                    "ids; float targets: a regression; lists of classes: multi-label).")
+    do_regression: bool | None = _f(None, "classification: true treats the labels as regression targets (one "
+                                          "output, mean-squared error), false as classes; unset: float labels "
+                                          "are a regression (HF's rule).")
+    metric_name: str | None = _f(None, "classification: HF evaluate's metric to report (accuracy, f1, precision, "
+                                       "recall, matthews_correlation, mse, mae, pearsonr, spearmanr), computed "
+                                       "locally; default accuracy, mse for a regression, micro-F1 multi-label.")
     prompt_column: str = _f("prompt", "sft: column that holds the prompt.")
     completion_column: str = _f("completion", "sft: column that holds the completion (the only tokens trained).")
     block_size: int = _f(128, "clm: tokens per packed training row.")
@@ -103,6 +112,7 @@ class DataSection:
     max_train_samples: int | None = _f(None, "Train on at most this many examples (rows for clm/mlm).")
     max_eval_samples: int | None = _f(None, "Evaluate on at most this many examples (rows for clm/mlm).")
     max_eval_rows: int | None = _f(None, "Older name of max_eval_samples.")
+    max_predict_samples: int | None = _f(None, "classification: predict on at most this many test examples.")
 
     def __post_init__(self) -> None:
         _need(self.task in TASKS, f"`data.task` must be one of {list(TASKS)}, got {self.task!r}")
@@ -113,11 +123,17 @@ class DataSection:
               f"`data.mlm_probability` must lie in (0, 1), got {self.mlm_probability}")
         _need(0.0 < self.validation_percent < 100.0,
               f"`data.validation_percent` must lie in (0, 100), got {self.validation_percent}")
-        for name in ("max_files", "max_train_samples", "max_eval_samples", "max_eval_rows"):
+        for name in ("max_files", "max_train_samples", "max_eval_samples", "max_eval_rows", "max_predict_samples"):
             value = getattr(self, name)
             _need(value is None or value >= 1, f"`data.{name}` must be >= 1, got {value}")
-        _need(self.text_columns is None or 1 <= len(self.text_columns) <= 2,
-              f"`data.text_columns` takes one or two columns, got {self.text_columns}")
+        _need(self.text_columns is None or 1 <= len(self.text_columns) <= 2 or (
+            self.text_column_delimiter is not None and len(self.text_columns) >= 1),
+              f"`data.text_columns` takes one or two columns (a pair), or any number with "
+              f"`data.text_column_delimiter` (joined), got {self.text_columns}")
+        if self.metric_name is not None:
+            from jtrain.data.classification_metrics import check_metric_name
+
+            check_metric_name(self.metric_name)
 
     @property
     def eval_limit(self) -> int | None:

@@ -249,13 +249,14 @@ def _flat(tree: Any) -> list:
 def evaluate_split(trainer: Trainer, data: TaskData, split: str) -> dict:
     """Metrics of one split with its baseline beside them (and printed beside them)."""
     dataset = data.splits[split]
-    if split == "test" and data.label_names:
+    if split == "test" and data.problem_type is not None:
         out = trainer.predict(dataset, metric_key_prefix="test")
         metrics = dict(out.metrics)
-        write_predictions(trainer.args.output_dir, out.predictions, data.label_names)
+        write_predictions(trainer.args.output_dir, out.predictions, data.label_names, data.problem_type)
     else:
         metrics = trainer.evaluate(dataset, metric_key_prefix=split)
-    if not (dataset.columns["labels"] != -100).any():  # unlabelled (a test file without labels): no loss
+    labels = np.asarray(dataset.columns["labels"])
+    if not (~np.isnan(labels) if labels.dtype.kind == "f" else labels != -100).any():  # unlabelled: no loss
         metrics = {k: v for k, v in metrics.items() if not k.endswith(("_loss", "_accuracy", "_perplexity"))}
     metrics[f"{split}_samples"] = len(dataset)
     baseline = data.baselines.get(split)
@@ -265,14 +266,22 @@ def evaluate_split(trainer: Trainer, data: TaskData, split: str) -> dict:
     return metrics
 
 
-def write_predictions(output_dir: str, logits: Any, names: list[str]) -> str:
-    """HF's predict_results.txt: one `index<TAB>label` line per test row."""
-    predicted = np.asarray(logits).argmax(-1)
+def write_predictions(output_dir: str, logits: Any, names: list[str] | None,
+                      problem_type: str = "single_label_classification") -> str:
+    """HF's predict_results.txt: one `index<TAB>prediction` line per test row: the class name, the
+    regression output to 3 decimals, or the list of the classes whose logit is above 0 (multi-label)."""
+    logits = np.asarray(logits)
+    if problem_type == "regression":
+        lines = [f"{value:3.3f}" for value in logits.reshape(-1)]
+    elif problem_type == "multi_label_classification":
+        lines = [str([names[i] for i in np.flatnonzero(row > 0)]) for row in logits]
+    else:
+        lines = [names[int(p)] for p in logits.argmax(-1)]
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "predict_results.txt")
     with open(path, "w") as fh:
         fh.write("index\tprediction\n")
-        fh.writelines(f"{i}\t{names[int(p)]}\n" for i, p in enumerate(predicted))
+        fh.writelines(f"{i}\t{line}\n" for i, line in enumerate(lines))
     return path
 
 
@@ -292,7 +301,8 @@ def run_job(cfg: RunConfig) -> dict:
         return _search(cfg, data, lambda: build_model(cfg, data, model_type, config))
     model, params = build_model(cfg, data, model_type, config)
     trainer = Trainer(model, args, data_collator=data.collator, train_dataset=data.train,
-                      eval_dataset=data.validation, processing_class=data.tokenizer, params=params)
+                      eval_dataset=data.validation, processing_class=data.tokenizer, params=params,
+                      compute_metrics=data.compute_metrics)
     _say(f"data: {data.summary}; prepared in {time.perf_counter() - started:.1f}s")
     source = cfg.model.model_name_or_path or "scratch"
     _say(f"model: {model.config.model_type} {model.task} ({source}), "
@@ -331,7 +341,7 @@ def _search(cfg: RunConfig, data: TaskData, model_init: Any) -> dict:
 
     args, hp = cfg.training, cfg.hp_search
     trainer = Trainer(args=args, data_collator=data.collator, train_dataset=data.train, eval_dataset=data.validation,
-                      processing_class=data.tokenizer, model_init=model_init)
+                      processing_class=data.tokenizer, model_init=model_init, compute_metrics=data.compute_metrics)
     key = None if hp.metric is None else (hp.metric if hp.metric.startswith("eval_") else f"eval_{hp.metric}")
 
     def objective(metrics: dict) -> float:

@@ -55,9 +55,21 @@ def test_run_classification_arguments(tmp_path):
     cfg = resolved(translated)
     assert cfg.data.task == "classification" and cfg.data.source == "files"
     assert cfg.data.text_columns == ["premise", "hypothesis"] and cfg.data.label_column == "gold"
+    assert cfg.data.text_column_delimiter == " "  # run_classification.py joins them (run_glue.py pairs them)
     assert cfg.data.max_seq_length == 96 and cfg.data.max_train_samples == 50
     assert cfg.model.model_type == "bert" and cfg.model.config == {"hidden_size": 32, "num_hidden_layers": 1}
     assert (cfg.training.do_train, cfg.training.do_eval, cfg.training.do_predict) == (True, True, False)
+
+
+def test_run_classification_problem_and_metric_arguments_take_effect():
+    """They were accepted and ignored: a regression ran as classes of float strings, max_eval_samples cut the
+    test split, the metric was always accuracy; and without text_column_names HF reads "sentence"."""
+    cfg = resolved(translate("classification", ["--train_file", "a.csv", "--do_train", "--do_regression",
+                                                "--metric_name", "spearmanr", "--max_predict_samples", "3"])[0])
+    assert (cfg.data.do_regression, cfg.data.metric_name, cfg.data.max_predict_samples) == (True, "spearmanr", 3)
+    assert cfg.data.text_column == "sentence" and cfg.data.text_column_delimiter is None
+    with pytest.raises(ConfigError, match="metric_name 'bleu'"):
+        resolved(translate("classification", ["--train_file", "a.csv", "--do_train", "--metric_name", "bleu"])[0])
 
 
 def test_run_mlm_arguments_and_stdlib_default():

@@ -185,7 +185,8 @@ def test_sentence_pairs_get_token_types(tmp_path):
         "bert", texts, vocab_size=100), d)
     row = data.train[0]
     assert set(row["token_type_ids"]) == {0, 1} and len(row["token_type_ids"]) == len(row["input_ids"])
-    assert data.model_config == {"num_labels": 2, "id2label": {0: "0", 1: "1"}}
+    assert data.model_config == {"num_labels": 2, "id2label": {0: "0", 1: "1"},
+                                 "problem_type": "single_label_classification"}
     assert data.collator(data.train[:4])["input_ids"].shape[1] in (32, 64)
 
 

@@ -1,14 +1,19 @@
 """Sequence classification data: text column(s) + a label column -> padded rows with one label each.
 
-As in HF's `run_classification.py`: labels of any type are mapped to ids (sorted, numbers in
-numeric order), `num_labels` comes from the data, one or two text columns (a pair) are encoded
-with the tokenizer's template and truncated to `max_seq_length`. Training rows are padded per
-batch to a length bucket (a few compiled shapes); evaluation splits are padded once.
-The baseline is the majority class of the training labels, scored on each evaluated split.
+As in HF's `run_classification.py`: the problem type comes from the labels unless `do_regression`
+says (float labels: a regression, one output and mean-squared error; lists of labels: multi-label,
+one 0/1 target per label; anything else: single-label classes), class labels of any type are mapped
+to ids (sorted, numbers in numeric order) over the labels of every split (an evaluation label the
+training split lacks is added with a warning), `num_labels` comes from the data, and the text is one
+column, several joined by `text_column_delimiter`, or two columns encoded as a pair with the
+tokenizer's template, truncated to `max_seq_length`. Training rows are padded per batch to a length
+bucket (a few compiled shapes); evaluation splits are padded once. The baseline is the majority class
+(or, for a regression, the mean training label), scored on each evaluated split.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -17,6 +22,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from jtrain.config import DataSection
+from jtrain.data.classification_metrics import metrics_function
 from jtrain.data.collators import DataCollatorWithPadding
 from jtrain.data.local_tokenizers import role_id
 from jtrain.data.stdlib_text import DEFAULT_CLASSES, split_by_file, stdlib_docstrings
@@ -24,12 +30,14 @@ from jtrain.data.task_data import Baseline, TaskData, TokenizerFactory, collate_
 from jtrain.errors import DataError
 
 NO_LABEL = -100
+REGRESSION, SINGLE_LABEL, MULTI_LABEL = "regression", "single_label_classification", "multi_label_classification"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Example:
     texts: tuple[str, ...]  # one text, or a pair
-    label: str | None  # None: unlabelled (a test file without the label column)
+    label: Any  # a class (str), a regression target (float), a tuple of classes (multi-label); None: unlabelled
 
 
 def stdlib_examples(d: DataSection) -> dict[str, list[Example]]:
@@ -46,6 +54,13 @@ def _text(value: Any, path: str, column: str, row: int) -> str:
     return str(value)
 
 
+def _label(value: Any) -> Any:
+    """A file's label as read (numbers stay numbers, for the problem type); lists become tuples of names."""
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    return value
+
+
 def file_examples(d: DataSection, wanted: Sequence[str]) -> dict[str, list[Example]]:
     """Examples of the train/validation/test files of the `wanted` splits ("train", "eval", "test")."""
     paths = {"train": d.train_file, "eval": d.validation_file, "test": d.test_file}
@@ -59,12 +74,27 @@ def file_examples(d: DataSection, wanted: Sequence[str]) -> dict[str, list[Examp
         rows = []
         for i in range(len(table[cols[0]])):
             label = None if labels is None else labels[i]
-            if labels is not None and label is None:
+            if labels is not None and label is None and split != "test":
                 raise DataError(f"{path!r} row {i}: column {d.label_column!r} is empty")
-            rows.append(Example(tuple(_text(table[c][i], path, c, i) for c in cols),
-                                None if label is None else str(label)))
+            texts = tuple(_text(table[c][i], path, c, i) for c in cols)
+            if d.text_column_delimiter is not None:
+                texts = (d.text_column_delimiter.join(texts),)
+            rows.append(Example(texts, None if label is None else _label(label)))
         out[split] = rows
     return out
+
+
+def problem_type(examples: dict[str, list[Example]], do_regression: bool | None) -> str:
+    """HF's rule: `do_regression` when given, else float training labels are a regression; lists of
+    labels are multi-label; anything else single-label."""
+    source = examples.get("train") or examples.get("eval") or examples.get("test") or []
+    values = [e.label for e in source if e.label is not None]
+    if do_regression is None:
+        numbers = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        do_regression = bool(numbers and any(isinstance(v, float) for v in values))
+    if do_regression:
+        return REGRESSION
+    return MULTI_LABEL if any(isinstance(v, tuple) for v in values) else SINGLE_LABEL
 
 
 def _label_order(name: str) -> tuple:
@@ -74,22 +104,61 @@ def _label_order(name: str) -> tuple:
         return (1, 0.0, name)
 
 
+def _names_of(label: Any) -> tuple[str, ...]:
+    return label if isinstance(label, tuple) else (str(label),)
+
+
 def label_names(examples: dict[str, list[Example]], known: Sequence[str] | None) -> list[str]:
-    """The label list: a pretrained classifier's own, else the training (or evaluation) labels, sorted."""
+    """The label list: a pretrained classifier's own, else every split's labels, sorted (HF builds it from the
+    training labels and adds, with a warning, those only an evaluation split has)."""
     if known:
         return list(known)
-    source = examples.get("train") or examples.get("eval") or []
-    names = {e.label for e in source if e.label is not None}
+    train = {n for e in examples.get("train", []) if e.label is not None for n in _names_of(e.label)}
+    names = set(train)
+    for split in ("eval", "test"):
+        extra = {n for e in examples.get(split, []) if e.label is not None for n in _names_of(e.label)} - names
+        if extra and train:
+            logger.warning("labels %s in the %s split but not in the training split: added to the label list",
+                           sorted(extra, key=_label_order), split)
+        names |= extra
     if len(names) < 2:
         raise DataError(f"classification needs at least 2 distinct labels, found {sorted(names)}")
     return sorted(names, key=_label_order)
 
 
-def encode(tok: Tokenizer, rows: list[Example], ids: dict[str, int], max_len: int, split: str) -> list[dict]:
-    """Token ids (with the tokenizer's template) truncated to `max_len`, and the label id."""
-    unknown = sorted({e.label for e in rows if e.label is not None and e.label not in ids})
-    if unknown:
-        raise DataError(f"the {split} split has labels the model does not know: {unknown[:5]}; known: {list(ids)}")
+def _float_label(value: Any, split: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"the {split} split has the label {value!r}, which a regression cannot read as a number: "
+                        "give numeric labels, or do_regression: false for classes") from None
+
+
+def label_encoder(kind: str, names: list[str] | None, split: str) -> Any:
+    """Example label -> the row's `labels` value for this problem type (unlabelled rows: -100, or NaN)."""
+    if kind == REGRESSION:
+        return lambda label: np.float32(np.nan if label is None else _float_label(label, split))
+    ids = {name: i for i, name in enumerate(names or [])}
+
+    def class_id(name: str) -> int:
+        if name not in ids:
+            raise DataError(f"the {split} split has a label the model does not know: {name!r}; known: {list(ids)}")
+        return ids[name]
+
+    if kind == MULTI_LABEL:
+        def multi_hot(label: Any) -> np.ndarray:
+            if label is None:
+                return np.full(len(ids), np.nan, np.float32)
+            out = np.zeros(len(ids), np.float32)
+            out[[class_id(n) for n in _names_of(label)]] = 1.0
+            return out
+        return multi_hot
+    return lambda label: NO_LABEL if label is None else class_id(str(label))
+
+
+def encode(tok: Tokenizer, rows: list[Example], to_label: Any, max_len: int) -> list[dict]:
+    """Token ids (with the tokenizer's template) truncated to `max_len`, and the row's label."""
+    labels = [to_label(e.label) for e in rows]  # an unknown label fails before the tokenizer runs
     previous = tok.truncation
     tok.enable_truncation(max_len)
     try:
@@ -98,20 +167,25 @@ def encode(tok: Tokenizer, rows: list[Example], ids: dict[str, int], max_len: in
     finally:
         tok.enable_truncation(**previous) if previous else tok.no_truncation()
     features = []
-    for e, enc in zip(rows, encodings):
-        row = {"input_ids": enc.ids, "labels": NO_LABEL if e.label is None else ids[e.label]}
+    for e, enc, label in zip(rows, encodings, labels):
+        row = {"input_ids": enc.ids, "labels": label}
         if len(e.texts) == 2:
             row["token_type_ids"] = enc.type_ids
         features.append(row)
     return features
 
 
-def majority_baseline(train: list[Example], split: list[Example]) -> Baseline | None:
+def baseline(kind: str, train: list[Example], split: list[Example]) -> Baseline | None:
+    """The majority training class's accuracy, or for a regression the mean training label's mse."""
     labelled = [e.label for e in split if e.label is not None]
-    if not train or not labelled:
+    if not train or not labelled or kind == MULTI_LABEL:
         return None
-    majority = Counter(e.label for e in train).most_common(1)[0][0]
-    return Baseline("majority_class", "accuracy", float(np.mean([lab == majority for lab in labelled])))
+    if kind == REGRESSION:
+        mean = np.mean([_float_label(e.label, "train") for e in train])
+        targets = np.asarray([_float_label(v, "evaluation") for v in labelled])
+        return Baseline("mean_label", "mse", float(np.mean((targets - mean) ** 2)))
+    majority = Counter(str(e.label) for e in train).most_common(1)[0][0]
+    return Baseline("majority_class", "accuracy", float(np.mean([str(lab) == majority for lab in labelled])))
 
 
 def build_classification_data(examples: dict[str, list[Example]], get_tokenizer: TokenizerFactory, d: DataSection,
@@ -119,24 +193,31 @@ def build_classification_data(examples: dict[str, list[Example]], get_tokenizer:
                               known_labels: Sequence[str] | None = None) -> TaskData:
     """Tokenized, label-mapped rows; `examples` maps "train"/"eval"/"test" to examples."""
     examples = {"train": first(examples.get("train", []), d.max_train_samples),
-                **{k: first(v, d.eval_limit) for k, v in examples.items() if k != "train"}}
-    names = label_names(examples, known_labels)
-    ids = {name: i for i, name in enumerate(names)}
+                **{k: first(v, d.max_predict_samples if k == "test" else d.eval_limit)
+                   for k, v in examples.items() if k != "train"}}
+    kind = problem_type(examples, d.do_regression)
+    names = None if kind == REGRESSION else label_names(examples, known_labels)
     tok = get_tokenizer([t for e in examples["train"] for t in e.texts])
     pad = role_id(tok, "pad") or role_id(tok, "eos") or 0
     collator = DataCollatorWithPadding(pad_token_id=pad, length_buckets=resolve_buckets(length_buckets,
                                                                                         d.max_seq_length))
-    data = TaskData(tok, None, collator, label_names=names,
-                    model_config={"num_labels": len(names), "id2label": dict(enumerate(names))})
+    config = {"num_labels": 1, "problem_type": kind} if names is None else \
+        {"num_labels": len(names), "id2label": dict(enumerate(names)), "problem_type": kind}
+    data = TaskData(tok, None, collator, label_names=names, model_config=config, problem_type=kind,
+                    compute_metrics=metrics_function(kind, d.metric_name, len(names or [1])))
     if examples["train"]:
-        data.train = encode(tok, examples["train"], ids, d.max_seq_length, "train")
+        data.train = encode(tok, examples["train"], label_encoder(kind, names, "train"), d.max_seq_length)
     for split in ("eval", "test"):
         if examples.get(split):
-            data.splits[split] = collate_all(encode(tok, examples[split], ids, d.max_seq_length, split), collator)
-            baseline = majority_baseline(examples["train"], examples[split])
-            if baseline is not None:
-                data.baselines[split] = baseline
-    counts = Counter(e.label for e in examples["train"])
-    data.summary = (f"classification: {len(names)} labels, {len(examples['train'])} train / "
-                    f"{len(examples.get('eval', []))} eval examples; train label counts {dict(counts.most_common())}")
+            rows = encode(tok, examples[split], label_encoder(kind, names, split), d.max_seq_length)
+            data.splits[split] = collate_all(rows, collator)
+            found = baseline(kind, examples["train"], examples[split])
+            if found is not None:
+                data.baselines[split] = found
+    what = "regression (one output)" if names is None else f"{len(names)} labels" + (
+        ", multi-label" if kind == MULTI_LABEL else "")
+    counts = "" if names is None else "; train label counts " + str(dict(Counter(
+        n for e in examples["train"] if e.label is not None for n in _names_of(e.label)).most_common()))
+    data.summary = (f"classification: {what}, {len(examples['train'])} train / "
+                    f"{len(examples.get('eval', []))} eval examples{counts}")
     return data

@@ -28,8 +28,8 @@ from jtrain.jsonfile import read_json_object
 class Baseline:
     """A trivial predictor's score on a split: what a trained model must beat to have learned."""
 
-    name: str  # "unigram", "majority_class", "most_frequent_token"
-    metric: str  # "loss" (lower is better) or "accuracy"
+    name: str  # "unigram", "majority_class", "most_frequent_token", "mean_label"
+    metric: str  # "loss" or "mse" (lower is better), or "accuracy"
     value: float
 
     def metrics(self, prefix: str) -> dict[str, float]:
@@ -46,8 +46,10 @@ class Baseline:
             loss = metrics[f"{prefix}_loss"]
             return (f"{prefix} loss {loss:.4f} (perplexity {math.exp(min(loss, 700.0)):.2f}) vs {label} baseline "
                     f"{self.value:.4f} (perplexity {math.exp(min(self.value, 700.0)):.2f})")
-        return (f"{prefix} accuracy {metrics[f'{prefix}_accuracy']:.4f} (loss {metrics[f'{prefix}_loss']:.4f}) vs "
-                f"{label} baseline accuracy {self.value:.4f}")
+        score = metrics.get(f"{prefix}_{self.metric}")
+        shown = "n/a" if score is None else f"{score:.4f}"  # a compute_metrics of the user's may not report it
+        return (f"{prefix} {self.metric} {shown} (loss {metrics[f'{prefix}_loss']:.4f}) vs "
+                f"{label} baseline {self.metric} {self.value:.4f}")
 
 
 @dataclass
@@ -59,7 +61,9 @@ class TaskData:
     baselines: dict[str, Baseline] = field(default_factory=dict)  # per split prefix
     model_config: dict = field(default_factory=dict)  # vocab_size, special ids, num_labels, id2label
     summary: str = ""
-    label_names: list[str] | None = None
+    label_names: list[str] | None = None  # classification: the class of each output (None for a regression)
+    problem_type: str | None = None  # classification: HF's problem_type of the data
+    compute_metrics: Callable | None = None  # what HF's example script computes (None: the Trainer's own)
 
     @property
     def validation(self) -> ArrayDataset | None:

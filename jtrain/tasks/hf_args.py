@@ -28,7 +28,9 @@ RENAMES = {
     "label_column_name": "data.label_column", "max_seq_length": "data.max_seq_length",
     "block_size": "data.block_size", "max_train_samples": "data.max_train_samples",
     "max_eval_samples": "data.max_eval_samples", "mlm_probability": "data.mlm_probability",
-    "validation_split_percentage": "data.validation_percent",
+    "validation_split_percentage": "data.validation_percent", "text_column_delimiter": "data.text_column_delimiter",
+    "do_regression": "data.do_regression", "metric_name": "data.metric_name",
+    "max_predict_samples": "data.max_predict_samples",
 }
 """HF argument -> jtrain key, where the names differ (every other key passes through unchanged)."""
 
@@ -43,9 +45,8 @@ IGNORED = {
     **dict.fromkeys(("cache_dir", "model_revision", "token", "use_auth_token", "trust_remote_code"),
                     "jtrain never downloads and runs only its own model code"),
     **dict.fromkeys(("overwrite_cache", "preprocessing_num_workers", "keep_linebreaks", "use_fast_tokenizer",
-                     "shuffle_train_dataset", "shuffle_seed", "remove_splits", "remove_columns", "metric_name",
-                     "max_predict_samples", "pad_to_max_length", "low_cpu_mem_usage", "torch_dtype",
-                     "ignore_mismatched_sizes", "do_regression"),
+                     "shuffle_train_dataset", "shuffle_seed", "remove_splits", "remove_columns",
+                     "pad_to_max_length", "low_cpu_mem_usage", "torch_dtype", "ignore_mismatched_sizes"),
                     "handled by jtrain's own data path (Rust tokenizer, length buckets, per-epoch shuffling)"),
     **{key: field.reason for key, field in HF_ONLY_FIELDS.items() if not field.refused},  # TrainingArguments' own
 }
@@ -109,6 +110,11 @@ def _script_defaults(task: str, keys: dict) -> list[str]:
         out.append("--data.source=files")
     if not any(k in keys for k in ("model_name_or_path", "config_name", "model_type")):
         out.append(f"--model.model_type={SCRATCH_MODEL[task]}")
+    if task == "classification":  # run_classification.py: the "sentence" column, or text_column_names joined by " "
+        if "text_column_names" in keys and "text_column_delimiter" not in keys:
+            out.append("--data.text_column_delimiter= ")
+        if not any(k in keys for k in ("text_column_names", "text_column_name")):
+            out.append("--data.text_column=sentence")
     return out
 
 

@@ -1,0 +1,152 @@
+"""Classification data as HF's run_classification.py reads it: the problem type from the labels (float targets:
+a regression; lists of classes: multi-label), the label list over every split, the "sentence" column, text
+columns joined, and the metric it reports (accuracy, mse, micro-F1, or `metric_name`) computed locally."""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+
+import numpy as np
+import pytest
+from scipy import stats
+from test_tasks import TINY_BERT, TRAINING, WORDS, results, write_jsonl
+
+from jtrain.config import DataSection
+from jtrain.data.classification import build_classification_data, file_examples
+from jtrain.data.classification_metrics import metrics_function
+from jtrain.data.local_tokenizers import train_tokenizer_for
+from jtrain.errors import ConfigError, DataError
+from jtrain.evaluation import EvalPrediction
+from jtrain.tasks.hf_args import main as script_main
+
+FILLER = "the a of and with very".split()
+
+
+def _rows(n: int, seed: int, kind: str) -> list[dict]:
+    """A regression target (0.5 per "big" word), or the classes whose words a sentence holds (multi-label)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        if kind == "regression":
+            big = int(rng.integers(0, 5))
+            words = ["big"] * big + list(rng.choice(FILLER, 6 - big))
+            label = 0.5 * big
+        else:
+            label = sorted(rng.choice(list(WORDS), int(rng.integers(1, 3)), replace=False).tolist())
+            words = [w for c in label for w in rng.choice(WORDS[c].split(), 2)] + list(rng.choice(FILLER, 2))
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words), "label": label})
+    return rows
+
+
+def _script(tmp_path, kind: str, **model: int) -> tuple[int, object]:
+    files = {split: write_jsonl(tmp_path / f"{split}.jsonl", _rows(n, seed, kind))
+             for split, n, seed in (("train", 300, 0), ("dev", 64, 1), ("test", 8, 2))}
+    out = tmp_path / "out"
+    code = script_main("classification", "classification", [
+        "--model_type", "bert", "--config_overrides", ",".join(f"{k}={v}" for k, v in {**TINY_BERT, **model}.items()),
+        "--tokenizer.vocab_size", "96", "--train_file", files["train"], "--validation_file", files["dev"],
+        "--test_file", files["test"], "--max_seq_length", "16", "--do_train", "--do_eval", "--do_predict",
+        "--output_dir", str(out), *TRAINING])
+    return code, out
+
+
+def test_float_labels_are_a_regression_with_hfs_mse(tmp_path, capsys):
+    """No option needed: float labels make the run a regression (one output, problem_type regression, MSE),
+    the text comes from HF's default "sentence" column, eval_mse (HF's default metric, from the predictions
+    on the host) equals the device's mean-squared-error loss, and the model beats predicting the mean."""
+    code, out = _script(tmp_path, "regression")
+    assert code == 0, capsys.readouterr().err[-2000:]
+    r = results(out)
+    assert r["eval_mse"] == pytest.approx(r["eval_loss"], rel=1e-5)
+    assert r["eval_mse"] < 0.5 * r["eval_mean_label_baseline_mse"], r
+    config = json.loads((out / "config.json").read_text())
+    assert (config["problem_type"], config["id2label"]) == ("regression", {"0": "LABEL_0"})
+    lines = (out / "predict_results.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 9
+    assert all(len(line.split("\t")[1].split(".")[1]) == 3 for line in lines[1:])  # HF's f"{item:3.3f}"
+
+
+def test_lists_of_labels_are_multi_label_with_hfs_micro_f1(tmp_path, capsys):
+    """Lists of classes: one 0/1 target per class, binary cross-entropy, micro-F1 (HF's default metric) and the
+    classes whose logit is above 0 in predict_results.txt. The 32-wide tiny BERT learns one class and ties the
+    other two (micro-F1 0.80 at any step count or rate tried); 64 wide, 0.91."""
+    code, out = _script(tmp_path, "multi", hidden_size=64, num_attention_heads=4)
+    assert code == 0, capsys.readouterr().err[-2000:]
+    r = results(out)
+    assert r["eval_f1"] > 0.85, r
+    config = json.loads((out / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification" and sorted(config["label2id"]) == sorted(WORDS)
+    predicted = [ast.literal_eval(line.split("\t")[1]) for line in (out / "predict_results.txt").read_text()
+                 .splitlines()[1:]]
+    assert len(predicted) == 8 and all(set(p) <= set(WORDS) for p in predicted)
+
+
+def _data(tmp_path, rows: dict, **options):
+    files = {split: write_jsonl(tmp_path / f"{split}.jsonl", r) for split, r in rows.items()}
+    d = DataSection(task="classification", source="files", train_file=files.get("train"),
+                    validation_file=files.get("eval"), max_seq_length=32, **options)
+    return build_classification_data(file_examples(d, list(rows)), lambda texts: train_tokenizer_for(
+        "bert", texts, vocab_size=80), d)
+
+
+def test_the_label_list_covers_every_split_as_hfs(tmp_path, caplog):
+    """HF adds, with a warning, an evaluation label the training split lacks; jtrain refused the run."""
+    rows = {"train": [{"text": "a b", "label": 1}, {"text": "b c", "label": 2}],
+            "eval": [{"text": "a c", "label": 10}, {"text": "c c", "label": 1}]}
+    with caplog.at_level(logging.WARNING, logger="jtrain.data.classification"):
+        data = _data(tmp_path, rows)
+    assert data.label_names == ["1", "2", "10"] and data.problem_type == "single_label_classification"
+    assert "labels ['10'] in the eval split but not in the training split" in caplog.text
+    np.testing.assert_array_equal(data.splits["eval"].columns["labels"], [2, 0])
+
+
+def test_do_regression_overrides_the_label_type(tmp_path):
+    floats = {"train": [{"text": "a b", "label": 0.5}, {"text": "b c", "label": 1.5}]}
+    assert _data(tmp_path, floats).problem_type == "regression"
+    as_classes = _data(tmp_path, floats, do_regression=False)
+    assert as_classes.label_names == ["0.5", "1.5"] and as_classes.model_config["num_labels"] == 2
+    ints = {"train": [{"text": "a b", "label": 0}, {"text": "b c", "label": 3}]}
+    assert _data(tmp_path, ints).problem_type == "single_label_classification"  # integer labels are classes
+    regression = _data(tmp_path, ints, do_regression=True)
+    assert regression.model_config == {"num_labels": 1, "problem_type": "regression"}
+    np.testing.assert_array_equal(regression.train[1]["labels"], np.float32(3.0))
+    with pytest.raises(DataError, match="'x', which a regression cannot read as a number"):
+        _data(tmp_path, {"train": [{"text": "a", "label": "x"}, {"text": "b", "label": 1}]}, do_regression=True)
+
+
+def test_text_columns_join_with_the_delimiter(tmp_path):
+    rows = {"train": [{"p": "a b", "h": "c", "label": 0}, {"p": "c", "h": "b a", "label": 1}]}
+    joined = _data(tmp_path, rows, text_columns=["p", "h"], text_column_delimiter=" ")
+    pair = _data(tmp_path, rows, text_columns=["p", "h"])
+    assert "token_type_ids" not in joined.train[0] and set(pair.train[0]["token_type_ids"]) == {0, 1}
+    assert len(joined.train[0]["input_ids"]) == len(pair.train[0]["input_ids"]) - 1  # one [SEP] fewer
+
+
+def test_metrics_are_evaluates_definitions():
+    """Against scipy (correlations) and hand-counted confusion entries."""
+    logits = np.array([[2.0, -1.0], [0.5, 1.0], [-1.0, 3.0], [1.0, 0.0], [0.0, 2.0]])
+    labels = np.array([0, 1, 0, 0, 1])  # predictions 0, 1, 1, 0, 1: tp 2, fp 1, fn 0, tn 2
+    pred = EvalPrediction(predictions=logits, label_ids=labels)
+    scores = {name: metrics_function("single_label_classification", name, 2)(pred)[name]
+              for name in ("f1", "precision", "recall", "matthews_correlation")}
+    phi = (2 * 2 - 1 * 0) / np.sqrt(3 * 2 * 2 * 3)
+    assert scores == pytest.approx({"f1": 4 / 5, "precision": 2 / 3, "recall": 1.0, "matthews_correlation": phi})
+    assert metrics_function("single_label_classification", None, 2) is None  # the device's eval_accuracy
+    targets = np.array([0.1, 0.9, 0.4, 1.5, 0.2])
+    outputs = EvalPrediction(predictions=np.array([[0.2], [0.7], [0.3], [1.1], [0.5]]), label_ids=targets)
+    for name, reference in (("pearsonr", stats.pearsonr), ("spearmanr", stats.spearmanr)):
+        got = metrics_function("regression", name, 1)(outputs)[name]
+        assert got == pytest.approx(reference(outputs.predictions[:, 0], targets)[0], rel=1e-12)
+    # squared errors .01 .04 .01 .16 .09
+    assert metrics_function("regression", None, 1)(outputs) == {"mse": pytest.approx(0.31 / 5)}
+    multi = EvalPrediction(predictions=np.array([[1.0, -1.0, 2.0], [-1.0, 1.0, -1.0]]),
+                           label_ids=np.array([[1, 0, 0], [0, 1, 0]]))  # tp 2, fp 1, fn 0
+    assert metrics_function("multi_label_classification", None, 3)(multi) == {"f1": pytest.approx(0.8)}
+    for bad, message in ((("single_label_classification", "f1", 3), "binary"),
+                         (("regression", "accuracy", 1), "does not score a regression"),
+                         (("regression", "bleu", 1), "computes accuracy")):
+        with pytest.raises(ConfigError, match=message):
+            metrics_function(*bad)
