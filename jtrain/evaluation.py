@@ -1,6 +1,9 @@
-"""The evaluation loop: summed loss and accuracy reduced on the device, predictions on request.
+"""The evaluation loop: loss and accuracy reduced on the device, predictions on request.
 
-Sums stay on the device across batches and are fetched once at the end, so evaluation costs no
+`eval_loss` is HF's: each batch's mean loss over its scored tokens, counted once per row of the batch
+and averaged over the rows (HF repeats a batch's loss for each of its rows), which differs from the
+mean over every token when batches hold different numbers of tokens; accuracy is over every scored
+token. Sums stay on the device across batches and are fetched once at the end, so evaluation costs no
 per-batch host sync unless `compute_metrics` needs predictions; then each batch's
 (preprocessed) logits are fetched, filler rows dropped, and concatenated on the host. Because
 predictions leave the device after every batch, device memory is bounded whatever
@@ -70,7 +73,41 @@ class _Collected:
     def result(self) -> Any:
         if not self.parts:
             return None
-        return jax.tree.map(lambda *xs: np.concatenate(xs), *self.parts) if self.concat else list(self.parts)
+        return jax.tree.map(lambda *xs: pad_and_concatenate(xs), *self.parts) if self.concat else list(self.parts)
+
+
+PADDING_INDEX = -100  # HF's evaluation loop pads predictions, labels and inputs with it
+
+
+def pad_and_concatenate(parts: Any) -> np.ndarray:
+    """HF's `nested_concat`: batches stacked on the first axis; where their second axis differs (sequences
+    padded per batch), each is padded on the right to the longest with -100, as HF's loop pads them."""
+    parts = [np.asarray(p) for p in parts]
+    if parts[0].ndim < 2 or len({p.shape[1] for p in parts}) == 1:
+        return np.concatenate(parts)
+    longest = max(p.shape[1] for p in parts)
+    padded = []
+    for p in parts:
+        widths = [(0, 0), (0, longest - p.shape[1])] + [(0, 0)] * (p.ndim - 2)
+        padded.append(np.pad(p, widths, constant_values=np.array(PADDING_INDEX).astype(p.dtype)))
+    return np.concatenate(padded)
+
+
+class _RowsLoss:
+    """HF's eval_loss: each batch's mean loss (over its scored tokens) repeated for each of its rows, averaged
+    over the rows. Summed on the device, so no batch waits for the host."""
+
+    def __init__(self) -> None:
+        self.total, self.rows = None, 0
+
+    def add(self, out: dict, rows: int) -> None:
+        if "loss_sum" not in out:
+            return
+        part = out["loss_sum"] / jax.numpy.maximum(out["weight"], 1.0) * rows
+        self.total, self.rows = part if self.total is None else self.total + part, self.rows + rows
+
+    def mean(self) -> float:
+        return float(jax.device_get(self.total)) / max(self.rows, 1)
 
 
 def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predictions: bool,
@@ -85,13 +122,14 @@ def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predicti
     per_batch_metrics = args.batch_eval_metrics and trainer.compute_metrics is not None
     keep = not args.batch_eval_metrics or predicting
     kept = {k: _Collected(args.eval_do_concat_batches) for k in ("predictions", "labels", "inputs", "losses")}
-    total, extra, n_batches = None, None, len(loader)
+    total, extra, n_batches, rows_loss = None, None, len(loader), _RowsLoss()
     step_fn = steps.predict_step if want_predictions else steps.eval_step
     for i, batch in enumerate(loader.iterate(epoch=0)):
         out = step_fn(params, batch)
         total = _sum_metrics(total, out)
+        real = min(loader.global_batch_size, n_rows - i * loader.global_batch_size)
+        rows_loss.add(out, real)
         if want_predictions:
-            real = min(loader.global_batch_size, n_rows - i * loader.global_batch_size)
             now = {"predictions": jax.tree.map(lambda x: np.asarray(x)[:real], jax.device_get(out["predictions"])),
                    "labels": np.asarray(jax.device_get(batch["labels"]))[:real] if "labels" in batch else None,
                    "inputs": (np.asarray(jax.device_get(batch["input_ids"]))[:real]
@@ -110,7 +148,8 @@ def evaluation_loop(trainer: Any, loader: HostLoader, prefix: str, want_predicti
     metrics = {}
     if "loss_sum" in sums:  # batches without labels compute no loss, and HF then reports none
         weight = max(sums.pop("weight", 0.0), 1.0)
-        metrics[f"{prefix}_loss"] = sums.pop("loss_sum") / weight
+        metrics[f"{prefix}_loss"] = rows_loss.mean()
+        sums.pop("loss_sum")
         if "correct" in sums:
             metrics[f"{prefix}_accuracy"] = sums.pop("correct") / weight
         if trainer.model.task in ("causal_lm", "masked_lm"):

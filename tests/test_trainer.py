@@ -214,6 +214,37 @@ def test_predict_and_evaluate_on_unlabeled_rows_match_hfs_trainer(tmp_path):
     assert np.isfinite(labeled["eval_loss"]) and "eval_perplexity" in labeled
 
 
+def test_predictions_of_batches_padded_to_different_lengths_are_padded_as_hfs(tmp_path):
+    """Dynamic padding gives each evaluation batch its own length; HF's loop pads predictions and labels to
+    the longest with -100 before concatenating (`nested_concat`). jtrain's concatenate failed with numpy's
+    "all the input array dimensions except for the concatenation axis must match". Same weights and the same
+    HF collator on both sides: the labels equal HF's, the logits agree to LOGITS_ATOL, padding included."""
+    import datasets
+    import transformers
+    from test_models_common import LOGITS_ATOL, hf_model
+
+    from jtrain.models import from_pretrained
+
+    torch_model = hf_model("llama", "causal_lm")
+    torch_model.save_pretrained(tmp_path / "hf")
+    model, params = from_pretrained(tmp_path / "hf")
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(1, 60, size=n).tolist() for n in (5, 9, 4, 12, 7, 3)]  # batches of 2: 9, 12 and 7 long
+    dataset = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=__import__("tokenizers").Tokenizer(
+        __import__("tokenizers").models.WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>")), pad_token="<pad>")
+    collator = transformers.DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)
+    hf_args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf_out"), per_device_eval_batch_size=2,
+                                             report_to=[], use_cpu=True, disable_tqdm=True)
+    hf = transformers.Trainer(torch_model, hf_args, data_collator=collator).predict(dataset)
+    ours = Trainer(model, _args(tmp_path, per_device_eval_batch_size=2), params=params,
+                   data_collator=collator).predict(dataset)
+    assert ours.predictions.shape == hf.predictions.shape == (6, 12, torch_model.config.vocab_size)
+    np.testing.assert_array_equal(ours.label_ids, hf.label_ids)
+    np.testing.assert_allclose(ours.predictions, hf.predictions, atol=LOGITS_ATOL)
+    assert ours.metrics["test_loss"] == pytest.approx(hf.metrics["test_loss"], rel=1e-5)
+
+
 def test_evaluate_and_train_metrics_carry_the_epoch_as_hfs(tmp_path):
     """HF's `log` writes the epoch into the metrics dict it is given, so what evaluate() and train() return
     (and train_results.json / all_results.json) hold `epoch`; jtrain's logged a copy and returned none.
