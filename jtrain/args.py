@@ -53,7 +53,7 @@ class TrainingArguments(TrainingArgumentsSetters):
     per_device_eval_batch_size: int = _f(8, "Rows per device in evaluation.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated (inside the step) per update.")
     eval_accumulation_steps: int | None = _f(None, "Eval steps between moves of predictions to the host.")
-    eval_delay: int | float = _f(0.0, "Steps (or epochs) to wait before the first evaluation.")
+    eval_delay: float = _f(0.0, "Steps (or epochs) to wait before the first evaluation.")
     learning_rate: float = _f(5e-5, "Peak learning rate.")
     weight_decay: float = _f(0.0, "Decoupled weight decay (not on biases and norm scales).")
     adam_beta1: float = _f(0.9, "Adam beta1.")
@@ -63,8 +63,8 @@ class TrainingArguments(TrainingArgumentsSetters):
     num_train_epochs: float = _f(3.0, "Epochs to train (may be fractional); max_steps overrides.")
     max_steps: int = _f(-1, "Total optimizer updates; -1 means use num_train_epochs.")
     lr_scheduler_type: str = _f("linear", "Learning-rate schedule (HF's names).")
-    lr_scheduler_kwargs: dict = _f({}, "Extra schedule options (num_cycles, min_lr, ...).")
-    warmup_steps: int | float = _f(0, "Warmup updates: an int count, or a float in [0, 1) as a ratio.")
+    lr_scheduler_kwargs: dict | str | None = _f({}, "Extra schedule options (num_cycles, min_lr, ...).")
+    warmup_steps: float = _f(0, "Warmup updates: an int count, or a float in [0, 1) as a ratio.")
     warmup_ratio: float | None = _f(None, "Deprecated in HF: same as a float warmup_steps.")
     log_level: str = _f("passive", "Logging verbosity of jtrain's logger on processes that log (should_log): "
                                    "debug | info | warning | error | critical | passive (leave it as set).")
@@ -74,10 +74,10 @@ class TrainingArguments(TrainingArgumentsSetters):
     logging_dir: str | None = _f(None, "TensorBoard/JSONL log directory (default output_dir/runs).")
     logging_strategy: str = _f("steps", "When to log: no | steps | epoch.")
     logging_first_step: bool = _f(False, "Also log after the first update.")
-    logging_steps: int | float = _f(500, "Updates between logs (a float < 1 is a ratio of max_steps).")
+    logging_steps: float = _f(500, "Updates between logs (a float < 1 is a ratio of max_steps).")
     logging_nan_inf_filter: bool = _f(True, "Drop non-finite losses from the logged running mean.")
     save_strategy: str = _f("steps", "When to save: no | steps | epoch | best.")
-    save_steps: int | float = _f(500, "Updates between checkpoints (a float < 1 is a ratio).")
+    save_steps: float = _f(500, "Updates between checkpoints (a float < 1 is a ratio).")
     save_total_limit: int | None = _f(None, "Keep at most this many checkpoints (plus the best).")
     save_only_model: bool = _f(False, "Checkpoints hold the params only (no optimizer state).")
     save_on_each_node: bool = _f(False, "Each host writes its own copy of the output files; refused with several "
@@ -89,7 +89,7 @@ class TrainingArguments(TrainingArgumentsSetters):
     bf16_full_eval: bool = _f(False, "Evaluate with the params cast to bfloat16.")
     fp16_full_eval: bool = _f(False, "Evaluate with the params cast to float16.")
     tf32: bool | None = _f(None, "Matmul precision: true = tensorfloat32, false = highest, unset = JAX's default.")
-    eval_steps: int | float | None = _f(None, "Updates between evaluations (default logging_steps).")
+    eval_steps: float | None = _f(None, "Updates between evaluations (default logging_steps).")
     dataloader_drop_last: bool = _f(False, "Drop the last incomplete training batch.")
     dataloader_num_workers: int = _f(0, "Background threads preparing batches (0: one prefetch thread).")
     dataloader_prefetch_factor: int | None = _f(None, "Batches prepared ahead per worker.")
@@ -110,10 +110,10 @@ class TrainingArguments(TrainingArgumentsSetters):
     resume_from_checkpoint: str | None = _f(None, "Checkpoint to resume from ('true' = latest).")
     activation_checkpointing: bool | None = _f(None, "transformers 5's name for gradient_checkpointing (either "
                                                      "name sets both).")
-    activation_checkpointing_kwargs: dict | None = _f(None, "transformers 5's name for "
+    activation_checkpointing_kwargs: dict | str | None = _f(None, "transformers 5's name for "
                                                             "gradient_checkpointing_kwargs.")
     gradient_checkpointing: bool = _f(False, "Rematerialise each layer's activations in the backward pass.")
-    gradient_checkpointing_kwargs: dict | None = _f(None, "Remat policy: {policy: full | dots_saveable | "
+    gradient_checkpointing_kwargs: dict | str | None = _f(None, "Remat policy: {policy: full | dots_saveable | "
                                                     "nothing_saveable | ...} (default full).")
     ignore_data_skip: bool = _f(False, "On resume, start the data from its beginning instead of the saved position "
                                        "(step, optimizer and schedule still continue).")
@@ -139,7 +139,7 @@ class TrainingArguments(TrainingArgumentsSetters):
     full_determinism: bool = _f(False, "Deterministic XLA:GPU ops (--xla_gpu_deterministic_ops, set before JAX "
                                        "starts); CPU and TPU runs are deterministic already.")
     # jtrain-only fields.
-    mesh_shape: dict = _f({}, "jtrain: mesh axes, e.g. {data: -1, fsdp: 2, tensor: 2}.")
+    mesh_shape: dict | str | None = _f({}, "jtrain: mesh axes, e.g. {data: -1, fsdp: 2, tensor: 2}.")
     fsdp: str = _f("", "jtrain: HF-style shortcut: full_shard | shard_grad_op | hybrid_shard.")
     nonfinite_policy: str = _f("error", "jtrain: on a non-finite loss/grad: error | skip.")
     length_buckets: list[int] | None = _f(None, "jtrain: padded lengths allowed (bounds recompiles).")
@@ -162,6 +162,8 @@ class TrainingArguments(TrainingArgumentsSetters):
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
+        _mappings(self)
+        _counts_as_ints(self)
         _resolve_checkpointing_names(self)
         _resolve_token_counting(self)
         _validate(self)
@@ -297,6 +299,16 @@ class TrainingArguments(TrainingArgumentsSetters):
         return dataclass_to_dict(self)
 
     @classmethod
+    def from_hf(cls, hf_args: Any) -> "TrainingArguments":
+        """jtrain's arguments for a `transformers.TrainingArguments` instance: the values it sets away from HF's
+        defaults, so code that builds HF's arguments runs on jtrain's Trainer as written."""
+        defaults = type(hf_args)(output_dir=hf_args.output_dir).to_dict()
+        given = hf_args.to_dict()
+        changed = {k: v for k, v in given.items() if k not in defaults or v != defaults[k]}
+        changed.pop("hub_token", None)  # to_dict masks it; jtrain never uploads
+        return cls(output_dir=hf_args.output_dir, **changed)
+
+    @classmethod
     def from_dict(cls, values: Mapping[str, Any], section: str = "training") -> "TrainingArguments":
         """Build from a loosely typed mapping; unknown keys and bad types raise ConfigError."""
         return build_dataclass(cls, values, section)
@@ -381,6 +393,39 @@ def _coerce_fields(a: TrainingArguments) -> None:
             typed = coerce(value, hints[f.name], f.name)
             if typed is not value:
                 object.__setattr__(a, f.name, typed)
+
+
+_COUNTS_OR_RATIOS = ("logging_steps", "save_steps", "eval_steps", "warmup_steps")
+
+
+_MAPPINGS = {"lr_scheduler_kwargs": {}, "mesh_shape": {}, "activation_checkpointing_kwargs": None,
+             "gradient_checkpointing_kwargs": None}
+
+
+def _mappings(a: TrainingArguments) -> None:
+    """The mapping fields are annotated `dict | str | None` as HF's are (its HfArgumentParser reads such a field
+    as a string, JSON or YAML here); what is left a string did not parse as a mapping."""
+    for name, empty in _MAPPINGS.items():
+        value = getattr(a, name)
+        if value is None:
+            object.__setattr__(a, name, empty)
+        elif not isinstance(value, dict):
+            raise ConfigError(f"`{name}`: expected a mapping (JSON or YAML, e.g. '{{\"data\": 2}}'), got {value!r}")
+    if a.report_to in (["none"], ("none",)):  # HF reads back no loggers as []
+        object.__setattr__(a, "report_to", [])
+
+
+def _counts_as_ints(a: TrainingArguments) -> None:
+    """The step fields are floats, as HF annotates them (so HF's HfArgumentParser reads them): a value >= 1 is
+    a count, kept as an int, and one below 1 a ratio of the run's updates. A count with a fraction is refused
+    (HF refuses it for logging/eval/save steps and truncates a warm-up's)."""
+    for name in _COUNTS_OR_RATIOS:
+        value = getattr(a, name)
+        if isinstance(value, float) and value >= 1:
+            if not value.is_integer():
+                raise ConfigError(f"`{name}` {value}: a value >= 1 is a number of updates and must be whole "
+                                  "(below 1 it is a ratio of the run's updates)")
+            object.__setattr__(a, name, int(value))
 
 
 def _validate(a: TrainingArguments) -> None:

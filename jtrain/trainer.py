@@ -125,7 +125,7 @@ class Trainer:
         trainer_checks.check_model(model)
         trainer_checks.check_overrides(self, Trainer)
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
-        self.args = args or TrainingArguments()
+        self.args = _jtrain_arguments(args)
         self.model, self.data_collator, self.processing_class = model, data_collator, processing_class
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         trainer_checks.check_datasets(self)
@@ -445,3 +445,16 @@ class Trainer:
     def trainer_state_snapshot(self) -> TrainerState:
         """A copy for the checkpoint finaliser thread, which writes it after the loop moved on."""
         return copy.deepcopy(self.state)
+
+
+def _jtrain_arguments(args: Any) -> TrainingArguments:
+    """The Trainer's arguments: jtrain's, the defaults, or HF's own `transformers.TrainingArguments` read into
+    jtrain's (the values it sets away from HF's defaults)."""
+    if args is None:
+        return TrainingArguments()
+    if isinstance(args, TrainingArguments):
+        return args
+    if type(args).__name__ == "TrainingArguments" and type(args).__module__.startswith("transformers"):
+        logger.info("Trainer: reading transformers.TrainingArguments into jtrain's (the same names and meaning)")
+        return TrainingArguments.from_hf(args)
+    raise ConfigError(f"Trainer: args must be a jtrain.TrainingArguments (or transformers'), got {type(args).__name__}")

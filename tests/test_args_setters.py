@@ -100,7 +100,7 @@ def test_values_are_read_by_their_fields_type_as_in_a_config_file(tmp_path):
     values = yaml.safe_load("learning_rate: 3e-4\nnum_train_epochs: '2'\nbf16: 'false'\nreport_to: none\n")
     assert values["learning_rate"] == "3e-4"  # the PyYAML behaviour this guards against
     args = TrainingArguments(output_dir=pathlib.Path(tmp_path), **values)
-    assert (args.learning_rate, args.num_train_epochs, args.bf16, args.report_to) == (3e-4, 2.0, False, ["none"])
+    assert (args.learning_rate, args.num_train_epochs, args.bf16, args.report_to) == (3e-4, 2.0, False, [])
     assert type(args.learning_rate) is float and args.output_dir == str(tmp_path)
     assert TrainingArguments(str(tmp_path), disable_tqdm=None).disable_tqdm is None  # None as HF passes it
     with pytest.raises(ConfigError, match=r"`learning_rate`: expected float, got 'fast'"):
@@ -210,3 +210,40 @@ def test_hfs_properties_are_there_for_the_start_up_line_of_hfs_scripts(tmp_path)
                    "16-bits training: False"
     assert args.parallel_mode.value == ("not_distributed" if jax.local_device_count() > 1 else "not_parallel")
     assert args.ddp_timeout_delta.total_seconds() == 90 and args.default_optim == args.optim == "adamw_torch"
+
+
+HF_COMMAND_LINE = ["--output_dir", "out", "--learning_rate", "3e-4", "--logging_steps", "10", "--warmup_steps", "0.1",
+                   "--eval_strategy", "steps", "--eval_steps", "20", "--lr_scheduler_type", "cosine",
+                   "--lr_scheduler_kwargs", '{"num_cycles": 2}', "--report_to", "none", "--bf16", "--save_steps", "40"]
+
+
+def test_hfs_argument_parser_reads_jtrains_training_arguments(tmp_path):
+    """HF's example scripts parse `(ModelArguments, DataTrainingArguments, TrainingArguments)` with
+    HfArgumentParser; with jtrain's class swapped in, it refused to build (`int | float` fields; dict fields
+    that argparse called dict() on). The shared fields now read as HF's own class reads them."""
+    ours = transformers.HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        HF_COMMAND_LINE + ["--mesh_shape", "{data: 1}"])[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.HfArgumentParser(transformers.TrainingArguments).parse_args_into_dataclasses(
+            HF_COMMAND_LINE + ["--use_cpu"])[0]
+    for name in ("learning_rate", "logging_steps", "warmup_steps", "eval_steps", "save_steps", "lr_scheduler_kwargs",
+                 "report_to", "bf16"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert (ours.lr_scheduler_type, ours.eval_strategy) == ("cosine", "steps") and ours.mesh_shape == {"data": 1}
+    assert isinstance(ours.logging_steps, int) and isinstance(ours.warmup_steps, float)  # a count, a ratio
+    with pytest.raises(ConfigError, match="`logging_steps` 2.5: a value >= 1 is a number of updates"):
+        TrainingArguments(output_dir=str(tmp_path), logging_steps=2.5)
+    with pytest.raises(ConfigError, match="`mesh_shape`: expected a mapping"):
+        TrainingArguments(output_dir=str(tmp_path), mesh_shape="data=2")
+
+
+def test_hfs_own_training_arguments_are_read_into_jtrains():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.HfArgumentParser(transformers.TrainingArguments).parse_args_into_dataclasses(
+            HF_COMMAND_LINE + ["--use_cpu"])[0]
+    ours = TrainingArguments.from_hf(theirs)
+    for name in ("output_dir", "learning_rate", "logging_steps", "warmup_steps", "eval_steps", "save_steps",
+                 "lr_scheduler_kwargs", "bf16", "use_cpu", "per_device_train_batch_size"):
+        assert getattr(ours, name) == getattr(theirs, name), name

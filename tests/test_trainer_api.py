@@ -529,3 +529,22 @@ def test_schedule_free_optimizers_get_the_arguments_warmup_as_hfs_do(tmp_path):
     warmed = run(make_optimizer("schedule_free_sgd", 0.1, optim_args="warmup_steps=3"))
     np.testing.assert_array_equal(run(trainer.optimizer), warmed)
     assert np.abs(run(make_optimizer("schedule_free_sgd", 0.1)) - warmed).max() > 1e-3  # the warm-up matters here
+
+
+def test_a_transformers_training_arguments_instance_drives_the_trainer(tmp_path):
+    """Code ported from HF builds `transformers.TrainingArguments`; jtrain's Trainer failed on it with
+    AttributeError: 'TrainingArguments' object has no attribute 'mesh_shape'. It is read into jtrain's."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                                 learning_rate=3e-3, lr_scheduler_type="constant", report_to=[],
+                                                 save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(tiny_llama(), hf_args, train_dataset=ArrayDataset(lm_rows(8, 8)))
+    assert isinstance(trainer.args, TrainingArguments) and trainer.args.learning_rate == 3e-3
+    trainer.train()
+    assert [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h] in ([], [3e-3])
+    assert trainer.state.global_step == 2
+    with pytest.raises(ConfigError, match="args must be a jtrain.TrainingArguments"):
+        Trainer(tiny_llama(), {"learning_rate": 1e-3})
