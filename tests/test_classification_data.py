@@ -103,6 +103,20 @@ def test_the_label_list_covers_every_split_as_hfs(tmp_path, caplog):
     np.testing.assert_array_equal(data.splits["eval"].columns["labels"], [2, 0])
 
 
+def test_a_label_a_pretrained_classifier_does_not_know_is_an_error(tmp_path):
+    """With a pretrained classifier's own labels (HF: its config's label2id) an unknown label cannot get an id:
+    refused, naming the split, the label and the known ones (an evaluation-only label is added otherwise)."""
+    from jtrain.data.classification import file_examples as examples_of
+
+    files = {s: write_jsonl(tmp_path / f"{s}.jsonl", [{"text": "a b", "label": lab}])
+             for s, lab in (("train", "pos"), ("eval", "zz"))}
+    d = DataSection(task="classification", source="files", train_file=files["train"], validation_file=files["eval"])
+    with pytest.raises(DataError, match=r"the eval split has a label the model does not know: 'zz'; known: \['neg', "
+                                        r"'pos'\]"):
+        build_classification_data(examples_of(d, ["train", "eval"]), lambda texts: train_tokenizer_for(
+            "bert", texts, vocab_size=80), d, known_labels=["neg", "pos"])
+
+
 def test_do_regression_overrides_the_label_type(tmp_path):
     floats = {"train": [{"text": "a b", "label": 0.5}, {"text": "b c", "label": 1.5}]}
     assert _data(tmp_path, floats).problem_type == "regression"

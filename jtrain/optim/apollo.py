@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from jtrain.optim.galore import (ViewOf, as_matrices, batched_zeros, check_proj_type, low_rank_shapes,
-                                 projects_left)
+                                 projects_left, stacked, unstacked)
 from jtrain.optim.paths import map_with_names, named_leaves
 from jtrain.optim.targets import PLAIN
 from jtrain.optim.transforms import bias_correction
@@ -104,12 +104,12 @@ def scale_by_apollo(
     def leaf(g, view, m, v, prev, key, first, t):
         mats, batch = as_matrices(g.astype(jnp.float32), view)
         left = projects_left(mats.shape[1], mats.shape[2], proj_type)
-        stack = lambda s: s.reshape((mats.shape[0],) + s.shape[len(batch):])  # noqa: E731
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(mats.shape[0])) if batch else key[None]
-        u, m, v, norm = jax.vmap(lambda *xs: one(*xs, first, left))(mats, stack(m), stack(v), stack(prev), keys)
+        n = mats.shape[0]
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n)) if batch else key[None]
+        states = (stacked(s, batch, n) for s in (m, v, prev))
+        u, m, v, norm = jax.vmap(lambda *xs: one(*xs, first, left))(mats, *states, keys)
         step = math.sqrt(scale) * jnp.sqrt(bias_correction(b2, t)) / bias_correction(b1, t)
-        unstack = lambda s: s.reshape(batch + s.shape[1:])  # noqa: E731
-        return (u * step).reshape(g.shape).astype(g.dtype), unstack(m), unstack(v), unstack(norm)
+        return ((u * step).reshape(g.shape).astype(g.dtype), *(unstacked(s, batch) for s in (m, v, norm)))
 
     def update(updates, state, params=None):
         del params

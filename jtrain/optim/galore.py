@@ -95,6 +95,16 @@ def as_matrices(x: jax.Array, view: MatrixView) -> tuple[jax.Array, tuple[int, .
     return x.reshape((-1, a, b)), batch
 
 
+def stacked(state: jax.Array, batch: tuple[int, ...], n: int) -> jax.Array:
+    """A per-matrix state of a leaf with matrix batch shape `batch`, as a stack of `n` (one per matrix)."""
+    return state.reshape((n,) + state.shape[len(batch):])
+
+
+def unstacked(state: jax.Array, batch: tuple[int, ...]) -> jax.Array:
+    """`stacked`'s inverse: the stack back under the leaf's matrix batch shape (none for one matrix)."""
+    return state.reshape(batch + state.shape[1:])
+
+
 def batched_zeros(shape: tuple[int, ...], view: MatrixView, inner: Callable[[int, int], tuple[int, ...]]
                   ) -> jax.Array:
     """float32 zeros of `inner(a, b)` per matrix of a leaf of `shape`."""
@@ -119,8 +129,7 @@ def scale_by_galore(rank: int, update_proj_gap: int, scale: float, proj_type: st
     def leaf(g, view, p_old, m, v, refresh, t):
         mats, batch = as_matrices(g.astype(jnp.float32), view)
         left = projects_left(mats.shape[1], mats.shape[2], proj_type)
-        stack = lambda s: s.reshape((mats.shape[0],) + s.shape[len(batch):])  # noqa: E731
-        p_old, m, v = stack(p_old), stack(m), stack(v)
+        p_old, m, v = (stacked(s, batch, mats.shape[0]) for s in (p_old, m, v))
         r = p_old.shape[-1]
         p = jax.lax.cond(refresh, lambda: jax.vmap(lambda x: svd_projector(x, r, left))(mats), lambda: p_old)
         low = jax.vmap(lambda x, q: project(x, q, left))(mats, p)
@@ -128,8 +137,7 @@ def scale_by_galore(rank: int, update_proj_gap: int, scale: float, proj_type: st
         v = b2 * v + (1 - b2) * low * low
         n = transformers_adam_direction(m, v, t, b1, b2, eps)
         out = scale * jax.vmap(lambda x, q: project_back(x, q, left))(n, p)
-        unstack = lambda s: s.reshape(batch + s.shape[1:])  # noqa: E731
-        return out.reshape(g.shape).astype(g.dtype), unstack(p), unstack(m), unstack(v)
+        return (out.reshape(g.shape).astype(g.dtype), *(unstacked(s, batch) for s in (p, m, v)))
 
     def update(updates, state, params=None):
         del params

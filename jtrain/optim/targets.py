@@ -103,8 +103,8 @@ def hf_tensor_shape(layout: Layout | None, name: str, shape: tuple[int, ...]) ->
     """(the leaf reshaped as HF's tensors: stacked axes then one tensor, how many stacked axes lead); the leaf's
     own shape and 0 where the layout does not know it."""
     weight = None if layout is None else layout.get(name)
-    if weight is None:
-        return tuple(shape), 0
+    if weight is None or math.prod(shape[weight.lead:]) != math.prod(weight.tensor):
+        return tuple(shape), 0  # unknown, or a layout of other params (a wrapper's): the leaf's own shape
     return tuple(shape[:weight.lead]) + weight.tensor, weight.lead
 
 
