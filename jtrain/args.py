@@ -102,7 +102,8 @@ class TrainingArguments(TrainingArgumentsSetters):
     greater_is_better: bool | None = _f(None, "Whether a larger metric_for_best_model is better.")
     optim: str = _f("adamw_torch", "Optimizer name (HF's names).")
     optim_args: str | None = _f(None, "Optimizer options as 'k=v,k2=v2'.")
-    optim_target_modules: list[str] | None = _f(None, "Modules for galore/apollo optimizers.")
+    optim_target_modules: None | str | list[str] = _f(None, "Modules for galore/apollo optimizers: a list of names, "
+                                                            "or one string, a regex or 'all-linear' (as HF's).")
     group_by_length: bool = _f(False, "Batch rows of similar length together.")
     length_column_name: str = _f("length", "Column with precomputed lengths for group_by_length.")
     train_sampling_strategy: str = _f("random", "random | sequential | group_by_length.")

@@ -84,6 +84,12 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
             if type(None) in options:
                 return None
+        lists = [o for o in options if o is list or typing.get_origin(o) in (list, tuple)]
+        if isinstance(value, str) and str in options and lists:
+            # `str | list[str]` (HF's optim_target_modules): a string is one value (a regex, 'all-linear')
+            # unless it is written as a list ("[attn, mlp]"); it is never split at commas
+            parsed = _parse_text(value)
+            return coerce(parsed, lists[0], key) if isinstance(parsed, list) else value
         errors = []
         # Try the narrowest types first so that "8" becomes an int in `int | float`.
         order = sorted((o for o in options if o is not type(None)), key=_type_rank)

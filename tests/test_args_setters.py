@@ -247,3 +247,17 @@ def test_hfs_own_training_arguments_are_read_into_jtrains():
     for name in ("output_dir", "learning_rate", "logging_steps", "warmup_steps", "eval_steps", "save_steps",
                  "lr_scheduler_kwargs", "bf16", "use_cpu", "per_device_train_batch_size"):
         assert getattr(ours, name) == getattr(theirs, name), name
+
+
+def test_optim_target_modules_keeps_hfs_string_meaning(tmp_path):
+    """HF's optim_target_modules is a list of names, or one string: a regex or 'all-linear'. jtrain read the string
+    as a comma-separated list (['all-linear']), which GaLore/APOLLO then matched as a module name: "No target
+    modules found" for the most common value. A string is one value unless written as a list."""
+    from jtrain.config import load_config
+
+    assert TrainingArguments(output_dir=str(tmp_path), optim_target_modules="all-linear").optim_target_modules == \
+        "all-linear"
+    for text, value in (("all-linear", "all-linear"), (r".*\.(q|v)_proj", r".*\.(q|v)_proj"),
+                        ("[attn, mlp]", ["attn", "mlp"])):
+        cfg = load_config(None, {"output_dir": str(tmp_path), "optim_target_modules": text})
+        assert cfg.training.optim_target_modules == value, text

@@ -206,7 +206,7 @@ def test_processes_split_the_batch_axes_never_tensor():
 # params (on the attention's head-shaped kernels too). Each trained through the Trainer used to fail building its
 # state's shardings.
 SPECIAL_STATES = {"adamw_8bit": dict(optim_args="min_8bit_size=0"), "adafactor": {},
-                  "galore_adamw": dict(optim_target_modules=["attn", "mlp"], optim_args="rank=4")}
+                  "galore_adamw": dict(optim_target_modules="all-linear", optim_args="rank=4")}
 
 
 @pytest.mark.parametrize("optim", list(SPECIAL_STATES))
