@@ -6,7 +6,7 @@ and may be head-shaped (`DenseGeneral`, [embed, heads, head_dim] or [heads, head
 stacked over scanned layers, so a projected kernel carries a `MatrixView`: how many leading axes
 index separate matrices (one per scanned layer) and how many of the rest are inputs.
 
-With a `layout` (the Trainer builds one from the model's HF conversion maps, `linear_layout`) the
+With a `layout` (the Trainer builds one from the model's HF conversion maps, `kernel_layout`) the
 rule is HF's exactly: module names are HF's, and only weights that are `nn.Linear` in HF qualify
 (not GPT-2's `Conv1D`, not Mixtral's stacked experts). Without one (`make_optimizer` on a bare
 tree) a leaf qualifies when it is a 2-D `kernel`, matched on its Flax dotted module path.
