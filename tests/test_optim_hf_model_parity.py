@@ -178,6 +178,7 @@ def test_muon_orthogonalises_each_hf_weight_matrix(tmp_path, scan) -> None:
     ours = make_optimizer("muon", LR, max_grad_norm=0, param_layout=kernel_layout(model))
     plain = make_optimizer("muon", LR, max_grad_norm=0)  # every 2-D leaf of the HF-shaped dict is a matrix
     ours_state, plain_state = ours.init(params), plain.init(flat)
+    ours_update, plain_update = jax.jit(ours.update), jax.jit(plain.update)
     rng = np.random.default_rng(0)
     for _ in range(3):
         grads = {k: (0.1 * rng.normal(size=v.shape)).astype(np.float32) for k, v in flat.items()}
@@ -185,9 +186,9 @@ def test_muon_orthogonalises_each_hf_weight_matrix(tmp_path, scan) -> None:
                     for k, g in grads.items()}
         tree = convert.unflatten({m.path: jnp.asarray(convert.to_leaf(m, [hf_grads[n] for n in m.hf_names]))
                                   for m in maps})
-        updates, ours_state = ours.update(tree, ours_state, params)
+        updates, ours_state = ours_update(tree, ours_state, params)
         params = optax.apply_updates(params, updates)
-        updates, plain_state = plain.update(grads, plain_state, flat)
+        updates, plain_state = plain_update(grads, plain_state, flat)
         flat = optax.apply_updates(flat, updates)
     got = to_hf_state_dict(model, params)
     for name, value in flat.items():
