@@ -165,6 +165,8 @@ class TrainingArguments(TrainingArgumentsSetters):
         _coerce_fields(self)
         _mappings(self)
         _counts_as_ints(self)
+        if self.report_to in (["none"], ("none",)):  # HF reads back no loggers as []
+            object.__setattr__(self, "report_to", [])
         _resolve_checkpointing_names(self)
         _resolve_token_counting(self)
         _validate(self)
@@ -412,8 +414,6 @@ def _mappings(a: TrainingArguments) -> None:
             object.__setattr__(a, name, empty)
         elif not isinstance(value, dict):
             raise ConfigError(f"`{name}`: expected a mapping (JSON or YAML, e.g. '{{\"data\": 2}}'), got {value!r}")
-    if a.report_to in (["none"], ("none",)):  # HF reads back no loggers as []
-        object.__setattr__(a, "report_to", [])
 
 
 def _counts_as_ints(a: TrainingArguments) -> None:

@@ -88,14 +88,14 @@ class _Window:
         return logs
 
 
-def host_learning_rate(trainer: Any, update: int, compiled_value: float) -> float:
+def host_learning_rate(trainer: Any, update: int) -> float | None:
     """The rate update number `update` (0-based) used, as the Python float HF's Trainer logs: a metric-driven
     schedule's host controller holds it (torch's lr), HF's schedules give it in float64 (`HFSchedule.host`);
-    a schedule of the user's own is logged as the step computed it (float32)."""
+    None for a schedule of the user's own, whose value the step computes (float32)."""
     if trainer.lr_controller is not None:
         return float(trainer.lr_controller.lr)
     host = getattr(trainer.lr_scheduler, "host", None)
-    return host(update) if host is not None else compiled_value
+    return None if host is None else host(update)
 
 
 class _Run:
@@ -147,7 +147,9 @@ class _Run:
     def log(self, m: dict, step: int, epoch: float) -> None:
         """Log the update `step` (drained one update late): its own step and epoch, not the current ones."""
         logs, state = self.window.flush(m), self.t.state
-        logs["learning_rate"] = host_learning_rate(self.t, step - 1, logs["learning_rate"])
+        exact = host_learning_rate(self.t, step - 1)
+        if exact is not None:
+            logs["learning_rate"] = exact
         saved = state.global_step, state.epoch
         state.global_step, state.epoch = step, epoch
         self.t.log(logs)

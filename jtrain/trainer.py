@@ -29,7 +29,7 @@ from jtrain.losses import LOSSES_BY_TASK, LossOutput, compute_loss_func_adapter
 from jtrain.models.base import Model
 from jtrain.models.wrapper import hf_exportable
 from jtrain.optim import make_optimizer
-from jtrain.optim.factory import make_optimizer_from_factory
+from jtrain.optim.factory import LAYOUT_OPTIMIZERS, make_optimizer_from_factory
 from jtrain.reporting import PrinterCallback, ProgressCallback, callbacks_for_report_to
 from jtrain.schedules import make_lr_controller, make_schedule
 from jtrain.sharding import data_parallel_size, make_mesh, resolve_mesh_shape
@@ -202,7 +202,7 @@ class Trainer:
                 adam_beta2=a.adam_beta2, adam_epsilon=a.adam_epsilon, max_grad_norm=a.max_grad_norm,
                 optim_args=a.optim_args, optim_target_modules=a.optim_target_modules,
                 warmup_steps=self._optimizer_warmup(), peak_learning_rate=a.learning_rate,
-                param_layout=trainer_setup.kernel_layout(self.model))
+                param_layout=trainer_setup.kernel_layout(self.model) if a.optim in LAYOUT_OPTIMIZERS else None)
         return self.optimizer
 
     def _optimizer_warmup(self) -> int:

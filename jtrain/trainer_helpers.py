@@ -218,9 +218,11 @@ def get_learning_rates(self: Any) -> list[float]:
     from jtrain.train_loop import host_learning_rate
 
     step = int(self.train_state.step)
+    exact = host_learning_rate(self, step)
+    if exact is not None:
+        return [exact]
     schedule = self.lr_scheduler
-    compiled = (float(schedule(step)) if callable(schedule) else float(schedule)) * float(self.train_state.lr_factor)
-    return [host_learning_rate(self, step, compiled)]
+    return [(float(schedule(step)) if callable(schedule) else float(schedule)) * float(self.train_state.lr_factor)]
 
 
 def get_total_train_batch_size(self: Any, args: Any = None) -> int:

@@ -540,11 +540,12 @@ def test_a_transformers_training_arguments_instance_drives_the_trainer(tmp_path)
         warnings.simplefilter("ignore")
         hf_args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
                                                  learning_rate=3e-3, lr_scheduler_type="constant", report_to=[],
-                                                 save_strategy="no", use_cpu=True, disable_tqdm=True)
+                                                 save_strategy="no", use_cpu=True, disable_tqdm=True,
+                                                 logging_steps=1)
     trainer = Trainer(tiny_llama(), hf_args, train_dataset=ArrayDataset(lm_rows(8, 8)))
     assert isinstance(trainer.args, TrainingArguments) and trainer.args.learning_rate == 3e-3
     trainer.train()
-    assert [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h] in ([], [3e-3])
+    assert [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h] == [3e-3, 3e-3]
     assert trainer.state.global_step == 2
     with pytest.raises(ConfigError, match="args must be a jtrain.TrainingArguments"):
         Trainer(tiny_llama(), {"learning_rate": 1e-3})

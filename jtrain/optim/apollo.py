@@ -31,7 +31,7 @@ from jtrain.optim.galore import (ViewOf, as_matrices, batched_zeros, check_proj_
                                  projects_left, stacked, unstacked)
 from jtrain.optim.paths import map_with_names, named_leaves
 from jtrain.optim.targets import PLAIN
-from jtrain.optim.transforms import bias_correction
+from jtrain.optim.transforms import adam_moments, bias_correction
 
 SCALE_TYPES = ("channel", "tensor")
 _TINY = 1e-8  # the reference implementation's guard against dividing by a zero norm
@@ -96,8 +96,7 @@ def scale_by_apollo(
     def one(mat, m, v, prev, key, first, left):
         p = random_projector(key, low_rank_shapes(*mat.shape, rank, left)[0])
         low = p.T @ mat if left else mat @ p
-        m = b1 * m + (1 - b1) * low
-        v = b2 * v + (1 - b2) * low * low
+        m, v = adam_moments(m, v, low, b1, b2)
         u, norm = _limit_growth(mat * _scaling(m / (jnp.sqrt(v) + eps), low, left, scale_type), prev, first)
         return u, m, v, norm
 

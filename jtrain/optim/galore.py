@@ -26,7 +26,7 @@ import optax
 
 from jtrain.optim.paths import map_with_names, named_leaves
 from jtrain.optim.targets import PLAIN, MatrixView
-from jtrain.optim.transforms import transformers_adam_direction
+from jtrain.optim.transforms import adam_moments, transformers_adam_direction
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 ViewOf = Callable[[str], MatrixView]
@@ -133,8 +133,7 @@ def scale_by_galore(rank: int, update_proj_gap: int, scale: float, proj_type: st
         r = p_old.shape[-1]
         p = jax.lax.cond(refresh, lambda: jax.vmap(lambda x: svd_projector(x, r, left))(mats), lambda: p_old)
         low = jax.vmap(lambda x, q: project(x, q, left))(mats, p)
-        m = b1 * m + (1 - b1) * low
-        v = b2 * v + (1 - b2) * low * low
+        m, v = adam_moments(m, v, low, b1, b2)
         n = transformers_adam_direction(m, v, t, b1, b2, eps)
         out = scale * jax.vmap(lambda x, q: project_back(x, q, left))(n, p)
         return (out.reshape(g.shape).astype(g.dtype), *(unstacked(s, batch) for s in (p, m, v)))

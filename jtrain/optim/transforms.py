@@ -189,6 +189,12 @@ def bias_correction(beta: float, t: jax.Array) -> jax.Array:
     return -jnp.expm1(t * math.log(beta))
 
 
+def adam_moments(m: jax.Array, v: jax.Array, g: jax.Array, b1: float, b2: float) -> tuple[jax.Array, jax.Array]:
+    """Adam's moving averages of g and g^2 (float32), one step on."""
+    g = g.astype(jnp.float32)
+    return b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+
+
 def transformers_adam_direction(m: jax.Array, v: jax.Array, t: jax.Array, b1: float, b2: float, eps: float
                                 ) -> jax.Array:
     """transformers' original AdamW direction, which GaLore's and APOLLO's packages keep: eps joins the
@@ -208,8 +214,8 @@ def scale_by_transformers_adam(b1: float, b2: float, eps: float) -> optax.Gradie
         del params
         count = optax.safe_increment(state.count)
         t = count.astype(jnp.float32)
-        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(jnp.float32), state.mu, updates)
-        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)), state.nu, updates)
+        moments = jax.tree.map(lambda m, v, g: adam_moments(m, v, g, b1, b2), state.mu, state.nu, updates)
+        mu, nu = (jax.tree.map(lambda _, pair: pair[i], updates, moments) for i in (0, 1))
         out = jax.tree.map(lambda m, v, g: transformers_adam_direction(m, v, t, b1, b2, eps).astype(g.dtype),
                            mu, nu, updates)
         return out, optax.ScaleByAdamState(count, mu, nu)
