@@ -62,23 +62,19 @@ TRACE_LIMIT_BYTES = 15 * 2**20
 
 
 def small_plan(variants: list[tuple]) -> list[tuple]:
-    """The variants the CPU small mode runs. The XLA:GPU flags change nothing on the CPU, so the
-    variants that differ from one another only by their flags run as one process with all of those
-    flags (each must still parse in this jaxlib); every model set-up still runs once, in its own process.
-    The small mode tests this script's paths, not the flags' effects, and this saves a compile each."""
-    plan, by_setup = [], {}
-    for name, flags, options, attention in variants:
-        if not flags:
-            plan.append((name, flags, options, attention))
-            continue
-        key = (json.dumps(options, sort_keys=True), attention)
-        if key not in by_setup:
-            by_setup[key] = len(plan)
-            plan.append((f"the XLA:GPU flags of: {name}", flags, options, attention))
-        else:
-            joined, all_flags, _, _ = plan[by_setup[key]]
-            plan[by_setup[key]] = (f"{joined}; {name}", f"{all_flags},{flags}", options, attention)
-    return plan
+    """The variants the CPU small mode runs: the first (the traced base) and one process with every
+    variant's XLA:GPU flags together (each must still parse in this jaxlib), run with the model options
+    of the first flagged variant. On the CPU the flags change nothing and the other model set-ups are
+    the worker's model options, which the model tests cover; the small mode tests this script's paths
+    (child processes, trace summary, tables), not the variants' effects, and each process is a compile."""
+    flagged = [v for v in variants[1:] if v[1]]
+    if not flagged:
+        return variants[:1]
+    _, _, options, attention = flagged[0]
+    names = "; ".join(v[0] for v in flagged)
+    return [variants[0], (f"the XLA:GPU flags of: {names}", ",".join(v[1] for v in flagged), options, attention)]
+
+
 KINDS = [  # kernel name patterns, first match wins
     ("attention (cuDNN/flash)", re.compile(r"fmha|sdpa|flash|cudnn", re.I)),
     ("matmul (cuBLAS/cutlass/Triton GEMM)", re.compile(r"gemm|xmma|nvjet|cutlass|matmul|dot|wgmma", re.I)),

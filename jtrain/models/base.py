@@ -53,12 +53,22 @@ class Model:
 
     def abstract_params(self) -> Any:
         """Shapes and dtypes of the params, computed without allocating them."""
-        return nn.unbox(jax.eval_shape(self._boxed_init, jax.random.key(0)))
+        return nn.unbox(self._abstract_boxed())
 
     def logical_axes(self) -> Any:
         """PartitionSpecs of logical axis names, one per parameter (same tree as params)."""
-        boxed = jax.eval_shape(self._boxed_init, jax.random.key(0))
-        return nn.get_partition_spec(boxed)
+        return nn.get_partition_spec(self._abstract_boxed())
+
+    def _abstract_boxed(self) -> Any:
+        """The boxed params' shapes, traced once per Model: each trace is a trace of the whole model (0.2 s
+        for a two-layer toy, seconds for a large one), and setting up a Trainer asks for the shapes and the
+        axes several times. A Model is immutable (`with_options` makes a new one), so the shapes cannot go
+        stale."""
+        cached = self.__dict__.get("_abstract_boxed_params")
+        if cached is None:
+            cached = jax.eval_shape(self._boxed_init, jax.random.key(0))
+            object.__setattr__(self, "_abstract_boxed_params", cached)
+        return cached
 
     def apply(self, params: Any, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
               train: bool = False) -> dict[str, jax.Array]:
