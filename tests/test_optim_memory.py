@@ -120,6 +120,8 @@ def test_lion_8bit_state_bytes() -> None:
 
 LOW_RANK = {
     "galore_adamw": "rank=8,update_proj_gap=20,scale=1",
+    "galore_adamw_8bit": "rank=8,update_proj_gap=20,scale=1",
+    "galore_adafactor": "rank=8,update_proj_gap=20,scale=1",
     "apollo_adamw": "rank=8,update_proj_gap=20",
 }
 

@@ -27,9 +27,15 @@ ALIASES = {
     "paged_ademamix_8bit": "ademamix_8bit",
     "rmsprop_bnb_32bit": "rmsprop_bnb",
     "rmsprop_bnb_8bit": "rmsprop_bnb",
+    # HF's layer-wise GaLore/APOLLO: the same builder, without clipping (test_optimizers.py)
+    "galore_adamw_layerwise": "galore_adamw",
+    "galore_adamw_8bit_layerwise": "galore_adamw_8bit",
+    "galore_adafactor_layerwise": "galore_adafactor",
+    "apollo_adamw_layerwise": "apollo_adamw",
 }
 # Trained (with stricter, AdamW-relative criteria) in test_optim_memory.py instead.
-COVERED_ELSEWHERE = ("adamw_8bit", "ademamix_8bit", "adamw_bf16", "galore_adamw", "apollo_adamw")
+COVERED_ELSEWHERE = ("adamw_8bit", "ademamix_8bit", "adamw_bf16", "galore_adamw", "galore_adamw_8bit",
+                     "galore_adafactor", "apollo_adamw")
 TRAINED = tuple(n for n in OPTIMIZER_NAMES if n not in ALIASES and n not in COVERED_ELSEWHERE)
 # Per-family learning rates of the usual magnitude for each method on this problem.
 _LR = {"sgd": 0.3, "schedule_free_sgd": 0.3, "rmsprop": 1e-3, "rmsprop_bnb": 1e-3, "lion": 1e-3, "lion_8bit": 1e-3,

@@ -24,7 +24,9 @@ LOW_RANK_KW = dict(optim_target_modules="all-linear", optim_args={"rank": 4})
 
 
 def _kwargs(name: str) -> dict:
-    return LOW_RANK_KW if name in ("galore_adamw", "apollo_adamw") else {}
+    from jtrain.optim.factory import LOW_RANK_OPTIMIZERS
+
+    return LOW_RANK_KW if name in LOW_RANK_OPTIMIZERS else {}
 
 
 def test_required_names_present() -> None:
@@ -165,22 +167,47 @@ def test_decay_is_masked_and_follows_the_schedule(name: str) -> None:
         jax.tree.map(lambda u, e: np.testing.assert_allclose(u, e, rtol=1e-6, atol=0), updates, expected)
 
 
-def test_low_rank_optimizers_decay_nothing_and_say_so_as_hf_builds_them(caplog) -> None:
-    """HF's Trainer builds galore_torch's / apollo_torch's AdamW with the learning rate only (their weight decay
-    0.0; GaLore also keeps the package's betas and eps 1e-6): jtrain does the same, and the warning names what
-    was set and not applied (tests/test_optim_lowrank_parity.py: the same numbers as the packages)."""
+def test_low_rank_optimizers_decay_as_hf_builds_them_and_say_so(caplog) -> None:
+    """HF's Trainer builds galore_torch's / apollo_torch's optimizers with the learning rate only, leaving the
+    packages' weight decay: none, except galore_torch's 8-bit AdamW (bitsandbytes' 0.01, on every parameter;
+    GaLore's AdamWs also keep their betas and eps). jtrain does the same, and the warning names what was set
+    and not applied (tests/test_optim_hf_model_parity.py: the same numbers as the packages)."""
     zeros = jax.tree.map(jnp.zeros_like, PARAMS)
-    for name, said in (("galore_adamw", "weight_decay=0.1, adam_epsilon=1e-06"), ("apollo_adamw", "weight_decay=0.1")):
+    for name, said, decay in (("galore_adamw", "weight_decay=0.1, adam_epsilon=1e-06", 0.0),
+                              ("galore_adamw_8bit", "weight_decay=0.1, adam_epsilon=1e-06", 0.01),
+                              ("galore_adafactor", "weight_decay=0.1", 0.0),
+                              ("apollo_adamw", "weight_decay=0.1", 0.0)):
         caplog.clear()
-        with caplog.at_level("WARNING", logger="jtrain.optim.builders"):
+        with caplog.at_level("WARNING", logger="jtrain.optim.low_rank_builders"):
             opt = make_optimizer(name, 1.0, weight_decay=0.1, adam_epsilon=1e-6, **_kwargs(name))
         updates, _ = jax.jit(opt.update)(zeros, opt.init(PARAMS), PARAMS)
-        assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates)), name
+        # params are ones and the learning rate 1: each update is -decay, exactly
+        assert all(np.array_equal(u, np.full(u.shape, -decay, np.float32)) for u in jax.tree.leaves(updates)), name
         assert f"{name}: {said} not applied: HF's Trainer builds" in caplog.text
 
 
+def test_layerwise_names_are_their_optimizer_unclipped_as_hfs(caplog) -> None:
+    """HF's layer-wise GaLore/APOLLO step each parameter in torch's backward hooks; the Trainer's clipping then
+    finds no gradients. jtrain builds the same optimizer without clipping, says so, and refuses gradient
+    accumulation at construction as HF refuses it at train()."""
+    from jtrain import TrainingArguments
+    from jtrain.errors import ConfigError
+
+    grads = jax.tree.map(lambda p: 10.0 * jnp.ones_like(p), PARAMS)  # global norm far above 1
+    run = lambda opt: jax.jit(opt.update)(grads, opt.init(PARAMS), PARAMS)[0]  # noqa: E731
+    with caplog.at_level("WARNING", logger="jtrain.optim.factory"):
+        layerwise = run(make_optimizer("galore_adamw_layerwise", 1e-3, max_grad_norm=1.0, **LOW_RANK_KW))
+    assert "galore_adamw_layerwise: max_grad_norm=1.0 not applied" in caplog.text
+    unclipped = run(make_optimizer("galore_adamw", 1e-3, max_grad_norm=0, **LOW_RANK_KW))
+    clipped = run(make_optimizer("galore_adamw", 1e-3, max_grad_norm=1.0, **LOW_RANK_KW))
+    jax.tree.map(np.testing.assert_array_equal, layerwise, unclipped)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(layerwise), jax.tree.leaves(clipped)))
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=1, or use 'galore_adafactor'"):
+        TrainingArguments(output_dir="unused", optim="galore_adafactor_layerwise", gradient_accumulation_steps=2)
+
+
 def test_low_rank_optimizers_need_targets() -> None:
-    for name in ("galore_adamw", "apollo_adamw"):
+    for name in ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "apollo_adamw"):
         with pytest.raises(ValueError, match="optim_target_modules"):
             make_optimizer(name, 1e-3).init(PARAMS)
         with pytest.raises(ValueError, match="No target modules"):

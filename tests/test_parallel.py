@@ -206,7 +206,8 @@ def test_processes_split_the_batch_axes_never_tensor():
 # params (on the attention's head-shaped kernels too). Each trained through the Trainer used to fail building its
 # state's shardings.
 SPECIAL_STATES = {"adamw_8bit": dict(optim_args="min_8bit_size=0"), "adafactor": {},
-                  "galore_adamw": dict(optim_target_modules="all-linear", optim_args="rank=4")}
+                  "galore_adamw": dict(optim_target_modules="all-linear", optim_args="rank=4"),
+                  "galore_adafactor": dict(optim_target_modules="all-linear", optim_args="rank=4")}
 
 
 @pytest.mark.parametrize("optim", list(SPECIAL_STATES))
@@ -228,6 +229,7 @@ def test_every_optimizers_state_is_sharded_beside_its_params():
     from jax.sharding import PartitionSpec as P
 
     from jtrain.optim import OPTIMIZER_NAMES, make_optimizer
+    from jtrain.optim.factory import LOW_RANK_OPTIMIZERS
     from jtrain.optim.quantize import QuantizedArray
     from jtrain.sharding import opt_state_shardings
 
@@ -237,7 +239,7 @@ def test_every_optimizers_state_is_sharded_beside_its_params():
     params_sharding = jax.tree.map(lambda p: NamedSharding(mesh, spec(p)), params)
     shapes = {tuple(p.shape) for p in jax.tree.leaves(params)}
     for name in OPTIMIZER_NAMES:
-        kw = {"optim_target_modules": ["mlp"], "optim_args": "rank=4"} if name in ("galore_adamw", "apollo_adamw") \
+        kw = {"optim_target_modules": ["mlp"], "optim_args": "rank=4"} if name in LOW_RANK_OPTIMIZERS \
             else {"optim_args": "min_8bit_size=0"} if "8bit" in name else {}
         tx = make_optimizer(name, 1e-3, **kw)
         state = jax.eval_shape(tx.init, params)

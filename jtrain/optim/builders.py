@@ -5,7 +5,6 @@ Defaults follow what HF's Trainer passes for the same `optim` name.
 """
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
@@ -14,24 +13,20 @@ import optax
 from jtrain.optim.adafactor import hf_adafactor
 from jtrain.optim.adamw_8bit import (scale_by_adam_8bit, scale_by_ademamix_8bit, scale_by_lion_8bit,
                                      scale_by_rmsprop_8bit)
-from jtrain.optim.apollo import scale_by_apollo
 from jtrain.optim.args import optional_float, optional_str, parse_bool
 from jtrain.optim.decay_mask import decay_mask
-from jtrain.optim.galore import scale_by_galore
 from jtrain.optim.low_precision import scale_by_adam_low_precision
 from jtrain.optim.muon import muon_adamw
 from jtrain.optim.schedule_free import schedule_free_adamw
 from jtrain.optim.schedule_free import schedule_free_radam as schedule_free_radam_tx
 from jtrain.optim.schedule_free import schedule_free_sgd as schedule_free_sgd_tx
 from jtrain.optim.stable_adamw import stable_adamw as stable_adamw_tx
-from jtrain.optim.targets import FULL, LOW_RANK, hf_tensor_shape, low_rank_labels, stacked_axes, view_of
-from jtrain.optim.transforms import (scale_by_torch_adagrad, scale_by_torch_rmsprop, scale_by_torch_sgd,
-                                     scale_by_transformers_adam)
+from jtrain.optim.targets import hf_tensor_shape, stacked_axes
+from jtrain.optim.transforms import scale_by_torch_adagrad, scale_by_torch_rmsprop, scale_by_torch_sgd
 
 if TYPE_CHECKING:
     from jtrain.optim.factory import OptimizerConfig
 
-logger = logging.getLogger(__name__)
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -306,74 +301,3 @@ def muon(cfg: OptimizerConfig) -> optax.GradientTransformation:
         beta=x["beta"], ns_steps=x["ns_steps"], nesterov=x["nesterov"], consistent_rms=x["consistent_rms"],
         layout=cfg.param_layout,
     )
-
-
-GALORE_ARGS = {
-    "rank": (128, int),
-    "update_proj_gap": (200, int),
-    "scale": (0.25, float),
-    "proj_type": ("std", str),
-}
-
-
-# galore_torch's and apollo_torch's AdamW defaults, which HF's Trainer leaves in place: it builds them with the
-# learning rate only (APOLLO's targeted group also gets adam_beta1/2 and adam_epsilon), and no weight decay.
-_PACKAGE_ADAM = (0.9, 0.999, 1e-6)
-
-
-def _low_rank(cfg: OptimizerConfig, direction: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`direction` on targeted kernels, the packages' AdamW elsewhere, then the learning rate (no decay)."""
-    _warn_ignored_by_hf(cfg)
-
-    def labels(params):
-        return low_rank_labels(params, cfg.target_modules, cfg.name, cfg.param_layout)
-
-    full = scale_by_transformers_adam(*_PACKAGE_ADAM)
-    return optax.chain(optax.partition({LOW_RANK: direction, FULL: full}, labels),
-                       optax.scale_by_learning_rate(cfg.learning_rate))
-
-
-def _warn_ignored_by_hf(cfg: OptimizerConfig) -> None:
-    """HF's GaLore/APOLLO ignore weight_decay (and GaLore the adam arguments): said, not silently dropped."""
-    ignored = {"weight_decay": (cfg.weight_decay, 0.0)}
-    if cfg.name.startswith("galore"):
-        ignored.update(adam_beta1=(cfg.b1, 0.9), adam_beta2=(cfg.b2, 0.999), adam_epsilon=(cfg.eps, 1e-8))
-    changed = [f"{k}={v!r}" for k, (v, default) in ignored.items() if v != default]
-    if not changed:
-        return
-    package, adam = ("galore_torch", "") if cfg.name.startswith("galore") else (
-        "apollo_torch", " (its projected weights take adam_beta1/2 and adam_epsilon)")
-    logger.warning("%s: %s not applied: HF's Trainer builds %s's AdamW with the learning rate only%s, leaving its "
-                   "defaults (betas 0.9/0.999, eps 1e-6, no weight decay), and jtrain follows it", cfg.name,
-                   ", ".join(changed), package, adam)
-
-
-def galore(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """GaLore-AdamW on `optim_target_modules` kernels, AdamW on the rest, as HF builds galore_torch's."""
-    x = cfg.extra
-    direction = scale_by_galore(x["rank"], x["update_proj_gap"], x["scale"], x["proj_type"], *_PACKAGE_ADAM,
-                                view_of=view_of(cfg.param_layout))
-    return _low_rank(cfg, direction)
-
-
-APOLLO_ARGS = {
-    "rank": (128, int),
-    "update_proj_gap": (200, int),
-    "scale": (1.0, float),
-    "scale_type": ("channel", str),
-    "proj": ("random", str),
-    "proj_type": ("std", str),
-    "seed": (0, int),
-}
-
-
-def apollo(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """APOLLO-AdamW on `optim_target_modules` kernels, AdamW on the rest."""
-    x = cfg.extra
-    if x["proj"] != "random":
-        raise ValueError(f"apollo_adamw supports proj='random' only (got {x['proj']!r}); use galore_adamw for SVD")
-    direction = scale_by_apollo(
-        x["rank"], x["update_proj_gap"], x["scale"], x["scale_type"], x["proj_type"],
-        cfg.b1, cfg.b2, cfg.eps, x["seed"], view_of=view_of(cfg.param_layout),
-    )
-    return _low_rank(cfg, direction)

@@ -9,17 +9,20 @@ RMSprop, because that is what `torch.optim.SGD/RMSprop(weight_decay=...)` do.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import optax
 
-from jtrain.optim import builders, fused_adamw
+from jtrain.optim import builders, fused_adamw, low_rank_builders
 from jtrain.optim.args import resolve_optim_args
 from jtrain.optim.decay_mask import decay_mask
 from jtrain.optim.targets import Layout
 from jtrain.optim.transforms import clip_by_global_norm_torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,10 @@ _REGISTRY: dict[str, tuple[Callable[[OptimizerConfig], optax.GradientTransformat
     "schedule_free_sgd": (builders.schedule_free_sgd, builders.SCHEDULE_FREE_SGD_ARGS),
     "schedule_free_radam": (builders.schedule_free_radam, builders.SCHEDULE_FREE_RADAM_ARGS),
     "muon": (builders.muon, builders.MUON_ARGS),
-    "galore_adamw": (builders.galore, builders.GALORE_ARGS),
-    "apollo_adamw": (builders.apollo, builders.APOLLO_ARGS),
+    "galore_adamw": (low_rank_builders.galore, low_rank_builders.GALORE_ARGS),
+    "galore_adamw_8bit": (low_rank_builders.galore_8bit, low_rank_builders.GALORE_ARGS),
+    "galore_adafactor": (low_rank_builders.galore_adafactor, low_rank_builders.GALORE_ARGS),
+    "apollo_adamw": (low_rank_builders.apollo, low_rank_builders.APOLLO_ARGS),
     "adagrad": (builders.adagrad, builders.ADAGRAD_ARGS),
     "rmsprop_bnb": (builders.rmsprop_bnb, builders.RMSPROP_BNB_ARGS),
     "rmsprop_bnb_32bit": (builders.rmsprop_bnb, builders.RMSPROP_BNB_ARGS),
@@ -78,20 +83,25 @@ _REGISTRY: dict[str, tuple[Callable[[OptimizerConfig], optax.GradientTransformat
     "adamw_torch_xla": (builders.adamw, {}),
     "adamw_torch_npu_fused": (builders.adamw, {}),
 }
+# HF's layer-wise GaLore/APOLLO step each parameter inside torch's backward hooks (to hold one gradient at a
+# time); its clipping then sees no gradients and clips nothing. The update is the optimizer's own: jtrain
+# builds it without clipping (`make_optimizer` says so when max_grad_norm is set), one step after the backward.
+LAYERWISE = {f"{name}_layerwise": name for name in ("galore_adamw", "galore_adamw_8bit", "galore_adafactor",
+                                                     "apollo_adamw")}
+_REGISTRY.update({layerwise: _REGISTRY[name] for layerwise, name in LAYERWISE.items()})
 # The names whose builders read OptimizerConfig.param_layout (a weight's shape as HF's tensors); the Trainer
 # builds the layout (the model's conversion maps: 0.5-1.5 s for the 58M benchmark model) only for these.
-LAYOUT_OPTIMIZERS = frozenset(name for name, (build, _) in _REGISTRY.items() if build in (
-    builders.galore, builders.apollo, builders.adafactor, builders.muon, builders.stable_adamw))
+LOW_RANK_OPTIMIZERS = frozenset(name for name, (build, _) in _REGISTRY.items() if build in (
+    low_rank_builders.galore, low_rank_builders.galore_8bit, low_rank_builders.galore_adafactor,
+    low_rank_builders.apollo))
+"""The names that need `optim_target_modules` (HF's GaLore and APOLLO)."""
+LAYOUT_OPTIMIZERS = LOW_RANK_OPTIMIZERS | frozenset(name for name, (build, _) in _REGISTRY.items() if build in (
+    builders.adafactor, builders.muon, builders.stable_adamw))
 
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
-_LAYERWISE = "a per-parameter step inside torch's backward hooks, to save GPU memory; not implemented"
 HF_ONLY_OPTIMIZERS: dict[str, str] = {
     "adamw_torch_4bit": "torchao's 4-bit AdamW states are not implemented (adamw_8bit is)",
-    **dict.fromkeys(("galore_adamw_8bit", "galore_adafactor"), "only galore_adamw is implemented"),
-    **dict.fromkeys(("galore_adamw_layerwise", "apollo_adamw_layerwise"),
-                    _LAYERWISE + "; galore_adamw / apollo_adamw step after the backward"),
-    **dict.fromkeys(("galore_adamw_8bit_layerwise", "galore_adafactor_layerwise"), _LAYERWISE),
     **dict.fromkeys(("lomo", "adalomo"), "LOMO fuses the update into torch's backward to save GPU memory; "
                                          "not implemented"),
     "grokadamw": "not implemented: GrokAdamW's momentum for a tensor depends on that tensor's position in "
@@ -164,6 +174,12 @@ def make_optimizer(
         peak_learning_rate=peak_learning_rate,
         param_layout=param_layout,
     )
+    if name in LAYERWISE and max_grad_norm is not None and max_grad_norm > 0:
+        logger.warning("%s: max_grad_norm=%s not applied: HF's layer-wise optimizers step each parameter inside "
+                       "the backward, before the Trainer's clipping (which then finds no gradients), so their "
+                       "updates are unclipped; jtrain follows it (set max_grad_norm=0 to silence this)",
+                       name, max_grad_norm)
+        max_grad_norm = None
     tx = _clipped(build(config), max_grad_norm)
     if build is builders.adamw:  # the train step may run this chain as one pass per parameter on the CPU
         clip = float(max_grad_norm) if max_grad_norm is not None and max_grad_norm > 0 else None

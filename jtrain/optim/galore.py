@@ -1,22 +1,25 @@
-"""GaLore (Zhao et al., 2024): Adam in a rank-r subspace of each targeted weight's gradient.
+"""GaLore (Zhao et al., 2024): an optimizer (Adam, 8-bit Adam, Adafactor) in a rank-r subspace of each
+targeted weight's gradient.
 
 Each targeted kernel is seen as HF's Linear weight, a matrix of its `MatrixView` (one per scanned
 layer). Its gradient G is projected onto the top-r singular vectors of the side that is reduced
 ("std": the input side when out >= in, as galore_torch decides on torch's (out, in) weight; "left"
-and "right" name torch's sides), Adam moments live in that (r x other) space, and the Adam
-direction is projected back and multiplied by `scale`. The projector is recomputed by SVD of the
+and "right" name torch's sides), the inner optimizer's state lives in that (r x other) space, and
+its update is projected back and multiplied by `scale`. The projector is recomputed by SVD of the
 current gradient on steps 0, gap, 2*gap, ... inside `lax.cond`, so the whole update stays one
-jitted function and the SVD only runs on refresh steps. Moments are kept across refreshes and the
-Adam step is transformers' original one (`transforms.transformers_adam_direction`), as in galore_torch.
+jitted function and the SVD only runs on refresh steps. The inner state is kept across refreshes,
+as in galore_torch (whose AdamW is transformers' original Adam step, `transforms.scale_by_transformers_adam`).
 
 jtrain kernels are (in, out), the transpose of torch's weight: "left" here means the input axis
 (the first) is reduced, low = P^T G, which is galore_torch's "right" projection of G^T.
 
-State per targeted matrix: projector (reduced side x r) + 2 moments of r x (other side), instead of
-AdamW's 2 x in x out. Untargeted leaves get plain Adam (see builders).
+State per targeted matrix: projector (reduced side x r) + the inner optimizer's state of an r x (other side)
+matrix (Adam: 2 moments), instead of AdamW's 2 x in x out. Untargeted leaves get the inner optimizer
+itself (see builders).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,19 +29,17 @@ import optax
 
 from jtrain.optim.paths import map_with_names, named_leaves
 from jtrain.optim.targets import PLAIN, MatrixView
-from jtrain.optim.transforms import adam_moments, transformers_adam_direction
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 ViewOf = Callable[[str], MatrixView]
 
 
 class GaloreState(NamedTuple):
-    """Step count; per-leaf projector and low-rank first/second moments."""
+    """Step count; per leaf, its matrices' projectors and the inner optimizer's state of each low-rank matrix."""
 
     count: jax.Array
     proj: Any
-    mu: Any
-    nu: Any
+    inner: Any
 
 
 def check_proj_type(proj_type: str) -> None:
@@ -112,42 +113,57 @@ def batched_zeros(shape: tuple[int, ...], view: MatrixView, inner: Callable[[int
     return jnp.zeros(batch + inner(a, b), jnp.float32)
 
 
-def scale_by_galore(rank: int, update_proj_gap: int, scale: float, proj_type: str, b1: float, b2: float,
-                    eps: float, view_of: ViewOf = lambda name: PLAIN) -> optax.GradientTransformation:
-    """GaLore-Adam direction for targeted kernels (use inside `optax.partition`); `view_of` maps a
-    leaf's dotted name to its matrix view."""
+def scale_by_galore(rank: int, update_proj_gap: int, scale: float, proj_type: str,
+                    inner: optax.GradientTransformation, view_of: ViewOf = lambda name: PLAIN
+                    ) -> optax.GradientTransformation:
+    """GaLore around `inner`, for targeted kernels (use inside `optax.partition`); `view_of` maps a leaf's
+    dotted name to its matrix view.
+
+    `inner` steps each low-rank gradient as galore_torch's optimizer steps the projected gradient of one
+    torch weight: it is initialised and updated per matrix (vmapped over a leaf's layers), with zeros as
+    that matrix's params (galore_torch's 8-bit AdamW steps a zeroed copy; its Adafactor, as HF builds it,
+    reads no param), and in torch's orientation (jtrain's kernels are torch's weights transposed), so that
+    a block-wise 8-bit state is cut into the blocks bitsandbytes cuts. Its output, projected back, times
+    `scale`, is the update: an inner optimizer that applies the learning rate (Adafactor) gives the final
+    update, one that does not (Adam) a direction."""
     check_proj_type(proj_type)
 
-    def shapes(a: int, b: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        return low_rank_shapes(a, b, rank, projects_left(a, b, proj_type))
+    def leaf_init(name: str, p: jax.Array) -> tuple[jax.Array, Any]:
+        batch, a, b = view_of(name).shape(p.shape)
+        proj_shape, low_shape = low_rank_shapes(a, b, rank, projects_left(a, b, proj_type))
+        n = math.prod(batch)
+        state = jax.vmap(inner.init)(jnp.zeros((n,) + low_shape[::-1], jnp.float32))  # torch's orientation
+        return jnp.zeros(batch + proj_shape, jnp.float32), jax.tree.map(lambda s: unstacked(s, batch), state)
 
     def init(params):
-        proj = map_with_names(lambda n, p: batched_zeros(p.shape, view_of(n), lambda a, b: shapes(a, b)[0]), params)
-        mom = map_with_names(lambda n, p: batched_zeros(p.shape, view_of(n), lambda a, b: shapes(a, b)[1]), params)
-        return GaloreState(jnp.zeros([], jnp.int32), proj, mom, mom)
+        proj, state = (map_with_names(lambda n, p, i=i: leaf_init(n, p)[i], params) for i in (0, 1))
+        return GaloreState(jnp.zeros([], jnp.int32), proj, state)
 
-    def leaf(g, view, p_old, m, v, refresh, t):
+    def leaf(g, view, p_old, inner_state, refresh):
         mats, batch = as_matrices(g.astype(jnp.float32), view)
-        left = projects_left(mats.shape[1], mats.shape[2], proj_type)
-        p_old, m, v = (stacked(s, batch, mats.shape[0]) for s in (p_old, m, v))
+        n, a, b = mats.shape
+        left = projects_left(a, b, proj_type)
+        p_old = stacked(p_old, batch, n)
         r = p_old.shape[-1]
         p = jax.lax.cond(refresh, lambda: jax.vmap(lambda x: svd_projector(x, r, left))(mats), lambda: p_old)
         low = jax.vmap(lambda x, q: project(x, q, left))(mats, p)
-        m, v = adam_moments(m, v, low, b1, b2)
-        n = transformers_adam_direction(m, v, t, b1, b2, eps)
-        out = scale * jax.vmap(lambda x, q: project_back(x, q, left))(n, p)
-        return (out.reshape(g.shape).astype(g.dtype), *(unstacked(s, batch) for s in (p, m, v)))
+        inner_state = jax.tree.map(lambda s: stacked(s, batch, n), inner_state)
+        low = jnp.swapaxes(low, 1, 2)  # torch's orientation (see the docstring)
+        u, inner_state = jax.vmap(inner.update)(low, inner_state, jnp.zeros_like(low))
+        u = jnp.swapaxes(u.astype(jnp.float32), 1, 2)
+        out = scale * jax.vmap(lambda x, q: project_back(x, q, left))(u, p)
+        return (out.reshape(g.shape).astype(g.dtype), unstacked(p, batch),
+                jax.tree.map(lambda s: unstacked(s, batch), inner_state))
 
     def update(updates, state, params=None):
         del params
         refresh = state.count % update_proj_gap == 0
-        count = optax.safe_increment(state.count)
-        t = count.astype(jnp.float32)
         named = named_leaves(updates)
         treedef = jax.tree.structure(updates)
-        rest = [treedef.flatten_up_to(s) for s in (state.proj, state.mu, state.nu)]
-        outs = [leaf(g, view_of(n), p, m, v, refresh, t) for (n, g), p, m, v in zip(named, *rest)]
-        trees = [treedef.unflatten([o[i] for o in outs]) for i in range(4)]
-        return trees[0], GaloreState(count, *trees[1:])
+        proj = treedef.flatten_up_to(state.proj)
+        inner_states = treedef.flatten_up_to(state.inner)
+        outs = [leaf(g, view_of(n), p, s, refresh) for (n, g), p, s in zip(named, proj, inner_states)]
+        trees = [treedef.unflatten([o[i] for o in outs]) for i in range(3)]
+        return trees[0], GaloreState(optax.safe_increment(state.count), *trees[1:])
 
     return optax.GradientTransformation(init, update)

@@ -59,9 +59,10 @@ class CountState(NamedTuple):
 
 
 def decoupled_weight_decay(
-    learning_rate: float | optax.Schedule, weight_decay: float, mask: Any
+    learning_rate: float | optax.Schedule, weight_decay: float, mask: Any, *, of_updated: bool = False
 ) -> optax.GradientTransformation:
-    """Adds -lr(t) * wd * p to already lr-scaled updates (torch's p -= lr*wd*p).
+    """Adds -lr(t) * wd * p to already lr-scaled updates (torch's p -= lr*wd*p), or with `of_updated`
+    -lr(t) * wd * (p + update): the weight decayed after its update, as galore_torch's 8-bit AdamW does.
 
     Used after optimizers that apply the learning rate internally (optax's muon), where
     `add_decayed_weights` can no longer be slotted in before the lr scaling.
@@ -78,7 +79,7 @@ def decoupled_weight_decay(
         masks = mask(params) if callable(mask) else mask
 
         def apply(u, p, m):  # m is a static Python bool from the mask
-            return (u - step * p).astype(u.dtype) if m else u
+            return (u - step * (p + u if of_updated else p)).astype(u.dtype) if m else u
 
         out = jax.tree.map(apply, updates, params, masks)
         return out, CountState(optax.safe_increment(state.count))
