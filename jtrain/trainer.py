@@ -215,6 +215,19 @@ class Trainer:
         self.create_optimizer()
 
     # ---- process roles ------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for a missing attribute: HF's that jtrain has no counterpart for say why."""
+        reason = trainer_checks.HF_ONLY_ATTRIBUTES.get(name)
+        if reason is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise AttributeError(f"Trainer.{name} is part of HF's torch Trainer that jtrain does not have: {reason}")
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Refused, as TrainingArguments(push_to_hub=True) is: jtrain never uploads."""
+        raise ConfigError("Trainer.push_to_hub: jtrain never uploads to the Hub; upload output_dir after training "
+                          "(`huggingface-cli upload` or huggingface_hub.upload_folder): it holds what push_to_hub "
+                          "would push (save_model's HF-format model, the checkpoints, the model card)")
+
     def is_world_process_zero(self) -> bool:
         """Process 0 of the job: the one that writes the output files and the loggers' records."""
         return self.args.process_index == 0

@@ -106,6 +106,24 @@ HF_ONLY_METHODS: dict[str, str] = {
     "_load_from_checkpoint": "use train(resume_from_checkpoint=...) or jtrain.models.from_pretrained",
     "create_accelerator_and_postprocess": "jtrain has no accelerate; devices come from the mesh (mesh_shape)",
 }
+# HF Trainer attributes with no jtrain counterpart: reading one raises an AttributeError that says why and what
+# to use (hasattr() stays False), instead of Python's bare "has no attribute".
+HF_ONLY_ATTRIBUTES: dict[str, str] = {
+    "accelerator": "jtrain has no accelerate: devices come from the mesh (TrainingArguments.mesh_shape), "
+                   "precision from bf16/fp16",
+    "model_wrapped": "nothing wraps the model (no DDP/FSDP module): the model is `trainer.model` and its "
+                     "parameters `trainer.params`, sharded over the mesh",
+    "place_model_on_device": "the mesh's shardings place the parameters when train(), evaluate() or predict() "
+                             "sets up",
+    "is_deepspeed_enabled": "jtrain has no DeepSpeed: ZeRO-style sharding is the `fsdp` mesh axis",
+    "is_fsdp_enabled": "jtrain has no torch FSDP: parameter sharding is the `fsdp` mesh axis (mesh_shape)",
+    "store_flos": "every update adds its FLOPs to state.total_flos already (one count for all processes)",
+    "get_optimizer_group": "the optimizer is one optax transformation over the parameter tree, with no param "
+                           "groups: get_decay_parameter_names() names what decays, get_learning_rates() the rate",
+    "init_hf_repo": "jtrain never uploads to the Hub: upload output_dir after training (huggingface_hub's "
+                    "upload_folder)",
+}
+
 # The parameters that only HF's signatures of jtrain's two traced override points have.
 _HF_SIGNATURES = {
     "compute_loss": ("compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None)",

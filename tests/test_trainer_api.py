@@ -89,6 +89,26 @@ def test_a_model_that_is_not_a_jtrain_model_is_refused_with_the_way_to_get_one(t
         Trainer("llama", _args(tmp_path))
 
 
+def test_hfs_attributes_without_a_counterpart_say_why(tmp_path):
+    """Ported code reads trainer.accelerator or calls trainer.push_to_hub(): each is an error that names the
+    attribute and jtrain's way (Python's bare "has no attribute" before), hasattr() stays False, and the
+    table names only HF's Trainer attributes."""
+    from jtrain.trainer_checks import HF_ONLY_ATTRIBUTES
+
+    trainer = Trainer(tiny_llama(), TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    hf_instance_attributes = {"accelerator", "model_wrapped", "place_model_on_device", "is_deepspeed_enabled",
+                              "is_fsdp_enabled"}  # set in HF's __init__, not on its class
+    for name in HF_ONLY_ATTRIBUTES:
+        assert hasattr(transformers.Trainer, name) or name in hf_instance_attributes, name
+        assert not hasattr(trainer, name), name
+        with pytest.raises(AttributeError, match=f"Trainer.{name} is part of HF's torch Trainer"):
+            getattr(trainer, name)
+    with pytest.raises(AttributeError, match="'Trainer' object has no attribute 'no_such_thing'"):
+        trainer.no_such_thing  # noqa: B018
+    with pytest.raises(ConfigError, match="never uploads to the Hub; upload output_dir"):
+        trainer.push_to_hub(commit_message="done")
+
+
 def test_a_subclass_written_for_hfs_trainer_is_refused_with_the_fix(tmp_path):
     """A Trainer subclass ported from HF: an override jtrain never calls would train as if it were not
     there, and HF's torch signature of compute_loss / prediction_step would fail inside the traced
