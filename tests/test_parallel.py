@@ -203,10 +203,10 @@ def test_processes_split_the_batch_axes_never_tensor():
 
 # Optimizers whose state holds more, or less, than one array where its param has one: Adafactor's
 # factored row and column, 8-bit moments (codes and block scales), GaLore's projectors beside masked-out
-# params (on the attention's head-shaped kernels too). Each trained through the Trainer used to fail building its
-# state's shardings.
+# params (on the attention's head-shaped kernels too) and its inner optimizer's state per low-rank matrix (here
+# Adafactor's, factored; galore_adamw's Adam moments have the same place in the tree). Each trained through the
+# Trainer used to fail building its state's shardings.
 SPECIAL_STATES = {"adamw_8bit": dict(optim_args="min_8bit_size=0"), "adafactor": {},
-                  "galore_adamw": dict(optim_target_modules="all-linear", optim_args="rank=4"),
                   "galore_adafactor": dict(optim_target_modules="all-linear", optim_args="rank=4")}
 
 
