@@ -41,13 +41,14 @@ def _rows(n: int, seed: int, kind: str) -> list[dict]:
     return rows
 
 
-def _script(tmp_path, kind: str, **model: int) -> tuple[int, object]:
+def _script(tmp_path, kind: str, tokenizer: tuple[str, ...] = ("--tokenizer.vocab_size", "96"),
+            **model: int) -> tuple[int, object]:
     files = {split: write_jsonl(tmp_path / f"{split}.jsonl", _rows(n, seed, kind))
              for split, n, seed in (("train", 300, 0), ("dev", 64, 1), ("test", 8, 2))}
     out = tmp_path / "out"
     code = script_main("classification", "classification", [
         "--model_type", "bert", "--config_overrides", ",".join(f"{k}={v}" for k, v in {**TINY_BERT, **model}.items()),
-        "--tokenizer.vocab_size", "96", "--train_file", files["train"], "--validation_file", files["dev"],
+        *tokenizer, "--train_file", files["train"], "--validation_file", files["dev"],
         "--test_file", files["test"], "--max_seq_length", "16", "--do_train", "--do_eval", "--do_predict",
         "--output_dir", str(out), *TRAINING])
     return code, out
@@ -72,8 +73,10 @@ def test_float_labels_are_a_regression_with_hfs_mse(tmp_path, capsys):
 def test_lists_of_labels_are_multi_label_with_hfs_micro_f1(tmp_path, capsys):
     """Lists of classes: one 0/1 target per class, binary cross-entropy, micro-F1 (HF's default metric) and the
     classes whose logit is above 0 in predict_results.txt. The 32-wide tiny BERT learns one class and ties the
-    other two (micro-F1 0.80 at any step count or rate tried); 64 wide, 0.91."""
-    code, out = _script(tmp_path, "multi", hidden_size=64, num_attention_heads=4)
+    other two (micro-F1 0.80 at any step count or rate tried); 64 wide, 0.91 on every run with a fixed word
+    vocabulary (a trained one varies from run to run: `_word_tokenizer`)."""
+    code, out = _script(tmp_path, "multi", ("--tokenizer_name", _word_tokenizer(tmp_path)), hidden_size=64,
+                        num_attention_heads=4)
     assert code == 0, capsys.readouterr().err[-2000:]
     r = results(out)
     assert r["eval_f1"] > 0.85, r
@@ -84,10 +87,28 @@ def test_lists_of_labels_are_multi_label_with_hfs_micro_f1(tmp_path, capsys):
     assert len(predicted) == 8 and all(set(p) <= set(WORDS) for p in predicted)
 
 
+def _word_tokenizer(tmp_path) -> str:
+    """A WordPiece whose vocabulary is the data's words, ids fixed. A trained one is not reproducible: HF
+    tokenizers' WordPiece trainer numbers its continuation pieces in hash-map order (and breaks ties between
+    merges by those numbers), so each run's vocabulary differs, and with it this tiny model's micro-F1 (0.76 to
+    0.91 seen on the same data)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = sorted({w for ws in WORDS.values() for w in ws.split()} | set(FILLER))
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                                ("[SEP]", 3)])
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
 def _data(tmp_path, rows: dict, **options):
     files = {split: write_jsonl(tmp_path / f"{split}.jsonl", r) for split, r in rows.items()}
     d = DataSection(task="classification", source="files", train_file=files.get("train"),
-                    validation_file=files.get("eval"), max_seq_length=32, **options)
+                    validation_file=files.get("eval"), test_file=files.get("test"), max_seq_length=32, **options)
     return build_classification_data(file_examples(d, list(rows)), lambda texts: train_tokenizer_for(
         "bert", texts, vocab_size=80), d)
 
@@ -101,6 +122,28 @@ def test_the_label_list_covers_every_split_as_hfs(tmp_path, caplog):
     assert data.label_names == ["1", "2", "10"] and data.problem_type == "single_label_classification"
     assert "labels ['10'] in the eval split but not in the training split" in caplog.text
     np.testing.assert_array_equal(data.splits["eval"].columns["labels"], [2, 0])
+
+
+def test_minus_one_marks_unlabelled_test_rows_as_hfs(tmp_path, caplog):
+    """GLUE's test files (and HF datasets' test splits) label every row -1: HF's run_classification removes -1
+    from the label list, with its warning, and predicts those rows. jtrain made "-1" a class (a 3-way head for
+    two classes, every label id shifted). A -1 in the train or eval split is refused, saying why (HF's loss
+    fails on it there)."""
+    rows = {"train": [{"text": "a b", "label": 0}, {"text": "b c", "label": 1}, {"text": "c b", "label": 0}],
+            "eval": [{"text": "a c", "label": 1}],
+            "test": [{"text": "c c", "label": -1}, {"text": "a a", "label": -1}]}
+    with caplog.at_level(logging.WARNING, logger="jtrain.data.classification"):
+        data = _data(tmp_path, rows)
+    assert data.label_names == ["0", "1"] and data.model_config["num_labels"] == 2
+    assert "Label -1 found in label list, removing it" in caplog.text
+    np.testing.assert_array_equal(data.splits["test"].columns["labels"], [-100, -100])  # unlabelled: predicted only
+    np.testing.assert_array_equal(data.splits["eval"].columns["labels"], [1])
+    assert "test" not in data.baselines and "eval" in data.baselines
+    rows["eval"].append({"text": "b b", "label": -1})
+    with pytest.raises(DataError, match=r"the eval split has a label the model does not know: '-1' \(-1 marks an "
+                                        r"unlabelled row"):
+        (tmp_path / "eval").mkdir()
+        _data(tmp_path / "eval", rows)
 
 
 def test_a_label_a_pretrained_classifier_does_not_know_is_an_error(tmp_path):

@@ -108,15 +108,29 @@ def _names_of(label: Any) -> tuple[str, ...]:
     return label if isinstance(label, tuple) else (str(label),)
 
 
+def _unlabelled_marker(label: Any) -> bool:
+    """-1, the label of GLUE's (and HF datasets') unlabelled test rows: HF's run_classification removes it from
+    the label list; only a test split may carry it (HF's loss fails on it in training or evaluation)."""
+    return isinstance(label, (int, float)) and not isinstance(label, bool) and label == -1
+
+
 def label_names(examples: dict[str, list[Example]], known: Sequence[str] | None) -> list[str]:
     """The label list: a pretrained classifier's own, else every split's labels, sorted (HF builds it from the
     training labels and adds, with a warning, those only an evaluation split has)."""
     if known:
         return list(known)
-    train = {n for e in examples.get("train", []) if e.label is not None for n in _names_of(e.label)}
+    if any(_unlabelled_marker(e.label) for rows in examples.values() for e in rows):
+        logger.warning("Label -1 found in label list, removing it (it marks unlabelled rows, as HF's "
+                       "run_classification reads it)")
+
+    def of(split: str) -> set[str]:
+        return {n for e in examples.get(split, []) if e.label is not None and not _unlabelled_marker(e.label)
+                for n in _names_of(e.label)}
+
+    train = of("train")
     names = set(train)
     for split in ("eval", "test"):
-        extra = {n for e in examples.get(split, []) if e.label is not None for n in _names_of(e.label)} - names
+        extra = of(split) - names
         if extra and train:
             logger.warning("labels %s in the %s split but not in the training split: added to the label list",
                            sorted(extra, key=_label_order), split)
@@ -142,7 +156,10 @@ def label_encoder(kind: str, names: list[str] | None, split: str) -> Any:
 
     def class_id(name: str) -> int:
         if name not in ids:
-            raise DataError(f"the {split} split has a label the model does not know: {name!r}; known: {list(ids)}")
+            unlabelled = (" (-1 marks an unlabelled row, as in GLUE's test files: only the test split may have "
+                          "them)") if name in ("-1", "-1.0") else ""
+            raise DataError(f"the {split} split has a label the model does not know: {name!r}{unlabelled}; "
+                            f"known: {list(ids)}")
         return ids[name]
 
     if kind == MULTI_LABEL:
@@ -153,7 +170,9 @@ def label_encoder(kind: str, names: list[str] | None, split: str) -> Any:
             out[[class_id(n) for n in _names_of(label)]] = 1.0
             return out
         return multi_hot
-    return lambda label: NO_LABEL if label is None else class_id(str(label))
+    unlabelled = (lambda label: label is None or _unlabelled_marker(label)) if split == "test" else \
+        (lambda label: label is None)
+    return lambda label: NO_LABEL if unlabelled(label) else class_id(str(label))
 
 
 def encode(tok: Tokenizer, rows: list[Example], to_label: Any, max_len: int) -> list[dict]:
@@ -177,7 +196,8 @@ def encode(tok: Tokenizer, rows: list[Example], to_label: Any, max_len: int) -> 
 
 def baseline(kind: str, train: list[Example], split: list[Example]) -> Baseline | None:
     """The majority training class's accuracy, or for a regression the mean training label's mse."""
-    labelled = [e.label for e in split if e.label is not None]
+    labelled = [e.label for e in split
+                if e.label is not None and (kind == REGRESSION or not _unlabelled_marker(e.label))]
     if not train or not labelled or kind == MULTI_LABEL:
         return None
     if kind == REGRESSION:
