@@ -190,8 +190,45 @@ def test_sentence_pairs_get_token_types(tmp_path):
     assert data.collator(data.train[:4])["input_ids"].shape[1] in (32, 64)
 
 
+def test_wordpiece_training_gives_one_vocabulary_on_every_run():
+    """tokenizers' WordPieceTrainer numbered its `##` pieces in hash-map order and broke ties between merges by
+    them: each process trained another vocabulary from the same texts (ids permuted, a few tokens different), and
+    a model trained on it other results (a tiny classifier's micro-F1: 0.76 to 0.91). jtrain's training is the same
+    BPE with those pieces in its sorted alphabet: two processes (each with its own hash seeds) give one vocabulary,
+    with HF's trainer's alphabet and size; its merges differ from one HF run only where HF's broke a tie (measured
+    on the standard library's docstrings at 4096: 8 of 4096 tokens, all of 200 docstrings tokenized alike)."""
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    from jtrain.data.local_tokenizers import BERT_SPECIALS, train_wordpiece_tokenizer
+
+    words = "apple banana cherry grape mango hammer wrench saw drill pliers tiger horse zebra otter eagle".split()
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, 6)) for _ in range(300)]
+    code = ("import json, sys; from jtrain.data.local_tokenizers import train_wordpiece_tokenizer as train; "
+            "print(json.dumps(sorted(train(json.loads(sys.stdin.read()), 96).get_vocab().items())))")
+    runs = [subprocess.run([sys.executable, "-c", code], input=json.dumps(texts), capture_output=True, text=True,
+                           check=True).stdout for _ in range(2)]
+    assert runs[0] == runs[1]
+    ours = train_wordpiece_tokenizer(texts, 96)
+    hf = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    hf.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                               lowercase=False)
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=96, special_tokens=list(BERT_SPECIALS),
+                                                            show_progress=False))
+    # HF's trainer differs from run to run in its tie-broken merges; its alphabet and `##` pieces do not
+    alphabet = lambda tok: {t for t in tok.get_vocab() if len(t.removeprefix("##")) == 1}  # noqa: E731
+    assert alphabet(ours) == alphabet(hf) and ours.get_vocab_size() == hf.get_vocab_size() == 96
+    assert [ours.token_to_id(t) for t in BERT_SPECIALS] == [0, 1, 2, 3, 4]
+    assert ours.encode("zebra quick mango").tokens == ["zebra", "[UNK]", "mango"]  # no q, u or k in the texts
+
+
 def test_resumed_run_reuses_the_saved_tokenizer(tmp_path):
-    """Retraining could change ids (WordPiece training is not deterministic), so a resume loads output_dir's."""
+    """Retraining on other text (another sample, an edited corpus) would change the ids, so a resume loads
+    output_dir's tokenizer."""
     from jtrain.config import load_config
     from jtrain.data.local_tokenizers import train_tokenizer_for
     from jtrain.pipeline import tokenizer_factory

@@ -32,17 +32,54 @@ _ROLES = {
 }
 
 
+# Supplementary private-use planes: characters no text here is expected to hold, one per distinct
+# non-initial character of the training words (see train_wordpiece_tokenizer).
+_PRIVATE_PLANES = ((0xF0000, 0xFFFFD), (0x100000, 0x10FFFD))
+
+
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, lowercase: bool = False,
                               special_tokens: Sequence[str] = BERT_SPECIALS) -> Tokenizer:
-    """A BERT-style WordPiece (whitespace and punctuation split, `##` continuations)."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]" if "[UNK]" in special_tokens else "<unk>"))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    """A BERT-style WordPiece (whitespace and punctuation split, `##` continuations), the same vocabulary on
+    every run.
+
+    tokenizers' WordPieceTrainer (a BPE trainer with a `##` prefix) numbers the `##` pieces in hash-map order
+    and breaks ties between equally frequent merges by those numbers, so the same texts gave another vocabulary
+    on each run, and a model trained on it other results (huggingface/tokenizers#1794). The same BPE training
+    runs here on the normalised, pre-tokenized words with every non-initial character mapped to a private-use
+    character: the `##` pieces are then part of the alphabet, which the trainer numbers in sorted order, and
+    the learned tokens are mapped back to WordPiece's spelling."""
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                            lowercase=lowercase)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words = [[w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(t))] for t in texts]
+    later = sorted({c for ws in words for w in ws for c in w[1:]})
+    present = {c for ws in words for w in ws for c in w}
+    private = [code for low, high in _PRIVATE_PLANES for code in range(low, high + 1) if chr(code) not in present]
+    if len(later) > len(private):
+        raise ConfigError(f"the tokenizer's training text has {len(later)} distinct characters inside words; "
+                          f"at most {len(private)} are supported")
+    to_private = {c: chr(code) for c, code in zip(later, private)}
+    back = {v: k for k, v in to_private.items()}
+    mapped = [" ".join(w[0] + "".join(to_private[c] for c in w[1:]) for w in ws) for ws in words]
+    # HF's alphabet holds every character of the words on its own as well: those seen only inside words join
+    # it as one-character words, which hold no pair and so change no merge
+    mapped.append(" ".join(sorted(set(later) - {w[0] for ws in words for w in ws})))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bpe.train_from_iterator(mapped, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False))
+
+    def spelled(token: str) -> str:
+        if token in special_tokens or not token or token[0] not in back:
+            return "".join(back.get(c, c) for c in token)
+        return "##" + "".join(back[c] for c in token)
+
+    vocab = {spelled(token): ident for token, ident in bpe.get_vocab().items()}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]" if "[UNK]" in special_tokens else "<unk>"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = splitter
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                        show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(list(special_tokens))
     return tok
 
 
