@@ -79,8 +79,9 @@ def known_labels(config: dict) -> list[str] | None:
 def tokenizer_factory(cfg: RunConfig, model_type: str, resuming: bool = False) -> TokenizerFactory:
     """The configured tokenizer (or the model directory's), else one trained on the training texts.
 
-    A resumed run reuses the tokenizer its first run saved in output_dir: retraining could give
-    other ids (WordPiece training in `tokenizers` is not deterministic, huggingface/tokenizers#1794).
+    A resumed run reuses the tokenizer its first run saved in output_dir: retraining on other text (another
+    sample, an edited corpus), or with another jtrain (local_tokenizers' WordPiece training was made
+    reproducible in place of tokenizers' own, huggingface/tokenizers#1794), would give other ids.
     """
     fixed = resolve_tokenizer(cfg.tokenizer.tokenizer_name, cfg.model.model_name_or_path)
     saved = os.path.join(cfg.training.output_dir, TOKENIZER_FILE)
