@@ -104,6 +104,17 @@ def test_the_label_list_covers_every_split_as_hfs(tmp_path, caplog):
     np.testing.assert_array_equal(data.splits["eval"].columns["labels"], [2, 0])
 
 
+def test_labels_are_ordered_as_hf_sorts_the_columns_values(tmp_path):
+    """HF sorts the label column's values as Python does: strings as strings ("10" before "2"), numbers as
+    numbers; jtrain ordered every label that reads as a number numerically, so a string column's ids differed."""
+    texts = ["a b", "b c", "c a"]
+    strings = _data(tmp_path, {"train": [{"text": t, "label": lab} for t, lab in zip(texts, ["2", "10", "3"])]})
+    (tmp_path / "numbers").mkdir()
+    numbers = _data(tmp_path / "numbers", {"train": [{"text": t, "label": lab} for t, lab in zip(texts, [2, 10, 3])]})
+    assert strings.label_names == sorted(["2", "10", "3"]) == ["10", "2", "3"]
+    assert numbers.label_names == [str(v) for v in sorted([2, 10, 3])] == ["2", "3", "10"]
+
+
 def test_minus_one_marks_unlabelled_test_rows_as_hfs(tmp_path, caplog):
     """GLUE's test files (and HF datasets' test splits) label every row -1: HF's run_classification removes -1
     from the label list, with its warning, and predicts those rows. jtrain made "-1" a class (a 3-way head for

@@ -3,8 +3,9 @@
 As in HF's `run_classification.py`: the problem type comes from the labels unless `do_regression`
 says (float labels: a regression, one output and mean-squared error; lists of labels: multi-label,
 one 0/1 target per label; anything else: single-label classes), class labels of any type are mapped
-to ids (sorted, numbers in numeric order) over the labels of every split (an evaluation label the
-training split lacks is added with a warning), `num_labels` comes from the data, and the text is one
+to ids (sorted as HF sorts the column's values: numbers as numbers, strings as strings) over the labels of
+every split (an evaluation label the training split lacks is added with a warning), `num_labels` comes from
+the data, and the text is one
 column, several joined by `text_column_delimiter`, or two columns encoded as a pair with the
 tokenizer's template, truncated to `max_seq_length`. Training rows are padded per batch to a length
 bucket (a few compiled shapes); evaluation splits are padded once. The baseline is the majority class
@@ -104,6 +105,16 @@ def _label_order(name: str) -> tuple:
         return (1, 0.0, name)
 
 
+def _sort_key(examples: dict[str, list[Example]]) -> Any:
+    """The label list's order, HF's: Python's sort of the column's values, so a column of strings sorts as
+    strings ("10" before "2") and one of numbers as numbers (multi-label lists, read as strings: numbers)."""
+    raw = [e.label for rows in examples.values() for e in rows
+           if e.label is not None and not isinstance(e.label, tuple)]
+    if raw and all(isinstance(v, str) for v in raw):
+        return lambda name: (0, 0.0, name)
+    return _label_order
+
+
 def _names_of(label: Any) -> tuple[str, ...]:
     return label if isinstance(label, tuple) else (str(label),)
 
@@ -127,17 +138,17 @@ def label_names(examples: dict[str, list[Example]], known: Sequence[str] | None)
         return {n for e in examples.get(split, []) if e.label is not None and not _unlabelled_marker(e.label)
                 for n in _names_of(e.label)}
 
-    train = of("train")
+    train, key = of("train"), _sort_key(examples)
     names = set(train)
     for split in ("eval", "test"):
         extra = of(split) - names
         if extra and train:
             logger.warning("labels %s in the %s split but not in the training split: added to the label list",
-                           sorted(extra, key=_label_order), split)
+                           sorted(extra, key=key), split)
         names |= extra
     if len(names) < 2:
         raise DataError(f"classification needs at least 2 distinct labels, found {sorted(names)}")
-    return sorted(names, key=_label_order)
+    return sorted(names, key=key)
 
 
 def _float_label(value: Any, split: str) -> float:
