@@ -469,12 +469,9 @@ def _validate(a: TrainingArguments) -> None:
         from jtrain.memory import remat_policy_from_args
 
         remat_policy_from_args(True, a.gradient_checkpointing_kwargs)  # raises ConfigError naming the bad key
-    from jtrain.optim.factory import LAYERWISE, check_optimizer_name  # optax is loaded: jtrain's __init__ needs it
+    from jtrain.optim.factory import check_optimizer_name  # optax is loaded by then: jtrain's __init__ needs it
 
-    check_optimizer_name(a.optim)
-    need(a.optim not in LAYERWISE or a.gradient_accumulation_steps == 1,
-         f"optim {a.optim!r} does not support gradient accumulation (HF's layer-wise optimizers step inside the "
-         f"backward): set gradient_accumulation_steps=1, or use {LAYERWISE.get(a.optim)!r}")
+    check_optimizer_name(a.optim, a.gradient_accumulation_steps)
     need(a.save_strategy != "best" or a.metric_for_best_model, "save_strategy 'best' needs `metric_for_best_model`")
     if a.load_best_model_at_end:
         need(a.eval_strategy != "no", "`load_best_model_at_end` needs an `eval_strategy` other than 'no'")

@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from jtrain.errors import ConfigError
+from jtrain.hf_only_args import NO_UPLOAD
 
 
 class TrainingArgumentsSetters:
@@ -113,8 +114,7 @@ class TrainingArgumentsSetters:
 
     def set_push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
         """Refused: jtrain never uploads (its output directories are what push_to_hub would upload)."""
-        raise ConfigError("set_push_to_hub: jtrain never uploads to the Hub; upload output_dir with "
-                          "`huggingface-cli upload` (or huggingface_hub.upload_folder) after training")
+        raise ConfigError(f"set_push_to_hub: {NO_UPLOAD}")
 
 
 def _positive_steps(strategy: str, steps: int) -> None:

@@ -36,6 +36,9 @@ class HfOnly:
 _TORCH = ("a PyTorch/accelerate setting; jtrain compiles every step with XLA, shards it over `mesh_shape` and "
           "loads data on the host")
 _UPLOAD = "a Hub upload setting; jtrain never uploads"
+NO_UPLOAD = ("jtrain never uploads; upload `output_dir` after training (huggingface_hub's `upload_folder`), it "
+             "holds what push_to_hub would push")
+"""Why every Hub upload (the push_to_hub field, set_push_to_hub, Trainer.push_to_hub) is refused."""
 _TRACKIO = "HF's trackio reporting; jtrain's `report_to` takes tensorboard, jsonl or none"
 
 
@@ -69,8 +72,7 @@ HF_ONLY_FIELDS: dict[str, HfOnly] = {
     **{name: HfOnly(default, _TRACKIO) for name, default in (
         ("project", "huggingface"), ("trackio_bucket_id", None), ("trackio_space_id", None),
         ("trackio_static_space_id", None))},
-    "push_to_hub": HfOnly(False, "jtrain never uploads; upload `output_dir` after training (huggingface_hub's "
-                                 "`upload_folder`), it holds what push_to_hub would push", refused=True, hint=bool),
+    "push_to_hub": HfOnly(False, NO_UPLOAD, refused=True, hint=bool),
     "deepspeed": HfOnly(None, "DeepSpeed is PyTorch's; jtrain's ZeRO-style sharding is `fsdp: full_shard` "
                               "(or `mesh_shape: {fsdp: N}`)", refused=True),
     "parallelism_config": HfOnly(None, "accelerate's parallel layout; set jtrain's `mesh_shape` (data, fsdp, "

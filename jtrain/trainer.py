@@ -24,6 +24,7 @@ from jtrain.callbacks import CallbackHandler, DefaultFlowCallback, TrainerCallba
 from jtrain.compiled import CompiledSteps
 from jtrain.data.loader import ArrayDataset, HostLoader, LoaderPosition
 from jtrain.errors import ConfigError
+from jtrain.hf_only_args import NO_UPLOAD
 from jtrain.evaluation import EvalLoopOutput, evaluation_loop
 from jtrain.losses import LOSSES_BY_TASK, LossOutput, compute_loss_func_adapter
 from jtrain.models.base import Model
@@ -224,9 +225,7 @@ class Trainer:
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         """Refused, as TrainingArguments(push_to_hub=True) is: jtrain never uploads."""
-        raise ConfigError("Trainer.push_to_hub: jtrain never uploads to the Hub; upload output_dir after training "
-                          "(`huggingface-cli upload` or huggingface_hub.upload_folder): it holds what push_to_hub "
-                          "would push (save_model's HF-format model, the checkpoints, the model card)")
+        raise ConfigError(f"Trainer.push_to_hub: {NO_UPLOAD}")
 
     def is_world_process_zero(self) -> bool:
         """Process 0 of the job: the one that writes the output files and the loggers' records."""

@@ -19,6 +19,7 @@ import numpy as np
 from jtrain.data.loader import HostLoader
 from jtrain.data.stream import StreamLoader
 from jtrain.errors import ConfigError, DataError, NonFiniteError
+from jtrain.hf_only_args import NO_UPLOAD
 from jtrain.losses import IGNORE_INDEX
 
 
@@ -120,8 +121,7 @@ HF_ONLY_ATTRIBUTES: dict[str, str] = {
     "store_flos": "every update adds its FLOPs to state.total_flos already (one count for all processes)",
     "get_optimizer_group": "the optimizer is one optax transformation over the parameter tree, with no param "
                            "groups: get_decay_parameter_names() names what decays, get_learning_rates() the rate",
-    "init_hf_repo": "jtrain never uploads to the Hub: upload output_dir after training (huggingface_hub's "
-                    "upload_folder)",
+    "init_hf_repo": NO_UPLOAD,
 }
 
 # The parameters that only HF's signatures of jtrain's two traced override points have.

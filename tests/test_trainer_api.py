@@ -105,7 +105,7 @@ def test_hfs_attributes_without_a_counterpart_say_why(tmp_path):
             getattr(trainer, name)
     with pytest.raises(AttributeError, match="'Trainer' object has no attribute 'no_such_thing'"):
         trainer.no_such_thing  # noqa: B018
-    with pytest.raises(ConfigError, match="never uploads to the Hub; upload output_dir"):
+    with pytest.raises(ConfigError, match="Trainer.push_to_hub: jtrain never uploads; upload `output_dir`"):
         trainer.push_to_hub(commit_message="done")
 
 

@@ -109,7 +109,7 @@ def _sort_key(examples: dict[str, list[Example]]) -> Any:
     """The label list's order, HF's: Python's sort of the column's values, so a column of strings sorts as
     strings ("10" before "2") and one of numbers as numbers (multi-label lists, read as strings: numbers)."""
     raw = [e.label for rows in examples.values() for e in rows
-           if e.label is not None and not isinstance(e.label, tuple)]
+           if e.label is not None and not isinstance(e.label, tuple) and not _unlabelled_marker(e.label)]
     if raw and all(isinstance(v, str) for v in raw):
         return lambda name: (0, 0.0, name)
     return _label_order
@@ -165,11 +165,9 @@ def label_encoder(kind: str, names: list[str] | None, split: str) -> Any:
         return lambda label: np.float32(np.nan if label is None else _float_label(label, split))
     ids = {name: i for i, name in enumerate(names or [])}
 
-    def class_id(name: str) -> int:
+    def class_id(name: str, why: str = "") -> int:
         if name not in ids:
-            unlabelled = (" (-1 marks an unlabelled row, as in GLUE's test files: only the test split may have "
-                          "them)") if name in ("-1", "-1.0") else ""
-            raise DataError(f"the {split} split has a label the model does not know: {name!r}{unlabelled}; "
+            raise DataError(f"the {split} split has a label the model does not know: {name!r}{why}; "
                             f"known: {list(ids)}")
         return ids[name]
 
@@ -181,9 +179,14 @@ def label_encoder(kind: str, names: list[str] | None, split: str) -> Any:
             out[[class_id(n) for n in _names_of(label)]] = 1.0
             return out
         return multi_hot
-    unlabelled = (lambda label: label is None or _unlabelled_marker(label)) if split == "test" else \
-        (lambda label: label is None)
-    return lambda label: NO_LABEL if unlabelled(label) else class_id(str(label))
+    def class_of(label: Any) -> int:
+        if label is None or (split == "test" and _unlabelled_marker(label)):
+            return NO_LABEL
+        why = (" (-1 marks an unlabelled row, as in GLUE's test files: only the test split may have them)"
+               if _unlabelled_marker(label) else "")
+        return class_id(str(label), why)
+
+    return class_of
 
 
 def encode(tok: Tokenizer, rows: list[Example], to_label: Any, max_len: int) -> list[dict]:

@@ -52,27 +52,26 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, lowercase: 
                                             lowercase=lowercase)
     splitter = pre_tokenizers.BertPreTokenizer()
     words = [[w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(t))] for t in texts]
-    later = sorted({c for ws in words for w in ws for c in w[1:]})
-    present = {c for ws in words for w in ws for c in w}
-    private = [code for low, high in _PRIVATE_PLANES for code in range(low, high + 1) if chr(code) not in present]
-    if len(later) > len(private):
+    initials, later = {w[0] for ws in words for w in ws}, sorted({c for ws in words for w in ws for c in w[1:]})
+    present = initials.union(later)
+    free = (chr(code) for low, high in _PRIVATE_PLANES for code in range(low, high + 1) if chr(code) not in present)
+    to_private = dict(zip(later, free))
+    if len(to_private) < len(later):
         raise ConfigError(f"the tokenizer's training text has {len(later)} distinct characters inside words; "
-                          f"at most {len(private)} are supported")
-    to_private = {c: chr(code) for c, code in zip(later, private)}
+                          f"at most {len(to_private)} are supported")
     back = {v: k for k, v in to_private.items()}
     mapped = [" ".join(w[0] + "".join(to_private[c] for c in w[1:]) for w in ws) for ws in words]
     # HF's alphabet holds every character of the words on its own as well: those seen only inside words join
     # it as one-character words, which hold no pair and so change no merge
-    mapped.append(" ".join(sorted(set(later) - {w[0] for ws in words for w in ws})))
+    mapped.append(" ".join(sorted(set(later) - initials)))
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     bpe.train_from_iterator(mapped, trainer=trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False))
 
-    def spelled(token: str) -> str:
-        if token in special_tokens or not token or token[0] not in back:
-            return "".join(back.get(c, c) for c in token)
-        return "##" + "".join(back[c] for c in token)
+    def spelled(token: str) -> str:  # a piece of private characters continues a word; others begin one
+        plain = "".join(back.get(c, c) for c in token)
+        return "##" + plain if token[:1] in back else plain
 
     vocab = {spelled(token): ident for token, ident in bpe.get_vocab().items()}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]" if "[UNK]" in special_tokens else "<unk>"))

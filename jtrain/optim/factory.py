@@ -110,12 +110,16 @@ HF_ONLY_OPTIMIZERS: dict[str, str] = {
 """HF `optim` names jtrain does not build, and why (a test keeps the two tables covering HF's names)."""
 
 
-def check_optimizer_name(name: str) -> None:
+def check_optimizer_name(name: str, gradient_accumulation_steps: int = 1) -> None:
     """Raise a ConfigError for an `optim` jtrain cannot build: HF's with the reason, others with the
-    closest name; called when TrainingArguments is built, as HF checks its names then."""
+    closest name, a layer-wise one with gradient accumulation (HF refuses it); called when TrainingArguments
+    is built, as HF checks its names then."""
     from jtrain.coerce import closest_key_hint
     from jtrain.errors import ConfigError
 
+    if name in LAYERWISE and gradient_accumulation_steps != 1:
+        raise ConfigError(f"optim {name!r} does not support gradient accumulation (HF's layer-wise optimizers step "
+                          f"inside the backward): set gradient_accumulation_steps=1, or use {LAYERWISE[name]!r}")
     if name in _REGISTRY:
         return
     if name in HF_ONLY_OPTIMIZERS:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jtrain.optim.paths import map_with_names, named_leaves
+from jtrain.optim.paths import named_leaves
 from jtrain.optim.targets import PLAIN, MatrixView
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -136,7 +136,9 @@ def scale_by_galore(rank: int, update_proj_gap: int, scale: float, proj_type: st
         return jnp.zeros(batch + proj_shape, jnp.float32), jax.tree.map(lambda s: unstacked(s, batch), state)
 
     def init(params):
-        proj, state = (map_with_names(lambda n, p, i=i: leaf_init(n, p)[i], params) for i in (0, 1))
+        treedef = jax.tree.structure(params)
+        outs = [leaf_init(n, p) for n, p in named_leaves(params)]
+        proj, state = (treedef.unflatten([o[i] for o in outs]) for i in (0, 1))
         return GaloreState(jnp.zeros([], jnp.int32), proj, state)
 
     def leaf(g, view, p_old, inner_state, refresh):
