@@ -99,27 +99,31 @@ def test_the_label_list_covers_every_split_as_hfs(tmp_path, caplog):
             "eval": [{"text": "a c", "label": 10}, {"text": "c c", "label": 1}]}
     with caplog.at_level(logging.WARNING, logger="jtrain.data.classification"):
         data = _data(tmp_path, rows)
-    assert data.label_names == ["1", "2", "10"] and data.problem_type == "single_label_classification"
+    # HF's order: the labels as strings, sorted as strings
+    assert data.label_names == ["1", "10", "2"] and data.problem_type == "single_label_classification"
     assert "labels ['10'] in the eval split but not in the training split" in caplog.text
-    np.testing.assert_array_equal(data.splits["eval"].columns["labels"], [2, 0])
+    np.testing.assert_array_equal(data.splits["eval"].columns["labels"], [1, 0])
 
 
-def test_labels_are_ordered_as_hf_sorts_the_columns_values(tmp_path):
-    """HF sorts the label column's values as Python does: strings as strings ("10" before "2"), numbers as
-    numbers; jtrain ordered every label that reads as a number numerically, so a string column's ids differed."""
+def test_labels_are_ordered_as_hfs_script_orders_them(tmp_path):
+    """HF's run_classification makes every label a string (its get_label_list) and sorts those, so a column of
+    numbers is ordered as strings too ("10" before "2"): label ids, and the saved id2label, as HF's. jtrain
+    ordered numbers numerically (ids differed from HF's from 11 classes on), and before that every label that
+    read as a number."""
     texts = ["a b", "b c", "c a"]
     strings = _data(tmp_path, {"train": [{"text": t, "label": lab} for t, lab in zip(texts, ["2", "10", "3"])]})
     (tmp_path / "numbers").mkdir()
     numbers = _data(tmp_path / "numbers", {"train": [{"text": t, "label": lab} for t, lab in zip(texts, [2, 10, 3])]})
-    assert strings.label_names == sorted(["2", "10", "3"]) == ["10", "2", "3"]
-    assert numbers.label_names == [str(v) for v in sorted([2, 10, 3])] == ["2", "3", "10"]
+    hf_order = sorted(str(v) for v in [2, 10, 3])
+    assert strings.label_names == numbers.label_names == hf_order == ["10", "2", "3"]
 
 
 def test_minus_one_marks_unlabelled_test_rows_as_hfs(tmp_path, caplog):
-    """GLUE's test files (and HF datasets' test splits) label every row -1: HF's run_classification removes -1
-    from the label list, with its warning, and predicts those rows. jtrain made "-1" a class (a 3-way head for
-    two classes, every label id shifted). A -1 in the train or eval split is refused, saying why (HF's loss
-    fails on it there)."""
+    """GLUE's test files (and HF datasets' test splits) label every row -1: HF's run_classification means to
+    remove -1 from the label list, with its warning, and predict those rows (its int comparison misses the
+    string "-1" it made, so HF keeps it as a class: jtrain does what the script says). jtrain made "-1" a
+    class (a 3-way head for two classes, every label id shifted). A -1 in the train or eval split is refused,
+    saying why (HF's loss fails on it there)."""
     rows = {"train": [{"text": "a b", "label": 0}, {"text": "b c", "label": 1}, {"text": "c b", "label": 0}],
             "eval": [{"text": "a c", "label": 1}],
             "test": [{"text": "c c", "label": -1}, {"text": "a a", "label": -1}]}

@@ -3,7 +3,7 @@
 As in HF's `run_classification.py`: the problem type comes from the labels unless `do_regression`
 says (float labels: a regression, one output and mean-squared error; lists of labels: multi-label,
 one 0/1 target per label; anything else: single-label classes), class labels of any type are mapped
-to ids (sorted as HF sorts the column's values: numbers as numbers, strings as strings) over the labels of
+to ids (as HF's script: each label as a string, sorted as strings, so "10" comes before "2") over the labels of
 every split (an evaluation label the training split lacks is added with a warning), `num_labels` comes from
 the data, and the text is one
 column, several joined by `text_column_delimiter`, or two columns encoded as a pair with the
@@ -98,57 +98,43 @@ def problem_type(examples: dict[str, list[Example]], do_regression: bool | None)
     return MULTI_LABEL if any(isinstance(v, tuple) for v in values) else SINGLE_LABEL
 
 
-def _label_order(name: str) -> tuple:
-    try:
-        return (0, float(name), name)
-    except ValueError:
-        return (1, 0.0, name)
-
-
-def _sort_key(examples: dict[str, list[Example]]) -> Any:
-    """The label list's order, HF's: Python's sort of the column's values, so a column of strings sorts as
-    strings ("10" before "2") and one of numbers as numbers (multi-label lists, read as strings: numbers)."""
-    raw = [e.label for rows in examples.values() for e in rows
-           if e.label is not None and not isinstance(e.label, tuple) and not _unlabelled_marker(e.label)]
-    if raw and all(isinstance(v, str) for v in raw):
-        return lambda name: (0, 0.0, name)
-    return _label_order
-
-
 def _names_of(label: Any) -> tuple[str, ...]:
     return label if isinstance(label, tuple) else (str(label),)
 
 
 def _unlabelled_marker(label: Any) -> bool:
-    """-1, the label of GLUE's (and HF datasets') unlabelled test rows: HF's run_classification removes it from
-    the label list; only a test split may carry it (HF's loss fails on it in training or evaluation)."""
+    """-1, the label of GLUE's (and HF datasets') unlabelled test rows. HF's run_classification means to remove
+    it from the label list (its comment and warning), but compares the int -1 with labels it has already made
+    strings, so "-1" becomes a class there; jtrain removes it. Only a test split may carry it (HF's loss fails
+    on it in training or evaluation)."""
     return isinstance(label, (int, float)) and not isinstance(label, bool) and label == -1
 
 
 def label_names(examples: dict[str, list[Example]], known: Sequence[str] | None) -> list[str]:
-    """The label list: a pretrained classifier's own, else every split's labels, sorted (HF builds it from the
-    training labels and adds, with a warning, those only an evaluation split has)."""
+    """The label list: a pretrained classifier's own, else every split's labels as strings, sorted as strings
+    ("10" before "2", also for a column of numbers), as HF's run_classification builds it: from the training
+    labels, adding with a warning those only an evaluation split has, then `str` of each and a sort."""
     if known:
         return list(known)
     if any(_unlabelled_marker(e.label) for rows in examples.values() for e in rows):
-        logger.warning("Label -1 found in label list, removing it (it marks unlabelled rows, as HF's "
-                       "run_classification reads it)")
+        logger.warning("Label -1 found in label list, removing it (it marks unlabelled rows; HF's "
+                       "run_classification says so, but keeps \"-1\" as a class)")
 
     def of(split: str) -> set[str]:
         return {n for e in examples.get(split, []) if e.label is not None and not _unlabelled_marker(e.label)
                 for n in _names_of(e.label)}
 
-    train, key = of("train"), _sort_key(examples)
+    train = of("train")
     names = set(train)
     for split in ("eval", "test"):
         extra = of(split) - names
         if extra and train:
             logger.warning("labels %s in the %s split but not in the training split: added to the label list",
-                           sorted(extra, key=key), split)
+                           sorted(extra), split)
         names |= extra
     if len(names) < 2:
         raise DataError(f"classification needs at least 2 distinct labels, found {sorted(names)}")
-    return sorted(names, key=key)
+    return sorted(names)
 
 
 def _float_label(value: Any, split: str) -> float:
