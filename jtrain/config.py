@@ -113,6 +113,10 @@ class DataSection:
     max_eval_samples: int | None = _f(None, "Evaluate on at most this many examples (rows for clm/mlm).")
     max_eval_rows: int | None = _f(None, "Older name of max_eval_samples.")
     max_predict_samples: int | None = _f(None, "classification: predict on at most this many test examples.")
+    shuffle_train_dataset: bool = _f(False, "classification: shuffle the training examples once, as HF datasets' "
+                                            "shuffle(seed=shuffle_seed), before max_train_samples takes the first "
+                                            "ones (training batches are shuffled every epoch regardless).")
+    shuffle_seed: int = _f(42, "classification: the seed of shuffle_train_dataset.")
 
     def __post_init__(self) -> None:
         _need(self.task in TASKS, f"`data.task` must be one of {list(TASKS)}, got {self.task!r}")

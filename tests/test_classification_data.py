@@ -20,6 +20,7 @@ from jtrain.data.local_tokenizers import train_tokenizer_for
 from jtrain.errors import ConfigError, DataError
 from jtrain.evaluation import EvalPrediction
 from jtrain.tasks.hf_args import main as script_main
+from jtrain.tasks.hf_args import translate
 
 FILLER = "the a of and with very".split()
 
@@ -116,6 +117,33 @@ def test_labels_are_ordered_as_hfs_script_orders_them(tmp_path):
     numbers = _data(tmp_path / "numbers", {"train": [{"text": t, "label": lab} for t, lab in zip(texts, [2, 10, 3])]})
     hf_order = sorted(str(v) for v in [2, 10, 3])
     assert strings.label_names == numbers.label_names == hf_order == ["10", "2", "3"]
+
+
+def test_the_label_list_and_the_problem_type_come_from_every_row_before_max_samples(tmp_path):
+    """HF builds the label list from whole splits, then `select`s max_train/eval_samples rows: a training file
+    ordered by class keeps every class. jtrain took the first rows first: a 2-way head here (the first rows'
+    class and the evaluation one), ids that differ from HF's, and with no evaluation split a refused run."""
+    rows = {"train": [{"text": f"w{i} x", "label": lab} for i, lab in enumerate("aaabbc")],
+            "eval": [{"text": "x y", "label": "d"}, {"text": "y z", "label": "a"}]}
+    data = _data(tmp_path, rows, max_train_samples=2, max_eval_samples=1)
+    assert data.label_names == ["a", "b", "c", "d"] and data.model_config["num_labels"] == 4
+    assert len(data.train) == 2 and len(data.splits["eval"].columns["labels"]) == 1
+
+
+def test_shuffle_train_dataset_picks_the_rows_hfs_script_picks(tmp_path):
+    """HF's run_classification shuffles the training split once (`Dataset.shuffle(seed=shuffle_seed)`) before
+    `select(range(max_train_samples))`: a random subset, not the file's first rows. jtrain ignored both
+    arguments. Reference: HF datasets' own shuffle of the same rows."""
+    from datasets import Dataset
+
+    rows = [{"text": f"w{i} x", "label": f"c{i:02d}"} for i in range(20)]
+    picked = Dataset.from_list(rows).shuffle(seed=7).select(range(5))["label"]
+    data = _data(tmp_path, {"train": rows}, max_train_samples=5, shuffle_train_dataset=True, shuffle_seed=7)
+    assert [data.label_names[r["labels"]] for r in data.train] == picked
+    assert picked != [r["label"] for r in rows[:5]]  # the shuffle moved them
+    argv, ignored = translate("classification", ["--train_file", "t.jsonl", "--shuffle_train_dataset",
+                                                 "--shuffle_seed", "7", "--max_train_samples", "5"])
+    assert not ignored and {"--data.shuffle_train_dataset=true", "--data.shuffle_seed=7"} <= set(argv)
 
 
 def test_minus_one_marks_unlabelled_test_rows_as_hfs(tmp_path, caplog):

@@ -208,15 +208,26 @@ def baseline(kind: str, train: list[Example], split: list[Example]) -> Baseline 
     return Baseline("majority_class", "accuracy", float(np.mean([str(lab) == majority for lab in labelled])))
 
 
+def shuffled(rows: list[Example], d: DataSection) -> list[Example]:
+    """The training rows in HF datasets' `shuffle(seed=shuffle_seed)` order (numpy's `default_rng(seed)`
+    permutation) when `shuffle_train_dataset` is on, so `max_train_samples` picks the rows HF's script picks."""
+    if not d.shuffle_train_dataset:
+        return rows
+    return [rows[i] for i in np.random.default_rng(d.shuffle_seed).permutation(len(rows))]
+
+
 def build_classification_data(examples: dict[str, list[Example]], get_tokenizer: TokenizerFactory, d: DataSection,
                               *, length_buckets: Sequence[int] | None = None,
                               known_labels: Sequence[str] | None = None) -> TaskData:
-    """Tokenized, label-mapped rows; `examples` maps "train"/"eval"/"test" to examples."""
-    examples = {"train": first(examples.get("train", []), d.max_train_samples),
-                **{k: first(v, d.max_predict_samples if k == "test" else d.eval_limit)
-                   for k, v in examples.items() if k != "train"}}
+    """Tokenized, label-mapped rows; `examples` maps "train"/"eval"/"test" to examples.
+
+    As in HF's script, the problem type and the label list come from every row of every split, before
+    `max_*_samples` take the first rows (of the training rows shuffled once, with `shuffle_train_dataset`)."""
     kind = problem_type(examples, d.do_regression)
     names = None if kind == REGRESSION else label_names(examples, known_labels)
+    examples = {"train": first(shuffled(examples.get("train", []), d), d.max_train_samples),
+                **{k: first(v, d.max_predict_samples if k == "test" else d.eval_limit)
+                   for k, v in examples.items() if k != "train"}}
     tok = get_tokenizer([t for e in examples["train"] for t in e.texts])
     pad = role_id(tok, "pad") or role_id(tok, "eos") or 0
     collator = DataCollatorWithPadding(pad_token_id=pad, length_buckets=resolve_buckets(length_buckets,

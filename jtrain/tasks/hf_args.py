@@ -30,7 +30,8 @@ RENAMES = {
     "max_eval_samples": "data.max_eval_samples", "mlm_probability": "data.mlm_probability",
     "validation_split_percentage": "data.validation_percent", "text_column_delimiter": "data.text_column_delimiter",
     "do_regression": "data.do_regression", "metric_name": "data.metric_name",
-    "max_predict_samples": "data.max_predict_samples",
+    "max_predict_samples": "data.max_predict_samples", "shuffle_train_dataset": "data.shuffle_train_dataset",
+    "shuffle_seed": "data.shuffle_seed",
 }
 """HF argument -> jtrain key, where the names differ (every other key passes through unchanged)."""
 
@@ -45,7 +46,7 @@ IGNORED = {
     **dict.fromkeys(("cache_dir", "model_revision", "token", "use_auth_token", "trust_remote_code"),
                     "jtrain never downloads and runs only its own model code"),
     **dict.fromkeys(("overwrite_cache", "preprocessing_num_workers", "keep_linebreaks", "use_fast_tokenizer",
-                     "shuffle_train_dataset", "shuffle_seed", "remove_splits", "remove_columns",
+                     "remove_splits", "remove_columns",
                      "pad_to_max_length", "low_cpu_mem_usage", "torch_dtype", "ignore_mismatched_sizes"),
                     "handled by jtrain's own data path (Rust tokenizer, length buckets, per-epoch shuffling)"),
     **{key: field.reason for key, field in HF_ONLY_FIELDS.items() if not field.refused},  # TrainingArguments' own
