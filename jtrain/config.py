@@ -45,6 +45,9 @@ class ModelSection:
                                   "gemma2, mixtral, gpt2, bert, roberta.")
     config: dict = _f({}, "HF config.json fields for a from-scratch model, or overrides of config_name's (vocab_size, "
                           "special ids and labels are set from the tokenizer and data).")
+    ignore_mismatched_sizes: bool = _f(False, "Initialise afresh the checkpoint's weights whose shape differs "
+                                              "from the model's (HF's flag; e.g. a classifier's head for another "
+                                              "number of labels), instead of refusing the checkpoint.")
     scan_layers: bool = _f(False, "Scan over layers (flat compile time as depth grows).")
     attention_impl: str = _f("auto", "Attention kernel: auto (cuDNN's fused kernel on NVIDIA GPUs in bf16/fp16, "
                                      "XLA's elsewhere) | xla | cudnn | reference.")

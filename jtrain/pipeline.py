@@ -138,7 +138,8 @@ def build_model(cfg: RunConfig, data: TaskData, model_type: str, config: dict) -
         options.update(data.model_config)
     vocab = data.tokenizer.get_vocab_size()
     if cfg.model.model_name_or_path:
-        model, params = from_pretrained(cfg.model.model_name_or_path, task, seed=cfg.training.seed, **options)
+        model, params = from_pretrained(cfg.model.model_name_or_path, task, seed=cfg.training.seed,
+                                        ignore_mismatched_sizes=cfg.model.ignore_mismatched_sizes, **options)
         if vocab > model.config.vocab_size:
             raise ConfigError(f"the tokenizer has {vocab} tokens but the model's vocabulary has "
                               f"{model.config.vocab_size}: use the tokenizer the model was trained with")

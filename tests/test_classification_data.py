@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import pytest
 from scipy import stats
-from test_tasks import TINY_BERT, TRAINING, WORDS, results, write_jsonl
+from test_tasks import TINY_BERT, TRAINING, WORDS, labelled_rows, results, write_jsonl
 
 from jtrain.config import DataSection
 from jtrain.data.classification import build_classification_data, file_examples
@@ -169,18 +169,35 @@ def test_minus_one_marks_unlabelled_test_rows_as_hfs(tmp_path, caplog):
         _data(tmp_path / "eval", rows)
 
 
-def test_a_label_a_pretrained_classifier_does_not_know_is_an_error(tmp_path):
-    """With a pretrained classifier's own labels (HF: its config's label2id) an unknown label cannot get an id:
-    refused, naming the split, the label and the known ones (an evaluation-only label is added otherwise)."""
-    from jtrain.data.classification import file_examples as examples_of
+def _with_known(tmp_path, rows: dict, known: list[str]):
+    files = {s: write_jsonl(tmp_path / f"{s}.jsonl", r) for s, r in rows.items()}
+    d = DataSection(task="classification", source="files", train_file=files.get("train"),
+                    validation_file=files.get("eval"))
+    return build_classification_data(file_examples(d, list(rows)), lambda _: train_tokenizer_for(
+        "bert", ["a b", "b c"], vocab_size=80), d, known_labels=known)
 
-    files = {s: write_jsonl(tmp_path / f"{s}.jsonl", [{"text": "a b", "label": lab}])
-             for s, lab in (("train", "pos"), ("eval", "zz"))}
-    d = DataSection(task="classification", source="files", train_file=files["train"], validation_file=files["eval"])
+
+def test_a_label_a_pretrained_classifier_does_not_know_is_an_error(tmp_path):
+    """Evaluating a pretrained classifier (nothing trained), HF maps labels through its config's label2id: an
+    unknown label cannot get an id: refused, naming the split, the label and the known ones."""
     with pytest.raises(DataError, match=r"the eval split has a label the model does not know: 'zz'; known: \['neg', "
                                         r"'pos'\]"):
-        build_classification_data(examples_of(d, ["train", "eval"]), lambda texts: train_tokenizer_for(
-            "bert", texts, vocab_size=80), d, known_labels=["neg", "pos"])
+        _with_known(tmp_path, {"eval": [{"text": "a b", "label": "zz"}]}, ["neg", "pos"])
+
+
+def test_training_a_pretrained_classifier_takes_the_datas_labels_as_hf(tmp_path, caplog):
+    """HF's run_classification, training, builds the label list from the data and overwrites the checkpoint's
+    label2id with a warning (fine-tuning a classifier on other labels). jtrain kept the checkpoint's labels and
+    refused every row whose label it did not know. Labels the classifier all has keep its order, so its head's
+    rows keep their meaning (HF re-sorts them; the same here unless the checkpoint's order is unsorted)."""
+    rows = {"train": [{"text": "a b", "label": 0}, {"text": "b c", "label": 1}], "eval": [{"text": "a c", "label": 1}]}
+    with caplog.at_level(logging.WARNING, logger="jtrain.data.classification"):
+        data = _with_known(tmp_path, rows, ["NEGATIVE", "POSITIVE"])
+    assert data.label_names == ["0", "1"] and "The label2id key in the model config.json is not equal" in caplog.text
+    np.testing.assert_array_equal(data.splits["eval"].columns["labels"], [1])
+    (tmp_path / "known").mkdir()
+    rows = {"train": [{"text": "a b", "label": "neg"}, {"text": "b c", "label": "pos"}]}
+    assert _with_known(tmp_path / "known", rows, ["pos", "neg", "mixed"]).label_names == ["pos", "neg", "mixed"]
 
 
 def test_do_regression_overrides_the_label_type(tmp_path):
@@ -230,3 +247,27 @@ def test_metrics_are_evaluates_definitions():
                          (("regression", "bleu", 1), "computes accuracy")):
         with pytest.raises(ConfigError, match=message):
             metrics_function(*bad)
+
+
+def test_fine_tuning_a_classifier_on_other_labels_runs_as_hfs_script(tmp_path, capsys):
+    """HF's run_classification fine-tunes a saved 3-class classifier on 2 new labels with
+    `--ignore_mismatched_sizes` (the head afresh, the data's labels in config.json) and refuses without it.
+    jtrain refused both: the checkpoint's labels were kept, so every new label was unknown."""
+    three = [{"sentence": r["sentence"], "label": r["category"]} for r in labelled_rows(48, 0)]
+    two = [{"sentence": r["sentence"], "label": int(r["category"] == "fruit")} for r in labelled_rows(48, 1)]
+    run = ["--max_steps", "2", "--per_device_train_batch_size", "16", "--disable_tqdm", "--mesh_shape", "{data: 1}",
+           "--max_seq_length", "16", "--do_train"]
+    first = tmp_path / "first"
+    code = script_main("classification", "classification", [
+        "--model_type", "bert", "--config_overrides", ",".join(f"{k}={v}" for k, v in TINY_BERT.items()),
+        "--tokenizer.vocab_size", "128", "--train_file", write_jsonl(tmp_path / "three.jsonl", three),
+        "--output_dir", str(first), *run])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    again = ["--model_name_or_path", str(first), "--train_file", write_jsonl(tmp_path / "two.jsonl", two), *run]
+    code = script_main("classification", "classification", [*again, "--output_dir", str(tmp_path / "refused")])
+    assert code != 0 and "ignore_mismatched_sizes=True" in capsys.readouterr().err
+    code = script_main("classification", "classification", [*again, "--output_dir", str(tmp_path / "tuned"),
+                                                            "--ignore_mismatched_sizes"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert config["id2label"] == {"0": "0", "1": "1"}

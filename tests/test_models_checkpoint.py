@@ -204,8 +204,26 @@ def test_missing_weight_names_key_and_shape(tmp_path):
 
 def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
     hf_model("bert", "sequence_classification", num_labels=3).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"classifier\.weight: checkpoint \(3, 32\) vs model \(5, 32\)"):
+    with pytest.raises(CheckpointError, match=r"(?s)classifier\.weight: checkpoint \(3, 32\) vs model \(5, 32\)"
+                                              r".*ignore_mismatched_sizes=True"):
         from_pretrained(tmp_path, num_labels=5)
+
+
+def test_ignore_mismatched_sizes_initialises_the_misshaped_head_as_hf(tmp_path):
+    """HF's `from_pretrained(..., ignore_mismatched_sizes=True)`: a classifier's head for another num_labels is
+    initialised afresh (with a warning naming both shapes) and the body loads. jtrain had no such flag, so
+    fine-tuning a classifier on another label count could not start (the scripts ignored the argument)."""
+    hf = hf_model("bert", "sequence_classification", num_labels=3)
+    hf.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"classifier\.weight: checkpoint \(3, 32\) vs model \(5, 32\)") as rec:
+        model, params = from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
+    assert "classifier/kernel" in str(rec[0].message) and "pooler" not in str(rec[0].message)
+    kernel = np.asarray(params["classifier"]["kernel"])
+    assert kernel.shape == (32, 5) and 0.005 < kernel.std() < 0.05  # normal(initializer_range=0.02)
+    np.testing.assert_array_equal(params["classifier"]["bias"], 0.0)
+    np.testing.assert_array_equal(params["bert"]["pooler"]["dense"]["kernel"],
+                                  hf.bert.pooler.dense.weight.detach().numpy().T)
+    assert jax.tree.structure(params) == jax.tree.structure(model.abstract_params())
 
 
 def test_unexpected_keys_are_listed_in_a_warning(tmp_path):

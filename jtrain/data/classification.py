@@ -111,11 +111,26 @@ def _unlabelled_marker(label: Any) -> bool:
 
 
 def label_names(examples: dict[str, list[Example]], known: Sequence[str] | None) -> list[str]:
-    """The label list: a pretrained classifier's own, else every split's labels as strings, sorted as strings
-    ("10" before "2", also for a column of numbers), as HF's run_classification builds it: from the training
-    labels, adding with a warning those only an evaluation split has, then `str` of each and a sort."""
-    if known:
+    """The label list, as HF's run_classification builds it: a pretrained classifier's own (`known`) when
+    nothing is trained, else every split's labels as strings, sorted as strings ("10" before "2", also for a
+    column of numbers): the training labels, with a warning those only an evaluation split adds.
+
+    One difference: when training a classifier on labels it already has, its own list is kept, so each row
+    of its head keeps its meaning (HF re-sorts them: the same unless the checkpoint's order is unsorted)."""
+    if known and not examples.get("train"):
         return list(known)
+    names = _labels_in(examples)
+    if known and set(names) <= set(known):
+        return list(known)
+    if known:
+        logger.warning("The label2id key in the model config.json is not equal to the label2id key of this run "
+                       "(HF's warning: fine when fine-tuning): the model's labels %s become %s", list(known),
+                       names)
+    return names
+
+
+def _labels_in(examples: dict[str, list[Example]]) -> list[str]:
+    """Every split's labels, -1 markers removed, sorted as strings."""
     if any(_unlabelled_marker(e.label) for rows in examples.values() for e in rows):
         logger.warning("Label -1 found in label list, removing it (it marks unlabelled rows; HF's "
                        "run_classification says so, but keeps \"-1\" as a class)")

@@ -91,27 +91,38 @@ def _is_head(path: tuple[str, ...], base: str) -> bool:
     return path[0] != base or path[:2] == (base, "pooler")
 
 
-def _plan(model: Model, infos: Mapping[str, Any], ckpt_task: str | None):
-    """Match model leaves to checkpoint tensors; raise on anything that cannot load."""
+def _plan(model: Model, infos: Mapping[str, Any], ckpt_task: str | None, ignore_mismatched_sizes: bool = False):
+    """Match model leaves to checkpoint tensors; raise on anything that cannot load.
+
+    Returns (maps, stored names, leaves to initialise fresh, unexpected tensors, mis-shaped tensors kept
+    fresh because of `ignore_mismatched_sizes`)."""
     base = architecture(model.config.model_type).base_prefix(model.config)
     maps = model_leaf_maps(model)
     stored = convert.canonical_keys(list(infos), base)
-    missing, mismatched, fresh = [], [], []
+    missing, mismatched, fresh, resized = [], [], [], []
     for m in maps:
         absent = [n for n in m.hf_names if n not in stored]
         if absent:
-            (fresh if _is_head(m.path, base) and ckpt_task != model.task else missing).append((m, absent))
+            if _is_head(m.path, base) and ckpt_task != model.task:
+                fresh.append(m)
+            else:
+                missing.append((m, absent))
             continue
-        for n in m.hf_names:
-            shape = tuple(infos[stored[n]].shape)
-            if shape != m.hf_shape:
-                mismatched.append(f"{n}: checkpoint {shape} vs model {m.hf_shape}")
+        wrong = [f"{n}: checkpoint {tuple(infos[stored[n]].shape)} vs model {m.hf_shape}" for n in m.hf_names
+                 if tuple(infos[stored[n]].shape) != m.hf_shape]
+        if wrong and ignore_mismatched_sizes:
+            fresh.append(m)
+            resized += wrong
+        else:
+            mismatched += wrong
     if missing or mismatched:
         lines = [f"missing {a[0]} (expected shape {m.hf_shape})" for m, a in missing] + mismatched
-        raise CheckpointError("checkpoint does not fit the model:\n  " + "\n  ".join(lines))
+        hint = ("\n(a head of another size, e.g. num_labels: ignore_mismatched_sizes=True initialises the "
+                "mis-shaped weights afresh, as in HF)" if mismatched and not missing else "")
+        raise CheckpointError("checkpoint does not fit the model:\n  " + "\n  ".join(lines) + hint)
     used = {n for m in maps for n in m.hf_names}
     unexpected = sorted(n for n in stored if n not in used and not convert.is_ignored(n))
-    return maps, stored, [m for m, _ in fresh], unexpected
+    return maps, stored, fresh, unexpected, resized
 
 
 def _target_dtype(dtype: str | None, stored: np.dtype) -> np.dtype:
@@ -160,14 +171,17 @@ def _fresh_init(model: Model, maps: list, shardings: Mapping | None, dtype: str 
 
 
 def from_pretrained(path: str | os.PathLike, task: str | None = None, *, dtype: str | None = "float32",
-                    mesh_shardings: Any = None, seed: int = 0, **options: Any) -> tuple[Model, Any]:
+                    mesh_shardings: Any = None, seed: int = 0, ignore_mismatched_sizes: bool = False,
+                    **options: Any) -> tuple[Model, Any]:
     """Load a local HF checkpoint directory into `(Model, params)`.
 
     `task` defaults to the one named by config.json's `architectures`. `dtype` is the dtype of
     the loaded params ("auto" keeps the checkpoint's). `mesh_shardings` (a tree of shardings
     shaped like params) places each tensor straight onto its shards. Heads the checkpoint lacks
     because it was saved for another task (e.g. a classifier on a masked-LM checkpoint) are
-    freshly initialised with a warning; any other missing or mis-shaped weight raises.
+    freshly initialised with a warning; any other missing weight raises, and so does a mis-shaped
+    one unless `ignore_mismatched_sizes` (HF's flag: e.g. a classifier's head for another
+    `num_labels`), which initialises it afresh with a warning.
     `options` are jtrain model options (attention_impl, remat_policy, scan_layers, num_labels).
 
     Example::
@@ -182,7 +196,7 @@ def from_pretrained(path: str | os.PathLike, task: str | None = None, *, dtype: 
     body = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}
     model = create_model(config["model_type"], body, task, **options)
     infos = weight_index(directory)
-    maps, stored, fresh, unexpected = _plan(model, infos, ckpt_task)
+    maps, stored, fresh, unexpected, resized = _plan(model, infos, ckpt_task, ignore_mismatched_sizes)
     if unexpected:
         warnings.warn(f"{directory}: checkpoint tensors not used by {model.task} model: {', '.join(unexpected)}",
                       stacklevel=2)
@@ -196,8 +210,10 @@ def from_pretrained(path: str | os.PathLike, task: str | None = None, *, dtype: 
         host = host.astype(_target_dtype(dtype, host.dtype), copy=False)
         flat[m.path] = _place(host, shardings[m.path] if shardings else None)
     if fresh:
-        warnings.warn(f"{directory}: newly initialised (not in the {ckpt_task or 'base'} checkpoint): "
-                      f"{', '.join(m.jtrain_name for m in fresh)}", stacklevel=2)
+        why = (f"not in the {ckpt_task or 'base'} checkpoint" if not resized else
+               "not in the checkpoint, or shaped otherwise there (ignore_mismatched_sizes): " + "; ".join(resized))
+        warnings.warn(f"{directory}: newly initialised ({why}): {', '.join(m.jtrain_name for m in fresh)}",
+                      stacklevel=2)
         flat.update(_fresh_init(model, fresh, shardings, dtype, seed))
     return model, convert.unflatten(flat)
 

@@ -31,7 +31,7 @@ RENAMES = {
     "validation_split_percentage": "data.validation_percent", "text_column_delimiter": "data.text_column_delimiter",
     "do_regression": "data.do_regression", "metric_name": "data.metric_name",
     "max_predict_samples": "data.max_predict_samples", "shuffle_train_dataset": "data.shuffle_train_dataset",
-    "shuffle_seed": "data.shuffle_seed",
+    "shuffle_seed": "data.shuffle_seed", "ignore_mismatched_sizes": "model.ignore_mismatched_sizes",
 }
 """HF argument -> jtrain key, where the names differ (every other key passes through unchanged)."""
 
@@ -47,7 +47,7 @@ IGNORED = {
                     "jtrain never downloads and runs only its own model code"),
     **dict.fromkeys(("overwrite_cache", "preprocessing_num_workers", "keep_linebreaks", "use_fast_tokenizer",
                      "remove_splits", "remove_columns",
-                     "pad_to_max_length", "low_cpu_mem_usage", "torch_dtype", "ignore_mismatched_sizes"),
+                     "pad_to_max_length", "low_cpu_mem_usage", "torch_dtype"),
                     "handled by jtrain's own data path (Rust tokenizer, length buckets, per-epoch shuffling)"),
     **{key: field.reason for key, field in HF_ONLY_FIELDS.items() if not field.refused},  # TrainingArguments' own
 }
