@@ -7,6 +7,7 @@ scripts themselves are run end to end in tests/test_tasks.py (classification) an
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -45,6 +46,27 @@ def test_run_clm_arguments_resolve_like_jtrain_run(tmp_path):
                        "--save_total_limit", "1", "--bf16", "--gradient_checkpointing", "true"])
     assert ours == direct and ours.training.activation_checkpointing  # transformers 5's name is honoured
     assert [n.split()[0] for n in notes] == ["--cache_dir", "--preprocessing_num_workers", "--ddp_timeout"]
+
+
+def test_row_lengths_default_and_clamp_as_hfs_scripts(tmp_path, caplog):
+    """HF's run_clm/run_mlm: without --block_size/--max_seq_length the row length is the tokenizer's
+    model_max_length capped at 1024 (1024 when its tokenizer_config.json names none); a longer one is lowered to
+    model_max_length with HF's warning. jtrain used its own 128 and passed longer values on."""
+    (tmp_path / "tokenizer.json").write_text("{}")
+
+    def length(task: str, *extra: str) -> int:
+        cfg = resolved(translate(task, ["--model_name_or_path", str(tmp_path), "--train_file", "t.txt", "--do_train",
+                                        *extra])[0])
+        return cfg.data.block_size if task == "clm" else cfg.data.max_seq_length
+
+    assert length("clm") == length("mlm") == 1024  # no tokenizer_config.json: HF's VERY_LARGE_INTEGER, capped
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}))
+    assert length("clm") == length("mlm") == 512 and length("classification") == 128  # run_classification: 128
+    with caplog.at_level(logging.WARNING, logger="jtrain.tasks.hf_args"):
+        assert length("clm", "--block_size", "2048") == 512 and length("clm", "--block_size", "64") == 64
+    assert "The block_size passed (2048) is larger than the maximum length for the model (512)" in caplog.text
+    no_tokenizer = resolved(translate("clm", ["--train_file", "t.txt", "--do_train"])[0])
+    assert no_tokenizer.data.block_size == 128  # a tokenizer trained here (HF's scripts need one): jtrain's default
 
 
 def test_run_classification_arguments(tmp_path):

@@ -12,6 +12,7 @@ Options with no meaning in jtrain (PyTorch, DDP, Hub, caches) are accepted and l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Any, Sequence
@@ -19,6 +20,8 @@ from typing import Any, Sequence
 from jtrain.errors import ConfigError
 from jtrain.hf_only_args import HF_ONLY_FIELDS
 from jtrain.jsonfile import read_json_object
+
+logger = logging.getLogger(__name__)
 
 RENAMES = {
     "model_name_or_path": "model.model_name_or_path", "config_name": "model.config_name",
@@ -100,8 +103,49 @@ def translate(task: str, argv: Sequence[str]) -> tuple[list[str], list[str]]:
         out.append("--model.config=" + json.dumps(parse_config_overrides(keys.pop("config_overrides"))))
     if not cmd.config:
         out += _script_defaults(task, keys)
+        lengths, warned = length_defaults(task, keys)
+        out += lengths
+        for text in warned:
+            logger.warning(text)
     out += [f"--{RENAMES.get(k, k)}={v}" for k, v in keys.items()]
     return out, notes
+
+
+HF_LENGTH_CAP = 1024
+"""run_clm/run_mlm: without --block_size/--max_seq_length, the tokenizer's model_max_length, at most this."""
+LENGTH_KEY = {"clm": "block_size", "mlm": "max_seq_length", "classification": "max_seq_length"}
+
+
+def tokenizer_max_length(keys: dict) -> float | None:
+    """The model_max_length of the tokenizer HF's script would load (tokenizer_name, else the model's
+    directory): its tokenizer_config.json's value, or unbounded (HF's VERY_LARGE_INTEGER) without one; None
+    when the run names no tokenizer (jtrain trains one, which HF's scripts cannot)."""
+    source = keys.get("tokenizer_name") or keys.get("model_name_or_path")
+    if not source:
+        return None
+    folder = source if os.path.isdir(source) else os.path.dirname(source)
+    config = os.path.join(folder, "tokenizer_config.json")
+    value = read_json_object(config, what="a tokenizer config").get("model_max_length") \
+        if os.path.isfile(config) else None
+    return float("inf") if value is None else float(value)
+
+
+def length_defaults(task: str, keys: dict) -> tuple[list[str], list[str]]:
+    """HF's row length rule: run_clm's block_size and run_mlm's max_seq_length default to the tokenizer's
+    model_max_length capped at 1024 (run_classification's max_seq_length to 128, jtrain's default too), and
+    a longer value than model_max_length is lowered to it with a warning. (arguments, warnings)"""
+    key, limit = LENGTH_KEY[task], tokenizer_max_length(keys)
+    if limit is None:
+        return [], []
+    if key not in keys:
+        return ([f"--data.{key}={int(min(limit, HF_LENGTH_CAP))}"], []) if task != "classification" else ([], [])
+    asked = str(keys[key]).strip()
+    if not asked.isdigit() or int(asked) <= limit:
+        return [], []  # jtrain's config check names a value that is not a length
+    asked = int(asked)
+    del keys[key]
+    return [f"--data.{key}={int(limit)}"], [f"The {key} passed ({asked}) is larger than the maximum length for "
+                                            f"the model ({int(limit)}). Using {key}={int(limit)}."]
 
 
 def _script_defaults(task: str, keys: dict) -> list[str]:
@@ -126,6 +170,9 @@ HF arguments and their jtrain names (every other option is a jtrain option, see 
   --config_overrides "k=v,k2=v2"  -> model.config (fields of a from-scratch model)
 Without --config, do_train/do_eval/do_predict are off unless given (as in HF), train/validation/test
 files switch data.source to files, and a from-scratch model is a {scratch} unless --model_type says.
+With a tokenizer to read (--tokenizer_name or the model's directory), block_size (run_clm) and
+max_seq_length (run_mlm) default to its model_max_length capped at 1024, and a longer value is lowered to
+it, as in HF's scripts.
 Accepted but without effect: {ignored}.
 """
 
