@@ -19,7 +19,8 @@ import numpy as np
 
 from jtrain.config import RunConfig
 from jtrain.data import classification, mlm, sft, text_lm
-from jtrain.data.local_tokenizers import ENCODER_TYPES, model_token_ids, resolve_tokenizer, train_tokenizer_for
+from jtrain.data.local_tokenizers import (ENCODER_TYPES, model_token_ids, position_limit, resolve_tokenizer,
+                                         save_tokenizer, train_tokenizer_for)
 from jtrain.data.task_data import TaskData, TokenizerFactory
 from jtrain.errors import ConfigError
 from jtrain.models import SUPPORTED_MODEL_TYPES, architecture, create_model, from_pretrained, param_count, read_config
@@ -183,9 +184,7 @@ def _check_length(cfg: RunConfig, model: Any) -> None:
     """Encoders (and GPT-2) have learned positions: a longer row would index past the table."""
     if model.config.model_type not in ENCODER_TYPES + ("gpt2",):
         return
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if model.config.model_type == "roberta" and limit is not None:
-        limit -= (model.config.pad_token_id or 0) + 1  # RoBERTa's positions start after the pad id
+    limit = position_limit(model.config)
     length = cfg.data.block_size if cfg.data.task == "clm" else cfg.data.max_seq_length
     if limit is not None and length > limit:
         raise ConfigError(f"rows of {length} tokens exceed the model's {limit} positions: lower "
@@ -378,7 +377,7 @@ def _train(trainer: Trainer, data: TaskData, resume: Any, merged_export: bool = 
         clear_previous_run(args)
     os.makedirs(args.output_dir, exist_ok=True)
     if jax.process_index() == 0:  # now, so that a resumed run tokenizes exactly as this one
-        data.tokenizer.save(os.path.join(args.output_dir, TOKENIZER_FILE))
+        save_tokenizer(data.tokenizer, args.output_dir, innermost(trainer.model).config)
     out = trainer.train(resume_from_checkpoint=resume)
     metrics = {**out.metrics, "train_samples": len(data.train)}
     trainer.save_model(args.output_dir)  # a LoRA run: the adapters only, in PEFT's layout
@@ -386,7 +385,7 @@ def _train(trainer: Trainer, data: TaskData, resume: Any, merged_export: bool = 
         merged_dir = os.path.join(args.output_dir, "merged")
         trainer.save_model(merged_dir, merged=True)
         if jax.process_index() == 0:
-            data.tokenizer.save(os.path.join(merged_dir, TOKENIZER_FILE))
+            save_tokenizer(data.tokenizer, merged_dir, innermost(trainer.model).config)
         _say(f"wrote the base with the adapters merged in (a full HF model) to {os.path.abspath(merged_dir)}")
     trainer.save_state()
     trainer.save_metrics("train", metrics, combined=False)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -435,8 +434,11 @@ class Trainer:
         if self.is_world_process_zero() and tokenizer is not None:
             if hasattr(tokenizer, "save_pretrained"):  # a transformers tokenizer or processor: its own files, as HF's
                 tokenizer.save_pretrained(output_dir)
-            elif hasattr(tokenizer, "save"):  # a `tokenizers.Tokenizer`
-                tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
+            elif hasattr(tokenizer, "save"):  # a `tokenizers.Tokenizer`, with the config AutoTokenizer reads
+                from jtrain.data.local_tokenizers import save_tokenizer
+                from jtrain.models.wrapper import innermost
+
+                save_tokenizer(tokenizer, output_dir, innermost(self.model).config)
         return output_dir
 
     def end(self) -> None:

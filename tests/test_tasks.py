@@ -138,6 +138,7 @@ def test_clm_from_files_then_reload_evaluates_identically(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err[-2000:]
     trained = results(first)
     assert trained["eval_loss"] < trained["eval_unigram_baseline_loss"] - 0.5, trained
+    assert json.loads((first / "tokenizer_config.json").read_text())["eos_token"] == "</s>"  # for AutoTokenizer
     again = tmp_path / "again"
     code = main([*files, "--do_train", "false", "--model_name_or_path", str(first), "--output_dir", str(again),
                  "--disable_tqdm", "--mesh_shape", "{data: 1}", "--per_device_eval_batch_size", "32"])
@@ -239,3 +240,30 @@ def test_resumed_run_reuses_the_saved_tokenizer(tmp_path):
     other_text = ["completely different words here"] * 5
     assert tokenizer_factory(cfg, "bert", resuming=True)(other_text).get_vocab() == saved.get_vocab()
     assert tokenizer_factory(cfg, "bert", resuming=False)(other_text).get_vocab() != saved.get_vocab()
+
+
+@pytest.mark.parametrize("model_type, config", [("llama", {"max_position_embeddings": 256}),
+                                                ("roberta", {"max_position_embeddings": 130, "pad_token_id": 1}),
+                                                ("bert", {"max_position_embeddings": 64})])
+def test_a_saved_local_tokenizer_loads_in_transformers_with_its_special_tokens(tmp_path, model_type, config):
+    """HF's Trainer saves a tokenizer that `AutoTokenizer.from_pretrained(output_dir)` returns with its pad,
+    eos, bos, ... tokens and the model's length. jtrain wrote tokenizer.json alone: no pad or eos token and an
+    unbounded model_max_length there (a Llama's generation never stops; HF's padding collators refuse it)."""
+    import transformers
+    from types import SimpleNamespace
+
+    from jtrain.data.local_tokenizers import save_tokenizer, train_tokenizer_for
+
+    texts = [" ".join(CYCLE[i:] + CYCLE[:i]) for i in range(len(CYCLE))] * 5
+    tok = train_tokenizer_for(model_type, texts, vocab_size=200)
+    save_tokenizer(tok, str(tmp_path), SimpleNamespace(model_type=model_type, **config))
+    loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    sample = ["one two three", "ten nine eight seven"]
+    assert loaded(sample)["input_ids"] == [e.ids for e in tok.encode_batch(sample)]  # the template, as jtrain's
+    expected = {"llama": {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
+                "roberta": {"pad_token": "<pad>", "unk_token": "<unk>", "cls_token": "<s>", "sep_token": "</s>",
+                            "mask_token": "<mask>"},
+                "bert": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                         "mask_token": "[MASK]"}}[model_type]
+    assert {k: getattr(loaded, k) for k in expected} == expected
+    assert loaded.model_max_length == {"llama": 256, "roberta": 128, "bert": 64}[model_type]

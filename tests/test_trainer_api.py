@@ -526,6 +526,8 @@ def test_save_model_writes_a_transformers_tokenizer_that_autotokenizer_loads(tmp
     Trainer(tiny_llama(), args, processing_class=raw).save_model(str(tmp_path / "raw"))  # a `tokenizers` one
     saved = Tokenizer.from_file(str(tmp_path / "raw" / "tokenizer.json"))
     assert saved.encode("the cat").ids == raw.encode("the cat").ids
+    from_raw = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "raw"))  # with its tokenizer_config.json
+    assert from_raw(text)["input_ids"] == tokenizer(text)["input_ids"] and from_raw.pad_token == "[PAD]"
 
 
 def test_schedule_free_optimizers_get_the_arguments_warmup_as_hfs_do(tmp_path):

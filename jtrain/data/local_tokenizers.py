@@ -8,8 +8,9 @@ and template here lets the saved `tokenizer.json` + `config.json` round-trip thr
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -29,6 +30,7 @@ _ROLES = {
     "cls": ("[CLS]", "<s>"),
     "sep": ("[SEP]", "</s>"),
     "mask": ("[MASK]", "<mask>"),
+    "unk": ("[UNK]", "<unk>", "<|unk|>"),
 }
 
 
@@ -129,6 +131,37 @@ def model_token_ids(tok: Tokenizer, model_type: str) -> dict[str, int]:
         if ident is not None:
             out[f"{role}_token_id"] = ident
     return out
+
+
+def position_limit(config: Any) -> int | None:
+    """The longest row a model's position table (or rotary context) takes: max_position_embeddings, GPT-2's
+    n_positions; RoBERTa's positions start after its pad id."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and getattr(config, "model_type", None) == "roberta":
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit
+
+
+def save_tokenizer(tok: Tokenizer, directory: str, model_config: Any = None) -> None:
+    """tokenizer.json, and a tokenizer_config.json naming its special tokens and the model's length.
+
+    Why: `transformers.AutoTokenizer.from_pretrained` on a tokenizer.json alone gives a tokenizer with no
+    pad, eos or bos token and an unbounded model_max_length (a Llama's generation never stops, HF's
+    collators refuse it); a directory HF's Trainer saved has them. PreTrainedTokenizerFast runs the
+    tokenizer.json as it is, template included, so ids match jtrain's."""
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    encoder = getattr(model_config, "model_type", None) in ENCODER_TYPES
+    roles = ("pad", "unk", "cls", "sep", "mask") if encoder else ("bos", "eos", "pad", "unk")
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for role in roles:
+        ident = role_id(tok, role)
+        if ident is not None:
+            config[f"{role}_token"] = tok.id_to_token(ident)
+    limit = position_limit(model_config)
+    if limit is not None:
+        config["model_max_length"] = int(limit)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2)
 
 
 def resolve_tokenizer(tokenizer_name: str | None, model_dir: str | None) -> Tokenizer | None:
