@@ -108,10 +108,15 @@ class DataSection:
     block_size: int = _f(128, "clm: tokens per packed training row.")
     max_seq_length: int = _f(128, "classification/mlm/sft: tokens per example (longer ones are truncated).")
     mlm_probability: float = _f(0.15, "mlm: fraction of tokens masked (BERT's 80/10/10 rule).")
+    line_by_line: bool = _f(False, "mlm: each text (a .txt file's line) is one row, truncated to max_seq_length "
+                                   "and padded per batch, as HF's --line_by_line; default: the texts "
+                                   "concatenated and cut into rows of max_seq_length.")
     max_files: int | None = _f(None, "stdlib source: use at most this many files.")
     stdlib_packages: list[str] | None = _f(None, "stdlib source: only these top-level packages/modules (for "
                                                  "classification they are the classes).")
-    validation_percent: float = _f(5.0, "stdlib source: percent of files held out for evaluation.")
+    validation_percent: float = _f(5.0, "stdlib source: percent of files held out for evaluation; clm/mlm files "
+                                        "without a validation_file: percent of the training file's rows (its "
+                                        "first ones, as HF's validation_split_percentage) evaluated on instead.")
     max_train_samples: int | None = _f(None, "Train on at most this many examples (rows for clm/mlm).")
     max_eval_samples: int | None = _f(None, "Evaluate on at most this many examples (rows for clm/mlm).")
     max_eval_rows: int | None = _f(None, "Older name of max_eval_samples.")
@@ -381,8 +386,9 @@ def check_run_config(cfg: RunConfig) -> None:
     if d.source == "files":
         _need(not a.do_train or d.train_file, "do_train needs `data.train_file` when data.source is 'files' "
                                               "(or set do_train false)")
-        _need(not a.do_eval or d.validation_file, "do_eval needs `data.validation_file` when data.source is "
-                                                  "'files' (or set do_eval false)")
+        _need(not a.do_eval or d.validation_file or (d.task in ("clm", "mlm") and d.train_file),
+              "do_eval needs `data.validation_file` when data.source is 'files' (or set do_eval false; clm and "
+              "mlm hold out `data.validation_percent` of the train_file instead)")
     else:
         given = [n for n in ("train_file", "validation_file", "test_file") if getattr(d, n)]
         _need(not given, f"`data.{given[0] if given else ''}` is set but data.source is 'stdlib': set "

@@ -121,7 +121,7 @@ def prepare_data(cfg: RunConfig, model_type: str, model_config: dict, resuming: 
     if d.task == "clm":
         return text_lm.build_clm_data(examples, get_tokenizer, d)
     if d.task == "mlm":
-        return mlm.build_mlm_data(examples, get_tokenizer, d, a.resolved_data_seed)
+        return mlm.build_mlm_data(examples, get_tokenizer, d, a.resolved_data_seed, a.length_buckets)
     if d.task == "sft":
         return sft.build_sft_data(examples, get_tokenizer, d, length_buckets=a.length_buckets)
     labels = known_labels(model_config) if cfg.model.model_name_or_path else None
@@ -327,7 +327,7 @@ def run_job(cfg: RunConfig) -> dict:
         trainer.create_model_card(finetuned_from=cfg.model.model_name_or_path, dataset=_dataset_name(cfg))
     if results:
         saved = "adapters (adapter_config.json, adapter_model.safetensors), tokenizer.json" if cfg.peft is not None \
-            else "model (config.json, model.safetensors, tokenizer.json)"
+            else "model (config.json, model.safetensors, tokenizer.json + tokenizer_config.json)"
         written = ", trainer_state.json and README.md (model card)" if args.do_train else ""
         _say(f"wrote {f'checkpoints, {saved}, ' if args.do_train else ''}"
              f"results{written} to {os.path.abspath(args.output_dir)}")

@@ -57,8 +57,10 @@ def test_quickstart_trains_evaluates_and_saves(tmp_path):
     for step in (50, 100):
         ckpt = out / f"checkpoint-{step}"
         assert sorted(os.listdir(ckpt)) == ["config.json", "jtrain_meta.json", "loader_state.json", "model.safetensors",
-                                            "state", "tokenizer.json", "trainer_state.json", "training_args.json"]
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_results.json", "all_results.json"):
+                                            "state", "tokenizer.json", "tokenizer_config.json", "trainer_state.json",
+                                            "training_args.json"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "train_results.json",
+                 "all_results.json"):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()  # HF's model card: the final evaluation and the training table
     assert card.startswith("---\nlibrary_name: transformers") and f"- Loss: {results['eval_loss']:.4f}" in card

@@ -130,7 +130,7 @@ def test_config_overrides_parsing():
     (["--deepspeed", "ds_config.json", "--do_train"], "ZeRO-style sharding is `fsdp: full_shard`"),
     (["--train_file", "x.txt"], "nothing to do"),
     (["--do_train", "--model_name_or_path", "gpt2", "--output_dir", "OUT"], "never downloads"),
-    (["--do_eval", "--train_file", "x.txt", "--output_dir", "OUT"], "validation_file"),
+    (["--do_eval", "--train_file", "x.txt", "--output_dir", "OUT"], "evaluating without training needs `model."),
 ])
 def test_script_refusals_are_one_line(tmp_path, capsys, argv, message):
     out = tmp_path / "out"

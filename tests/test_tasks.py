@@ -267,3 +267,57 @@ def test_a_saved_local_tokenizer_loads_in_transformers_with_its_special_tokens(t
                          "mask_token": "[MASK]"}}[model_type]
     assert {k: getattr(loaded, k) for k in expected} == expected
     assert loaded.model_max_length == {"llama": 256, "roberta": 128, "bert": 64}[model_type]
+
+
+def test_without_a_validation_file_clm_and_mlm_evaluate_on_the_first_percent_as_hf(tmp_path):
+    """HF's run_clm/run_mlm with --do_eval and no validation file evaluate on `train[:5%]` of the training file
+    and train on `train[5%:]` (validation_split_percentage). jtrain refused the run. Reference: datasets' own
+    percent slicing of the same file."""
+    import datasets
+
+    from jtrain import TrainingArguments
+    from jtrain.config import DataSection, RunConfig, check_run_config
+    from jtrain.data.text_lm import file_texts
+    from jtrain.errors import DataError
+
+    lines = [f"line {i} " + " ".join(CYCLE[: 1 + i % 9]) for i in range(50)]
+    path = tmp_path / "train.txt"
+    path.write_text("\n".join(lines) + "\n")
+    for task in ("clm", "mlm"):
+        d = DataSection(task=task, source="files", train_file=str(path), validation_percent=5)
+        check_run_config(RunConfig(data=d, training=TrainingArguments(str(tmp_path), do_train=True, do_eval=True)))
+    d = DataSection(task="clm", source="files", train_file=str(path), validation_percent=5)
+    texts = file_texts(d, ["train", "eval"])
+    theirs = {s: datasets.load_dataset("text", data_files={"train": str(path)}, split=f"train{r}")["text"]
+              for s, r in (("eval", "[:5%]"), ("train", "[5%:]"))}
+    assert texts == theirs and len(texts["eval"]) == 2 and len(texts["train"]) == 48
+    assert file_texts(d, ["eval"]) == {"eval": theirs["eval"]}  # evaluation only: the same rows
+    (tmp_path / "short.txt").write_text("one\ntwo\n")
+    with pytest.raises(DataError, match=r"5% of its 2 rows is no row to evaluate on"):
+        file_texts(DataSection(task="clm", source="files", train_file=str(tmp_path / "short.txt")), ["eval"])
+
+
+def test_mlm_line_by_line_rows_are_hfs(tmp_path):
+    """HF's run_mlm --line_by_line: each non-empty line one row, `tokenizer(line, truncation=True,
+    max_length=max_seq_length)` with the template, padded per batch, padding never masked. jtrain refused the
+    option. Reference: transformers' tokenizer over the same tokenizer.json."""
+    import transformers
+
+    from jtrain.config import DataSection
+    from jtrain.data.local_tokenizers import train_tokenizer_for
+    from jtrain.data.mlm import build_mlm_data
+
+    lines = [" ".join(CYCLE[: 2 + i % 9]) * (1 + i % 3) for i in range(40)]
+    tok = train_tokenizer_for("bert", lines, vocab_size=80)
+    d = DataSection(task="mlm", line_by_line=True, max_seq_length=16)
+    data = build_mlm_data({"train": lines, "eval": lines[:8]}, lambda _: tok, d, seed=0, length_buckets=[8, 16])
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)(lines, truncation=True, max_length=16)
+    assert [r.tolist() for r in data.train.rows] == hf["input_ids"]
+    assert tok.truncation is None  # the shared tokenizer is left as it was
+    assert {len(r) for r in data.train.rows} > {16} and max(len(r) for r in data.train.rows) == 16
+    batch = data.collator([data.train[i] for i in range(4)])
+    width = max(len(data.train.rows[i]) for i in range(4))
+    assert batch["input_ids"].shape == (4, 8 if width <= 8 else 16)  # padded to a length bucket
+    pads = batch["attention_mask"] == 0
+    assert pads.any() and (batch["labels"][pads] == -100).all()  # padding is never a prediction target
+    assert data.splits["eval"].columns["input_ids"].shape[0] == 8

@@ -65,7 +65,8 @@ def test_model_directory_without_config(files, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--source", "files"], "do_train needs `data.train_file`"),
-    (["--source", "files", "--train_file", "t.txt", "--do_eval"], "do_eval needs `data.validation_file`"),
+    (["--data.task", "classification", "--source", "files", "--train_file", "t.jsonl", "--do_eval"],
+     "do_eval needs `data.validation_file`"),
     (["--train_file", "t.txt"], "data.source is 'stdlib'"),
     (["--do_train", "false", "--do_eval"], "needs `model.model_name_or_path`"),
     (["--do_predict"], "do_predict needs `data.test_file`"),

@@ -28,6 +28,7 @@ from jtrain.data.collators import DataCollatorWithPadding
 from jtrain.data.local_tokenizers import role_id
 from jtrain.data.stdlib_text import DEFAULT_CLASSES, split_by_file, stdlib_docstrings
 from jtrain.data.task_data import Baseline, TaskData, TokenizerFactory, collate_all, first, read_table, resolve_buckets
+from jtrain.data.tokenizer import truncated
 from jtrain.errors import DataError
 
 NO_LABEL = -100
@@ -193,13 +194,9 @@ def label_encoder(kind: str, names: list[str] | None, split: str) -> Any:
 def encode(tok: Tokenizer, rows: list[Example], to_label: Any, max_len: int) -> list[dict]:
     """Token ids (with the tokenizer's template) truncated to `max_len`, and the row's label."""
     labels = [to_label(e.label) for e in rows]  # an unknown label fails before the tokenizer runs
-    previous = tok.truncation
-    tok.enable_truncation(max_len)
-    try:
-        inputs = [e.texts if len(e.texts) == 2 else e.texts[0] for e in rows]
-        encodings = tok.encode_batch(inputs, add_special_tokens=True)
-    finally:
-        tok.enable_truncation(**previous) if previous else tok.no_truncation()
+    with truncated(tok, max_len):
+        encodings = tok.encode_batch([e.texts if len(e.texts) == 2 else e.texts[0] for e in rows],
+                                     add_special_tokens=True)
     features = []
     for e, enc, label in zip(rows, encodings, labels):
         row = {"input_ids": enc.ids, "labels": label}

@@ -21,7 +21,8 @@ from jtrain.config import DataSection
 from jtrain.data.collators import DataCollatorForLanguageModeling, tokenizer_info
 from jtrain.data.loader import ArrayDataset
 from jtrain.data.stdlib_text import split_by_file, stdlib_docstrings
-from jtrain.data.task_data import Baseline, TaskData, TokenizerFactory
+from jtrain.data.task_data import Baseline, TaskData, TokenizerFactory, resolve_buckets
+from jtrain.data.tokenizer import truncated
 from jtrain.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,14 @@ def group_rows(tok: Tokenizer, texts: Sequence[str], length: int, limit: int | N
     return out[:limit] if limit else out
 
 
+def line_rows(tok: Tokenizer, texts: Sequence[str], length: int, limit: int | None) -> list[np.ndarray]:
+    """HF's `--line_by_line`: each text (a file's line) its own row, with the tokenizer's template,
+    truncated to `length`; padded per batch by the collator."""
+    with truncated(tok, length):
+        encodings = tok.encode_batch(list(texts[:limit] if limit else texts), add_special_tokens=True)
+    return [np.asarray(e.ids, np.int32) for e in encodings]
+
+
 class RowSeededMasking:
     """Wraps an MLM collator: a batch's masks come from a generator seeded by (seed, its row ids)."""
 
@@ -65,7 +74,7 @@ class RowSeededMasking:
 class RowDataset:
     """Rows of ids as feature dicts that carry their row id (for `RowSeededMasking`)."""
 
-    rows: np.ndarray
+    rows: np.ndarray | list[np.ndarray]  # [rows, length], or one array per line (`line_by_line`)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -74,33 +83,39 @@ class RowDataset:
         return {"input_ids": self.rows[i], "row_id": i}
 
 
-def mask_collator(tok: Tokenizer, probability: float) -> DataCollatorForLanguageModeling:
+def mask_collator(tok: Tokenizer, probability: float,
+                  length_buckets: tuple[int, ...] | None = None) -> DataCollatorForLanguageModeling:
     try:
-        return DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=probability)
+        return DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=probability,
+                                               length_buckets=length_buckets)
     except ValueError as err:
         raise ConfigError(f"masked LM: {err}") from err
 
 
-def most_frequent_token(rows: np.ndarray, special: frozenset[int]) -> int:
-    ids = rows.ravel()
+def most_frequent_token(rows: np.ndarray | list[np.ndarray], special: frozenset[int]) -> int:
+    ids = np.concatenate([np.ravel(r) for r in rows])
     counts = np.bincount(ids[~np.isin(ids, list(special))])
     return int(np.argmax(counts))
 
 
 def build_mlm_data(texts: dict[str, list[str]], get_tokenizer: TokenizerFactory, d: DataSection,
-                   seed: int) -> TaskData:
+                   seed: int, length_buckets: Sequence[int] | None = None) -> TaskData:
+    """Rows cut from the concatenated texts (HF's grouping), or one row per text with `line_by_line`
+    (padded per batch to a length bucket); masked per batch in training, once for evaluation."""
     tok = get_tokenizer(texts.get("train", []))
-    collator = mask_collator(tok, d.mlm_probability)
+    rows_of = line_rows if d.line_by_line else group_rows
+    buckets = resolve_buckets(length_buckets, d.max_seq_length) if d.line_by_line else None
+    collator = mask_collator(tok, d.mlm_probability, buckets)
     data = TaskData(tok, None, None)
     special = tokenizer_info(tok).special_token_ids  # includes pad and mask
     top = None
     if texts.get("train"):
-        train_rows = group_rows(tok, texts["train"], d.max_seq_length, d.max_train_samples)
+        train_rows = rows_of(tok, texts["train"], d.max_seq_length, d.max_train_samples)
         data.train, data.collator = RowDataset(train_rows), RowSeededMasking(collator, seed)
         top = most_frequent_token(train_rows, special)
     for i, split in enumerate(("eval", "test")):
         if texts.get(split):
-            rows = group_rows(tok, texts[split], d.max_seq_length, d.eval_limit)
+            rows = rows_of(tok, texts[split], d.max_seq_length, d.eval_limit)
             batch = collator([{"input_ids": r} for r in rows], rng=np.random.default_rng([seed, EVAL_MASK_STREAM, i]))
             data.splits[split] = ArrayDataset(batch)
             masked = batch["labels"][batch["labels"] != -100]
@@ -109,6 +124,7 @@ def build_mlm_data(texts: dict[str, list[str]], get_tokenizer: TokenizerFactory,
     n_train = len(data.train) if data.train is not None else 0
     n_eval = len(data.validation) if data.validation is not None else 0
     top_text = f"; most frequent token {tok.id_to_token(top)!r}" if top is not None else ""
-    data.summary = (f"mlm: {n_train} train / {n_eval} eval rows x {d.max_seq_length} tokens, "
+    data.summary = (f"mlm: {n_train} train / {n_eval} eval rows x {'at most ' if d.line_by_line else ''}"
+                    f"{d.max_seq_length} tokens{' (a line each)' if d.line_by_line else ''}, "
                     f"{d.mlm_probability:.0%} masked; vocab {tok.get_vocab_size()}{top_text}")
     return data

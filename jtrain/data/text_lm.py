@@ -36,11 +36,28 @@ def stdlib_texts(d: DataSection) -> dict[str, list[str]]:
 
 
 def file_texts(d: DataSection, wanted: list[str]) -> dict[str, list[str]]:
-    """Non-empty texts of `data.text_column` in the files of the `wanted` splits."""
+    """Non-empty texts of `data.text_column` in the files of the `wanted` splits.
+
+    Without a validation file, evaluation takes the training file's first `validation_percent` rows and
+    training the rest, as HF's run_clm/run_mlm split `train[:5%]` / `train[5%:]` (rows rounded as
+    `datasets` does)."""
     paths = {"train": d.train_file, "eval": d.validation_file, "test": d.test_file}
+    raw = {split: read_table(paths[split], [d.text_column])[d.text_column]
+           for split in wanted if paths[split] is not None}
+    if "eval" in wanted and d.validation_file is None:
+        rows = raw["train"] if "train" in raw else read_table(d.train_file, [d.text_column])[d.text_column]
+        cut = int(round(len(rows) * d.validation_percent / 100.0))
+        if cut == 0:
+            raise DataError(f"{d.train_file!r}: {d.validation_percent:g}% of its {len(rows)} rows is no row to "
+                            "evaluate on: give a validation file or a larger validation_split_percentage")
+        raw["eval"] = rows[:cut]
+        if "train" in wanted:
+            raw["train"] = rows[cut:]
+        logger.info("no validation file: evaluating on the first %d of %d rows of %s (validation_percent %g), "
+                    "training on the rest", cut, len(rows), d.train_file, d.validation_percent)
+        paths["eval"] = f"the first {d.validation_percent:g}% of {d.train_file}"
     out = {}
-    for split in wanted:
-        column = read_table(paths[split], [d.text_column])[d.text_column]
+    for split, column in raw.items():
         out[split] = [t for t in column if isinstance(t, str) and t.strip()]
         if not out[split]:
             raise DataError(f"{paths[split]!r} holds no non-empty text in column {d.text_column!r}")

@@ -8,7 +8,8 @@ pre-tokenized arrays (a GPU benchmark, a research loop) needs only the JAX stack
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterable, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from jtrain.errors import ConfigError
 
@@ -59,3 +60,15 @@ def token_id(tok: Tokenizer, token: str) -> int:
 def encode_batch(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens (callers add BOS/EOS explicitly)."""
     return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+
+
+@contextmanager
+def truncated(tok: Tokenizer, length: int) -> Iterator[Tokenizer]:
+    """`tok` truncating every encoding to `length` tokens (template included) inside the block; its own
+    truncation setting is restored after, since a tokenizer object is shared by every split and task."""
+    previous = tok.truncation
+    tok.enable_truncation(length)
+    try:
+        yield tok
+    finally:
+        tok.enable_truncation(**previous) if previous else tok.no_truncation()

@@ -35,13 +35,13 @@ RENAMES = {
     "do_regression": "data.do_regression", "metric_name": "data.metric_name",
     "max_predict_samples": "data.max_predict_samples", "shuffle_train_dataset": "data.shuffle_train_dataset",
     "shuffle_seed": "data.shuffle_seed", "ignore_mismatched_sizes": "model.ignore_mismatched_sizes",
+    "line_by_line": "data.line_by_line",
 }
 """HF argument -> jtrain key, where the names differ (every other key passes through unchanged)."""
 
 _NEVER_DOWNLOADS = "jtrain never downloads: pass local --train_file/--validation_file (or no files: stdlib data)"
 REFUSED = {"dataset_name": _NEVER_DOWNLOADS, "dataset_config_name": _NEVER_DOWNLOADS,
            "streaming": "streaming datasets are not supported",
-           "line_by_line": "masked-LM texts are concatenated and cut into rows (HF's default)",
            **{key: field.reason for key, field in HF_ONLY_FIELDS.items() if field.refused}}
 """Options refused when switched on, with the reason."""
 
@@ -49,9 +49,8 @@ IGNORED = {
     **dict.fromkeys(("cache_dir", "model_revision", "token", "use_auth_token", "trust_remote_code"),
                     "jtrain never downloads and runs only its own model code"),
     **dict.fromkeys(("overwrite_cache", "preprocessing_num_workers", "keep_linebreaks", "use_fast_tokenizer",
-                     "remove_splits", "remove_columns",
-                     "pad_to_max_length", "low_cpu_mem_usage", "torch_dtype"),
-                    "handled by jtrain's own data path (Rust tokenizer, length buckets, per-epoch shuffling)"),
+                     "remove_splits", "remove_columns", "pad_to_max_length", "low_cpu_mem_usage", "torch_dtype"),
+                    "handled by jtrain's own data path (Rust tokenizer, length buckets, the files it is given)"),
     **{key: field.reason for key, field in HF_ONLY_FIELDS.items() if not field.refused},  # TrainingArguments' own
 }
 """Accepted for compatibility, with no effect, and why."""
@@ -123,7 +122,9 @@ def tokenizer_max_length(keys: dict) -> float | None:
     source = keys.get("tokenizer_name") or keys.get("model_name_or_path")
     if not source:
         return None
-    folder = source if os.path.isdir(source) else os.path.dirname(source)
+    if not os.path.exists(source):
+        return float("inf")  # loading it names the missing path
+    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
     config = os.path.join(folder, "tokenizer_config.json")
     value = read_json_object(config, what="a tokenizer config").get("model_max_length") \
         if os.path.isfile(config) else None
