@@ -326,8 +326,9 @@ def run_job(cfg: RunConfig) -> dict:
     if args.do_train:  # README.md, as HF's example scripts end (the card lists the evaluations above)
         trainer.create_model_card(finetuned_from=cfg.model.model_name_or_path, dataset=_dataset_name(cfg))
     if results:
-        saved = "adapters (adapter_config.json, adapter_model.safetensors), tokenizer.json" if cfg.peft is not None \
-            else "model (config.json, model.safetensors, tokenizer.json + tokenizer_config.json)"
+        tokenizer = "tokenizer.json + tokenizer_config.json"
+        saved = f"adapters (adapter_config.json, adapter_model.safetensors), {tokenizer}" if cfg.peft is not None \
+            else f"model (config.json, model.safetensors, {tokenizer})"
         written = ", trainer_state.json and README.md (model card)" if args.do_train else ""
         _say(f"wrote {f'checkpoints, {saved}, ' if args.do_train else ''}"
              f"results{written} to {os.path.abspath(args.output_dir)}")
