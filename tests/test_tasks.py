@@ -321,3 +321,30 @@ def test_mlm_line_by_line_rows_are_hfs(tmp_path):
     pads = batch["attention_mask"] == 0
     assert pads.any() and (batch["labels"][pads] == -100).all()  # padding is never a prediction target
     assert data.splits["eval"].columns["input_ids"].shape[0] == 8
+
+
+def test_special_tokens_come_from_the_tokenizers_config_as_in_transformers(tmp_path):
+    """A tokenizer directory's tokenizer_config.json names its special tokens (Gemma's `<eos>`, a Llama-3 chat
+    model's `<|eot_id|>`); transformers reads them there. jtrain guessed from spellings only: a Gemma tokenizer
+    had no end-of-sequence token (causal-LM data refused), and a chat model's eos was its base model's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jtrain.config import DataSection
+    from jtrain.data.local_tokenizers import role_id
+    from jtrain.data.text_lm import build_clm_data
+    from jtrain.data.tokenizer import load_tokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<|end_of_text|>", "<|eot_id|>"]
+    raw = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + CYCLE)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.save(str(tmp_path / "tokenizer.json"))
+    gemma = load_tokenizer(str(tmp_path))  # tokenizer.json alone: Gemma's spellings
+    assert (role_id(gemma, "eos"), role_id(gemma, "bos"), role_id(gemma, "pad")) == (4, 2, 0)  # <|end_of_text|> first
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|eot_id|>", "bos_token": {"content": "<bos>", "special": True}, "pad_token": "<pad>"}))
+    chat = load_tokenizer(str(tmp_path))
+    assert (role_id(chat, "eos"), role_id(chat, "bos"), role_id(chat, "pad")) == (5, 2, 0)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "bos_token": "<bos>"}))
+    data = build_clm_data({"train": [" ".join(CYCLE)] * 8}, lambda _: load_tokenizer(str(tmp_path)),
+                          DataSection(task="clm", block_size=8))
+    assert (np.asarray(data.train.columns["input_ids"]) == 1).any()  # documents end with Gemma's <eos>

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from jtrain.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from jtrain.data.tokenizer import NAMED_ROLES, load_tokenizer, train_bpe_tokenizer
 from jtrain.errors import ConfigError
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -25,8 +25,8 @@ ENCODER_TYPES = ("bert", "roberta")
 # Candidate spellings of each role, most specific first.
 _ROLES = {
     "pad": ("<pad>", "[PAD]", "<|pad|>"),
-    "bos": ("<s>", "<|begin_of_text|>", "<|startoftext|>"),
-    "eos": ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>"),
+    "bos": ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>"),
+    "eos": ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>", "<eos>"),
     "cls": ("[CLS]", "<s>"),
     "sep": ("[SEP]", "</s>"),
     "mask": ("[MASK]", "<mask>"),
@@ -114,8 +114,10 @@ def train_tokenizer_for(model_type: str, texts: Sequence[str], *, vocab_size: in
 
 
 def role_id(tok: Tokenizer, role: str) -> int | None:
-    """Id of the first token spelling `role` (pad, bos, eos, cls, sep, mask) that the vocabulary has."""
-    for token in _ROLES[role]:
+    """Id of the token its tokenizer_config.json names for `role` (pad, bos, eos, cls, sep, mask, unk), else of
+    the first conventional spelling the vocabulary has."""
+    named = NAMED_ROLES.get(tok, {}).get(role)
+    for token in ((named,) if named else ()) + _ROLES[role]:
         ident = tok.token_to_id(token)
         if ident is not None:
             return int(ident)

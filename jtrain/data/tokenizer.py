@@ -8,6 +8,7 @@ pre-tokenized arrays (a GPU benchmark, a research loop) needs only the JAX stack
 from __future__ import annotations
 
 import os
+import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
@@ -45,9 +46,34 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise ConfigError(f"tokenizer file {file!r} not found: point `tokenizer_name` at a tokenizer.json "
                           "or a directory that holds one (jtrain never downloads)")
     try:
-        return Tokenizer.from_file(file)
+        tok = Tokenizer.from_file(file)
     except Exception as err:  # the Rust error says little; name the file
         raise ConfigError(f"cannot read tokenizer {file!r}: {err}") from err
+    named = _config_roles(os.path.join(os.path.dirname(file), "tokenizer_config.json"))
+    if named:
+        NAMED_ROLES[tok] = named
+    return tok
+
+
+NAMED_ROLES: "weakref.WeakKeyDictionary[Tokenizer, dict[str, str]]" = weakref.WeakKeyDictionary()
+"""Special tokens a loaded tokenizer's tokenizer_config.json names (role -> token), as transformers reads them:
+Gemma's `<eos>`, a Llama-3 chat model's `<|eot_id|>`; `local_tokenizers.role_id` asks here first."""
+
+
+def _config_roles(path: str) -> dict[str, str]:
+    """{"eos": "<eos>", ...} from a tokenizer_config.json's `*_token` entries (a string, or {"content": ...})."""
+    if not os.path.isfile(path):
+        return {}
+    from jtrain.jsonfile import read_json_object
+
+    config = read_json_object(path, what="a tokenizer config")
+    out = {}
+    for role in ("bos", "eos", "pad", "unk", "mask", "cls", "sep"):
+        value = config.get(f"{role}_token")
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str) and value:
+            out[role] = value
+    return out
 
 
 def token_id(tok: Tokenizer, token: str) -> int:
