@@ -16,6 +16,7 @@ import jtrain.data.packing as packing_module
 import jtrain.data.tokenizer_info as tokenizer_info_module
 from jtrain.data.collators import (
     DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
     DataCollatorForTokenClassification,
     DataCollatorWithPadding,
     DefaultDataCollator,
@@ -200,6 +201,53 @@ def test_mlm_bit_identical_to_hf_numpy_path(hf_tokenizer, raw_tokenizer, as_list
         ours = DataCollatorForLanguageModeling(tok, **kwargs)(feats, rng=np.random.default_rng(7))
         # HF returns no attention_mask for list inputs; jtrain always does (the model needs the padding).
         _assert_same_batch(ours, ref, extra=("attention_mask",) if as_lists else ())
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_whole_word_mask_bit_identical_to_hf_numpy_path(hf_tokenizer, raw_tokenizer, side):
+    """HF 5's `DataCollatorForLanguageModeling(whole_word_mask=True)` reads each feature's offset_mapping and
+    masks every piece of a drawn word; jtrain's collator had no such argument (a TypeError). Same Generator
+    state, same draws: the batches agree exactly. HF's pad does not pad offset_mapping, so its reference
+    features are tokenized to one length."""
+    texts = [t.replace("a", "abracadabra").replace("o", "ooooo") for t in _sentences(8, seed=5)]  # words in pieces
+    enc = hf_tokenizer(texts, return_offsets_mapping=True, padding="max_length", max_length=48, truncation=True)
+    feats = [{k: enc[k][i] for k in ("input_ids", "attention_mask", "offset_mapping")} for i in range(len(texts))]
+    kwargs = dict(mlm_probability=0.3, whole_word_mask=True)
+    hf_tokenizer.padding_side = side
+    try:
+        ref = transformers.DataCollatorForLanguageModeling(hf_tokenizer, return_tensors="np", seed=11,
+                                                           **kwargs)(feats)
+    finally:
+        hf_tokenizer.padding_side = "right"
+    for tok in (hf_tokenizer, raw_tokenizer):
+        with pytest.warns(UserWarning, match="Setting mask_replace_prob to 1"):  # HF's rule: every pick a [MASK]
+            collator = DataCollatorForLanguageModeling(tok, padding_side=side, **kwargs)
+        _assert_same_batch(collator(feats, rng=np.random.default_rng(11)), ref)
+    original = np.asarray([f["input_ids"] for f in feats]).ravel()
+    pieces = [t.startswith("##") for t in hf_tokenizer.convert_ids_to_tokens(original.tolist())]
+    labels = ref["labels"].ravel()
+    continued = np.flatnonzero(np.array(pieces[1:]) & (labels[1:] != -100))  # a masked word piece ...
+    assert continued.size and (labels[continued] != -100).all()  # ... whose word's first piece is masked too
+    ragged = [{k: v[: sum(f["attention_mask"]) - i] for k, v in f.items()} for i, f in enumerate(feats)]
+    ours = collator(ragged, rng=np.random.default_rng(11))  # jtrain also pads offset_mapping (HF's pad cannot)
+    assert "offset_mapping" not in ours and ours["input_ids"].shape[0] == len(feats)
+    with pytest.raises(ValueError, match="return_offsets_mapping=True"):
+        collator([{"input_ids": f["input_ids"]} for f in feats])
+
+
+@pytest.mark.parametrize("multiple", [None, 8])
+def test_seq2seq_collator_pads_like_hfs_for_decoder_only_rows(hf_tokenizer, multiple):
+    """HF's DataCollatorForSeq2Seq(tokenizer, model) pads rows that carry their own labels (prompt tokens -100,
+    as decoder-only fine-tuning data is prepared): inputs with the pad id, labels with -100. jtrain had none."""
+    feats = _features(hf_tokenizer, n=6, seed=4)
+    for f in feats:
+        f["labels"] = [-100] * 2 + list(f["input_ids"][2:])
+    ref = transformers.DataCollatorForSeq2Seq(hf_tokenizer, None, return_tensors="np", pad_to_multiple_of=multiple)
+    ours = DataCollatorForSeq2Seq(hf_tokenizer, None, pad_to_multiple_of=multiple)
+    _assert_same_batch(ours(feats), ref(feats))
+    feats[0]["labels"] = feats[0]["labels"][:-1]
+    with pytest.raises(ValueError, match=r"features \[0\] have labels of another length"):
+        ours(feats)
 
 
 def test_clm_labels_match_hf(hf_tokenizer):

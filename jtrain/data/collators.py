@@ -18,6 +18,7 @@ Packing, flattening and completion-only (SFT) labels live in :mod:`jtrain.data.p
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from jtrain.data.tokenizer_info import TokenizerInfo, tokenizer_info
+from jtrain.data.whole_words import pad_offsets, whole_words, word_starts
 
 IGNORE_INDEX = -100
 """Label value that carries no loss (HF's and PyTorch's convention)."""
@@ -210,6 +212,8 @@ def _pad_value(key: str, info: TokenizerInfo, label_pad_token_id: int) -> int | 
 
 
 def _collate_key(key: str, values: list[Any], length: int, info: TokenizerInfo, label_pad: int) -> np.ndarray:
+    if key == "offset_mapping":  # (start, end) per token, for whole-word masking
+        return pad_offsets(values, length, info.padding_side)
     if not _is_sequence(values[0]) or (key == "labels" and np.asarray(values[0]).dtype.kind == "f"):
         return to_numpy(values, key)  # scalars, and float label vectors (multi-label targets) are stacked
     value = _pad_value(key, info, label_pad)
@@ -318,6 +322,40 @@ class DataCollatorForTokenClassification(DataCollatorWithPadding):
     """
 
 
+@dataclass
+class DataCollatorForSeq2Seq:
+    """HF's collator for rows that carry their own per-token ``labels`` (prompt tokens already -100, as
+    decoder-only fine-tuning data often is): ``input_ids`` padded with the pad id, ``labels`` with
+    ``label_pad_token_id``, HF's argument order. ``model`` is accepted for that order; jtrain has no
+    encoder-decoder model, so no ``decoder_input_ids`` are made and labels share the inputs' length.
+    """
+
+    tokenizer: Any = None
+    model: Any = None
+    padding: bool | str = True
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    label_pad_token_id: int = IGNORE_INDEX
+    return_tensors: str = "np"
+    pad_token_id: int | None = None
+    padding_side: str | None = None
+    length_buckets: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self._pad = DataCollatorWithPadding(self.tokenizer, self.padding, self.max_length, self.pad_to_multiple_of,
+                                            self.pad_token_id, self.padding_side, self.length_buckets,
+                                            self.label_pad_token_id, self.return_tensors)
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+        rows = normalize_features(features)
+        longer = [i for i, f in enumerate(rows) if "labels" in f and _is_sequence(f["labels"])
+                  and len(f["labels"]) != len(f["input_ids"])]
+        if longer:
+            raise ValueError(f"features {longer[:5]} have labels of another length than their input_ids: jtrain's "
+                             "models are decoder-only or encoders (no encoder-decoder), so labels align with inputs")
+        return self._pad(rows)
+
+
 # --------------------------------------------------------------------------- masked / causal LM
 
 
@@ -331,10 +369,12 @@ def mask_tokens(
     mlm_probability: float = 0.15,
     mask_replace_prob: float = 0.8,
     random_replace_prob: float = 0.1,
+    word_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """BERT's 80/10/10 masking: returns ``(inputs, labels)``, labels -100 where not selected.
 
-    Positions with ``no_mask`` (special tokens, padding) are never selected. The draws are made in
+    Positions with ``no_mask`` (special tokens, padding) are never selected. With ``word_ids`` (whole-word
+    masking: -1 outside words) a selected token selects every token of its word. The draws are made in
     the same order and with the same generator calls as HF's numpy path, so the same Generator
     state gives bit-identical output to ``transformers.DataCollatorForLanguageModeling``.
     """
@@ -342,6 +382,8 @@ def mask_tokens(
     probability = np.full(labels.shape, mlm_probability)
     probability[no_mask] = 0.0
     selected = rng.binomial(1, probability, size=probability.shape).astype(bool)
+    if word_ids is not None:
+        selected = whole_words(word_ids, selected)
     labels[~selected] = IGNORE_INDEX
     replaced = rng.binomial(1, mask_replace_prob, size=labels.shape).astype(bool) & selected
     inputs[replaced] = mask_token_id
@@ -371,6 +413,7 @@ class DataCollatorForLanguageModeling:
 
     tokenizer: Any = None
     mlm: bool = True
+    whole_word_mask: bool = False
     mlm_probability: float = 0.15
     mask_replace_prob: float = 0.8
     random_replace_prob: float = 0.1
@@ -393,6 +436,12 @@ class DataCollatorForLanguageModeling:
         self._spec = PaddingSpec(True, self.max_length, self.pad_to_multiple_of, self.length_buckets)
         if self.mlm:
             self._check_mlm()
+        elif self.whole_word_mask:
+            raise ValueError("whole_word_mask needs mlm=True (it picks the words to mask)")
+        if self.whole_word_mask and self.mask_replace_prob < 1:  # HF's rule and warning
+            warnings.warn("Random token replacement is not supported with whole word masking. Setting "
+                          "mask_replace_prob to 1.", UserWarning, stacklevel=3)
+            self.mask_replace_prob, self.random_replace_prob = 1.0, 0.0
 
     def _check_mlm(self) -> None:
         if self._info.mask_token_id is None or self._info.vocab_size is None:
@@ -418,15 +467,24 @@ class DataCollatorForLanguageModeling:
         batch, lengths = pad_features(features, self._info, self._spec)
         real = length_mask(lengths, batch["input_ids"].shape[1], self._info.padding_side).astype(bool)
         special = batch.pop("special_tokens_mask", None)
+        offsets = batch.pop("offset_mapping", None)
         if not self.mlm:
             batch["labels"] = np.where(real, batch["input_ids"], IGNORE_INDEX).astype(np.int32)
             return batch
         no_mask = ~real | np.isin(batch["input_ids"], list(self._info.special_token_ids))
         if special is not None:
             no_mask |= special.astype(bool)
+        word_ids = None
+        if self.whole_word_mask:
+            if offsets is None:
+                raise ValueError("whole_word_mask needs each feature's offset_mapping (tokenize with "
+                                 "return_offsets_mapping=True), as HF's collator does")
+            word_ids, first = word_starts(offsets, no_mask)
+            no_mask = no_mask | ~first  # a word is drawn once, at its first token
         inputs, labels = mask_tokens(
             batch["input_ids"], no_mask, rng, mask_token_id=int(self._info.mask_token_id),  # type: ignore[arg-type]
             vocab_size=int(self._info.vocab_size), mlm_probability=self.mlm_probability,  # type: ignore[arg-type]
-            mask_replace_prob=self.mask_replace_prob, random_replace_prob=self.random_replace_prob)
+            mask_replace_prob=self.mask_replace_prob, random_replace_prob=self.random_replace_prob,
+            word_ids=word_ids)
         batch["input_ids"], batch["labels"] = inputs.astype(np.int32), labels.astype(np.int32)
         return batch
