@@ -23,6 +23,7 @@ from jtrain.data.local_tokenizers import (ENCODER_TYPES, model_token_ids, positi
                                          save_tokenizer, train_tokenizer_for)
 from jtrain.data.task_data import TaskData, TokenizerFactory
 from jtrain.errors import ConfigError
+from jtrain.jsonfile import read_json_object
 from jtrain.models import SUPPORTED_MODEL_TYPES, architecture, create_model, from_pretrained, param_count, read_config
 from jtrain.models.hub import checkpoint_dir
 from jtrain.models.wrapper import innermost
@@ -115,9 +116,12 @@ def _examples(cfg: RunConfig) -> dict:
     return {split: rows for split, rows in found.items() if split in wanted}
 
 
-def prepare_data(cfg: RunConfig, model_type: str, model_config: dict, resuming: bool = False) -> TaskData:
+def prepare_data(cfg: RunConfig, model_type: str, model_config: dict, resume: str | None = None) -> TaskData:
+    """The task's rows. A resumed run (`resume`: the checkpoint directory) reads them as its first run did:
+    with the tokenizer that run saved, and a classifier with the label list its checkpoint holds (another
+    jtrain version may order labels otherwise: HF's order, adopted later, puts "10" before "2")."""
     d, a = cfg.data, cfg.training
-    examples, get_tokenizer = _examples(cfg), tokenizer_factory(cfg, model_type, resuming)
+    examples, get_tokenizer = _examples(cfg), tokenizer_factory(cfg, model_type, resume is not None)
     if d.task == "clm":
         return text_lm.build_clm_data(examples, get_tokenizer, d)
     if d.task == "mlm":
@@ -125,6 +129,9 @@ def prepare_data(cfg: RunConfig, model_type: str, model_config: dict, resuming: 
     if d.task == "sft":
         return sft.build_sft_data(examples, get_tokenizer, d, length_buckets=a.length_buckets)
     labels = known_labels(model_config) if cfg.model.model_name_or_path else None
+    saved = os.path.join(resume, "config.json") if resume else None
+    if saved and os.path.isfile(saved):
+        labels = known_labels(read_json_object(saved, what="the checkpoint's config.json")) or labels
     return classification.build_classification_data(examples, get_tokenizer, d, length_buckets=a.length_buckets,
                                                     known_labels=labels)
 
@@ -296,7 +303,7 @@ def run_job(cfg: RunConfig) -> dict:
     started = time.perf_counter()
     model_type, config = model_spec(cfg)
     check_head(cfg.data.task, model_type)
-    data = prepare_data(cfg, model_type, config, resuming=resume is not None)
+    data = prepare_data(cfg, model_type, config, resume=resume)
     if cfg.hp_search is not None:
         _say(f"data: {data.summary}; prepared in {time.perf_counter() - started:.1f}s")
         return _search(cfg, data, lambda: build_model(cfg, data, model_type, config))

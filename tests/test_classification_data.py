@@ -271,3 +271,23 @@ def test_fine_tuning_a_classifier_on_other_labels_runs_as_hfs_script(tmp_path, c
     assert code == 0, capsys.readouterr().err[-2000:]
     config = json.loads((tmp_path / "tuned" / "config.json").read_text())
     assert config["id2label"] == {"0": "0", "1": "1"}
+
+
+def test_a_resumed_classification_keeps_its_checkpoints_label_order(tmp_path):
+    """A run resumed from a checkpoint maps labels to the ids its head was trained with: the checkpoint's
+    config.json id2label, even when this jtrain would order the data's labels otherwise (numbers were
+    ordered numerically before jtrain took HF's string order). Without it a resumed 12-class run would
+    silently swap the meaning of ids 2-11."""
+    from jtrain.config import load_config
+    from jtrain.pipeline import prepare_data
+
+    rows = [{"text": f"w{i} x", "label": i % 12} for i in range(24)]
+    cfg = load_config(None, {"data.task": "classification", "data.source": "files", "data.max_seq_length": 16,
+                             "data.train_file": write_jsonl(tmp_path / "t.jsonl", rows), "training.do_train": True,
+                             "training.output_dir": str(tmp_path / "out"), "tokenizer.vocab_size": 80})
+    numeric = [str(i) for i in range(12)]
+    checkpoint = tmp_path / "out" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text(json.dumps({"id2label": dict(enumerate(numeric))}))
+    assert prepare_data(cfg, "bert", {}).label_names == sorted(numeric)  # a fresh run: HF's order, "10" first
+    assert prepare_data(cfg, "bert", {}, resume=str(checkpoint)).label_names == numeric
