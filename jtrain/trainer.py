@@ -438,7 +438,7 @@ class Trainer:
                 from jtrain.data.local_tokenizers import save_tokenizer
                 from jtrain.models.wrapper import innermost
 
-                save_tokenizer(tokenizer, output_dir, innermost(self.model).config)
+                save_tokenizer(tokenizer, output_dir, getattr(innermost(self.model), "config", None))
         return output_dir
 
     def end(self) -> None:

@@ -478,7 +478,8 @@ class DataCollatorForLanguageModeling:
         if self.whole_word_mask:
             if offsets is None:
                 raise ValueError("whole_word_mask needs each feature's offset_mapping (tokenize with "
-                                 "return_offsets_mapping=True), as HF's collator does")
+                                 "return_offsets_mapping=True; a Trainer keeps that column with "
+                                 "remove_unused_columns=False), as HF's collator does")
             word_ids, first = word_starts(offsets, no_mask)
             no_mask = no_mask | ~first  # a word is drawn once, at its first token
         inputs, labels = mask_tokens(
