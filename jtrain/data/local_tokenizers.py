@@ -14,25 +14,13 @@ from typing import Any, Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from jtrain.data.tokenizer import NAMED_ROLES, load_tokenizer, train_bpe_tokenizer
+from jtrain.data.tokenizer import load_tokenizer, role_id, train_bpe_tokenizer
 from jtrain.errors import ConfigError
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 DECODER_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 ENCODER_TYPES = ("bert", "roberta")
-
-# Candidate spellings of each role, most specific first.
-_ROLES = {
-    "pad": ("<pad>", "[PAD]", "<|pad|>"),
-    "bos": ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>"),
-    "eos": ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>", "<eos>"),
-    "cls": ("[CLS]", "<s>"),
-    "sep": ("[SEP]", "</s>"),
-    "mask": ("[MASK]", "<mask>"),
-    "unk": ("[UNK]", "<unk>", "<|unk|>"),
-}
-
 
 # Supplementary private-use planes: characters no text here is expected to hold, one per distinct
 # non-initial character of the training words (see train_wordpiece_tokenizer).
@@ -111,17 +99,6 @@ def train_tokenizer_for(model_type: str, texts: Sequence[str], *, vocab_size: in
     if model_type in ENCODER_TYPES:
         _add_template(tok, model_type)
     return tok
-
-
-def role_id(tok: Tokenizer, role: str) -> int | None:
-    """Id of the token its tokenizer_config.json names for `role` (pad, bos, eos, cls, sep, mask, unk), else of
-    the first conventional spelling the vocabulary has."""
-    named = NAMED_ROLES.get(tok, {}).get(role)
-    for token in ((named,) if named else ()) + _ROLES[role]:
-        ident = tok.token_to_id(token)
-        if ident is not None:
-            return int(ident)
-    return None
 
 
 def model_token_ids(tok: Tokenizer, model_type: str) -> dict[str, int]:

@@ -93,7 +93,7 @@ def mask_collator(tok: Tokenizer, probability: float,
 
 
 def most_frequent_token(rows: np.ndarray | list[np.ndarray], special: frozenset[int]) -> int:
-    ids = np.concatenate([np.ravel(r) for r in rows])
+    ids = rows.ravel() if isinstance(rows, np.ndarray) else np.concatenate(rows)  # grouped rows, or lines
     counts = np.bincount(ids[~np.isin(ids, list(special))])
     return int(np.argmax(counts))
 

@@ -49,26 +49,53 @@ def load_tokenizer(path: str) -> Tokenizer:
         tok = Tokenizer.from_file(file)
     except Exception as err:  # the Rust error says little; name the file
         raise ConfigError(f"cannot read tokenizer {file!r}: {err}") from err
-    named = _config_roles(os.path.join(os.path.dirname(file), "tokenizer_config.json"))
+    named = _config_roles(tokenizer_config(os.path.dirname(file)))
     if named:
         NAMED_ROLES[tok] = named
     return tok
 
 
-NAMED_ROLES: "weakref.WeakKeyDictionary[Tokenizer, dict[str, str]]" = weakref.WeakKeyDictionary()
-"""Special tokens a loaded tokenizer's tokenizer_config.json names (role -> token), as transformers reads them:
-Gemma's `<eos>`, a Llama-3 chat model's `<|eot_id|>`; `local_tokenizers.role_id` asks here first."""
-
-
-def _config_roles(path: str) -> dict[str, str]:
-    """{"eos": "<eos>", ...} from a tokenizer_config.json's `*_token` entries (a string, or {"content": ...})."""
+def tokenizer_config(folder: str) -> dict:
+    """The tokenizer_config.json of a tokenizer directory (HF's: special tokens, model_max_length), or {}."""
+    path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(path):
         return {}
     from jtrain.jsonfile import read_json_object
 
-    config = read_json_object(path, what="a tokenizer config")
+    return read_json_object(path, what="a tokenizer config")
+
+
+ROLE_SPELLINGS = {
+    "pad": ("<pad>", "[PAD]", "<|pad|>"),
+    "bos": ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>"),
+    "eos": ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>", "<eos>"),
+    "cls": ("[CLS]", "<s>"),
+    "sep": ("[SEP]", "</s>"),
+    "mask": ("[MASK]", "<mask>"),
+    "unk": ("[UNK]", "<unk>", "<|unk|>"),
+}
+"""Conventional spellings of each special role, most specific first (a `tokenizers.Tokenizer` has no roles)."""
+
+NAMED_ROLES: "weakref.WeakKeyDictionary[Tokenizer, dict[str, str]]" = weakref.WeakKeyDictionary()
+"""Special tokens a loaded tokenizer's tokenizer_config.json names (role -> token), as transformers reads them:
+Gemma's `<eos>`, a Llama-3 chat model's `<|eot_id|>`; `role_id` asks here first."""
+
+
+def role_id(tok: Tokenizer, role: str) -> int | None:
+    """Id of the token its tokenizer_config.json names for `role` (pad, bos, eos, cls, sep, mask, unk), else of
+    the first conventional spelling the vocabulary has."""
+    named = NAMED_ROLES.get(tok, {}).get(role)
+    for token in ((named,) if named else ()) + ROLE_SPELLINGS[role]:
+        ident = tok.token_to_id(token)
+        if ident is not None:
+            return int(ident)
+    return None
+
+
+def _config_roles(config: dict) -> dict[str, str]:
+    """{"eos": "<eos>", ...} from a tokenizer_config's `*_token` entries (a string, or {"content": ...})."""
     out = {}
-    for role in ("bos", "eos", "pad", "unk", "mask", "cls", "sep"):
+    for role in ROLE_SPELLINGS:
         value = config.get(f"{role}_token")
         value = value.get("content") if isinstance(value, dict) else value
         if isinstance(value, str) and value:

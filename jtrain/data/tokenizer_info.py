@@ -4,7 +4,6 @@ per-batch path never calls into the tokenizer.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,24 +20,15 @@ class TokenizerInfo:
     pad_token_type_id: int = 0
 
 
-def _first_token_id(tokenizer: Any, candidates: Sequence[str | None]) -> int | None:
-    for token in filter(None, candidates):
-        token_id = tokenizer.token_to_id(token)
-        if token_id is not None:
-            return int(token_id)
-    return None
-
-
 def _raw_tokenizer_info(tokenizer: Any) -> TokenizerInfo:
     """Facts from a ``tokenizers.Tokenizer``, which has no notion of pad/mask roles: use its padding
-    config if enabled, else the conventional token names."""
-    from jtrain.data.tokenizer import NAMED_ROLES
+    config if enabled, else `role_id`'s (its tokenizer_config.json's names, then the conventional spellings)."""
+    from jtrain.data.tokenizer import role_id
 
-    named = NAMED_ROLES.get(tokenizer, {})  # what its tokenizer_config.json names, first
     padding = tokenizer.padding or {}
-    pad_id = padding["pad_id"] if padding else _first_token_id(tokenizer, (named.get("pad"), "[PAD]", "<pad>"))
+    pad_id = padding["pad_id"] if padding else role_id(tokenizer, "pad")
     special = frozenset(int(i) for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special)
-    return TokenizerInfo(pad_id, _first_token_id(tokenizer, (named.get("mask"), "[MASK]", "<mask>")), special,
+    return TokenizerInfo(pad_id, role_id(tokenizer, "mask"), special,
                          int(tokenizer.get_vocab_size(with_added_tokens=True)),
                          padding.get("direction", "right"), int(padding.get("pad_type_id", 0)))
 

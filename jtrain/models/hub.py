@@ -108,8 +108,8 @@ def _plan(model: Model, infos: Mapping[str, Any], ckpt_task: str | None, ignore_
             else:
                 missing.append((m, absent))
             continue
-        wrong = [f"{n}: checkpoint {tuple(infos[stored[n]].shape)} vs model {m.hf_shape}" for n in m.hf_names
-                 if tuple(infos[stored[n]].shape) != m.hf_shape]
+        shapes = {n: tuple(infos[stored[n]].shape) for n in m.hf_names}
+        wrong = [f"{n}: checkpoint {shape} vs model {m.hf_shape}" for n, shape in shapes.items() if shape != m.hf_shape]
         if wrong and ignore_mismatched_sizes:
             fresh.append(m)
             resized += wrong

@@ -124,10 +124,10 @@ def tokenizer_max_length(keys: dict) -> float | None:
         return None
     if not os.path.exists(source):
         return float("inf")  # loading it names the missing path
-    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    config = os.path.join(folder, "tokenizer_config.json")
-    value = read_json_object(config, what="a tokenizer config").get("model_max_length") \
-        if os.path.isfile(config) else None
+    from jtrain.data.tokenizer import tokenizer_config
+
+    value = tokenizer_config(source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))).get(
+        "model_max_length")
     return float("inf") if value is None else float(value)
 
 
